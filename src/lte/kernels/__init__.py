@@ -1,0 +1,133 @@
+"""Sparse-expert FFN kernels for decoding, their ``torch.library`` ops and the PyTorch reference.
+
+Public API:
+
+- ``sparse_ffn(x, mask, w_up, w_down_t, *, w_gate=None, b_up=None, b_down=None, expert_size=32,
+  activation="silu")``: one LTE FFN for x ``[..., D]`` and a per-token expert mask ``[..., E]``.
+- ``router_mask(x, w_router, tau=0.5)``: the hard expert mask ``sigmoid(x Wr^T) > tau``.
+- ``kernels_available()``: whether the Triton kernels will run (CUDA + triton, not forced off).
+
+Importing this package does not import triton; the kernels load on the first CUDA call.
+Set ``LTE_KERNELS=reference`` to force the PyTorch reference everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from . import ops
+from .reference import ACTIVATIONS, num_experts, router_mask_reference, sparse_ffn_reference
+
+__all__ = [
+    "ACTIVATIONS",
+    "kernels_available",
+    "num_experts",
+    "router_mask",
+    "router_mask_reference",
+    "sparse_ffn",
+    "sparse_ffn_reference",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernels_available() -> bool:
+    """True when CUDA and triton are present and ``LTE_KERNELS=reference`` is not set."""
+    return (
+        torch.cuda.is_available()
+        and importlib.util.find_spec("triton") is not None
+        and not ops.reference_forced()
+    )
+
+
+def _check_matrix(name: str, w: torch.Tensor, x: torch.Tensor, rows: int | None) -> None:
+    """A weight must be a contiguous [rows, D] matrix with x's dtype and device."""
+    model_width = x.shape[-1]
+    if w.dim() != 2 or w.shape[1] != model_width or (rows is not None and w.shape[0] != rows):
+        want = f"[{rows if rows is not None else 'F'}, {model_width}]"
+        raise ValueError(f"{name} must have shape {want} (row-major [F, D]), got {list(w.shape)}")
+    if w.dtype != x.dtype or w.device != x.device:
+        raise ValueError(
+            f"{name} is {w.dtype} on {w.device} but x is {x.dtype} on {x.device}; "
+            "cast the weights once when the model is prepared for inference"
+        )
+    if not w.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call .contiguous() once when preparing the model")
+
+
+def _check_bias(name: str, b: torch.Tensor | None, size: int, x: torch.Tensor) -> None:
+    if b is None:
+        return
+    if b.shape != (size,) or b.dtype != x.dtype or b.device != x.device or not b.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous [{size}] tensor of {x.dtype} on {x.device}, "
+            f"got {list(b.shape)} {b.dtype} on {b.device}"
+        )
+
+
+def _validate_ffn(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation) -> int:
+    """Check every argument of ``sparse_ffn``; returns the number of experts E."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have shape [..., D]")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if not isinstance(expert_size, int) or expert_size < 1:
+        raise ValueError(f"expert_size must be a positive int, got {expert_size!r}")
+    _check_matrix("w_up", w_up, x, None)
+    ffn_width = w_up.shape[0]
+    _check_matrix("w_down_t", w_down_t, x, ffn_width)
+    if w_gate is not None:
+        _check_matrix("w_gate", w_gate, x, ffn_width)
+    _check_bias("b_up", b_up, ffn_width, x)
+    _check_bias("b_down", b_down, x.shape[-1], x)
+    num_exp = num_experts(ffn_width, expert_size)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = expert on), got {mask.dtype}")
+    if mask.shape != (*x.shape[:-1], num_exp) or mask.device != x.device:
+        raise ValueError(
+            f"mask must have shape {[*x.shape[:-1], num_exp]} (x's leading dims, E = ceil(F/S) = "
+            f"ceil({ffn_width}/{expert_size})) on {x.device}, got {list(mask.shape)} on {mask.device}"
+        )
+    return num_exp
+
+
+def sparse_ffn(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    w_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    expert_size: int = 32,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """One LTE FFN computing only the experts each token's mask turns on.
+
+    x ``[..., D]``; mask ``[..., E]`` bool; ``w_gate``/``w_up`` (W1 for plain FFNs) and
+    ``w_down_t`` (down projection transposed) ``[F, D]``; ``b_up`` ``[F]``, ``b_down`` ``[D]``.
+    Gated when ``w_gate`` is given: ``act(x Wg^T) * (x Wu^T)``; plain otherwise:
+    ``act(x W1^T + b1)``. Returns ``[..., D]`` in x's dtype (fp32 accumulation).
+    """
+    num_exp = _validate_ffn(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
+    model_width = x.shape[-1]
+    x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
+    m2 = mask.reshape(-1, num_exp).contiguous()  # [T, E]
+    y = torch.ops.lte.sparse_ffn(x2, m2, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
+    return y.reshape(x.shape)  # [..., D]
+
+
+def router_mask(x: torch.Tensor, w_router: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """Hard expert mask ``sigmoid(x Wr^T) > tau`` for x ``[..., D]`` and w_router ``[E, D]``; bool ``[..., E]``."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    _check_matrix("w_router", w_router, x, None)
+    model_width = x.shape[-1]
+    x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
+    out = torch.ops.lte.router_mask(x2, w_router, float(tau))  # [T, E]
+    return out.reshape(*x.shape[:-1], w_router.shape[0])

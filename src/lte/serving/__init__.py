@@ -1,0 +1,11 @@
+"""Serving: ready a converted model for inference and decode it fast.
+
+- `prepare_for_inference(lmodel)`: FFNs -> `SparseMLP` (router + sparse-expert kernels).
+- `prepare_dense(model)`: FFNs -> `DenseMLP` (the same loop for a dense model, a fair baseline).
+- `StaticDecoder`, `generate`, `bench`: static KV cache, eager prefill, CUDA-graph decode steps.
+"""
+
+from .decode import StaticDecoder, bench, generate
+from .prepare import DenseMLP, SparseMLP, prepare_dense, prepare_for_inference
+
+__all__ = ["DenseMLP", "SparseMLP", "StaticDecoder", "bench", "generate", "prepare_dense", "prepare_for_inference"]

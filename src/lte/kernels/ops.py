@@ -1,0 +1,88 @@
+"""``torch.library`` custom ops ``lte::sparse_ffn`` and ``lte::router_mask``.
+
+Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it
+and CUDA-graph capture works. On CUDA the ops launch the Triton kernels (imported lazily, on the
+first call); on every other device, for more than ``MAX_DECODE_TOKENS`` tokens (prefill), or when the
+environment variable ``LTE_KERNELS=reference`` is set, they run the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import logit_threshold, router_mask_reference, sparse_ffn_reference
+
+MAX_DECODE_TOKENS = 16  # token counts above this take the dense (reference) path on CUDA too
+KERNELS_ENV = "LTE_KERNELS"
+
+
+def reference_forced() -> bool:
+    """True when ``LTE_KERNELS=reference`` asks for the PyTorch reference everywhere."""
+    return os.environ.get(KERNELS_ENV, "").strip().lower() == "reference"
+
+
+@torch.library.custom_op("lte::sparse_ffn", mutates_args=())
+def sparse_ffn_op(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    expert_size: int,
+    activation: str,
+) -> torch.Tensor:
+    """Sparse FFN on x [T, D] with expert mask [T, E] (any device: the fp32 reference)."""
+    return sparse_ffn_reference(
+        x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
+        expert_size=expert_size, activation=activation,
+    )
+
+
+@sparse_ffn_op.register_kernel("cuda")
+def _sparse_ffn_cuda(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation):
+    """CUDA: Triton decode kernels for T <= MAX_DECODE_TOKENS, masked dense cuBLAS above."""
+    num_tokens = x.shape[0]
+    if reference_forced():
+        return sparse_ffn_reference(
+            x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
+            expert_size=expert_size, activation=activation,
+        )
+    if num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
+        return sparse_ffn_reference(
+            x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
+            expert_size=expert_size, activation=activation, upcast=False,
+        )
+    from .triton_ffn import sparse_ffn_triton
+
+    return sparse_ffn_triton(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
+
+
+@sparse_ffn_op.register_fake
+def _sparse_ffn_fake(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation):
+    return x.new_empty(x.shape[0], w_down_t.shape[1])  # [T, D]
+
+
+@torch.library.custom_op("lte::router_mask", mutates_args=())
+def router_mask_op(x: torch.Tensor, w_router: torch.Tensor, tau: float) -> torch.Tensor:
+    """Bool expert mask [T, E] = sigmoid(x Wr^T) > tau (any device: the fp32 reference)."""
+    return router_mask_reference(x, w_router, tau)
+
+
+@router_mask_op.register_kernel("cuda")
+def _router_mask_cuda(x, w_router, tau):
+    """CUDA: fused Triton GEMV + threshold for T <= MAX_DECODE_TOKENS, the reference above."""
+    num_tokens = x.shape[0]
+    if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
+        return router_mask_reference(x, w_router, tau)
+    from .triton_ffn import router_mask_triton
+
+    return router_mask_triton(x, w_router, logit_threshold(tau))
+
+
+@router_mask_op.register_fake
+def _router_mask_fake(x, w_router, tau):
+    return x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]

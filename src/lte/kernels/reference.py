@@ -1,0 +1,101 @@
+"""Pure-PyTorch reference for one LTE FFN with a per-token expert mask (masked dense).
+
+Dimensions: B tokens, D model width, F FFN width, S expert size, E = ceil(F / S) experts.
+Expert ``e`` owns neurons ``[e*S, min((e+1)*S, F))``; when ``F % S != 0`` the last expert is smaller.
+
+Gated FFN (SwiGLU / GEGLU):  h = act(x Wg^T) * (x Wu^T) * m      (m expanded from experts to neurons)
+Plain FFN (GELU / ReLU):     h = act(x W1^T + b1) * m
+Output:                      y = h @ Wd_t (+ b2)
+
+All weights are ``[F, D]``; the down projection is stored transposed (``Wd_t = W2^T``), so every
+expert is one contiguous slab of rows in every matrix. This module is the ground truth the Triton
+kernels are tested against, and the fallback on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F_
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def num_experts(ffn_width: int, expert_size: int) -> int:
+    """E = ceil(F / S): the last expert holds ``F - S * (E - 1)`` neurons."""
+    return -(-ffn_width // expert_size)
+
+
+def apply_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The FFN nonlinearity by name: silu, gelu (erf), gelu_tanh or relu."""
+    if activation == "silu":
+        return F_.silu(z)
+    if activation == "gelu":
+        return F_.gelu(z)
+    if activation == "gelu_tanh":
+        return F_.gelu(z, approximate="tanh")
+    if activation == "relu":
+        return F_.relu(z)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def expand_mask(mask: torch.Tensor, ffn_width: int, expert_size: int) -> torch.Tensor:
+    """Per-expert mask [B, E] -> per-neuron mask [B, F] (the last expert may be smaller)."""
+    neuron_mask = mask.repeat_interleave(expert_size, dim=-1)  # [B, E*S]
+    return neuron_mask[..., :ffn_width]  # [B, F]
+
+
+def sparse_ffn_reference(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    w_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    expert_size: int = 32,
+    activation: str = "silu",
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Masked dense FFN for x [B, D] and a per-token expert mask [B, E]; returns [B, D] in x's dtype.
+
+    ``upcast=True`` computes everything in fp32 (the exact reference used by tests and the CPU
+    fallback). ``upcast=False`` keeps the weights in their own dtype (cuBLAS still accumulates in
+    fp32) so that a large-token (prefill) call does not copy the weights.
+    """
+    compute_dtype = torch.float32 if upcast else x.dtype
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(compute_dtype)
+
+    xc = x.to(compute_dtype)
+    ffn_width = w_up.shape[0]
+    neuron_mask = expand_mask(mask, ffn_width, expert_size).to(compute_dtype)  # [B, F]
+    if w_gate is not None:
+        gate = F_.linear(xc, cast(w_gate))  # [B, F]
+        up = F_.linear(xc, cast(w_up), cast(b_up))  # [B, F]
+        h = apply_activation(gate, activation) * up
+    else:
+        h = apply_activation(F_.linear(xc, cast(w_up), cast(b_up)), activation)  # [B, F]
+    h = h * neuron_mask
+    y = h @ cast(w_down_t)  # [B, D]
+    if b_down is not None:
+        y = y + cast(b_down)
+    return y.to(x.dtype)
+
+
+def logit_threshold(tau: float) -> float:
+    """Threshold on router logits equivalent to ``sigmoid(logit) > tau``."""
+    if tau <= 0.0:
+        return -math.inf
+    if tau >= 1.0:
+        return math.inf
+    return math.log(tau / (1.0 - tau))
+
+
+def router_mask_reference(x: torch.Tensor, w_router: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """Hard expert mask [B, E] = sigmoid(x Wr^T) > tau, computed on the logits with fp32 accumulation."""
+    logits = F_.linear(x.float(), w_router.float())  # [B, E]
+    return logits > logit_threshold(tau)

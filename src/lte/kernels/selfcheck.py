@@ -1,0 +1,135 @@
+"""Compare the Triton kernels with the PyTorch reference over odd shapes, batches, masks and dtypes.
+
+Used by the tests (on CPU through Triton's interpreter: run with ``TRITON_INTERPRET=1`` set before
+triton is imported), by the GPU benchmark, and by users: ``python -m lte.kernels.selfcheck``.
+Calls the launchers directly, so it checks the kernels even where the ops would fall back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .reference import (
+    ACTIVATIONS,
+    num_experts,
+    router_mask_reference,
+    sparse_ffn_reference,
+)
+
+# norm-relative error allowed per dtype: fp32 arithmetic, fp16 / bf16 rounding of h and y
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+SHAPES = ((72, 100, 32), (100, 160, 32), (33, 200, 32))  # (D, F, S): odd D, smaller last expert
+BATCHES = (1, 3, 8, 16)
+SPARSITIES = ("none", "random", "all")  # 0% off, a random middle fraction, 100% off
+FFN_KINDS = (("silu", True, False), ("gelu_tanh", True, True), ("gelu", False, True), ("relu", False, False))
+# (activation, gated, with biases)
+
+
+@dataclass
+class CaseResult:
+    """One comparison: the case's description, its error and whether it passed."""
+
+    case: str
+    error: float
+    ok: bool
+
+
+def _make_mask(num_tokens: int, num_exp: int, sparsity: str, gen: torch.Generator) -> torch.Tensor:
+    """Per-token expert mask [B, E]: all on, all off, or each token its own random fraction."""
+    if sparsity == "none":
+        return torch.ones(num_tokens, num_exp, dtype=torch.bool)
+    if sparsity == "all":
+        return torch.zeros(num_tokens, num_exp, dtype=torch.bool)
+    keep = torch.rand(num_tokens, 1, generator=gen) * 0.8 + 0.1  # [B, 1] per-token keep rate
+    return torch.rand(num_tokens, num_exp, generator=gen) < keep
+
+
+def make_ffn(model_width, ffn_width, gated, with_bias, dtype, device, gen):
+    """Random FFN weights as a dict of sparse_ffn keyword arguments (scaled so outputs are O(1))."""
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device)
+
+    return {
+        "w_gate": rand(ffn_width, model_width, scale=model_width**-0.5) if gated else None,
+        "w_up": rand(ffn_width, model_width, scale=model_width**-0.5),
+        "w_down_t": rand(ffn_width, model_width, scale=ffn_width**-0.5),
+        "b_up": rand(ffn_width) if with_bias else None,
+        "b_down": rand(model_width) if with_bias else None,
+    }
+
+
+def check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config=None) -> CaseResult:
+    """Run one kernel-vs-reference comparison; 100% off must give exactly b2 (or zeros)."""
+    from .triton_ffn import sparse_ffn_triton
+
+    activation, gated, with_bias = kind
+    w = make_ffn(D, F, gated, with_bias, dtype, device, gen)
+    x = torch.randn(B, D, generator=gen).to(dtype=dtype, device=device)  # [B, D]
+    mask = _make_mask(B, num_experts(F, S), sparsity, gen).to(device)  # [B, E]
+    y = sparse_ffn_triton(x, mask, w["w_up"], w["w_down_t"], w["w_gate"], w["b_up"], w["b_down"],
+                          S, activation, config)
+    ref = sparse_ffn_reference(x, mask, expert_size=S, activation=activation, **w)
+    case = f"D={D} F={F} S={S} B={B} {sparsity} {activation} gated={gated} bias={with_bias} {dtype}"
+    if sparsity == "all":
+        want = torch.zeros_like(ref) if w["b_down"] is None else w["b_down"].expand_as(ref)
+        exact = torch.equal(y, want)
+        return CaseResult(case, 0.0 if exact else float("inf"), exact)
+    err = ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    ok = bool(torch.isfinite(y).all()) and err <= TOLERANCE[dtype]
+    return CaseResult(case, err, ok)
+
+
+def check_router_case(D, E, B, dtype, device, gen) -> CaseResult:
+    """Fused router kernel vs reference; only logits within rounding of the threshold may differ."""
+    from .reference import logit_threshold
+    from .triton_ffn import router_mask_triton
+
+    x = torch.randn(B, D, generator=gen).to(dtype=dtype, device=device)
+    w_router = (torch.randn(E, D, generator=gen) * D**-0.5).to(dtype=dtype, device=device)
+    tau = 0.4
+    got = router_mask_triton(x, w_router, logit_threshold(tau))
+    want = router_mask_reference(x, w_router, tau)
+    logits = x.float() @ w_router.float().T  # [B, E]
+    near = (logits - logit_threshold(tau)).abs() < 1e-3
+    bad = ((got != want) & ~near).sum().item()
+    return CaseResult(f"router D={D} E={E} B={B} {dtype}", float(bad), bad == 0)
+
+
+def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0) -> list[CaseResult]:
+    """All cases: with ``full`` the whole product, otherwise kinds and dtypes rotate over the cases
+    so that every value appears while keeping the count small (the CPU interpreter is slow)."""
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    combos = list(itertools.product(FFN_KINDS, dtypes))
+    step = 0
+    for (D, F, S), B, sparsity in itertools.product(SHAPES, BATCHES, SPARSITIES):
+        chosen = combos if full else [combos[step % len(combos)]]
+        step += 1
+        for kind, dtype in chosen:
+            results.append(check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen))
+    for (D, F, S), B in itertools.product(SHAPES[:2], (1, 5, 16)):
+        for dtype in dtypes:
+            results.append(check_router_case(D, num_experts(F, S), B, dtype, device, gen))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full", action="store_true", help="every kind x dtype for every case")
+    args = parser.parse_args()
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())
+    results = run_checks(args.device, dtypes, full=args.full)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"FAIL {r.case}: error {r.error:.3g}")
+    print(f"{len(results) - len(failed)}/{len(results)} cases passed; activations {ACTIVATIONS}")
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,551 @@
+"""`get_lte_model` and `LTEModel`: an unmodified HF model with LTE modules put in place.
+
+Conversion (method.md section 1-2):
+1. find every FFN through the architecture table,
+2. group its neurons into experts and permute its weights so each expert is contiguous,
+3. replace its input projection by `LTEInput` (router) and its output projection by `LTEOutput`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import CONFIG_FORMAT_VERSION, LTEConfig
+from .conversion.architectures import FFNSpec, activation_name, spec_for
+from .conversion.grouping import expert_sizes as make_expert_sizes
+from .conversion.grouping import group_neurons
+from .conversion.permute import (
+    check_finite,
+    ffn_width,
+    in_rows,
+    out_cols,
+    permute_input_projection,
+    permute_output_projection,
+)
+from .errors import LTEError
+from .losses import lte_losses
+from .routing.layers import MODES, LTEInput, LTEOutput
+from .stats import linear_flops_per_token, union_sparsity
+
+CONFIG_NAME = "lte_config.json"
+ADAPTER_NAME = "lte_adapter.safetensors"
+UNION_SIZES = (1, 2, 4, 8, 16)
+
+
+@dataclass
+class LTELayer:
+    """One converted FFN: where it is and its LTE modules."""
+
+    name: str  # dotted name of the FFN container in the HF model
+    container: nn.Module
+    input: LTEInput
+    output: LTEOutput
+    spec: FFNSpec
+    activation: str
+
+    @property
+    def router(self) -> nn.Linear:
+        return self.input.router
+
+    @property
+    def expert_sizes(self) -> list[int]:
+        return self.input.expert_sizes.tolist()
+
+    @property
+    def tau(self) -> float:
+        return self.input.tau
+
+    def _fused_rows(self) -> torch.Tensor:
+        return in_rows(self.input.base_layer)
+
+    def gate_weight(self) -> torch.Tensor | None:
+        """Gate projection [F, D] (None for plain FFNs)."""
+        if self.spec.gate_up:
+            return self._fused_rows()[: self.input.ffn_width]
+        if self.spec.gate:
+            return in_rows(self.input.base_layer)
+        return None
+
+    def up_weight(self) -> torch.Tensor:
+        """Up projection (gated) or W1 (plain), [F, D]."""
+        if self.spec.gate_up:
+            return self._fused_rows()[self.input.ffn_width:]
+        if self.spec.gate:
+            return in_rows(self.container.get_submodule(self.spec.up))
+        return in_rows(self.input.base_layer)
+
+    def up_bias(self) -> torch.Tensor | None:
+        if self.spec.gated:
+            return None
+        return getattr(self.input.base_layer, "bias", None)
+
+    def down_weight(self) -> torch.Tensor:
+        """Output projection [D, F]."""
+        return out_cols(self.output.base_layer)
+
+    def down_bias(self) -> torch.Tensor | None:
+        return getattr(self.output.base_layer, "bias", None)
+
+
+# --------------------------------------------------------------------------- fingerprint
+def _base_fingerprint(model: nn.Module, widths: list[int]) -> dict[str, Any]:
+    """What identifies a base model: its shape and statistics of its input embeddings."""
+    emb = model.get_input_embeddings().weight.detach()
+    flat = emb.reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, 64).long().to(flat.device)  # 64 entries spread over the table
+    return {
+        "model_type": model.config.model_type,
+        "vocab_size": int(emb.shape[0]),
+        "hidden_size": int(emb.shape[1]),
+        "ffn_widths": widths,
+        "embedding_sample": [float(v) for v in flat[idx].float().cpu()],
+    }
+
+
+def _weights_digest(layers: list[LTELayer]) -> str:
+    """Exact digest of one FFN's weights, to tell whether training changed the base."""
+    import hashlib
+
+    w = layers[0].down_weight().detach().float().cpu().contiguous()
+    return hashlib.sha1(w.numpy().tobytes()).hexdigest()
+
+
+def _check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], where: str, check_weights: bool) -> None:
+    for key in ("model_type", "vocab_size", "hidden_size", "ffn_widths"):
+        if expected.get(key) != actual.get(key):
+            raise LTEError(
+                f"the LTE files in {where} were made for a different base model: {key} is "
+                f"{expected.get(key)!r} there but {actual.get(key)!r} in the model you passed. "
+                "Load the base model the LTE model was converted from."
+            )
+    if check_weights:
+        exp, act = expected["embedding_sample"], actual["embedding_sample"]
+        # 2% + 1e-4: survives a bf16/fp16 round trip, catches another checkpoint or a fine-tune.
+        if any(abs(a - b) > 2e-2 * abs(b) + 1e-4 for a, b in zip(act, exp)):
+            raise LTEError(
+                f"the LTE files in {where} were made for a base model with other weights (its "
+                "embedding entries differ): same architecture, different checkpoint. Load the base "
+                "it was converted from, or pass check_weights=False if you know they match."
+            )
+
+
+# --------------------------------------------------------------------------- conversion
+def _find_ffns(model: nn.Module, spec: FFNSpec) -> list[tuple[str, nn.Module]]:
+    pattern = re.compile(spec.container)
+    found = [(name, m) for name, m in model.named_modules() if name and pattern.search(name)]
+    if not found:
+        raise LTEError(
+            f"no FFN found: no module name matches {spec.container!r} in this "
+            f"{type(model).__name__}. Pass LTEConfig(ffn_spec=...) describing where its FFNs are."
+        )
+    return found
+
+
+def _get(container: nn.Module, rel: str, where: str) -> nn.Module:
+    try:
+        return container.get_submodule(rel)
+    except AttributeError as err:
+        raise LTEError(f"{where} has no submodule {rel!r}; the FFN spec does not fit this model") from err
+
+
+def _set(container: nn.Module, rel: str, module: nn.Module) -> None:
+    parent_name, _, child = rel.rpartition(".")
+    parent = container.get_submodule(parent_name) if parent_name else container
+    setattr(parent, child, module)
+
+
+def _grouping_features(spec: FFNSpec, first: nn.Module, width: int) -> torch.Tensor:
+    rows = in_rows(first)  # [F or 2F, D]
+    return rows[:width] if spec.gate_up else rows
+
+
+def _wrap(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Tensor] | None,
+          apply_perms: bool, progress: bool = True) -> list[LTELayer]:
+    """Group (if perms is None), permute and wrap every FFN of `model`, in place."""
+    if any(isinstance(m, (LTEInput, LTEOutput)) for m in model.modules()):
+        raise LTEError("this model is already converted by lte; convert the original model instead")
+    ffns = _find_ffns(model, spec)
+    if perms is not None and len(perms) != len(ffns):
+        raise LTEError(f"the LTE files hold {len(perms)} FFN permutations but the model has {len(ffns)} FFNs")
+    activation = activation_name(model.config, spec)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    layers: list[LTELayer] = []
+    iterator = enumerate(ffns)
+    if progress and perms is None and cfg.grouping == "kmeans":
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(ffns), desc="grouping neurons", leave=False)
+    for i, (name, container) in iterator:
+        first = _get(container, spec.input_name, name)
+        down = _get(container, spec.down, name)
+        others = [_get(container, spec.up, name)] if spec.gate and spec.up else []
+        for rel, mod in [(spec.input_name, first), (spec.down, down)] + [(spec.up, m) for m in others]:
+            check_finite(mod, f"{name}.{rel}")
+        width = ffn_width(down)
+        sizes = make_expert_sizes(width, cfg.expert_size)
+        if perms is None:
+            feats = _grouping_features(spec, first, width).detach()
+            perm = group_neurons(feats, cfg.expert_size, method=cfg.grouping, seed=cfg.seed + i,
+                                 n_iter=cfg.grouping_iters).cpu()
+        else:
+            perm = perms[i].cpu()
+            if perm.numel() != width:
+                raise LTEError(f"{name}: saved permutation has {perm.numel()} neurons but the FFN has {width}")
+        if apply_perms:
+            permute_input_projection(first, perm, halves=2 if spec.gate_up else 1)
+            for mod in others:
+                permute_input_projection(mod, perm)
+            permute_output_projection(down, perm)
+        hidden = in_rows(first).shape[1]
+        lin = LTEInput(first, len(sizes), hidden, sizes, cfg.router_init_std, generator)
+        lin.perm.copy_(perm)
+        lout = LTEOutput(down, lin)
+        _set(container, spec.input_name, lin)
+        _set(container, spec.down, lout)
+        layers.append(LTELayer(name, container, lin, lout, spec, activation))
+    return layers
+
+
+def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: bool = True) -> LTEModel:
+    """Convert a Hugging Face model into an `LTEModel`, in place.
+
+    Groups each FFN's neurons into experts (`config.grouping`), permutes the weights so each
+    expert is a contiguous block, and adds a router per FFN. The result starts in "dense"
+    routing, where it computes exactly the original function.
+    """
+    config = config or LTEConfig()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise LTEError(f"expected a Hugging Face model with a .config.model_type, got {type(model).__name__}")
+    if any(isinstance(m, (LTEInput, LTEOutput)) for m in model.modules()):
+        raise LTEError("this model is already converted by lte; convert the original model instead")
+    spec = spec_for(model_type, config.ffn_spec)
+    ffns = _find_ffns(model, spec)
+    widths = [ffn_width(_get(c, spec.down, n)) for n, c in ffns]
+    fingerprint = _base_fingerprint(model, widths)
+    layers = _wrap(model, config, spec, perms=None, apply_perms=True, progress=progress)
+    return LTEModel(model, config, layers, fingerprint)
+
+
+# --------------------------------------------------------------------------- the model
+class LTEModel(nn.Module):
+    """A converted HF model: routing modes, LTE losses, statistics and save/load.
+
+    Attribute access falls through to the HF model (`config`, `generate`, ...).
+    """
+
+    accepts_loss_kwargs = False  # the HF Trainer must not pass num_items_in_batch through us
+
+    def __init__(self, base_model: nn.Module, config: LTEConfig, layers: list[LTELayer],
+                 fingerprint: dict[str, Any], stage: str = "converted") -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.lte_config = config
+        self._layers = layers
+        self._fingerprint = fingerprint
+        self.stage = stage
+        self.routing = "dense"
+        self.track_stats = True
+        self.last_lte_losses: dict[str, torch.Tensor] = {}
+        self._last_masks: list[torch.Tensor] = []
+        self._last_token_mask: torch.Tensor | None = None
+        exclude = {id(layer.router) for layer in layers}
+        self._dense_flops = linear_flops_per_token(base_model, exclude)
+        self._digest = _weights_digest(layers)
+        self.reset_lte_stats()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---------------------------------------------------------------- routing
+    def lte_layers(self) -> list[LTELayer]:
+        return list(self._layers)
+
+    def set_routing(self, mode: str, tau: float | None = None, k: int | None = None) -> LTEModel:
+        """Switch every FFN to "dense", "soft" (stage 1), "hard" (stage 2, inference) or "topk"."""
+        if mode not in MODES:
+            raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
+        tau = self.lte_config.tau if tau is None else tau
+        k = self.lte_config.topk if k is None else k
+        if mode == "topk" and k is None:
+            raise LTEError("topk routing needs k: set_routing('topk', k=...) or LTEConfig(topk=...)")
+        for layer in self._layers:
+            layer.input.mode, layer.input.tau, layer.input.k = mode, tau, k
+        self.routing = mode
+        return self
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [layer.router.weight for layer in self._layers]
+
+    def freeze_routers(self, frozen: bool = True) -> None:
+        for p in self.router_parameters():
+            p.requires_grad_(not frozen)
+
+    # ---------------------------------------------------------------- forward
+    def _token_mask(self, attention_mask: Any, tokens: int) -> torch.Tensor | None:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.numel() == tokens:
+            return attention_mask.reshape(-1) != 0
+        return None
+
+    def lte_loss(self, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_eff, L_sep) of the last forward, over real tokens (differentiable)."""
+        scores = [layer.input.scores for layer in self._layers]
+        if any(s is None for s in scores):
+            raise LTEError("no router scores: run a forward in soft, hard or topk routing first")
+        flat = [s.reshape(-1, s.shape[-1]) for s in scores]  # [T, E]
+        token_mask = self._token_mask(attention_mask, flat[0].shape[0])
+        return lte_losses(flat, token_mask, self.lte_config.tau, self.lte_config.eps)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_model(*args, **kwargs)
+        if self.routing == "dense":
+            self.last_lte_losses = {}
+            return out
+        attention_mask = kwargs.get("attention_mask")
+        task = getattr(out, "loss", None)
+        self.last_lte_losses = {} if task is None else {"task": task.detach(), "total": task.detach()}
+        if self.routing == "soft":
+            eff, sep = self.lte_loss(attention_mask)
+            self.last_lte_losses.update(eff=eff.detach(), sep=sep.detach())
+            if task is not None:
+                total = task + self.lte_config.eta * eff + self.lte_config.lam * sep
+                self.last_lte_losses["total"] = total.detach()
+                out.loss = total
+        if self.track_stats:
+            self._record_stats(attention_mask)
+        return out
+
+    # ---------------------------------------------------------------- statistics
+    def reset_lte_stats(self) -> None:
+        """Start accumulating statistics afresh (see `lte_stats(accumulated=True)`)."""
+        n = len(self._layers)
+        self._acc_active = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
+        self._acc_tokens = torch.zeros((), dtype=torch.float64)
+
+    @torch.no_grad()
+    def _record_stats(self, attention_mask: Any) -> None:
+        masks = []
+        for layer in self._layers:
+            s = layer.input.scores
+            g = layer.input.gate
+            m = (s > layer.input.tau) if self.routing == "soft" else (g != 0)
+            masks.append(m.reshape(-1, m.shape[-1]))  # [T, E]
+        token_mask = self._token_mask(attention_mask, masks[0].shape[0])
+        self._last_masks, self._last_token_mask = masks, token_mask
+        w = None if token_mask is None else token_mask.to(torch.float32)
+        for i, (layer, m) in enumerate(zip(self._layers, masks)):
+            active = m.to(torch.float32) @ layer.input.expert_sizes.to(m.device, torch.float32)  # [T]
+            total = active.sum() if w is None else (active * w).sum()
+            self._acc_active[i] = self._acc_active[i].to(total.device) + total.double()
+        n_tok = masks[0].shape[0] if w is None else w.sum()
+        self._acc_tokens = self._acc_tokens.to(masks[0].device) + torch.as_tensor(n_tok, dtype=torch.float64,
+                                                                                  device=masks[0].device)
+
+    def _gflops(self, per_layer_sparsity: list[float]) -> float:
+        flops = float(self._dense_flops)
+        if self.routing != "dense":
+            for layer, sp in zip(self._layers, per_layer_sparsity):
+                d = layer.router.in_features
+                f = layer.input.ffn_width
+                ffn = 2 * d * f * (3 if layer.spec.gated else 2)
+                flops += -ffn * sp + 2 * d * layer.input.num_experts
+        return flops / 1e9
+
+    def lte_stats(self, accumulated: bool = False) -> dict[str, Any]:
+        """FFN sparsity (fraction of FFN neurons not computed) per layer and overall, GFLOPs/token.
+
+        `accumulated=False`: the last forward; `True`: every forward since `reset_lte_stats()`.
+        In soft routing the sparsity is what the hard cut at tau would skip; dense routing is 0.
+        GFLOPs count every linear layer (routers included, attention-score products excluded).
+        """
+        n = len(self._layers)
+        union: dict[int, float] = {}
+        if self.routing == "dense":
+            per_layer = [0.0] * n
+        elif accumulated:
+            tokens = float(self._acc_tokens)
+            if tokens == 0:
+                raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
+            per_layer = [1.0 - float(a) / (tokens * layer.input.ffn_width)
+                         for a, layer in zip(self._acc_active, self._layers)]
+        else:
+            if not self._last_masks:
+                raise LTEError("no statistics yet: run a forward in soft, hard or topk routing first")
+            per_layer = []
+            for layer, m in zip(self._layers, self._last_masks):
+                sizes = layer.input.expert_sizes
+                per_layer.append(union_sparsity(m, sizes, 1, self._last_token_mask))
+            for b in UNION_SIZES:
+                vals = [union_sparsity(m, layer.input.expert_sizes, b, self._last_token_mask)
+                        for layer, m in zip(self._layers, self._last_masks)]
+                union[b] = sum(vals) / n
+        return {
+            "mode": self.routing,
+            "ffn_sparsity": sum(per_layer) / n,
+            "per_layer": per_layer,
+            "union_sparsity": union,
+            "gflops_per_token": self._gflops(per_layer),
+            "dense_gflops_per_token": self._dense_flops / 1e9,
+        }
+
+    # ---------------------------------------------------------------- save / load
+    def _meta(self, weights_permuted: bool) -> dict[str, Any]:
+        spec = self._layers[0].spec
+        archs = getattr(self.base_model.config, "architectures", None) or [type(self.base_model).__name__]
+        return {
+            "format_version": CONFIG_FORMAT_VERSION,
+            "lte_version": __version__,
+            "lte": self.lte_config.to_dict(),
+            "stage": self.stage,
+            "routing": self.routing,
+            "spec": spec.to_dict(),
+            "activation": self._layers[0].activation,
+            "layers": [layer.name for layer in self._layers],
+            "weights_permuted": weights_permuted,
+            "base_architecture": archs[0],
+            # A full save is its own base; a light save needs the base it was converted from.
+            "base": (_base_fingerprint(self.base_model, self._fingerprint["ffn_widths"])
+                     if weights_permuted else self._fingerprint),
+        }
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for i, layer in enumerate(self._layers):
+            state[f"layers.{i}.router.weight"] = layer.router.weight.detach().contiguous().cpu()
+            state[f"layers.{i}.perm"] = layer.input.perm.cpu()
+            state[f"layers.{i}.expert_sizes"] = layer.input.expert_sizes.cpu()
+        return state
+
+    def _plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """The HF model's state dict under its own key names (wrappers removed, routers dropped)."""
+        lte_names = {name for name, m in self.base_model.named_modules() if isinstance(m, LTEInput)}
+        state = {}
+        for key, value in self.base_model.state_dict().items():
+            owner, _, leaf = key.rpartition(".")
+            if owner in lte_names and leaf in ("perm", "expert_sizes"):
+                continue
+            if key.endswith(".router.weight") and key[: -len(".router.weight")] in lte_names:
+                continue
+            state[key.replace(".base_layer.", ".")] = value
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike, light: bool = False, **_: Any) -> None:
+        """Save to a directory, atomically (a crash leaves the previous save intact).
+
+        Full (default): the HF model (safetensors, permuted weights) + `lte_config.json` +
+        `lte_adapter.safetensors`; reload with `LTEModel.from_pretrained(dir)` alone.
+        Light: only what LTE adds (routers, permutations, config, stage); reload with
+        `LTEModel.from_base(base_model_loaded_from_its_own_path, dir)`.
+        """
+        from safetensors.torch import save_file
+
+        target = Path(save_directory)
+        if light:
+            self._check_base_unchanged()
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if not light:
+            self.base_model.save_pretrained(tmp, state_dict=self._plain_state_dict())
+        save_file(self._adapter_state(), str(tmp / ADAPTER_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(self._meta(weights_permuted=not light), indent=2))
+        old = target.with_name(target.name + f".old-{os.getpid()}")
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _check_base_unchanged(self) -> None:
+        if _weights_digest(self._layers) != self._digest:
+            raise LTEError(
+                "the base weights changed since conversion (training?): a light save keeps only the "
+                "routers and permutations and would lose them. Use save_pretrained(dir) (full save)."
+            )
+
+    @staticmethod
+    def _read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not d.is_dir():
+            raise LTEError(f"{d} is not a directory; pass the directory an LTE model was saved to")
+        if not (d / CONFIG_NAME).is_file():
+            raise LTEError(
+                f"{d} has no {CONFIG_NAME}: it is not an LTE model directory. For a plain HF model, "
+                "load it with transformers and convert it with lte.get_lte_model."
+            )
+        meta = json.loads((d / CONFIG_NAME).read_text())
+        if meta.get("format_version", 1) > CONFIG_FORMAT_VERSION:
+            raise LTEError(f"{d} was saved by a newer lte (format {meta['format_version']}); upgrade lte")
+        if not (d / ADAPTER_NAME).is_file():
+            raise LTEError(f"{d} is missing {ADAPTER_NAME} (the routers); the save is incomplete, re-save it")
+        return meta, load_file(str(d / ADAPTER_NAME))
+
+    @classmethod
+    def _attach(cls, base: nn.Module, meta: dict[str, Any], state: dict[str, torch.Tensor], where: str,
+                check_weights: bool) -> LTEModel:
+        cfg = LTEConfig.from_dict(meta["lte"])
+        spec = FFNSpec.from_dict(meta["spec"])
+        ffns = _find_ffns(base, spec)
+        widths = [ffn_width(_get(c, spec.down, n)) for n, c in ffns]
+        _check_fingerprint(meta["base"], _base_fingerprint(base, widths), where, check_weights)
+        n = len(meta["layers"])
+        try:
+            perms = [state[f"layers.{i}.perm"] for i in range(n)]
+        except KeyError as err:
+            raise LTEError(f"{where}/{ADAPTER_NAME} lacks {err}; the file is damaged, re-save the model") from err
+        layers = _wrap(base, cfg, spec, perms, apply_perms=not meta["weights_permuted"])
+        for i, layer in enumerate(layers):
+            w = state[f"layers.{i}.router.weight"]
+            if w.shape != layer.router.weight.shape:
+                raise LTEError(f"{where}: router {i} has shape {tuple(w.shape)}, model needs "
+                               f"{tuple(layer.router.weight.shape)}; files and base model do not match")
+            with torch.no_grad():
+                layer.router.weight.copy_(w)
+        model = cls(base, cfg, layers, meta["base"], stage=meta.get("stage", "converted"))
+        model.set_routing(meta.get("routing", "dense"))
+        return model
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs: Any) -> LTEModel:
+        """Load a full save (`save_pretrained(dir)`); HF keyword arguments (dtype, device_map) pass through."""
+        import transformers
+
+        meta, state = cls._read(directory)
+        d = Path(directory)
+        if not meta.get("weights_permuted", True) or not (d / "config.json").is_file():
+            raise LTEError(
+                f"{d} is a light save (routers only); load its base model yourself and call "
+                "LTEModel.from_base(base_model, dir)"
+            )
+        arch = meta["base_architecture"]
+        model_cls = getattr(transformers, arch, None)
+        if model_cls is None:
+            raise LTEError(f"{d} holds a {arch}, which this transformers version does not have; upgrade transformers")
+        base = model_cls.from_pretrained(d, **hf_kwargs)
+        return cls._attach(base, meta, state, str(d), check_weights=True)
+
+    @classmethod
+    def from_base(cls, base_model: nn.Module, directory: str | os.PathLike, check_weights: bool = True) -> LTEModel:
+        """Re-apply a light save (routers, permutations, config) to its base model, in place."""
+        meta, state = cls._read(directory)
+        if meta.get("weights_permuted", False):
+            raise LTEError(f"{directory} is a full save; load it with LTEModel.from_pretrained(dir)")
+        return cls._attach(base_model, meta, state, str(directory), check_weights)

@@ -1,0 +1,135 @@
+"""The two modules that replace an FFN's input and output projections.
+
+`LTEInput` wraps the projection that sees the FFN input x and computes the router scores
+G = sigmoid(x Wr^T) [..., E] and the per-expert gate for the current routing mode.
+`LTEOutput` wraps the output projection and multiplies its input h [..., F] by that gate,
+expanded from experts to neurons. Activations, dropout, residuals and norms stay the HF model's
+own code, so every family is handled by the same two modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LTEError
+
+MODES = ("dense", "soft", "hard", "topk")
+
+
+def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None) -> torch.Tensor | None:
+    """Per-expert multiplier [..., E] for a routing mode (None = every expert fully on)."""
+    if mode == "dense":
+        return None
+    if mode == "soft":
+        return scores
+    if mode == "hard":
+        return (scores > tau).to(scores.dtype)
+    if mode == "topk":
+        if k is None:
+            raise LTEError("topk routing needs k: set_routing('topk', k=...) or LTEConfig(topk=...)")
+        e = scores.shape[-1]
+        k = min(k, e)
+        gate = torch.zeros_like(scores)
+        if k > 0:
+            gate.scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
+        return gate
+    raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+class _Wrapper(nn.Module):
+    """Shows the wrapped layer's `weight` and `bias`, which some HF models read directly."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+
+class LTEInput(_Wrapper):
+    """An FFN input projection plus its router.
+
+    Args:
+        base_layer: the original projection (nn.Linear or Conv1D), called unchanged.
+        num_experts: E.
+        hidden_size: D, the width of x.
+        expert_sizes: neurons per expert (sum = F).
+        init_std: router init std (None: 1/sqrt(D)).
+        generator: seeded generator for the router init.
+    """
+
+    def __init__(self, base_layer: nn.Module, num_experts: int, hidden_size: int, expert_sizes: list[int],
+                 init_std: float | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        weight = base_layer.weight
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=weight.dtype)
+        std = init_std if init_std is not None else 1.0 / math.sqrt(hidden_size)
+        with torch.no_grad():
+            init = torch.randn(num_experts, hidden_size, generator=generator) * std
+            self.router.weight.copy_(init)
+        self.register_buffer("expert_sizes", torch.tensor(expert_sizes, dtype=torch.long), persistent=True)
+        self.register_buffer("perm", torch.arange(sum(expert_sizes), dtype=torch.long), persistent=True)
+        self.mode = "dense"
+        self.tau = 0.5
+        self.k: int | None = None
+        # Set by forward, read by LTEOutput, the losses and the statistics (not module state).
+        self.scores: torch.Tensor | None = None
+        self.gate: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.out_features
+
+    @property
+    def ffn_width(self) -> int:
+        return self.perm.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.mode == "dense":
+            self.scores, self.gate = None, None
+            return y
+        logits = F.linear(x.to(self.router.weight.dtype), self.router.weight)  # [..., E]
+        self.scores = torch.sigmoid(logits.float())
+        self.gate = expert_gate(self.scores, self.mode, self.tau, self.k)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, F={self.ffn_width}, mode={self.mode}, tau={self.tau}"
+
+
+class LTEOutput(_Wrapper):
+    """An FFN output projection that applies the gate of its `LTEInput` to its input."""
+
+    def __init__(self, base_layer: nn.Module, source: LTEInput) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        # A plain reference, not a submodule: the router must appear once in the module tree.
+        object.__setattr__(self, "_source", source)
+
+    @property
+    def source(self) -> LTEInput:
+        return self._source
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate = self._source.gate
+        if gate is None:
+            return self.base_layer(h)
+        if gate.shape[:-1] != h.shape[:-1]:
+            raise LTEError(
+                f"the FFN's output projection got {tuple(h.shape)} but its router saw {tuple(gate.shape[:-1])} "
+                "tokens; the FFN input and output projections must be called once each per forward"
+            )
+        neuron_gate = torch.repeat_interleave(  # [..., E] -> [..., F]
+            gate, self._source.expert_sizes, dim=-1, output_size=h.shape[-1]
+        )
+        return self.base_layer(h * neuron_gate.to(h.dtype))

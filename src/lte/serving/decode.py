@@ -1,0 +1,407 @@
+"""A gpt-fast style decode loop: static KV cache, eager prefill, one decode step in a CUDA graph.
+
+`StaticDecoder` owns a transformers `StaticCache` and static input buffers (token ids, positions,
+an optional padding mask). The decode step (model forward + sampling + writing the next token
+into the input buffer) is captured once in a `torch.cuda.CUDAGraph` and replayed: no host sync
+inside the loop; the KV cache advances its own position counter on the GPU. Without CUDA the same
+step runs eagerly (CPU, tests).
+
+Dimensions: B batch, P prompt length (after left padding), L cache length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LTEError
+
+
+# --------------------------------------------------------------------------- transformers compat
+def _forward_params(model: nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the cache argument of the model's forward: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    params = _forward_params(model)
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise LTEError(f"{type(model).__name__}.forward takes no KV cache argument; it cannot be decoded with a cache")
+
+
+def make_static_cache(model: nn.Module, batch_size: int, cache_len: int) -> Any:
+    """A `StaticCache` for `model`, across transformers versions (extra arguments only where named)."""
+    from transformers import StaticCache
+
+    params = inspect.signature(StaticCache.__init__).parameters
+    first = next(iter(model.parameters()))
+    kwargs: dict[str, Any] = {"config": model.config, "max_cache_len": cache_len}
+    optional = {"max_batch_size": batch_size, "batch_size": batch_size, "device": first.device, "dtype": first.dtype}
+    kwargs.update({k: v for k, v in optional.items() if k in params})
+    return StaticCache(**kwargs)
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise LTEError("this transformers StaticCache has no per-layer objects; transformers >= 4.56 is required")
+    return list(layers)
+
+
+# --------------------------------------------------------------------------- sampling
+def sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Next token [B] from logits [B, V]: greedy at temperature 0, else exponential-race sampling.
+
+    argmax(p / q) with q ~ Exp(1) draws from p without a host sync (CUDA-graph safe).
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    race = torch.empty_like(probs).exponential_(1.0)
+    return (probs / race).argmax(dim=-1)
+
+
+# --------------------------------------------------------------------------- the decoder
+class StaticDecoder:
+    """Prefill + graph-replayed decode steps for one HF causal LM at a fixed batch size and cache length.
+
+    Args:
+        model: a HF causal LM (e.g. after `prepare_for_inference` / `prepare_dense`), in eval mode.
+        batch_size: B. cache_len: L, the most tokens (prompt + generated) a sequence may hold.
+        temperature: 0 = greedy.
+        use_graph: capture the decode step in a CUDA graph (default: when the model is on CUDA).
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
+                 use_graph: bool | None = None) -> None:
+        if batch_size < 1 or cache_len < 2:
+            raise LTEError(f"batch_size must be >= 1 and cache_len >= 2, got {batch_size} and {cache_len}")
+        self.model = model.eval()
+        first = next(iter(model.parameters()))
+        self.device = first.device
+        self.batch_size, self.cache_len, self.temperature = batch_size, cache_len, temperature
+        self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        if self.use_graph and self.device.type != "cuda":
+            raise LTEError("use_graph=True needs the model on a CUDA device")
+        self._cache_kw = cache_kwarg(model)
+        self._keep_kw = "logits_to_keep" if "logits_to_keep" in _forward_params(model) else None
+        self.cache = make_static_cache(model, batch_size, cache_len)
+        dev, b = self.device, batch_size
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=dev)  # [B, 1] next input token
+        self.pos = torch.zeros(b, 1, dtype=torch.long, device=dev)  # [B, 1] its position id
+        self.pad_mask = torch.ones(b, cache_len, dtype=torch.long, device=dev)  # [B, L] 0 = left padding
+        self.step = torch.zeros((), dtype=torch.long, device=dev)  # index of the next generated token
+        self.tokens = torch.zeros(b, cache_len, dtype=torch.long, device=dev)  # [B, L] generated tokens
+        self.use_mask = False  # whether the current prompt has padding (the mask is passed to the model)
+        self.prompt_len = 0
+        self.generated = 0  # tokens generated since the last prefill (host-side count)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_mask: bool | None = None
+        self._snapshot: list[torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- state
+    def _state(self) -> list[torch.Tensor]:
+        """Every device tensor a decode step advances (restorable with `_restore`)."""
+        return [layer.cumulative_length for layer in _cache_layers(self.cache)] + [self.ids, self.pos, self.step]
+
+    def _save(self) -> tuple[list[torch.Tensor], int]:
+        return [t.clone() for t in self._state()], self.generated
+
+    def _restore(self, saved: tuple[list[torch.Tensor], int]) -> None:
+        tensors, self.generated = saved
+        for t, s in zip(self._state(), tensors):
+            t.copy_(s)
+
+    def _reset_cache(self) -> None:
+        """Empty the cache in place (addresses stay, so a captured graph stays valid)."""
+        for layer in _cache_layers(self.cache):
+            if getattr(layer, "is_initialized", False):
+                layer.cumulative_length.zero_()
+
+    # ---------------------------------------------------------------- forward pieces
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, keep_last: bool) -> torch.Tensor:
+        kwargs: dict[str, Any] = {self._cache_kw: self.cache, "use_cache": True}
+        if keep_last and self._keep_kw:
+            kwargs[self._keep_kw] = 1
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, **kwargs)
+        return out.logits[:, -1, :]  # [B, V]
+
+    def _decode_step(self) -> None:
+        """One token for every sequence; reads and writes only static device buffers."""
+        mask = self.pad_mask if self.use_mask else None
+        logits = self._forward(self.ids, self.pos, mask, keep_last=False)  # [B, V]
+        nxt = sample(logits, self.temperature)  # [B]
+        self.tokens.index_copy_(1, self.step.view(1), nxt.view(-1, 1))
+        self.ids.copy_(nxt.view(-1, 1))
+        self.pos.add_(1)
+        self.step.add_(1)
+
+    # ---------------------------------------------------------------- public
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Run the prompt ids [B, P] (left padded; mask [B, P] with 0 at padding) and sample the first token."""
+        b, p = input_ids.shape
+        if b != self.batch_size:
+            raise LTEError(f"this decoder was built for batch size {self.batch_size}, got {b} prompts")
+        if p >= self.cache_len:
+            raise LTEError(f"prompt of {p} tokens does not fit a cache of {self.cache_len}; raise cache_len")
+        ids = input_ids.to(self.device)
+        am = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device).long()
+        self.use_mask = bool((am == 0).any())
+        pos = (am.cumsum(-1) - 1).clamp(min=0)  # [B, P] left padding -> positions start at 0 per sequence
+        self.pad_mask.fill_(1)
+        self.pad_mask[:, :p].copy_(am)
+        self._reset_cache()
+        logits = self._forward(ids, pos, self.pad_mask if self.use_mask else None, keep_last=True)
+        nxt = sample(logits, self.temperature)  # [B]
+        self.tokens.zero_()
+        self.tokens[:, 0] = nxt
+        self.ids.copy_(nxt.view(-1, 1))
+        self.pos.copy_(pos[:, -1:] + 1)
+        self.step.fill_(1)
+        self.prompt_len, self.generated = p, 1
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (Triton compiles here), then capture one decode step."""
+        saved = self._save()
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._decode_step()
+        except RuntimeError as err:
+            raise LTEError(
+                f"CUDA-graph capture of the decode step failed ({err}). Some op in the model syncs the host; "
+                "run with use_graph=False (eager) to find it."
+            ) from err
+        self._restore(saved)  # capture does not run kernels, but keep the state exact
+        self._graph, self._graph_mask = graph, self.use_mask
+
+    @torch.no_grad()
+    def decode(self, steps: int) -> None:
+        """Generate `steps` more tokens for every sequence (after `prefill`)."""
+        if self.prompt_len == 0:
+            raise LTEError("call prefill(input_ids) before decode")
+        if steps <= 0:
+            return
+        if self.prompt_len + self.generated + steps > self.cache_len:
+            raise LTEError(f"{self.prompt_len} prompt + {self.generated + steps} generated tokens exceed the cache "
+                           f"of {self.cache_len}; raise cache_len")
+        self.generated += steps
+        if not self.use_graph:
+            for _ in range(steps):
+                self._decode_step()
+            return
+        if self._graph is None or self._graph_mask != self.use_mask:
+            self._capture()
+        for _ in range(steps):
+            self._graph.replay()
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids: torch.Tensor, max_new_tokens: int,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """New token ids [B, max_new_tokens] (no stop at EOS: trim on the host)."""
+        if max_new_tokens < 1:
+            raise LTEError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.prefill(input_ids, attention_mask)
+        self.decode(max_new_tokens - 1)
+        return self.tokens[:, :max_new_tokens].clone()
+
+
+# --------------------------------------------------------------------------- user API
+def _check_model(model: Any) -> nn.Module:
+    from ..model import LTEModel
+
+    if isinstance(model, LTEModel):
+        raise LTEError(
+            "generate/bench take a prepared HF model: call lte.serving.prepare_for_inference(lmodel) "
+            "(sparse kernels) or lte.serving.prepare_dense(lmodel) first"
+        )
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise LTEError(f"expected a Hugging Face causal LM, got {type(model).__name__}")
+    return model
+
+
+def _trim(ids: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i]
+    return ids
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(t) for t in src)
+    return ids
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new_tokens: int = 64,
+             temperature: float = 0.0, cache_len: int | None = None, use_graph: bool | None = None,
+             decoder: StaticDecoder | None = None) -> str | list[str]:
+    """Generate text for one prompt (returns str) or several (list, left padded into one batch).
+
+    Greedy at temperature 0. Generation runs `max_new_tokens` steps and cuts each text at its first
+    end-of-sequence token. `cache_len` defaults to the longest prompt + max_new_tokens (+1).
+    """
+    model = _check_model(model)
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    if not texts:
+        raise LTEError("no prompt given")
+    old_side = getattr(tokenizer, "padding_side", "right")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = old_side
+    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    need = input_ids.shape[1] + max_new_tokens + 1
+    if decoder is None:
+        decoder = StaticDecoder(model, len(texts), max(cache_len or need, need), temperature, use_graph)
+    new = decoder.generate_ids(input_ids, max_new_tokens, attention_mask).cpu().tolist()
+    eos = _eos_ids(model, tokenizer)
+    outs = [tokenizer.decode(_trim(row, eos), skip_special_tokens=True) for row in new]
+    return outs[0] if single else outs
+
+
+def weight_bytes(model: nn.Module, ffn_active_fraction: float | None = None) -> dict[str, float]:
+    """Bytes of weights one decode step reads: all parameters except the embedding table (B rows only).
+
+    With `ffn_active_fraction`, SparseMLP gate/up/down weights count at that fraction (routers in full).
+    """
+    from .prepare import SparseMLP
+
+    emb = model.get_input_embeddings().weight
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight.data_ptr() == emb.data_ptr()
+    ffn_ids: set[int] = set()
+    ffn_bytes = 0
+    for m in model.modules():
+        if isinstance(m, SparseMLP):
+            for w in (m.w_gate, m.w_up, m.w_down_t):
+                ffn_ids.add(id(w))
+                ffn_bytes += w.numel() * w.element_size()
+    other = sum(p.numel() * p.element_size() for p in model.parameters()
+                if id(p) not in ffn_ids and (p is not emb or tied))
+    frac = 1.0 if ffn_active_fraction is None else ffn_active_fraction
+    return {"ffn_bytes": float(ffn_bytes), "other_bytes": float(other), "read_bytes": other + frac * ffn_bytes}
+
+
+def _kv_bytes(model: nn.Module, batch_size: int, cache_len: int) -> float:
+    """Bytes of KV cache one decode step reads (attention spans the whole static cache)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = next(iter(model.parameters())).element_size()
+    return 2.0 * cfg.num_hidden_layers * batch_size * heads * cache_len * head_dim * elem
+
+
+@torch.no_grad()
+def measure_active_fraction(decoder: StaticDecoder) -> float | None:
+    """Fraction of SparseMLP neurons the batch's union mask computes in one eager decode step.
+
+    None for models without SparseMLP. Runs one step eagerly and restores the decoder state.
+    """
+    from .prepare import sparse_modules
+
+    mods = sparse_modules(decoder.model)
+    if not mods:
+        return None
+    saved = decoder._save()
+    for m in mods:
+        m.record_mask = True
+    try:
+        decoder._decode_step()
+    finally:
+        for m in mods:
+            m.record_mask = False
+        decoder._restore(saved)
+    active = total = 0.0
+    for m in mods:
+        mask = m.last_mask.reshape(-1, m.num_experts)  # [B, E]
+        union = mask.any(dim=0)  # [E]: experts any token of the batch needs
+        sizes = torch.full((m.num_experts,), m.expert_size, device=union.device)
+        sizes[-1] = m.w_up.shape[0] - m.expert_size * (m.num_experts - 1)
+        active += float((union.float() * sizes).sum())
+        total += float(sizes.sum())
+        m.last_mask = None
+    return active / total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def bench(model: nn.Module, batch_size: int = 1, prompt_len: int = 16, new_tokens: int = 128,
+          cache_len: int = 512, runs: int = 5, use_graph: bool | None = None, seed: int = 0,
+          decoder: StaticDecoder | None = None) -> dict[str, Any]:
+    """Time the decode loop on random prompts: median over `runs` runs of `new_tokens` steps each.
+
+    Returns tokens_per_s (B * steps / time), ms_per_step, gb_per_s (weights read per step / time;
+    kv_gb_per_s adds the KV cache reads), ffn_active_fraction (union over the batch, SparseMLP
+    models only), peak_memory_gb (CUDA), and the settings.
+    """
+    model = _check_model(model)
+    if prompt_len + new_tokens + 1 > cache_len:
+        raise LTEError(f"prompt_len {prompt_len} + new_tokens {new_tokens} must stay below cache_len {cache_len}")
+    dec = decoder or StaticDecoder(model, batch_size, cache_len, 0.0, use_graph)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen)
+    dec.prefill(prompt)
+    dec.decode(1)  # capture + one step
+    dec.prefill(prompt)
+    saved = dec._save()
+    active = measure_active_fraction(dec)
+    times = []
+    for _ in range(runs):
+        dec._restore(saved)
+        _sync(dec.device)
+        if dec.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dec.decode(new_tokens)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dec.decode(new_tokens)
+            times.append(time.perf_counter() - t0)
+    sec = statistics.median(times) / new_tokens
+    wb = weight_bytes(model, active)
+    kv = _kv_bytes(model, batch_size, cache_len)
+    peak = torch.cuda.max_memory_allocated(dec.device) / 1e9 if dec.device.type == "cuda" else None
+    return {
+        "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": cache_len,
+        "runs": runs, "cuda_graph": dec.use_graph,
+        "ms_per_step": sec * 1e3, "ms_per_step_runs": [t / new_tokens * 1e3 for t in times],
+        "tokens_per_s": batch_size / sec,
+        "weight_bytes_per_step": wb["read_bytes"], "gb_per_s": wb["read_bytes"] / sec / 1e9,
+        "kv_bytes_per_step": kv, "kv_gb_per_s": (wb["read_bytes"] + kv) / sec / 1e9,
+        "ffn_active_fraction": active, "peak_memory_gb": peak,
+    }

@@ -1,0 +1,107 @@
+"""Random-weight LLaMA-shaped models and router settings with a chosen sparsity, for benchmarks.
+
+Two ways to switch off a chosen fraction s of each layer's E experts, both through the real router
+path (`sigmoid(x Wr^T) > tau` computed on the GPU inside the captured step):
+
+- "fixed": every token uses the same known set of experts. `pin_router_channel` makes residual
+  channel c always positive (embedding column c = 1, and no attention / FFN output writes into
+  channel c), so the FFN input x (RMSNorm of the residual, weight 1) has x_c > 0 for every token.
+  Router row e is then `+1 * e_c` for a kept expert and `-1 * e_c` for an off one: with tau = 0.5,
+  expert e passes exactly when its sign is +. The off set is a seeded random subset of round(s * E)
+  experts per layer. The union over a batch is then the same set (LTE's best case for B > 1).
+- "random": every token draws its own experts. Router rows ~ N(0, 1/D); since |x| = sqrt(D)
+  after RMSNorm, each score x.w_e ~ N(0, 1), and tau = sigmoid(Phi^-1(s)) switches off a fraction
+  s per token, independently across tokens (the union over a batch grows like 1 - s^B).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LTEError
+from .prepare import sparse_modules
+
+#: LLaMA-family shapes (transformers LlamaConfig fields).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128),
+}
+
+
+def random_llama(shape: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = 0, max_positions: int = 4096) -> nn.Module:
+    """A `LlamaForCausalLM` with random weights, built directly on `device` in `dtype` (fast on a GPU)."""
+    import transformers
+
+    if shape not in SHAPES:
+        raise LTEError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def pin_router_channel(model: nn.Module, channel: int = 0) -> None:
+    """Make residual channel `channel` of a plain LLaMA-family model always positive (see module doc).
+
+    Call before conversion. Zeroes row `channel` of every attention output and FFN down projection
+    (the bytes read per step do not change) and sets embedding column `channel` to 1.
+    """
+    emb = model.get_input_embeddings().weight
+    if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb:
+        raise LTEError("pin_router_channel needs untied embeddings (the LM head would see the pinned column)")
+    emb[:, channel] = 1.0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[channel].zero_()
+        layer.mlp.down_proj.weight[channel].zero_()
+
+
+def _off_count(sparsity: float, num_experts: int) -> int:
+    if not 0.0 <= sparsity <= 1.0:
+        raise LTEError(f"sparsity must lie in [0, 1], got {sparsity}")
+    return round(sparsity * num_experts)
+
+
+@torch.no_grad()
+def set_fixed_sparsity(model: nn.Module, sparsity: float, channel: int = 0, seed: int = 0) -> None:
+    """Router weights of every SparseMLP so that the same round(s * E) experts are off for every token."""
+    for i, m in enumerate(sparse_modules(model)):
+        num_exp = m.num_experts
+        gen = torch.Generator().manual_seed(seed + i)
+        off = torch.randperm(num_exp, generator=gen)[: _off_count(sparsity, num_exp)]
+        sign = torch.ones(num_exp)
+        sign[off] = -1.0
+        m.w_router.zero_()
+        m.w_router[:, channel] = sign.to(m.w_router.device, m.w_router.dtype)
+        m.tau = 0.5
+
+
+@torch.no_grad()
+def set_random_sparsity(model: nn.Module, sparsity: float, seed: int = 0) -> None:
+    """Random router rows ~ N(0, 1/D) and tau = sigmoid(Phi^-1(s)): each token turns off about s of its experts."""
+    if not 0.0 < sparsity < 1.0:
+        raise LTEError(f"random sparsity must lie strictly in (0, 1), got {sparsity}; use set_fixed_sparsity")
+    z = math.sqrt(2.0) * torch.special.erfinv(torch.tensor(2.0 * sparsity - 1.0)).item()  # Phi^-1(s)
+    tau = 1.0 / (1.0 + math.exp(-z))
+    for i, m in enumerate(sparse_modules(model)):
+        gen = torch.Generator().manual_seed(seed + i)
+        num_exp, width = m.w_router.shape
+        rows = torch.randn(num_exp, width, generator=gen) / math.sqrt(width)
+        m.w_router.copy_(rows.to(m.w_router.device, m.w_router.dtype))
+        m.tau = tau

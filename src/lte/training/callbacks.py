@@ -1,0 +1,209 @@
+"""Trainer callbacks for LTE training: the eta controller, the NaN guard and the JSONL log.
+
+These are ordinary `transformers.TrainerCallback`s, so they also work with a plain `Trainer`
+for the parts that need no LTE statistics (JSONL log, NaN guard on gradients). The LTE-specific
+measurements (hard-cut sparsity of each step) are fed to `EtaController.update` by `LTETrainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from lte.training.errors import NonFiniteLossError
+
+__all__ = ["EtaController", "NaNGuard", "JsonlLogger"]
+
+
+class EtaController(TrainerCallback, ExportableState):
+    """Steer stage-1 sparsity to a target by adjusting eta on the fly (beyond the paper).
+
+    The paper sets the sparsity indirectly with eta, the weight of the efficiency loss, and needs
+    one run per eta. This controller closes the loop instead. After every `update_every` optimizer
+    steps it takes the measured hard-cut FFN sparsity of the step's batches (what the threshold
+    tau would skip; `LTEModel.lte_stats()["ffn_sparsity"]`, averaged over processes), smooths it
+    with an exponential moving average, and sets
+
+        error   = target - smoothed_sparsity                  (sparsity fraction, -1 .. 1)
+        integral += error                                    (only while eta is not clamped)
+        log(eta) = log(eta0) + kp * error + ki * integral     (clamped to [eta_min, eta_max])
+
+    i.e. a PI controller acting on log(eta): eta changes multiplicatively, so the same gains work
+    for eta = 0.05 and eta = 5. Anti-windup: when the output hits a clamp the integral step is
+    undone. Positive error (too dense) raises eta, negative error lowers it.
+
+    Args:
+        target: desired FFN sparsity in [0, 1).
+        eta0: starting eta (the `--eta` value).
+        kp, ki: proportional and integral gains (log-eta per unit of sparsity error).
+        smoothing: EMA factor of the sparsity measurement (0 = no smoothing).
+        update_every: optimizer steps between updates.
+        eta_min, eta_max: clamp of eta.
+        warmup_steps: steps before the first update (measurements still feed the EMA).
+    """
+
+    def __init__(
+        self,
+        target: float,
+        eta0: float = 0.5,
+        kp: float = 2.0,
+        ki: float = 0.3,
+        smoothing: float = 0.6,
+        update_every: int = 1,
+        eta_min: float = 1e-3,
+        eta_max: float = 100.0,
+        warmup_steps: int = 0,
+    ) -> None:
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"target sparsity must be in [0, 1), got {target}")
+        if eta0 <= 0:
+            raise ValueError(f"the starting eta must be > 0 for the eta controller, got {eta0}")
+        if not eta_min < eta_max:
+            raise ValueError(f"eta_min ({eta_min}) must be below eta_max ({eta_max})")
+        self.target = float(target)
+        self.eta0 = float(eta0)
+        self.kp = float(kp)
+        self.ki = float(ki)
+        self.smoothing = float(smoothing)
+        self.update_every = int(update_every)
+        self.eta_min = float(eta_min)
+        self.eta_max = float(eta_max)
+        self.warmup_steps = int(warmup_steps)
+        # Controller state (saved with every checkpoint through ExportableState).
+        self.eta = min(max(self.eta0, self.eta_min), self.eta_max)
+        self.integral = 0.0
+        self.smoothed: float | None = None
+        self.last_measured: float | None = None
+        self.updates = 0
+
+    def wants_measurement(self, step: int) -> bool:
+        """Whether optimizer step number `step` (1-based) should be measured."""
+        return step % self.update_every == 0
+
+    def update(self, step: int, measured_sparsity: float) -> float:
+        """Feed the sparsity measured at optimizer step `step`; return the new eta."""
+        self.last_measured = float(measured_sparsity)
+        s = self.smoothing
+        self.smoothed = self.last_measured if self.smoothed is None else s * self.smoothed + (1 - s) * self.last_measured
+        if step <= self.warmup_steps:
+            return self.eta
+        error = self.target - self.smoothed
+        self.integral += error
+        log_eta = math.log(self.eta0) + self.kp * error + self.ki * self.integral
+        lo, hi = math.log(self.eta_min), math.log(self.eta_max)
+        if not lo <= log_eta <= hi:  # anti-windup: do not integrate into the clamp
+            self.integral -= error
+            log_eta = min(max(log_eta, lo), hi)
+        self.eta = math.exp(log_eta)
+        self.updates += 1
+        return self.eta
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "args": {
+                "target": self.target,
+                "eta0": self.eta0,
+                "kp": self.kp,
+                "ki": self.ki,
+                "smoothing": self.smoothing,
+                "update_every": self.update_every,
+                "eta_min": self.eta_min,
+                "eta_max": self.eta_max,
+                "warmup_steps": self.warmup_steps,
+            },
+            "attributes": {
+                "eta": self.eta,
+                "integral": self.integral,
+                "smoothed": self.smoothed,
+                "last_measured": self.last_measured,
+                "updates": self.updates,
+            },
+        }
+
+    def load_attributes(self, attributes: dict[str, Any]) -> None:
+        """Restore the controller state in place (used on resume)."""
+        for key, value in attributes.items():
+            setattr(self, key, value)
+
+
+class NaNGuard(TrainerCallback):
+    """Stop training at the first non-finite loss or gradient, before it reaches the weights.
+
+    `LTETrainer` checks every loss (all processes agree) and calls `error()`; this callback also
+    checks the gradients just before each optimizer step (`check_grads`). It remembers the last
+    checkpoint written, so the error names the last good checkpoint to resume from. Nothing is
+    saved after the failure, so that checkpoint stays the newest one.
+    """
+
+    def __init__(self, check_grads: bool = True) -> None:
+        self.check_grads = check_grads
+        self.last_checkpoint: str | None = None
+        self.output_dir: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.output_dir = args.output_dir
+        self.last_checkpoint = _newest_checkpoint(args.output_dir)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last_checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.check_grads or model is None or args.fp16:  # fp16's grad scaler handles infs itself
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).item()):
+            raise self.error(state.global_step + 1, "gradient norm", float("nan"))
+
+    def error(self, step: int, what: str, value: float) -> NonFiniteLossError:
+        """Build the clear error for a non-finite `what` at optimizer step `step`."""
+        where = self.last_checkpoint or "none (no checkpoint was saved before the failure)"
+        msg = (
+            f"Training stopped at step {step}: the {what} became non-finite ({value}). "
+            f"No weights were updated with it and nothing was saved after it. "
+            f"Last good checkpoint: {where}. "
+            "Lower the learning rate (or eta / the router learning rate), then resume with --resume "
+            "or restart the stage."
+        )
+        return NonFiniteLossError(msg, step=step, last_checkpoint=self.last_checkpoint)
+
+
+class JsonlLogger(TrainerCallback):
+    """Append every log record of the Trainer as one JSON line to `<output_dir>/<filename>`."""
+
+    def __init__(self, filename: str = "train_log.jsonl") -> None:
+        self.filename = filename
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        os.makedirs(args.output_dir, exist_ok=True)
+        record = {"step": state.global_step, "epoch": state.epoch}
+        record.update({k: _jsonable(v) for k, v in logs.items()})
+        with open(os.path.join(args.output_dir, self.filename), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _newest_checkpoint(output_dir: str) -> str | None:
+    """Path of the highest-numbered `checkpoint-N` folder in `output_dir`, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [
+        int(name.split("-", 1)[1])
+        for name in os.listdir(output_dir)
+        if name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit()
+    ]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None

@@ -1,0 +1,26 @@
+"""Errors raised by the training pipeline (all subclasses of `lte.LTEError`)."""
+
+from __future__ import annotations
+
+try:
+    from lte import LTEError
+except ImportError:  # core not importable yet: keep the same contract (a ValueError subclass)
+
+    class LTEError(ValueError):  # type: ignore[no-redef]
+        """Base class of lte's clear errors."""
+
+
+__all__ = ["LTEError", "NonFiniteLossError", "StageInputError"]
+
+
+class StageInputError(LTEError):
+    """The input of a training stage (model, data, task, previous stage) is not usable."""
+
+
+class NonFiniteLossError(LTEError):
+    """Training met a NaN/inf loss or gradient and stopped; `last_checkpoint` is the last good one."""
+
+    def __init__(self, message: str, step: int | None = None, last_checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint = last_checkpoint

@@ -1,0 +1,454 @@
+"""The three training stages as one function: `train_stage("dense" | "1" | "2", ...)`.
+
+- dense: fine-tune a plain HF model on the task (the paper groups an already fine-tuned model);
+- 1: group the neurons of the dense model (`lte.get_lte_model`), soft routing, train all
+  parameters and the routers with task + eta*L_eff + lam*L_sep (optionally steering eta to a
+  target sparsity with `EtaController`);
+- 2: load a stage-1 output, freeze the routers, hard routing, task loss only.
+
+Each stage writes a directory loadable on its own (HF `from_pretrained` for dense,
+`LTEModel.from_pretrained` for stages 1 and 2) plus `lte_stage.json` (what ran, final numbers),
+`train_log.jsonl`, TensorBoard logs under `runs/` and `checkpoint-N/` folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lte.training.callbacks import EtaController, _newest_checkpoint
+from lte.training.errors import NonFiniteLossError, StageInputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["STAGES", "TASKS", "TrainArgs", "train_stage", "load_stage_model", "stage_info", "is_stage_complete"]
+
+STAGES = ("dense", "1", "2")
+TASKS = ("causal-lm", "classification", "instruction")
+STAGE_FILE = "lte_stage.json"
+_STAGE_LABEL = {"dense": "dense", "1": "stage1", "2": "stage2"}
+
+
+@dataclass
+class TrainArgs:
+    """Hyper-parameters of one stage. Defaults follow method.md section 6 where it says anything.
+
+    Names match the CLI flags (`--batch-size` -> batch_size) and the YAML config keys.
+    """
+
+    # data
+    glue_task: str | None = None  # GLUE task name for --task classification (SST-2, MRPC, ...)
+    block_size: int = 512  # causal LM: tokens per packed block
+    max_tokens: int | None = None  # causal LM: keep only the first tokens of the data
+    max_length: int = 128  # classification / instruction: truncation length
+    max_examples: int | None = None  # classification / instruction: keep only the first examples
+    # optimisation (AdamW, linear decay)
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 5e-5
+    router_lr: float | None = None  # routers' own learning rate (stage 1); None = lr
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: bool | None = None  # None: bf16 autocast when CUDA supports it
+    seed: int = 0
+    # checkpoints and logs
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    report_to: str = "auto"  # "auto": tensorboard when installed; "none"; or a Trainer integration name
+    progress: bool = True
+    resume: bool = False
+    dataloader_workers: int = 0
+    # LTE (stage 1 conversion and losses)
+    eta: float = 0.5
+    lam: float = 0.5
+    tau: float = 0.5
+    expert_size: int = 32
+    grouping: str = "kmeans"
+    target_sparsity: float | None = None  # stage 1: steer eta to this FFN sparsity (EtaController)
+    controller_kp: float = 2.0
+    controller_ki: float = 0.3
+    controller_smoothing: float = 0.6
+    controller_warmup: int = 0
+    eta_max: float = 100.0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainArgs:
+        known = {f.name for f in dataclasses.fields(cls)}
+        clean = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
+        unknown = sorted(set(clean) - known)
+        if unknown:
+            raise StageInputError(f"unknown training setting(s) {unknown}; valid ones are {sorted(known)}")
+        return cls(**clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- stage bookkeeping
+def stage_info(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The `lte_stage.json` record of a stage output directory, or None."""
+    path = Path(directory) / STAGE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def is_stage_complete(directory: str | os.PathLike, stage: str | None = None) -> bool:
+    """Whether `directory` holds a finished stage output (of `stage` when given)."""
+    info = stage_info(directory)
+    if not info or not info.get("complete"):
+        return False
+    return stage is None or info.get("stage") == _STAGE_LABEL.get(stage, stage)
+
+
+def _write_stage_info(out: Path, record: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STAGE_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------- model loading
+def _is_lte_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "lte_config.json").is_file()
+
+
+def _lte_stage_of(path: Path) -> str:
+    meta = json.loads((path / "lte_config.json").read_text())
+    return str(meta.get("stage", "converted"))
+
+
+def _check_head(path: Path, task: str) -> None:
+    """Refuse a model directory whose head does not fit the task (clear error, before loading)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    archs = json.loads(config_file.read_text()).get("architectures") or []
+    lm_head = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    cls_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    if task in ("causal-lm", "instruction") and archs and not lm_head:
+        raise StageInputError(
+            f"task '{task}' needs a model with a language-model head, but {path} holds {archs}. "
+            "Use --task classification for this model, or pass a causal LM (e.g. smollm2-135m)."
+        )
+    if task == "classification" and lm_head and not cls_head:
+        raise StageInputError(
+            f"task 'classification' needs an encoder or a sequence-classification model, but {path} holds "
+            f"{archs} (a language-model head). Use --task causal-lm, or pass a classifier/encoder (e.g. minilm)."
+        )
+
+
+def _model_source(model: str | os.PathLike) -> Path | str:
+    """A local directory for `model` (an existing folder or an embedded name), else the name itself."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise StageInputError(
+                f"model path {path} is not a saved model folder (no config.json). Pass a folder written by "
+                "save_pretrained / a previous stage, an embedded name (smollm2-135m, minilm, mpnet) or a hub name."
+            )
+        return path
+    from lte.data import zoo
+
+    key = zoo.canonical_name(str(model))
+    if key is not None:
+        return zoo.embedded_folder(key)
+    return str(model)
+
+
+def _load_tokenizer(source: Path | str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise StageInputError(
+            f"could not load a tokenizer for '{source}': not a local model folder, not an embedded model "
+            f"(smollm2-135m, minilm, mpnet), and the hub could not provide it ({err})"
+        ) from err
+
+
+def load_stage_model(stage: str, source: Path | str, task: str, num_labels: int, tokenizer,
+                     hp: TrainArgs, converted_from_checkpoint: bool = False) -> nn.Module:
+    """Build the model a stage trains, from the previous stage's output (see module docstring)."""
+    from lte.data.zoo import ensure_pad_token, resolve_model
+
+    head_task = "classification" if task == "classification" else "causal-lm"
+    src = Path(source) if not isinstance(source, Path) and Path(source).exists() else source
+    if isinstance(src, Path):
+        _check_head(src, task)
+    if stage == "dense" or (stage == "1" and not (isinstance(src, Path) and _is_lte_dir(src))):
+        if isinstance(src, Path) and _is_lte_dir(src):
+            raise StageInputError(f"{src} is an LTE model; the dense stage needs a plain HF model")
+        model, _ = resolve_model(src, task=head_task, num_labels=num_labels)
+        ensure_pad_token(model, tokenizer)
+        if stage == "dense":
+            return model
+        if not converted_from_checkpoint and not (isinstance(src, Path) and stage_info(src)):
+            logger.warning("stage 1 starts from %s, which is not a dense-stage output: the paper groups a model "
+                           "fine-tuned on the task first (run --stage dense)", src)
+        return _convert(model, hp)
+    # stages 1 (continuing an LTE dir) and 2: an LTE directory is required
+    if not (isinstance(src, Path) and _is_lte_dir(src)):
+        raise StageInputError(
+            f"stage 2 needs the output directory of stage 1 (a folder with lte_config.json), got '{source}'. "
+            "Run `lte train --stage 1 --model <dense-output> --out <dir>` first and pass that <dir>."
+        )
+    label = _lte_stage_of(src)
+    if stage == "2" and label not in ("stage1", "stage2"):
+        raise StageInputError(
+            f"{src} is an LTE model at stage '{label}', not a stage-1 output: its routers are untrained. "
+            "Run stage 1 on it first (`lte train --stage 1`)."
+        )
+    from lte import LTEModel
+
+    model = LTEModel.from_pretrained(src)
+    ensure_pad_token(model.base_model, tokenizer)
+    return model
+
+
+def _convert(model: nn.Module, hp: TrainArgs):
+    """Group neurons and add routers (start of stage 1)."""
+    import lte
+
+    cfg = lte.LTEConfig(expert_size=hp.expert_size, grouping=hp.grouping, eta=hp.eta, lam=hp.lam,
+                        tau=hp.tau, seed=hp.seed)
+    return lte.get_lte_model(model, cfg)
+
+
+def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
+    """Routing mode, trainable routers and the stage label of an LTE model."""
+    if stage == "1":
+        model.lte_config.lam = hp.lam
+        model.lte_config.tau = hp.tau
+        if model.stage != "stage1" or not hp.resume:
+            model.lte_config.eta = hp.eta
+        model.freeze_routers(False)
+        model.set_routing("soft")
+        model.stage = "stage1"
+    elif stage == "2":
+        model.freeze_routers(True)
+        model.set_routing("hard")
+        model.stage = "stage2"
+
+
+# ---------------------------------------------------------------------- data
+def load_task_data(task: str, data: Any, tokenizer, hp: TrainArgs, split: str = "train"):
+    """The training dataset of a task from a path (or pass a Dataset through)."""
+    if not isinstance(data, (str, os.PathLike)):
+        dataset = data
+    elif task == "causal-lm":
+        from lte.data import load_text_lm
+
+        dataset = load_text_lm(data, tokenizer, block_size=hp.block_size, max_tokens=hp.max_tokens)
+    elif task == "classification":
+        from lte.data import load_glue
+
+        if not hp.glue_task:
+            raise StageInputError("--task classification needs --glue-task (e.g. SST-2, MRPC, RTE, CoLA, STS-B)")
+        dataset = load_glue(hp.glue_task, data, tokenizer, split=split, max_length=hp.max_length,
+                            max_examples=hp.max_examples)
+    else:
+        from lte.data import load_instructions
+
+        dataset = load_instructions(data, tokenizer, max_length=hp.max_length, max_examples=hp.max_examples)
+    try:
+        n = len(dataset)
+    except TypeError:
+        n = None
+    if n == 0:
+        raise StageInputError(f"the training data '{data}' gave no examples; check the file and the task")
+    return dataset
+
+
+def make_collator(tokenizer):
+    """`lte.data.pad_collate(tokenizer)` (pads input_ids/attention_mask, labels with -100)."""
+    from lte.data import pad_collate
+
+    return pad_collate(tokenizer)
+
+
+# ---------------------------------------------------------------------- training arguments
+def _report_to(hp: TrainArgs) -> list[str]:
+    if hp.report_to == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") or importlib.util.find_spec(
+            "tensorboardX") else []
+    return [] if hp.report_to in ("none", "", None) else [hp.report_to]
+
+
+def use_bf16(hp: TrainArgs) -> bool:
+    if hp.bf16 is not None:
+        return bool(hp.bf16) and torch.cuda.is_available()
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def training_arguments(out: Path, hp: TrainArgs):
+    """`transformers.TrainingArguments` for one stage."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps if hp.max_steps and hp.max_steps > 0 else -1,
+        learning_rate=hp.lr,
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.grad_accum,
+        weight_decay=hp.weight_decay,
+        warmup_steps=hp.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        max_grad_norm=hp.max_grad_norm,
+        bf16=use_bf16(hp),
+        seed=hp.seed,
+        data_seed=hp.seed,
+        save_strategy="steps",
+        save_steps=hp.save_steps,
+        save_total_limit=hp.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=hp.logging_steps,
+        report_to=_report_to(hp),
+        disable_tqdm=not hp.progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=hp.dataloader_workers,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+    )
+
+
+# ---------------------------------------------------------------------- the stage
+def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: str | os.PathLike,
+                tokenizer=None, callbacks: list | None = None, **hparams: Any) -> dict[str, Any]:
+    """Run one training stage and save its output to `out`; return a summary dict.
+
+    Args:
+        stage: "dense", "1" or "2" (also accepts 1, 2, "stage1", "stage2").
+        model_dir_or_model: a model folder (the previous stage's `out`), an embedded name
+            (smollm2-135m, minilm, mpnet), a hub name, or a model object (then pass `tokenizer`).
+        task: "causal-lm", "classification" (GLUE TSV; set glue_task) or "instruction".
+        data: a file/folder path (or "builtin" for causal-lm) or a torch Dataset.
+        out: output directory.
+        hparams: `TrainArgs` fields (lr, epochs, max_steps, batch_size, eta, target_sparsity, ...).
+    """
+    stage = _normalise_stage(stage)
+    if task not in TASKS:
+        raise StageInputError(f"unknown task '{task}'; choose one of {list(TASKS)}")
+    hp = TrainArgs.from_dict(hparams)
+    out = Path(out)
+    _check_data_path(data)
+    resume_ckpt = _newest_checkpoint(str(out)) if hp.resume else None
+    if hp.resume and resume_ckpt is None:
+        logger.warning("--resume: no checkpoint-N folder in %s; starting the stage from the beginning", out)
+
+    if isinstance(model_dir_or_model, nn.Module):
+        if tokenizer is None:
+            raise StageInputError("pass tokenizer=... together with a model object")
+        model = model_dir_or_model
+        source_desc = type(model).__name__
+        if stage == "1" and not hasattr(model, "lte_config"):
+            model = _convert(model, hp)
+        elif stage == "2" and getattr(model, "stage", None) not in ("stage1", "stage2"):
+            raise StageInputError("stage 2 needs a model that went through stage 1 (LTEModel with stage 'stage1')")
+        dataset = load_task_data(task, data, tokenizer, hp)
+    else:
+        source = _model_source(model_dir_or_model)
+        source_desc = str(source)
+        if stage == "2" and not (isinstance(source, Path) and _is_lte_dir(source)):
+            load_stage_model("2", source, task, 2, None, hp)  # raises the clear stage-2 error
+        # On resume of stage 1, rebuild from the checkpoint (same grouping, no k-means again).
+        build_from = Path(resume_ckpt) if (resume_ckpt and stage != "dense") else source
+        tokenizer = _load_tokenizer(build_from)
+        dataset = load_task_data(task, data, tokenizer, hp)
+        num_labels = getattr(dataset, "num_labels", 2)
+        model = load_stage_model(stage, build_from, task, num_labels, tokenizer, hp,
+                                 converted_from_checkpoint=bool(resume_ckpt))
+        _check_labels(model, dataset, task)
+    if stage != "dense":
+        _prepare_for_stage(model, stage, hp)
+
+    callbacks = list(callbacks or [])
+    controller = None
+    if hp.target_sparsity is not None:
+        if stage == "1":
+            controller = EtaController(hp.target_sparsity, eta0=hp.eta, kp=hp.controller_kp, ki=hp.controller_ki,
+                                       smoothing=hp.controller_smoothing, warmup_steps=hp.controller_warmup,
+                                       eta_max=hp.eta_max)
+            callbacks.append(controller)
+        else:
+            logger.info("target_sparsity only acts in stage 1; ignored in stage %s", stage)
+
+    from lte.training.trainer import LTETrainer
+
+    trainer = LTETrainer(
+        model=model,
+        args=training_arguments(out, hp),
+        train_dataset=dataset,
+        data_collator=make_collator(tokenizer),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        router_lr=hp.router_lr if stage == "1" else None,
+    )
+    record: dict[str, Any] = {
+        "stage": _STAGE_LABEL[stage], "task": task, "source": source_desc, "data": str(data),
+        "complete": False, "hparams": hp.to_dict(),
+    }
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_ckpt)
+    except NonFiniteLossError as err:
+        record.update(error=str(err), last_good_checkpoint=err.last_checkpoint)
+        if trainer.args.should_save:
+            _write_stage_info(out, record)
+        raise
+    trainer.save_model(str(out))
+    if trainer.args.should_save and tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    record.update(complete=True, global_step=trainer.state.global_step, train_metrics=result.metrics)
+    if stage != "dense":
+        record["eta"] = float(model.lte_config.eta)
+        record["train_sparsity"] = (trainer.last_step_stats or {}).get("ffn_sparsity")
+        record["train_sparsity_per_layer"] = (trainer.last_step_stats or {}).get("per_layer")
+    if controller is not None:
+        record["target_sparsity"] = hp.target_sparsity
+    if trainer.args.should_save:
+        _write_stage_info(out, record)
+    record["trainer"] = trainer
+    return record
+
+
+def _normalise_stage(stage: Any) -> str:
+    text = str(stage).lower().replace("stage", "").strip(" _-")
+    if text not in STAGES:
+        raise StageInputError(f"unknown stage '{stage}'; choose one of dense, 1, 2")
+    return text
+
+
+def _check_data_path(data: Any) -> None:
+    if isinstance(data, (str, os.PathLike)):
+        text = str(data)
+        looks_local = os.sep in text or text.startswith(".") or Path(text).suffix in (".txt", ".json", ".jsonl",
+                                                                                      ".tsv", ".csv")
+        if looks_local and not Path(text).expanduser().exists():
+            raise StageInputError(f"training data not found: '{text}'. Pass an existing file or folder.")
+
+
+def _check_labels(model: nn.Module, dataset: Any, task: str) -> None:
+    if task != "classification":
+        return
+    want = getattr(dataset, "num_labels", None)
+    have = getattr(getattr(model, "config", None), "num_labels", None)
+    if want is not None and have is not None and want != have:
+        raise StageInputError(
+            f"the model's classification head has {have} outputs but the data has {want} labels; "
+            "fine-tune a dense model on this task first (--stage dense) and continue from its output"
+        )

@@ -1,0 +1,258 @@
+"""`LTETrainer`: the HF `Trainer` for LTE models (and plain HF models for the dense stage).
+
+What it adds to `transformers.Trainer`:
+- the loss is the model's own (`LTEModel` adds eta*L_eff + lam*L_sep in soft routing);
+- logs task loss, L_eff, L_sep, eta, FFN sparsity (overall and per layer) and GFLOPs/token to the
+  Trainer's loggers (TensorBoard when installed) and to `<output_dir>/train_log.jsonl`;
+- feeds the measured sparsity of every step to an `EtaController` callback (`--target-sparsity`);
+- checkpoints (`checkpoint-N/` and the final directory) are `LTEModel.save_pretrained` saves,
+  loadable with `LTEModel.from_pretrained`, and `train(resume_from_checkpoint=...)` reads them;
+- a non-finite loss or gradient stops training before it touches the weights (`NaNGuard`).
+Everything else (optimizer, schedule, mixed precision, accumulation, DDP through accelerate,
+progress bars, optimizer/scheduler/RNG state in checkpoints) is the stock Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback
+
+from lte.model import LTEModel
+from lte.training.callbacks import EtaController, JsonlLogger, NaNGuard
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LTETrainer"]
+
+
+class _Window:
+    """Running sums of the LTE quantities between two log records (device tensors, no syncs)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: dict[str, torch.Tensor] = {}  # name -> sum over micro-batches
+        self.n_losses = 0
+        self.per_layer: list[float] | None = None  # sum over measured steps
+        self.gflops = 0.0
+        self.n_stats = 0
+
+    def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            self.losses[key] = self.losses.get(key, 0.0) + value.detach().float()
+        self.n_losses += 1
+
+    def add_stats(self, per_layer: list[float], gflops: float) -> None:
+        self.per_layer = per_layer if self.per_layer is None else [a + b for a, b in zip(self.per_layer, per_layer)]
+        self.gflops += gflops
+        self.n_stats += 1
+
+
+class _StepHook(TrainerCallback):
+    """Internal: measures each optimizer step's sparsity and drives the eta controller."""
+
+    def __init__(self, trainer: LTETrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._begin_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._end_step(state.global_step)
+
+
+class LTETrainer(Trainer):
+    """HF `Trainer` for `LTEModel`s (any routing) and plain HF models (dense stage).
+
+    Extra keyword arguments:
+        router_lr: learning rate of the routers (default: the model's learning rate).
+        jsonl_log: file name of the JSONL log in `output_dir` (None: no JSONL log).
+        nan_guard: add a `NaNGuard` callback when none is given (default True).
+    """
+
+    def __init__(self, *args: Any, router_lr: float | None = None, jsonl_log: str | None = "train_log.jsonl",
+                 nan_guard: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.router_lr = router_lr
+        self._window = _Window()
+        self._last_stats: dict[str, Any] | None = None
+        if jsonl_log and not self._find(JsonlLogger):
+            self.add_callback(JsonlLogger(jsonl_log))
+        if nan_guard and not self._find(NaNGuard):
+            self.add_callback(NaNGuard())
+        self.add_callback(_StepHook(self))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def lte_model(self) -> LTEModel | None:
+        """The `LTEModel` being trained, or None for a plain HF model."""
+        return self.model if isinstance(self.model, LTEModel) else None
+
+    def _find(self, cls: type) -> Any:
+        """The callback instance of type `cls` (looked up each time: resume may replace it)."""
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, cls):
+                return cb
+        return None
+
+    @property
+    def eta_controller(self) -> EtaController | None:
+        return self._find(EtaController)
+
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _all_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of a small tensor over processes (identity when not distributed)."""
+        if self._distributed():
+            values = values.to(self.args.device)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values = values / dist.get_world_size()
+        return values
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        """AdamW as the Trainer builds it; with `router_lr`, the routers get their own group."""
+        lte_model = self.lte_model
+        if self.optimizer is not None or self.router_lr is None or lte_model is None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        router_ids = {id(p) for p in lte_model.router_parameters()}
+        params = [p for p in lte_model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if id(p) not in router_ids], "weight_decay": self.args.weight_decay},
+            {"params": [p for p in params if id(p) in router_ids], "weight_decay": 0.0, "lr": self.router_lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        optim_cls, optim_kwargs = self.get_optimizer_cls_and_kwargs(self.args, lte_model)
+        self.optimizer = optim_cls(groups, **optim_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's own loss; checks it is finite (all processes agree) and records LTE terms."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._check_finite(loss)
+            lte_model = self.lte_model
+            if lte_model is not None and lte_model.last_lte_losses:
+                self._window.add_losses({k: v for k, v in lte_model.last_lte_losses.items() if k != "total"})
+            else:
+                self._window.add_losses({"task": loss.detach()})
+        return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self._distributed():  # every process must stop together, or the others hang in backward
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            guard = self._find(NaNGuard) or NaNGuard()
+            raise guard.error(self.state.global_step + 1, "training loss", float(loss.detach().float().mean()))
+
+    # ------------------------------------------------------------------ per-step statistics
+    def _stats_active(self) -> bool:
+        lte_model = self.lte_model
+        return lte_model is not None and lte_model.routing != "dense"
+
+    def _begin_step(self) -> None:
+        if self._stats_active():
+            self.lte_model.reset_lte_stats()
+
+    def _end_step(self, step: int) -> None:
+        """After optimizer step `step`: read the step's sparsity, update eta, keep it for the log."""
+        if not self._stats_active():
+            return
+        stats = self.lte_model.lte_stats(accumulated=True)
+        per_layer = self._all_mean(torch.tensor(stats["per_layer"], dtype=torch.float64)).tolist()
+        sparsity = sum(per_layer) / len(per_layer)
+        self._last_stats = {"ffn_sparsity": sparsity, "per_layer": per_layer}
+        self._window.add_stats(per_layer, stats["gflops_per_token"])
+        controller = self.eta_controller
+        if controller is not None and self.lte_model.routing == "soft" and controller.wants_measurement(step):
+            self.lte_model.lte_config.eta = controller.update(step, sparsity)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the LTE terms of the window since the last record to the training log records."""
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            logs.update(self._window_summary())
+            self._window.reset()
+        super().log(logs, start_time) if start_time is not None else super().log(logs)
+
+    def _window_summary(self) -> dict[str, float]:
+        w = self._window
+        out: dict[str, float] = {}
+        names = sorted(w.losses)
+        if w.n_losses and names:
+            sums = torch.stack([torch.as_tensor(w.losses[k]).reshape(()).float().cpu() for k in names])
+            means = self._all_mean(sums / w.n_losses).cpu().tolist()
+            label = {"task": "task_loss", "eff": "lte_eff", "sep": "lte_sep"}
+            out.update({label.get(k, k): v for k, v in zip(names, means)})
+        lte_model = self.lte_model
+        if lte_model is not None:
+            out["eta"] = float(lte_model.lte_config.eta)
+            if w.n_stats and w.per_layer is not None:
+                per_layer = [v / w.n_stats for v in w.per_layer]
+                out["ffn_sparsity"] = sum(per_layer) / len(per_layer)
+                out["gflops_per_token"] = w.gflops / w.n_stats
+                out.update({f"ffn_sparsity/layer_{i:02d}": v for i, v in enumerate(per_layer)})
+            controller = self.eta_controller
+            if controller is not None and controller.smoothed is not None:
+                out["target_sparsity"] = controller.target
+                out["smoothed_sparsity"] = float(controller.smoothed)
+        return out
+
+    @property
+    def last_step_stats(self) -> dict[str, Any] | None:
+        """`{"ffn_sparsity", "per_layer"}` of the last optimizer step (None before the first)."""
+        return self._last_stats
+
+    # ------------------------------------------------------------------ save / load
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save an `LTEModel` with `save_pretrained` (full save); plain HF models as usual."""
+        lte_model = self.lte_model
+        if lte_model is None:
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        lte_model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load an `LTEModel` checkpoint's weights, routers and eta (and the eta controller state)."""
+        target = self.lte_model
+        if target is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = LTEModel.from_pretrained(resume_from_checkpoint)
+        result = target.load_state_dict(saved.state_dict(), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint {resume_from_checkpoint} does not match the model being trained "
+                f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}); "
+                "resume from the same stage and model it was written by"
+            )
+        target.lte_config.eta = saved.lte_config.eta
+        del saved
+        self._restore_controller(resume_from_checkpoint)
+
+    def _restore_controller(self, checkpoint: str) -> None:
+        controller = self.eta_controller
+        state_file = os.path.join(checkpoint, "trainer_state.json")
+        if controller is None or not os.path.isfile(state_file):
+            return
+        with open(state_file, encoding="utf-8") as fh:
+            stored = json.load(fh).get("stateful_callbacks", {}).get(type(controller).__name__)
+        if isinstance(stored, list):
+            stored = stored[-1] if stored else None
+        if stored:
+            controller.load_attributes(stored.get("attributes", {}))
+            logger.info("restored the eta controller state from %s (eta=%.4g)", checkpoint, controller.eta)
