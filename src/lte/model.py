@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,10 @@ from torch import nn
 
 from . import __version__
 from .config import CONFIG_FORMAT_VERSION, LTEConfig
-from .conversion.architectures import FFNSpec, activation_name, spec_for
+from .conversion.architectures import FFNSpec, spec_for
 from .conversion.grouping import expert_sizes as make_expert_sizes
 from .conversion.grouping import group_neurons
+from .conversion.locate import find_ffns
 from .conversion.permute import (
     check_finite,
     ffn_width,
@@ -140,30 +140,6 @@ def _check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], where: 
 
 
 # --------------------------------------------------------------------------- conversion
-def _find_ffns(model: nn.Module, spec: FFNSpec) -> list[tuple[str, nn.Module]]:
-    pattern = re.compile(spec.container)
-    found = [(name, m) for name, m in model.named_modules() if name and pattern.search(name)]
-    if not found:
-        raise LTEError(
-            f"no FFN found: no module name matches {spec.container!r} in this "
-            f"{type(model).__name__}. Pass LTEConfig(ffn_spec=...) describing where its FFNs are."
-        )
-    return found
-
-
-def _get(container: nn.Module, rel: str, where: str) -> nn.Module:
-    try:
-        return container.get_submodule(rel)
-    except AttributeError as err:
-        raise LTEError(f"{where} has no submodule {rel!r}; the FFN spec does not fit this model") from err
-
-
-def _set(container: nn.Module, rel: str, module: nn.Module) -> None:
-    parent_name, _, child = rel.rpartition(".")
-    parent = container.get_submodule(parent_name) if parent_name else container
-    setattr(parent, child, module)
-
-
 def _grouping_features(spec: FFNSpec, first: nn.Module, width: int) -> torch.Tensor:
     rows = in_rows(first)  # [F or 2F, D]
     return rows[:width] if spec.gate_up else rows
@@ -174,10 +150,9 @@ def _wrap(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Ten
     """Group (if perms is None), permute and wrap every FFN of `model`, in place."""
     if any(isinstance(m, (LTEInput, LTEOutput)) for m in model.modules()):
         raise LTEError("this model is already converted by lte; convert the original model instead")
-    ffns = _find_ffns(model, spec)
+    ffns = find_ffns(model, spec)
     if perms is not None and len(perms) != len(ffns):
         raise LTEError(f"the LTE files hold {len(perms)} FFN permutations but the model has {len(ffns)} FFNs")
-    activation = activation_name(model.config, spec)
     generator = torch.Generator().manual_seed(cfg.seed)
     layers: list[LTELayer] = []
     iterator = enumerate(ffns)
@@ -185,10 +160,10 @@ def _wrap(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Ten
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, total=len(ffns), desc="grouping neurons", leave=False)
-    for i, (name, container) in iterator:
-        first = _get(container, spec.input_name, name)
-        down = _get(container, spec.down, name)
-        others = [_get(container, spec.up, name)] if spec.gate and spec.up else []
+    for i, ffn in iterator:
+        name, container = ffn.name, ffn.container
+        first, down = ffn.input, ffn.down
+        others = [ffn.up] if ffn.up is not None else []
         for rel, mod in [(spec.input_name, first), (spec.down, down)] + [(spec.up, m) for m in others]:
             check_finite(mod, f"{name}.{rel}")
         width = ffn_width(down)
@@ -210,9 +185,9 @@ def _wrap(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Ten
         lin = LTEInput(first, len(sizes), hidden, sizes, cfg.router_init_std, generator)
         lin.perm.copy_(perm)
         lout = LTEOutput(down, lin)
-        _set(container, spec.input_name, lin)
-        _set(container, spec.down, lout)
-        layers.append(LTELayer(name, container, lin, lout, spec, activation))
+        ffn.set(spec.input_name, lin)
+        ffn.set(spec.down, lout)
+        layers.append(LTELayer(name, container, lin, lout, spec, ffn.activation))
     return layers
 
 
@@ -230,8 +205,7 @@ def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: b
     if any(isinstance(m, (LTEInput, LTEOutput)) for m in model.modules()):
         raise LTEError("this model is already converted by lte; convert the original model instead")
     spec = spec_for(model_type, config.ffn_spec)
-    ffns = _find_ffns(model, spec)
-    widths = [ffn_width(_get(c, spec.down, n)) for n, c in ffns]
+    widths = [ffn.width for ffn in find_ffns(model, spec)]
     fingerprint = _base_fingerprint(model, widths)
     layers = _wrap(model, config, spec, perms=None, apply_perms=True, progress=progress)
     return LTEModel(model, config, layers, fingerprint)
@@ -503,8 +477,7 @@ class LTEModel(nn.Module):
                 check_weights: bool) -> LTEModel:
         cfg = LTEConfig.from_dict(meta["lte"])
         spec = FFNSpec.from_dict(meta["spec"])
-        ffns = _find_ffns(base, spec)
-        widths = [ffn_width(_get(c, spec.down, n)) for n, c in ffns]
+        widths = [ffn.width for ffn in find_ffns(base, spec)]
         _check_fingerprint(meta["base"], _base_fingerprint(base, widths), where, check_weights)
         n = len(meta["layers"])
         try:
