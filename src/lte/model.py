@@ -102,7 +102,7 @@ def _base_fingerprint(model: nn.Module, widths: list[int]) -> dict[str, Any]:
     """What identifies a base model: its shape and statistics of its input embeddings."""
     emb = model.get_input_embeddings().weight.detach()
     flat = emb.reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, 64).long().to(flat.device)  # 64 entries spread over the table
+    idx = (torch.arange(64) * (flat.numel() // 64)).to(flat.device)  # 64 entries spread over the table
     return {
         "model_type": model.config.model_type,
         "vocab_size": int(emb.shape[0]),
