@@ -7,13 +7,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-try:  # the core package defines the project's base error; fall back while it is being written
-    from lte import LTEError as _BaseError
-except ImportError:  # pragma: no cover - only before lte.LTEError exists
-    _BaseError = ValueError
+from lte.errors import LTEError
 
 
-class DataError(_BaseError):
+class DataError(LTEError):
     """Bad data input: a missing or empty file, a malformed row, wrong columns, an unknown task."""
 
 

@@ -63,11 +63,14 @@ class GlueDataset(Dataset):
     """Tokenized GLUE examples: items ``{input_ids, attention_mask, [token_type_ids], labels}``.
 
     Attributes: ``task``, ``num_labels`` (1 for regression), ``is_regression``, ``metric`` (main metric
-    name: accuracy | f1 | matthews | pearson), ``label_names``, ``texts`` (the raw text tuples).
+    name: accuracy | f1 | matthews | pearson), ``label_names``, ``texts`` (the raw text tuples),
+    ``pad_token_id`` (for :func:`lte.data.pad_collate`).
     """
 
-    def __init__(self, task: GlueTask, features: list[dict], texts: list[tuple], labels: list):
+    def __init__(self, task: GlueTask, features: list[dict], texts: list[tuple], labels: list,
+                 pad_token_id: int = 0):
         self.task = task.name
+        self.pad_token_id = pad_token_id
         self.num_labels = task.num_labels
         self.is_regression = task.is_regression
         self.metric = task.metric
@@ -196,4 +199,5 @@ def load_glue(
     encoded = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
     features = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
-    return GlueDataset(spec, features, texts, labels)
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    return GlueDataset(spec, features, texts, labels, pad_token_id=pad_id)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lte.data._common import DataError
+from lte.data._common import DataError, looks_local
 
 TASKS = ("causal-lm", "classification")
 
@@ -315,6 +315,11 @@ def resolve_model(
         return load_folder(path, task=task, num_labels=num_labels, dtype=dtype, **kwargs)
     if canonical_name(str(path_or_name)) is not None:
         return load_embedded(str(path_or_name), task=task, num_labels=num_labels, dtype=dtype)
+    if looks_local(path_or_name):
+        raise DataError(
+            f"model folder not found: '{path}'. Pass a saved HF model folder, an embedded model "
+            f"{embedded_names()}, or a hub name such as 'HuggingFaceTB/SmolLM2-135M'."
+        )
     try:
         return load_folder(str(path_or_name), task=task, num_labels=num_labels, dtype=dtype, **kwargs)
     except OSError as err:

