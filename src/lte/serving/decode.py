@@ -78,10 +78,13 @@ class StaticDecoder:
         batch_size: B. cache_len: L, the most tokens (prompt + generated) a sequence may hold.
         temperature: 0 = greedy.
         use_graph: capture the decode step in a CUDA graph (default: when the model is on CUDA).
+        compile: run the decode-step forward through `torch.compile` (fuses the many small norm /
+            rotary / elementwise kernels of the HF layers; compiles on the first decode, which
+            takes a while for big models), then capture it in the CUDA graph as usual.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
-                 use_graph: bool | None = None) -> None:
+                 use_graph: bool | None = None, compile: bool = False) -> None:
         if batch_size < 1 or cache_len < 2:
             raise LTEError(f"batch_size must be >= 1 and cache_len >= 2, got {batch_size} and {cache_len}")
         self.model = model.eval()
@@ -92,6 +95,8 @@ class StaticDecoder:
         if self.use_graph and self.device.type != "cuda":
             raise LTEError("use_graph=True needs the model on a CUDA device")
         self._cache_kw = cache_kwarg(model)
+        self.compiled = compile
+        self._decode_forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in _forward_params(model) else None
         self.cache = make_static_cache(model, batch_size, cache_len)
         dev, b = self.device, batch_size
@@ -127,17 +132,19 @@ class StaticDecoder:
                 layer.cumulative_length.zero_()
 
     # ---------------------------------------------------------------- forward pieces
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, keep_last: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, keep_last: bool,
+                 forward: Any = None) -> torch.Tensor:
         kwargs: dict[str, Any] = {self._cache_kw: self.cache, "use_cache": True}
         if keep_last and self._keep_kw:
             kwargs[self._keep_kw] = 1
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, **kwargs)
+        out = (forward or self.model)(input_ids=ids, position_ids=pos, attention_mask=mask, **kwargs)
         return out.logits[:, -1, :]  # [B, V]
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, eager: bool = False) -> None:
         """One token for every sequence; reads and writes only static device buffers."""
         mask = self.pad_mask if self.use_mask else None
-        logits = self._forward(self.ids, self.pos, mask, keep_last=False)  # [B, V]
+        forward = self.model if eager else self._decode_forward
+        logits = self._forward(self.ids, self.pos, mask, keep_last=False, forward=forward)  # [B, V]
         nxt = sample(logits, self.temperature)  # [B]
         self.tokens.index_copy_(1, self.step.view(1), nxt.view(-1, 1))
         self.ids.copy_(nxt.view(-1, 1))
@@ -257,7 +264,7 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, cache_len: int | None = None, use_graph: bool | None = None,
-             decoder: StaticDecoder | None = None) -> str | list[str]:
+             decoder: StaticDecoder | None = None, compile: bool = False) -> str | list[str]:
     """Generate text for one prompt (returns str) or several (list, left padded into one batch).
 
     Greedy at temperature 0. Generation runs `max_new_tokens` steps and cuts each text at its first
@@ -279,7 +286,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new
     input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     need = input_ids.shape[1] + max_new_tokens + 1
     if decoder is None:
-        decoder = StaticDecoder(model, len(texts), max(cache_len or need, need), temperature, use_graph)
+        decoder = StaticDecoder(model, len(texts), max(cache_len or need, need), temperature, use_graph, compile)
     new = decoder.generate_ids(input_ids, max_new_tokens, attention_mask).cpu().tolist()
     eos = _eos_ids(model, tokenizer)
     outs = [tokenizer.decode(_trim(row, eos), skip_special_tokens=True) for row in new]
@@ -333,7 +340,7 @@ def measure_active_fraction(decoder: StaticDecoder) -> float | None:
     for m in mods:
         m.record_mask = True
     try:
-        decoder._decode_step()
+        decoder._decode_step(eager=True)
     finally:
         for m in mods:
             m.record_mask = False
@@ -358,7 +365,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def bench(model: nn.Module, batch_size: int = 1, prompt_len: int = 16, new_tokens: int = 128,
           cache_len: int = 512, runs: int = 5, use_graph: bool | None = None, seed: int = 0,
-          decoder: StaticDecoder | None = None) -> dict[str, Any]:
+          decoder: StaticDecoder | None = None, compile: bool = False) -> dict[str, Any]:
     """Time the decode loop on random prompts: median over `runs` runs of `new_tokens` steps each.
 
     Returns tokens_per_s (B * steps / time), ms_per_step, gb_per_s (weights read per step / time;
@@ -368,7 +375,7 @@ def bench(model: nn.Module, batch_size: int = 1, prompt_len: int = 16, new_token
     model = _check_model(model)
     if prompt_len + new_tokens + 1 > cache_len:
         raise LTEError(f"prompt_len {prompt_len} + new_tokens {new_tokens} must stay below cache_len {cache_len}")
-    dec = decoder or StaticDecoder(model, batch_size, cache_len, 0.0, use_graph)
+    dec = decoder or StaticDecoder(model, batch_size, cache_len, 0.0, use_graph, compile)
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen)
@@ -398,7 +405,7 @@ def bench(model: nn.Module, batch_size: int = 1, prompt_len: int = 16, new_token
     peak = torch.cuda.max_memory_allocated(dec.device) / 1e9 if dec.device.type == "cuda" else None
     return {
         "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": cache_len,
-        "runs": runs, "cuda_graph": dec.use_graph,
+        "runs": runs, "cuda_graph": dec.use_graph, "compiled": dec.compiled,
         "ms_per_step": sec * 1e3, "ms_per_step_runs": [t / new_tokens * 1e3 for t in times],
         "tokens_per_s": batch_size / sec,
         "weight_bytes_per_step": wb["read_bytes"], "gb_per_s": wb["read_bytes"] / sec / 1e9,

@@ -216,7 +216,7 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True) -> nn.Module:
     _check_family(hf_model)
     expert_size = lmodel.lte_config.expert_size
     names = {id(m): n for n, m in hf_model.named_modules()}
-    for i, layer in enumerate(lmodel.lte_layers()):
+    for layer in lmodel.lte_layers():
         if not layer.spec.gated or layer.spec.gate is None:
             raise LTEError(f"FFN {layer.name} is not a gated gate/up/down FFN; SparseMLP cannot replace it")
         _check_expert_sizes(layer.expert_sizes, expert_size, layer.name)

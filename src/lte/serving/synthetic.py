@@ -9,9 +9,10 @@ path (`sigmoid(x Wr^T) > tau` computed on the GPU inside the captured step):
   Router row e is then `+1 * e_c` for a kept expert and `-1 * e_c` for an off one: with tau = 0.5,
   expert e passes exactly when its sign is +. The off set is a seeded random subset of round(s * E)
   experts per layer. The union over a batch is then the same set (LTE's best case for B > 1).
-- "random": every token draws its own experts. Router rows ~ N(0, 1/D); since |x| = sqrt(D)
-  after RMSNorm, each score x.w_e ~ N(0, 1), and tau = sigmoid(Phi^-1(s)) switches off a fraction
-  s per token, independently across tokens (the union over a batch grows like 1 - s^B).
+- "random": every token draws its own experts. Router rows ~ N(0, 1/D) (zero on the pinned
+  channel, which all tokens share), and each layer's tau is calibrated on random tokens so that a
+  fraction s of (token, expert) pairs is off. Tokens pick their experts nearly independently, so the
+  union over a batch grows like 1 - s^B (the hard case for batched decoding).
 """
 
 from __future__ import annotations
@@ -93,15 +94,35 @@ def set_fixed_sparsity(model: nn.Module, sparsity: float, channel: int = 0, seed
 
 
 @torch.no_grad()
-def set_random_sparsity(model: nn.Module, sparsity: float, seed: int = 0) -> None:
-    """Random router rows ~ N(0, 1/D) and tau = sigmoid(Phi^-1(s)): each token turns off about s of its experts."""
+def set_random_sparsity(model: nn.Module, sparsity: float, seed: int = 0, calib_tokens: int = 256,
+                        channel: int | None = 0) -> None:
+    """Random router rows ~ N(0, 1/D), each layer's tau calibrated so a fraction s of (token, expert) pairs is off.
+
+    Calibration: one forward of `calib_tokens` random token ids; the FFN inputs of every SparseMLP are
+    captured with a forward hook and tau = sigmoid(the s-quantile of their router logits).
+    """
     if not 0.0 < sparsity < 1.0:
         raise LTEError(f"random sparsity must lie strictly in (0, 1), got {sparsity}; use set_fixed_sparsity")
-    z = math.sqrt(2.0) * torch.special.erfinv(torch.tensor(2.0 * sparsity - 1.0)).item()  # Phi^-1(s)
-    tau = 1.0 / (1.0 + math.exp(-z))
-    for i, m in enumerate(sparse_modules(model)):
+    mods = sparse_modules(model)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, i=i: inputs.__setitem__(i, args[0]))
+             for i, m in enumerate(mods)]
+    for i, m in enumerate(mods):
         gen = torch.Generator().manual_seed(seed + i)
         num_exp, width = m.w_router.shape
         rows = torch.randn(num_exp, width, generator=gen) / math.sqrt(width)
+        if channel is not None:
+            rows[:, channel] = 0.0  # the pinned channel is common to all tokens
         m.w_router.copy_(rows.to(m.w_router.device, m.w_router.dtype))
-        m.tau = tau
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, calib_tokens), generator=gen).to(mods[0].w_router.device)
+    try:
+        model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, m in enumerate(mods):
+        x = inputs[i].reshape(-1, m.w_router.shape[1])  # [T, D]
+        logits = (x.float() @ m.w_router.float().t()).reshape(-1)  # [T*E]
+        cut = float(torch.quantile(logits[:1_000_000], sparsity))
+        m.tau = 1.0 / (1.0 + math.exp(-cut))

@@ -1,0 +1,246 @@
+"""Whole-decode-step latency: dense vs LTE sparse FFNs in the same static-cache, CUDA-graph loop.
+
+A LLaMA-2-7B-shaped model (32 layers, D=4096, F=11008, 32 heads, vocab 32000) with random bf16
+weights is built on the GPU, converted by `lte.get_lte_model(grouping="contiguous")` and readied
+with `prepare_for_inference`. Router masks switch off a chosen fraction of experts through the real
+router path (see `lte.serving.synthetic`): "fixed" (same experts for every token) and "random"
+(each token its own). Each point: median over --runs runs of --new-tokens graph replays.
+
+    PYTHONPATH=src python benchmarks/decode.py                       # the full table (H100: ~3 min)
+    PYTHONPATH=src python benchmarks/decode.py --model DIR           # + a real saved LTE model vs its dense self
+    PYTHONPATH=src python benchmarks/decode.py --plot-only benchmarks/results/decode.json
+
+Writes JSON (GPU, versions, commit, every point) to --out and prints a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lte
+import lte.kernels
+from lte.serving.cli import load_for_serving
+from lte.serving.decode import StaticDecoder, bench
+from lte.serving.prepare import dense_modules, prepare_for_inference, sparse_modules, swap_modules
+from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sparsity, set_random_sparsity
+
+
+def environment() -> dict[str, Any]:
+    """Device and versions for the result file."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
+        "cuda": torch.version.cuda, "commit": commit, "kernels_available": lte.kernels.kernels_available(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+#: Every finished point, also written to --out after each one (a crash keeps what was measured).
+ROWS: list[dict[str, Any]] = []
+
+
+def _save(args: argparse.Namespace, env: dict[str, Any], checks: list[dict[str, Any]]) -> Path:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("plot_only", "env", "checks")}
+    out.write_text(json.dumps({"env": env, "settings": settings, "kernel_checks": checks, "rows": ROWS}, indent=2))
+    return out
+
+
+def _decoder(model: torch.nn.Module, args: argparse.Namespace, batch: int) -> StaticDecoder:
+    """One decoder (cache + captured graph) per model variant and batch size, reused across fixed masks."""
+    _free()
+    return StaticDecoder(model, batch, args.cache_len, compile=args.compile)
+
+
+def _point(model: torch.nn.Module, args: argparse.Namespace, batch: int, decoder: StaticDecoder | None = None,
+           **labels: Any) -> dict[str, Any]:
+    """Time one setting; a new decoder unless one is given (router weights may change under a captured graph)."""
+    res = bench(model, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                cache_len=args.cache_len, runs=args.runs, decoder=decoder or _decoder(model, args, batch))
+    row = {**labels, **res}
+    ROWS.append(row)
+    _save(args, args.env, args.checks)
+    frac = res["ffn_active_fraction"]
+    print(f"  {labels.get('variant'):>5} {labels.get('mask', '-'):>6} s={labels.get('sparsity', 0):.2f} "
+          f"B={batch}: {res['ms_per_step']:.3f} ms/step, {res['tokens_per_s']:.0f} tok/s, "
+          f"active={'-' if frac is None else f'{frac:.3f}'}", flush=True)
+    return row
+
+
+@torch.no_grad()
+def check_kernel_path(model: torch.nn.Module, sparsity: float) -> dict[str, Any]:
+    """One decode-shaped forward with kernels vs the masked dense path: max |logit diff| and argmax agreement."""
+    set_fixed_sparsity(model, sparsity)
+    ids = torch.randint(0, model.config.vocab_size, (4, 1), device=model.device)
+    mods = sparse_modules(model)
+    outs = []
+    for use in (True, False):
+        for m in mods:
+            m.use_kernels = use
+        outs.append(model(input_ids=ids).logits.float())
+    for m in mods:
+        m.use_kernels = True
+    diff = (outs[0] - outs[1]).abs().max().item()
+    agree = (outs[0].argmax(-1) == outs[1].argmax(-1)).float().mean().item()
+    return {"sparsity": sparsity, "max_abs_logit_diff": diff, "argmax_agreement": agree,
+            "logit_scale": outs[1].abs().max().item()}
+
+
+def synthetic_table(args: argparse.Namespace) -> None:
+    """Dense vs LTE (fixed and random masks) on the random LLaMA-shaped model."""
+    dtype = getattr(torch, args.dtype)
+    t0 = time.time()
+    hf = random_llama(args.shape, args.device, dtype)
+    pin_router_channel(hf)
+    lmodel = lte.get_lte_model(hf, lte.LTEConfig(grouping="contiguous"), progress=False)
+    dense = dense_modules(lmodel)
+    model = prepare_for_inference(lmodel)
+    del lmodel
+    _free()
+    print(f"built {args.shape} in {time.time() - t0:.1f} s", flush=True)
+    checks = [check_kernel_path(model, s) for s in (0.0, 0.5, 0.9)]
+    args.checks.extend(checks)
+    print("kernel vs masked dense:", checks, flush=True)
+    for batch in args.batch_sizes:
+        sparse = swap_modules(model, dense)
+        _point(model, args, batch, variant="dense", mask="-", sparsity=0.0)
+        swap_modules(model, sparse)
+        dec = _decoder(model, args, batch)  # fixed masks keep tau = 0.5: one captured graph for all
+        for s in args.sparsities:
+            set_fixed_sparsity(model, s)
+            _point(model, args, batch, decoder=dec, variant="lte", mask="fixed", sparsity=s)
+        del dec
+        if "random" in args.mask_modes:  # tau changes: a new decoder (graph) per point
+            for s in [s for s in args.sparsities if 0 < s < 1]:
+                set_random_sparsity(model, s)
+                _point(model, args, batch, variant="lte", mask="random", sparsity=s)
+    del model, dense
+    _free()
+
+
+def real_model_rows(args: argparse.Namespace) -> None:
+    """A saved LTE model (its learned sparsity) vs its dense self, same loop."""
+    dtype = getattr(torch, args.dtype)
+    lmodel, is_lte = load_for_serving(args.model, torch.device(args.device), dtype)
+    if not is_lte:
+        raise SystemExit(f"--model {args.model} is not an LTE model directory")
+    dense = dense_modules(lmodel)
+    model = prepare_for_inference(lmodel)
+    for batch in args.batch_sizes:
+        sparse = swap_modules(model, dense)
+        _point(model, args, batch, variant="dense", mask="-", model=str(args.model))
+        swap_modules(model, sparse)
+        _point(model, args, batch, variant="lte", mask="learned", model=str(args.model))
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """ms/step and latency change vs dense at the same batch size."""
+    dense = {(r.get("model"), r["batch_size"]): r["ms_per_step"] for r in rows if r["variant"] == "dense"}
+    print(f"\n{'model':>14} {'B':>2} {'variant':>7} {'mask':>7} {'sparsity':>8} {'active':>6} "
+          f"{'ms/step':>8} {'vs dense':>8} {'tok/s':>7} {'GB/s':>6}")
+    for r in rows:
+        base = dense.get((r.get("model"), r["batch_size"]))
+        change = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else "-"
+        frac = r["ffn_active_fraction"]
+        name = Path(r["model"]).name if r.get("model") else "synthetic"
+        print(f"{name[:14]:>14} {r['batch_size']:>2} {r['variant']:>7} {r['mask']:>7} "
+              f"{r.get('sparsity', float('nan')):>8.2f} {'-' if frac is None else f'{frac:.3f}':>6} "
+              f"{r['ms_per_step']:>8.3f} {change:>8} {r['tokens_per_s']:>7.0f} {r['gb_per_s']:>6.0f}")
+
+
+def plot(result_file: Path) -> Path:
+    """Decode-step latency vs sparsity (fixed masks) per batch size, with the dense and ideal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(result_file.read_text())
+    rows = [r for r in data["rows"] if not r.get("model")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in sorted({r["batch_size"] for r in rows}):
+        dense = next(r for r in rows if r["variant"] == "dense" and r["batch_size"] == batch)
+        fixed = sorted((r for r in rows if r["mask"] == "fixed" and r["batch_size"] == batch),
+                       key=lambda r: r["sparsity"])
+        line, = ax.plot([r["sparsity"] for r in fixed], [r["ms_per_step"] for r in fixed], "o-", label=f"LTE B={batch}")
+        ax.axhline(dense["ms_per_step"], color=line.get_color(), ls="--", lw=1, label=f"dense B={batch}")
+        # ideal: dense time scaled by the bytes actually read (FFN bytes at the active fraction)
+        ideal = [dense["ms_per_step"] * (r["weight_bytes_per_step"] + r["kv_bytes_per_step"])
+                 / (dense["weight_bytes_per_step"] + dense["kv_bytes_per_step"]) for r in fixed]
+        ax.plot([r["sparsity"] for r in fixed], ideal, ":", color=line.get_color(), label=f"ideal B={batch}")
+    ax.set_xlabel("fraction of FFN experts off")
+    ax.set_ylabel("ms per decode step")
+    ax.set_title(f"decode step, {data['env']['device']}, bf16", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = result_file.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama2-7b")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--mask-modes", nargs="+", default=["fixed", "random"], choices=["fixed", "random"])
+    p.add_argument("--cache-len", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode-step forward before graph capture (fuses HF's small kernels)")
+    p.add_argument("--model", default=None, help="a saved LTE model directory to time against its dense self")
+    p.add_argument("--skip-synthetic", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/decode.json")
+    p.add_argument("--plot-only", default=None, help="only draw the plot of an existing result file")
+    args = p.parse_args()
+    if args.plot_only:
+        print(plot(Path(args.plot_only)))
+        return
+    env = environment()
+    print(env, flush=True)
+    args.env, args.checks = env, []
+    if not args.skip_synthetic:
+        synthetic_table(args)
+    if args.model:
+        real_model_rows(args)
+    out = _save(args, env, args.checks)
+    print_table(ROWS)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""`lte generate` and `lte bench`: the fast decode path from the command line.
+
+`lte.cli.main` calls `add_serving_commands(subparsers)`; each command stores its handler in
+`func` (called with the parsed arguments, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import LTEError
+
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def add_serving_commands(subparsers: Any) -> None:
+    """Register `generate` and `bench` on an argparse sub-parser collection."""
+    gen = subparsers.add_parser("generate", help="generate text with the static-cache, CUDA-graph decode loop")
+    gen.add_argument("--model", required=True, help="an LTE model directory (save_pretrained) or a plain HF model")
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="prompt text; repeat for a batch (left padded together)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--dense", action="store_true", help="run the FFNs dense (ignore the routers)")
+    gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    _device_args(gen)
+    gen.set_defaults(func=run_generate)
+
+    bench = subparsers.add_parser("bench", help="time decode steps (tokens/s, ms/step, GB/s)")
+    src = bench.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="an LTE model directory (sparse and dense are both timed) or a plain HF model")
+    src.add_argument("--shape", help="a random-weight LLaMA shape: llama2-7b, smollm2-135m or tiny")
+    bench.add_argument("--sparsity", type=float, default=0.5,
+                       help="with --shape: fraction of experts switched off (same set for every token)")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--cache-len", type=int, default=512)
+    bench.add_argument("--prompt-len", type=int, default=16)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--dense", action="store_true", help="time only the dense model")
+    bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    _device_args(bench)
+    bench.set_defaults(func=run_bench)
+
+
+def _device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=_DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--no-graph", action="store_true", help="run decode steps eagerly (no CUDA graph)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step before graph capture (faster steps, slow first step)")
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    return device, dtype
+
+
+def load_for_serving(directory: str, device: Any, dtype: Any) -> tuple[Any, bool]:
+    """Load an LTE model directory (-> LTEModel in hard routing) or a plain HF causal LM; (model, is_lte)."""
+    from ..model import CONFIG_NAME, LTEModel
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise LTEError(f"--model {directory}: no such directory")
+    if (d / CONFIG_NAME).is_file():
+        lmodel = LTEModel.from_pretrained(d, dtype=dtype).to(device)
+        lmodel.set_routing("hard")
+        return lmodel.eval(), True
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device)
+    return model.eval(), False
+
+
+def _prepared(model: Any, is_lte: bool, dense: bool) -> Any:
+    from .prepare import prepare_dense, prepare_for_inference
+
+    if dense or not is_lte:
+        return prepare_dense(model)
+    return prepare_for_inference(model)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Handler of `lte generate`."""
+    import transformers
+
+    from .decode import generate
+
+    device, dtype = _resolve(args)
+    model, is_lte = load_for_serving(args.model, device, dtype)
+    tok_dir = args.tokenizer or args.model
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as err:
+        raise LTEError(f"no tokenizer found in {tok_dir}; save one there or pass --tokenizer DIR") from err
+    hf_model = _prepared(model, is_lte, args.dense)
+    outs = generate(hf_model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                    use_graph=False if args.no_graph else None, compile=args.compile)
+    for prompt, text in zip(args.prompt, outs):
+        print(f"{prompt}{text}")
+    return 0
+
+
+def _bench_one(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from .decode import bench
+
+    return bench(model, batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                 cache_len=args.cache_len, runs=args.runs, use_graph=False if args.no_graph else None,
+                 compile=args.compile)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Handler of `lte bench`: prints one JSON line per variant (dense, lte)."""
+    from .prepare import dense_modules, prepare_for_inference, swap_modules
+
+    device, dtype = _resolve(args)
+    if args.shape:
+        import lte
+
+        from .synthetic import pin_router_channel, random_llama, set_fixed_sparsity
+
+        hf = random_llama(args.shape, device, dtype)
+        pin_router_channel(hf)
+        lmodel = lte.get_lte_model(hf, lte.LTEConfig(grouping="contiguous"), progress=False)
+        is_lte = True
+    else:
+        lmodel, is_lte = load_for_serving(args.model, device, dtype)
+    results = []
+    dense = dense_modules(lmodel)
+    if is_lte and not args.dense:
+        hf_model = prepare_for_inference(lmodel)
+        if args.shape:
+            set_fixed_sparsity(hf_model, args.sparsity)
+        sparse = swap_modules(hf_model, dense)
+        results.append({"variant": "dense", **_bench_one(hf_model, args)})
+        swap_modules(hf_model, sparse)
+        results.append({"variant": "lte", **_bench_one(hf_model, args)})
+    else:
+        hf_model = lmodel.base_model if is_lte else lmodel
+        swap_modules(hf_model, dense)
+        results.append({"variant": "dense", **_bench_one(hf_model, args)})
+    for r in results:
+        print(json.dumps({k: v for k, v in r.items() if k != "ms_per_step_runs"}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0

@@ -1,0 +1,294 @@
+"""lte.serving: SparseMLP / DenseMLP replacement, the static-cache decode loop, generate, bench, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import lte
+import tiny_models as tm
+from lte.serving import StaticDecoder, bench, generate, prepare_dense, prepare_for_inference
+from lte.serving.prepare import DenseMLP, SparseMLP, dense_modules, sparse_modules, swap_modules
+from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sparsity, set_random_sparsity
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def _lte(family: str = "llama", seed: int = 0, router_scale: float = 3.0) -> lte.LTEModel:
+    """A tiny converted model in hard routing whose routers switch off some experts (not all, not none)."""
+    lmodel = lte.get_lte_model(tm.build(family, seed), lte.LTEConfig(grouping="random", seed=seed), progress=False)
+    with torch.no_grad():
+        for layer in lmodel.lte_layers():
+            layer.router.weight.mul_(router_scale)
+    lmodel.generation_config.eos_token_id = None
+    return lmodel.set_routing("hard").eval()
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, tm.VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hard_logits(lmodel: lte.LTEModel, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    with torch.no_grad():
+        out = lmodel(input_ids=ids).logits
+    return out, lmodel.lte_stats()["ffn_sparsity"]
+
+
+def _hf_greedy(model, ids: torch.Tensor, new: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=new, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:]
+
+
+# --------------------------------------------------------------------------- prepare
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(2, 5), (3, 9)])  # 10 tokens: decode kernels path; 27: masked dense path
+def test_sparse_mlp_matches_lte_hard_mode(family, shape):
+    lmodel = _lte(family)
+    ids = _ids(*shape)
+    ref, sparsity = _hard_logits(lmodel, ids)
+    assert 0.05 < sparsity < 0.95, "the test needs some experts on and some off"
+    model = prepare_for_inference(lmodel)
+    mods = sparse_modules(model)
+    assert len(mods) == tm.LAYERS and all(m.w_down_t.is_contiguous() for m in mods)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_sparse_mlp_decode_and_prefill_paths_agree():
+    model = prepare_for_inference(_lte())
+    x = torch.randn(3, 4, tm.D)
+    mlp = sparse_modules(model)[0]
+    with torch.no_grad():
+        fast = mlp(x)  # 12 tokens: router_mask + sparse_ffn
+        mlp.use_kernels = False
+        dense = mlp(x)  # masked dense
+    torch.testing.assert_close(fast, dense, atol=1e-5, rtol=1e-4)
+
+
+def test_prepare_dense_matches_plain_model():
+    plain = tm.build("llama")
+    ids = _ids(2, 6)
+    with torch.no_grad():
+        ref = plain(input_ids=ids).logits
+        model = prepare_dense(plain)
+        out = model(input_ids=ids).logits
+    assert sum(isinstance(m, DenseMLP) for m in model.modules()) == tm.LAYERS
+    torch.testing.assert_close(out, ref)
+
+
+def test_prepare_dense_of_lte_model_is_the_dense_function():
+    lmodel = _lte()
+    ids = _ids(2, 6)
+    lmodel.set_routing("dense")
+    with torch.no_grad():
+        ref = lmodel(input_ids=ids).logits
+        out = prepare_dense(lmodel)(input_ids=ids).logits
+    torch.testing.assert_close(out, ref)
+
+
+def test_swap_modules_round_trip():
+    lmodel = _lte()
+    dense = dense_modules(lmodel)
+    model = prepare_for_inference(lmodel)
+    sparse = swap_modules(model, dense)
+    assert all(isinstance(m, SparseMLP) for m in sparse.values())
+    assert not sparse_modules(model)
+    swap_modules(model, sparse)
+    assert len(sparse_modules(model)) == tm.LAYERS
+
+
+def test_prepare_errors():
+    with pytest.raises(lte.LTEError, match="prepare_dense"):
+        prepare_for_inference(tm.build("llama"))
+    with pytest.raises(lte.LTEError, match="LLaMA family"):
+        prepare_dense(tm.build("gpt2"))
+    lmodel = _lte()
+    prepare_for_inference(lmodel)
+    with pytest.raises(lte.LTEError, match="twice"):
+        prepare_for_inference(lmodel)
+
+
+# --------------------------------------------------------------------------- decode loop
+@pytest.mark.parametrize("batch", [1, 3])
+def test_static_decode_matches_hf_generate_dense(batch):
+    plain = tm.build("llama")
+    plain.generation_config.eos_token_id = None
+    ids = _ids(batch, 6, seed=batch)
+    ref = _hf_greedy(plain, ids, 7)
+    model = prepare_dense(plain)
+    out = StaticDecoder(model, batch, cache_len=20).generate_ids(ids, 7)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_static_decode_matches_hf_generate_lte(family):
+    lmodel = _lte(family)
+    ids = _ids(2, 9)
+    ref = _hf_greedy(lmodel, ids, 8)  # the LTEModel's masked dense path, hard routing
+    model = prepare_for_inference(lmodel)
+    dec = StaticDecoder(model, 2, cache_len=24)
+    torch.testing.assert_close(dec.generate_ids(ids, 8), ref)
+    torch.testing.assert_close(dec.generate_ids(ids, 8), ref)  # the decoder is reusable
+
+
+def test_static_decode_left_padding_matches_single_prompts():
+    model = prepare_dense(tm.build("llama"))
+    long, short = _ids(1, 7, seed=1), _ids(1, 4, seed=2)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    batch = StaticDecoder(model, 2, cache_len=20).generate_ids(ids, 6, attention_mask=mask)
+    for row, prompt in enumerate((long, short)):
+        single = StaticDecoder(model, 1, cache_len=20).generate_ids(prompt, 6)
+        torch.testing.assert_close(batch[row:row + 1], single)
+
+
+def test_sampling_is_seeded_and_in_vocab():
+    model = prepare_dense(tm.build("llama"))
+    ids = _ids(2, 5)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(StaticDecoder(model, 2, 16, temperature=1.0).generate_ids(ids, 6))
+    torch.testing.assert_close(runs[0], runs[1])
+    assert int(runs[0].min()) >= 0 and int(runs[0].max()) < tm.VOCAB
+
+
+def test_decoder_errors():
+    model = prepare_dense(tm.build("llama"))
+    dec = StaticDecoder(model, 2, cache_len=10)
+    with pytest.raises(lte.LTEError, match="batch size"):
+        dec.prefill(_ids(3, 4))
+    with pytest.raises(lte.LTEError, match="cache"):
+        dec.prefill(_ids(2, 10))
+    with pytest.raises(lte.LTEError, match="prefill"):
+        dec.decode(1)
+    dec.prefill(_ids(2, 4))
+    with pytest.raises(lte.LTEError, match="exceed"):
+        dec.decode(8)
+    with pytest.raises(lte.LTEError, match="prepare_for_inference"):
+        bench(_lte())
+
+
+# --------------------------------------------------------------------------- generate / bench / CLI
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, tm.VOCAB)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_generate_text_single_and_batch():
+    tok = _tokenizer()
+    model = prepare_for_inference(_lte())
+    one = generate(model, tok, "w5 w7 w9", max_new_tokens=5)
+    many = generate(model, tok, ["w5 w7 w9", "w3 w4"], max_new_tokens=5)
+    assert isinstance(one, str) and one == many[0]
+    assert all(w.startswith("w") for w in one.split())
+    with pytest.raises(lte.LTEError, match="prepare_for_inference"):
+        generate(_lte(), tok, "w5", max_new_tokens=2)
+
+
+def test_bench_reports_active_fraction_of_fixed_masks():
+    lmodel = _lte()
+    model = prepare_for_inference(lmodel)
+    res = bench(model, batch_size=2, prompt_len=3, new_tokens=3, cache_len=10, runs=1)
+    assert 0.0 < res["ffn_active_fraction"] < 1.0
+    assert res["ms_per_step"] > 0 and res["weight_bytes_per_step"] < sum(
+        p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_synthetic_fixed_masks_are_exact_for_every_token():
+    hf = random_llama("tiny", seed=1)
+    pin_router_channel(hf)
+    model = prepare_for_inference(lte.get_lte_model(hf, lte.LTEConfig(grouping="contiguous"), progress=False))
+    set_fixed_sparsity(model, 0.5)
+    mods = sparse_modules(model)
+    for m in mods:
+        m.record_mask = True
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (3, 5)))
+    for m in mods:
+        per_token = m.last_mask.reshape(-1, m.num_experts)
+        assert (per_token == per_token[0]).all(), "every token must use the same experts"
+        assert int(per_token[0].sum()) == m.num_experts - round(0.5 * m.num_experts)
+    set_random_sparsity(model, 0.5)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (4, 8)))
+    frac_off = 1 - torch.cat([m.last_mask.reshape(-1).float() for m in mods]).mean()
+    assert 0.3 < float(frac_off) < 0.7
+
+
+def test_cli_bench_shape(tmp_path, capsys):
+    from lte.serving.cli import add_serving_commands
+
+    parser = argparse.ArgumentParser()
+    add_serving_commands(parser.add_subparsers())
+    out = tmp_path / "b.json"
+    args = parser.parse_args(["bench", "--shape", "tiny", "--sparsity", "0.7", "--new-tokens", "2", "--runs", "1",
+                              "--cache-len", "32", "--batch-size", "2", "--json", str(out)])
+    assert args.func(args) == 0
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["dense", "lte"]
+    assert rows[1]["ffn_active_fraction"] < 0.5
+    assert '"variant": "lte"' in capsys.readouterr().out
+
+
+def test_cli_generate_saved_lte_model(tmp_path, capsys):
+    from lte.serving.cli import add_serving_commands
+
+    lmodel = _lte()
+    lmodel.save_pretrained(tmp_path / "m")
+    _tokenizer().save_pretrained(tmp_path / "m")
+    parser = argparse.ArgumentParser()
+    add_serving_commands(parser.add_subparsers())
+    for extra in ([], ["--dense"]):
+        args = parser.parse_args(["generate", "--model", str(tmp_path / "m"), "--prompt", "w4 w6",
+                                  "--max-new-tokens", "4", "--device", "cpu", *extra])
+        assert args.func(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("w4 w6") for line in lines)
+
+
+# --------------------------------------------------------------------------- GPU: CUDA graphs
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_decode_matches_eager(batch):
+    lmodel = _lte()
+    lmodel.base_model.to("cuda")
+    model = prepare_for_inference(lmodel)
+    ids = _ids(batch, 6).cuda()
+    eager = StaticDecoder(model, batch, 32, use_graph=False).generate_ids(ids, 10)
+    graph = StaticDecoder(model, batch, 32, use_graph=True).generate_ids(ids, 10)
+    torch.testing.assert_close(graph, eager)
+    ref = _hf_greedy(lmodel.base_model, ids, 10)  # prepared model under plain HF generate
+    torch.testing.assert_close(graph, ref)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_bf16_kernels_match_masked_dense():
+    lmodel = _lte()
+    lmodel.base_model.to("cuda", torch.bfloat16)
+    model = prepare_for_inference(lmodel)
+    ids = _ids(2, 5).cuda()
+    fast = StaticDecoder(model, 2, 24, use_graph=True).generate_ids(ids, 8)
+    for m in sparse_modules(model):
+        m.use_kernels = False
+    slow = StaticDecoder(model, 2, 24, use_graph=True).generate_ids(ids, 8)
+    assert (fast == slow).float().mean() > 0.8  # bf16: rare near-ties may flip
+    res = bench(model, batch_size=2, prompt_len=4, new_tokens=8, cache_len=24, runs=2)
+    assert res["cuda_graph"] and res["peak_memory_gb"] > 0
