@@ -40,9 +40,7 @@ def expert_sizes(F: int, S: int) -> list[int]:
     if S < 1:
         raise LTEError(f"expert size S must be at least 1, got S={S}; choose expert_size >= 1")
     if S > F:
-        raise LTEError(
-            f"expert size S={S} is larger than the FFN width F={F}; choose expert_size <= F"
-        )
+        raise LTEError(f"expert size S={S} is larger than the FFN width F={F}; choose expert_size <= F")
     E = math.ceil(F / S)
     return [S] * (E - 1) + [F - S * (E - 1)]
 
@@ -52,7 +50,7 @@ def group_neurons(
     expert_size: int,
     method: str = "kmeans",
     seed: int = 0,
-    n_iter: int = 10,
+    n_iter: int = 15,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Return perm [F] (int64, on the features' device) grouping neurons into experts.
@@ -71,7 +69,9 @@ def group_neurons(
         raise LTEError(f"features must be a 2-D tensor [F neurons, D], got {shape}")
     F, D = features.shape
     if D < 1:
-        raise LTEError(f"features have no columns (shape {tuple(features.shape)}); expected [F, D] with D >= 1")
+        raise LTEError(
+            f"features have no columns (shape {tuple(features.shape)}); expected [F, D] with D >= 1"
+        )
     sizes = expert_sizes(F, expert_size)
     if n_iter < 0:
         raise LTEError(f"n_iter must be >= 0, got {n_iter}")
@@ -224,11 +224,13 @@ def _capacities(sim: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 
 def balanced_kmeans(
-    X: torch.Tensor, sizes: list[int], gen: torch.Generator, n_iter: int, stop_early: bool = True
+    X: torch.Tensor, sizes: list[int], gen: torch.Generator, n_iter: int, stop_early: bool = True,
+    tol: float = 1e-3,
 ) -> tuple[torch.Tensor, int]:
     """Balanced spherical k-means on X [F, D] (fp32, finite), clusters of exactly `sizes`.
 
     Returns (perm [F] with experts as consecutive blocks of `sizes`, iterations run).
+    Stops once at most `tol` of the neurons change expert in an iteration (0: only when none do).
     `stop_early=False` runs all `n_iter` iterations even once nothing changes (for timing).
     """
     F = X.shape[0]
@@ -243,8 +245,11 @@ def balanced_kmeans(
         capacity = _capacities(sim, sizes)
         new_labels = _balanced_assign(sim, capacity)
         iterations += 1
-        if stop_early and labels is not None and torch.equal(new_labels, labels):
-            break
+        if stop_early and labels is not None:
+            moved = int((new_labels != labels).sum())
+            if moved <= tol * F:
+                labels = new_labels
+                break
         labels = new_labels
         centroids = torch.nn.functional.normalize(_cluster_sums(X, labels, E), dim=1)  # [E, D]
     # Order experts by cluster index with the short one (if any) last; members by old index.
