@@ -23,9 +23,19 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F_
 
+from lte.kernels import triton_ffn
 from lte.kernels.reference import num_experts, sparse_ffn_reference
 from lte.kernels.selfcheck import run_checks
-from lte.kernels.triton_ffn import default_config, router_mask_triton, sparse_ffn_triton
+from lte.kernels.triton_ffn import (
+    KernelConfig,
+    default_config,
+    launch_finish,
+    launch_in,
+    launch_out,
+    plan_launch,
+    router_mask_triton,
+    sparse_ffn_triton,
+)
 
 MODEL_WIDTH, FFN_WIDTH, EXPERT_SIZE = 4096, 11008, 32  # LLaMA-2-7B: D, F, S
 COPIES = 8  # weight copies rotated inside one graph: 8 x 270 MB >> 50 MB L2
@@ -148,35 +158,61 @@ def bytes_read(num_exp_on: int, num_tokens: int) -> float:
 
 
 TUNE_IN = {  # (in_block_f, in_block_k, in_warps, in_stages)
-    "small": [(16, 256, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 3), (16, 512, 8, 3), (32, 256, 8, 3)],
-    "dot": [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (16, 256, 8, 4), (32, 256, 8, 3)],
+    "small": [(2, 2048, 4, 3), (4, 1024, 4, 3), (2, 4096, 8, 3), (1, 4096, 4, 3), (2, 1024, 4, 3),
+              (4, 2048, 8, 3), (1, 2048, 2, 3)],
+    "dot": [(32, 256, 8, 3), (16, 256, 4, 4), (16, 512, 4, 3), (32, 512, 8, 3), (32, 256, 4, 4),
+            (64, 128, 8, 3), (32, 128, 4, 4)],
 }
-TUNE_OUT = {  # (out_block_r, out_block_d, out_split, out_warps)
-    "small": [(32, 256, 16, 4), (32, 512, 8, 4), (32, 128, 32, 4), (32, 256, 32, 8), (64, 256, 16, 8)],
-    "dot": [(32, 128, 8, 4), (32, 256, 8, 8), (32, 128, 16, 4), (64, 128, 8, 4), (32, 64, 16, 4)],
+TUNE_OUT = {  # (out_block_d, out_split, out_warps)
+    "small": [(512, 32, 4), (256, 32, 4), (512, 16, 8), (256, 64, 4), (512, 64, 8), (1024, 32, 8), (128, 64, 4)],
+    "dot": [(128, 32, 4), (128, 16, 4), (256, 16, 8), (256, 32, 8), (64, 32, 4), (128, 64, 4), (64, 64, 4)],
 }
+TUNE_TOKENS = ((1, "small"), (2, "small"), (2, "dot"), (4, "dot"), (8, "dot"), (16, "dot"))
 
 
-def tune(layers, gen) -> list[dict]:
-    """Sweep the first kernel's tiles with the second's fixed, then the second's with the best first."""
-    rows = []
-    for num_tokens in (1, 4, 8, 16):
-        family = "dot" if num_tokens > 4 else "small"
-        base = default_config(num_tokens, MODEL_WIDTH, FFN_WIDTH)
-        best_in, best_t = None, float("inf")
-        for bf, bk, w, st in TUNE_IN[family]:
-            cfg = replace(base, in_block_f=bf, in_block_k=bk, in_warps=w, in_stages=st)
-            t = sum(time_sparse(layers, num_tokens, off, gen, cfg) for off in (0.5, 0.9))
-            rows.append({"tokens": num_tokens, "config": asdict(cfg), "us_50_plus_90": t})
-            print(f"tune B={num_tokens} in={bf, bk, w, st}: {t:.1f} us", flush=True)
-            if t < best_t:
-                best_in, best_t = cfg, t
-        for br, bd, sp, w in TUNE_OUT[family]:
-            cfg = replace(best_in, out_block_r=br, out_block_d=bd, out_split=sp, out_warps=w)
-            t = sum(time_sparse(layers, num_tokens, off, gen, cfg) for off in (0.5, 0.9))
-            rows.append({"tokens": num_tokens, "config": asdict(cfg), "us_50_plus_90": t})
-            print(f"tune B={num_tokens} out={br, bd, sp, w}: {t:.1f} us", flush=True)
-    return rows
+def time_kernels(layers, num_tokens, off, gen, config) -> tuple[float, float, float]:
+    """Median us per launch of each of the three kernels alone (same masks and rotation)."""
+    plans = []
+    for layer in layers:
+        x = torch.randn(num_tokens, MODEL_WIDTH, generator=gen, device="cuda").to(DTYPE)
+        plans.append(plan_launch(x, union_masks(num_tokens, off, gen), layer["w_up"], layer["w_down_t"],
+                                 layer["w_gate"], None, None, EXPERT_SIZE, "silu", config))
+    return tuple(time_calls([lambda p=p, launch=launch: launch(p) for p in plans])
+                 for launch in (launch_in, launch_out, launch_finish))
+
+
+def tune(layers, gen) -> tuple[list[dict], dict[int, KernelConfig]]:
+    """Time each kernel alone over its tile grid at 50% and 90% off; returns rows and the best per B."""
+    rows, best = [], {}
+    for num_tokens, family in TUNE_TOKENS:
+        base = replace(default_config(num_tokens, MODEL_WIDTH, FFN_WIDTH), use_dot=family == "dot")
+        scores_in, scores_out = {}, {}
+        for (bf, bk, w, st), (bd, sp, w2) in zip(TUNE_IN[family], TUNE_OUT[family]):
+            cfg = replace(base, in_block_f=bf, in_block_k=bk, in_warps=w, in_stages=st,
+                          out_block_d=bd, out_split=sp, out_warps=w2)
+            times = {off: time_kernels(layers, num_tokens, off, gen, cfg) for off in (0.5, 0.9)}
+            rows.append({"tokens": num_tokens, "config": asdict(cfg),
+                         "us_in_out_finish": {str(k): v for k, v in times.items()}})
+            scores_in[(bf, bk, w, st)] = sum(t[0] for t in times.values())
+            scores_out[(bd, sp, w2)] = sum(t[1] + t[2] for t in times.values())
+            print(f"tune B={num_tokens} {family} in={bf, bk, w, st} out={bd, sp, w2}: "
+                  + "  ".join(f"{100 * off:.0f}%: {t[0]:.1f}+{t[1]:.1f}+{t[2]:.1f}" for off, t in times.items()),
+                  flush=True)
+        (bf, bk, w, st) = min(scores_in, key=scores_in.get)
+        (bd, sp, w2) = min(scores_out, key=scores_out.get)
+        cfg = replace(base, in_block_f=bf, in_block_k=bk, in_warps=w, in_stages=st,
+                      out_block_d=bd, out_split=sp, out_warps=w2)
+        score = scores_in[(bf, bk, w, st)] + scores_out[(bd, sp, w2)]
+        if num_tokens not in best or score < best[num_tokens][1]:
+            best[num_tokens] = (cfg, score)
+    return rows, {b: cfg for b, (cfg, _) in best.items()}
+
+
+def config_for(tuned: dict[int, KernelConfig] | None, num_tokens: int) -> KernelConfig | None:
+    """The tuned config of the largest tuned B not above num_tokens (None: the defaults)."""
+    if not tuned:
+        return None
+    return tuned[max(b for b in tuned if b <= num_tokens)]
 
 
 def plot(result: dict, path: str) -> None:
@@ -207,6 +243,21 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle(f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def pdl_works(layer) -> bool:
+    """Try programmatic dependent launch once (eager and in a graph); turn it off if it fails."""
+    x = torch.randn(2, MODEL_WIDTH, device="cuda").to(DTYPE)
+    mask = union_masks(2, 0.5, torch.Generator(device="cuda").manual_seed(1))
+    try:
+        time_calls([lambda: sparse_ffn_triton(x, mask, layer["w_up"], layer["w_down_t"], layer["w_gate"],
+                                              None, None, EXPERT_SIZE, "silu")], replays=2, runs=1)
+        return True
+    except Exception as err:  # noqa: BLE001 - report and go on without PDL
+        print(f"PDL failed ({type(err).__name__}: {err}); timing without it", flush=True)
+        os.environ["LTE_PDL"] = "0"
+        triton_ffn._pdl_supported.cache_clear()
+        return False
 
 
 def environment() -> dict:
@@ -243,11 +294,15 @@ def main() -> None:
             print("  FAIL", case)
 
     layers = make_layers(FFN_WIDTH, gen)
+    result["pdl"] = pdl_works(layers[0])
     result["large_checks"] = check_large(layers, gen)
     print("full-size checks:", result["large_checks"], flush=True)
     result["copy_GBps"] = copy_bandwidth()
+    tuned = None
     if args.tune:
-        result["tune"] = tune(layers, gen)
+        result["tune"], tuned = tune(layers, gen)
+        result["tuned_config"] = {str(b): asdict(c) for b, c in tuned.items()}
+        print("tuned:", result["tuned_config"], flush=True)
 
     batch_sizes = list(range(1, 17))
     result["dense_us"] = {str(b): time_dense(layers, b, gen) for b in batch_sizes}
@@ -256,15 +311,18 @@ def main() -> None:
     del half
     result["b1_sweep"] = []
     for off in SPARSITIES:
-        us = time_sparse(layers, 1, off, gen)
+        us = time_sparse(layers, 1, off, gen, config_for(tuned, 1))
         n_on = round(num_experts(FFN_WIDTH, EXPERT_SIZE) * (1 - off))
         result["b1_sweep"].append({"sparsity": off, "us": us, "speedup": result["dense_us"]["1"] / us,
                                    "GBps": bytes_read(n_on, 1) / (us * 1e-6) / 1e9})
     result["b1_50_via_op_us"] = time_sparse(layers, 1, 0.5, gen, via_op=True)
+    result["no_pdl_us"] = {f"B{b}_{int(100 * off)}": time_sparse(
+        layers, b, off, gen, replace(config_for(tuned, b) or default_config(b, MODEL_WIDTH, FFN_WIDTH), pdl=False))
+        for b, off in ((1, 0.5), (1, 0.9), (8, 0.5))}
     result["batch_sweep"] = []
     n_half = round(num_experts(FFN_WIDTH, EXPERT_SIZE) * 0.5)
     for b in batch_sizes:
-        us = time_sparse(layers, b, 0.5, gen)
+        us = time_sparse(layers, b, 0.5, gen, config_for(tuned, b))
         result["batch_sweep"].append({"tokens": b, "us": us, "speedup": result["dense_us"][str(b)] / us,
                                       "GBps": bytes_read(n_half, b) / (us * 1e-6) / 1e9})
     xs = [torch.randn(b, MODEL_WIDTH, generator=gen, device="cuda").to(DTYPE) for b in (1, 8)]
@@ -284,7 +342,8 @@ def main() -> None:
     print("B=1  | off % |   us  | speed-up | GB/s")
     for r in result["b1_sweep"]:
         print(f"     | {100 * r['sparsity']:5.0f} | {r['us']:5.1f} | {r['speedup']:7.2f}x | {r['GBps']:5.0f}")
-    print(f"B=1 50% through torch.ops.lte.sparse_ffn: {result['b1_50_via_op_us']:.1f} us")
+    print(f"B=1 50% through torch.ops.lte.sparse_ffn: {result['b1_50_via_op_us']:.1f} us; PDL works: "
+          f"{result['pdl']}; without PDL: {result['no_pdl_us']}")
     print("union 50% | B | us | dense us | speed-up")
     for r in result["batch_sweep"]:
         print(f"          | {r['tokens']:2d} | {r['us']:5.1f} | {result['dense_us'][str(r['tokens'])]:5.1f} "

@@ -239,3 +239,22 @@ def test_cuda_graph_capture_and_replay():
         static_x.copy_(torch.randn_like(static_x))
         graph.replay()
         torch.testing.assert_close(static_y, layer(static_x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 8])
+def test_programmatic_dependent_launch_matches_plain_launch(num_tokens):
+    from dataclasses import replace
+
+    from lte.kernels.triton_ffn import default_config, sparse_ffn_triton
+
+    w, _ = _gpu_layer(D=512, F=2000)
+    x = torch.randn(num_tokens, 512, device="cuda", dtype=torch.bfloat16)
+    for keep in (0.0, 0.3, 1.0):
+        mask = torch.rand(num_tokens, num_experts(2000, 32), device="cuda") < keep
+        args = (x, mask, w["w_up"], w["w_down_t"], w["w_gate"], None, None, 32, "silu")
+        cfg = default_config(num_tokens, 512, 2000)
+        with_pdl = sparse_ffn_triton(*args, replace(cfg, pdl=True))
+        without = sparse_ffn_triton(*args, replace(cfg, pdl=False))
+        assert torch.equal(with_pdl, without)

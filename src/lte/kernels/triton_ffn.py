@@ -10,17 +10,22 @@ Three launches, all reading the per-token expert mask on the GPU (no host sync, 
    needs any row of the block it reads nothing and returns; otherwise it reads the gate/up rows
    once for all B tokens and writes ``h[b, f] = act(g) * u * m[b, expert(f)]`` (fp32) to a scratch.
 2. ``_ffn_out_kernel``: the down projection as a split-K reduction. Program (d, s) owns
-   ``BLOCK_D`` output columns and the s-th slice of neuron rows; it walks the slice in blocks of
-   ``BLOCK_R`` rows, skips blocks that no token needs (union), and accumulates ``h @ Wd_t`` in fp32
-   registers. It stores its partial sum to ``part[s, b, d]`` (plain stores, no atomics).
+   ``BLOCK_D`` output columns and the s-th slice of experts; it reads the slice's mask once, walks
+   the experts some token needs (union), and accumulates ``h @ Wd_t`` in fp32 registers. It stores
+   its partial sum to ``part[s, b, d]`` (plain stores, no atomics, no zeroing).
 3. ``_ffn_finish_kernel``: ``y[b, d] = sum_s part[s, b, d] (+ b2)``, cast to the output dtype.
 
-Small batches (B <= 4) accumulate with broadcast multiply-adds; larger ones pad the tokens to 16
-and use ``tl.dot``. This module imports triton at import time: import it lazily.
+On Hopper the second and third launches use programmatic dependent launch (PDL): they start while
+the previous kernel drains and wait (``gdc_wait``) only before reading its output.
+B = 1 accumulates with broadcast multiply-adds; B >= 2 pads the tokens to 16 and uses ``tl.dot``.
+Tile sizes: ``default_config`` (measured on an H100, see docs/kernels.md). This module imports
+triton at import time: import it lazily.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -28,6 +33,11 @@ import triton
 import triton.language as tl
 
 from .reference import ACTIVATIONS
+
+try:  # grid dependency control (programmatic dependent launch, Hopper+), Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
 
 MAX_TOKENS = 16  # the decode kernels handle up to this many tokens per call
 _ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, relu 3
@@ -55,9 +65,11 @@ def _ffn_in_kernel(
     stride_xb, stride_mb, stride_hb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """h[b, rows] for one block of BLOCK_F neuron rows, for all B tokens (see module doc)."""
+    if PDL:
+        gdc_launch_dependents()  # let the down-projection kernel start loading its weights
     pid = tl.program_id(0)
     rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)  # [BLOCK_F]
     row_ok = rows < F
@@ -109,41 +121,56 @@ def _ffn_in_kernel(
 @triton.jit
 def _ffn_out_kernel(
     h_ptr, mask_ptr, wd_ptr, part_ptr,
-    B, D, F, S, rows_per_split,
+    B, D, F, S, E, exp_per_split,
     stride_hb, stride_mb,
-    B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+    B_PAD: tl.constexpr, S_PAD: tl.constexpr, EXP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Partial down projection part[s, b, cols] over the s-th slice of neuron rows (see module doc)."""
+    """Partial down projection part[s, b, cols] over the s-th slice of experts (see module doc).
+
+    The slice's mask is read once up front, so skipping an expert costs no memory round trip and an
+    active expert costs one (its h and Wd_t slab load together). With PDL the kernel starts while
+    the first one runs: it reads the mask (written before the first kernel started) and the first
+    Wd_t slab, and waits for the first kernel (gdc_wait) only before it reads h."""
+    if PDL:
+        gdc_launch_dependents()
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
     col_ok = cols < D
     toks = tl.arange(0, B_PAD)
     tok_ok = toks < B
-    row_start = pid_s * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, F)
+    slots = tl.arange(0, EXP_PAD)  # expert slots of this slice
+    e_start = pid_s * exp_per_split
+    e_ok = (slots < exp_per_split) & (e_start + slots < E)
+    m = tl.load(mask_ptr + toks[:, None] * stride_mb + (e_start + slots)[None, :],
+                mask=tok_ok[:, None] & e_ok[None, :], other=0).to(tl.int32)  # [B_PAD, EXP_PAD]
+    union = tl.max(m, axis=0)  # [EXP_PAD] some token needs the expert
+    offs_s = tl.arange(0, S_PAD)
     if USE_DOT:
         acc = tl.zeros([B_PAD, BLOCK_D], dtype=tl.float32)
     else:
-        acc3 = tl.zeros([B_PAD, BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-        row_ok = rows < row_end
-        br_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, BLOCK_R]
-        m = tl.load(mask_ptr + toks[:, None] * stride_mb + (rows // S)[None, :], mask=br_ok, other=0)
-        needed = tl.max(tl.max(m.to(tl.int32), axis=1), axis=0)
-        if needed > 0:
-            h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :], mask=br_ok, other=0.0)
-            h = tl.where(m != 0, h, 0.0)  # rows the first kernel skipped hold garbage
+        acc3 = tl.zeros([B_PAD, S_PAD, BLOCK_D], dtype=tl.float32)
+    n_exp = tl.minimum(exp_per_split, E - e_start)
+    for j in range(0, n_exp):
+        if tl.max(tl.where(slots == j, union, 0), axis=0) > 0:
+            tok_on = tl.max(tl.where((slots == j)[None, :], m, 0), axis=1) > 0  # [B_PAD]
+            rows = (e_start + j) * S + offs_s  # [S_PAD] the expert's neuron rows
+            row_ok = (offs_s < S) & (rows < F)
             w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_D]
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [S_PAD, BLOCK_D]
+            if PDL:
+                gdc_wait()  # h comes from the first kernel (a no-op once it has completed)
+            h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :],
+                        mask=(tok_ok & tok_on)[:, None] & row_ok[None, :], other=0.0)  # [B_PAD, S_PAD]
             if USE_DOT:
                 acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
             else:
                 acc3 += h[:, :, None] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
         acc = tl.sum(acc3, axis=1)  # [B_PAD, BLOCK_D]
+    if PDL:
+        gdc_wait()  # never complete before the first kernel, even when every expert was off
     out_off = pid_s * B * D + toks[:, None] * D + cols[None, :]
     tl.store(part_ptr + out_off, acc, mask=tok_ok[:, None] & col_ok[None, :])
 
@@ -152,16 +179,19 @@ def _ffn_out_kernel(
 def _ffn_finish_kernel(
     part_ptr, bd_ptr, y_ptr,
     B, D, SPLIT, stride_yb,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """y[b, cols] = sum over splits of part[s, b, cols] (+ b2), cast to y's dtype."""
+    """y[b, cols] = sum over splits of part[s, b, cols] (+ b2), cast to y's dtype (one load round trip)."""
+    if PDL:
+        gdc_wait()  # the partial sums come from the previous kernel
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
-    cols = pid_d * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_d * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     col_ok = cols < D
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SPLIT):
-        acc += tl.load(part_ptr + s * B * D + b * D + cols, mask=col_ok, other=0.0)
+    splits = tl.arange(0, SPLIT_PAD)  # [SPLIT_PAD]
+    part = tl.load(part_ptr + splits[:, None] * B * D + b * D + cols[None, :],
+                   mask=(splits < SPLIT)[:, None] & col_ok[None, :], other=0.0)  # [SPLIT_PAD, BLOCK]
+    acc = tl.sum(part, axis=0)
     if HAS_BIAS:
         acc += tl.load(bd_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * stride_yb + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
@@ -169,22 +199,22 @@ def _ffn_finish_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes of the three launches (None: chosen from the shapes by ``default_config``)."""
+    """Tile sizes and launch settings of the three launches."""
 
-    in_block_f: int = 16
-    in_block_k: int = 256
+    in_block_f: int = 2  # neuron rows per program of the first kernel
+    in_block_k: int = 1024  # model-width chunk per loop step
     in_warps: int = 4
     in_stages: int = 3
-    out_block_r: int = 32
-    out_block_d: int = 256
-    out_split: int = 16
+    out_block_d: int = 256  # output columns per program of the down projection
+    out_split: int = 64  # slices of the experts (partial sums to combine)
     out_warps: int = 4
     out_stages: int = 3
-    finish_block: int = 512
-    use_dot: bool | None = None  # None: dot when B > DOT_MIN_TOKENS
+    finish_block: int = 128
+    pdl: bool = True  # programmatic dependent launch on Hopper+ GPUs (overlaps the launches)
+    use_dot: bool | None = None  # None: tl.dot when B > DOT_MIN_TOKENS
 
 
-DOT_MIN_TOKENS = 4
+DOT_MIN_TOKENS = 1
 
 
 def _next_pow2(n: int) -> int:
@@ -192,13 +222,124 @@ def _next_pow2(n: int) -> int:
 
 
 def default_config(num_tokens: int, model_width: int, ffn_width: int) -> KernelConfig:
-    """Heuristic tile sizes: enough programs for 132 SMs, wide rows for coalesced loads."""
-    cfg = KernelConfig()
-    if num_tokens > DOT_MIN_TOKENS:
-        cfg = replace(cfg, in_block_k=128, out_block_d=128, out_split=8)
-    elif num_tokens > 1:
-        cfg = replace(cfg, in_block_f=8, in_block_k=256, out_block_d=128)
-    return cfg
+    """Tile sizes measured best on an H100 for D=4096, F=11008 (docs/kernels.md)."""
+    if num_tokens <= DOT_MIN_TOKENS:
+        return KernelConfig()
+    return KernelConfig(in_block_f=32, in_block_k=256, in_warps=4, in_stages=4,
+                        out_block_d=128, out_split=64 if num_tokens <= 4 else 32 if num_tokens <= 8 else 16,
+                        out_warps=4)
+
+
+@dataclass
+class FFNLaunch:
+    """Everything the three launches of one call need: inputs, scratch buffers and settings."""
+
+    x: torch.Tensor  # [B, D]
+    mask_u8: torch.Tensor  # [B, E] bytes
+    w_up: torch.Tensor  # [F, D]
+    w_down_t: torch.Tensor  # [F, D]
+    w_gate: torch.Tensor | None  # [F, D]
+    b_up: torch.Tensor | None  # [F]
+    b_down: torch.Tensor | None  # [D]
+    expert_size: int
+    activation: str
+    cfg: KernelConfig
+    use_dot: bool
+    b_pad: int
+    split: int
+    exp_per_split: int
+    pdl: bool
+    h: torch.Tensor  # [B, F] fp32 scratch
+    part: torch.Tensor  # [SPLIT, B, D] fp32 partial sums
+    y: torch.Tensor  # [B, D] output
+
+
+def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
+                config: KernelConfig | None = None) -> FFNLaunch:
+    """Pick tiles and allocate the scratch for one call (no kernel runs here)."""
+    num_tokens, model_width = x.shape  # B, D
+    ffn_width = w_up.shape[0]  # F
+    if num_tokens > MAX_TOKENS:
+        raise ValueError(f"the decode kernels take at most {MAX_TOKENS} tokens, got {num_tokens}")
+    cfg = config or default_config(num_tokens, model_width, ffn_width)
+    use_dot = cfg.use_dot if cfg.use_dot is not None else num_tokens > DOT_MIN_TOKENS
+    if use_dot and x.element_size() == 4:  # fp32: same shared-memory bytes per pipeline stage as 16-bit
+        cfg = replace(cfg, in_block_k=max(16, cfg.in_block_k // 2))
+    b_pad = max(16, _next_pow2(num_tokens)) if use_dot else _next_pow2(num_tokens)
+    num_exp = triton.cdiv(ffn_width, expert_size)  # E
+    exp_per_split = triton.cdiv(num_exp, max(1, min(cfg.out_split, num_exp)))
+    split = triton.cdiv(num_exp, exp_per_split)  # drop empty slices
+    device = x.device
+    return FFNLaunch(
+        x, mask.view(torch.uint8), w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
+        cfg, use_dot, b_pad, split, exp_per_split, cfg.pdl and _pdl_supported(device),
+        h=torch.empty(num_tokens, ffn_width, device=device, dtype=torch.float32),
+        part=torch.empty(split, num_tokens, model_width, device=device, dtype=torch.float32),
+        y=torch.empty(num_tokens, model_width, device=device, dtype=x.dtype),
+    )
+
+
+@functools.cache
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a CUDA GPU of compute capability 9.0+ and triton's GDC ops;
+    ``LTE_PDL=0`` turns it off."""
+    if device.type != "cuda" or gdc_wait is None or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    if os.environ.get("LTE_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pdl_kwargs(p: FFNLaunch) -> dict:
+    return {"launch_pdl": True} if p.pdl else {}
+
+
+def _dot_precision(p: FFNLaunch) -> str:
+    return "ieee" if p.x.dtype == torch.float32 else "tf32"
+
+
+def launch_in(p: FFNLaunch) -> None:
+    """First kernel: h = act(gate) * up * mask for the rows some token needs."""
+    num_tokens, model_width = p.x.shape
+    ffn_width = p.w_up.shape[0]
+    cfg = p.cfg
+    _ffn_in_kernel[(triton.cdiv(ffn_width, cfg.in_block_f),)](
+        p.x, p.mask_u8, p.w_gate if p.w_gate is not None else p.w_up, p.w_up,
+        p.b_up if p.b_up is not None else p.w_up, p.h,
+        num_tokens, model_width, ffn_width, p.expert_size,
+        p.x.stride(0), p.mask_u8.stride(0), p.h.stride(0),
+        GATED=p.w_gate is not None, HAS_BIAS=p.b_up is not None, ACT=_ACT_CODE[p.activation],
+        B_PAD=p.b_pad, BLOCK_F=cfg.in_block_f, BLOCK_K=cfg.in_block_k,
+        USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p), PDL=p.pdl,
+        num_warps=cfg.in_warps, num_stages=cfg.in_stages,
+    )
+
+
+def launch_out(p: FFNLaunch) -> None:
+    """Second kernel: partial down projections over slices of the needed rows."""
+    num_tokens, model_width = p.x.shape
+    ffn_width = p.w_up.shape[0]
+    cfg = p.cfg
+    _ffn_out_kernel[(triton.cdiv(model_width, cfg.out_block_d), p.split)](
+        p.h, p.mask_u8, p.w_down_t, p.part,
+        num_tokens, model_width, ffn_width, p.expert_size, p.mask_u8.shape[1], p.exp_per_split,
+        p.h.stride(0), p.mask_u8.stride(0),
+        B_PAD=p.b_pad, S_PAD=max(16, _next_pow2(p.expert_size)), EXP_PAD=_next_pow2(p.exp_per_split),
+        BLOCK_D=cfg.out_block_d,
+        USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p), PDL=p.pdl,
+        num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p),
+    )
+
+
+def launch_finish(p: FFNLaunch) -> None:
+    """Third kernel: sum the partials, add b2, cast."""
+    num_tokens, model_width = p.x.shape
+    _ffn_finish_kernel[(triton.cdiv(model_width, p.cfg.finish_block), num_tokens)](
+        p.part, p.b_down if p.b_down is not None else p.part, p.y,
+        num_tokens, model_width, p.split, p.y.stride(0),
+        HAS_BIAS=p.b_down is not None, SPLIT_PAD=_next_pow2(p.split), BLOCK=p.cfg.finish_block,
+        PDL=p.pdl, **_pdl_kwargs(p),
+    )
 
 
 def sparse_ffn_triton(
@@ -218,49 +359,11 @@ def sparse_ffn_triton(
     Inputs must already be validated (see ``lte.kernels.sparse_ffn``): contiguous, same device
     and dtype for x and the weights.
     """
-    num_tokens, model_width = x.shape  # B, D
-    ffn_width = w_up.shape[0]  # F
-    if num_tokens > MAX_TOKENS:
-        raise ValueError(f"the decode kernels take at most {MAX_TOKENS} tokens, got {num_tokens}")
-    cfg = config or default_config(num_tokens, model_width, ffn_width)
-    use_dot = cfg.use_dot if cfg.use_dot is not None else num_tokens > DOT_MIN_TOKENS
-    b_pad = max(16, _next_pow2(num_tokens)) if use_dot else _next_pow2(num_tokens)
-    dot_prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    mask_u8 = mask.view(torch.uint8)  # [B, E], bool -> bytes without a copy
-    device = x.device
-
-    h = torch.empty(num_tokens, ffn_width, device=device, dtype=torch.float32)  # [B, F] scratch
-    _ffn_in_kernel[(triton.cdiv(ffn_width, cfg.in_block_f),)](
-        x, mask_u8, w_gate if w_gate is not None else w_up, w_up, b_up if b_up is not None else w_up, h,
-        num_tokens, model_width, ffn_width, expert_size,
-        x.stride(0), mask_u8.stride(0), h.stride(0),
-        GATED=w_gate is not None, HAS_BIAS=b_up is not None, ACT=_ACT_CODE[activation],
-        B_PAD=b_pad, BLOCK_F=cfg.in_block_f, BLOCK_K=cfg.in_block_k,
-        USE_DOT=use_dot, DOT_PREC=dot_prec,
-        num_warps=cfg.in_warps, num_stages=cfg.in_stages,
-    )
-
-    row_blocks = triton.cdiv(ffn_width, cfg.out_block_r)
-    split = max(1, min(cfg.out_split, row_blocks))
-    rows_per_split = triton.cdiv(row_blocks, split) * cfg.out_block_r
-    split = triton.cdiv(ffn_width, rows_per_split)  # drop empty slices
-    part = torch.empty(split, num_tokens, model_width, device=device, dtype=torch.float32)  # [SPLIT, B, D]
-    _ffn_out_kernel[(triton.cdiv(model_width, cfg.out_block_d), split)](
-        h, mask_u8, w_down_t, part,
-        num_tokens, model_width, ffn_width, expert_size, rows_per_split,
-        h.stride(0), mask_u8.stride(0),
-        B_PAD=b_pad, BLOCK_R=cfg.out_block_r, BLOCK_D=cfg.out_block_d,
-        USE_DOT=use_dot, DOT_PREC=dot_prec,
-        num_warps=cfg.out_warps, num_stages=cfg.out_stages,
-    )
-
-    y = torch.empty(num_tokens, model_width, device=device, dtype=x.dtype)  # [B, D]
-    _ffn_finish_kernel[(triton.cdiv(model_width, cfg.finish_block), num_tokens)](
-        part, b_down if b_down is not None else part, y,
-        num_tokens, model_width, split, y.stride(0),
-        HAS_BIAS=b_down is not None, BLOCK=cfg.finish_block,
-    )
-    return y
+    p = plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, config)
+    launch_in(p)
+    launch_out(p)
+    launch_finish(p)
+    return p.y
 
 
 @triton.jit
@@ -301,13 +404,13 @@ def router_mask_triton(x: torch.Tensor, w_router: torch.Tensor, threshold: float
     out = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
     out_u8 = out.view(torch.uint8)
     b_pad = _next_pow2(num_tokens)
-    block_e = 8 if b_pad <= 4 else 4
-    block_k = max(32, 1024 // b_pad) if b_pad <= 4 else 64
+    block_e = 2  # many small programs: the router is latency-bound, not bandwidth-bound
+    block_k = max(64, 2048 // b_pad)
     _router_mask_kernel[(triton.cdiv(num_exp, block_e),)](
         x, w_router, out_u8,
         num_tokens, model_width, num_exp, threshold,
         x.stride(0), out_u8.stride(0),
         B_PAD=b_pad, BLOCK_E=block_e, BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=8,
     )
     return out
