@@ -1,0 +1,177 @@
+"""`lte baseline`, `lte sweep` and `lte study`: the baselines and the study from the command line.
+
+    lte baseline --method teal --model smollm2-135m --task causal-lm --target-sparsity 0.5 \\
+        --calib-data ../shared/data/lm/wikitext2_tok_valid.txt --eval-data ../shared/data/lm/wikitext2_tok_test.txt \\
+        --out runs/teal50
+    lte sweep --method lte,teal,cats --targets 0.3,0.5,0.7,0.9 --task causal-lm --model smollm2-135m \\
+        --data ../shared/data/lm/wikitext2_tok_valid.txt --eval-data ../shared/data/lm/wikitext2_tok_test.txt --out runs/sweep
+    lte study configs/study/wikitext2-smollm2.yaml --out runs/study/wikitext2-smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_baseline_commands"]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.3,0.5,0.7, got {text!r}") from err
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`--set dense.max_steps=50 --set train.lr=1e-4` -> nested dict (values parsed as YAML)."""
+    import yaml
+
+    from ..errors import LTEError
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LTEError(f"--set takes key=value (e.g. train.max_steps=50), got {item!r}")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a study setting, e.g. train.max_steps=50 or calib.tokens=4096 (repeatable)")
+    p.add_argument("--tiny", action="store_true", help="tiny budgets (a CPU smoke run)")
+
+
+def add_baseline_commands(sub) -> None:
+    """Register `baseline`, `sweep` and `study` on the `lte` command's subparsers."""
+    from .methods import METHODS
+    from .sweep import KINDS
+
+    p = sub.add_parser("baseline", help="build one baseline (TEAL, CATS, MoEfication, Deja Vu, random top-k)",
+                       description="Apply a baseline to a model at a target sparsity, optionally evaluate and save it.")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--model", required=True, help="model folder, embedded name (smollm2-135m, minilm, mpnet) or hub name")
+    p.add_argument("--task", default="causal-lm", choices=KINDS)
+    p.add_argument("--glue-task", help="GLUE task for --task classification")
+    p.add_argument("--target-sparsity", type=float, default=0.5)
+    p.add_argument("--calib-data", required=True, help="data to calibrate / train predictors on (task format)")
+    p.add_argument("--eval-data", help="evaluate on this data after building")
+    p.add_argument("--out", help="save the baseline model here")
+    _add_common(p)
+    p.set_defaults(func=run_baseline)
+
+    p = sub.add_parser("sweep", help="quality vs FFN sparsity of methods over targets, with plots",
+                       description="Run methods over sparsity targets on one task; writes CSV/JSON and PNG plots.")
+    p.add_argument("--method", required=True, type=_names, help="comma list: lte," + ",".join(METHODS))
+    p.add_argument("--targets", type=_floats, default=[0.3, 0.5, 0.7, 0.9], help="comma list of target sparsities")
+    p.add_argument("--etas", type=_floats, help="LTE: sweep eta values instead of targets")
+    p.add_argument("--task", required=True, choices=KINDS)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="training / calibration data")
+    p.add_argument("--eval-data", help="evaluation data (default: a held-out part of --data, or GLUE dev)")
+    p.add_argument("--glue-task")
+    p.add_argument("--config", help="YAML with study settings (flags override it)")
+    p.add_argument("--out", required=True)
+    _add_common(p)
+    p.set_defaults(func=run_sweep_command)
+
+    p = sub.add_parser("study", help="run a study config (every method, every target) and plot it",
+                       description="Run configs/study/<task>.yaml: all methods over its targets, results + plots.")
+    p.add_argument("config", help="study YAML, e.g. configs/study/sst2-minilm.yaml")
+    p.add_argument("--out", help="output folder (default: the config's `out` or runs/study/<name>)")
+    p.add_argument("--methods", type=_names, help="only these methods (comma list)")
+    p.add_argument("--targets", type=_floats, help="override the targets (comma list)")
+    _add_common(p)
+    p.set_defaults(func=run_study_command)
+
+
+def run_baseline(args: argparse.Namespace) -> int:
+    from .methods import apply_baseline
+    from .sweep import TINY, merge, prepare_dense, setup_task
+
+    settings = _parse_set(args.set)
+    if args.tiny:
+        settings = merge(TINY, settings)
+    if args.glue_task:
+        settings["glue_task"] = args.glue_task
+    settings.setdefault("dense", {})["max_steps"] = settings.get("dense", {}).get("max_steps", 0)
+    setup = setup_task(args.task, args.model, args.calib_data, args.eval_data, settings=settings)
+    dense = prepare_dense(setup, args.out or "runs/baseline")
+    options = setup.settings["method_options"].get(args.method, {})
+    train = {}
+    if args.method in ("dejavu-ft", "random-topk"):
+        from .sweep import _ft_args
+
+        train = {"train_data": setup.train_data, "tokenizer": setup.tokenizer, "finetune_args": _ft_args(setup),
+                 "out_dir": str(Path(args.out or "runs/baseline") / "finetune")}
+    model = apply_baseline(dense, args.method, args.target_sparsity, calib_data=setup.calib, **train, **options)
+    report: dict[str, Any] = {"method": args.method, "target_sparsity": args.target_sparsity}
+    if args.eval_data:
+        result = setup.evaluate(model)
+        report["eval"] = {k: v for k, v in result.items() if k not in ("samples",)}
+    else:
+        import torch
+
+        with torch.no_grad():
+            model.reset_lte_stats()
+            device = next(model.parameters()).device
+            for batch in setup.calib:
+                model(**{k: v.to(device) for k, v in batch.items()})
+        stats = model.lte_stats(accumulated=True)
+        report["calibration_stats"] = {k: v for k, v in stats.items() if k != "union_sparsity"}
+    if args.out:
+        model.save_pretrained(args.out)
+        setup.tokenizer.save_pretrained(args.out)
+        (Path(args.out) / "baseline_report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from .sweep import load_study_config, merge, run_study
+
+    cfg = load_study_config(args.config) if args.config else {}
+    cfg = merge(cfg, {"task": args.task, "model": args.model, "data": args.data, "methods": args.method,
+                      "targets": args.targets, "name": cfg.get("name", Path(args.out).name)})
+    if args.eval_data:
+        cfg["eval_data"] = args.eval_data
+    if args.glue_task:
+        cfg["glue_task"] = args.glue_task
+    if args.etas:
+        cfg = merge(cfg, {"lte": {"knob": "eta"}, "lte_etas": args.etas})
+    cfg = merge(cfg, _parse_set(args.set))
+    return _report(run_study(cfg, args.out, tiny=args.tiny))
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from .sweep import load_study_config, merge, run_study
+
+    cfg = merge(load_study_config(args.config), _parse_set(args.set))
+    return _report(run_study(cfg, args.out, tiny=args.tiny, methods=args.methods, targets=args.targets))
+
+
+def _report(summary: dict[str, Any]) -> int:
+    """Print a short table: per method, the (sparsity, quality) points and GFLOPs within tolerance."""
+    print(f"{summary['name']}: {summary['metric']} ({'higher' if summary['higher_is_better'] else 'lower'} "
+          f"is better), dense {summary['dense_quality']:.4g}, {summary['dense_gflops_per_token']:.4g} GFLOPs/token, "
+          f"{summary['seconds']:.0f} s on {summary['device']}")
+    for method, row in summary["methods"].items():
+        pts = "  ".join(f"{100 * s:.0f}%:{q:.4g}" for s, q in row["points"])
+        tol = row["gflops_within_tolerance"]
+        print(f"  {method:18s} {pts}   within tolerance: {'-' if tol is None else f'{tol:.4g} GFLOPs/token'}")
+    for method, err in summary.get("failures", {}).items():
+        print(f"  {method:18s} FAILED: {err}")
+    print("plots: " + ", ".join(summary.get("plots", {}).values()))
+    return 1 if summary.get("failures") else 0

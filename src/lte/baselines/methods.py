@@ -1,0 +1,414 @@
+"""The baselines: how each one is built, calibrated or trained on a plain HF model.
+
+    model = apply_baseline(hf_model, "teal", target_sparsity=0.5, calib_data=batches)
+    model(**batch); model.lte_stats()
+
+| method | rule | needs |
+|---|---|---|
+| teal | |x| thresholds on the inputs of gate/up (W1) and down, one pair per layer | calib_data |
+| cats | |act(gate)| threshold per layer; neurons under it skip up and down | calib_data |
+| moefication | k-means experts (as LTE), a trained MLP router, top-k experts | calib_data |
+| moefication-oracle | k-means experts, top-k by true expert mass sum |h| | nothing |
+| dejavu | a low-rank predictor per layer, top-k neurons | calib_data |
+| dejavu-ft | dejavu, then fine-tuning the model with its masks on | calib_data, train_data |
+| random-topk | LTE conversion with frozen random routers, top-k experts, fine-tuning | train_data (optional) |
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LTEError
+from .model import BaselineModel, _check_target, group_ffn, make_predictor, spec_of, wrap_ffns
+from .wrappers import quantile
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("teal", "cats", "moefication", "moefication-oracle", "dejavu", "dejavu-ft", "random-topk")
+_ALIASES = {"moefication-mlp": "moefication", "deja-vu": "dejavu", "dejavu+ft": "dejavu-ft",
+            "random": "random-topk", "random-routers": "random-topk"}
+
+
+def canonical_method(method: str) -> str:
+    key = str(method).strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in METHODS:
+        raise LTEError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    return key
+
+
+# --------------------------------------------------------------------------- calibration data
+def as_batches(data: Any, batch_size: int = 8, max_tokens: int | None = None, pad_token_id: int = 0) -> list[dict]:
+    """Calibration data as a list of batches {input_ids, attention_mask, ...}.
+
+    `data`: a list/iterable of batch dicts, a torch Dataset of examples (dicts, padded here), a
+    DataLoader, or an input_ids tensor [B, L]. `max_tokens` stops once that many real tokens are in.
+    """
+    if data is None:
+        raise LTEError("this baseline needs calibration data: pass calib_data (batches, a Dataset or input_ids)")
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2:
+            raise LTEError(f"calibration input_ids must be [batch, length], got {tuple(data.shape)}")
+        data = [{"input_ids": data, "attention_mask": torch.ones_like(data)}]
+    elif isinstance(data, dict):
+        data = [data]
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and len(data) and not _is_batch(data[0]):
+        from ..data import pad_collate
+
+        collate = pad_collate(pad_token_id=getattr(data, "pad_token_id", None) or pad_token_id)
+        dataset = data
+        data = (collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+                for i in range(0, len(dataset), batch_size))
+    batches, tokens = [], 0
+    for batch in data:
+        if not _is_batch(batch):
+            raise LTEError(f"calibration batches must be dicts with input_ids [B, L]; got {type(batch).__name__}")
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        batches.append(batch)
+        mask = batch.get("attention_mask")
+        tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else batch["input_ids"].numel()
+        if max_tokens is not None and tokens >= max_tokens:
+            break
+    if not batches:
+        raise LTEError("the calibration data is empty")
+    return batches
+
+
+def _is_batch(item: Any) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("input_ids"), torch.Tensor) and item["input_ids"].dim() == 2
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _run(model: BaselineModel, batches: list[dict]) -> None:
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    tracking, model.track_stats = model.track_stats, False
+    try:
+        for batch in batches:
+            model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        model.track_stats = tracking
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- thresholds (TEAL, CATS)
+def calibrate_thresholds(model: BaselineModel, batches: list[dict], target: float, sequential: bool = True) -> None:
+    """Set each layer's thresholds to the `target` quantile of the magnitudes it sees.
+
+    sequential=True calibrates layer by layer with the earlier layers already sparse (so each
+    layer sees the inputs it will get; one pass over the data per layer); False calibrates every
+    layer on the dense model's activations in one pass.
+    """
+    _check_target(target)
+    sparsifiers = model.sparsifiers()
+    groups = [[s] for s in sparsifiers] if sequential else [sparsifiers]
+    for group in groups:
+        for s in sparsifiers:
+            s.reset_runtime()
+        for s in group:
+            s.state = "collect"
+        _run(model, batches)
+        for s in group:
+            if s.rule == "input-threshold":
+                s.x_threshold.fill_(quantile(s.samples["x"], target))
+                s.h_threshold.fill_(quantile(s.samples["h"], target))
+            else:
+                s.h_threshold.fill_(quantile(s.samples["gate"], target))
+            s.samples = {}
+            s.state = "on"
+    model.set_state("on")
+    model.target_sparsity = target
+
+
+# --------------------------------------------------------------------------- predictors (Deja Vu, MoEfication)
+@torch.no_grad()
+def record_activations(model: BaselineModel, batches: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(x [N, D], target [N, U]) per layer from the dense model: FFN inputs and |h| (neurons) or
+    expert mass sum |h| (experts), real tokens only."""
+    model.set_state("record")
+    _run(model, batches)
+    data = []
+    for s in model.sparsifiers():
+        x = torch.cat(s.records["x"]).float()
+        y = torch.cat(s.records["h"]).float()
+        data.append((x, y))
+    model.set_state("off")
+    return data
+
+
+def topk_labels(magnitude: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """1 for the `keep_fraction` largest entries of each row [N, U] (ties broken by position)."""
+    u = magnitude.shape[-1]
+    k = max(1, min(u, int(round(keep_fraction * u))))
+    labels = torch.zeros_like(magnitude)
+    labels.scatter_(-1, magnitude.topk(k, dim=-1).indices, 1.0)
+    return labels
+
+
+def train_predictor(predictor: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: str, steps: int = 300,
+                    lr: float = 1e-3, batch_size: int = 1024, seed: int = 0) -> list[float]:
+    """Fit a predictor on (x, target) rows with Adam; returns the loss of every step.
+
+    loss "bce": target is 0/1 per unit (Deja Vu: is the neuron among the largest |h|);
+    "soft-ce": target is a non-negative mass per unit, matched as a distribution (MoEfication).
+    """
+    if x.shape[0] == 0:
+        raise LTEError("no training rows for the predictor: the calibration data gave no real tokens")
+    device = next(predictor.parameters()).device
+    x, target = x.to(device), target.to(device)
+    if loss == "soft-ce":
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    opt = torch.optim.Adam(predictor.parameters(), lr=lr)
+    history = []
+    predictor.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(x.shape[0], (min(batch_size, x.shape[0]),), generator=gen).to(device)
+            logits = predictor(x[idx]).float()
+            if loss == "bce":
+                value = F.binary_cross_entropy_with_logits(logits, target[idx])
+            elif loss == "soft-ce":
+                value = -(target[idx] * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+            else:
+                raise LTEError(f"unknown predictor loss {loss!r}")
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            history.append(float(value.detach()))
+    predictor.eval()
+    return history
+
+
+def _fit_predictors(model: BaselineModel, batches: list[dict], kind: str, size: int, loss: str,
+                    keep_fraction: float | None, steps: int, lr: float, seed: int) -> list[list[float]]:
+    data = record_activations(model, batches)
+    histories = []
+    for i, (s, (x, y)) in enumerate(zip(model.sparsifiers(), data)):
+        torch.manual_seed(seed + i)
+        s.predictor = make_predictor(kind, s.hidden, s.width, s.num_units, size).to(x.device)
+        target = topk_labels(y, keep_fraction) if loss == "bce" else y
+        histories.append(train_predictor(s.predictor, x, target, loss, steps, lr, seed=seed + i))
+    return histories
+
+
+# --------------------------------------------------------------------------- the methods
+def build_teal(hf_model: nn.Module, target_sparsity: float, calib_data: Any, calib_tokens: int = 16384,
+               batch_size: int = 8, sequential: bool = True, ffn_spec: dict | None = None, **_: Any) -> BaselineModel:
+    """TEAL-style: training-free magnitude thresholds on the inputs of the FFN's linear layers."""
+    layers, ctx = wrap_ffns(hf_model, "input-threshold", spec_of(hf_model, ffn_spec))
+    model = BaselineModel(hf_model, layers, ctx, "teal", {"calib_tokens": calib_tokens, "sequential": sequential})
+    batches = as_batches(calib_data, batch_size, calib_tokens)
+    calibrate_thresholds(model, batches, target_sparsity, sequential)
+    model._calib = batches
+    return model
+
+
+def build_cats(hf_model: nn.Module, target_sparsity: float, calib_data: Any, calib_tokens: int = 16384,
+               batch_size: int = 8, sequential: bool = True, ffn_spec: dict | None = None, **_: Any) -> BaselineModel:
+    """CATS-style: a training-free threshold on |act(gate output)| per layer."""
+    spec = spec_of(hf_model, ffn_spec)
+    layers, ctx = wrap_ffns(hf_model, "gate-threshold", spec)
+    for layer in layers:  # fail early on an activation we cannot evaluate
+        from .wrappers import activation_fn
+
+        activation_fn(layer.sparsifier.activation)
+    model = BaselineModel(hf_model, layers, ctx, "cats", {"calib_tokens": calib_tokens, "sequential": sequential})
+    batches = as_batches(calib_data, batch_size, calib_tokens)
+    calibrate_thresholds(model, batches, target_sparsity, sequential)
+    model._calib = batches
+    return model
+
+
+def build_moefication(hf_model: nn.Module, target_sparsity: float, calib_data: Any = None, oracle: bool = False,
+                      expert_size: int = 32, grouping: str = "kmeans", grouping_iters: int = 15,
+                      router_hidden: int | None = None, router_steps: int = 300, router_lr: float = 1e-3,
+                      calib_tokens: int = 16384, batch_size: int = 8, seed: int = 0,
+                      ffn_spec: dict | None = None, **_: Any) -> BaselineModel:
+    """MoEfication: LTE's expert grouping, top-k experts by a trained MLP router or by the oracle."""
+    spec = spec_of(hf_model, ffn_spec)
+    from ..conversion.locate import find_ffns
+
+    sizes = [group_ffn(ffn, expert_size, grouping, seed + i, grouping_iters)
+             for i, ffn in enumerate(find_ffns(hf_model, spec))]
+    rule = "oracle-topk" if oracle else "predictor-topk"
+    layers, ctx = wrap_ffns(hf_model, rule, spec, unit_sizes=sizes)
+    name = "moefication-oracle" if oracle else "moefication"
+    options: dict[str, Any] = {"expert_size": expert_size, "grouping": grouping, "seed": seed}
+    model = BaselineModel(hf_model, layers, ctx, name, options)
+    if not oracle:
+        hidden = router_hidden or 2 * len(sizes[0])
+        batches = as_batches(calib_data, batch_size, calib_tokens)
+        model.train_losses = _fit_predictors(model, batches, "mlp", hidden, "soft-ce", None, router_steps,
+                                             router_lr, seed)
+        options.update(predictor={"kind": "mlp", "size": hidden}, router_steps=router_steps)
+        model.options = options
+    model.set_topk(target_sparsity)
+    model.set_state("on")
+    return model
+
+
+def build_dejavu(hf_model: nn.Module, target_sparsity: float, calib_data: Any, rank: int | None = None,
+                 label_sparsity: float | None = None, predictor_steps: int = 300, predictor_lr: float = 1e-3,
+                 calib_tokens: int = 16384, batch_size: int = 8, seed: int = 0, ffn_spec: dict | None = None,
+                 **_: Any) -> BaselineModel:
+    """Deja Vu: a low-rank predictor per layer (D -> r -> F) and top-k neurons; model unchanged.
+
+    The predictor learns which neurons are among the `1 - label_sparsity` largest |h| of a token
+    (default label_sparsity: the target), from the dense model's own activations.
+    """
+    spec = spec_of(hf_model, ffn_spec)
+    layers, ctx = wrap_ffns(hf_model, "predictor-topk", spec)
+    model = BaselineModel(hf_model, layers, ctx, "dejavu", {})
+    s0 = layers[0].sparsifier
+    r = rank or max(16, s0.hidden // 8)
+    label = target_sparsity if label_sparsity is None else label_sparsity
+    batches = as_batches(calib_data, batch_size, calib_tokens)
+    model.train_losses = _fit_predictors(model, batches, "lowrank", r, "bce", 1.0 - label, predictor_steps,
+                                         predictor_lr, seed)
+    model.options = {"predictor": {"kind": "lowrank", "size": r}, "label_sparsity": label,
+                     "predictor_steps": predictor_steps, "seed": seed}
+    model.set_topk(target_sparsity)
+    model.set_state("on")
+    return model
+
+
+def build_random_topk(hf_model: nn.Module, target_sparsity: float, expert_size: int = 32, grouping: str = "kmeans",
+                      seed: int = 0, grouping_iters: int = 15, **_: Any):
+    """The paper's stage-1 ablation: LTE conversion, frozen random routers, top-k experts (an LTEModel)."""
+    import lte
+
+    _check_target(target_sparsity)
+    cfg = lte.LTEConfig(expert_size=expert_size, grouping=grouping, seed=seed, grouping_iters=grouping_iters)
+    lmodel = lte.get_lte_model(hf_model, cfg, progress=False)
+    experts = lmodel.lte_layers()[0].router.out_features
+    k = int(round((1.0 - target_sparsity) * experts))
+    lmodel.lte_config.topk = k
+    lmodel.freeze_routers(True)
+    lmodel.set_routing("topk", k=k)
+    lmodel.stage = "random-topk"
+    return lmodel
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def finetune(model: nn.Module, train_data: Any, tokenizer, out_dir: str, **train_args: Any) -> dict[str, Any]:
+    """Fine-tune a baseline model (its masks on, predictors/routers frozen) with `LTETrainer`.
+
+    `train_data`: a torch Dataset of examples ({input_ids, attention_mask, labels}).
+    `train_args`: `lte.training.TrainArgs` fields (max_steps, lr, batch_size, ...).
+    Returns {"steps", "seconds", "train_loss"}.
+    """
+    import time
+
+    from ..training.stages import TrainArgs, make_collator, training_arguments
+    from ..training.trainer import LTETrainer
+
+    hp = TrainArgs.from_dict({"save_steps": 10**9, "report_to": "none", "progress": False, **train_args})
+    if isinstance(model, BaselineModel):
+        model.freeze_predictors(True)
+    elif hasattr(model, "freeze_routers"):
+        model.freeze_routers(True)
+    args = training_arguments(_as_path(out_dir), hp)
+    trainer = LTETrainer(model=model, args=args, train_dataset=train_data, data_collator=make_collator(tokenizer),
+                         processing_class=tokenizer, jsonl_log="train_log.jsonl")
+    start = time.perf_counter()
+    result = trainer.train()
+    model.eval()
+    return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - start,
+            "train_loss": result.metrics.get("train_loss")}
+
+
+def _as_path(out_dir: Any):
+    from pathlib import Path
+
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- entry point
+_BUILDERS = {
+    "teal": build_teal,
+    "cats": build_cats,
+    "moefication": build_moefication,
+    "moefication-oracle": lambda m, t, **o: build_moefication(m, t, oracle=True, **o),
+    "dejavu": build_dejavu,
+    "dejavu-ft": build_dejavu,
+    "random-topk": build_random_topk,
+}
+
+
+def apply_baseline(hf_model: nn.Module, method: str, target_sparsity: float = 0.5, calib_data: Any = None,
+                   train_data: Any = None, tokenizer=None, finetune_args: dict | None = None,
+                   out_dir: str | None = None, **options: Any):
+    """Turn a plain HF model into a baseline model (in place) at a target sparsity.
+
+    Args:
+        hf_model: a plain Hugging Face model of a supported family (not an LTEModel).
+        method: one of METHODS (teal, cats, moefication, moefication-oracle, dejavu, dejavu-ft, random-topk).
+        target_sparsity: top-k methods keep round((1-t) * units) experts/neurons per token;
+            threshold methods zero the fraction t of the activations they threshold (calibrated).
+        calib_data: batches, a Dataset or input_ids for calibration / predictor training.
+        train_data, tokenizer, finetune_args, out_dir: fine-tuning for dejavu-ft and random-topk
+            (random-topk without train_data returns the untrained converted model).
+        options: method settings (expert_size, rank, router_hidden, calib_tokens, sequential, seed, ...).
+
+    Returns a `BaselineModel` (random-topk: an `lte.LTEModel` in topk routing), in eval mode.
+    """
+    key = canonical_method(method)
+    _check_target(target_sparsity)
+    model = _BUILDERS[key](hf_model, target_sparsity, calib_data=calib_data, **options)
+    if key in ("dejavu-ft", "random-topk") and train_data is not None:
+        if tokenizer is None or out_dir is None:
+            raise LTEError(f"{key} fine-tuning needs tokenizer=... and out_dir=...")
+        model.finetune_result = finetune(model, train_data, tokenizer, out_dir, **(finetune_args or {}))
+    elif key == "dejavu-ft":
+        raise LTEError("dejavu-ft fine-tunes the model: pass train_data=..., tokenizer=..., out_dir=...")
+    if key == "dejavu-ft":
+        model.method = "dejavu-ft"
+    model.eval()
+    return model
+
+
+def set_sparsity(model: Any, target: float, calib_data: Any = None) -> None:
+    """Move a built baseline to another target (top-k: new k; thresholds: recalibrated)."""
+    _check_target(target)
+    if isinstance(model, BaselineModel):
+        if model.sparsifiers()[0].rule.endswith("topk"):
+            model.set_topk(target)
+            model.set_state("on")
+        else:
+            batches = as_batches(calib_data) if calib_data is not None else getattr(model, "_calib", None)
+            if batches is None:
+                raise LTEError("recalibrating thresholds needs calib_data")
+            calibrate_thresholds(model, batches, target, model.options.get("sequential", True))
+        return
+    if hasattr(model, "set_routing") and getattr(model, "routing", None) == "topk":
+        e = model.lte_layers()[0].router.out_features
+        model.set_routing("topk", k=int(round((1.0 - target) * e)))
+        return
+    raise LTEError(f"cannot change the sparsity of a {type(model).__name__}")
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy (to build several baselines from one dense model)."""
+    return copy.deepcopy(model)
+
+
+def expected_topk_sparsity(target: float, units: int) -> float:
+    """The unit sparsity top-k reaches for a target: 1 - round((1-t) * units) / units."""
+    return 1.0 - int(round((1.0 - target) * units)) / units
+
+
+__all__ = ["METHODS", "apply_baseline", "as_batches", "calibrate_thresholds", "canonical_method", "copy_model",
+           "expected_topk_sparsity", "finetune", "record_activations", "set_sparsity", "topk_labels",
+           "train_predictor"]

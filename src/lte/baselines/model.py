@@ -1,0 +1,378 @@
+"""`BaselineModel`: an HF model whose FFNs follow a baseline's sparsity rule, with LTE's statistics.
+
+It has the surface of `lte.LTEModel` where the study needs it: `forward`, `lte_stats()` /
+`lte_stats(accumulated=True)` / `reset_lte_stats()` (same keys), `save_pretrained` /
+`BaselineModel.from_pretrained`, and attribute fall-through to the HF model (`generate`, `config`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..conversion.architectures import FFNSpec, spec_for
+from ..conversion.grouping import expert_sizes as make_expert_sizes
+from ..conversion.grouping import group_neurons
+from ..conversion.locate import FFNHandle, find_ffns
+from ..conversion.permute import ffn_width, in_rows, permute_input_projection, permute_output_projection
+from ..errors import LTEError
+from ..stats import linear_flops_per_token
+from .wrappers import Context, LowRankPredictor, MLPRouter, SparseInput, SparseOutput, SparseUp, Sparsifier
+
+CONFIG_NAME = "baseline_config.json"
+STATE_NAME = "baseline_state.safetensors"
+UNION_SIZES = (1, 2, 4, 8, 16)
+
+
+@dataclass
+class BaselineLayer:
+    """One wrapped FFN."""
+
+    name: str
+    sparsifier: Sparsifier
+    input: SparseInput
+    output: SparseOutput
+    up: SparseUp | None
+
+
+# --------------------------------------------------------------------------- wrapping
+def group_ffn(ffn: FFNHandle, expert_size: int, grouping: str, seed: int, n_iter: int = 15) -> list[int]:
+    """Group one FFN's neurons into experts as `lte.get_lte_model` does, and permute its weights.
+
+    Features are the gate rows (gated) or W1 rows (plain); returns the expert sizes.
+    """
+    spec = ffn.spec
+    width = ffn.width
+    rows = in_rows(ffn.input)  # [F or 2F, D]
+    feats = rows[:width] if spec.gate_up else rows
+    perm = group_neurons(feats.detach(), expert_size, method=grouping, seed=seed, n_iter=n_iter).cpu()
+    permute_input_projection(ffn.input, perm, halves=2 if spec.gate_up else 1)
+    if ffn.up is not None:
+        permute_input_projection(ffn.up, perm)
+    permute_output_projection(ffn.down, perm)
+    return make_expert_sizes(width, expert_size)
+
+
+def wrap_ffns(model: nn.Module, rule: str, spec: FFNSpec | None = None,
+              unit_sizes: list[list[int]] | None = None) -> tuple[list[BaselineLayer], Context]:
+    """Replace every FFN's projections of `model` by baseline wrappers (in place), all "off"."""
+    if any(isinstance(m, (SparseInput, SparseOutput)) for m in model.modules()):
+        raise LTEError("this model already carries baseline wrappers; start from the original model")
+    from ..routing.layers import LTEInput
+
+    if any(isinstance(m, LTEInput) for m in model.modules()):
+        raise LTEError("this model is converted by lte (LTEModel); baselines start from a plain HF model")
+    ffns = find_ffns(model, spec)
+    if unit_sizes is not None and len(unit_sizes) != len(ffns):
+        raise LTEError(f"{len(unit_sizes)} unit-size lists for {len(ffns)} FFNs")
+    context = Context()
+    layers = []
+    for i, ffn in enumerate(ffns):
+        first, down, up = ffn.input, ffn.down, ffn.up
+        width = ffn_width(down)
+        hidden = in_rows(first).shape[1]
+        sizes = unit_sizes[i] if unit_sizes is not None else None
+        s = Sparsifier(rule, ffn.spec.gated, ffn.spec.gate_up is not None, ffn.activation, hidden, width,
+                       sizes, context).to(first.weight.device)
+        lin, lout = SparseInput(first, s), SparseOutput(down, s)
+        ffn.set(ffn.spec.input_name, lin)
+        ffn.set(ffn.spec.down, lout)
+        lup = None
+        if up is not None:
+            lup = SparseUp(up, s)
+            ffn.set(ffn.spec.up, lup)
+        layers.append(BaselineLayer(ffn.name, s, lin, lout, lup))
+    return layers, context
+
+
+def make_predictor(kind: str, hidden: int, width: int, units: int, size: int) -> nn.Module:
+    """A Deja Vu low-rank predictor (kind "lowrank", size = rank) or MoEfication MLP router ("mlp")."""
+    if kind == "lowrank":
+        return LowRankPredictor(hidden, size, units)
+    if kind == "mlp":
+        return MLPRouter(hidden, size, units)
+    raise LTEError(f"unknown predictor kind {kind!r}")
+
+
+# --------------------------------------------------------------------------- the model
+class BaselineModel(nn.Module):
+    """A plain HF model with a baseline's sparsity rule in its FFNs.
+
+    Args:
+        base_model: the HF model, already wrapped (`wrap_ffns`).
+        layers, context: from `wrap_ffns`.
+        method: the baseline's name ("teal", "cats", "moefication", "dejavu", ...).
+        options: the settings it was built with (saved with the model).
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, base_model: nn.Module, layers: list[BaselineLayer], context: Context, method: str,
+                 options: dict[str, Any]) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self._layers = layers
+        self._context = context
+        self.method = method
+        self.options = dict(options)
+        self.target_sparsity: float | None = None
+        self.stage = "baseline"
+        self.track_stats = True
+        self._last: list[dict[str, Any]] = []
+        predictors = {id(m) for layer in layers if layer.sparsifier.predictor is not None
+                      for m in layer.sparsifier.predictor.modules()}
+        self._dense_flops = linear_flops_per_token(base_model, predictors)
+        self.reset_lte_stats()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---------------------------------------------------------------- state
+    def baseline_layers(self) -> list[BaselineLayer]:
+        return list(self._layers)
+
+    def sparsifiers(self) -> list[Sparsifier]:
+        return [layer.sparsifier for layer in self._layers]
+
+    @property
+    def routing(self) -> str:
+        """"dense" when the rule is off, else "topk" or "threshold" (like LTEModel.routing)."""
+        states = {s.state for s in self.sparsifiers()}
+        if states != {"on"}:
+            return "dense"
+        return "topk" if self._layers[0].sparsifier.rule.endswith("topk") else "threshold"
+
+    def set_state(self, state: str) -> BaselineModel:
+        """"on" applies the rule; "off" computes the dense model (the wrappers pass through)."""
+        for s in self.sparsifiers():
+            s.state = state
+            s.reset_runtime()
+        return self
+
+    def predictor_parameters(self) -> list[nn.Parameter]:
+        return [p for s in self.sparsifiers() if s.predictor is not None for p in s.predictor.parameters()]
+
+    def freeze_predictors(self, frozen: bool = True) -> None:
+        for p in self.predictor_parameters():
+            p.requires_grad_(not frozen)
+
+    def set_topk(self, target_sparsity: float) -> None:
+        """k = round((1 - target) * units) units per token in every layer (top-k rules)."""
+        _check_target(target_sparsity)
+        for s in self.sparsifiers():
+            s.k = int(round((1.0 - target_sparsity) * s.num_units))
+        self.target_sparsity = target_sparsity
+
+    # ---------------------------------------------------------------- forward
+    def _set_token_mask(self, kwargs: dict[str, Any], args: tuple) -> None:
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        tokens = ids.numel() if isinstance(ids, torch.Tensor) else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens == mask.numel():
+            self._context.token_mask = mask.reshape(-1) != 0
+        else:
+            self._context.token_mask = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._set_token_mask(kwargs, args)
+        for s in self.sparsifiers():
+            s.parts, s.native = [], []
+        out = self.base_model(*args, **kwargs)
+        if self.track_stats and self.routing != "dense":
+            self._record_stats()
+        return out
+
+    # ---------------------------------------------------------------- statistics
+    def reset_lte_stats(self) -> None:
+        n = len(self._layers)
+        self._acc_skip = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
+        self._acc_native = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
+        self._acc_tokens = torch.zeros((), dtype=torch.float64)
+
+    @torch.no_grad()
+    def _record_stats(self) -> None:
+        last = []
+        tokens = None
+        for i, s in enumerate(self.sparsifiers()):
+            if not s.parts:
+                raise LTEError(f"FFN {self._layers[i].name} was not called in this forward; the FFN spec does not fit")
+            parts = [(None if m is None else self._context.real(m), share) for m, share in s.parts]
+            n_tok = next((m.shape[0] for m, _ in parts if m is not None), 0)
+            skip = torch.zeros(n_tok, dtype=torch.float64, device=s.unit_sizes.device)
+            for m, share in parts:
+                if m is not None:
+                    skip += share * (1.0 - m.double().mean(-1)).to(skip.device)
+            native = torch.stack([self._context.real(v.reshape(-1, 1))[:, 0] for v in s.native]).double().mean(0)
+            self._acc_skip[i] = self._acc_skip[i].to(skip.device) + skip.sum()
+            self._acc_native[i] = self._acc_native[i].to(skip.device) + native.sum().to(skip.device)
+            last.append({"parts": parts, "skip": skip, "native": native})
+            tokens = n_tok
+        self._acc_tokens = self._acc_tokens + float(tokens or 0)
+        self._last = last
+
+    @staticmethod
+    def _union(parts: list[tuple[torch.Tensor | None, float]], batch_size: int) -> float:
+        """FFN weight reads that no token of a group of `batch_size` consecutive real tokens needs."""
+        total = 0.0
+        for m, share in parts:
+            if m is None:
+                continue
+            t = m.shape[0]
+            if t == 0:
+                return float("nan")
+            groups, b = max(t // batch_size, 1), min(batch_size, t)
+            union = m[: groups * b].reshape(groups, b, -1).any(dim=1)  # [groups, N]
+            total += share * (1.0 - union.double().mean().item())
+        return total
+
+    def _gflops(self, per_layer: list[float]) -> float:
+        flops = float(self._dense_flops)
+        for s, sp in zip(self.sparsifiers(), per_layer):
+            if self.routing != "dense":
+                flops += -s.ffn_flops() * sp + s.predictor_flops()
+        return flops / 1e9
+
+    def lte_stats(self, accumulated: bool = False) -> dict[str, Any]:
+        """FFN sparsity (fraction of FFN weight reads / FLOPs skipped) per layer and overall, GFLOPs/token.
+
+        Same keys as `LTEModel.lte_stats`, plus "method", "activation_sparsity" (the rule's own
+        measure: fraction of the thresholded activations zeroed, or of neurons not picked) and
+        "per_layer_activation_sparsity". Predictor FLOPs are counted; the oracle's are not.
+        """
+        n = len(self._layers)
+        union: dict[int, float] = {}
+        if self.routing == "dense":
+            per_layer, native = [0.0] * n, [0.0] * n
+        elif accumulated:
+            tokens = float(self._acc_tokens)
+            if tokens == 0:
+                raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
+            per_layer = [float(a) / tokens for a in self._acc_skip]
+            native = [float(a) / tokens for a in self._acc_native]
+        else:
+            if not self._last:
+                raise LTEError("no statistics yet: run a forward with the baseline on first")
+            per_layer = [float(d["skip"].mean()) if d["skip"].numel() else float("nan") for d in self._last]
+            native = [float(d["native"].mean()) if d["native"].numel() else float("nan") for d in self._last]
+            for b in UNION_SIZES:
+                union[b] = sum(self._union(d["parts"], b) for d in self._last) / n
+        return {
+            "mode": self.routing,
+            "method": self.method,
+            "ffn_sparsity": sum(per_layer) / n,
+            "per_layer": per_layer,
+            "activation_sparsity": sum(native) / n,
+            "per_layer_activation_sparsity": native,
+            "union_sparsity": union,
+            "gflops_per_token": self._gflops(per_layer),
+            "dense_gflops_per_token": self._dense_flops / 1e9,
+        }
+
+    # ---------------------------------------------------------------- save / load
+    def _plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """The HF model's state dict under its own names (wrappers and baseline state removed)."""
+        state = {}
+        for key, value in self.base_model.state_dict().items():
+            if ".sparsifier." in key:
+                continue
+            state[key.replace(".base_layer.", ".")] = value
+        return state
+
+    def _baseline_state(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for i, s in enumerate(self.sparsifiers()):
+            for key, value in s.state_dict().items():
+                state[f"layers.{i}.{key}"] = value.detach().contiguous().cpu()
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+        """HF model files (weights as the baseline uses them, e.g. permuted for MoEfication) +
+        `baseline_config.json` + `baseline_state.safetensors` (thresholds, predictors, k)."""
+        from safetensors.torch import save_file
+
+        target = Path(save_directory)
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.base_model.save_pretrained(tmp, state_dict=self._plain_state_dict())
+        save_file(self._baseline_state(), str(tmp / STATE_NAME))
+        s0 = self._layers[0].sparsifier
+        meta = {
+            "lte_version": __version__,
+            "method": self.method,
+            "rule": s0.rule,
+            "options": _jsonable(self.options),
+            "target_sparsity": self.target_sparsity,
+            "k": [s.k for s in self.sparsifiers()],
+            "unit_sizes": [s.unit_sizes.tolist() for s in self.sparsifiers()],
+            "predictor": self.options.get("predictor"),
+            "architecture": (getattr(self.base_model.config, "architectures", None)
+                             or [type(self.base_model).__name__])[0],
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs: Any) -> BaselineModel:
+        """Load a `save_pretrained` directory (HF keyword arguments such as dtype pass through)."""
+        import transformers
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / CONFIG_NAME).is_file():
+            raise LTEError(f"{d} has no {CONFIG_NAME}: not a saved baseline model")
+        meta = json.loads((d / CONFIG_NAME).read_text())
+        model_cls = getattr(transformers, meta["architecture"], None)
+        if model_cls is None:
+            raise LTEError(f"{d} holds a {meta['architecture']}, which this transformers version lacks")
+        base = model_cls.from_pretrained(d, **hf_kwargs)
+        unit_sizes = meta["unit_sizes"]
+        layers, context = wrap_ffns(base, meta["rule"], unit_sizes=unit_sizes)
+        pred = meta.get("predictor")
+        for layer in layers:
+            s = layer.sparsifier
+            if pred:
+                s.predictor = make_predictor(pred["kind"], s.hidden, s.width, s.num_units, pred["size"]).to(
+                    s.unit_sizes.device)
+        state = load_file(str(d / STATE_NAME))
+        for i, layer in enumerate(layers):
+            prefix = f"layers.{i}."
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            layer.sparsifier.load_state_dict(sub)
+            layer.sparsifier.k = meta["k"][i]
+        model = cls(base, layers, context, meta["method"], meta.get("options", {}))
+        model.target_sparsity = meta.get("target_sparsity")
+        model.set_state("on")
+        return model
+
+
+def _check_target(target: float) -> None:
+    if not isinstance(target, (int, float)) or not 0.0 <= float(target) < 1.0:
+        raise LTEError(f"target sparsity must be a fraction in [0, 1), got {target!r}")
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, type(None), list, dict))}
+
+
+def spec_of(model: nn.Module, ffn_spec: dict[str, Any] | None = None) -> FFNSpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise LTEError(f"expected a Hugging Face model with a .config.model_type, got {type(model).__name__}")
+    return spec_for(model_type, ffn_spec)

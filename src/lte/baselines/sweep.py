@@ -1,0 +1,690 @@
+"""Sweeps: quality against FFN sparsity for LTE and every baseline, on one task, and the plots.
+
+    points = run_sweep("teal", [0.3, 0.5, 0.7, 0.9], "causal-lm", "smollm2-135m",
+                       "../shared/data/lm/wikitext2_tok_valid.txt", "runs/study/teal",
+                       eval_data="../shared/data/lm/wikitext2_tok_test.txt")
+    report = run_study("configs/study/wikitext2-smollm2.yaml")   # every method, CSV/JSON + PNGs
+
+Every method starts from the same dense model (fine-tuned on the task first unless
+`dense.max_steps` is 0), sees the same calibration / training data, and is scored by the same
+evaluator; the methods that train (lte, dejavu-ft, random-topk) get the same number of steps
+(LTE: stage 1 + stage 2; the others: that sum in one fine-tuning run).
+
+Task kinds: "classification" (GLUE TSV, metric per task), "causal-lm" (perplexity, lower is
+better), "generation" (XSum JSONL or E2E text, ROUGE-L), "instruction" (Alpaca-style training,
+multiple-choice accuracy on PIQA/BoolQ/... JSONL files).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LTEError
+from .methods import METHODS, apply_baseline, as_batches, canonical_method, finetune, set_sparsity
+
+logger = logging.getLogger(__name__)
+
+ALL_METHODS = ("lte",) + METHODS
+KINDS = ("classification", "causal-lm", "generation", "instruction")
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "glue_task": None,
+    "generation_format": None,  # generation: "xsum" (JSONL) or "e2e" (text); default from the suffix
+    "expert_size": 32,
+    "grouping": "kmeans",
+    "dense": {"max_steps": 200, "lr": 5e-5, "batch_size": 16},  # max_steps 0: use the model as it is
+    "train": {"max_steps": 100, "lr": 5e-5, "batch_size": 16},  # per LTE stage; fine-tuned baselines get 2x
+    "lte": {"knob": "target", "eta": 0.5, "router_lr": 1e-3, "stage1": {}, "stage2": {}},
+    "calib": {"tokens": 16384, "batch_size": 8},
+    "prep": {"max_length": 128, "block_size": 256, "max_tokens": None, "max_examples": None, "holdout": 0.2},
+    "eval": {"batch_size": 16, "max_tokens": 32768, "max_examples": None, "max_new_tokens": 48,
+             "max_source_tokens": 384, "mc_files": [], "mc_max_examples": 200},
+    "method_options": {},  # per-method options for apply_baseline, e.g. {dejavu: {rank: 64}}
+    "profile_target": 0.7,
+    "keep_models": False,
+}
+
+#: Overrides that make a study tiny (CPU smoke runs and tests).
+TINY: dict[str, Any] = {
+    "dense": {"max_steps": 2, "batch_size": 2},
+    "train": {"max_steps": 2, "batch_size": 2},
+    "calib": {"tokens": 256, "batch_size": 8},
+    "prep": {"max_examples": 16, "max_tokens": 4096, "block_size": 32},
+    "eval": {"batch_size": 2, "max_tokens": 256, "max_examples": 4, "max_new_tokens": 4, "mc_max_examples": 4},
+    "method_options": {"moefication": {"router_steps": 5, "grouping_iters": 2},
+                "moefication-oracle": {"grouping_iters": 2},
+                "dejavu": {"predictor_steps": 5}, "dejavu-ft": {"predictor_steps": 5},
+                "random-topk": {"grouping_iters": 2}},
+}
+
+CSV_FIELDS = ("task", "method", "knob", "target", "eta", "ffn_sparsity", "activation_sparsity", "quality", "metric",
+              "higher_is_better", "gflops_per_token", "dense_gflops_per_token", "union_sparsity_16",
+              "train_seconds", "build_seconds", "eval_seconds", "train_steps", "seed")
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Recursive dict update (a copy): nested sections are merged, other values replaced."""
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# --------------------------------------------------------------------------- the task
+@dataclass
+class TaskSetup:
+    """Everything a sweep needs about one task: data, evaluator, dense model."""
+
+    kind: str
+    name: str
+    tokenizer: Any
+    train_data: Any  # a torch Dataset of {input_ids, attention_mask, labels}
+    calib: list[dict]
+    evaluate: Callable[[nn.Module], dict[str, Any]]  # returns the evaluator's dict with "quality"
+    metric: str
+    higher_is_better: bool
+    settings: dict[str, Any]
+    model_source: Any = None
+    num_labels: int = 2
+    dense: nn.Module | None = None
+    dense_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stage_task(self) -> str:
+        """The task name `lte.training.train_stage` knows."""
+        return {"generation": "instruction"}.get(self.kind, self.kind)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_tokenizer(model: Any):
+    from ..training.stages import _load_tokenizer, _model_source
+
+    return _load_tokenizer(_model_source(model))
+
+
+def _generation_pairs(path: Any, fmt: str | None) -> tuple[list[tuple[str, Any]], str]:
+    from ..data import load_e2e, load_xsum
+
+    fmt = fmt or ("e2e" if str(path).endswith(".txt") else "xsum")
+    if fmt == "e2e":
+        return load_e2e(path, group=True), fmt
+    if fmt == "xsum":
+        return load_xsum(path), fmt
+    raise LTEError(f"unknown generation format {fmt!r}; use 'xsum' (JSONL) or 'e2e' (text)")
+
+
+def _generation_train_set(pairs, tokenizer, template: str, max_length: int, max_source_tokens: int):
+    """Prompt + reference examples with the loss on the reference only (one per reference)."""
+    from ..data.instructions import InstructionDataset, encode_instruction
+    from ..evaluation.generation import truncate_tokens
+
+    examples, records = [], []
+    for source, refs in pairs:
+        prompt = template.format(source=truncate_tokens(source, tokenizer, max_source_tokens))
+        for ref in [refs] if isinstance(refs, str) else refs:
+            enc = encode_instruction(prompt, " " + ref, tokenizer, max_length)
+            if enc is not None:
+                examples.append(enc)
+                records.append((prompt, ref))
+    if not examples:
+        raise LTEError("no generation training example fits in data.max_length; raise it")
+    return InstructionDataset(examples, records)
+
+
+def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenizer=None,
+               settings: dict[str, Any] | None = None, name: str | None = None) -> TaskSetup:
+    """Load the task's data and build its evaluator (see the module docstring for the kinds)."""
+    from .. import evaluation
+    from ..data import PROMPT_TEMPLATES, load_glue, load_instructions, load_mcqa, load_text_lm
+
+    if kind not in KINDS:
+        raise LTEError(f"unknown task kind {kind!r}; choose one of {', '.join(KINDS)}")
+    cfg = merge(DEFAULTS, settings)
+    dcfg, ecfg = cfg["prep"], cfg["eval"]
+    if tokenizer is None:
+        if isinstance(model, nn.Module):
+            raise LTEError("pass tokenizer=... together with a model object")
+        tokenizer = _load_tokenizer(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    bs = ecfg["batch_size"]
+    num_labels = 2
+    if kind == "classification":
+        task = cfg.get("glue_task")
+        if not task:
+            raise LTEError("classification sweeps need glue_task (sst2, mrpc, rte, cola, stsb, ...)")
+        train = data if not isinstance(data, (str, Path)) else load_glue(
+            task, data, tokenizer, "train", dcfg["max_length"], dcfg["max_examples"])
+        dev = eval_data if eval_data is not None and not isinstance(eval_data, (str, Path)) else load_glue(
+            task, eval_data or data, tokenizer, "dev", dcfg["max_length"], ecfg["max_examples"])
+        num_labels = dev.num_labels
+
+        def evaluate(m):
+            r = evaluation.evaluate_glue(m, dev, batch_size=bs, progress=False)
+            return {**r, "quality": r["score"]}
+        metric, higher = dev.metric, True
+    elif kind == "causal-lm":
+        if isinstance(data, (str, Path)):
+            if eval_data is None:
+                train, held = load_text_lm(data, tokenizer, dcfg["block_size"], dcfg["max_tokens"],
+                                           split_ratio=dcfg["holdout"])
+            else:
+                train = load_text_lm(data, tokenizer, dcfg["block_size"], dcfg["max_tokens"])
+        else:
+            train = data
+        if eval_data is not None:
+            held = eval_data if not isinstance(eval_data, (str, Path)) else load_text_lm(
+                eval_data, tokenizer, block_size=2, pad_to_block=True)
+        elif not isinstance(data, (str, Path)):
+            raise LTEError("pass eval_data with a dataset object for a causal-lm sweep")
+        window = ecfg.get("window") or dcfg["block_size"]
+
+        def evaluate(m):
+            r = evaluation.perplexity(m, held, max_length=window, stride=window, batch_size=bs,
+                                      max_tokens=ecfg["max_tokens"], progress=False)
+            return {**r, "quality": r["perplexity"]}
+        metric, higher = "perplexity", False
+    elif kind == "generation":
+        pairs, fmt = _generation_pairs(data, cfg.get("generation_format"))
+        if eval_data is not None:
+            eval_pairs, _ = _generation_pairs(eval_data, fmt)
+            train_pairs = pairs
+        else:
+            cut = int(len(pairs) * (1 - dcfg["holdout"]))
+            train_pairs, eval_pairs = pairs[:cut], pairs[cut:]
+        if dcfg["max_examples"]:
+            train_pairs = train_pairs[: dcfg["max_examples"]]
+        template = PROMPT_TEMPLATES[fmt]
+        train = _generation_train_set(train_pairs, tokenizer, template, dcfg["max_length"], ecfg["max_source_tokens"])
+
+        def evaluate(m):
+            r = evaluation.evaluate_generation(m, tokenizer, eval_pairs, template, ecfg["max_new_tokens"], bs,
+                                               max_source_tokens=ecfg["max_source_tokens"],
+                                               max_examples=ecfg["max_examples"], progress=False)
+            return {**r, "quality": r["rougeL"]}
+        metric, higher = "rougeL", True
+    else:  # instruction
+        train = data if not isinstance(data, (str, Path)) else load_instructions(
+            data, tokenizer, dcfg["max_length"], dcfg["max_examples"])
+        files = list(ecfg["mc_files"] or ([eval_data] if eval_data else []))
+        if not files:
+            raise LTEError("instruction sweeps need eval.mc_files (PIQA, BoolQ, ... JSONL files)")
+        sets = {Path(f).stem: load_mcqa(f, ecfg["mc_max_examples"]) for f in files}
+
+        def evaluate(m):
+            per = {k: evaluation.multiple_choice_accuracy(m, tokenizer, v, batch_size=bs, progress=False)
+                   for k, v in sets.items()}
+            first = next(iter(per.values()))
+            stats = {k: first[k] for k in ("ffn_sparsity", "per_layer_sparsity", "gflops_per_token",
+                                           "dense_gflops_per_token", "routing") if k in first}
+            acc = {k: v["accuracy"] for k, v in per.items()}
+            return {"per_set": acc, "quality": sum(acc.values()) / len(acc), **stats}
+        metric, higher = "mc_accuracy", True
+    calib = as_batches(train, cfg["calib"]["batch_size"], cfg["calib"]["tokens"],
+                       pad_token_id=tokenizer.pad_token_id or 0)
+    return TaskSetup(kind, name or kind, tokenizer, train, calib, evaluate, metric, higher, cfg,
+                     model_source=model, num_labels=num_labels)
+
+
+# --------------------------------------------------------------------------- dense model
+def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
+    """The shared dense starting point: fine-tuned on the task (unless dense.max_steps is 0), cached."""
+    if setup.dense is not None:
+        return setup.dense
+    from ..data.zoo import ensure_pad_token, resolve_model
+    from ..training import train_stage
+    from ..training.stages import is_stage_complete
+
+    out = Path(out_dir) / "dense"
+    hp = _train_hp(setup.settings, setup.settings["dense"])
+    source = setup.model_source
+    head = "classification" if setup.kind == "classification" else "causal-lm"
+    start = time.perf_counter()
+    if is_stage_complete(out, "dense"):
+        model, _ = resolve_model(out, task=head, num_labels=setup.num_labels)
+        setup.dense_info = {"reused": str(out)}
+    else:
+        if isinstance(source, nn.Module):
+            model = source
+        else:
+            model, _ = resolve_model(source, task=head, num_labels=setup.num_labels)
+        ensure_pad_token(model, setup.tokenizer)
+        if hp.get("max_steps", 0) > 0:
+            record = train_stage("dense", model, setup.stage_task, setup.train_data, out,
+                                 tokenizer=setup.tokenizer, **hp)
+            model = record["trainer"].model
+            setup.dense_info = {"steps": record["global_step"]}
+    model.to(_device()).eval()
+    setup.dense_info["seconds"] = time.perf_counter() - start
+    setup.dense = model
+    return model
+
+
+def _train_hp(settings: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
+    hp = {"seed": settings["seed"], "report_to": "none", "progress": False, "save_steps": 10**9,
+          "logging_steps": 10, "max_length": settings["prep"]["max_length"],
+          "block_size": settings["prep"]["block_size"]}
+    hp.update({k: v for k, v in section.items() if not isinstance(v, dict)})
+    return hp
+
+
+# --------------------------------------------------------------------------- one method
+def _point(setup: TaskSetup, method: str, knob: str, target: float, result: dict[str, Any], model: nn.Module,
+           timings: dict[str, float]) -> dict[str, Any]:
+    stats = model.lte_stats(accumulated=True) if hasattr(model, "lte_stats") and getattr(
+        model, "routing", "dense") != "dense" else None
+    sparsity = float(result.get("ffn_sparsity", 0.0))
+    point = {
+        "task": setup.name, "method": method, "knob": knob, "target": target,
+        "eta": float(model.lte_config.eta) if method == "lte" else None,
+        "ffn_sparsity": sparsity,
+        "activation_sparsity": float(stats.get("activation_sparsity", sparsity)) if stats else sparsity,
+        "quality": float(result["quality"]), "metric": setup.metric, "higher_is_better": setup.higher_is_better,
+        "gflops_per_token": float(result.get("gflops_per_token", float("nan"))),
+        "dense_gflops_per_token": float(result.get("dense_gflops_per_token", float("nan"))),
+        "per_layer": list(result.get("per_layer_sparsity") or []),
+        "union_sparsity_16": None, "seed": setup.settings["seed"], **timings,
+        "eval": {k: v for k, v in result.items() if k not in ("per_layer_sparsity", "samples")},
+    }
+    return point
+
+
+def _measure_union(model: nn.Module, batch: dict[str, torch.Tensor]) -> float | None:
+    """Union sparsity at 16 tokens on one calibration batch (what a batched kernel could skip)."""
+    if getattr(model, "routing", "dense") == "dense":
+        return None
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(**{k: v.to(device) for k, v in batch.items()})
+    return float(model.lte_stats()["union_sparsity"].get(16, float("nan")))
+
+
+def _evaluate(setup: TaskSetup, model: nn.Module) -> tuple[dict[str, Any], float]:
+    start = time.perf_counter()
+    model.eval()
+    result = setup.evaluate(model)
+    return result, time.perf_counter() - start
+
+
+def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, dict[str, float], int]:
+    """Stage 1 (eta steered to `target`, or eta = target with knob "eta") then stage 2."""
+    from ..training import train_stage
+
+    s = setup.settings
+    lcfg = s["lte"]
+    hp = _train_hp(s, s["train"])
+    hp.update(expert_size=s["expert_size"], grouping=s["grouping"], eta=lcfg["eta"])
+    hp1 = {**hp, "router_lr": lcfg.get("router_lr"), **lcfg.get("stage1", {})}
+    if lcfg["knob"] == "eta":
+        hp1["eta"] = target
+    else:
+        hp1["target_sparsity"] = target
+    model = copy.deepcopy(setup.dense)
+    start = time.perf_counter()
+    r1 = train_stage("1", model, setup.stage_task, setup.train_data, out / "stage1", tokenizer=setup.tokenizer, **hp1)
+    hp2 = {**hp, **lcfg.get("stage2", {})}
+    r2 = train_stage("2", r1["trainer"].model, setup.stage_task, setup.train_data, out / "stage2",
+                     tokenizer=setup.tokenizer, **hp2)
+    model = r2["trainer"].model
+    model.set_routing("hard")
+    return model, {"train_seconds": time.perf_counter() - start}, r1["global_step"] + r2["global_step"]
+
+
+def _ft_args(setup: TaskSetup) -> dict[str, Any]:
+    """Fine-tuning settings of dejavu-ft / random-topk: the LTE budget (two stages) in one run."""
+    s = setup.settings
+    hp = _train_hp(s, s["train"])
+    hp["max_steps"] = 2 * int(s["train"].get("max_steps", 0))
+    hp.pop("block_size", None), hp.pop("max_length", None)
+    return hp
+
+
+def run_method(setup: TaskSetup, method: str, targets: list[float], out_dir: str | Path,
+               shared: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Build/train/evaluate one method at every target on a prepared task; returns the points."""
+    method = "lte" if method == "lte" else canonical_method(method)
+    shared = shared if shared is not None else {}
+    out = Path(out_dir)
+    dense = setup.dense
+    if dense is None:
+        raise LTEError("prepare_dense(setup, out_dir) first")
+    s = setup.settings
+    options = {"expert_size": s["expert_size"], "grouping": s["grouping"], "seed": s["seed"],
+               "batch_size": s["calib"]["batch_size"], "calib_tokens": s["calib"]["tokens"],
+               **s["method_options"].get(method, {})}
+    knob = s["lte"]["knob"] if method == "lte" else "target"
+    points = []
+    reusable = None  # top-k baselines without training: build once, move k
+    for target in targets:
+        run_dir = out / method / f"t{target:g}"
+        timings: dict[str, float] = {"train_seconds": 0.0, "build_seconds": 0.0}
+        steps = 0
+        start = time.perf_counter()
+        if method == "lte":
+            model, t, steps = _train_lte(setup, target, run_dir)
+            timings.update(t)
+        elif method in ("moefication", "moefication-oracle", "dejavu"):
+            if reusable is None:
+                opts = dict(options)
+                if method == "dejavu":  # one predictor for the sweep, labels at the middle target
+                    opts.setdefault("label_sparsity", sorted(targets)[len(targets) // 2])
+                reusable = apply_baseline(copy.deepcopy(dense), method, target, calib_data=setup.calib, **opts)
+                if method == "dejavu":
+                    shared["dejavu"] = reusable
+            set_sparsity(reusable, target)
+            model = reusable
+            timings["build_seconds"] = time.perf_counter() - start
+        elif method == "dejavu-ft":
+            base = shared.get("dejavu")
+            if base is None:
+                opts = dict(options)
+                opts.setdefault("label_sparsity", sorted(targets)[len(targets) // 2])
+                base = apply_baseline(copy.deepcopy(dense), "dejavu", target, calib_data=setup.calib, **opts)
+                shared["dejavu"] = base
+            model = copy.deepcopy(base)
+            set_sparsity(model, target)
+            model.method = "dejavu-ft"
+            timings["build_seconds"] = time.perf_counter() - start
+            info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), **_ft_args(setup))
+            timings["train_seconds"], steps = info["seconds"], info["steps"]
+        elif method == "random-topk":
+            model = apply_baseline(copy.deepcopy(dense), method, target, **options)
+            timings["build_seconds"] = time.perf_counter() - start
+            info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), **_ft_args(setup))
+            timings["train_seconds"], steps = info["seconds"], info["steps"]
+            model.set_routing("topk")
+        else:  # teal, cats: calibrated per target
+            model = apply_baseline(copy.deepcopy(dense), method, target, calib_data=setup.calib, **options)
+            timings["build_seconds"] = time.perf_counter() - start
+        result, timings["eval_seconds"] = _evaluate(setup, model)
+        point = _point(setup, method, knob, target, result, model, timings)
+        point["train_steps"] = steps
+        point["union_sparsity_16"] = _measure_union(model, setup.calib[0])
+        points.append(point)
+        logger.info("%s %s=%g: sparsity %.3f %s %.4g", method, knob, target, point["ffn_sparsity"], setup.metric,
+                    point["quality"])
+        if not s["keep_models"] and run_dir.exists():
+            _drop_weights(run_dir)
+        if model is not reusable:
+            del model
+    write_points(points, out / method)
+    return points
+
+
+def _drop_weights(run_dir: Path) -> None:
+    """Remove saved weights of a finished run (keep logs and lte_stage.json)."""
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt") and path.name != "training_args.bin":
+            path.unlink()
+    for ckpt in run_dir.rglob("checkpoint-*"):
+        if ckpt.is_dir():
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def dense_point(setup: TaskSetup) -> dict[str, Any]:
+    """The dense model's quality (sparsity 0): the reference every curve is judged against."""
+    result, seconds = _evaluate(setup, setup.dense)
+    point = _point(setup, "dense", "none", 0.0, result, setup.dense, {"train_seconds": 0.0, "build_seconds": 0.0,
+                                                                      "eval_seconds": seconds})
+    point["train_steps"] = int(setup.dense_info.get("steps", 0))
+    return point
+
+
+# --------------------------------------------------------------------------- files
+def write_points(points: list[dict[str, Any]], out_dir: str | Path, stem: str = "points") -> tuple[Path, Path]:
+    """`<stem>.json` (everything) and `<stem>.csv` (one row per point, CSV_FIELDS)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, cpath = out / f"{stem}.json", out / f"{stem}.csv"
+    jpath.write_text(json.dumps(points, indent=2, default=_json_default))
+    with open(cpath, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for p in points:
+            writer.writerow({k: p.get(k) for k in CSV_FIELDS})
+    return jpath, cpath
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------- public entry points
+def run_sweep(method: str, targets_or_etas: list[float], task: str, model: Any, data: Any, out_dir: str | Path,
+              eval_data: Any = None, tokenizer=None, settings: dict[str, Any] | None = None,
+              setup: TaskSetup | None = None, shared: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Train/evaluate one method over sparsity targets (or eta values for LTE with lte.knob "eta").
+
+    Writes `<out_dir>/<method>/points.{csv,json}` and returns the points (dicts with
+    ffn_sparsity, quality, gflops_per_token, per_layer, ...). `settings` override DEFAULTS.
+    """
+    if setup is None:
+        setup = setup_task(task, model, data, eval_data, tokenizer, settings)
+    prepare_dense(setup, out_dir)
+    return run_method(setup, method, list(targets_or_etas), out_dir, shared)
+
+
+def load_study_config(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LTEError(f"study config not found: '{p}' (see configs/study/*.yaml)")
+    cfg = yaml.safe_load(p.read_text())
+    if not isinstance(cfg, dict):
+        raise LTEError(f"'{p}' must hold a mapping of settings")
+    return cfg
+
+
+def run_study(config: dict[str, Any] | str | Path, out_dir: str | Path | None = None, tiny: bool = False,
+              methods: list[str] | None = None, targets: list[float] | None = None,
+              model: Any = None, tokenizer=None) -> dict[str, Any]:
+    """Every method of a study config over its targets, then plots and a summary.
+
+    Config keys: name, task (kind), model, data, eval_data, methods, targets, lte_etas (optional,
+    used when lte.knob is "eta"), plus any DEFAULTS section. Writes `<out>/results.{json,csv}`,
+    `<out>/summary.json`, `<out>/quality_vs_sparsity.png`, `<out>/eta_vs_sparsity.png`,
+    `<out>/per_layer_sparsity.png`, `<out>/gflops_vs_quality.png`.
+    """
+    cfg = load_study_config(config) if isinstance(config, (str, Path)) else dict(config)
+    if tiny:
+        cfg = merge(cfg, TINY)
+    name = cfg.get("name", cfg.get("task", "study"))
+    out = Path(out_dir or cfg.get("out") or f"runs/study/{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in cfg.items() if k in DEFAULTS}
+    methods = list(methods or cfg.get("methods") or ALL_METHODS)
+    targets = list(targets or cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])
+    start = time.perf_counter()
+    setup = setup_task(cfg["task"], model if model is not None else cfg["model"], cfg["data"], cfg.get("eval_data"),
+                       tokenizer, settings, name)
+    prepare_dense(setup, out)
+    points = [dense_point(setup)]
+    shared: dict[str, Any] = {}
+    failures = {}
+    for method in methods:
+        knob_values = cfg.get("lte_etas") if method == "lte" and setup.settings["lte"]["knob"] == "eta" else targets
+        t0 = time.perf_counter()
+        try:
+            points += run_method(setup, method, knob_values, out, shared)
+        except Exception as err:  # one broken method must not lose the others' results
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            logger.exception("method %s failed", method)
+            failures[method] = f"{type(err).__name__}: {err}"
+        logger.info("%s done in %.1f s", method, time.perf_counter() - t0)
+        write_points(points, out, "results")
+    summary = summarise(points, setup)
+    summary.update(name=name, config=cfg, failures=failures, seconds=time.perf_counter() - start,
+                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                   torch=torch.__version__)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    plots = plot_all(points, out, setup.metric, setup.higher_is_better, setup.settings["profile_target"])
+    summary["plots"] = plots
+    return summary
+
+
+def tolerance_ok(quality: float, dense: float, metric: str, higher_is_better: bool) -> bool:
+    """Within the paper's tolerance of the dense model: perplexity +0.5; other metrics 5% relative."""
+    if metric == "perplexity":
+        return quality <= dense + 0.5
+    if higher_is_better:
+        return quality >= dense * 0.95 if dense > 0 else quality >= dense
+    return quality <= dense * 1.05
+
+
+def summarise(points: list[dict[str, Any]], setup: TaskSetup) -> dict[str, Any]:
+    """Per method: its points, and the fewest GFLOPs/token among points within tolerance of dense."""
+    dense = next(p for p in points if p["method"] == "dense")
+    table = {}
+    for method in dict.fromkeys(p["method"] for p in points if p["method"] != "dense"):
+        mine = [p for p in points if p["method"] == method]
+        ok = [p for p in mine if tolerance_ok(p["quality"], dense["quality"], setup.metric, setup.higher_is_better)]
+        best = min(ok, key=lambda p: p["gflops_per_token"]) if ok else None
+        table[method] = {
+            "points": [(round(p["ffn_sparsity"], 4), round(p["quality"], 4)) for p in mine],
+            "gflops_within_tolerance": best["gflops_per_token"] if best else None,
+            "sparsity_within_tolerance": best["ffn_sparsity"] if best else None,
+        }
+    return {"metric": setup.metric, "higher_is_better": setup.higher_is_better, "dense_quality": dense["quality"],
+            "dense_gflops_per_token": dense["gflops_per_token"], "methods": table}
+
+
+# --------------------------------------------------------------------------- plots
+def _figure(width: float = 7.0, height: float = 4.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> str:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(p)
+    return str(p)
+
+
+def plot_study(results: list[dict[str, Any]], path: str | Path, quality_name: str | None = None,
+               higher_is_better: bool | None = None, x: str = "ffn_sparsity", title: str | None = None) -> str:
+    """Quality against FFN sparsity (or `x`="gflops_per_token"), one line per method, dense dashed."""
+    if not results:
+        raise LTEError("plot_study needs at least one point")
+    quality_name = quality_name or results[0].get("metric", "quality")
+    if higher_is_better is None:
+        higher_is_better = bool(results[0].get("higher_is_better", True))
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    scale = 100.0 if x == "ffn_sparsity" else 1.0
+    for method in dict.fromkeys(p["method"] for p in results):
+        pts = [p for p in results if p["method"] == method and _finite(p.get("quality"))]
+        if method == "dense":
+            for p in pts:
+                ax.axhline(p["quality"], color="black", linestyle="--", linewidth=1, label="dense")
+            continue
+        pts.sort(key=lambda p: p[x])
+        ax.plot([scale * p[x] for p in pts], [p["quality"] for p in pts], marker="o",
+                linewidth=2.5 if method == "lte" else 1.2, label=method)
+    ax.set_xlabel("FFN sparsity (%)" if x == "ffn_sparsity" else "GFLOPs per token")
+    ax.set_ylabel(f"{quality_name} ({'higher' if higher_is_better else 'lower'} is better)")
+    ax.set_title(title or f"{results[0].get('task', '')}: {quality_name} vs {x.replace('_', ' ')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_eta(results: list[dict[str, Any]], path: str | Path) -> str | None:
+    """LTE: measured FFN sparsity and final eta against the knob (target sparsity or eta)."""
+    pts = sorted((p for p in results if p["method"] == "lte"), key=lambda p: p["target"])
+    if not pts:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    knob = pts[0]["knob"]
+    xs = [p["target"] for p in pts]
+    ax.plot(xs, [p["ffn_sparsity"] for p in pts], marker="o", color="tab:blue", label="measured FFN sparsity")
+    if knob == "target":
+        ax.plot(xs, xs, linestyle=":", color="gray", label="target")
+    ax.set_xlabel("target FFN sparsity" if knob == "target" else "eta")
+    ax.set_ylabel("FFN sparsity")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [p["eta"] for p in pts], marker="s", color="tab:red", label="eta (end of stage 1)")
+    ax2.set_ylabel("eta")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper left")
+    ax.set_title("LTE: eta vs sparsity")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_profiles(results: list[dict[str, Any]], path: str | Path, target: float = 0.7) -> str | None:
+    """Per-layer FFN sparsity of each method at the target closest to `target`."""
+    series = {}
+    for method in dict.fromkeys(p["method"] for p in results if p["method"] != "dense"):
+        pts = [p for p in results if p["method"] == method and p.get("per_layer")]
+        if pts:
+            best = min(pts, key=lambda p: abs(p["ffn_sparsity"] - target))
+            series[f"{method} ({100 * best['ffn_sparsity']:.0f}%)"] = best["per_layer"]
+    if not series:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for label, values in series.items():
+        ax.plot(range(len(values)), [100 * v for v in values], marker="o", markersize=3, label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("FFN sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"per-layer FFN sparsity near {100 * target:.0f}%")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_all(points: list[dict[str, Any]], out: Path, metric: str, higher: bool, profile_target: float) -> dict:
+    plots = {"quality_vs_sparsity": plot_study(points, out / "quality_vs_sparsity.png", metric, higher),
+             "gflops_vs_quality": plot_study(points, out / "gflops_vs_quality.png", metric, higher,
+                                             x="gflops_per_token")}
+    eta = plot_eta(points, out / "eta_vs_sparsity.png")
+    if eta:
+        plots["eta_vs_sparsity"] = eta
+    prof = plot_profiles(points, out / "per_layer_sparsity.png", profile_target)
+    if prof:
+        plots["per_layer_sparsity"] = prof
+    return plots
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """Read a results.json / points.json back (e.g. to re-plot)."""
+    return json.loads(Path(path).read_text())
