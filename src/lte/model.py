@@ -183,7 +183,7 @@ def _wrap(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Ten
             permute_output_projection(down, perm)
         hidden = in_rows(first).shape[1]
         lin = LTEInput(first, len(sizes), hidden, sizes, cfg.router_init_std, generator)
-        lin.perm.copy_(perm)
+        lin.perm.copy_(perm.to(lin.perm.device))
         lout = LTEOutput(down, lin)
         ffn.set(spec.input_name, lin)
         ffn.set(spec.down, lout)

@@ -74,10 +74,11 @@ class LTEInput(_Wrapper):
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=weight.dtype)
         std = init_std if init_std is not None else 1.0 / math.sqrt(hidden_size)
         with torch.no_grad():
-            init = torch.randn(num_experts, hidden_size, generator=generator) * std
-            self.router.weight.copy_(init)
-        self.register_buffer("expert_sizes", torch.tensor(expert_sizes, dtype=torch.long), persistent=True)
-        self.register_buffer("perm", torch.arange(sum(expert_sizes), dtype=torch.long), persistent=True)
+            init = torch.randn(num_experts, hidden_size, generator=generator) * std  # [E, D], CPU generator
+            self.router.weight.copy_(init.to(device=weight.device))
+        device = weight.device
+        self.register_buffer("expert_sizes", torch.tensor(expert_sizes, dtype=torch.long, device=device))
+        self.register_buffer("perm", torch.arange(sum(expert_sizes), dtype=torch.long, device=device))
         self.mode = "dense"
         self.tau = 0.5
         self.k: int | None = None
