@@ -18,7 +18,7 @@ from transformers.trainer_callback import ExportableState
 
 from lte.training.errors import NonFiniteLossError
 
-__all__ = ["EtaController", "NaNGuard", "JsonlLogger"]
+__all__ = ["EtaController", "LamWarmup", "NaNGuard", "JsonlLogger"]
 
 
 class EtaController(TrainerCallback, ExportableState):
@@ -130,6 +130,33 @@ class EtaController(TrainerCallback, ExportableState):
         """Restore the controller state in place (used on resume)."""
         for key, value in attributes.items():
             setattr(self, key, value)
+
+
+class LamWarmup(TrainerCallback):
+    """Ramp the separability weight lam linearly from 0 to `lam` over the first `fraction` of the steps (ours).
+
+    L_sep = mean 1/(G - tau)^2 is a barrier at the threshold: it pushes every score away from tau
+    on the side where it already is. With routers that start with every expert on (the "open"
+    init of `calibrate_routers`), scores could then never cross tau downwards, whatever eta is.
+    Ramping lam in lets L_eff (and the eta controller) move scores below tau first; by the end of
+    the ramp L_sep is at full weight and separates the scores before stage 2 cuts them. The value
+    depends only on the global step, so resume gives the same schedule.
+    """
+
+    def __init__(self, lam: float, fraction: float) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"lam warm-up fraction must be in (0, 1], got {fraction}")
+        self.lam = float(lam)
+        self.fraction = float(fraction)
+
+    def value(self, step: int, max_steps: int) -> float:
+        """lam for optimizer step `step` (0-based) of `max_steps`."""
+        ramp = max(1.0, self.fraction * max_steps)
+        return self.lam * min(1.0, (step + 1) / ramp)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and hasattr(model, "lte_config"):
+            model.lte_config.lam = self.value(state.global_step, state.max_steps)
 
 
 class NaNGuard(TrainerCallback):

@@ -13,19 +13,18 @@ Each stage writes a directory loadable on its own (HF `from_pretrained` for dens
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lte.training.callbacks import EtaController, _newest_checkpoint
+from lte.training.args import TrainArgs
+from lte.training.callbacks import EtaController, LamWarmup, _newest_checkpoint
 from lte.training.errors import NonFiniteLossError, StageInputError
 
 logger = logging.getLogger(__name__)
@@ -36,65 +35,6 @@ STAGES = ("dense", "1", "2")
 TASKS = ("causal-lm", "classification", "instruction")
 STAGE_FILE = "lte_stage.json"
 _STAGE_LABEL = {"dense": "dense", "1": "stage1", "2": "stage2"}
-
-
-@dataclass
-class TrainArgs:
-    """Hyper-parameters of one stage. Defaults follow method.md section 6 where it says anything.
-
-    Names match the CLI flags (`--batch-size` -> batch_size) and the YAML config keys.
-    """
-
-    # data
-    glue_task: str | None = None  # GLUE task name for --task classification (SST-2, MRPC, ...)
-    block_size: int = 512  # causal LM: tokens per packed block
-    max_tokens: int | None = None  # causal LM: keep only the first tokens of the data
-    max_length: int = 128  # classification / instruction: truncation length
-    max_examples: int | None = None  # classification / instruction: keep only the first examples
-    # optimisation (AdamW, linear decay)
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    lr: float = 5e-5
-    router_lr: float | None = None  # routers' own learning rate (stage 1); None = lr
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    bf16: bool | None = None  # None: bf16 autocast when CUDA supports it
-    seed: int = 0
-    # checkpoints and logs
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    logging_steps: int = 10
-    report_to: str = "auto"  # "auto": tensorboard when installed; "none"; or a Trainer integration name
-    progress: bool = True
-    resume: bool = False
-    dataloader_workers: int = 0
-    # LTE (stage 1 conversion and losses)
-    eta: float = 0.5
-    lam: float = 0.5
-    tau: float = 0.5
-    expert_size: int = 32
-    grouping: str = "kmeans"
-    target_sparsity: float | None = None  # stage 1: steer eta to this FFN sparsity (EtaController)
-    controller_kp: float = 2.0
-    controller_ki: float = 0.3
-    controller_smoothing: float = 0.6
-    controller_warmup: int = 0
-    eta_max: float = 100.0
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainArgs:
-        known = {f.name for f in dataclasses.fields(cls)}
-        clean = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
-        unknown = sorted(set(clean) - known)
-        if unknown:
-            raise StageInputError(f"unknown training setting(s) {unknown}; valid ones are {sorted(known)}")
-        return cls(**clean)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------- stage bookkeeping
@@ -172,7 +112,7 @@ def _load_tokenizer(source: Path | str):
 
     try:
         return AutoTokenizer.from_pretrained(source)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise StageInputError(
             f"could not load a tokenizer for '{source}': not a local model folder, not an embedded model "
             f"(smollm2-135m, minilm, mpnet), and the hub could not provide it ({err})"
@@ -180,7 +120,8 @@ def _load_tokenizer(source: Path | str):
 
 
 def load_stage_model(stage: str, source: Path | str, task: str, num_labels: int, tokenizer,
-                     hp: TrainArgs, converted_from_checkpoint: bool = False) -> nn.Module:
+                     hp: TrainArgs, converted_from_checkpoint: bool = False,
+                     calibration_batch: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Build the model a stage trains, from the previous stage's output (see module docstring)."""
     from lte.data.zoo import ensure_pad_token, resolve_model
 
@@ -198,19 +139,10 @@ def load_stage_model(stage: str, source: Path | str, task: str, num_labels: int,
         if not converted_from_checkpoint and not (isinstance(src, Path) and stage_info(src)):
             logger.warning("stage 1 starts from %s, which is not a dense-stage output: the paper groups a model "
                            "fine-tuned on the task first (run --stage dense)", src)
-        return _convert(model, hp)
+        return _convert(model, hp, calibration_batch)
     # stages 1 (continuing an LTE dir) and 2: an LTE directory is required
-    if not (isinstance(src, Path) and _is_lte_dir(src)):
-        raise StageInputError(
-            f"stage 2 needs the output directory of stage 1 (a folder with lte_config.json), got '{source}'. "
-            "Run `lte train --stage 1 --model <dense-output> --out <dir>` first and pass that <dir>."
-        )
-    label = _lte_stage_of(src)
-    if stage == "2" and label not in ("stage1", "stage2"):
-        raise StageInputError(
-            f"{src} is an LTE model at stage '{label}', not a stage-1 output: its routers are untrained. "
-            "Run stage 1 on it first (`lte train --stage 1`)."
-        )
+    if stage == "2":
+        _check_stage2_source(src)
     from lte import LTEModel
 
     model = LTEModel.from_pretrained(src)
@@ -218,13 +150,89 @@ def load_stage_model(stage: str, source: Path | str, task: str, num_labels: int,
     return model
 
 
-def _convert(model: nn.Module, hp: TrainArgs):
-    """Group neurons and add routers (start of stage 1)."""
+def _check_stage2_source(src: Path | str) -> None:
+    """Stage 2 needs a stage-1 output: an LTE directory whose routers were trained."""
+    if not (isinstance(src, Path) and _is_lte_dir(src)):
+        raise StageInputError(
+            f"stage 2 needs the output directory of stage 1 (a folder with lte_config.json), got '{src}'. "
+            "Run `lte train --stage 1 --model <dense-output> --out <dir>` first and pass that <dir>."
+        )
+    label = _lte_stage_of(src)
+    if label not in ("stage1", "stage2"):
+        raise StageInputError(
+            f"{src} is an LTE model at stage '{label}', not a stage-1 output: its routers are untrained. "
+            "Run stage 1 on it first (`lte train --stage 1`)."
+        )
+
+
+def _convert(model: nn.Module, hp: TrainArgs, calibration_batch: dict[str, torch.Tensor] | None = None):
+    """Group neurons and add routers (start of stage 1); optionally calibrate the router scale."""
     import lte
 
     cfg = lte.LTEConfig(expert_size=hp.expert_size, grouping=hp.grouping, eta=hp.eta, lam=hp.lam,
                         tau=hp.tau, seed=hp.seed)
-    return lte.get_lte_model(model, cfg)
+    lmodel = lte.get_lte_model(model, cfg)
+    if hp.router_init != "none" and calibration_batch is not None:
+        calibrate_routers(lmodel, calibration_batch, hp.router_init, hp.router_open_logit, hp.router_logit_std)
+    return lmodel
+
+
+ROUTER_INITS = ("open", "scale", "none")
+
+
+@torch.no_grad()
+def calibrate_routers(lmodel, batch: dict[str, torch.Tensor], mode: str = "open", open_logit: float = 3.0,
+                      logit_std: float = 0.5) -> None:
+    """Data-driven router initialisation at the start of stage 1 (ours; the paper leaves it open).
+
+    Problem: with a plain random init the router logits of a pre-trained model are tiny
+    (SmolLM2-135M: std 0.1-0.2, so most scores sit within 0.05 of tau = 0.5). Soft routing then
+    halves every expert's output (task loss 3.3 -> 6.5 on SmolLM2), and the separability loss
+    1/(G - tau)^2 is huge (~600), its gradient swamps the task gradient after clipping, and short
+    stage-1 runs never recover.
+
+    - "open": each router weight becomes `open_logit * mu / |mu|^2 + noise`, where `mu` is the mean
+      FFN input over the batch's real tokens (measured with a forward pre-hook on the router's
+      module) and the noise (the core's random init, rescaled) gives logits of std `logit_std`.
+      Every expert starts almost fully on (sigmoid(3) = 0.95): soft routing is close to the dense
+      function (SmolLM2: task loss 3.30 -> 3.44, L_sep ~10) and sparsity grows from ~0 as L_eff
+      (and the eta controller) push scores down.
+    - "scale": keep the random directions, rescale each router so its logits have std `logit_std`.
+    - "none": keep the core's initialisation.
+    """
+    if mode not in ROUTER_INITS:
+        raise StageInputError(f"unknown router_init '{mode}'; choose one of {list(ROUTER_INITS)}")
+    if mode == "none":
+        return
+    layers = lmodel.lte_layers()
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [layer.input.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0].detach()))
+             for i, layer in enumerate(layers)]
+    routing, was_training = lmodel.routing, lmodel.training
+    lmodel.set_routing("soft")
+    lmodel.eval()
+    try:
+        lmodel(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for hook in hooks:
+            hook.remove()
+        lmodel.set_routing(routing)
+        lmodel.train(was_training)
+    mask = batch.get("attention_mask")
+    for i, layer in enumerate(layers):
+        x = captured[i].reshape(-1, captured[i].shape[-1]).float()  # [T, D] FFN inputs
+        if mask is not None and mask.numel() == x.shape[0]:
+            x = x[mask.reshape(-1).to(x.device).bool()]
+        w = layer.router.weight  # [E, D]
+        noise = w.float()
+        spread = (x @ noise.T).std().clamp_min(1e-12)  # std of the current logits
+        new = noise * (logit_std / spread)
+        if mode == "open":
+            mu = x.mean(0)
+            new = new + open_logit * mu / mu.dot(mu).clamp_min(1e-12)
+        w.copy_(new.to(w.dtype))
+    logger.info("router init '%s' on %d layers (open logit %.1f, logit std %.2f)", mode, len(layers), open_logit,
+                logit_std)
 
 
 def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
@@ -246,12 +254,19 @@ def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
 # ---------------------------------------------------------------------- data
 def load_task_data(task: str, data: Any, tokenizer, hp: TrainArgs, split: str = "train"):
     """The training dataset of a task from a path (or pass a Dataset through)."""
-    if not isinstance(data, (str, os.PathLike)):
+    holdout = getattr(data, "holdout", None)
+    if holdout is not None and task == "causal-lm":  # lte.pipeline: train on all but the held-out tail
+        from lte.data import load_text_lm
+
+        dataset = load_text_lm(data.path, tokenizer, block_size=hp.block_size, max_tokens=hp.max_tokens,
+                               split_ratio=holdout, text_field=hp.text_field)[0]
+    elif not isinstance(data, (str, os.PathLike)):
         dataset = data
     elif task == "causal-lm":
         from lte.data import load_text_lm
 
-        dataset = load_text_lm(data, tokenizer, block_size=hp.block_size, max_tokens=hp.max_tokens)
+        dataset = load_text_lm(data, tokenizer, block_size=hp.block_size, max_tokens=hp.max_tokens,
+                               text_field=hp.text_field)
     elif task == "classification":
         from lte.data import load_glue
 
@@ -270,6 +285,15 @@ def load_task_data(task: str, data: Any, tokenizer, hp: TrainArgs, split: str = 
     if n == 0:
         raise StageInputError(f"the training data '{data}' gave no examples; check the file and the task")
     return dataset
+
+
+def _first_batch(dataset, tokenizer, batch_size: int) -> dict[str, torch.Tensor] | None:
+    """The first `batch_size` examples, collated (for router calibration); None if unavailable."""
+    try:
+        items = [dataset[i] for i in range(min(batch_size, len(dataset)))]
+    except (TypeError, IndexError, KeyError):
+        return None
+    return make_collator(tokenizer)(items) if items else None
 
 
 def make_collator(tokenizer):
@@ -356,28 +380,33 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
             raise StageInputError("pass tokenizer=... together with a model object")
         model = model_dir_or_model
         source_desc = type(model).__name__
+        dataset = load_task_data(task, data, tokenizer, hp)
         if stage == "1" and not hasattr(model, "lte_config"):
-            model = _convert(model, hp)
+            model = _convert(model, hp, _first_batch(dataset, tokenizer, hp.batch_size))
         elif stage == "2" and getattr(model, "stage", None) not in ("stage1", "stage2"):
             raise StageInputError("stage 2 needs a model that went through stage 1 (LTEModel with stage 'stage1')")
-        dataset = load_task_data(task, data, tokenizer, hp)
     else:
         source = _model_source(model_dir_or_model)
         source_desc = str(source)
-        if stage == "2" and not (isinstance(source, Path) and _is_lte_dir(source)):
-            load_stage_model("2", source, task, 2, None, hp)  # raises the clear stage-2 error
+        if isinstance(source, Path):
+            _check_head(source, task)  # before loading data: the clearer error first
+        if stage == "2":
+            _check_stage2_source(source)
         # On resume of stage 1, rebuild from the checkpoint (same grouping, no k-means again).
         build_from = Path(resume_ckpt) if (resume_ckpt and stage != "dense") else source
         tokenizer = _load_tokenizer(build_from)
         dataset = load_task_data(task, data, tokenizer, hp)
         num_labels = getattr(dataset, "num_labels", 2)
         model = load_stage_model(stage, build_from, task, num_labels, tokenizer, hp,
-                                 converted_from_checkpoint=bool(resume_ckpt))
+                                 converted_from_checkpoint=bool(resume_ckpt),
+                                 calibration_batch=_first_batch(dataset, tokenizer, hp.batch_size))
         _check_labels(model, dataset, task)
     if stage != "dense":
         _prepare_for_stage(model, stage, hp)
 
     callbacks = list(callbacks or [])
+    if stage == "1" and hp.lam_warmup > 0:
+        callbacks.append(LamWarmup(hp.lam, hp.lam_warmup))
     controller = None
     if hp.target_sparsity is not None:
         if stage == "1":

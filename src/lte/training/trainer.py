@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,29 @@ from lte.training.callbacks import EtaController, JsonlLogger, NaNGuard
 logger = logging.getLogger(__name__)
 
 __all__ = ["LTETrainer"]
+
+
+def _save_lte_into(model: LTEModel, output_dir: str) -> None:
+    """`model.save_pretrained(output_dir)` that keeps other files already in `output_dir`.
+
+    `LTEModel.save_pretrained` replaces the whole directory atomically; a stage's final save goes
+    to the Trainer's output_dir, which also holds checkpoints and logs. So an existing non-empty
+    directory gets the save in a temporary sibling first, then the files move in.
+    """
+    target = Path(output_dir)
+    if not target.is_dir() or not any(target.iterdir()):
+        model.save_pretrained(target)
+        return
+    tmp = target / f".lte-save-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        dest = target / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    tmp.rmdir()
 
 
 class _Window:
@@ -196,7 +221,9 @@ class LTETrainer(Trainer):
             out.update({label.get(k, k): v for k, v in zip(names, means)})
         lte_model = self.lte_model
         if lte_model is not None:
-            out["eta"] = float(lte_model.lte_config.eta)
+            if lte_model.routing == "soft":
+                out["eta"] = float(lte_model.lte_config.eta)
+                out["lam"] = float(lte_model.lte_config.lam)
             if w.n_stats and w.per_layer is not None:
                 per_layer = [v / w.n_stats for v in w.per_layer]
                 out["ffn_sparsity"] = sum(per_layer) / len(per_layer)
@@ -222,7 +249,7 @@ class LTETrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        lte_model.save_pretrained(output_dir)
+        _save_lte_into(lte_model, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

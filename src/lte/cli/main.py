@@ -1,0 +1,320 @@
+"""The `lte` command: train, eval, run, demo (+ generate/bench, sweep/baselines when installed).
+
+Every subcommand stores its handler in `func` (called with the parsed arguments, returns an
+exit code). Settings of `train` and `eval` may come from `--config FILE.yaml` whose keys mirror
+the flags (`batch_size` or `batch-size`); flags given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+# TrainArgs fields whose default is None need their type spelled out.
+_NONE_DEFAULT_TYPES = {"glue_task": str, "max_tokens": int, "max_examples": int, "router_lr": float,
+                       "bf16": bool, "save_total_limit": int, "target_sparsity": float}
+_TRAIN_HELP = {
+    "glue_task": "GLUE task for --task classification: SST-2, MRPC, RTE, CoLA, STS-B, ...",
+    "block_size": "causal LM: tokens per packed training block",
+    "max_tokens": "causal LM: use only the first N tokens of the data",
+    "max_length": "classification/instruction: truncate examples to N tokens",
+    "epochs": "training epochs (float)",
+    "max_steps": "optimizer steps (> 0 overrides --epochs)",
+    "lr": "learning rate (AdamW, linear decay)",
+    "router_lr": "stage 1: learning rate of the routers (default: --lr)",
+    "batch_size": "per-device batch size",
+    "grad_accum": "gradient accumulation steps",
+    "bf16": "bf16 mixed precision (default: on when CUDA supports it)",
+    "save_steps": "write checkpoint-N every N steps (resume with --resume)",
+    "eta": "weight of the efficiency loss (sparsity knob); the start value with --target-sparsity",
+    "lam": "weight of the separability loss",
+    "tau": "routing threshold",
+    "expert_size": "neurons per expert",
+    "grouping": "neuron grouping: kmeans, random or contiguous",
+    "target_sparsity": "stage 1: steer eta on the fly so the FFN sparsity ends near this value (0-1)",
+    "report_to": "'auto' (TensorBoard when installed), 'none', or a Trainer integration",
+}
+
+
+# ---------------------------------------------------------------------- helpers
+def _train_fields() -> list[dataclasses.Field]:
+    from lte.training.args import TrainArgs
+
+    return [f for f in dataclasses.fields(TrainArgs) if f.name != "resume"]
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainArgs field (`--batch-size`), all defaulting to 'not given'."""
+    group = parser.add_argument_group("training settings (YAML keys of the same name)")
+    for f in _train_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = _NONE_DEFAULT_TYPES.get(f.name, type(f.default))
+        helptext = _TRAIN_HELP.get(f.name, "") + (f" (default {f.default})" if f.default is not None else "")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
+        else:
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=helptext)
+
+
+def _given(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "func", "config", "verbose")) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def _merged(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings from --config (if any) overridden by the flags given on the command line."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        from lte.pipeline import load_run_config
+
+        values.update(load_run_config(args.config))
+    values.update(_given(args))
+    return values
+
+
+def _require(values: dict[str, Any], keys: tuple[str, ...], command: str) -> None:
+    from lte.training.errors import StageInputError
+
+    missing = [k for k in keys if values.get(k) in (None, "")]
+    if missing:
+        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise StageInputError(f"`lte {command}` needs {flags} (on the command line or in --config)")
+
+
+def _parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`--set dense.max_steps=5 --set target_sparsity=0.6` -> nested dict (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"lte: error: --set expects KEY=VALUE, got '{item}'")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node = out
+        *parents, leaf = key.strip().replace("-", "_").split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+# ---------------------------------------------------------------------- train
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="run one training stage: dense fine-tune, stage 1 or stage 2",
+                       description="Run one training stage. Stage 1 groups the neurons of a dense (fine-tuned) "
+                                   "model and trains model + routers with soft routing; stage 2 freezes the "
+                                   "routers and fine-tunes with hard routing.")
+    p.add_argument("--model", default=argparse.SUPPRESS,
+                   help="model folder (previous stage's --out), embedded name (smollm2-135m, minilm, mpnet) or hub name")
+    p.add_argument("--task", choices=("causal-lm", "classification", "instruction"), default=argparse.SUPPRESS)
+    p.add_argument("--data", default=argparse.SUPPRESS,
+                   help="training data: text/JSONL file or folder ('builtin' = text shipped with Python), "
+                        "GLUE folder or TSV, instruction JSON/JSONL")
+    p.add_argument("--stage", choices=("dense", "1", "2"), default=argparse.SUPPRESS)
+    p.add_argument("--out", default=argparse.SUPPRESS, help="output directory of the stage")
+    p.add_argument("--config", default=None, help="YAML file of settings (keys mirror the flags)")
+    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                   help="continue from the newest checkpoint-N in --out")
+    _add_train_args(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from lte.training import train_stage
+
+    values = _merged(args)
+    _require(values, ("model", "task", "data", "stage", "out"), "train")
+    stage, model, task, data, out = (values.pop(k) for k in ("stage", "model", "task", "data", "out"))
+    for key in ("name", "eval_data", "holdout", "eval", "dense", "stage1", "stage2", "skip_dense"):
+        values.pop(key, None)  # pipeline-only keys a shared YAML file may carry
+    record = train_stage(str(stage), model, task, data, out, **values)
+    record.pop("trainer", None)
+    summary = {k: record.get(k) for k in ("stage", "global_step", "eta", "train_sparsity", "target_sparsity")}
+    print(f"[lte train] done: {out}  " + json.dumps({k: v for k, v in summary.items() if v is not None}))
+    return 0
+
+
+# ---------------------------------------------------------------------- eval
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="quality + FFN sparsity per layer + GFLOPs/token of a saved model")
+    p.add_argument("--model", default=argparse.SUPPRESS, help="model folder (LTE or plain HF) or embedded name")
+    p.add_argument("--task", choices=("causal-lm", "classification", "instruction"), default=argparse.SUPPRESS)
+    p.add_argument("--data", default=argparse.SUPPRESS, help="evaluation data (text file, GLUE folder/TSV, ...)")
+    p.add_argument("--glue-task", default=argparse.SUPPRESS)
+    p.add_argument("--routing", choices=("hard", "soft", "dense"), default=argparse.SUPPRESS,
+                   help="routing of an LTE model (default hard)")
+    p.add_argument("--split", default=argparse.SUPPRESS, help="GLUE split (default dev)")
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--max-length", type=int, default=argparse.SUPPRESS,
+                   help="perplexity window / classification truncation")
+    p.add_argument("--stride", type=int, default=argparse.SUPPRESS, help="perplexity window stride")
+    p.add_argument("--max-tokens", type=int, default=argparse.SUPPRESS, help="score only the first N tokens")
+    p.add_argument("--max-examples", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--text-field", default=argparse.SUPPRESS, help="JSON/JSONL field holding the text (default text)")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="JSON result file (default <model>/eval_<task>.json)")
+    p.add_argument("--plot", default=argparse.SUPPRESS, help="per-layer sparsity PNG (default next to the JSON)")
+    p.add_argument("--config", default=None, help="YAML file of settings (keys mirror the flags)")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from lte.pipeline import evaluate_model, plot_layer_sparsity
+
+    values = _merged(args)
+    _require(values, ("model", "task", "data"), "eval")
+    model, task, data = values["model"], values["task"], values["data"]
+    keys = ("glue_task", "routing", "split", "batch_size", "max_length", "stride", "max_tokens", "max_examples",
+            "text_field")
+    result = evaluate_model(model, task, data, **{k: values[k] for k in keys if values.get(k) is not None})
+    base = Path(model) if Path(model).is_dir() else Path(".")
+    out = Path(values.get("out") or base / f"eval_{task}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    plot = Path(values.get("plot") or out.with_suffix(".png"))
+    if result.get("per_layer_sparsity"):
+        plot_layer_sparsity({str(model): result["per_layer_sparsity"]}, plot, f"{model}: FFN sparsity per layer")
+    print(f"{result.get('metric', 'score')}: {result.get('score'):.4f}   FFN sparsity: "
+          f"{100 * result.get('ffn_sparsity', 0):.1f}%   GFLOPs/token: {result.get('gflops_per_token', 0):.4f}")
+    print(f"[lte eval] wrote {out}" + (f" and {plot}" if result.get("per_layer_sparsity") else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------- run / demo
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="dense fine-tune -> group -> stage 1 -> stage 2 -> eval -> report (resumable)")
+    p.add_argument("--config", required=True, help="run description (YAML), e.g. configs/wikitext2-smollm2.yaml")
+    p.add_argument("--out", default=None, help="override the config's output directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set stage1.max_steps=50 (repeatable)")
+    p.add_argument("--force-eval", action="store_true", help="re-run the evaluations even if cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_run)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from lte.pipeline import load_run_config
+
+    cfg = _deep_update(load_run_config(args.config), _parse_set(args.set))
+    if args.out:
+        cfg["out"] = args.out
+    return _run_and_report(cfg, args.force_eval, not args.no_progress)
+
+
+def _run_and_report(cfg: dict[str, Any], force_eval: bool, progress: bool) -> int:
+    from lte.pipeline import format_table, run_pipeline
+
+    report = run_pipeline(cfg, force_eval=force_eval, progress=progress)
+    out = Path(cfg["out"])
+    print()
+    print(format_table(report))
+    print(f"\nreport: {out / 'report.json'}\nplot:   {report['plot']}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline demo: the whole pipeline on SmolLM2-135M and text shipped with Python")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--config", default=None, help="use this run description instead of the built-in demo")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo setting (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="delete the output directory first")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    from lte.cli.demo import demo_config
+    from lte.pipeline import load_run_config
+
+    cfg = load_run_config(args.config) if args.config else demo_config()
+    cfg = _deep_update(cfg, _parse_set(args.set))
+    cfg["out"] = args.out
+    if args.fresh and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    return _run_and_report(cfg, False, not args.no_progress)
+
+
+# ---------------------------------------------------------------------- optional command sets
+_OPTIONAL_COMMANDS = (
+    ("lte.serving.cli", ("add_serving_commands",)),
+    ("lte.baselines.cli", ("add_baselines_commands", "add_baseline_commands", "add_commands")),
+)
+
+
+def _add_optional(sub) -> None:
+    """Register generate/bench (lte.serving.cli) and sweep/baselines (lte.baselines.cli) if present."""
+    for module_name, functions in _OPTIONAL_COMMANDS:
+        try:
+            if importlib.util.find_spec(module_name) is None:
+                continue
+        except ModuleNotFoundError:
+            continue
+        module = importlib.import_module(module_name)
+        for name in functions:
+            if hasattr(module, name):
+                getattr(module, name)(sub)
+                break
+
+
+# ---------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    from lte import __version__
+
+    parser = argparse.ArgumentParser(prog="lte", description="Learn To be Efficient: structured FFN sparsity "
+                                     "for Hugging Face models (train, evaluate, serve).")
+    parser.add_argument("--version", action="version", version=f"lte {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_eval(sub)
+    _add_run(sub)
+    _add_demo(sub)
+    _add_optional(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from lte.errors import LTEError
+    from lte.training.errors import NonFiniteLossError
+
+    try:
+        return int(args.func(args) or 0)
+    except NonFiniteLossError as err:
+        print(f"lte: training stopped: {err}", file=sys.stderr)
+        return 3
+    except LTEError as err:
+        print(f"lte: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lte: interrupted; run the same command with --resume (train) or again (run) to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""`lte run`: dense fine-tune -> group -> stage 1 -> stage 2 -> evaluate -> report.
+
+A run is described by a dict (a YAML file for the CLI):
+
+    name: wikitext2-smollm2
+    model: smollm2-135m            # folder, embedded name or hub name
+    task: causal-lm                # causal-lm | classification | instruction
+    data: ../shared/data/lm/wikitext2_raw_test.txt
+    eval_data: null                # null: causal-lm holds out the last `holdout` of `data`;
+    holdout: 0.1                   #       classification uses the GLUE dev split of `data`
+    glue_task: null                # SST-2, MRPC, ... for classification
+    out: runs/wikitext2-smollm2
+    target_sparsity: 0.5           # any TrainArgs key at top level applies to every stage ...
+    dense: {epochs: 1, lr: 5e-5}   # ... and a stage section overrides it for that stage
+    stage1: {epochs: 1}
+    stage2: {epochs: 1}
+    skip_dense: false              # true: `model` is already fine-tuned on the task
+    eval: {batch_size: 8, max_length: 512, stride: 256, max_tokens: null, max_examples: null}
+
+Relative paths are taken relative to the current directory (run from the project root).
+Stage outputs go to `<out>/dense`, `<out>/stage1`, `<out>/stage2`; a stage whose output is complete
+is skipped, so re-running the same command resumes (an interrupted stage resumes from its last
+checkpoint). The report is `<out>/report.json` plus `<out>/sparsity_per_layer.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lte.training.errors import StageInputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_pipeline", "evaluate_model", "load_run_config", "format_table", "STAGE_KEYS"]
+
+STAGE_KEYS = ("dense", "stage1", "stage2")
+_PIPELINE_KEYS = {"name", "model", "task", "data", "eval_data", "holdout", "out", "skip_dense", "eval",
+                  "dense", "stage1", "stage2", "config"}
+
+
+# ---------------------------------------------------------------------- config
+def load_run_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) run description; clear errors for a missing or malformed file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise StageInputError(f"run config not found: '{p}'. Pass a YAML file such as configs/demo.yaml")
+    try:
+        cfg = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise StageInputError(f"'{p}' is not valid YAML: {err}") from err
+    if not isinstance(cfg, dict):
+        raise StageInputError(f"'{p}' must hold a mapping of settings (key: value), got {type(cfg).__name__}")
+    return {k.replace("-", "_"): v for k, v in cfg.items()}
+
+
+def _stage_hparams(cfg: dict[str, Any], section: str) -> dict[str, Any]:
+    """Top-level TrainArgs keys, overridden by the stage's own section."""
+    from lte.training.args import TrainArgs
+
+    known = set(TrainArgs.__dataclass_fields__)
+    shared = {k: v for k, v in cfg.items() if k in known}
+    unknown = sorted(set(cfg) - known - _PIPELINE_KEYS)
+    if unknown:
+        raise StageInputError(f"unknown run setting(s) {unknown}; valid: {sorted(known | _PIPELINE_KEYS)}")
+    own = {k.replace("-", "_"): v for k, v in (cfg.get(section) or {}).items()}
+    return {**shared, **own}
+
+
+# ---------------------------------------------------------------------- evaluation
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_eval_model(model_dir: str | Path, task: str, num_labels: int = 2, routing: str | None = None):
+    """(model, tokenizer, is_lte) for evaluation; LTE models default to hard routing."""
+    from transformers import AutoTokenizer
+
+    from lte.data.zoo import ensure_pad_token, resolve_model
+    from lte.training.stages import _check_head, _model_source
+
+    source = _model_source(model_dir)
+    if isinstance(source, Path):
+        _check_head(source, task)
+    if isinstance(source, Path) and (source / "lte_config.json").is_file():
+        from lte import LTEModel
+
+        model = LTEModel.from_pretrained(source)
+        model.set_routing(routing or "hard")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        ensure_pad_token(model.base_model, tokenizer)
+        return model, tokenizer, True
+    head_task = "classification" if task == "classification" else "causal-lm"
+    model, tokenizer = resolve_model(source, task=head_task, num_labels=num_labels)
+    return model, tokenizer, False
+
+
+def evaluate_model(model_dir: str | Path, task: str, data: Any, glue_task: str | None = None,
+                   routing: str | None = None, batch_size: int = 8, max_length: int | None = None,
+                   stride: int | None = None, max_tokens: int | None = None, max_examples: int | None = None,
+                   split: str = "dev", holdout: float | None = None, train_block_size: int = 512,
+                   train_max_tokens: int | None = None, text_field: str = "text",
+                   progress: bool = True) -> dict[str, Any]:
+    """Quality + FFN sparsity (overall, per layer) + GFLOPs/token of a saved model.
+
+    causal-lm: sliding-window perplexity on `data` (its last `holdout` fraction when given);
+    classification: GLUE metrics on the `split` of `data`; instruction: perplexity of the answers.
+    With `holdout`, the text is split exactly as training split it (`train_block_size`,
+    `train_max_tokens`) and the held-out tail is scored.
+    """
+    from lte import evaluation
+
+    num_labels = 2
+    if task == "classification":
+        from lte.data import glue_task as glue_spec
+
+        if not glue_task:
+            raise StageInputError("classification evaluation needs --glue-task (e.g. SST-2)")
+        num_labels = glue_spec(glue_task).num_labels
+    model, tokenizer, is_lte = load_eval_model(model_dir, task, num_labels, routing)
+    model.to(_device())
+    start = time.time()
+    if task == "causal-lm":
+        eval_ds = _lm_eval_data(data, tokenizer, holdout, train_block_size, train_max_tokens, text_field)
+        result = evaluation.perplexity(model, eval_ds, max_length=max_length, stride=stride, batch_size=batch_size,
+                                       max_tokens=max_tokens, progress=progress)
+        result["metric"] = "perplexity"
+        result["score"] = result["perplexity"]
+    elif task == "classification":
+        from lte.data import load_glue
+
+        ds = load_glue(glue_task, data, tokenizer, split=split, max_length=max_length or 128,
+                       max_examples=max_examples)
+        result = evaluation.evaluate_glue(model, ds, batch_size=batch_size, progress=progress)
+    else:
+        result = _answer_perplexity(model, tokenizer, data, max_length or 512, max_examples, batch_size)
+    result.update(model=str(model_dir), task=task, data=str(data), lte=is_lte, eval_seconds=time.time() - start)
+    return result
+
+
+def _lm_eval_data(data: Any, tokenizer, holdout: float | None, block_size: int, max_tokens: int | None,
+                  text_field: str = "text"):
+    """The token stream to score: the whole text, or the tail training did not see."""
+    from lte.data import load_text_lm
+
+    if not isinstance(data, (str, Path)):
+        return data
+    if holdout:
+        return load_text_lm(data, tokenizer, block_size=block_size, max_tokens=max_tokens, split_ratio=holdout,
+                            text_field=text_field)[1]
+    return load_text_lm(data, tokenizer, block_size=2, pad_to_block=True, text_field=text_field)
+
+
+@torch.no_grad()
+def _answer_perplexity(model, tokenizer, data, max_length, max_examples, batch_size) -> dict[str, Any]:
+    """Mean NLL of the answer tokens of an instruction set (its loss mask), as a perplexity."""
+    import math
+
+    from torch.utils.data import DataLoader
+
+    from lte.data import load_instructions, pad_collate
+    from lte.evaluation._common import finish_stats, start_stats
+
+    ds = load_instructions(data, tokenizer, max_length=max_length, max_examples=max_examples)
+    device = next(model.parameters()).device
+    model.eval()
+    start_stats(model)
+    total, count = 0.0, 0
+    for batch in DataLoader(ds, batch_size=batch_size, collate_fn=pad_collate(tokenizer)):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((targets != -100).sum())
+    if count == 0:
+        raise StageInputError(f"'{data}' has no answer tokens to score")
+    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
+            "metric": "answer_perplexity", "score": math.exp(total / count), **finish_stats(model)}
+
+
+def plot_layer_sparsity(per_layer: dict[str, list[float]], path: str | Path, title: str) -> None:
+    """Per-layer FFN sparsity plot (uses `lte.evaluation.plot_layer_sparsity` when available)."""
+    from lte import evaluation
+
+    plot = getattr(evaluation, "plot_layer_sparsity", None)
+    if plot is not None:
+        plot(per_layer, str(path), title)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, values in per_layer.items():
+        ax.plot(range(len(values)), values, marker="o", label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("FFN sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- the pipeline
+def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline described by `cfg`; return the report dict."""
+    from lte.training import is_stage_complete, train_stage
+
+    for key in ("model", "task", "data", "out"):
+        if not cfg.get(key):
+            raise StageInputError(f"the run config needs '{key}'")
+    task, out = cfg["task"], Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    train_data, eval_data, holdout = _pipeline_data(cfg)
+    dirs = {k: out / k for k in STAGE_KEYS}
+    timings: dict[str, float] = {}
+
+    source = cfg["model"]
+    stages = [("1", "stage1"), ("2", "stage2")] if cfg.get("skip_dense") else [
+        ("dense", "dense"), ("1", "stage1"), ("2", "stage2")]
+    for stage, key in stages:
+        if is_stage_complete(dirs[key], stage):
+            logger.warning("%s: already complete in %s, skipped", key, dirs[key])
+            print(f"[lte run] {key}: already complete in {dirs[key]}, skipped", flush=True)
+        else:
+            print(f"[lte run] {key}: training -> {dirs[key]}", flush=True)
+            hp = _stage_hparams(cfg, key)
+            hp.setdefault("progress", progress)
+            has_ckpt = dirs[key].is_dir() and any(p.name.startswith("checkpoint-") for p in dirs[key].iterdir())
+            hp.setdefault("resume", has_ckpt)
+            t0 = time.time()
+            train_stage(stage, source, task, train_data, dirs[key], **hp)
+            timings[key] = time.time() - t0
+        source = dirs[key]
+
+    dense_ref = cfg["model"] if cfg.get("skip_dense") else dirs["dense"]
+    ev = dict(cfg.get("eval") or {})
+    ev.setdefault("progress", progress)
+    evals = {}
+    for label, model_dir, routing in (("dense", dense_ref, None), ("lte", dirs["stage2"], "hard")):
+        cache = out / f"eval_{label}.json"
+        if cache.is_file() and not force_eval:
+            evals[label] = json.loads(cache.read_text())
+            continue
+        print(f"[lte run] evaluating {label}: {model_dir}", flush=True)
+        result = evaluate_model(model_dir, task, eval_data, glue_task=cfg.get("glue_task"), routing=routing,
+                                holdout=holdout, train_block_size=int(cfg.get("block_size", 512)),
+                                train_max_tokens=cfg.get("max_tokens"), text_field=cfg.get("text_field", "text"),
+                                **ev)
+        cache.write_text(json.dumps(result, indent=2))
+        evals[label] = result
+    report = _report(cfg, evals, dirs, timings)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot_layer_sparsity({"LTE (stage 2, hard routing)": evals["lte"].get("per_layer_sparsity", [])},
+                        out / "sparsity_per_layer.png",
+                        f"{cfg.get('name', 'run')}: FFN sparsity per layer")
+    report["plot"] = str(out / "sparsity_per_layer.png")
+    return report
+
+
+def _pipeline_data(cfg: dict[str, Any]) -> tuple[Any, Any, float | None]:
+    """(train data, eval data, holdout fraction): causal-lm without eval_data holds out a tail."""
+    data, eval_data = cfg["data"], cfg.get("eval_data")
+    if cfg["task"] == "causal-lm" and not eval_data:
+        holdout = float(cfg.get("holdout", 0.1))
+        return _HeldOut(data, holdout), data, holdout
+    return data, eval_data or data, None
+
+
+class _HeldOut:
+    """Marker: 'the first (1 - holdout) of this text' (resolved by `train_stage` once the tokenizer
+    is known; the stage's block_size and max_tokens must be the top-level ones so that the
+    evaluation split matches)."""
+
+    def __init__(self, path: str, holdout: float) -> None:
+        self.path, self.holdout = path, holdout
+
+    def __str__(self) -> str:
+        return f"{self.path} (first {1 - self.holdout:.0%})"
+
+
+def _report(cfg, evals, dirs, timings) -> dict[str, Any]:
+    from lte.training import stage_info
+
+    dense, lte_res = evals["dense"], evals["lte"]
+    s1 = stage_info(dirs["stage1"]) or {}
+    metric = lte_res.get("metric", "score")
+    return {
+        "name": cfg.get("name"),
+        "model": str(cfg["model"]),
+        "task": cfg["task"],
+        "metric": metric,
+        "dense": _row(dense),
+        "lte": _row(lte_res),
+        "quality_change": _change(dense.get("score"), lte_res.get("score"), metric),
+        "target_sparsity": (cfg.get("stage1") or {}).get("target_sparsity", cfg.get("target_sparsity")),
+        "stage1_final_eta": s1.get("eta"),
+        "stage1_train_sparsity": s1.get("train_sparsity"),
+        "lte_per_layer_sparsity": lte_res.get("per_layer_sparsity"),
+        "stage_dirs": {k: str(v) for k, v in dirs.items()},
+        "train_seconds": timings,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
+
+
+def _row(result: dict[str, Any]) -> dict[str, Any]:
+    return {"score": result.get("score"), "ffn_sparsity": result.get("ffn_sparsity"),
+            "gflops_per_token": result.get("gflops_per_token"), **{
+                k: result[k] for k in ("perplexity", "accuracy", "f1", "matthews", "pearson") if k in result}}
+
+
+def _change(dense: float | None, lte: float | None, metric: str) -> dict[str, float] | None:
+    if dense is None or lte is None:
+        return None
+    if metric in ("perplexity", "answer_perplexity"):
+        return {"relative": lte / dense - 1.0}
+    return {"absolute": lte - dense}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The short dense-vs-LTE table printed at the end of `lte run` / `lte demo`."""
+    metric = report.get("metric", "score")
+    lines = [f"{'model':<8} {metric:>14} {'FFN sparsity':>13} {'GFLOPs/token':>13}"]
+    for label in ("dense", "lte"):
+        row = report[label]
+        score = row.get("score")
+        lines.append(f"{label.upper() if label == 'lte' else label:<8} "
+                     f"{(f'{score:.4g}' if score is not None else '-'):>14} "
+                     f"{100 * (row.get('ffn_sparsity') or 0):>12.1f}% "
+                     f"{row.get('gflops_per_token') or 0:>13.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The `lte` command line: parsing, config merging, tiny end-to-end train/eval/run, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+
+import pytest
+import torch
+
+from lte.cli.main import _merged, build_parser, main
+
+TINY_FLAGS = ["--block-size", "24", "--batch-size", "4", "--report-to", "none", "--no-progress", "--lr", "1e-3",
+              "--logging-steps", "1"]
+
+
+def _char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    tok = _char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    LlamaForCausalLM(cfg).save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    rng = random.Random(0)
+    words = "a quick brown fox jumps over the lazy dog near old stone walls".split()
+    text = root / "text.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(9)) for _ in range(200)))
+    return {"root": root, "model": str(root / "llama"), "text": str(text)}
+
+
+def test_parse_train_flags():
+    args = build_parser().parse_args(["train", "--model", "m", "--task", "causal-lm", "--data", "d", "--stage", "1",
+                                      "--out", "o", "--eta", "0.7", "--target-sparsity", "0.6", "--resume",
+                                      "--batch-size", "3", "--no-bf16"])
+    assert args.stage == "1" and args.eta == 0.7 and args.target_sparsity == 0.6 and args.resume
+    assert args.batch_size == 3 and args.bf16 is False
+    assert not hasattr(args, "lr")  # flags not given stay unset, so a --config value is not overridden
+
+
+def test_config_file_values_are_overridden_by_flags(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: m\ntask: causal-lm\nbatch-size: 2\nlr: 0.01\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg), "--batch-size", "5"])
+    values = _merged(args)
+    assert values["batch_size"] == 5 and values["lr"] == 0.01 and values["model"] == "m"
+
+
+def test_missing_required_settings_say_which(capsys):
+    assert main(["train", "--model", "m", "--task", "causal-lm"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "--stage" in err and "--out" in err
+
+
+def test_train_and_eval_end_to_end(tiny, tmp_path, capsys):
+    d = tmp_path / "dense"
+    s1 = tmp_path / "s1"
+    s2 = tmp_path / "s2"
+    common = ["--task", "causal-lm", "--data", tiny["text"], *TINY_FLAGS]
+    assert main(["train", "--model", tiny["model"], "--stage", "dense", "--out", str(d), "--max-steps", "2",
+                 *common]) == 0
+    assert main(["train", "--model", str(d), "--stage", "1", "--out", str(s1), "--max-steps", "3",
+                 "--target-sparsity", "0.5", *common]) == 0
+    assert main(["train", "--model", str(s1), "--stage", "2", "--out", str(s2), "--max-steps", "2", *common]) == 0
+    assert json.loads((s2 / "lte_stage.json").read_text())["stage"] == "stage2"
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(s2), "--task", "causal-lm", "--data", tiny["text"], "--max-tokens", "300",
+                 "--max-length", "32", "--out", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["perplexity"] > 1 and len(result["per_layer_sparsity"]) == 2
+    assert 0 <= result["ffn_sparsity"] <= 1 and result["gflops_per_token"] > 0
+    assert out_json.with_suffix(".png").is_file()
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_stage2_without_stage1_exits_with_clear_message(tiny, tmp_path, capsys):
+    code = main(["train", "--model", tiny["model"], "--task", "causal-lm", "--data", tiny["text"], "--stage", "2",
+                 "--out", str(tmp_path / "o"), *TINY_FLAGS])
+    assert code == 2
+    assert "stage 2 needs the output directory of stage 1" in capsys.readouterr().err
+
+
+def test_missing_data_exits_with_clear_message(tiny, tmp_path, capsys):
+    code = main(["train", "--model", tiny["model"], "--task", "causal-lm", "--data", str(tmp_path / "none.txt"),
+                 "--stage", "dense", "--out", str(tmp_path / "o"), *TINY_FLAGS])
+    assert code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_run_pipeline_and_resume_by_skipping(tiny, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "run"
+    cfg.write_text(
+        f"name: tiny\nmodel: {tiny['model']}\ntask: causal-lm\ndata: {tiny['text']}\nout: {out}\n"
+        "holdout: 0.2\nblock_size: 24\nbatch_size: 4\nlr: 0.001\nreport_to: none\nlogging_steps: 1\n"
+        "dense: {max_steps: 2}\nstage1: {max_steps: 3, target_sparsity: 0.5}\nstage2: {max_steps: 2}\n"
+        "eval: {max_tokens: 200, max_length: 32, batch_size: 2}\n")
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    first = capsys.readouterr().out
+    assert "FFN sparsity" in first and "LTE" in first
+    report = json.loads((out / "report.json").read_text())
+    assert report["dense"]["ffn_sparsity"] == 0 and report["lte"]["score"] > 1
+    assert (out / "sparsity_per_layer.png").is_file()
+    # a second run skips every finished stage and reuses the evaluations
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    second = capsys.readouterr().out
+    assert second.count("skipped") == 3
+
+
+def test_run_with_missing_config(capsys, tmp_path):
+    assert main(["run", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "run config not found" in capsys.readouterr().err
+
+
+def test_optional_commands_are_registered_when_present():
+    import importlib.util
+
+    text = build_parser().format_help()
+    for name in ("train", "eval", "run", "demo"):
+        assert name in text
+    if importlib.util.find_spec("lte.serving.cli") is not None:
+        assert "generate" in text and "bench" in text

@@ -1,0 +1,309 @@
+"""lte.training: stages, LTETrainer logs/checkpoints/resume, NaN guard, eta controller, bad input.
+
+Tiny random LLaMA models (odd FFN width 72 = 2 full experts + one of 8) with a character
+tokenizer, all built in code; every test runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import lte
+from lte.training import EtaController, NonFiniteLossError, train_stage
+from lte.training.callbacks import NaNGuard
+
+FAST = dict(block_size=24, batch_size=4, logging_steps=1, save_steps=1000, report_to="none", progress=False,
+            lr=1e-3, seed=0)
+
+
+# ---------------------------------------------------------------------- tiny models and data
+def char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def save_tiny_llama(path, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_text(path, lines: int = 200):
+    rng = random.Random(0)
+    words = "the cat sat on a mat and the dog ran over hills while birds sang in green trees".split()
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"model": save_tiny_llama(root / "llama"), "text": write_text(root / "text.txt"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tiny):
+    out = tiny["root"] / "stage1"
+    train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=4, save_steps=2,
+                target_sparsity=0.5, **{k: v for k, v in FAST.items() if k != "save_steps"})
+    return out
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------- stage 1
+def test_stage1_logs_lte_terms(stage1_dir):
+    records = [r for r in read_log(stage1_dir) if "loss" in r]
+    assert len(records) == 4
+    for key in ("task_loss", "lte_eff", "lte_sep", "eta", "ffn_sparsity", "ffn_sparsity/layer_00",
+                "ffn_sparsity/layer_01", "gflops_per_token", "target_sparsity"):
+        assert key in records[-1], key
+    assert 0.0 <= records[-1]["ffn_sparsity"] <= 1.0
+    # the trained loss is task + eta*L_eff + lam*L_sep: at least the task and sep parts
+    r = records[0]
+    assert r["lam"] == pytest.approx(0.5)
+    assert r["loss"] >= r["task_loss"] + r["lam"] * r["lte_sep"] - 1e-3
+    info = json.loads((stage1_dir / "lte_stage.json").read_text())
+    assert info["complete"] and info["stage"] == "stage1" and info["global_step"] == 4
+
+
+def test_checkpoints_and_final_dir_load(stage1_dir):
+    for d in (stage1_dir / "checkpoint-2", stage1_dir / "checkpoint-4", stage1_dir):
+        model = lte.LTEModel.from_pretrained(d)
+        assert model.stage == "stage1"
+        assert len(model.lte_layers()) == 2
+    # the final save kept the logs and checkpoints next to the model files
+    assert (stage1_dir / "train_log.jsonl").is_file() and (stage1_dir / "checkpoint-2").is_dir()
+
+
+class _GradProbe(TrainerCallback):
+    def __init__(self):
+        self.router_grad_norms = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.router_parameters()]
+        self.router_grad_norms.append([0.0 if g is None else float(g.norm()) for g in grads])
+
+
+def test_routers_get_gradients_in_stage1(tiny, tmp_path):
+    probe = _GradProbe()
+    train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "s1", max_steps=2, callbacks=[probe], **FAST)
+    assert probe.router_grad_norms and all(n > 0 for step in probe.router_grad_norms for n in step)
+
+
+def test_stage2_freezes_routers_and_trains_the_rest(stage1_dir, tiny, tmp_path):
+    before = lte.LTEModel.from_pretrained(stage1_dir)
+    rec = train_stage("2", stage1_dir, "causal-lm", tiny["text"], tmp_path / "s2", max_steps=3, **FAST)
+    after = lte.LTEModel.from_pretrained(tmp_path / "s2")
+    assert after.stage == "stage2" and rec["trainer"].model.routing == "hard"
+    for a, b in zip(before.router_parameters(), after.router_parameters()):
+        assert torch.equal(a, b)
+    emb_a = before.base_model.get_input_embeddings().weight
+    emb_b = after.base_model.get_input_embeddings().weight
+    assert not torch.equal(emb_a, emb_b)
+    assert all(not p.requires_grad for p in rec["trainer"].model.router_parameters())
+    assert "lte_eff" not in read_log(tmp_path / "s2")[0]  # task loss only
+
+
+# ---------------------------------------------------------------------- resume
+class _StopAfterSave(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_with_nothing_lost(tiny, tmp_path):
+    kw = {**FAST, "save_steps": 3, "max_steps": 6, "target_sparsity": 0.6}
+    full = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "full", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "cut", callbacks=[_StopAfterSave(3)], **kw)
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "lte_stage.json").exists()
+    resumed = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "cut", resume=True, **kw)
+    assert resumed["global_step"] == full["global_step"] == 6
+    assert resumed["eta"] == pytest.approx(full["eta"], rel=1e-6)
+    a = full["trainer"].model.state_dict()
+    b = resumed["trainer"].model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # the resumed log continues at step 4 (no step trained twice)
+    steps = [r["step"] for r in read_log(tmp_path / "cut") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------- NaN guard
+class _Poison(TrainerCallback):
+    """Puts a NaN into a norm weight after step `step`, so the next loss is NaN."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.base_model.model.norm.weight[0] = float("nan")
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError) as info:
+        train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, callbacks=[_Poison(3)],
+                    **{**FAST, "save_steps": 2, "max_steps": 8})
+    msg = str(info.value)
+    assert "step 4" in msg and "checkpoint-2" in msg and "non-finite" in msg
+    assert info.value.last_checkpoint.endswith("checkpoint-2")
+    assert not (out / "checkpoint-4").exists()
+    record = json.loads((out / "lte_stage.json").read_text())
+    assert record["complete"] is False and "checkpoint-2" in record["last_good_checkpoint"]
+    good = lte.LTEModel.from_pretrained(out / "checkpoint-2")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_nan_guard_catches_non_finite_gradients():
+    guard = NaNGuard()
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.full_like(model.weight, float("inf"))
+
+    class Args:
+        fp16 = False
+
+    class State:
+        global_step = 6
+
+    with pytest.raises(NonFiniteLossError, match="step 7"):
+        guard.on_pre_optimizer_step(Args(), State(), None, model=model)
+
+
+# ---------------------------------------------------------------------- eta controller
+def _plant(eta_history, lag=0.7):
+    """Synthetic stage 1: sparsity follows s*(eta) = eta / (1 + eta) with first-order lag."""
+    s = 0.0
+    for eta in eta_history:
+        s = lag * s + (1 - lag) * eta / (1 + eta)
+    return s
+
+
+@pytest.mark.parametrize("target,eta0", [(0.8, 0.1), (0.2, 5.0)])
+def test_eta_controller_reaches_target_on_synthetic_plant(target, eta0):
+    ctl = EtaController(target, eta0=eta0)
+    etas, s = [ctl.eta], 0.0
+    for step in range(1, 201):
+        s = _plant(etas)
+        etas.append(ctl.update(step, s))
+    assert (etas[-1] > eta0) == (target > eta0 / (1 + eta0))  # moved in the right direction
+    assert abs(_plant(etas) - target) < 0.03
+
+
+def test_lam_warmup_ramps_linearly_then_holds():
+    from lte.training.callbacks import LamWarmup
+
+    ramp = LamWarmup(0.5, 0.5)
+    values = [ramp.value(step, 10) for step in range(10)]
+    assert values[0] == pytest.approx(0.1) and values[4] == pytest.approx(0.5) and values[-1] == pytest.approx(0.5)
+    assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+def test_eta_controller_clamps_and_restores_state():
+    ctl = EtaController(0.9, eta0=1.0, eta_max=2.0)
+    for step in range(1, 50):
+        ctl.update(step, 0.0)  # never gets sparser: eta saturates at the clamp without wind-up
+    assert ctl.eta == pytest.approx(2.0)
+    assert ctl.integral < 5  # anti-windup kept the integral bounded
+    clone = EtaController.from_state(ctl.state()) if hasattr(EtaController, "from_state") else None
+    assert clone is not None and clone.eta == ctl.eta and clone.integral == ctl.integral
+    with pytest.raises(ValueError):
+        EtaController(1.5)
+
+
+def test_eta_rises_for_a_high_target_on_a_model(tiny, tmp_path):
+    rec = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "hi", max_steps=4,
+                      target_sparsity=0.95, eta=0.5, **FAST)
+    assert rec["eta"] > 0.5
+    rec = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "lo", max_steps=4,
+                      target_sparsity=0.0, eta=0.5, router_init="scale", **FAST)  # starts ~50% sparse
+    assert rec["eta"] < 0.5
+
+
+# ---------------------------------------------------------------------- bad input
+def test_missing_data_is_a_clear_error(tiny, tmp_path):
+    with pytest.raises(lte.LTEError, match="not found"):
+        train_stage("dense", tiny["model"], "causal-lm", tmp_path / "nope.txt", tmp_path / "o", **FAST)
+
+
+def test_empty_data_is_a_clear_error(tiny, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(lte.LTEError, match="empty"):
+        train_stage("dense", tiny["model"], "causal-lm", empty, tmp_path / "o", **FAST)
+
+
+def test_task_that_does_not_fit_the_head(tiny, tmp_path):
+    with pytest.raises(lte.LTEError, match="language-model head"):
+        train_stage("dense", tiny["model"], "classification", tiny["text"], tmp_path / "o", glue_task="SST-2", **FAST)
+
+
+def test_stage2_without_stage1_is_a_clear_error(tiny, tmp_path):
+    with pytest.raises(lte.LTEError, match="stage 2 needs the output directory of stage 1"):
+        train_stage("2", tiny["model"], "causal-lm", tiny["text"], tmp_path / "o", **FAST)
+    converted = lte.get_lte_model(
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny["model"]), lte.LTEConfig())
+    converted.save_pretrained(tmp_path / "conv")
+    with pytest.raises(lte.LTEError, match="not a stage-1 output"):
+        train_stage("2", tmp_path / "conv", "causal-lm", tiny["text"], tmp_path / "o", **FAST)
+
+
+def test_unknown_setting_and_stage(tiny, tmp_path):
+    with pytest.raises(lte.LTEError, match="unknown training setting"):
+        train_stage("dense", tiny["model"], "causal-lm", tiny["text"], tmp_path / "o", learning_rat=1.0)
+    with pytest.raises(lte.LTEError, match="unknown stage"):
+        train_stage("3", tiny["model"], "causal-lm", tiny["text"], tmp_path / "o")
+
+
+@pytest.mark.parametrize("mode", ["open", "scale"])
+def test_router_calibration(tiny, mode):
+    from transformers import AutoModelForCausalLM
+
+    from lte.training.stages import calibrate_routers
+
+    model = lte.get_lte_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), lte.LTEConfig())
+    ids = torch.randint(3, 90, (3, 17))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    calibrate_routers(model, batch, mode, open_logit=3.0, logit_std=0.5)
+    assert model.routing == "dense"  # mode restored
+    model.set_routing("soft")
+    with torch.no_grad():
+        model(**batch)
+    for layer in model.lte_layers():
+        logits = torch.logit(layer.input.scores.float().clamp(1e-6, 1 - 1e-6))
+        if mode == "open":  # every expert starts nearly on: soft routing ~ the dense function
+            assert logits.mean().item() == pytest.approx(3.0, abs=0.2)
+            assert (layer.input.scores > 0.5).float().mean() > 0.95
+        else:
+            assert logits.std().item() == pytest.approx(0.5, rel=0.05)
+    with pytest.raises(lte.LTEError):
+        calibrate_routers(model, batch, "magic")
