@@ -33,6 +33,7 @@ from lte.kernels.triton_ffn import (
     launch_in,
     launch_out,
     plan_launch,
+    routed_sparse_ffn_triton,
     router_mask_triton,
     sparse_ffn_triton,
 )
@@ -170,6 +171,70 @@ TUNE_OUT = {  # (out_block_d, out_split, out_warps)
 TUNE_TOKENS = ((1, "small"), (2, "small"), (2, "dot"), (4, "dot"), (8, "dot"), (16, "dot"))
 
 
+def routed_inputs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, D] and router weights [E, D] whose logits (threshold 0) reproduce ``mask`` [B, E] exactly.
+
+    Token b is the unit vector e_b; router row e holds +1 at column b where token b uses expert e
+    and -1 elsewhere (the values do not change the kernels' speed, only which experts run)."""
+    num_tokens, num_exp = mask.shape
+    x = torch.zeros(num_tokens, MODEL_WIDTH, device="cuda", dtype=DTYPE)
+    x[torch.arange(num_tokens), torch.arange(num_tokens)] = 1.0
+    w_router = torch.zeros(num_exp, MODEL_WIDTH, device="cuda", dtype=DTYPE)
+    w_router[:, :num_tokens] = torch.where(mask.t(), 1.0, -1.0).to(DTYPE)  # [E, B]
+    return x, w_router
+
+
+def time_routed(layers, num_tokens, off, gen, config=None, fused=True) -> float:
+    """Median us per call of router + FFN: fused (one op, two launches) or the separate router kernel first."""
+    calls = []
+    for layer in layers:
+        x, w_router = routed_inputs(union_masks(num_tokens, off, gen))
+        if fused:
+            def call(x=x, w_router=w_router, layer=layer):
+                return routed_sparse_ffn_triton(x, w_router, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"],
+                                                None, None, EXPERT_SIZE, "silu", config)
+        else:
+            def call(x=x, w_router=w_router, layer=layer):
+                mask = router_mask_triton(x, w_router, 0.0)
+                return sparse_ffn_triton(x, mask, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None,
+                                         EXPERT_SIZE, "silu", config)
+        calls.append(call)
+    return time_calls(calls)
+
+
+def routed_rows(layers, gen, dense_us) -> list[dict]:
+    """Router + FFN per call: ``routed_sparse_ffn_triton`` vs the router and FFN called separately."""
+    rows = []
+    for num_tokens, off in ((1, 0.0), (1, 0.5), (1, 0.9), (8, 0.5)):
+        cfg = default_config(num_tokens, MODEL_WIDTH, FFN_WIDTH)
+        fused = time_routed(layers, num_tokens, off, gen, cfg)
+        separate = time_routed(layers, num_tokens, off, gen, cfg, fused=False)
+        dense = dense_us[str(num_tokens)]
+        rows.append({"tokens": num_tokens, "sparsity": off, "config": f"bf{cfg.in_block_f}", "fused_us": fused,
+                     "separate_us": separate, "dense_us": dense, "speedup": dense / fused})
+        print(f"routed B={num_tokens} off={off} bf={cfg.in_block_f}: fused {fused:.1f} us, separate {separate} us",
+              flush=True)
+    return rows
+
+
+def check_routed(layers, gen) -> list[dict]:
+    """Full-size router-fused op: its mask equals the constructed one; y vs fp32 reference at B = 1, 8, 16."""
+    out = []
+    layer = layers[0]
+    for num_tokens in (1, 8, 16):
+        want_mask = union_masks(num_tokens, 0.5, gen)
+        x, w_router = routed_inputs(want_mask)
+        x = x + 0.01 * torch.randn(x.shape, generator=gen, device="cuda").to(DTYPE)  # logits stay near +-1
+        y, mask = routed_sparse_ffn_triton(x, w_router, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"],
+                                           None, None, EXPERT_SIZE, "silu")
+        ref = sparse_ffn_reference(x, want_mask, layer["w_up"], layer["w_down_t"], w_gate=layer["w_gate"],
+                                   expert_size=EXPERT_SIZE)
+        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+        same = bool(torch.equal(mask, want_mask))
+        out.append({"tokens": num_tokens, "mask_equal": same, "rel_error": err, "ok": same and err < 1.5e-2})
+    return out
+
+
 def time_kernels(layers, num_tokens, off, gen, config) -> tuple[float, float, float]:
     """Median us per launch of each of the three kernels alone (same masks and rotation)."""
     plans = []
@@ -228,6 +293,10 @@ def plot(result: dict, path: str) -> None:
     ax1.plot([100 * s for s in sp], [r["us"] for r in result["b1_sweep"]], "o-", label="LTE kernel")
     ax1.axhline(dense, color="k", ls="--", label=f"dense cuBLAS ({dense:.1f} us)")
     ax1.plot([0, 100], [dense, 0], color="gray", ls=":", label="ideal: dense x (1 - sparsity)")
+    routed = [r for r in result.get("routed", []) if r["tokens"] == 1 and r["config"] == "bf2"]
+    if routed:
+        ax1.plot([100 * r["sparsity"] for r in routed], [r["fused_us"] for r in routed], "^-",
+                 label="LTE router + FFN")
     ax1.plot([50], [result["half_width_dense_us"]], "s", color="tab:red", label="dense F=5504")
     ax1.set_xlabel("experts off (%)")
     ax1.set_ylabel("FFN latency (us)")
@@ -296,7 +365,8 @@ def main() -> None:
     layers = make_layers(FFN_WIDTH, gen)
     result["pdl"] = pdl_works(layers[0])
     result["large_checks"] = check_large(layers, gen)
-    print("full-size checks:", result["large_checks"], flush=True)
+    result["routed_checks"] = check_routed(layers, gen)
+    print("full-size checks:", result["large_checks"], result["routed_checks"], flush=True)
     result["copy_GBps"] = copy_bandwidth()
     tuned = None
     if args.tune:
@@ -329,6 +399,7 @@ def main() -> None:
     w_router = torch.randn(num_experts(FFN_WIDTH, EXPERT_SIZE), MODEL_WIDTH, device="cuda").to(DTYPE)
     result["router_us"] = {str(x.shape[0]): time_calls([lambda x=x: router_mask_triton(x, w_router, 0.0)])
                            for x in xs}
+    result["routed"] = routed_rows(layers, gen, result["dense_us"])
     result["default_config"] = {str(b): asdict(default_config(b, MODEL_WIDTH, FFN_WIDTH)) for b in (1, 4, 8)}
 
     with open(os.path.join(args.out, "ffn_kernel.json"), "w") as f:
@@ -349,6 +420,11 @@ def main() -> None:
         print(f"          | {r['tokens']:2d} | {r['us']:5.1f} | {result['dense_us'][str(r['tokens'])]:5.1f} "
               f"| {r['speedup']:.2f}x")
     print(f"router (fused GEMV+threshold) us: {result['router_us']}")
+    print("router + FFN | B | off % | config | one op us | two ops us | dense us | one-op speed-up")
+    for r in result["routed"]:
+        print(f"             | {r['tokens']:2d} | {100 * r['sparsity']:3.0f} | {r['config']:>6} | {r['fused_us']:5.1f} "
+              f"| {r['separate_us'] if r['separate_us'] is None else round(r['separate_us'], 1)} "
+              f"| {r['dense_us']:5.1f} | {r['speedup']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F_
 
-from lte.kernels import kernels_available, num_experts, router_mask, sparse_ffn
+from lte.kernels import kernels_available, num_experts, routed_sparse_ffn, router_mask, sparse_ffn
 from lte.kernels.ops import reference_forced
 from lte.kernels.reference import (
     apply_activation,
@@ -177,6 +177,88 @@ def test_triton_kernels_in_interpreter():
     assert "cases passed" in proc.stdout
 
 
+def test_routed_sparse_ffn_equals_router_then_ffn():
+    gen = torch.Generator().manual_seed(7)
+    w = make_ffn(24, 80, True, True, torch.float32, "cpu", gen)
+    w_router = torch.randn(3, 24, generator=gen)
+    x = torch.randn(2, 3, 24, generator=gen)  # [batch, seq, D]
+    y, mask = routed_sparse_ffn(x, w_router, w["w_up"], w["w_down_t"], tau=0.4, w_gate=w["w_gate"],
+                                b_up=w["b_up"], b_down=w["b_down"], activation="gelu_tanh")
+    want_mask = router_mask(x, w_router, 0.4)
+    want = sparse_ffn(x, want_mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"], b_up=w["b_up"],
+                      b_down=w["b_down"], activation="gelu_tanh")
+    assert mask.shape == (2, 3, 3) and torch.equal(mask, want_mask)
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("change,message", [("router_rows", "w_router must have shape"),
+                                            ("router_dtype", "cast the weights"), ("tau", "tau")])
+def test_routed_sparse_ffn_bad_arguments(change, message):
+    gen = torch.Generator().manual_seed(8)
+    w = make_ffn(16, 64, True, False, torch.float32, "cpu", gen)
+    w_router, tau = torch.randn(2, 16), 0.5
+    if change == "router_rows":
+        w_router = torch.randn(3, 16)
+    elif change == "router_dtype":
+        w_router = w_router.half()
+    else:
+        tau = 1.5
+    with pytest.raises(ValueError, match=message):
+        routed_sparse_ffn(torch.randn(2, 16), w_router, w["w_up"], w["w_down_t"], tau=tau, w_gate=w["w_gate"])
+
+
+def test_routed_op_traces_under_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(9)
+    w = make_ffn(24, 80, True, False, torch.float32, "cpu", gen)
+    w_router = torch.randn(3, 24, generator=gen)
+
+    def layer(x):
+        return routed_sparse_ffn(x, w_router, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])[0]
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 24, generator=gen)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+ROUTED_INTERPRETER_CHECK = """
+import itertools, torch
+from lte.kernels.reference import logit_threshold, num_experts, router_mask_reference, sparse_ffn_reference
+from lte.kernels.selfcheck import TOLERANCE, make_ffn
+from lte.kernels.triton_ffn import routed_sparse_ffn_triton
+gen = torch.Generator().manual_seed(0)
+for (D, F, S), B, (act, gated, bias), dt in itertools.product(
+        ((72, 100, 32), (33, 200, 48)), (1, 3, 16),
+        (("silu", True, False), ("gelu", False, True)), (torch.float32, torch.float16)):
+    w = make_ffn(D, F, gated, bias, dt, "cpu", gen)
+    w_router = (torch.randn(num_experts(F, S), D, generator=gen) * D ** -0.5).to(dt)
+    x = torch.randn(B, D, generator=gen).to(dt)
+    for tau in (0.5, 1e-9, 1 - 1e-9):  # a middle fraction, every expert on, every expert off
+        y, mask = routed_sparse_ffn_triton(x, w_router, logit_threshold(tau), w["w_up"], w["w_down_t"],
+                                           w["w_gate"], w["b_up"], w["b_down"], S, act)
+        logits = x.float() @ w_router.float().T
+        near = (logits - logit_threshold(tau)).abs() < 1e-3
+        assert not ((mask != router_mask_reference(x, w_router, tau)) & ~near).any(), (D, F, S, B, tau)
+        ref = sparse_ffn_reference(x, mask, expert_size=S, activation=act, **w)
+        if not mask.any():
+            want = torch.zeros_like(ref) if w["b_down"] is None else w["b_down"].expand_as(ref)
+            assert torch.equal(y, want), (D, F, S, B, tau)
+            continue
+        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert err <= TOLERANCE[dt], (D, F, S, B, act, dt, tau, err)
+print("routed ok")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_routed_kernels_in_interpreter():
+    """Router-fused kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,3,16}, 0/mid/100% on."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", ROUTED_INTERPRETER_CHECK], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "routed ok" in proc.stdout
+
+
 @pytest.mark.gpu
 @gpu
 def test_kernels_on_gpu_full_product():
@@ -258,3 +340,49 @@ def test_programmatic_dependent_launch_matches_plain_launch(num_tokens):
         with_pdl = sparse_ffn_triton(*args, replace(cfg, pdl=True))
         without = sparse_ffn_triton(*args, replace(cfg, pdl=False))
         assert torch.equal(with_pdl, without)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_routed_op_on_gpu_matches_reference(num_tokens, dtype):
+    w, w_router = _gpu_layer(dtype)
+    x = torch.randn(num_tokens, 256, device="cuda", dtype=dtype)
+    y, mask = routed_sparse_ffn(x, w_router, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
+    logits = x.float() @ w_router.float().T
+    near = logits.abs() < 1e-2  # tau 0.5: logit threshold 0
+    assert not ((mask != router_mask_reference(x, w_router, 0.5)) & ~near).any()
+    ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
+    assert (y.float() - ref.float()).norm() / ref.float().norm() < 1.5e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 8])
+def test_routed_op_graph_replay_is_deterministic_and_pdl_neutral(num_tokens):
+    from dataclasses import replace
+
+    from lte.kernels.reference import logit_threshold
+    from lte.kernels.triton_ffn import default_config, routed_sparse_ffn_triton
+
+    w, w_router = _gpu_layer(D=512, F=2000)
+    static_x = torch.randn(num_tokens, 512, device="cuda", dtype=torch.bfloat16)
+    cfg = default_config(num_tokens, 512, 2000)
+
+    def layer(x, pdl=True):
+        return routed_sparse_ffn_triton(x, w_router, logit_threshold(0.5), w["w_up"], w["w_down_t"],
+                                        w["w_gate"], None, None, 32, "silu", replace(cfg, pdl=pdl))
+
+    layer(static_x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y, static_mask = layer(static_x)
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        y, mask = layer(static_x)
+        y_plain, mask_plain = layer(static_x, pdl=False)
+        assert torch.equal(static_mask, mask) and torch.equal(mask, mask_plain)
+        assert torch.equal(static_y, y) and torch.equal(y, y_plain)

@@ -5,6 +5,8 @@ Public API:
 - ``sparse_ffn(x, mask, w_up, w_down_t, *, w_gate=None, b_up=None, b_down=None, expert_size=32,
   activation="silu")``: one LTE FFN for x ``[..., D]`` and a per-token expert mask ``[..., E]``.
 - ``router_mask(x, w_router, tau=0.5)``: the hard expert mask ``sigmoid(x Wr^T) > tau``.
+- ``routed_sparse_ffn(x, w_router, w_up, w_down_t, *, tau=0.5, ...)``: both in one op (on CUDA the
+  router runs inside the first FFN kernel: one launch fewer); returns ``(y, mask)``.
 - ``kernels_available()``: whether the Triton kernels will run (CUDA + triton, not forced off).
 
 Importing this package does not import triton; the kernels load on the first CUDA call.
@@ -25,6 +27,7 @@ __all__ = [
     "kernels_available",
     "num_experts",
     "router_mask",
+    "routed_sparse_ffn",
     "router_mask_reference",
     "sparse_ffn",
     "sparse_ffn_reference",
@@ -68,7 +71,7 @@ def _check_bias(name: str, b: torch.Tensor | None, size: int, x: torch.Tensor) -
 
 
 def _validate_ffn(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation) -> int:
-    """Check every argument of ``sparse_ffn``; returns the number of experts E."""
+    """Check every argument of ``sparse_ffn`` (the mask only when given); returns the number of experts E."""
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1:
@@ -85,6 +88,8 @@ def _validate_ffn(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, ac
     _check_bias("b_up", b_up, ffn_width, x)
     _check_bias("b_down", b_down, x.shape[-1], x)
     num_exp = num_experts(ffn_width, expert_size)
+    if mask is None:
+        return num_exp
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True = expert on), got {mask.dtype}")
     if mask.shape != (*x.shape[:-1], num_exp) or mask.device != x.device:
@@ -131,3 +136,33 @@ def router_mask(x: torch.Tensor, w_router: torch.Tensor, tau: float = 0.5) -> to
     x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
     out = torch.ops.lte.router_mask(x2, w_router, float(tau))  # [T, E]
     return out.reshape(*x.shape[:-1], w_router.shape[0])
+
+
+def routed_sparse_ffn(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    tau: float = 0.5,
+    w_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    expert_size: int = 32,
+    activation: str = "silu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``router_mask`` and ``sparse_ffn`` in one op: returns ``(y [..., D], mask [..., E] bool)``.
+
+    The same function as ``sparse_ffn(x, router_mask(x, w_router, tau), ...)``; on CUDA for up to
+    16 tokens the router logits are computed inside the first FFN kernel (no separate router launch).
+    w_router ``[E, D]`` with E = ceil(F / expert_size); other arguments as in ``sparse_ffn``.
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    num_exp = _validate_ffn(x, None, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
+    _check_matrix("w_router", w_router, x, num_exp)
+    model_width = x.shape[-1]
+    x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
+    y, mask = torch.ops.lte.routed_sparse_ffn(x2, w_router, float(tau), w_up, w_down_t, w_gate, b_up, b_down,
+                                              expert_size, activation)
+    return y.reshape(x.shape), mask.reshape(*x.shape[:-1], num_exp)  # [..., D], [..., E]

@@ -1,4 +1,4 @@
-"""``torch.library`` custom ops ``lte::sparse_ffn`` and ``lte::router_mask``.
+"""``torch.library`` custom ops ``lte::sparse_ffn``, ``lte::routed_sparse_ffn`` and ``lte::router_mask``.
 
 Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it
 and CUDA-graph capture works. On CUDA the ops launch the Triton kernels (imported lazily, on the
@@ -86,3 +86,49 @@ def _router_mask_cuda(x, w_router, tau):
 @router_mask_op.register_fake
 def _router_mask_fake(x, w_router, tau):
     return x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]
+
+
+@torch.library.custom_op("lte::routed_sparse_ffn", mutates_args=())
+def routed_sparse_ffn_op(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    tau: float,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    expert_size: int,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router + sparse FFN in one op on x [T, D]: (y [T, D], mask [T, E]) (any device: the fp32 reference)."""
+    mask = router_mask_reference(x, w_router, tau)
+    y = sparse_ffn_reference(
+        x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
+        expert_size=expert_size, activation=activation,
+    )
+    return y, mask
+
+
+@routed_sparse_ffn_op.register_kernel("cuda")
+def _routed_sparse_ffn_cuda(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation):
+    """CUDA: the router inside the first Triton kernel for T <= MAX_DECODE_TOKENS, cuBLAS above."""
+    num_tokens = x.shape[0]
+    if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
+        mask = router_mask_reference(x, w_router, tau)
+        y = sparse_ffn_reference(  # forced: the exact fp32 reference; prefill: masked dense in x's dtype
+            x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
+            expert_size=expert_size, activation=activation, upcast=reference_forced(),
+        )
+        return y, mask
+    from .triton_ffn import routed_sparse_ffn_triton
+
+    return routed_sparse_ffn_triton(x, w_router, logit_threshold(tau), w_up, w_down_t, w_gate, b_up, b_down,
+                                    expert_size, activation)
+
+
+@routed_sparse_ffn_op.register_fake
+def _routed_sparse_ffn_fake(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation):
+    y = x.new_empty(x.shape[0], w_down_t.shape[1])  # [T, D]
+    mask = x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]
+    return y, mask

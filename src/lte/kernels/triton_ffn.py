@@ -414,3 +414,31 @@ def router_mask_triton(x: torch.Tensor, w_router: torch.Tensor, threshold: float
         num_warps=8,
     )
     return out
+
+
+def routed_sparse_ffn_triton(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    threshold: float,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    expert_size: int,
+    activation: str,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router then FFN in one call: mask = (x Wr^T > threshold) on the GPU, then the three FFN launches.
+
+    x [B, D] (B <= 16), w_router [E, D]; returns (y [B, D], mask [B, E] bool). Validated inputs only
+    (see ``lte.kernels.routed_sparse_ffn``). The router is its own (plain) launch: computing it inside
+    the first FFN kernel and launching that kernel behind the router with PDL were both measured and
+    dropped (docs/kernels.md, v5 and v6).
+    """
+    mask = router_mask_triton(x, w_router, threshold)
+    p = plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, config)
+    launch_in(p)
+    launch_out(p)
+    launch_finish(p)
+    return p.y, mask

@@ -55,8 +55,9 @@ class SparseMLP(nn.Module):
     """A gated LTE FFN for inference: hard router + sparse-expert FFN.
 
     forward(x [..., D]) with T = x.numel() / D tokens:
-      - T <= `decode_max_tokens` (decode): `lte.kernels.router_mask` then `lte.kernels.sparse_ffn`
-        (Triton on CUDA, the PyTorch reference elsewhere); the mask stays on the GPU.
+      - T <= `decode_max_tokens` (decode): `lte.kernels.routed_sparse_ffn` (on CUDA the router runs
+        inside the first Triton FFN kernel; the PyTorch reference elsewhere); the mask stays on the
+        GPU. `fuse_router = False` launches `router_mask` and `sparse_ffn` separately instead.
       - more tokens (prefill): the masked dense path, the same arithmetic as the LTEModel in hard
         routing: y = (act(x Wg^T) * (x Wu^T) * m) Wd_t.
     Both paths compute the same function (tests check it).
@@ -89,6 +90,7 @@ class SparseMLP(nn.Module):
         self.activation = activation
         self.use_kernels = use_kernels
         self.decode_max_tokens = decode_max_tokens
+        self.fuse_router = True  # one op for router + FFN on the decode path (False: two ops, for comparison)
         # When True, eager forwards keep their expert mask in `last_mask` (bench statistics only;
         # leave False inside CUDA graphs).
         self.record_mask = False
@@ -114,9 +116,14 @@ class SparseMLP(nn.Module):
         if self.use_kernels and num_tokens <= self.decode_max_tokens:
             from .. import kernels
 
-            mask = kernels.router_mask(x, self.w_router, self.tau)  # [..., E] bool, on the device
-            y = kernels.sparse_ffn(x, mask, self.w_up, self.w_down_t, w_gate=self.w_gate,
-                                   expert_size=self.expert_size, activation=self.activation)
+            if self.fuse_router:
+                y, mask = kernels.routed_sparse_ffn(x, self.w_router, self.w_up, self.w_down_t, tau=self.tau,
+                                                    w_gate=self.w_gate, expert_size=self.expert_size,
+                                                    activation=self.activation)  # mask [..., E] on the device
+            else:
+                mask = kernels.router_mask(x, self.w_router, self.tau)  # [..., E] bool, on the device
+                y = kernels.sparse_ffn(x, mask, self.w_up, self.w_down_t, w_gate=self.w_gate,
+                                       expert_size=self.expert_size, activation=self.activation)
         else:
             mask = self.dense_mask(x)
             y = self.masked_dense(x, mask)
