@@ -236,3 +236,16 @@ def test_generate_falls_through():
     lmodel = convert(build("llama")).set_routing("hard")
     out = lmodel.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
+
+
+def test_save_keeps_other_files_and_overwrites(tmp_path):
+    lmodel = convert(build("llama"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_log.jsonl").write_text("{}\n")
+    lmodel.save_pretrained(out)
+    lmodel.set_routing("hard")
+    lmodel.save_pretrained(out)  # overwrite in place
+    assert (out / "train_log.jsonl").read_text() == "{}\n"
+    assert lte.LTEModel.from_pretrained(out).routing == "hard"
+    assert not list(tmp_path.glob("run.tmp-*"))

@@ -419,7 +419,8 @@ class LTEModel(nn.Module):
         return state
 
     def save_pretrained(self, save_directory: str | os.PathLike, light: bool = False, **_: Any) -> None:
-        """Save to a directory, atomically (a crash leaves the previous save intact).
+        """Save to a directory. Files are written to a temporary folder first and moved in with
+        `lte_config.json` last, so a crash never leaves a half-written file under a final name.
 
         Full (default): the HF model (safetensors, permuted weights) + `lte_config.json` +
         `lte_adapter.safetensors`; reload with `LTEModel.from_pretrained(dir)` alone.
@@ -439,12 +440,13 @@ class LTEModel(nn.Module):
             self.base_model.save_pretrained(tmp, state_dict=self._plain_state_dict())
         save_file(self._adapter_state(), str(tmp / ADAPTER_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps(self._meta(weights_permuted=not light), indent=2))
-        old = target.with_name(target.name + f".old-{os.getpid()}")
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        if old.exists():
-            shutil.rmtree(old)
+        # Move the finished files in; files of others in the directory (logs, checkpoints) stay.
+        target.mkdir(parents=True, exist_ok=True)
+        if (target / CONFIG_NAME).exists():  # an interrupted save must not look complete
+            (target / CONFIG_NAME).unlink()
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):  # config last: marks completion
+            os.replace(item, target / item.name)
+        tmp.rmdir()
 
     def _check_base_unchanged(self) -> None:
         if _weights_digest(self._layers) != self._digest:

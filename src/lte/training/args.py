@@ -51,7 +51,9 @@ class TrainArgs:
     tau: float = 0.5
     expert_size: int = 32
     grouping: str = "kmeans"
-    router_init: str = "none"  # stage-1 router init: "none" (the core's) | "scale" | "open" (experimental)
+    router_init: str = "auto"  # stage-1 router init: "auto" (fit when target_sparsity is set, else none) |
+    # "fit" (regressed on the model's own expert activations; see stages.fit_routers) | "none" | "scale" | "open"
+    calibration_examples: int = 32  # examples in the router-fit calibration batch
     router_open_logit: float = 3.0  # "open": mean starting logit (sigmoid(3) = 0.95: every expert ~on)
     router_logit_std: float = 0.5  # "open": per-expert spread of the logits; "scale": their std
     lam_warmup: float = 0.0  # stage 1: ramp lam up over this fraction of the steps (0 = paper: constant)

@@ -172,12 +172,100 @@ def _convert(model: nn.Module, hp: TrainArgs, calibration_batch: dict[str, torch
     cfg = lte.LTEConfig(expert_size=hp.expert_size, grouping=hp.grouping, eta=hp.eta, lam=hp.lam,
                         tau=hp.tau, seed=hp.seed)
     lmodel = lte.get_lte_model(model, cfg)
-    if hp.router_init != "none" and calibration_batch is not None:
-        calibrate_routers(lmodel, calibration_batch, hp.router_init, hp.router_open_logit, hp.router_logit_std)
+    mode = hp.router_init
+    if mode == "auto":
+        mode = "fit" if hp.target_sparsity is not None else "none"
+    if mode == "fit" and calibration_batch is not None:
+        fit_routers(lmodel, calibration_batch, hp.target_sparsity if hp.target_sparsity is not None else 0.5,
+                    hp.router_open_logit)
+    elif mode not in ("none", "fit") and calibration_batch is not None:
+        calibrate_routers(lmodel, calibration_batch, mode, hp.router_open_logit, hp.router_logit_std)
     return lmodel
 
 
-ROUTER_INITS = ("open", "scale", "none")
+ROUTER_INITS = ("auto", "fit", "open", "scale", "none")
+
+
+@torch.no_grad()
+def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_scale: float = 3.0,
+                ridge: float = 1e-3) -> list[float]:
+    """Router init fitted to the model's own activations (ours; the paper leaves the init open).
+
+    For every FFN, on the calibration batch's real tokens in dense routing: the *mass* of expert e
+    for token t is the RMS of its intermediate activations h[t, e-block]. Per token, the experts
+    above the `sparsity`-quantile of log-mass are the ones worth keeping. The router is the ridge
+    regression from the FFN input x to the target logits
+
+        z[t, e] = logit_scale * clamp((log m[t, e] - q_t) / s, -1, 1)
+
+    (q_t the token's quantile, s the spread of the centred log-masses), so stage 1 starts with
+    scores already polarised (|logit| ~ logit_scale), near the wanted sparsity and with the experts
+    that carry the most activation on. This avoids both failure modes of a blind init: scores all
+    near tau (soft routing halves the FFN and L_sep's gradient swamps the task loss) and scores
+    all on (L_sep's barrier at tau then keeps every expert on). Returns the hard-cut sparsity per
+    layer on the calibration batch.
+    """
+    layers = lmodel.lte_layers()
+    mask = batch.get("attention_mask")
+    keep = None if mask is None else mask.reshape(-1).bool()
+    xs: dict[int, torch.Tensor] = {}
+    acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grab_x(i):
+        def hook(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, D]
+            xs[i] = x if keep is None or keep.numel() != x.shape[0] else x[keep.to(x.device)]
+        return hook
+
+    def fit_h(i, sizes):
+        def hook(mod, args):
+            h = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, F]
+            if keep is not None and keep.numel() == h.shape[0]:
+                h = h[keep.to(h.device)]
+            x = xs.pop(i).double()
+            # [T, F] -> [T, E]: RMS of each expert's block of neurons
+            sq = torch.zeros(h.shape[0], len(sizes), device=h.device).index_add_(
+                1, torch.repeat_interleave(torch.arange(len(sizes), device=h.device), sizes.to(h.device)), h.square())
+            logm = torch.log(sq / sizes.to(h.device).float() + 1e-12).double()  # [T, E]
+            q = torch.quantile(logm, sparsity, dim=1, keepdim=True)  # [T, 1]
+            centred = logm - q
+            spread = centred.abs().median().clamp_min(1e-6)
+            z = logit_scale * (centred / spread).clamp(-1.0, 1.0)  # [T, E]
+            xtx, xtz = acc.get(i, (0.0, 0.0))
+            acc[i] = (xtx + x.T @ x, xtz + x.T @ z)
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.input.register_forward_pre_hook(grab_x(i)))
+        hooks.append(layer.output.register_forward_pre_hook(fit_h(i, layer.input.expert_sizes)))
+    routing, was_training = lmodel.routing, lmodel.training
+    lmodel.set_routing("dense")
+    lmodel.eval()
+    try:
+        lmodel(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for hook in hooks:
+            hook.remove()
+        lmodel.set_routing(routing)
+        lmodel.train(was_training)
+    achieved = []
+    for i, layer in enumerate(layers):
+        xtx, xtz = acc[i]
+        d = xtx.shape[0]
+        reg = ridge * torch.trace(xtx) / d
+        w = torch.linalg.solve(xtx + reg * torch.eye(d, dtype=xtx.dtype, device=xtx.device), xtz)  # [D, E]
+        layer.router.weight.copy_(w.T.to(layer.router.weight.dtype))
+    lmodel.set_routing("hard")
+    lmodel.eval()
+    try:
+        lmodel(**{k: v for k, v in batch.items() if k != "labels"})
+        achieved = lmodel.lte_stats()["per_layer"]
+    finally:
+        lmodel.set_routing(routing)
+        lmodel.train(was_training)
+    logger.info("router init 'fit' (target %.2f): calibration sparsity %.3f", sparsity, sum(achieved) / len(achieved))
+    return achieved
 
 
 @torch.no_grad()
@@ -202,7 +290,7 @@ def calibrate_routers(lmodel, batch: dict[str, torch.Tensor], mode: str = "open"
     """
     if mode not in ROUTER_INITS:
         raise StageInputError(f"unknown router_init '{mode}'; choose one of {list(ROUTER_INITS)}")
-    if mode == "none":
+    if mode in ("none", "auto", "fit"):
         return
     layers = lmodel.lte_layers()
     captured: dict[int, torch.Tensor] = {}
@@ -382,7 +470,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         source_desc = type(model).__name__
         dataset = load_task_data(task, data, tokenizer, hp)
         if stage == "1" and not hasattr(model, "lte_config"):
-            model = _convert(model, hp, _first_batch(dataset, tokenizer, hp.batch_size))
+            model = _convert(model, hp, _first_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples)))
         elif stage == "2" and getattr(model, "stage", None) not in ("stage1", "stage2"):
             raise StageInputError("stage 2 needs a model that went through stage 1 (LTEModel with stage 'stage1')")
     else:
@@ -399,7 +487,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         num_labels = getattr(dataset, "num_labels", 2)
         model = load_stage_model(stage, build_from, task, num_labels, tokenizer, hp,
                                  converted_from_checkpoint=bool(resume_ckpt),
-                                 calibration_batch=_first_batch(dataset, tokenizer, hp.batch_size))
+                                 calibration_batch=_first_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples)))
         _check_labels(model, dataset, task)
     if stage != "dense":
         _prepare_for_stage(model, stage, hp)
