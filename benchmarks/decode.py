@@ -161,9 +161,9 @@ def real_model_rows(args: argparse.Namespace) -> None:
     model = prepare_for_inference(lmodel)
     for batch in args.batch_sizes:
         sparse = swap_modules(model, dense)
-        _point(model, args, batch, variant="dense", mask="-", model=str(args.model))
+        _point(model, args, batch, variant="dense", mask="-", model_dir=str(args.model))
         swap_modules(model, sparse)
-        _point(model, args, batch, variant="lte", mask="learned", model=str(args.model))
+        _point(model, args, batch, variant="lte", mask="learned", model_dir=str(args.model))
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -35,6 +35,11 @@ class LTEConfig:
         router_init_std: standard deviation of the router init; None = 1/sqrt(D), which spreads
             the initial scores around 0.5 instead of putting them all at exactly 0.5.
         seed: seed for grouping and router init.
+        loss_to_model: whether the gradients of L_eff and L_sep also flow into the model's own
+            weights (through the router input x), as in a fully joint loss. Default False (ours):
+            they train only the routers, while the task loss trains model and routers through
+            the gated FFN. On SmolLM2 and MiniLM the joint version let L_sep's large early gradient
+            swamp the task gradient (after clipping) and damaged the model.
         ffn_spec: optional description of the FFN of a model family missing from the built-in
             table (see `lte.conversion.architectures.FFNSpec`), as a dict.
     """
@@ -49,6 +54,7 @@ class LTEConfig:
     topk: int | None = None
     router_init_std: float | None = None
     seed: int = 0
+    loss_to_model: bool = False
     ffn_spec: dict[str, Any] | None = field(default=None)
 
     def __post_init__(self) -> None:

@@ -260,6 +260,7 @@ class LTEModel(nn.Module):
             raise LTEError("topk routing needs k: set_routing('topk', k=...) or LTEConfig(topk=...)")
         for layer in self._layers:
             layer.input.mode, layer.input.tau, layer.input.k = mode, tau, k
+            layer.input.loss_to_model = self.lte_config.loss_to_model
         self.routing = mode
         return self
 
@@ -278,7 +279,7 @@ class LTEModel(nn.Module):
 
     def lte_loss(self, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_eff, L_sep) of the last forward, over real tokens (differentiable)."""
-        scores = [layer.input.scores for layer in self._layers]
+        scores = [layer.input.loss_scores for layer in self._layers]
         if any(s is None for s in scores):
             raise LTEError("no router scores: run a forward in soft, hard or topk routing first")
         flat = [s.reshape(-1, s.shape[-1]) for s in scores]  # [T, E]

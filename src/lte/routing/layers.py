@@ -40,6 +40,21 @@ def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None) -> t
     raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
+def gate_neurons(h: torch.Tensor, gate: torch.Tensor, block: int) -> torch.Tensor:
+    """h [..., F] times the per-expert gate [..., E] broadcast over each expert's neurons.
+
+    Experts are consecutive blocks of `block` neurons; the last may be smaller.
+    """
+    lead, f, e = h.shape[:-1], h.shape[-1], gate.shape[-1]
+    full = (e - 1) * block if f != e * block else f  # neurons in full-size experts
+    n_full = full // block
+    head = (h[..., :full].reshape(*lead, n_full, block) * gate[..., :n_full, None]).reshape(*lead, full)
+    if full == f:
+        return head
+    tail = h[..., full:] * gate[..., n_full:]  # the smaller last expert
+    return torch.cat([head, tail], dim=-1)
+
+
 class _Wrapper(nn.Module):
     """Shows the wrapped layer's `weight` and `bias`, which some HF models read directly."""
 
@@ -79,8 +94,14 @@ class LTEInput(_Wrapper):
         device = weight.device
         self.register_buffer("expert_sizes", torch.tensor(expert_sizes, dtype=torch.long, device=device))
         self.register_buffer("perm", torch.arange(sum(expert_sizes), dtype=torch.long, device=device))
+        # Python ints for the gating reshape: experts of `block` neurons, the last one possibly smaller.
+        self.block = int(expert_sizes[0])
         self.mode = "dense"
         self.tau = 0.5
+        # False: the LTE losses reach only the router (their scores see x.detach()); the task loss
+        # still trains the model through the gated FFN. True: as the paper's joint loss.
+        self.loss_to_model = False
+        self.loss_scores: torch.Tensor | None = None
         self.k: int | None = None
         # Set by forward, read by LTEOutput, the losses and the statistics (not module state).
         self.scores: torch.Tensor | None = None
@@ -97,11 +118,16 @@ class LTEInput(_Wrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.mode == "dense":
-            self.scores, self.gate = None, None
+            self.scores, self.gate, self.loss_scores = None, None, None
             return y
-        logits = F.linear(x.to(self.router.weight.dtype), self.router.weight)  # [..., E]
+        xr = x.to(self.router.weight.dtype)
+        logits = F.linear(xr, self.router.weight)  # [..., E]
         self.scores = torch.sigmoid(logits.float())
         self.gate = expert_gate(self.scores, self.mode, self.tau, self.k)
+        if self.mode == "soft" and torch.is_grad_enabled() and not self.loss_to_model:
+            self.loss_scores = torch.sigmoid(F.linear(xr.detach(), self.router.weight).float())
+        else:
+            self.loss_scores = self.scores
         return y
 
     def extra_repr(self) -> str:
@@ -130,7 +156,4 @@ class LTEOutput(_Wrapper):
                 f"the FFN's output projection got {tuple(h.shape)} but its router saw {tuple(gate.shape[:-1])} "
                 "tokens; the FFN input and output projections must be called once each per forward"
             )
-        neuron_gate = torch.repeat_interleave(  # [..., E] -> [..., F]
-            gate, self._source.expert_sizes, dim=-1, output_size=h.shape[-1]
-        )
-        return self.base_layer(h * neuron_gate.to(h.dtype))
+        return self.base_layer(gate_neurons(h, gate.to(h.dtype), self._source.block))

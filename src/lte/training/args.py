@@ -56,6 +56,7 @@ class TrainArgs:
     calibration_examples: int = 32  # examples in the router-fit calibration batch
     router_open_logit: float = 3.0  # "open": mean starting logit (sigmoid(3) = 0.95: every expert ~on)
     router_logit_std: float = 0.5  # "open": per-expert spread of the logits; "scale": their std
+    loss_to_model: bool = False  # let L_eff/L_sep gradients reach the model weights too (LTEConfig.loss_to_model)
     lam_warmup: float = 0.0  # stage 1: ramp lam up over this fraction of the steps (0 = paper: constant)
     target_sparsity: float | None = None  # stage 1: steer eta to this FFN sparsity (EtaController)
     controller_kp: float = 2.0

@@ -170,7 +170,7 @@ def _convert(model: nn.Module, hp: TrainArgs, calibration_batch: dict[str, torch
     import lte
 
     cfg = lte.LTEConfig(expert_size=hp.expert_size, grouping=hp.grouping, eta=hp.eta, lam=hp.lam,
-                        tau=hp.tau, seed=hp.seed)
+                        tau=hp.tau, seed=hp.seed, loss_to_model=hp.loss_to_model)
     lmodel = lte.get_lte_model(model, cfg)
     mode = hp.router_init
     if mode == "auto":
