@@ -3,47 +3,21 @@
 from __future__ import annotations
 
 import json
-import random
-import string
 
 import pytest
-import torch
 
 from lte.cli.main import _merged, build_parser, main
+from tiny_models import save_tiny_llama, write_text
 
 TINY_FLAGS = ["--block-size", "24", "--batch-size", "4", "--report-to", "none", "--no-progress", "--lr", "1e-3",
               "--logging-steps", "1"]
 
 
-def _char_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    tok = _char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    LlamaForCausalLM(cfg).save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
-    rng = random.Random(0)
-    words = "a quick brown fox jumps over the lazy dog near old stone walls".split()
-    text = root / "text.txt"
-    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(9)) for _ in range(200)))
+    save_tiny_llama(root / "llama")
+    text = write_text(root / "text.txt")
     return {"root": root, "model": str(root / "llama"), "text": str(text)}
 
 

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from test_training import save_tiny_llama, write_text
+from tiny_models import save_tiny_llama, write_text
 
 WORKER = textwrap.dedent(
     """

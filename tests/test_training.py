@@ -7,8 +7,6 @@ tokenizer, all built in code; every test runs in seconds on a CPU.
 from __future__ import annotations
 
 import json
-import random
-import string
 
 import pytest
 import torch
@@ -17,43 +15,10 @@ from transformers import TrainerCallback
 import lte
 from lte.training import EtaController, NonFiniteLossError, train_stage
 from lte.training.callbacks import NaNGuard
+from tiny_models import save_tiny_llama, write_text
 
 FAST = dict(block_size=24, batch_size=4, logging_steps=1, save_steps=1000, report_to="none", progress=False,
             lr=1e-3, seed=0)
-
-
-# ---------------------------------------------------------------------- tiny models and data
-def char_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def save_tiny_llama(path, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    tok = char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def write_text(path, lines: int = 200):
-    rng = random.Random(0)
-    words = "the cat sat on a mat and the dog ran over hills while birds sang in green trees".split()
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +256,7 @@ def test_router_calibration(tiny, mode):
     from lte.training.stages import calibrate_routers
 
     model = lte.get_lte_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), lte.LTEConfig())
-    ids = torch.randint(3, 90, (3, 17))
+    ids = torch.randint(3, 90, (3, 17), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     calibrate_routers(model, batch, mode, open_logit=3.0, logit_std=0.5)
     assert model.routing == "dense"  # mode restored
@@ -302,8 +267,44 @@ def test_router_calibration(tiny, mode):
         logits = torch.logit(layer.input.scores.float().clamp(1e-6, 1 - 1e-6))
         if mode == "open":  # every expert starts nearly on: soft routing ~ the dense function
             assert logits.mean().item() == pytest.approx(3.0, abs=0.2)
-            assert (layer.input.scores > 0.5).float().mean() > 0.95
+            # later layers see inputs shifted by the earlier layers' new gates: nearly, not exactly, all on
+            assert (layer.input.scores > 0.5).float().mean() > 0.8
         else:
             assert logits.std().item() == pytest.approx(0.5, rel=0.05)
     with pytest.raises(lte.LTEError):
         calibrate_routers(model, batch, "magic")
+
+
+def test_fit_router_init_starts_near_target(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from lte.training.stages import fit_routers
+
+    model = lte.get_lte_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), lte.LTEConfig())
+    ids = torch.randint(3, 90, (4, 32), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    achieved = fit_routers(model, batch, sparsity=0.6)
+    assert model.routing == "dense"  # mode restored
+    # 3 experts per layer here, so per-token sparsity moves in steps of 1/3; the fit lands near 0.6
+    assert all(0.3 <= a <= 0.9 for a in achieved)
+    model.set_routing("soft")
+    with torch.no_grad():
+        model(**batch)
+    logits = torch.logit(model.lte_layers()[0].input.scores.clamp(1e-6, 1 - 1e-6))
+    assert logits.abs().mean() > 1.0  # polarised from the start, unlike the random init
+
+
+@pytest.mark.parametrize("to_model", [False, True])
+def test_lte_losses_reach_model_only_when_asked(tiny, to_model):
+    from transformers import AutoModelForCausalLM
+
+    model = lte.get_lte_model(AutoModelForCausalLM.from_pretrained(tiny["model"]),
+                              lte.LTEConfig(loss_to_model=to_model))
+    model.set_routing("soft").train()
+    ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids)
+    eff, sep = model.lte_loss()
+    (eff + sep).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.router_parameters())
+    base_grads = [p.grad for n, p in model.named_parameters() if "router" not in n and p.grad is not None]
+    assert (len(base_grads) > 0) == to_model

@@ -5,6 +5,9 @@ D = 40 (model width), F = 100 (FFN width: 3 experts of 32 + one of 4), 2 layers.
 
 from __future__ import annotations
 
+import random
+import string
+
 import torch
 import transformers as tf
 
@@ -71,3 +74,37 @@ def batch(seed: int = 0, batch_size: int = 2, length: int = 7, pad_last: int = 2
 def logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
+
+
+# ---------------------------------------------------------------------- saved tiny models and text for the training tests
+def char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def save_tiny_llama(path, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_text(path, lines: int = 200):
+    rng = random.Random(0)
+    words = "the cat sat on a mat and the dog ran over hills while birds sang in green trees".split()
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)))
+    return path

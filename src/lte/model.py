@@ -212,7 +212,19 @@ def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: b
 
 
 # --------------------------------------------------------------------------- the model
-class LTEModel(nn.Module):
+class DelegatingModule(nn.Module):
+    """Attribute access falls through to `self.base_model` (the HF model), as in PEFT."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+
+class LTEModel(DelegatingModule):
     """A converted HF model: routing modes, LTE losses, statistics and save/load.
 
     Attribute access falls through to the HF model (`config`, `generate`, ...).
@@ -237,14 +249,6 @@ class LTEModel(nn.Module):
         self._dense_flops = linear_flops_per_token(base_model, exclude)
         self._digest = _weights_digest(layers)
         self.reset_lte_stats()
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
 
     # ---------------------------------------------------------------- routing
     def lte_layers(self) -> list[LTELayer]:

@@ -24,6 +24,7 @@ from ..conversion.grouping import group_neurons
 from ..conversion.locate import FFNHandle, find_ffns
 from ..conversion.permute import ffn_width, in_rows, permute_input_projection, permute_output_projection
 from ..errors import LTEError
+from ..model import DelegatingModule
 from ..stats import linear_flops_per_token
 from .wrappers import Context, LowRankPredictor, MLPRouter, SparseInput, SparseOutput, SparseUp, Sparsifier
 
@@ -103,7 +104,7 @@ def make_predictor(kind: str, hidden: int, width: int, units: int, size: int) ->
 
 
 # --------------------------------------------------------------------------- the model
-class BaselineModel(nn.Module):
+class BaselineModel(DelegatingModule):
     """A plain HF model with a baseline's sparsity rule in its FFNs.
 
     Args:
@@ -131,14 +132,6 @@ class BaselineModel(nn.Module):
                       for m in layer.sparsifier.predictor.modules()}
         self._dense_flops = linear_flops_per_token(base_model, predictors)
         self.reset_lte_stats()
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
 
     # ---------------------------------------------------------------- state
     def baseline_layers(self) -> list[BaselineLayer]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LTEError
+from ..routing.layers import WrappedLayer
 
 RULES = ("input-threshold", "gate-threshold", "predictor-topk", "oracle-topk")
 STATES = ("off", "on", "collect", "record")
@@ -206,20 +207,6 @@ class Sparsifier(nn.Module):
         return f"rule={self.rule}, units={self.num_units}, k={self.k}, state={self.state}"
 
 
-class _Wrapper(nn.Module):
-    """Shows the wrapped layer's `weight` and `bias`, which some HF models read directly."""
-
-    base_layer: nn.Module
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
-
-
 def _threshold_input(s: Sparsifier, x: torch.Tensor, share: float) -> torch.Tensor:
     """TEAL on an input projection: zero the entries of x with |x| <= t_x."""
     if s.state == "collect":
@@ -233,7 +220,7 @@ def _threshold_input(s: Sparsifier, x: torch.Tensor, share: float) -> torch.Tens
     return x * keep.to(x.dtype)
 
 
-class SparseInput(_Wrapper):
+class SparseInput(WrappedLayer):
     """An FFN's input projection (gate, fused gate_up, or W1) under a baseline rule."""
 
     def __init__(self, base_layer: nn.Module, sparsifier: Sparsifier) -> None:
@@ -267,7 +254,7 @@ class SparseInput(_Wrapper):
         return y
 
 
-class SparseUp(_Wrapper):
+class SparseUp(WrappedLayer):
     """The separate up projection of a gated FFN: TEAL masks its input like the gate's."""
 
     def __init__(self, base_layer: nn.Module, sparsifier: Sparsifier) -> None:
@@ -282,7 +269,7 @@ class SparseUp(_Wrapper):
         return self.base_layer(x)
 
 
-class SparseOutput(_Wrapper):
+class SparseOutput(WrappedLayer):
     """An FFN's output projection: masks h [.., F] by the layer's rule, then calls the projection."""
 
     def __init__(self, base_layer: nn.Module, sparsifier: Sparsifier) -> None:

@@ -55,7 +55,7 @@ def gate_neurons(h: torch.Tensor, gate: torch.Tensor, block: int) -> torch.Tenso
     return torch.cat([head, tail], dim=-1)
 
 
-class _Wrapper(nn.Module):
+class WrappedLayer(nn.Module):
     """Shows the wrapped layer's `weight` and `bias`, which some HF models read directly."""
 
     base_layer: nn.Module
@@ -69,7 +69,7 @@ class _Wrapper(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
 
-class LTEInput(_Wrapper):
+class LTEInput(WrappedLayer):
     """An FFN input projection plus its router.
 
     Args:
@@ -134,7 +134,7 @@ class LTEInput(_Wrapper):
         return f"experts={self.num_experts}, F={self.ffn_width}, mode={self.mode}, tau={self.tau}"
 
 
-class LTEOutput(_Wrapper):
+class LTEOutput(WrappedLayer):
     """An FFN output projection that applies the gate of its `LTEInput` to its input."""
 
     def __init__(self, base_layer: nn.Module, source: LTEInput) -> None:

@@ -187,6 +187,21 @@ ROUTER_INITS = ("auto", "fit", "open", "scale", "none")
 
 
 @torch.no_grad()
+def _calibration_forward(lmodel, batch: dict[str, torch.Tensor], mode: str, hooks: list) -> None:
+    """One eval-mode forward of `batch` in routing `mode`; removes `hooks` and restores the model after."""
+    routing, was_training = lmodel.routing, lmodel.training
+    lmodel.set_routing(mode)
+    lmodel.eval()
+    try:
+        lmodel(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for hook in hooks:
+            hook.remove()
+        lmodel.set_routing(routing)
+        lmodel.train(was_training)
+
+
+@torch.no_grad()
 def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_scale: float = 3.0,
                 ridge: float = 1e-3) -> list[float]:
     """Router init fitted to the model's own activations (ours; the paper leaves the init open).
@@ -239,31 +254,18 @@ def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_s
     for i, layer in enumerate(layers):
         hooks.append(layer.input.register_forward_pre_hook(grab_x(i)))
         hooks.append(layer.output.register_forward_pre_hook(fit_h(i, layer.input.expert_sizes)))
-    routing, was_training = lmodel.routing, lmodel.training
-    lmodel.set_routing("dense")
-    lmodel.eval()
-    try:
-        lmodel(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        for hook in hooks:
-            hook.remove()
-        lmodel.set_routing(routing)
-        lmodel.train(was_training)
-    achieved = []
+    _calibration_forward(lmodel, batch, "dense", hooks)
     for i, layer in enumerate(layers):
         xtx, xtz = acc[i]
         d = xtx.shape[0]
         reg = ridge * torch.trace(xtx) / d
         w = torch.linalg.solve(xtx + reg * torch.eye(d, dtype=xtx.dtype, device=xtx.device), xtz)  # [D, E]
         layer.router.weight.copy_(w.T.to(layer.router.weight.dtype))
+    routing = lmodel.routing
+    _calibration_forward(lmodel, batch, "hard", [])
     lmodel.set_routing("hard")
-    lmodel.eval()
-    try:
-        lmodel(**{k: v for k, v in batch.items() if k != "labels"})
-        achieved = lmodel.lte_stats()["per_layer"]
-    finally:
-        lmodel.set_routing(routing)
-        lmodel.train(was_training)
+    achieved = lmodel.lte_stats()["per_layer"]  # stats of that forward
+    lmodel.set_routing(routing)
     logger.info("router init 'fit' (target %.2f): calibration sparsity %.3f", sparsity, sum(achieved) / len(achieved))
     return achieved
 
@@ -296,16 +298,7 @@ def calibrate_routers(lmodel, batch: dict[str, torch.Tensor], mode: str = "open"
     captured: dict[int, torch.Tensor] = {}
     hooks = [layer.input.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0].detach()))
              for i, layer in enumerate(layers)]
-    routing, was_training = lmodel.routing, lmodel.training
-    lmodel.set_routing("soft")
-    lmodel.eval()
-    try:
-        lmodel(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        for hook in hooks:
-            hook.remove()
-        lmodel.set_routing(routing)
-        lmodel.train(was_training)
+    _calibration_forward(lmodel, batch, "soft", hooks)
     mask = batch.get("attention_mask")
     for i, layer in enumerate(layers):
         x = captured[i].reshape(-1, captured[i].shape[-1]).float()  # [T, D] FFN inputs
