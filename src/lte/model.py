@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,16 +255,23 @@ class LTEModel(DelegatingModule):
     def lte_layers(self) -> list[LTELayer]:
         return list(self._layers)
 
-    def set_routing(self, mode: str, tau: float | None = None, k: int | None = None) -> LTEModel:
-        """Switch every FFN to "dense", "soft" (stage 1), "hard" (stage 2, inference) or "topk"."""
+    def set_routing(self, mode: str, tau: float | None = None, k: int | Sequence[int] | None = None) -> LTEModel:
+        """Switch every FFN to "dense", "soft" (stage 1), "hard" (stage 2, inference) or "topk".
+
+        `k` (topk): experts kept per token, one int for every layer or one per layer.
+        """
         if mode not in MODES:
             raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
         tau = self.lte_config.tau if tau is None else tau
         k = self.lte_config.topk if k is None else k
         if mode == "topk" and k is None:
             raise LTEError("topk routing needs k: set_routing('topk', k=...) or LTEConfig(topk=...)")
-        for layer in self._layers:
-            layer.input.mode, layer.input.tau, layer.input.k = mode, tau, k
+        ks = list(k) if isinstance(k, Sequence) else [k] * len(self._layers)
+        if len(ks) != len(self._layers):
+            raise LTEError(f"set_routing got {len(ks)} values of k for {len(self._layers)} LTE layers; "
+                           "pass one int or one per layer")
+        for layer, k_layer in zip(self._layers, ks):
+            layer.input.mode, layer.input.tau, layer.input.k = mode, tau, k_layer
             layer.input.loss_to_model = self.lte_config.loss_to_model
         self.routing = mode
         return self

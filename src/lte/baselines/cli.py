@@ -88,11 +88,19 @@ def add_baseline_commands(sub) -> None:
     p.set_defaults(func=run_sweep_command)
 
     p = sub.add_parser("study", help="run a study config (every method, every target) and plot it",
-                       description="Run configs/study/<task>.yaml: all methods over its targets, results + plots.")
-    p.add_argument("config", help="study YAML, e.g. configs/study/sst2-minilm.yaml")
-    p.add_argument("--out", help="output folder (default: the config's `out` or runs/study/<name>)")
+                       description="Run configs/study/<task>.yaml: all methods over its targets, results + plots. "
+                                   "Finished points are kept, so a rerun resumes where an interrupted one stopped.")
+    p.add_argument("config", nargs="+", help="study YAML(s), e.g. configs/study/sst2-minilm.yaml")
+    p.add_argument("--out", help="output folder of a single study (default: the config's `out` or runs/study/<name>)")
+    p.add_argument("--root", default="runs/study", help="with several configs: each study goes to ROOT/<name>")
     p.add_argument("--methods", type=_names, help="only these methods (comma list)")
     p.add_argument("--targets", type=_floats, help="override the targets (comma list)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes run at once (units: dense, then one per trained method and target); "
+                        "small models leave a GPU idle, so several workers finish sooner")
+    p.add_argument("--time-limit", type=float, help="seconds: stop the workers then and summarise what finished")
+    p.add_argument("--collect", action="store_true", help="train nothing: summarise and plot the finished points")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one unit of a parallel study
     _add_common(p)
     p.set_defaults(func=run_study_command)
 
@@ -156,22 +164,58 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def run_study_command(args: argparse.Namespace) -> int:
-    from .sweep import load_study_config, merge, run_study
+    from ..errors import LTEError
+    from .sweep import collect_study, load_study_config, merge, run_study, study_config, study_out
 
-    cfg = merge(load_study_config(args.config), _parse_set(args.set))
-    return _report(run_study(cfg, args.out, tiny=args.tiny, methods=args.methods, targets=args.targets))
+    overrides = _parse_set(args.set)
+    configs = [merge(load_study_config(path), overrides) for path in args.config]
+    if len(configs) == 1:
+        cfg = configs[0]
+        out = args.out or cfg.get("out") or Path(args.root) / cfg.get("name", cfg.get("task", "study"))
+        if args.worker:
+            result = run_study(cfg, out, methods=args.methods, targets=args.targets, worker=True)
+            return 1 if result["failures"] else 0
+        return _report(run_study(cfg, out, tiny=args.tiny, methods=args.methods, targets=args.targets,
+                                 jobs=args.jobs, collect_only=args.collect, time_limit=args.time_limit))
+    if args.out or args.worker:
+        raise LTEError("with several configs use --root (each study goes to ROOT/<name>), not --out")
+    import time
+
+    from .parallel import run_parallel
+
+    studies = []
+    for cfg in configs:
+        full = study_config(cfg, args.tiny, args.methods, args.targets)
+        studies.append((full, study_out(full, Path(args.root) / full.get("name", full["task"]))))
+    start = time.perf_counter()
+    failures = {str(out): {} for _, out in studies}
+    if not args.collect:
+        failures = run_parallel(studies, max(1, args.jobs), time_limit=args.time_limit)
+    code = 0
+    for cfg, out in studies:
+        try:
+            code |= _report(collect_study(cfg, out, failures=failures[str(out)], seconds=time.perf_counter() - start))
+        except LTEError as err:
+            print(f"{cfg.get('name')}: {err}")
+            code = 1
+    return code
 
 
 def _report(summary: dict[str, Any]) -> int:
     """Print a short table: per method, the (sparsity, quality) points and GFLOPs within tolerance."""
     print(f"{summary['name']}: {summary['metric']} ({'higher' if summary['higher_is_better'] else 'lower'} "
           f"is better), dense {summary['dense_quality']:.4g}, {summary['dense_gflops_per_token']:.4g} GFLOPs/token, "
-          f"{summary['seconds']:.0f} s on {summary['device']}")
+          f"{summary.get('seconds') or 0:.0f} s on {summary['device']}")
     for method, row in summary["methods"].items():
         pts = "  ".join(f"{100 * s:.0f}%:{q:.4g}" for s, q in row["points"])
         tol = row["gflops_within_tolerance"]
         print(f"  {method:18s} {pts}   within tolerance: {'-' if tol is None else f'{tol:.4g} GFLOPs/token'}")
+    for row in summary.get("lte_vs_others", []):
+        print(f"  LTE at {100 * row['ffn_sparsity']:.0f}%: beats {', '.join(row['beats']) or '-'}; "
+              f"loses to {', '.join(row['loses_to']) or '-'}")
     for method, err in summary.get("failures", {}).items():
         print(f"  {method:18s} FAILED: {err}")
+    if summary.get("missing"):
+        print(f"  missing points: {', '.join(summary['missing'])}")
     print("plots: " + ", ".join(summary.get("plots", {}).values()))
     return 1 if summary.get("failures") else 0

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -52,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "calib": {"tokens": 16384, "batch_size": 8},
     "prep": {"max_length": 128, "block_size": 256, "max_tokens": None, "max_examples": None, "holdout": 0.2},
     "eval": {"batch_size": 16, "max_tokens": 32768, "max_examples": None, "max_new_tokens": 48,
-             "max_source_tokens": 384, "mc_files": [], "mc_max_examples": 200},
+             "max_source_tokens": 384, "mc_files": [], "mc_max_examples": 200,
+             "mmlu_dir": None, "mmlu_shots": 5, "mmlu_per_subject": None},
     "method_options": {},  # per-method options for apply_baseline, e.g. {dejavu: {rank: 64}}
     "profile_target": 0.7,
     "keep_models": False,
@@ -105,6 +108,8 @@ class TaskSetup:
     num_labels: int = 2
     dense: nn.Module | None = None
     dense_info: dict[str, Any] = field(default_factory=dict)
+    data_source: Any = None  # the data / eval data as given (paths make finished points reusable)
+    eval_source: Any = None
 
     @property
     def stage_task(self) -> str:
@@ -155,7 +160,7 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
                settings: dict[str, Any] | None = None, name: str | None = None) -> TaskSetup:
     """Load the task's data and build its evaluator (see the module docstring for the kinds)."""
     from .. import evaluation
-    from ..data import PROMPT_TEMPLATES, load_glue, load_instructions, load_mcqa, load_text_lm
+    from ..data import PROMPT_TEMPLATES, load_glue, load_instructions, load_mcqa, load_mmlu, load_text_lm
 
     if kind not in KINDS:
         raise LTEError(f"unknown task kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -227,9 +232,12 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
         train = data if not isinstance(data, (str, Path)) else load_instructions(
             data, tokenizer, dcfg["max_length"], dcfg["max_examples"])
         files = list(ecfg["mc_files"] or ([eval_data] if eval_data else []))
-        if not files:
-            raise LTEError("instruction sweeps need eval.mc_files (PIQA, BoolQ, ... JSONL files)")
+        if not files and not ecfg["mmlu_dir"]:
+            raise LTEError("instruction sweeps need eval.mc_files (PIQA, BoolQ, ... JSONL files) or eval.mmlu_dir")
         sets = {Path(f).stem: load_mcqa(f, ecfg["mc_max_examples"]) for f in files}
+        if ecfg["mmlu_dir"]:  # every subject, `mmlu_per_subject` test questions each, few-shot from dev
+            sets["mmlu"] = load_mmlu(ecfg["mmlu_dir"], num_shots=ecfg["mmlu_shots"],
+                                     max_per_subject=ecfg["mmlu_per_subject"])
 
         def evaluate(m):
             per = {k: evaluation.multiple_choice_accuracy(m, tokenizer, v, batch_size=bs, progress=False)
@@ -243,7 +251,7 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
     calib = as_batches(train, cfg["calib"]["batch_size"], cfg["calib"]["tokens"],
                        pad_token_id=tokenizer.pad_token_id or 0)
     return TaskSetup(kind, name or kind, tokenizer, train, calib, evaluate, metric, higher, cfg,
-                     model_source=model, num_labels=num_labels)
+                     model_source=model, num_labels=num_labels, data_source=data, eval_source=eval_data)
 
 
 # --------------------------------------------------------------------------- dense model
@@ -260,9 +268,16 @@ def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
     source = setup.model_source
     head = "classification" if setup.kind == "classification" else "causal-lm"
     start = time.perf_counter()
+    record_path = out / "study_dense.json"
+    fingerprint = _dense_fingerprint(setup)
     if is_stage_complete(out, "dense"):
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if fingerprint is None or record.get("fingerprint") != fingerprint:
+            raise LTEError(f"'{out}' holds a dense model made with other settings (model, data, dense or prep) "
+                           "or from in-memory objects, which cannot be checked; "
+                           "use another --out folder, or delete that one to retrain it")
         model, _ = resolve_model(out, task=head, num_labels=setup.num_labels)
-        setup.dense_info = {"reused": str(out)}
+        setup.dense_info = {"reused": str(out), "steps": record.get("steps", 0)}
     else:
         if isinstance(source, nn.Module):
             model = source
@@ -274,10 +289,23 @@ def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
                                  tokenizer=setup.tokenizer, **hp)
             model = record["trainer"].model
             setup.dense_info = {"steps": record["global_step"]}
+            record_path.write_text(json.dumps({"fingerprint": fingerprint, "steps": record["global_step"]}))
     model.to(_device()).eval()
     setup.dense_info["seconds"] = time.perf_counter() - start
     setup.dense = model
     return model
+
+
+def _dense_fingerprint(setup: TaskSetup) -> str | None:
+    """What the shared dense model depends on (model, data, preparation, dense training, seed)."""
+    sources = [setup.model_source, setup.data_source]
+    if any(not isinstance(src, (str, Path)) for src in sources):
+        return None
+    s = setup.settings
+    keys = ("seed", "glue_task", "generation_format", "prep", "dense")
+    blob = json.dumps({"kind": setup.kind, "sources": [str(src) for src in sources], **{k: s.get(k) for k in keys}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _train_hp(settings: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
@@ -290,13 +318,13 @@ def _train_hp(settings: dict[str, Any], section: dict[str, Any]) -> dict[str, An
 
 # --------------------------------------------------------------------------- one method
 def _point(setup: TaskSetup, method: str, knob: str, target: float, result: dict[str, Any], model: nn.Module,
-           timings: dict[str, float]) -> dict[str, Any]:
+           timings: dict[str, float], eta: float | None = None) -> dict[str, Any]:
     stats = model.lte_stats(accumulated=True) if hasattr(model, "lte_stats") and getattr(
         model, "routing", "dense") != "dense" else None
     sparsity = float(result.get("ffn_sparsity", 0.0))
     point = {
         "task": setup.name, "method": method, "knob": knob, "target": target,
-        "eta": float(model.lte_config.eta) if method == "lte" else None,
+        "eta": eta,
         "ffn_sparsity": sparsity,
         "activation_sparsity": float(stats.get("activation_sparsity", sparsity)) if stats else sparsity,
         "quality": float(result["quality"]), "metric": setup.metric, "higher_is_better": setup.higher_is_better,
@@ -359,75 +387,179 @@ def _ft_args(setup: TaskSetup) -> dict[str, Any]:
     return hp
 
 
-def run_method(setup: TaskSetup, method: str, targets: list[float], out_dir: str | Path,
-               shared: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Build/train/evaluate one method at every target on a prepared task; returns the points."""
-    method = "lte" if method == "lte" else canonical_method(method)
-    shared = shared if shared is not None else {}
-    out = Path(out_dir)
-    dense = setup.dense
-    if dense is None:
-        raise LTEError("prepare_dense(setup, out_dir) first")
-    s = setup.settings
+def method_plan(cfg: dict[str, Any], method: str) -> tuple[str, dict[str, Any]]:
+    """(base method, settings overrides) of a study method name.
+
+    A name is a built-in method (lte, teal, ...) or a key of the config's `variants` section, e.g.
+    `variants: {lte-lam0: {base: lte, set: {lte: {stage1: {lam: 0}}}, targets: [0.5, 0.9]}}` (the
+    ablations; `targets` is optional and defaults to the study's).
+    """
+    variants = cfg.get("variants") or {}
+    if method in variants:
+        spec = variants[method]
+        if not isinstance(spec, dict) or "base" not in spec:
+            raise LTEError(f"variant {method!r} needs a mapping with `base` (a method) and `set` (settings)")
+        base = "lte" if spec["base"] == "lte" else canonical_method(spec["base"])
+        return base, dict(spec.get("set") or {})
+    return ("lte" if method == "lte" else canonical_method(method)), {}
+
+
+def derived_methods(cfg: dict[str, Any], methods: list[str]) -> list[str]:
+    """The methods whose points a study holds: its methods plus `<m>-topk` for LTE runs with `lte.also_topk`."""
+    out = []
+    for method in methods:
+        out.append(method)
+        base, extra = method_plan(cfg, method)
+        if base == "lte" and merge(merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS}), extra)[
+                "lte"].get("also_topk"):
+            out.append(f"{method}-topk")
+    return out
+
+
+def fingerprint_of(kind: str, name: str, sources: list[Any], settings: dict[str, Any], method: str,
+                   target: float | None) -> str:
+    """A digest of everything a point depends on: task, model and data paths, settings, method, target."""
+    blob = json.dumps({"kind": kind, "name": name, "sources": [None if s is None else str(s) for s in sources],
+                       "settings": settings, "method": method, "target": None if target is None else float(target)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _settings_fingerprint(setup: TaskSetup, method: str, target: float | None) -> str | None:
+    """The fingerprint of a point of this task; None when model or data are objects (no resume then)."""
+    sources = [setup.model_source, setup.data_source, setup.eval_source]
+    if any(s is not None and not isinstance(s, (str, Path)) for s in sources):
+        return None
+    return fingerprint_of(setup.kind, setup.name, sources, setup.settings, method, target)
+
+
+def point_path(out_dir: str | Path, method: str, target: float | None = None) -> Path:
+    """Where one finished point is kept: `<out>/<method>/t<target>/point.json` (`<out>/dense/point.json`)."""
+    if method == "dense":
+        return Path(out_dir) / "dense" / "point.json"
+    return Path(out_dir) / method / f"t{target:g}" / "point.json"
+
+
+def _save_point(path: Path, point: dict[str, Any], fingerprint: str | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**point, "fingerprint": fingerprint}, indent=2, default=_json_default))
+    tmp.replace(path)  # atomic: a killed run leaves no half-written point
+
+
+def _load_point(path: Path, fingerprint: str | None) -> dict[str, Any] | None:
+    """A finished point, if it exists and was made with the same settings."""
+    if fingerprint is None or not path.is_file():
+        return None
+    try:
+        point = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return point if point.get("fingerprint") == fingerprint else None
+
+
+def _with_overrides(setup: TaskSetup, extra: dict[str, Any]) -> TaskSetup:
+    """The task with a variant's settings (training / method settings only; the data stay as they are)."""
+    return dataclasses.replace(setup, settings=merge(setup.settings, extra)) if extra else setup
+
+
+def _matched_topk(model: nn.Module, per_layer: list[float]) -> list[int]:
+    """Experts per layer that top-k routing keeps to match the measured per-layer sparsity of hard routing."""
+    ks = []
+    for layer, sparsity in zip(model.lte_layers(), per_layer):
+        ks.append(max(0, min(layer.router.out_features, int(round((1.0 - sparsity) * layer.router.out_features)))))
+    return ks
+
+
+def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: float, out: Path,
+                 shared: dict[str, Any]) -> list[tuple[str, dict[str, Any], nn.Module | None]]:
+    """Build/train/evaluate one (method, target): [(method name, point, model kept for reuse or None)]."""
+    s, dense = setup.settings, setup.dense
     options = {"expert_size": s["expert_size"], "grouping": s["grouping"], "seed": s["seed"],
                "batch_size": s["calib"]["batch_size"], "calib_tokens": s["calib"]["tokens"],
-               **s["method_options"].get(method, {})}
-    knob = s["lte"]["knob"] if method == "lte" else "target"
+               **s["method_options"].get(base, {})}
+    run_dir = out / name / f"t{target:g}"
+    timings: dict[str, float] = {"train_seconds": 0.0, "build_seconds": 0.0}
+    steps, keep, eta = 0, None, None
+    start = time.perf_counter()
+    if base == "lte":
+        model, t, steps = _train_lte(setup, target, run_dir)
+        timings.update(t)
+        eta = float(model.lte_config.eta)
+    elif base in ("moefication", "moefication-oracle", "dejavu"):
+        model = shared.get(name)
+        if model is None:  # one router / predictor for every target of the sweep; only k moves
+            model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
+            shared[name] = model
+        set_sparsity(model, target)
+        keep = model
+        timings["build_seconds"] = time.perf_counter() - start
+    elif base == "dejavu-ft":
+        model = apply_baseline(copy.deepcopy(dense), "dejavu", target, calib_data=setup.calib, **options)
+        set_sparsity(model, target)
+        model.method = "dejavu-ft"
+        timings["build_seconds"] = time.perf_counter() - start
+        info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), **_ft_args(setup))
+        timings["train_seconds"], steps = info["seconds"], info["steps"]
+    elif base == "random-topk":
+        model = apply_baseline(copy.deepcopy(dense), base, target, **options)
+        timings["build_seconds"] = time.perf_counter() - start
+        info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), **_ft_args(setup))
+        timings["train_seconds"], steps = info["seconds"], info["steps"]
+        model.set_routing("topk")
+    else:  # teal, cats: calibrated per target
+        model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
+        timings["build_seconds"] = time.perf_counter() - start
+    result, timings["eval_seconds"] = _evaluate(setup, model)
+    point = _point(setup, name, knob, target, result, model, timings, eta)
+    point["train_steps"] = steps
+    point["union_sparsity_16"] = _measure_union(model, setup.calib[0])
+    made = [(name, point, keep)]
+    if base == "lte" and s["lte"].get("also_topk"):
+        # The threshold-vs-top-k ablation: the same trained model, top-k experts per token with k per
+        # layer matched to the sparsity the threshold gave (no extra training).
+        model.set_routing("topk", k=_matched_topk(model, point["per_layer"]))
+        result, seconds = _evaluate(setup, model)
+        topk = _point(setup, f"{name}-topk", knob, target, result, model,
+                      {"train_seconds": timings["train_seconds"], "build_seconds": 0.0, "eval_seconds": seconds}, eta)
+        topk["train_steps"] = steps
+        topk["union_sparsity_16"] = _measure_union(model, setup.calib[0])
+        made.append((f"{name}-topk", topk, None))
+    if not s["keep_models"] and run_dir.exists():
+        _drop_weights(run_dir)
+    return made
+
+
+def run_method(setup: TaskSetup, method: str, targets: list[float], out_dir: str | Path,
+               shared: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Build/train/evaluate one method at every target on a prepared task; returns the points.
+
+    `method` is a built-in method or a variant of `config["variants"]`. Each finished point is kept
+    in `<out>/<method>/t<target>/point.json`; a rerun with the same settings reuses it.
+    """
+    base, extra = method_plan(config or {}, method)
+    setup = _with_overrides(setup, extra)
+    shared = shared if shared is not None else {}
+    out = Path(out_dir)
+    if setup.dense is None:
+        raise LTEError("prepare_dense(setup, out_dir) first")
+    knob = setup.settings["lte"]["knob"] if base == "lte" else "target"
+    names = [method] + ([f"{method}-topk"] if base == "lte" and setup.settings["lte"].get("also_topk") else [])
     points = []
-    reusable = None  # top-k baselines without training: build once, move k
     for target in targets:
-        run_dir = out / method / f"t{target:g}"
-        timings: dict[str, float] = {"train_seconds": 0.0, "build_seconds": 0.0}
-        steps = 0
-        start = time.perf_counter()
-        if method == "lte":
-            model, t, steps = _train_lte(setup, target, run_dir)
-            timings.update(t)
-        elif method in ("moefication", "moefication-oracle", "dejavu"):
-            if reusable is None:
-                opts = dict(options)
-                if method == "dejavu":  # one predictor for the sweep, labels at the middle target
-                    opts.setdefault("label_sparsity", sorted(targets)[len(targets) // 2])
-                reusable = apply_baseline(copy.deepcopy(dense), method, target, calib_data=setup.calib, **opts)
-                if method == "dejavu":
-                    shared["dejavu"] = reusable
-            set_sparsity(reusable, target)
-            model = reusable
-            timings["build_seconds"] = time.perf_counter() - start
-        elif method == "dejavu-ft":
-            base = shared.get("dejavu")
-            if base is None:
-                opts = dict(options)
-                opts.setdefault("label_sparsity", sorted(targets)[len(targets) // 2])
-                base = apply_baseline(copy.deepcopy(dense), "dejavu", target, calib_data=setup.calib, **opts)
-                shared["dejavu"] = base
-            model = copy.deepcopy(base)
-            set_sparsity(model, target)
-            model.method = "dejavu-ft"
-            timings["build_seconds"] = time.perf_counter() - start
-            info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), **_ft_args(setup))
-            timings["train_seconds"], steps = info["seconds"], info["steps"]
-        elif method == "random-topk":
-            model = apply_baseline(copy.deepcopy(dense), method, target, **options)
-            timings["build_seconds"] = time.perf_counter() - start
-            info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), **_ft_args(setup))
-            timings["train_seconds"], steps = info["seconds"], info["steps"]
-            model.set_routing("topk")
-        else:  # teal, cats: calibrated per target
-            model = apply_baseline(copy.deepcopy(dense), method, target, calib_data=setup.calib, **options)
-            timings["build_seconds"] = time.perf_counter() - start
-        result, timings["eval_seconds"] = _evaluate(setup, model)
-        point = _point(setup, method, knob, target, result, model, timings)
-        point["train_steps"] = steps
-        point["union_sparsity_16"] = _measure_union(model, setup.calib[0])
-        points.append(point)
-        logger.info("%s %s=%g: sparsity %.3f %s %.4g", method, knob, target, point["ffn_sparsity"], setup.metric,
-                    point["quality"])
-        if not s["keep_models"] and run_dir.exists():
-            _drop_weights(run_dir)
-        if model is not reusable:
-            del model
-    write_points(points, out / method)
+        fps = {n: _settings_fingerprint(setup, n, target) for n in names}
+        cached = [_load_point(point_path(out, n, target), fps[n]) for n in names]
+        if all(p is not None for p in cached):
+            logger.info("%s %s=%g: reusing the finished point", method, knob, target)
+            points += cached
+            continue
+        for name, point, _ in _build_point(setup, method, base, knob, target, out, shared):
+            _save_point(point_path(out, name, target), point, fps[name])
+            points.append(point)
+            logger.info("%s %s=%g: sparsity %.3f %s %.4g", name, knob, target, point["ffn_sparsity"],
+                        setup.metric, point["quality"])
+    for name in names:
+        write_points([p for p in points if p["method"] == name], out / name)
     return points
 
 
@@ -441,12 +573,19 @@ def _drop_weights(run_dir: Path) -> None:
             shutil.rmtree(ckpt, ignore_errors=True)
 
 
-def dense_point(setup: TaskSetup) -> dict[str, Any]:
-    """The dense model's quality (sparsity 0): the reference every curve is judged against."""
+def dense_point(setup: TaskSetup, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """The dense model's quality (sparsity 0): the reference every curve is judged against (kept on disk)."""
+    fp = _settings_fingerprint(setup, "dense", None)
+    path = point_path(out_dir, "dense") if out_dir is not None else None
+    cached = _load_point(path, fp) if path is not None else None
+    if cached is not None:
+        return cached
     result, seconds = _evaluate(setup, setup.dense)
     point = _point(setup, "dense", "none", 0.0, result, setup.dense, {"train_seconds": 0.0, "build_seconds": 0.0,
                                                                       "eval_seconds": seconds})
     point["train_steps"] = int(setup.dense_info.get("steps", 0))
+    if path is not None:
+        _save_point(path, point, fp)
     return point
 
 
@@ -500,51 +639,155 @@ def load_study_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def run_study(config: dict[str, Any] | str | Path, out_dir: str | Path | None = None, tiny: bool = False,
-              methods: list[str] | None = None, targets: list[float] | None = None,
-              model: Any = None, tokenizer=None) -> dict[str, Any]:
-    """Every method of a study config over its targets, then plots and a summary.
+def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, methods: list[str] | None = None,
+                 targets: list[float] | None = None) -> dict[str, Any]:
+    """The full settings of a study: the YAML (or dict), tiny budgets if asked, methods and targets resolved.
 
-    Config keys: name, task (kind), model, data, eval_data, methods, targets, lte_etas (optional,
-    used when lte.knob is "eta"), plus any DEFAULTS section. Writes `<out>/results.{json,csv}`,
-    `<out>/summary.json`, `<out>/quality_vs_sparsity.png`, `<out>/eta_vs_sparsity.png`,
-    `<out>/per_layer_sparsity.png`, `<out>/gflops_vs_quality.png`.
+    Deja Vu's label sparsity defaults to the middle target of the sweep (one predictor per sweep).
     """
     cfg = load_study_config(config) if isinstance(config, (str, Path)) else dict(config)
     if tiny:
         cfg = merge(cfg, TINY)
-    name = cfg.get("name", cfg.get("task", "study"))
-    out = Path(out_dir or cfg.get("out") or f"runs/study/{name}")
+    for key in ("task", "data"):
+        if key not in cfg:
+            raise LTEError(f"the study config needs `{key}` (see configs/study/*.yaml)")
+    cfg["methods"] = list(methods or cfg.get("methods") or ALL_METHODS)
+    cfg["targets"] = [float(t) for t in (targets or cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])]
+    for method in cfg["methods"]:
+        method_plan(cfg, method)  # unknown names fail here, before any work
+    middle = sorted(cfg["targets"])[len(cfg["targets"]) // 2]
+    options = cfg.setdefault("method_options", {})
+    for method in ("dejavu", "dejavu-ft"):
+        options[method] = {"label_sparsity": middle, **(options.get(method) or {})}
+    return cfg
+
+
+def knob_values(cfg: dict[str, Any], method: str) -> list[float]:
+    """The values a method is run at: the targets, or `lte_etas` for LTE runs steered by eta."""
+    base, extra = method_plan(cfg, method)
+    lte = merge(merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS}), extra)["lte"]
+    own = (cfg.get("variants") or {}).get(method, {}).get("targets")
+    if own:  # a variant (an ablation) may run at fewer values than the study
+        return [float(v) for v in own]
+    if base == "lte" and lte["knob"] == "eta":
+        if not cfg.get("lte_etas"):
+            raise LTEError("lte.knob is 'eta': give the eta values as lte_etas: [...]")
+        return [float(v) for v in cfg["lte_etas"]]
+    return list(cfg["targets"])
+
+
+def study_out(cfg: dict[str, Any], out_dir: str | Path | None = None) -> Path:
+    return Path(out_dir or cfg.get("out") or f"runs/study/{cfg.get('name', cfg.get('task', 'study'))}")
+
+
+def run_study(config: dict[str, Any] | str | Path, out_dir: str | Path | None = None, tiny: bool = False,
+              methods: list[str] | None = None, targets: list[float] | None = None,
+              model: Any = None, tokenizer=None, jobs: int = 1, collect_only: bool = False,
+              worker: bool = False, time_limit: float | None = None) -> dict[str, Any]:
+    """Every method of a study config over its targets, then plots and a summary.
+
+    Config keys: name, task (kind), model, data, eval_data, methods, targets, lte_etas (optional,
+    used when lte.knob is "eta"), variants (named ablations of a method), plus any DEFAULTS section.
+    Writes `<out>/results.{json,csv}`, `<out>/summary.json` and the PNG plots. Finished points are
+    kept under `<out>/<method>/t<target>/point.json`, so an interrupted study resumes where it stopped.
+
+    `jobs` > 1 runs the (method, target) units in that many worker processes (one GPU is shared;
+    with several GPUs the workers take turns over them). `collect_only` trains nothing: it summarises
+    the points on disk. `worker` runs the given methods/targets and skips the summary (what each
+    worker process does). `time_limit` (seconds, parallel runs) stops launching and stops running
+    workers at that time; whatever finished is summarised.
+    """
+    if worker:
+        cfg = study_config(config, tiny)
+        out = study_out(cfg, out_dir)
+        failures = _run_in_process(cfg, out, model, tokenizer, methods or cfg["methods"], targets)
+        return {"name": cfg.get("name"), "failures": failures}
+    cfg = study_config(config, tiny, methods, targets)
+    out = study_out(cfg, out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in cfg.items() if k in DEFAULTS}
-    methods = list(methods or cfg.get("methods") or ALL_METHODS)
-    targets = list(targets or cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])
     start = time.perf_counter()
+    points, failures = None, {}
+    if jobs > 1 and not collect_only:
+        if model is not None or tokenizer is not None:
+            raise LTEError("parallel studies (jobs > 1) load the model from the config; pass model=None")
+        from .parallel import run_parallel
+
+        failures = run_parallel([(cfg, out)], jobs, time_limit=time_limit)[str(out)]
+    elif not collect_only:
+        points, failures = [], {}
+        failures = _run_in_process(cfg, out, model, tokenizer, cfg["methods"], None, points)
+    return collect_study(cfg, out, points, failures, seconds=time.perf_counter() - start)
+
+
+def _run_in_process(cfg: dict[str, Any], out: Path, model: Any, tokenizer, methods: list[str],
+                    values: list[float] | None, points: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """Prepare the task and the dense model, then run `methods` (at `values`, default their knob values)."""
+    settings = {k: v for k, v in cfg.items() if k in DEFAULTS}
     setup = setup_task(cfg["task"], model if model is not None else cfg["model"], cfg["data"], cfg.get("eval_data"),
-                       tokenizer, settings, name)
+                       tokenizer, settings, cfg.get("name", cfg["task"]))
     prepare_dense(setup, out)
-    points = [dense_point(setup)]
+    collected = points if points is not None else []
+    collected.append(dense_point(setup, out))
     shared: dict[str, Any] = {}
     failures = {}
     for method in methods:
-        knob_values = cfg.get("lte_etas") if method == "lte" and setup.settings["lte"]["knob"] == "eta" else targets
+        if method == "dense":
+            continue
         t0 = time.perf_counter()
         try:
-            points += run_method(setup, method, knob_values, out, shared)
+            collected += run_method(setup, method, values or knob_values(cfg, method), out, shared, cfg)
         except Exception as err:  # one broken method must not lose the others' results
-            if isinstance(err, KeyboardInterrupt):
-                raise
             logger.exception("method %s failed", method)
             failures[method] = f"{type(err).__name__}: {err}"
         logger.info("%s done in %.1f s", method, time.perf_counter() - t0)
-        write_points(points, out, "results")
-    summary = summarise(points, setup)
-    summary.update(name=name, config=cfg, failures=failures, seconds=time.perf_counter() - start,
-                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    return failures
+
+
+def point_done(cfg: dict[str, Any], out: Path, method: str, value: float | None) -> bool:
+    """Whether a finished point of this study exists on disk (same settings)."""
+    return _load_point(point_path(out, method, value), _point_fingerprint(cfg, method, value)) is not None
+
+
+def _point_fingerprint(cfg: dict[str, Any], method: str, target: float | None) -> str | None:
+    """The fingerprint a finished point of this study must carry (same rule as when it was made)."""
+    settings = merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS})
+    base_name = method[: -len("-topk")] if method.endswith("-topk") and method not in (cfg.get("variants") or {}) \
+        and method != "random-topk" else method
+    if method != "dense":
+        settings = merge(settings, method_plan(cfg, base_name)[1])
+    sources = [cfg.get("model"), cfg.get("data"), cfg.get("eval_data")]
+    if any(s is not None and not isinstance(s, (str, Path)) for s in sources):
+        return None
+    return fingerprint_of(cfg["task"], cfg.get("name", cfg["task"]), sources, settings, method, target)
+
+
+def collect_study(cfg: dict[str, Any], out: Path, points: list[dict[str, Any]] | None = None,
+                  failures: dict[str, str] | None = None, seconds: float | None = None) -> dict[str, Any]:
+    """Results table, summary and plots of a study from its points (in memory, or the finished ones on disk)."""
+    missing = []
+    if points is None:
+        points = []
+        dense = _load_point(point_path(out, "dense"), _point_fingerprint(cfg, "dense", None))
+        if dense is None:
+            raise LTEError(f"no finished dense point in '{out}': run the study (without --collect) first")
+        points.append(dense)
+        for method in derived_methods(cfg, cfg["methods"]):
+            owner = method[: -len("-topk")] if method not in cfg["methods"] else method
+            for value in knob_values(cfg, owner):
+                p = _load_point(point_path(out, method, value), _point_fingerprint(cfg, method, value))
+                if p is None:
+                    missing.append(f"{method}@{value:g}")
+                else:
+                    points.append(p)
+    write_points(points, out, "results")
+    dense = next(p for p in points if p["method"] == "dense")
+    summary = summarise(points, dense["metric"], bool(dense["higher_is_better"]))
+    summary.update(name=cfg.get("name"), config=cfg, failures=dict(failures or {}), missing=missing,
+                   seconds=seconds, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    torch=torch.__version__)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    plots = plot_all(points, out, setup.metric, setup.higher_is_better, setup.settings["profile_target"])
-    summary["plots"] = plots
+    profile = merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS})["profile_target"]
+    summary["plots"] = plot_all(points, out, dense["metric"], bool(dense["higher_is_better"]), profile)
     return summary
 
 
@@ -557,21 +800,64 @@ def tolerance_ok(quality: float, dense: float, metric: str, higher_is_better: bo
     return quality <= dense * 1.05
 
 
-def summarise(points: list[dict[str, Any]], setup: TaskSetup) -> dict[str, Any]:
-    """Per method: its points, and the fewest GFLOPs/token among points within tolerance of dense."""
+def interpolate_quality(points: list[dict[str, Any]], sparsity: float, reach: float = 0.02) -> float | None:
+    """A method's quality at `sparsity`, linear between its two nearest measured points.
+
+    Within `reach` outside the measured range the nearest end point stands in; further out: None.
+    """
+    pts = sorted((p["ffn_sparsity"], p["quality"]) for p in points if _finite(p.get("quality")))
+    for (s0, q0), (s1, q1) in zip(pts, pts[1:]):
+        if s0 <= sparsity <= s1:
+            return q0 if s1 == s0 else q0 + (q1 - q0) * (sparsity - s0) / (s1 - s0)
+    for s0, q0 in pts[:1] + pts[-1:]:  # just outside the measured range: the nearest end point
+        if abs(s0 - sparsity) <= reach:
+            return q0
+    return None
+
+
+def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, method: str = "lte",
+                         min_sparsity: float = 0.5) -> list[dict[str, Any]]:
+    """At each point of `method` with sparsity (or target) >= `min_sparsity`: every other method's quality there.
+
+    Other methods are interpolated between their measured points; a method whose points do not
+    span that sparsity is reported as None (not compared). `wins` lists who `method` beats.
+    """
+    def counts(p: dict[str, Any]) -> bool:  # a 50% target that measured 49% still counts
+        target = p["target"] if p.get("knob") == "target" else 0.0
+        return max(p["ffn_sparsity"], target) >= min_sparsity - 1e-9
+
+    mine = sorted((p for p in points if p["method"] == method and counts(p)), key=lambda p: p["ffn_sparsity"])
+    others = [m for m in dict.fromkeys(p["method"] for p in points) if m not in ("dense", method)]
+    rows = []
+    for p in mine:
+        row = {"ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "others": {}, "beats": [], "loses_to": []}
+        for other in others:
+            q = interpolate_quality([o for o in points if o["method"] == other], p["ffn_sparsity"])
+            row["others"][other] = q
+            if q is not None:
+                better = p["quality"] > q if higher_is_better else p["quality"] < q
+                (row["beats"] if better else row["loses_to"]).append(other)
+        rows.append(row)
+    return rows
+
+
+def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool) -> dict[str, Any]:
+    """Per method: its points, and the fewest GFLOPs/token among points within tolerance of dense;
+    and LTE against every other method at each LTE point of >= 50% sparsity."""
     dense = next(p for p in points if p["method"] == "dense")
     table = {}
     for method in dict.fromkeys(p["method"] for p in points if p["method"] != "dense"):
         mine = [p for p in points if p["method"] == method]
-        ok = [p for p in mine if tolerance_ok(p["quality"], dense["quality"], setup.metric, setup.higher_is_better)]
+        ok = [p for p in mine if tolerance_ok(p["quality"], dense["quality"], metric, higher_is_better)]
         best = min(ok, key=lambda p: p["gflops_per_token"]) if ok else None
         table[method] = {
             "points": [(round(p["ffn_sparsity"], 4), round(p["quality"], 4)) for p in mine],
             "gflops_within_tolerance": best["gflops_per_token"] if best else None,
             "sparsity_within_tolerance": best["ffn_sparsity"] if best else None,
         }
-    return {"metric": setup.metric, "higher_is_better": setup.higher_is_better, "dense_quality": dense["quality"],
-            "dense_gflops_per_token": dense["gflops_per_token"], "methods": table}
+    return {"metric": metric, "higher_is_better": higher_is_better, "dense_quality": dense["quality"],
+            "dense_gflops_per_token": dense["gflops_per_token"], "methods": table,
+            "lte_vs_others": compare_to_baselines(points, higher_is_better)}
 
 
 # --------------------------------------------------------------------------- plots

@@ -15,6 +15,7 @@ plain model once and cached as safetensors under the cache folder (``$LTE_CACHE`
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -125,6 +126,23 @@ def _cache_is_valid(folder: Path, stamp: dict) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _cache_lock(name: str):
+    """An exclusive lock on one cache entry, so parallel processes build it once (POSIX; elsewhere a no-op)."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    with open(cache_dir() / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _publish(tmp: Path, folder: Path, stamp: dict) -> None:
     """Write the stamp and move a finished temp folder into place (so a killed run leaves no half cache)."""
     (tmp / "lte_source.json").write_text(json.dumps(stamp))
@@ -224,9 +242,11 @@ def embedded_folder(name: str) -> Path:
         raise DataError(f"unknown embedded model '{name}'; choose one of {embedded_names()}.")
     spec = EMBEDDED[key]
     if spec.kind == "gguf":
-        return _smollm2_folder(spec)
+        with _cache_lock(spec.name):
+            return _smollm2_folder(spec)
     if spec.kind == "split-zip":
-        return _mpnet_folder(spec)
+        with _cache_lock(spec.name):
+            return _mpnet_folder(spec)
     folder = package_folder(spec.packages[0], spec.install) / spec.file
     if not (folder / "config.json").exists():
         raise DataError(f"'{folder}' holds no config.json; reinstall the package: {spec.install}")

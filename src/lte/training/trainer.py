@@ -245,6 +245,14 @@ class LTETrainer(Trainer):
         """Save an `LTEModel` with `save_pretrained` (full save); plain HF models as usual."""
         lte_model = self.lte_model
         if lte_model is None:
+            from transformers import PreTrainedModel
+
+            model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+            if not isinstance(model, PreTrainedModel) and hasattr(model, "save_pretrained"):
+                # Our own wrappers (the baselines) know how to save themselves, tied weights included.
+                if self.args.should_save:
+                    model.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+                return None
             return super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:

@@ -1,0 +1,185 @@
+"""Run the units of one or several studies in parallel worker processes.
+
+A study splits into units: its dense model first, then one unit per (trained method, target)
+and one per untrained method (which shares a router or predictor over its targets). Small models
+leave a GPU mostly idle (a training step of MiniLM is bound by Python and kernel launches), so
+several worker processes on one GPU finish a study several times sooner than one process.
+
+    failures = run_parallel([(cfg_a, out_a), (cfg_b, out_b)], jobs=12, time_limit=540)
+
+Each worker is `python -m lte.cli.main study <out>/study_config.yaml --out <out> --worker
+--methods M [--targets T]`; its log goes to `<out>/logs/`. Finished points are on disk, so a
+unit cut by the time limit loses only itself, and rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .sweep import derived_methods, knob_values, method_plan, point_done
+
+logger = logging.getLogger(__name__)
+
+#: Rough relative cost of a unit, to start the longest first (load balance).
+_COST = {"lte": 4.0, "dejavu-ft": 3.0, "random-topk": 2.5, "dejavu": 1.5, "moefication": 1.5,
+         "moefication-oracle": 0.5, "teal": 0.8, "cats": 0.6}
+
+
+@dataclass
+class Unit:
+    """One worker process's job."""
+
+    study: str  # the study's output folder
+    method: str  # a method name, or "dense"
+    values: list[float] | None  # knob values to run (None: the method's own list)
+    cost: float
+
+    @property
+    def label(self) -> str:
+        tail = "" if self.values is None else "_t" + "-".join(f"{v:g}" for v in self.values)
+        return f"{Path(self.study).name}/{self.method}{tail}"
+
+
+def plan_units(cfg: dict[str, Any], out: Path) -> list[Unit]:
+    """The dense unit and the method units of one study, longest first."""
+    units = []
+    methods = derived_methods(cfg, cfg["methods"])
+    for method in cfg["methods"]:
+        if method == "dense":
+            continue
+        base, _ = method_plan(cfg, method)
+        names = [m for m in methods if m == method or m == f"{method}-topk"]
+        todo = [v for v in knob_values(cfg, method) if not all(point_done(cfg, out, n, v) for n in names)]
+        if not todo:
+            continue  # finished earlier: nothing to launch
+        if base in ("lte", "dejavu-ft", "random-topk"):  # trained per target: one unit each
+            units += [Unit(str(out), method, [v], _COST[base]) for v in todo]
+        else:  # one router / predictor / calibration pass shared over the targets
+            units.append(Unit(str(out), method, todo, _COST[base]))
+    units.sort(key=lambda u: -u.cost)
+    dense = [] if point_done(cfg, out, "dense", None) else [Unit(str(out), "dense", None, 1.0)]
+    return dense + units
+
+
+def _command(unit: Unit) -> list[str]:
+    cmd = [sys.executable, "-m", "lte.cli.main", "-v", "study", str(Path(unit.study) / "study_config.yaml"),
+           "--out", unit.study, "--worker", "--methods", unit.method]
+    if unit.values is not None:
+        cmd += ["--targets", ",".join(f"{v:g}" for v in unit.values)]
+    return cmd
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # no torch CUDA runtime: CPU workers
+        return 0
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Ask a worker to stop (SIGTERM to its process group), then kill it after `grace` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_limit: float | None = None,
+                 threads_per_job: int | None = None, progress: bool = True) -> dict[str, dict[str, str]]:
+    """Run every unit of `studies` ((config, out folder) pairs) with at most `jobs` workers at once.
+
+    A study's method units start once its dense unit has finished. Returns, per study folder,
+    the failed units (`label -> reason`); a failed dense unit fails its whole study.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    pending: list[Unit] = []
+    failures: dict[str, dict[str, str]] = {str(out): {} for _, out in studies}
+    dense_done: set[str] = set()
+    for cfg, out in studies:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "logs").mkdir(exist_ok=True)
+        (out / "study_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        units = plan_units(cfg, out)
+        if not any(u.method == "dense" for u in units):
+            dense_done.add(str(out))  # its dense model and point exist already
+        pending += units
+    gpus = _gpu_count()
+    threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
+    running: list[tuple[Unit, subprocess.Popen, float, int]] = []
+    start = time.perf_counter()
+    total = len(pending)
+    bar = _progress(total, progress)
+    free_slots = list(range(jobs))
+
+    def ready(unit: Unit) -> bool:
+        return unit.method == "dense" or unit.study in dense_done
+
+    while pending or running:
+        elapsed = time.perf_counter() - start
+        if time_limit is not None and elapsed > time_limit:
+            for unit, proc, _, _ in running:
+                _stop(proc)
+                failures[unit.study][unit.label] = f"stopped at the time limit ({time_limit:.0f} s)"
+            for unit in pending:
+                failures[unit.study][unit.label] = "not started: time limit"
+            logger.warning("time limit reached: %d unit(s) stopped, %d not started", len(running), len(pending))
+            break
+        while free_slots and any(ready(u) for u in pending):
+            unit = next(u for u in pending if ready(u))
+            pending.remove(unit)
+            slot = free_slots.pop(0)
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                       TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+            if gpus > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+            log = open(Path(unit.study) / "logs" / (unit.label.split("/", 1)[1] + ".log"), "w")
+            proc = subprocess.Popen(_command(unit), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            log.close()
+            running.append((unit, proc, time.perf_counter(), slot))
+        time.sleep(0.5)
+        for item in list(running):
+            unit, proc, t0, slot = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            free_slots.append(slot)
+            seconds = time.perf_counter() - t0
+            if proc.returncode != 0:
+                failures[unit.study][unit.label] = f"exit code {proc.returncode} (see {unit.study}/logs)"
+                if unit.method == "dense":  # nothing else of this study can run
+                    for other in [u for u in pending if u.study == unit.study]:
+                        pending.remove(other)
+                        failures[unit.study][other.label] = "not started: the dense unit failed"
+            elif unit.method == "dense":
+                dense_done.add(unit.study)
+            bar.update(1)
+            bar.set_postfix_str(f"{unit.label} {'ok' if proc.returncode == 0 else 'FAILED'} in {seconds:.0f} s")
+            logger.info("%s %s in %.0f s", unit.label, "done" if proc.returncode == 0 else "FAILED", seconds)
+        if not running and pending and not any(ready(u) for u in pending):
+            break  # only units of failed studies are left (already marked)
+    bar.close()
+    return failures
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="study units", unit="unit", disable=not enabled)
