@@ -90,14 +90,14 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def save_tiny_llama(path, seed: int = 0):
+def save_tiny_llama(path, seed: int = 0, tie_word_embeddings: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     tok = char_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=40, intermediate_size=72, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=tie_word_embeddings)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -14,6 +14,7 @@ unit cut by the time limit loses only itself, and rerunning resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ class Unit:
     method: str  # a method name, or "dense"
     values: list[float] | None  # knob values to run (None: the method's own list)
     cost: float
+    solo: bool = False  # a retry after running out of GPU memory: starts only when no other unit runs
 
     @property
     def label(self) -> str:
@@ -129,6 +131,8 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
     free_slots = list(range(jobs))
 
     def ready(unit: Unit) -> bool:
+        if unit.solo and running:
+            return False
         return unit.method == "dense" or unit.study in dense_done
 
     while pending or running:
@@ -149,7 +153,7 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
                        TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
             if gpus > 1:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-            log = open(Path(unit.study) / "logs" / (unit.label.split("/", 1)[1] + ".log"), "w")
+            log = open(_log_path(unit), "a" if unit.solo else "w")
             proc = subprocess.Popen(_command(unit), stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
             log.close()
@@ -162,6 +166,11 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
             running.remove(item)
             free_slots.append(slot)
             seconds = time.perf_counter() - t0
+            if proc.returncode != 0 and not unit.solo and _ran_out_of_memory(unit):
+                # Too many workers for the GPU's memory: run it again later, alone (finished points are kept).
+                logger.warning("%s ran out of GPU memory; it will run again alone", unit.label)
+                pending.append(dataclasses.replace(unit, solo=True))
+                continue
             if proc.returncode != 0:
                 failures[unit.study][unit.label] = f"exit code {proc.returncode} (see {unit.study}/logs)"
                 if unit.method == "dense":  # nothing else of this study can run
@@ -177,6 +186,22 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
             break  # only units of failed studies are left (already marked)
     bar.close()
     return failures
+
+
+def _log_path(unit: Unit) -> Path:
+    return Path(unit.study) / "logs" / (unit.label.split("/", 1)[1] + ".log")
+
+
+def _ran_out_of_memory(unit: Unit, tail_bytes: int = 20000) -> bool:
+    """Whether the unit's log ends with a CUDA out-of-memory error."""
+    try:
+        with open(_log_path(unit), "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - tail_bytes))
+            tail = fh.read()
+    except OSError:
+        return False
+    return b"OutOfMemoryError" in tail or b"CUDA out of memory" in tail
 
 
 def _progress(total: int, enabled: bool):

@@ -417,20 +417,31 @@ def derived_methods(cfg: dict[str, Any], methods: list[str]) -> list[str]:
 
 
 def fingerprint_of(kind: str, name: str, sources: list[Any], settings: dict[str, Any], method: str,
-                   target: float | None) -> str:
-    """A digest of everything a point depends on: task, model and data paths, settings, method, target."""
+                   target: float | None, base: str | None = None) -> str:
+    """A digest of everything a point depends on: task, model and data paths, settings, method, target.
+
+    Settings a method never reads are left out (an untrained baseline ignores `train` and `lte`,
+    every method ignores the other methods' options and the plot settings), so changing them keeps
+    its finished points.
+    """
+    base = base or method  # the built-in method behind a variant name
+    trained = base == "dense" or base.startswith("lte") or base in ("dejavu-ft", "random-topk")
+    ignored = {"profile_target", "keep_models"} | (set() if trained else {"train", "lte"})
+    relevant = {k: v for k, v in settings.items() if k not in ignored}
+    relevant["method_options"] = (settings.get("method_options") or {}).get(base)
     blob = json.dumps({"kind": kind, "name": name, "sources": [None if s is None else str(s) for s in sources],
-                       "settings": settings, "method": method, "target": None if target is None else float(target)},
+                       "settings": relevant, "method": method, "target": None if target is None else float(target)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _settings_fingerprint(setup: TaskSetup, method: str, target: float | None) -> str | None:
+def _settings_fingerprint(setup: TaskSetup, method: str, target: float | None,
+                          base: str | None = None) -> str | None:
     """The fingerprint of a point of this task; None when model or data are objects (no resume then)."""
     sources = [setup.model_source, setup.data_source, setup.eval_source]
     if any(s is not None and not isinstance(s, (str, Path)) for s in sources):
         return None
-    return fingerprint_of(setup.kind, setup.name, sources, setup.settings, method, target)
+    return fingerprint_of(setup.kind, setup.name, sources, setup.settings, method, target, base)
 
 
 def point_path(out_dir: str | Path, method: str, target: float | None = None) -> Path:
@@ -547,7 +558,7 @@ def run_method(setup: TaskSetup, method: str, targets: list[float], out_dir: str
     names = [method] + ([f"{method}-topk"] if base == "lte" and setup.settings["lte"].get("also_topk") else [])
     points = []
     for target in targets:
-        fps = {n: _settings_fingerprint(setup, n, target) for n in names}
+        fps = {n: _settings_fingerprint(setup, n, target, base) for n in names}
         cached = [_load_point(point_path(out, n, target), fps[n]) for n in names]
         if all(p is not None for p in cached):
             logger.info("%s %s=%g: reusing the finished point", method, knob, target)
@@ -751,14 +762,15 @@ def point_done(cfg: dict[str, Any], out: Path, method: str, value: float | None)
 def _point_fingerprint(cfg: dict[str, Any], method: str, target: float | None) -> str | None:
     """The fingerprint a finished point of this study must carry (same rule as when it was made)."""
     settings = merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS})
-    base_name = method[: -len("-topk")] if method.endswith("-topk") and method not in (cfg.get("variants") or {}) \
-        and method != "random-topk" else method
+    base = None
     if method != "dense":
-        settings = merge(settings, method_plan(cfg, base_name)[1])
+        owner = method if method in cfg["methods"] else method[: -len("-topk")]  # `<m>-topk` comes from m
+        base, extra = method_plan(cfg, owner)
+        settings = merge(settings, extra)
     sources = [cfg.get("model"), cfg.get("data"), cfg.get("eval_data")]
     if any(s is not None and not isinstance(s, (str, Path)) for s in sources):
         return None
-    return fingerprint_of(cfg["task"], cfg.get("name", cfg["task"]), sources, settings, method, target)
+    return fingerprint_of(cfg["task"], cfg.get("name", cfg["task"]), sources, settings, method, target, base)
 
 
 def collect_study(cfg: dict[str, Any], out: Path, points: list[dict[str, Any]] | None = None,
@@ -786,6 +798,7 @@ def collect_study(cfg: dict[str, Any], out: Path, points: list[dict[str, Any]] |
                    seconds=seconds, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    torch=torch.__version__)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out / "report.md").write_text(study_markdown(points, summary))
     profile = merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS})["profile_target"]
     summary["plots"] = plot_all(points, out, dense["metric"], bool(dense["higher_is_better"]), profile)
     return summary
@@ -817,17 +830,19 @@ def interpolate_quality(points: list[dict[str, Any]], sparsity: float, reach: fl
 
 def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, method: str = "lte",
                          min_sparsity: float = 0.5) -> list[dict[str, Any]]:
-    """At each point of `method` with sparsity (or target) >= `min_sparsity`: every other method's quality there.
+    """At each point of `method` with sparsity (or target) >= `min_sparsity`: every baseline's quality there.
 
-    Other methods are interpolated between their measured points; a method whose points do not
-    span that sparsity is reported as None (not compared). `wins` lists who `method` beats.
+    Baselines are the methods other than dense and LTE's own variants (names starting with "lte").
+    They are interpolated between their measured points; a method whose points do not
+    span that sparsity is reported as None (not compared). `beats` / `loses_to` list the others by name.
     """
     def counts(p: dict[str, Any]) -> bool:  # a 50% target that measured 49% still counts
         target = p["target"] if p.get("knob") == "target" else 0.0
         return max(p["ffn_sparsity"], target) >= min_sparsity - 1e-9
 
     mine = sorted((p for p in points if p["method"] == method and counts(p)), key=lambda p: p["ffn_sparsity"])
-    others = [m for m in dict.fromkeys(p["method"] for p in points) if m not in ("dense", method)]
+    others = [m for m in dict.fromkeys(p["method"] for p in points)  # baselines only: not dense, not LTE's ablations
+              if m != "dense" and not m.startswith("lte")]
     rows = []
     for p in mine:
         row = {"ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "others": {}, "beats": [], "loses_to": []}
@@ -860,6 +875,60 @@ def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool)
             "lte_vs_others": compare_to_baselines(points, higher_is_better)}
 
 
+# --------------------------------------------------------------------------- report
+def _fmt_quality(value: float, metric: str) -> str:
+    if not _finite(value):
+        return "n/a"
+    if metric == "perplexity":
+        return f"{value:.3g}" if value < 1e4 else f"{value:.2e}"
+    if metric in ("accuracy", "mc_accuracy", "f1"):
+        return f"{100 * value:.1f}"
+    return f"{value:.3f}" if abs(value) < 2 else f"{value:.2f}"
+
+
+def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The study as Markdown tables: quality per method and target (measured sparsity in brackets),
+    GFLOPs/token within tolerance, LTE against the others at >= 50% sparsity, and training time."""
+    metric = summary["metric"]
+    dense = next(p for p in points if p["method"] == "dense")
+    percent = metric in ("accuracy", "mc_accuracy", "f1")
+    unit = " (%)" if percent else ""
+    lines = [f"### {summary.get('name') or dense.get('task')}: {metric}{unit}, "
+             f"{'higher' if summary['higher_is_better'] else 'lower'} is better",
+             "",
+             f"Dense: {_fmt_quality(dense['quality'], metric)} at {dense['gflops_per_token']:.4g} GFLOPs/token"
+             f" ({summary.get('device', '?')}).",
+             ""]
+    methods = [m for m in dict.fromkeys(p["method"] for p in points) if m != "dense"]
+    targets = sorted({p["target"] for p in points if p["method"] != "dense"})
+    knob = "target" if all(p.get("knob") != "eta" for p in points) else "target / eta"
+    lines += ["| method | " + " | ".join(f"{knob} {t:g}" for t in targets) + " | GFLOPs/token within tolerance |",
+              "|---" * (len(targets) + 2) + "|"]
+    for method in methods:
+        cells = []
+        for t in targets:
+            p = next((q for q in points if q["method"] == method and q["target"] == t), None)
+            cells.append("" if p is None else f"{_fmt_quality(p['quality'], metric)} ({100 * p['ffn_sparsity']:.0f}%)")
+        tol = summary["methods"].get(method, {}).get("gflops_within_tolerance")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if tol is None else f'{tol:.4g}'} |")
+    lines += ["", "Cells: quality (measured FFN sparsity). Tolerance: " +
+              ("perplexity within +0.5 of dense." if metric == "perplexity" else "within 5% (relative) of dense."), ""]
+    rows = summary.get("lte_vs_others") or []
+    if rows:
+        lines += ["| LTE point | LTE | better than | worse than |", "|---|---|---|---|"]
+        for row in rows:
+            lines.append(f"| {100 * row['ffn_sparsity']:.0f}% | {_fmt_quality(row['quality'], metric)} | "
+                         f"{', '.join(row['beats']) or '-'} | {', '.join(row['loses_to']) or '-'} |")
+        lines += ["", "LTE against the baselines (not its own ablations): each baseline is interpolated between "
+                  "its measured points at LTE's sparsity; one whose points do not reach it is left out.", ""]
+    derived = {m for m in methods if m.endswith("-topk") and m != "random-topk"}  # same model as its LTE run
+    train = {m: sum(p.get("train_seconds") or 0.0 for p in points if p["method"] == m)
+             for m in methods if m not in derived}
+    lines += ["Training seconds per method (all targets, one worker each): " +
+              ", ".join(f"{m} {s:.0f}" for m, s in train.items() if s > 0) + ".", ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- plots
 def _figure(width: float = 7.0, height: float = 4.5):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -878,31 +947,59 @@ def _save(fig, path: str | Path) -> str:
     return str(p)
 
 
+def _style(method: str, index: int) -> dict[str, Any]:
+    """Line style per method: LTE bold, its ablations dashed, up to 20 distinct colours."""
+    from matplotlib import colormaps
+
+    color = colormaps["tab20"]((index + 2) % 20)  # 0-1 are LTE's blues
+    if method == "lte":
+        return {"color": "tab:blue", "linewidth": 2.8, "marker": "o", "zorder": 5}
+    if method.startswith("lte"):
+        return {"color": color, "linewidth": 1.4, "marker": "s", "linestyle": "--"}
+    return {"color": color, "linewidth": 1.2, "marker": "o"}
+
+
 def plot_study(results: list[dict[str, Any]], path: str | Path, quality_name: str | None = None,
-               higher_is_better: bool | None = None, x: str = "ffn_sparsity", title: str | None = None) -> str:
-    """Quality against FFN sparsity (or `x`="gflops_per_token"), one line per method, dense dashed."""
+               higher_is_better: bool | None = None, x: str = "ffn_sparsity", title: str | None = None,
+               log_cap: float = 20.0) -> str:
+    """Quality against FFN sparsity (or `x`="gflops_per_token"), one line per method, dense dashed.
+
+    Perplexity is drawn on a log axis cut at `log_cap` x the dense value (points above are drawn
+    on the top edge as open triangles, so a collapsed method does not flatten every other curve).
+    """
     if not results:
         raise LTEError("plot_study needs at least one point")
     quality_name = quality_name or results[0].get("metric", "quality")
     if higher_is_better is None:
         higher_is_better = bool(results[0].get("higher_is_better", True))
-    fig = _figure()
+    fig = _figure(8.0, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     scale = 100.0 if x == "ffn_sparsity" else 1.0
-    for method in dict.fromkeys(p["method"] for p in results):
-        pts = [p for p in results if p["method"] == method and _finite(p.get("quality"))]
-        if method == "dense":
-            for p in pts:
-                ax.axhline(p["quality"], color="black", linestyle="--", linewidth=1, label="dense")
-            continue
-        pts.sort(key=lambda p: p[x])
-        ax.plot([scale * p[x] for p in pts], [p["quality"] for p in pts], marker="o",
-                linewidth=2.5 if method == "lte" else 1.2, label=method)
+    dense = [p["quality"] for p in results if p["method"] == "dense" and _finite(p.get("quality"))]
+    cap = log_cap * dense[0] if quality_name == "perplexity" and dense and dense[0] > 0 else None
+    methods = [m for m in dict.fromkeys(p["method"] for p in results) if m != "dense"]
+    for q in dense[:1]:
+        ax.axhline(q, color="black", linestyle="--", linewidth=1, label="dense")
+    for i, method in enumerate(methods):
+        pts = sorted((p for p in results if p["method"] == method and _finite(p.get("quality"))), key=lambda p: p[x])
+        xs = [scale * p[x] for p in pts]
+        ys = [p["quality"] if cap is None else min(p["quality"], cap) for p in pts]
+        style = _style(method, i)
+        ax.plot(xs, ys, label=method, **style)
+        if cap is not None:
+            over = [(a, cap) for a, p in zip(xs, pts) if p["quality"] > cap]
+            if over:
+                ax.scatter(*zip(*over), marker="^", s=60, facecolors="none", edgecolors=style["color"], zorder=6)
+    if cap is not None:
+        ax.set_yscale("log")
+        ax.set_ylim(top=cap * 1.15)
+        ax.text(0.99, 0.02, f"open triangles: perplexity above {cap:.3g} (cut)", transform=ax.transAxes,
+                fontsize=7, va="bottom", ha="right")
     ax.set_xlabel("FFN sparsity (%)" if x == "ffn_sparsity" else "GFLOPs per token")
     ax.set_ylabel(f"{quality_name} ({'higher' if higher_is_better else 'lower'} is better)")
     ax.set_title(title or f"{results[0].get('task', '')}: {quality_name} vs {x.replace('_', ' ')}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
 

@@ -193,7 +193,8 @@ def _calibration_forward(lmodel, batch: dict[str, torch.Tensor], mode: str, hook
     lmodel.set_routing(mode)
     lmodel.eval()
     try:
-        lmodel(**{k: v for k, v in batch.items() if k != "labels"})
+        device = next(lmodel.parameters()).device  # the model may already be on the GPU
+        lmodel(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
     finally:
         for hook in hooks:
             hook.remove()

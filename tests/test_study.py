@@ -1,0 +1,140 @@
+"""The study runner: resumable points, ablation variants, parallel workers, the LTE-vs-baselines table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lte import LTEError
+from lte.baselines import sweep
+from lte.baselines.parallel import Unit, _ran_out_of_memory, plan_units
+from lte.baselines.sweep import (
+    collect_study,
+    compare_to_baselines,
+    interpolate_quality,
+    run_study,
+    study_config,
+    study_markdown,
+)
+from tiny_models import save_tiny_llama, write_text
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """A saved tiny Llama (tied embeddings, like SmolLM2) and a text file: a study config on paths."""
+    root = tmp_path_factory.mktemp("study")
+    model = save_tiny_llama(root / "model", tie_word_embeddings=True)
+    text = write_text(root / "train.txt", lines=120)
+    held = write_text(root / "held.txt", lines=20)
+    return {"name": "tiny", "task": "causal-lm", "model": str(model), "data": str(text), "eval_data": str(held),
+            "methods": ["lte", "teal", "dejavu-ft", "lte-lam0"], "targets": [0.5, 0.8],
+            "lte": {"also_topk": True},
+            "variants": {"lte-lam0": {"base": "lte", "set": {"lte": {"stage1": {"lam": 0.0}, "also_topk": False}},
+                                      "targets": [0.5]}}}
+
+
+def _points(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_study_with_variants_topk_and_resume(tiny_task, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    summary = run_study(tiny_task, out, tiny=True)
+    assert not summary["failures"] and not summary["missing"]
+    points = _points(out)
+    methods = [p["method"] for p in points]
+    assert methods.count("lte") == 2 and methods.count("lte-topk") == 2 and methods.count("lte-lam0") == 1
+    # dejavu-ft trained on tied embeddings: the checkpoint save must not trip over the shared tensors
+    assert methods.count("dejavu-ft") == 2
+    lte = {p["target"]: p for p in points if p["method"] == "lte"}
+    for p in (p for p in points if p["method"] == "lte-topk"):
+        experts = 3  # F=72 -> experts of 32, 32, 8
+        for a, b in zip(p["per_layer"], lte[p["target"]]["per_layer"]):
+            assert abs(a - b) <= 0.5 + 1e-6 / experts  # k per layer matched to the threshold's sparsity
+    assert (out / "report.md").read_text().count("| lte") >= 3
+    # A rerun with the same settings trains nothing: every point is reused from disk.
+    monkeypatch.setattr(sweep, "_build_point", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    again = run_study(tiny_task, out, tiny=True)
+    assert not again["failures"] and [p["quality"] for p in _points(out)] == [p["quality"] for p in points]
+    # Changing a training setting invalidates the trained points (and only re-runs those).
+    changed = {**tiny_task, "train": {"lr": 1e-3}}
+    third = run_study(changed, out, tiny=True)
+    assert set(third["failures"]) == {"lte", "dejavu-ft", "lte-lam0"}  # retraining attempted -> our stub raised
+    assert "teal" not in third["failures"]
+
+
+def test_collect_without_points_and_dense_from_other_settings(tiny_task, tmp_path):
+    cfg = study_config(tiny_task, tiny=True)
+    with pytest.raises(LTEError, match="no finished dense point"):
+        collect_study(cfg, tmp_path)
+    run_study({**tiny_task, "methods": ["teal"], "targets": [0.5]}, tmp_path, tiny=True)
+    other = {**tiny_task, "methods": ["teal"], "targets": [0.5], "dense": {"lr": 1e-2}}
+    with pytest.raises(LTEError, match="other settings"):
+        run_study(other, tmp_path, tiny=True)
+
+
+def test_parallel_study_uses_worker_processes(tiny_task, tmp_path):
+    cfg = {**tiny_task, "methods": ["lte", "teal"], "targets": [0.5], "lte": {}}
+    summary = run_study(cfg, tmp_path, tiny=True, jobs=2)
+    assert not summary["failures"] and not summary["missing"], summary
+    assert {p["method"] for p in _points(tmp_path)} == {"dense", "lte", "teal"}
+    assert (tmp_path / "logs" / "lte_t0.5.log").exists() and (tmp_path / "study_config.yaml").exists()
+    assert plan_units(study_config(cfg, tiny=True), tmp_path) == []  # all finished: nothing to launch
+
+
+def test_unknown_method_and_variant_errors(tiny_task):
+    with pytest.raises(LTEError, match="unknown baseline"):
+        study_config({**tiny_task, "methods": ["lte", "magic"]})
+    with pytest.raises(LTEError, match="base"):
+        study_config({**tiny_task, "methods": ["v"], "variants": {"v": {"set": {}}}})
+
+
+def _pt(method, sparsity, quality, target=None):
+    return {"method": method, "ffn_sparsity": sparsity, "quality": quality, "knob": "target",
+            "target": sparsity if target is None else target}
+
+
+def test_interpolation_and_comparison_with_baselines():
+    base = [_pt("teal", 0.3, 0.9), _pt("teal", 0.7, 0.5)]
+    assert interpolate_quality(base, 0.5) == pytest.approx(0.7)
+    assert interpolate_quality(base, 0.31 + 0.4) == pytest.approx(0.5)  # within reach of the last point
+    assert interpolate_quality(base, 0.9) is None
+    points = [_pt("dense", 0.0, 1.0), *base, _pt("lte", 0.49, 0.8, target=0.5), _pt("lte", 0.2, 0.95),
+              _pt("lte-lam0", 0.5, 0.99)]
+    rows = compare_to_baselines(points, higher_is_better=True)
+    assert len(rows) == 1 and rows[0]["beats"] == ["teal"] and rows[0]["loses_to"] == []  # ablations excluded
+    rows = compare_to_baselines(points, higher_is_better=False)
+    assert rows[0]["loses_to"] == ["teal"]
+
+
+def test_markdown_report_lists_every_method():
+    points = [dict(_pt("dense", 0.0, 10.0), gflops_per_token=1.0), dict(_pt("lte", 0.5, 11.0), gflops_per_token=0.6),
+              dict(_pt("teal", 0.5, 12.0), gflops_per_token=0.5)]
+    summary = sweep.summarise(points, "perplexity", False)
+    text = study_markdown(points, summary)
+    assert "| lte | 11 (50%) |" in text and "| teal | 12 (50%) |" in text and "| 50% | 11 | teal | - |" in text
+
+
+def test_out_of_memory_retry_detection(tmp_path):
+    (tmp_path / "logs").mkdir()
+    unit = Unit(str(tmp_path), "lte", [0.5], 1.0)
+    (tmp_path / "logs" / "lte_t0.5.log").write_text("...\ntorch.OutOfMemoryError: CUDA out of memory. Tried\n")
+    assert _ran_out_of_memory(unit)
+    (tmp_path / "logs" / "lte_t0.5.log").write_text("ValueError: something else\n")
+    assert not _ran_out_of_memory(unit)
+
+
+def test_set_routing_takes_one_k_per_layer():
+    import lte
+    from tiny_models import batch, build
+
+    lmodel = lte.get_lte_model(build("llama"), lte.LTEConfig(expert_size=32, grouping="contiguous"))
+    lmodel.set_routing("topk", k=[1, 3])
+    lmodel(**batch())
+    per_layer = lmodel.lte_stats()["per_layer"]
+    assert per_layer[0] > per_layer[1]  # layer 0 keeps 1 of 4 experts, layer 1 keeps 3
+    with pytest.raises(LTEError, match="one per layer"):
+        lmodel.set_routing("topk", k=[1, 2, 3])
+    assert torch.is_tensor(lmodel.lte_layers()[0].router.weight)
