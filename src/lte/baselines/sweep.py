@@ -483,15 +483,15 @@ def _matched_topk(model: nn.Module, per_layer: list[float]) -> list[int]:
 
 
 def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: float, out: Path,
-                 shared: dict[str, Any]) -> list[tuple[str, dict[str, Any], nn.Module | None]]:
-    """Build/train/evaluate one (method, target): [(method name, point, model kept for reuse or None)]."""
+                 shared: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Build/train/evaluate one (method, target): [(method name, point)] (two names with `lte.also_topk`)."""
     s, dense = setup.settings, setup.dense
     options = {"expert_size": s["expert_size"], "grouping": s["grouping"], "seed": s["seed"],
                "batch_size": s["calib"]["batch_size"], "calib_tokens": s["calib"]["tokens"],
                **s["method_options"].get(base, {})}
     run_dir = out / name / f"t{target:g}"
     timings: dict[str, float] = {"train_seconds": 0.0, "build_seconds": 0.0}
-    steps, keep, eta = 0, None, None
+    steps, eta = 0, None
     start = time.perf_counter()
     if base == "lte":
         model, t, steps = _train_lte(setup, target, run_dir)
@@ -503,7 +503,6 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
             model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
             shared[name] = model
         set_sparsity(model, target)
-        keep = model
         timings["build_seconds"] = time.perf_counter() - start
     elif base == "dejavu-ft":
         model = apply_baseline(copy.deepcopy(dense), "dejavu", target, calib_data=setup.calib, **options)
@@ -525,7 +524,7 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
     point = _point(setup, name, knob, target, result, model, timings, eta)
     point["train_steps"] = steps
     point["union_sparsity_16"] = _measure_union(model, setup.calib[0])
-    made = [(name, point, keep)]
+    made = [(name, point)]
     if base == "lte" and s["lte"].get("also_topk"):
         # The threshold-vs-top-k ablation: the same trained model, top-k experts per token with k per
         # layer matched to the sparsity the threshold gave (no extra training).
@@ -535,7 +534,7 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
                       {"train_seconds": timings["train_seconds"], "build_seconds": 0.0, "eval_seconds": seconds}, eta)
         topk["train_steps"] = steps
         topk["union_sparsity_16"] = _measure_union(model, setup.calib[0])
-        made.append((f"{name}-topk", topk, None))
+        made.append((f"{name}-topk", topk))
     if not s["keep_models"] and run_dir.exists():
         _drop_weights(run_dir)
     return made
@@ -564,7 +563,7 @@ def run_method(setup: TaskSetup, method: str, targets: list[float], out_dir: str
             logger.info("%s %s=%g: reusing the finished point", method, knob, target)
             points += cached
             continue
-        for name, point, _ in _build_point(setup, method, base, knob, target, out, shared):
+        for name, point in _build_point(setup, method, base, knob, target, out, shared):
             _save_point(point_path(out, name, target), point, fps[name])
             points.append(point)
             logger.info("%s %s=%g: sparsity %.3f %s %.4g", name, knob, target, point["ffn_sparsity"],
@@ -633,6 +632,9 @@ def run_sweep(method: str, targets_or_etas: list[float], task: str, model: Any, 
     ffn_sparsity, quality, gflops_per_token, per_layer, ...). `settings` override DEFAULTS.
     """
     if setup is None:
+        values = sorted(targets_or_etas)
+        options = {m: {"label_sparsity": values[len(values) // 2]} for m in ("dejavu", "dejavu-ft")}
+        settings = merge({"method_options": options}, settings)  # one Deja Vu predictor: labels at the middle target
         setup = setup_task(task, model, data, eval_data, tokenizer, settings)
     prepare_dense(setup, out_dir)
     return run_method(setup, method, list(targets_or_etas), out_dir, shared)
