@@ -107,6 +107,8 @@ def test_interpolation_and_comparison_with_baselines():
     assert len(rows) == 1 and rows[0]["beats"] == ["teal"] and rows[0]["loses_to"] == []  # ablations excluded
     rows = compare_to_baselines(points, higher_is_better=False)
     assert rows[0]["loses_to"] == ["teal"]
+    tie = compare_to_baselines([_pt("lte", 0.5, 0.7), *base], higher_is_better=True)
+    assert tie[0]["ties"] == ["teal"] and not tie[0]["beats"] and not tie[0]["loses_to"]
 
 
 def test_markdown_report_lists_every_method():

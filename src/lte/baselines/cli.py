@@ -211,8 +211,9 @@ def _report(summary: dict[str, Any]) -> int:
         tol = row["gflops_within_tolerance"]
         print(f"  {method:18s} {pts}   within tolerance: {'-' if tol is None else f'{tol:.4g} GFLOPs/token'}")
     for row in summary.get("lte_vs_others", []):
+        ties = f"; ties with {', '.join(row['ties'])}" if row.get("ties") else ""
         print(f"  LTE at {100 * row['ffn_sparsity']:.0f}%: beats {', '.join(row['beats']) or '-'}; "
-              f"loses to {', '.join(row['loses_to']) or '-'}")
+              f"loses to {', '.join(row['loses_to']) or '-'}{ties}")
     for method, err in summary.get("failures", {}).items():
         print(f"  {method:18s} FAILED: {err}")
     if summary.get("missing"):

@@ -836,7 +836,7 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
 
     Baselines are the methods other than dense and LTE's own variants (names starting with "lte").
     They are interpolated between their measured points; a method whose points do not
-    span that sparsity is reported as None (not compared). `beats` / `loses_to` list the others by name.
+    span that sparsity is reported as None (not compared). `beats` / `loses_to` / `ties` list them by name.
     """
     def counts(p: dict[str, Any]) -> bool:  # a 50% target that measured 49% still counts
         target = p["target"] if p.get("knob") == "target" else 0.0
@@ -847,13 +847,19 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
               if m != "dense" and not m.startswith("lte")]
     rows = []
     for p in mine:
-        row = {"ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "others": {}, "beats": [], "loses_to": []}
+        row = {"ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "others": {}, "beats": [], "loses_to": [],
+               "ties": []}
         for other in others:
             q = interpolate_quality([o for o in points if o["method"] == other], p["ffn_sparsity"])
             row["others"][other] = q
-            if q is not None:
-                better = p["quality"] > q if higher_is_better else p["quality"] < q
-                (row["beats"] if better else row["loses_to"]).append(other)
+            if q is None:
+                continue
+            if abs(p["quality"] - q) <= 1e-9 * max(1.0, abs(q)):
+                row["ties"].append(other)
+            elif (p["quality"] > q) == higher_is_better:
+                row["beats"].append(other)
+            else:
+                row["loses_to"].append(other)
         rows.append(row)
     return rows
 
@@ -919,8 +925,9 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
     if rows:
         lines += ["| LTE point | LTE | better than | worse than |", "|---|---|---|---|"]
         for row in rows:
+            tied = f" (equal: {', '.join(row['ties'])})" if row.get("ties") else ""
             lines.append(f"| {100 * row['ffn_sparsity']:.0f}% | {_fmt_quality(row['quality'], metric)} | "
-                         f"{', '.join(row['beats']) or '-'} | {', '.join(row['loses_to']) or '-'} |")
+                         f"{', '.join(row['beats']) or '-'}{tied} | {', '.join(row['loses_to']) or '-'} |")
         lines += ["", "LTE against the baselines (not its own ablations): each baseline is interpolated between "
                   "its measured points at LTE's sparsity; one whose points do not reach it is left out.", ""]
     derived = {m for m in methods if m.endswith("-topk") and m != "random-topk"}  # same model as its LTE run
