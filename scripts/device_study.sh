@@ -11,6 +11,11 @@ cd "$(dirname "$0")/.."
 source scripts/device_env.sh
 ROOT=${STUDY_ROOT:-$LTE_DEVICE_DIR/study}
 mkdir -p "$ROOT"
+# Results of earlier sessions (carry/results/*.tar.gz, made by this script): finished points are reused.
+for old in carry/results/*.tar.gz; do
+    [ -f "$old" ] && [ ! -f "$ROOT/.unpacked-$(basename "$old")" ] && tar -C "$ROOT" -xzf "$old" \
+        && touch "$ROOT/.unpacked-$(basename "$old")"
+done
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 PY=${PYTHON:-python3}
 "$PY" -m lte.cli.main -v study "$@" --root "$ROOT" 2> >(grep -v "study units" >&2)

@@ -140,3 +140,44 @@ def test_set_routing_takes_one_k_per_layer():
     with pytest.raises(LTEError, match="one per layer"):
         lmodel.set_routing("topk", k=[1, 2, 3])
     assert torch.is_tensor(lmodel.lte_layers()[0].router.weight)
+
+
+# ---------------------------------------------------------------------- several seeds
+def test_aggregate_points_means_and_sample_std_by_hand():
+    from lte.baselines.seeds import aggregate_points
+
+    per_seed = {0: [dict(_pt("lte", 0.48, 0.80, target=0.5), per_layer=[0.4, 0.6], train_steps=10)],
+                1: [dict(_pt("lte", 0.52, 0.86, target=0.5), per_layer=[0.5, 0.7], train_steps=10)],
+                2: [dict(_pt("lte", 0.50, 0.83, target=0.5), per_layer=[0.6, 0.5], train_steps=10),
+                    _pt("teal", 0.5, 0.7)]}
+    points = {p["method"]: p for p in aggregate_points(per_seed)}
+    lte_point = points["lte"]
+    assert lte_point["quality"] == pytest.approx(0.83) and lte_point["ffn_sparsity"] == pytest.approx(0.50)
+    assert lte_point["quality_std"] == pytest.approx(0.03)  # sqrt(((-.03)^2 + .03^2 + 0) / 2)
+    assert lte_point["ffn_sparsity_std"] == pytest.approx(0.02)
+    assert lte_point["per_layer"] == pytest.approx([0.5, 0.6]) and lte_point["seeds"] == [0, 1, 2]
+    assert [s["quality"] for s in lte_point["per_seed"]] == [0.80, 0.86, 0.83]
+    assert points["teal"]["seeds"] == [2] and points["teal"]["quality_std"] == 0.0  # one seed: no spread
+
+
+def test_study_over_seeds_runs_each_seed_and_averages(tiny_task, tmp_path):
+    cfg = {**tiny_task, "methods": ["teal"], "targets": [0.5], "seeds": [0, 1]}
+    summary = run_study(cfg, tmp_path, tiny=True)
+    assert not summary["failures"] and not summary["missing"] and summary["seeds"] == [0, 1]
+    seed_points = [{p["method"]: p for p in _points(tmp_path / f"seed{s}")} for s in (0, 1)]
+    assert seed_points[0]["dense"]["seed"] == 0 and seed_points[1]["dense"]["seed"] == 1
+    teal = next(p for p in _points(tmp_path) if p["method"] == "teal")
+    qualities = [sp["teal"]["quality"] for sp in seed_points]
+    assert teal["quality"] == pytest.approx(sum(qualities) / 2)
+    assert teal["quality_std"] == pytest.approx(abs(qualities[0] - qualities[1]) / 2 ** 0.5)
+    assert "±" in (tmp_path / "report.md").read_text()
+    with pytest.raises(LTEError, match="distinct integers"):
+        study_config({**cfg, "seeds": [0, 0]})
+
+
+def test_comparison_reports_margins_and_spread():
+    base = [dict(_pt("teal", 0.3, 0.9), quality_std=0.01), dict(_pt("teal", 0.7, 0.5), quality_std=0.03)]
+    rows = compare_to_baselines([*base, dict(_pt("lte", 0.5, 0.6), quality_std=0.02)], higher_is_better=True)
+    assert rows[0]["loses_to"] == ["teal"]
+    assert rows[0]["margin"]["teal"] == pytest.approx(-0.1) and rows[0]["others_std"]["teal"] == pytest.approx(0.02)
+    assert rows[0]["quality_std"] == 0.02

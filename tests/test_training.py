@@ -253,7 +253,7 @@ def test_unknown_setting_and_stage(tiny, tmp_path):
 def test_router_calibration(tiny, mode):
     from transformers import AutoModelForCausalLM
 
-    from lte.training.stages import calibrate_routers
+    from lte.routing.fit import calibrate_routers
 
     model = lte.get_lte_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), lte.LTEConfig())
     ids = torch.randint(3, 90, (3, 17), generator=torch.Generator().manual_seed(0))
@@ -278,7 +278,7 @@ def test_router_calibration(tiny, mode):
 def test_fit_router_init_starts_near_target(tiny):
     from transformers import AutoModelForCausalLM
 
-    from lte.training.stages import fit_routers
+    from lte.routing.fit import fit_routers
 
     model = lte.get_lte_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), lte.LTEConfig())
     ids = torch.randint(3, 90, (4, 32), generator=torch.Generator().manual_seed(1))

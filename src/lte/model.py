@@ -35,7 +35,7 @@ from .conversion.permute import (
 )
 from .errors import LTEError
 from .losses import lte_losses
-from .routing.layers import MODES, LTEInput, LTEOutput
+from .routing.layers import MODES, TRAINING_MODES, LTEInput, LTEOutput
 from .stats import linear_flops_per_token, union_sparsity
 
 CONFIG_NAME = "lte_config.json"
@@ -244,6 +244,7 @@ class LTEModel(DelegatingModule):
         self.routing = "dense"
         self.track_stats = True
         self.last_lte_losses: dict[str, torch.Tensor] = {}
+        self.last_task_loss: torch.Tensor | None = None
         self._last_masks: list[torch.Tensor] = []
         self._last_token_mask: torch.Tensor | None = None
         exclude = {id(layer.router) for layer in layers}
@@ -256,7 +257,8 @@ class LTEModel(DelegatingModule):
         return list(self._layers)
 
     def set_routing(self, mode: str, tau: float | None = None, k: int | Sequence[int] | None = None) -> LTEModel:
-        """Switch every FFN to "dense", "soft" (stage 1), "hard" (stage 2, inference) or "topk".
+        """Switch every FFN to "dense", "soft" (stage 1, the paper), "ste" (stage 1, ours: the hard
+        mask in the forward, the sigmoid's gradient in the backward), "hard" (stage 2, inference) or "topk".
 
         `k` (topk): experts kept per token, one int for every layer or one per layer.
         """
@@ -302,11 +304,13 @@ class LTEModel(DelegatingModule):
         out = self.base_model(*args, **kwargs)
         if self.routing == "dense":
             self.last_lte_losses = {}
+            self.last_task_loss = getattr(out, "loss", None)
             return out
         attention_mask = kwargs.get("attention_mask")
         task = getattr(out, "loss", None)
+        self.last_task_loss = task  # undetached: a trainer may mix it with other terms (distillation)
         self.last_lte_losses = {} if task is None else {"task": task.detach(), "total": task.detach()}
-        if self.routing == "soft":
+        if self.routing in TRAINING_MODES:
             eff, sep = self.lte_loss(attention_mask)
             self.last_lte_losses.update(eff=eff.detach(), sep=sep.detach())
             if task is not None:

@@ -165,6 +165,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def run_study_command(args: argparse.Namespace) -> int:
     from ..errors import LTEError
+    from .seeds import seed_studies
     from .sweep import collect_study, load_study_config, merge, run_study, study_config, study_out
 
     overrides = _parse_set(args.set)
@@ -188,13 +189,14 @@ def run_study_command(args: argparse.Namespace) -> int:
         full = study_config(cfg, args.tiny, args.methods, args.targets)
         studies.append((full, study_out(full, Path(args.root) / full.get("name", full["task"]))))
     start = time.perf_counter()
-    failures = {str(out): {} for _, out in studies}
-    if not args.collect:
-        failures = run_parallel(studies, max(1, args.jobs), time_limit=args.time_limit)
+    failures: dict[str, dict[str, str]] = {}
+    if not args.collect:  # every seed of every study shares one pool of workers
+        units = [pair for full, out in studies for pair in seed_studies(full, out)]
+        failures = run_parallel(units, max(1, args.jobs), time_limit=args.time_limit)
     code = 0
     for cfg, out in studies:
         try:
-            code |= _report(collect_study(cfg, out, failures=failures[str(out)], seconds=time.perf_counter() - start))
+            code |= _report(collect_study(cfg, out, failures=failures, seconds=time.perf_counter() - start))
         except LTEError as err:
             print(f"{cfg.get('name')}: {err}")
             code = 1
@@ -207,7 +209,8 @@ def _report(summary: dict[str, Any]) -> int:
           f"is better), dense {summary['dense_quality']:.4g}, {summary['dense_gflops_per_token']:.4g} GFLOPs/token, "
           f"{summary.get('seconds') or 0:.0f} s on {summary['device']}")
     for method, row in summary["methods"].items():
-        pts = "  ".join(f"{100 * s:.0f}%:{q:.4g}" for s, q in row["points"])
+        stds = row.get("quality_std") or [None] * len(row["points"])
+        pts = "  ".join(f"{100 * s:.0f}%:{q:.4g}" + (f"±{sd:.2g}" if sd else "") for (s, q), sd in zip(row["points"], stds))
         tol = row["gflops_within_tolerance"]
         print(f"  {method:18s} {pts}   within tolerance: {'-' if tol is None else f'{tol:.4g} GFLOPs/token'}")
     for row in summary.get("lte_vs_others", []):

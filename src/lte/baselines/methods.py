@@ -302,12 +302,14 @@ def build_random_topk(hf_model: nn.Module, target_sparsity: float, expert_size: 
 
 
 # --------------------------------------------------------------------------- fine-tuning
-def finetune(model: nn.Module, train_data: Any, tokenizer, out_dir: str, **train_args: Any) -> dict[str, Any]:
+def finetune(model: nn.Module, train_data: Any, tokenizer, out_dir: str, teacher: nn.Module | None = None,
+             **train_args: Any) -> dict[str, Any]:
     """Fine-tune a baseline model (its masks on, predictors/routers frozen) with `LTETrainer`.
 
     `train_data`: a torch Dataset of examples ({input_ids, attention_mask, labels}).
-    `train_args`: `lte.training.TrainArgs` fields (max_steps, lr, batch_size, ...).
-    Returns {"steps", "seconds", "train_loss"}.
+    `teacher`: the dense model, for `distill` > 0 (distillation, as LTE's stages can use it).
+    `train_args`: `lte.training.TrainArgs` fields (max_steps, lr, batch_size, distill, ...).
+    Returns {"steps", "tokens", "epochs", "seconds", "train_loss"}.
     """
     import time
 
@@ -320,12 +322,16 @@ def finetune(model: nn.Module, train_data: Any, tokenizer, out_dir: str, **train
     elif hasattr(model, "freeze_routers"):
         model.freeze_routers(True)
     args = training_arguments(_as_path(out_dir), hp)
+    if hp.distill > 0 and teacher is None:
+        raise LTEError("finetune with distill > 0 needs teacher= (the dense model)")
     trainer = LTETrainer(model=model, args=args, train_dataset=train_data, data_collator=make_collator(tokenizer),
-                         processing_class=tokenizer, jsonl_log="train_log.jsonl")
+                         processing_class=tokenizer, jsonl_log="train_log.jsonl", teacher=teacher,
+                         distill=hp.distill, distill_temperature=hp.distill_temperature)
     start = time.perf_counter()
     result = trainer.train()
     model.eval()
-    return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - start,
+    return {"steps": trainer.state.global_step, "tokens": int(trainer.state.num_input_tokens_seen or 0),
+            "epochs": trainer.state.epoch, "seconds": time.perf_counter() - start,
             "train_loss": result.metrics.get("train_loss")}
 
 

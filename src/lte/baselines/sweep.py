@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import LTEError
 from .methods import METHODS, apply_baseline, as_batches, canonical_method, finetune, set_sparsity
+from .seeds import aggregate_points, seed_studies
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ TINY: dict[str, Any] = {
 
 CSV_FIELDS = ("task", "method", "knob", "target", "eta", "ffn_sparsity", "activation_sparsity", "quality", "metric",
               "higher_is_better", "gflops_per_token", "dense_gflops_per_token", "union_sparsity_16",
-              "train_seconds", "build_seconds", "eval_seconds", "train_steps", "seed")
+              "train_seconds", "build_seconds", "eval_seconds", "train_steps", "train_tokens", "train_epochs",
+              "seed", "seeds", "quality_std", "ffn_sparsity_std")
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -180,8 +182,17 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
             raise LTEError("classification sweeps need glue_task (sst2, mrpc, rte, cola, stsb, ...)")
         train = data if not isinstance(data, (str, Path)) else load_glue(
             task, data, tokenizer, "train", dcfg["max_length"], dcfg["max_examples"])
-        dev = eval_data if eval_data is not None and not isinstance(eval_data, (str, Path)) else load_glue(
-            task, eval_data or data, tokenizer, "dev", dcfg["max_length"], ecfg["max_examples"])
+        if dcfg.get("dev_from_train"):  # recipe selection: score on the train split's tail, never the dev set
+            n = int(dcfg["dev_from_train"])
+            if not 0 < n < len(train) // 2:
+                raise LTEError(f"prep.dev_from_train={n} must be positive and below half the {len(train)} "
+                               "training examples")
+            train, dev = train.select(range(len(train) - n)), train.select(range(len(train) - n, len(train)))
+            if ecfg["max_examples"]:
+                dev = dev.select(range(min(len(dev), ecfg["max_examples"])))
+        else:
+            dev = eval_data if eval_data is not None and not isinstance(eval_data, (str, Path)) else load_glue(
+                task, eval_data or data, tokenizer, "dev", dcfg["max_length"], ecfg["max_examples"])
         num_labels = dev.num_labels
 
         def evaluate(m):
@@ -270,14 +281,18 @@ def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
     start = time.perf_counter()
     record_path = out / "study_dense.json"
     fingerprint = _dense_fingerprint(setup)
-    if is_stage_complete(out, "dense"):
+    has_weights = any(out.glob("*.safetensors")) or any(out.glob("*.bin"))
+    if is_stage_complete(out, "dense") and not has_weights:  # results carried without weights: train it again
+        logger.info("%s holds a finished dense record but no weights; fine-tuning the dense model again", out)
+    if is_stage_complete(out, "dense") and has_weights:
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         if fingerprint is None or record.get("fingerprint") != fingerprint:
             raise LTEError(f"'{out}' holds a dense model made with other settings (model, data, dense or prep) "
                            "or from in-memory objects, which cannot be checked; "
                            "use another --out folder, or delete that one to retrain it")
         model, _ = resolve_model(out, task=head, num_labels=setup.num_labels)
-        setup.dense_info = {"reused": str(out), "steps": record.get("steps", 0)}
+        setup.dense_info = {"reused": str(out), "steps": record.get("steps", 0), "tokens": record.get("tokens"),
+                            "epochs": record.get("epochs")}
     else:
         if isinstance(source, nn.Module):
             model = source
@@ -288,8 +303,9 @@ def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
             record = train_stage("dense", model, setup.stage_task, setup.train_data, out,
                                  tokenizer=setup.tokenizer, **hp)
             model = record["trainer"].model
-            setup.dense_info = {"steps": record["global_step"]}
-            record_path.write_text(json.dumps({"fingerprint": fingerprint, "steps": record["global_step"]}))
+            setup.dense_info = {"steps": record["global_step"], "tokens": record["train_tokens"],
+                                "epochs": record["train_epochs"]}
+            record_path.write_text(json.dumps({"fingerprint": fingerprint, **setup.dense_info}))
     model.to(_device()).eval()
     setup.dense_info["seconds"] = time.perf_counter() - start
     setup.dense = model
@@ -354,8 +370,11 @@ def _evaluate(setup: TaskSetup, model: nn.Module) -> tuple[dict[str, Any], float
     return result, time.perf_counter() - start
 
 
-def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, dict[str, float], int]:
-    """Stage 1 (eta steered to `target`, or eta = target with knob "eta") then stage 2."""
+def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, dict[str, float], dict[str, Any]]:
+    """Stage 1 (eta steered to `target`, or eta = target with knob "eta") then stage 2.
+
+    Returns the model, its timings and its budget (steps, tokens, epochs of both stages together).
+    """
     from ..training import train_stage
 
     s = setup.settings
@@ -367,15 +386,23 @@ def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, d
         hp1["eta"] = target
     else:
         hp1["target_sparsity"] = target
+    hp2 = {**hp, **lcfg.get("stage2", {})}
+    teacher = setup.dense if (hp1.get("distill") or hp2.get("distill")) else None  # frozen, shared, never trained
     model = copy.deepcopy(setup.dense)
     start = time.perf_counter()
-    r1 = train_stage("1", model, setup.stage_task, setup.train_data, out / "stage1", tokenizer=setup.tokenizer, **hp1)
-    hp2 = {**hp, **lcfg.get("stage2", {})}
+    r1 = train_stage("1", model, setup.stage_task, setup.train_data, out / "stage1", tokenizer=setup.tokenizer,
+                     teacher=teacher, **hp1)
     r2 = train_stage("2", r1["trainer"].model, setup.stage_task, setup.train_data, out / "stage2",
-                     tokenizer=setup.tokenizer, **hp2)
+                     tokenizer=setup.tokenizer, teacher=teacher, **hp2)
     model = r2["trainer"].model
     model.set_routing("hard")
-    return model, {"train_seconds": time.perf_counter() - start}, r1["global_step"] + r2["global_step"]
+    budget = {"train_steps": r1["global_step"] + r2["global_step"],
+              "train_tokens": r1["train_tokens"] + r2["train_tokens"],
+              "train_epochs": float(r1["train_epochs"] or 0) + float(r2["train_epochs"] or 0),
+              "tau": float(model.lte_config.tau)}
+    if "tau_calibration" in r1:
+        budget["tau_calibration_sparsity"] = r1["tau_calibration"]["sparsity"]
+    return model, {"train_seconds": time.perf_counter() - start}, budget
 
 
 def _ft_args(setup: TaskSetup) -> dict[str, Any]:
@@ -491,10 +518,12 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
                **s["method_options"].get(base, {})}
     run_dir = out / name / f"t{target:g}"
     timings: dict[str, float] = {"train_seconds": 0.0, "build_seconds": 0.0}
-    steps, eta = 0, None
+    budget: dict[str, Any] = {"train_steps": 0, "train_tokens": 0, "train_epochs": 0.0}
+    eta = None
     start = time.perf_counter()
+    teacher = setup.dense if _ft_args(setup).get("distill") else None
     if base == "lte":
-        model, t, steps = _train_lte(setup, target, run_dir)
+        model, t, budget = _train_lte(setup, target, run_dir)
         timings.update(t)
         eta = float(model.lte_config.eta)
     elif base in ("moefication", "moefication-oracle", "dejavu"):
@@ -509,20 +538,22 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
         set_sparsity(model, target)
         model.method = "dejavu-ft"
         timings["build_seconds"] = time.perf_counter() - start
-        info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), **_ft_args(setup))
-        timings["train_seconds"], steps = info["seconds"], info["steps"]
+        info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), teacher=teacher, **_ft_args(setup))
+        timings["train_seconds"] = info["seconds"]
+        budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
     elif base == "random-topk":
         model = apply_baseline(copy.deepcopy(dense), base, target, **options)
         timings["build_seconds"] = time.perf_counter() - start
-        info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), **_ft_args(setup))
-        timings["train_seconds"], steps = info["seconds"], info["steps"]
+        info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), teacher=teacher, **_ft_args(setup))
+        timings["train_seconds"] = info["seconds"]
+        budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
         model.set_routing("topk")
     else:  # teal, cats: calibrated per target
         model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
         timings["build_seconds"] = time.perf_counter() - start
     result, timings["eval_seconds"] = _evaluate(setup, model)
     point = _point(setup, name, knob, target, result, model, timings, eta)
-    point["train_steps"] = steps
+    point.update(budget)
     point["union_sparsity_16"] = _measure_union(model, setup.calib[0])
     made = [(name, point)]
     if base == "lte" and s["lte"].get("also_topk"):
@@ -532,7 +563,7 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
         result, seconds = _evaluate(setup, model)
         topk = _point(setup, f"{name}-topk", knob, target, result, model,
                       {"train_seconds": timings["train_seconds"], "build_seconds": 0.0, "eval_seconds": seconds}, eta)
-        topk["train_steps"] = steps
+        topk.update(budget)
         topk["union_sparsity_16"] = _measure_union(model, setup.calib[0])
         made.append((f"{name}-topk", topk))
     if not s["keep_models"] and run_dir.exists():
@@ -593,7 +624,8 @@ def dense_point(setup: TaskSetup, out_dir: str | Path | None = None) -> dict[str
     result, seconds = _evaluate(setup, setup.dense)
     point = _point(setup, "dense", "none", 0.0, result, setup.dense, {"train_seconds": 0.0, "build_seconds": 0.0,
                                                                       "eval_seconds": seconds})
-    point["train_steps"] = int(setup.dense_info.get("steps", 0))
+    point.update(train_steps=int(setup.dense_info.get("steps", 0)), train_tokens=setup.dense_info.get("tokens"),
+                 train_epochs=setup.dense_info.get("epochs"))
     if path is not None:
         _save_point(path, point, fp)
     return point
@@ -664,6 +696,11 @@ def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, method
     for key in ("task", "data"):
         if key not in cfg:
             raise LTEError(f"the study config needs `{key}` (see configs/study/*.yaml)")
+    if cfg.get("seeds") is not None:
+        seeds = cfg["seeds"]
+        if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or not all(
+                isinstance(x, int) for x in seeds):
+            raise LTEError(f"`seeds` must be a list of distinct integers, e.g. [0, 1, 2]; got {seeds!r}")
     cfg["methods"] = list(methods or cfg.get("methods") or ALL_METHODS)
     cfg["targets"] = [float(t) for t in (targets or cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])]
     for method in cfg["methods"]:
@@ -719,17 +756,21 @@ def run_study(config: dict[str, Any] | str | Path, out_dir: str | Path | None = 
     out = study_out(cfg, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    points, failures = None, {}
+    studies = seed_studies(cfg, out)
+    failures: dict[str, dict[str, str]] = {str(o): {} for _, o in studies}
     if jobs > 1 and not collect_only:
         if model is not None or tokenizer is not None:
             raise LTEError("parallel studies (jobs > 1) load the model from the config; pass model=None")
         from .parallel import run_parallel
 
-        failures = run_parallel([(cfg, out)], jobs, time_limit=time_limit)[str(out)]
-    elif not collect_only:
-        points, failures = [], {}
-        failures = _run_in_process(cfg, out, model, tokenizer, cfg["methods"], None, points)
-    return collect_study(cfg, out, points, failures, seconds=time.perf_counter() - start)
+        failures = run_parallel(studies, jobs, time_limit=time_limit)
+    points: dict[str, list[dict[str, Any]]] = {}  # in memory too: points of in-memory models are not cached
+    if not collect_only and jobs <= 1:
+        for one, one_out in studies:
+            points[str(one_out)] = []
+            failures[str(one_out)] = _run_in_process(one, one_out, model, tokenizer, one["methods"], None,
+                                                     points[str(one_out)])
+    return collect_study(cfg, out, points or None, failures, seconds=time.perf_counter() - start)
 
 
 def _run_in_process(cfg: dict[str, Any], out: Path, model: Any, tokenizer, methods: list[str],
@@ -775,10 +816,33 @@ def _point_fingerprint(cfg: dict[str, Any], method: str, target: float | None) -
     return fingerprint_of(cfg["task"], cfg.get("name", cfg["task"]), sources, settings, method, target, base)
 
 
-def collect_study(cfg: dict[str, Any], out: Path, points: list[dict[str, Any]] | None = None,
-                  failures: dict[str, str] | None = None, seconds: float | None = None) -> dict[str, Any]:
-    """Results table, summary and plots of a study from its points (in memory, or the finished ones on disk)."""
+def collect_study(cfg: dict[str, Any], out: Path, points: dict[str, list[dict[str, Any]]] | None = None,
+                  failures: dict[str, Any] | None = None, seconds: float | None = None) -> dict[str, Any]:
+    """Results table, summary and plots of a study from its points (in memory, or the finished ones on disk).
+
+    With `seeds`, each seed's study is collected in its own folder first, then the study's own
+    results are the points averaged over seeds (mean and std; `lte.baselines.seeds`).
+    `points`: points already in memory, per study folder (else the finished ones on disk are read).
+    `failures`: the failed units of each study folder (`run_parallel`'s result), {folder: {unit: reason}}.
+    """
+    failures = failures or {}
+    studies = seed_studies(cfg, out)
+    if len(studies) > 1 or studies[0][1] != Path(out):
+        per_seed, missing, failed = {}, [], {}
+        for one, one_out in studies:
+            try:
+                sub = collect_study(one, one_out, points, failures, seconds)
+            except LTEError as err:  # a seed not started yet: the others still make a result
+                missing.append(f"seed {one['seed']}: {err}")
+                continue
+            per_seed[one["seed"]] = load_results(one_out / "results.json")
+            missing += [f"seed {one['seed']}: {m}" for m in sub["missing"]]
+            failed.update({f"seed{one['seed']}/{k}": v for k, v in sub["failures"].items()})
+        if not per_seed:
+            raise LTEError(f"no seed of '{out}' has a finished dense point: run the study first")
+        return _summarise_points(cfg, out, aggregate_points(per_seed), failed, missing, seconds)
     missing = []
+    points = (points or {}).get(str(out))
     if points is None:
         points = []
         dense = _load_point(point_path(out, "dense"), _point_fingerprint(cfg, "dense", None))
@@ -793,10 +857,16 @@ def collect_study(cfg: dict[str, Any], out: Path, points: list[dict[str, Any]] |
                     missing.append(f"{method}@{value:g}")
                 else:
                     points.append(p)
+    return _summarise_points(cfg, out, points, dict(failures.get(str(out), {})), missing, seconds)
+
+
+def _summarise_points(cfg: dict[str, Any], out: Path, points: list[dict[str, Any]], failures: dict[str, str],
+                      missing: list[str], seconds: float | None) -> dict[str, Any]:
+    """Write `results.*`, `summary.json`, `report.md` and the plots of a study's points."""
     write_points(points, out, "results")
     dense = next(p for p in points if p["method"] == "dense")
     summary = summarise(points, dense["metric"], bool(dense["higher_is_better"]))
-    summary.update(name=cfg.get("name"), config=cfg, failures=dict(failures or {}), missing=missing,
+    summary.update(name=cfg.get("name"), config=cfg, failures=failures, missing=missing, seeds=cfg.get("seeds"),
                    seconds=seconds, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    torch=torch.__version__)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
@@ -815,12 +885,14 @@ def tolerance_ok(quality: float, dense: float, metric: str, higher_is_better: bo
     return quality <= dense * 1.05
 
 
-def interpolate_quality(points: list[dict[str, Any]], sparsity: float, reach: float = 0.02) -> float | None:
-    """A method's quality at `sparsity`, linear between its two nearest measured points.
+def interpolate_quality(points: list[dict[str, Any]], sparsity: float, reach: float = 0.02,
+                        key: str = "quality") -> float | None:
+    """A method's quality (or another `key`, e.g. quality_std) at `sparsity`, linear between its two
+    nearest measured points.
 
     Within `reach` outside the measured range the nearest end point stands in; further out: None.
     """
-    pts = sorted((p["ffn_sparsity"], p["quality"]) for p in points if _finite(p.get("quality")))
+    pts = sorted((p["ffn_sparsity"], p[key]) for p in points if _finite(p.get(key)) and _finite(p.get("quality")))
     for (s0, q0), (s1, q1) in zip(pts, pts[1:]):
         if s0 <= sparsity <= s1:
             return q0 if s1 == s0 else q0 + (q1 - q0) * (sparsity - s0) / (s1 - s0)
@@ -847,13 +919,16 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
               if m != "dense" and not m.startswith("lte")]
     rows = []
     for p in mine:
-        row = {"ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "others": {}, "beats": [], "loses_to": [],
-               "ties": []}
+        row = {"ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "quality_std": p.get("quality_std"),
+               "others": {}, "others_std": {}, "margin": {}, "beats": [], "loses_to": [], "ties": []}
         for other in others:
-            q = interpolate_quality([o for o in points if o["method"] == other], p["ffn_sparsity"])
+            theirs = [o for o in points if o["method"] == other]
+            q = interpolate_quality(theirs, p["ffn_sparsity"])
             row["others"][other] = q
             if q is None:
                 continue
+            row["others_std"][other] = interpolate_quality(theirs, p["ffn_sparsity"], key="quality_std")
+            row["margin"][other] = p["quality"] - q  # LTE minus the baseline (sign: see higher_is_better)
             if abs(p["quality"] - q) <= 1e-9 * max(1.0, abs(q)):
                 row["ties"].append(other)
             elif (p["quality"] > q) == higher_is_better:
@@ -875,6 +950,7 @@ def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool)
         best = min(ok, key=lambda p: p["gflops_per_token"]) if ok else None
         table[method] = {
             "points": [(round(p["ffn_sparsity"], 4), round(p["quality"], 4)) for p in mine],
+            "quality_std": [p.get("quality_std") for p in mine],
             "gflops_within_tolerance": best["gflops_per_token"] if best else None,
             "sparsity_within_tolerance": best["ffn_sparsity"] if best else None,
         }
@@ -892,6 +968,25 @@ def _fmt_quality(value: float, metric: str) -> str:
     if metric in ("accuracy", "mc_accuracy", "f1"):
         return f"{100 * value:.1f}"
     return f"{value:.3f}" if abs(value) < 2 else f"{value:.2f}"
+
+
+def _fmt_pm(value: float | None, std: float | None, metric: str) -> str:
+    """`quality ± std` (the std only when it was measured over several seeds)."""
+    if value is None:
+        return "n/a"
+    if not std or not _finite(std):
+        return _fmt_quality(value, metric)
+    return f"{_fmt_quality(value, metric)} ± {_fmt_quality(std, metric)}"
+
+
+def _fmt_margin(value: float, metric: str) -> str:
+    return ("+" if value >= 0 else "-") + _fmt_quality(abs(value), metric)
+
+
+def _fmt_cell(p: dict[str, Any], metric: str) -> str:
+    sd = p.get("ffn_sparsity_std")
+    spread = f" ± {100 * sd:.0f}" if sd else ""
+    return f"{_fmt_pm(p['quality'], p.get('quality_std'), metric)} ({100 * p['ffn_sparsity']:.0f}%{spread})"
 
 
 def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -916,18 +1011,22 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
         cells = []
         for t in targets:
             p = next((q for q in points if q["method"] == method and q["target"] == t), None)
-            cells.append("" if p is None else f"{_fmt_quality(p['quality'], metric)} ({100 * p['ffn_sparsity']:.0f}%)")
+            cells.append("" if p is None else _fmt_cell(p, metric))
         tol = summary["methods"].get(method, {}).get("gflops_within_tolerance")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if tol is None else f'{tol:.4g}'} |")
-    lines += ["", "Cells: quality (measured FFN sparsity). Tolerance: " +
+    seeds = summary.get("seeds")
+    spread = f" over seeds {seeds}: mean ± std" if seeds else ""
+    lines += ["", f"Cells: quality (measured FFN sparsity){spread}. Tolerance: " +
               ("perplexity within +0.5 of dense." if metric == "perplexity" else "within 5% (relative) of dense."), ""]
     rows = summary.get("lte_vs_others") or []
     if rows:
-        lines += ["| LTE point | LTE | better than | worse than |", "|---|---|---|---|"]
+        lines += ["| LTE point | LTE | better than | worse than (theirs, margin) |", "|---|---|---|---|"]
         for row in rows:
             tied = f" (equal: {', '.join(row['ties'])})" if row.get("ties") else ""
-            lines.append(f"| {100 * row['ffn_sparsity']:.0f}% | {_fmt_quality(row['quality'], metric)} | "
-                         f"{', '.join(row['beats']) or '-'}{tied} | {', '.join(row['loses_to']) or '-'} |")
+            worse = ", ".join(f"{o} ({_fmt_pm(row['others'][o], row.get('others_std', {}).get(o), metric)}, "
+                              f"{_fmt_margin(row['margin'][o], metric)})" for o in row["loses_to"])
+            lines.append(f"| {100 * row['ffn_sparsity']:.0f}% | {_fmt_pm(row['quality'], row.get('quality_std'), metric)}"
+                         f" | {', '.join(row['beats']) or '-'}{tied} | {worse or '-'} |")
         lines += ["", "LTE against the baselines (not its own ablations): each baseline is interpolated between "
                   "its measured points at LTE's sparsity; one whose points do not reach it is left out.", ""]
     derived = {m for m in methods if m.endswith("-topk") and m != "random-topk"}  # same model as its LTE run
@@ -994,7 +1093,12 @@ def plot_study(results: list[dict[str, Any]], path: str | Path, quality_name: st
         xs = [scale * p[x] for p in pts]
         ys = [p["quality"] if cap is None else min(p["quality"], cap) for p in pts]
         style = _style(method, i)
-        ax.plot(xs, ys, label=method, **style)
+        yerr = [p.get("quality_std") or 0.0 for p in pts]
+        xerr = [scale * (p.get("ffn_sparsity_std") or 0.0) for p in pts] if x == "ffn_sparsity" else None
+        if any(yerr) or (xerr and any(xerr)):  # means over seeds: one std as error bars
+            ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, label=method, capsize=2, **style)
+        else:
+            ax.plot(xs, ys, label=method, **style)
         if cap is not None:
             over = [(a, cap) for a, p in zip(xs, pts) if p["quality"] > cap]
             if over:

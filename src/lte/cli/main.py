@@ -21,7 +21,8 @@ __all__ = ["main", "build_parser"]
 
 # TrainArgs fields whose default is None need their type spelled out.
 _NONE_DEFAULT_TYPES = {"glue_task": str, "max_tokens": int, "max_examples": int, "router_lr": float,
-                       "bf16": bool, "save_total_limit": int, "target_sparsity": float}
+                       "bf16": bool, "save_total_limit": int, "target_sparsity": float,
+                       "teacher": str}
 _TRAIN_HELP = {
     "glue_task": "GLUE task for --task classification: SST-2, MRPC, RTE, CoLA, STS-B, ...",
     "block_size": "causal LM: tokens per packed training block",
@@ -42,6 +43,14 @@ _TRAIN_HELP = {
     "grouping": "neuron grouping: kmeans, random or contiguous",
     "target_sparsity": "stage 1: steer eta on the fly so the FFN sparsity ends near this value (0-1)",
     "report_to": "'auto' (TensorBoard when installed), 'none', or a Trainer integration",
+    "stage1_routing": "stage 1: 'soft' (paper: experts scaled by their score) or 'ste' (hard mask forward, "
+                      "sigmoid gradient for the routers)",
+    "distill": "weight of distillation from the dense model, in [0, 1]: (1-w)*task + w*KL(dense || LTE)",
+    "distill_temperature": "softmax temperature of the distillation loss",
+    "teacher": "dense teacher folder for --distill (default: the dense model the LTE run started from)",
+    "calibrate_tau": "end of stage 1: set tau so the hard-mask sparsity on held-out training examples equals "
+                     "--target-sparsity",
+    "calibration_holdout": "examples of the training data held out of stage 1 for --calibrate-tau",
 }
 
 

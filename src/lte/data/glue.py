@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import sys
@@ -81,6 +82,15 @@ class GlueDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.features)
+
+    def select(self, indices) -> GlueDataset:
+        """The examples at `indices` (e.g. a range) as a dataset of the same task."""
+        out = copy.copy(self)
+        idx = list(indices)
+        out.features = [self.features[i] for i in idx]
+        out.texts = [self.texts[i] for i in idx]
+        out.labels = [self.labels[i] for i in idx]
+        return out
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {k: torch.tensor(v, dtype=torch.long) for k, v in self.features[i].items()}

@@ -17,7 +17,21 @@ from torch import nn
 
 from ..errors import LTEError
 
-MODES = ("dense", "soft", "hard", "topk")
+MODES = ("dense", "soft", "ste", "hard", "topk")
+#: Modes whose forward trains the routers (scores feed L_eff / L_sep and get the task gradient).
+TRAINING_MODES = ("soft", "ste")
+
+
+class _HardThreshold(torch.autograd.Function):
+    """Forward: the 0/1 mask 1[G > tau]; backward: the gradient passes to G unchanged (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, tau: float) -> torch.Tensor:
+        return (scores > tau).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None) -> torch.Tensor | None:
@@ -28,6 +42,10 @@ def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None) -> t
         return scores
     if mode == "hard":
         return (scores > tau).to(scores.dtype)
+    if mode == "ste":
+        # Stage 1, ours: the model sees exactly the hard mask it is served with, while the
+        # routers learn through the sigmoid as in soft routing (straight-through estimator).
+        return _HardThreshold.apply(scores, tau)
     if mode == "topk":
         if k is None:
             raise LTEError("topk routing needs k: set_routing('topk', k=...) or LTEConfig(topk=...)")
@@ -124,7 +142,7 @@ class LTEInput(WrappedLayer):
         logits = F.linear(xr, self.router.weight)  # [..., E]
         self.scores = torch.sigmoid(logits.float())
         self.gate = expert_gate(self.scores, self.mode, self.tau, self.k)
-        if self.mode == "soft" and torch.is_grad_enabled() and not self.loss_to_model:
+        if self.mode in TRAINING_MODES and torch.is_grad_enabled() and not self.loss_to_model:
             self.loss_scores = torch.sigmoid(F.linear(xr.detach(), self.router.weight).float())
         else:
             self.loss_scores = self.scores

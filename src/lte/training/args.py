@@ -52,18 +52,42 @@ class TrainArgs:
     expert_size: int = 32
     grouping: str = "kmeans"
     router_init: str = "auto"  # stage-1 router init: "auto" (fit when target_sparsity is set, else none) |
-    # "fit" (regressed on the model's own expert activations; see stages.fit_routers) | "none" | "scale" | "open"
+    # "fit" (regressed on the model's own expert activations, every layer at the target; routing.fit.fit_routers) |
+    # "fit-global" (the same, one threshold over all layers on each expert's share of its FFN's output,
+    # so layers start at different sparsities) | "none" | "scale" | "open"
     calibration_examples: int = 32  # examples in the router-fit calibration batch
     router_open_logit: float = 3.0  # "open": mean starting logit (sigmoid(3) = 0.95: every expert ~on)
     router_logit_std: float = 0.5  # "open": per-expert spread of the logits; "scale": their std
     loss_to_model: bool = False  # let L_eff/L_sep gradients reach the model weights too (LTEConfig.loss_to_model)
     lam_warmup: float = 0.0  # stage 1: ramp lam up over this fraction of the steps (0 = paper: constant)
+    stage1_routing: str = "soft"  # stage 1: "soft" (paper: experts scaled by G) | "ste" (ours: the hard mask in
+    # the forward, the sigmoid's gradient for the routers: the model trains on the function it is served with)
+    distill: float = 0.0  # weight of distillation from the dense teacher: (1-distill)*task + distill*KD (0 = paper)
+    distill_temperature: float = 1.0
+    teacher: str | None = None  # teacher folder for distill (default: the dense model the LTE run started from)
+    calibrate_tau: bool = False  # end of stage 1: set tau so the hard-mask sparsity on held-out examples of the
+    # training data equals target_sparsity (the examples are kept out of training)
+    calibration_holdout: int = 64  # examples held out of stage-1 training for calibrate_tau
     target_sparsity: float | None = None  # stage 1: steer eta to this FFN sparsity (EtaController)
     controller_kp: float = 2.0
     controller_ki: float = 0.3
     controller_smoothing: float = 0.6
     controller_warmup: int = 0
     eta_max: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.stage1_routing not in ("soft", "ste"):
+            raise StageInputError(f"stage1_routing must be 'soft' or 'ste', got {self.stage1_routing!r}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise StageInputError(f"distill is a weight in [0, 1] (0: task loss only), got {self.distill}")
+        if self.distill_temperature <= 0:
+            raise StageInputError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
+            raise StageInputError(f"target_sparsity is a fraction of FFN neurons in [0, 1), got {self.target_sparsity}")
+        if self.calibrate_tau and self.target_sparsity is None:
+            raise StageInputError("calibrate_tau needs target_sparsity (the sparsity tau is calibrated to)")
+        if self.calibration_holdout < 1:
+            raise StageInputError(f"calibration_holdout must be >= 1 example, got {self.calibration_holdout}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainArgs:

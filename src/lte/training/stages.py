@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
 from lte.training.args import TrainArgs
 from lte.training.callbacks import EtaController, LamWarmup, _newest_checkpoint
 from lte.training.errors import NonFiniteLossError, StageInputError
@@ -175,146 +176,12 @@ def _convert(model: nn.Module, hp: TrainArgs, calibration_batch: dict[str, torch
     mode = hp.router_init
     if mode == "auto":
         mode = "fit" if hp.target_sparsity is not None else "none"
-    if mode == "fit" and calibration_batch is not None:
+    if mode in ("fit", "fit-global") and calibration_batch is not None:
         fit_routers(lmodel, calibration_batch, hp.target_sparsity if hp.target_sparsity is not None else 0.5,
-                    hp.router_open_logit)
-    elif mode not in ("none", "fit") and calibration_batch is not None:
+                    hp.router_open_logit, threshold="global" if mode == "fit-global" else "token")
+    elif mode not in ("none", "fit", "fit-global") and calibration_batch is not None:
         calibrate_routers(lmodel, calibration_batch, mode, hp.router_open_logit, hp.router_logit_std)
     return lmodel
-
-
-ROUTER_INITS = ("auto", "fit", "open", "scale", "none")
-
-
-@torch.no_grad()
-def _calibration_forward(lmodel, batch: dict[str, torch.Tensor], mode: str, hooks: list) -> None:
-    """One eval-mode forward of `batch` in routing `mode`; removes `hooks` and restores the model after."""
-    routing, was_training = lmodel.routing, lmodel.training
-    lmodel.set_routing(mode)
-    lmodel.eval()
-    try:
-        device = next(lmodel.parameters()).device  # the model may already be on the GPU
-        lmodel(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-    finally:
-        for hook in hooks:
-            hook.remove()
-        lmodel.set_routing(routing)
-        lmodel.train(was_training)
-
-
-@torch.no_grad()
-def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_scale: float = 3.0,
-                ridge: float = 1e-3) -> list[float]:
-    """Router init fitted to the model's own activations (ours; the paper leaves the init open).
-
-    For every FFN, on the calibration batch's real tokens in dense routing: the *mass* of expert e
-    for token t is the RMS of its intermediate activations h[t, e-block]. Per token, the experts
-    above the `sparsity`-quantile of log-mass are the ones worth keeping. The router is the ridge
-    regression from the FFN input x to the target logits
-
-        z[t, e] = logit_scale * clamp((log m[t, e] - q_t) / s, -1, 1)
-
-    (q_t the token's quantile, s the spread of the centred log-masses), so stage 1 starts with
-    scores already polarised (|logit| ~ logit_scale), near the wanted sparsity and with the experts
-    that carry the most activation on. This avoids both failure modes of a blind init: scores all
-    near tau (soft routing halves the FFN and L_sep's gradient swamps the task loss) and scores
-    all on (L_sep's barrier at tau then keeps every expert on). Returns the hard-cut sparsity per
-    layer on the calibration batch.
-    """
-    layers = lmodel.lte_layers()
-    mask = batch.get("attention_mask")
-    keep = None if mask is None else mask.reshape(-1).bool()
-    xs: dict[int, torch.Tensor] = {}
-    acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def grab_x(i):
-        def hook(mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, D]
-            xs[i] = x if keep is None or keep.numel() != x.shape[0] else x[keep.to(x.device)]
-        return hook
-
-    def fit_h(i, sizes):
-        def hook(mod, args):
-            h = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, F]
-            if keep is not None and keep.numel() == h.shape[0]:
-                h = h[keep.to(h.device)]
-            x = xs.pop(i).double()
-            # [T, F] -> [T, E]: RMS of each expert's block of neurons
-            sq = torch.zeros(h.shape[0], len(sizes), device=h.device).index_add_(
-                1, torch.repeat_interleave(torch.arange(len(sizes), device=h.device), sizes.to(h.device)), h.square())
-            logm = torch.log(sq / sizes.to(h.device).float() + 1e-12).double()  # [T, E]
-            q = torch.quantile(logm, sparsity, dim=1, keepdim=True)  # [T, 1]
-            centred = logm - q
-            spread = centred.abs().median().clamp_min(1e-6)
-            z = logit_scale * (centred / spread).clamp(-1.0, 1.0)  # [T, E]
-            xtx, xtz = acc.get(i, (0.0, 0.0))
-            acc[i] = (xtx + x.T @ x, xtz + x.T @ z)
-        return hook
-
-    hooks = []
-    for i, layer in enumerate(layers):
-        hooks.append(layer.input.register_forward_pre_hook(grab_x(i)))
-        hooks.append(layer.output.register_forward_pre_hook(fit_h(i, layer.input.expert_sizes)))
-    _calibration_forward(lmodel, batch, "dense", hooks)
-    for i, layer in enumerate(layers):
-        xtx, xtz = acc[i]
-        d = xtx.shape[0]
-        reg = ridge * torch.trace(xtx) / d
-        w = torch.linalg.solve(xtx + reg * torch.eye(d, dtype=xtx.dtype, device=xtx.device), xtz)  # [D, E]
-        layer.router.weight.copy_(w.T.to(layer.router.weight.dtype))
-    routing = lmodel.routing
-    _calibration_forward(lmodel, batch, "hard", [])
-    lmodel.set_routing("hard")
-    achieved = lmodel.lte_stats()["per_layer"]  # stats of that forward
-    lmodel.set_routing(routing)
-    logger.info("router init 'fit' (target %.2f): calibration sparsity %.3f", sparsity, sum(achieved) / len(achieved))
-    return achieved
-
-
-@torch.no_grad()
-def calibrate_routers(lmodel, batch: dict[str, torch.Tensor], mode: str = "open", open_logit: float = 3.0,
-                      logit_std: float = 0.5) -> None:
-    """Data-driven router initialisation at the start of stage 1 (ours; the paper leaves it open).
-
-    Problem: with a plain random init the router logits of a pre-trained model are tiny
-    (SmolLM2-135M: std 0.1-0.2, so most scores sit within 0.05 of tau = 0.5). Soft routing then
-    halves every expert's output (task loss 3.3 -> 6.5 on SmolLM2), and the separability loss
-    1/(G - tau)^2 is huge (~600), its gradient swamps the task gradient after clipping, and short
-    stage-1 runs never recover.
-
-    - "open": each router weight becomes `open_logit * mu / |mu|^2 + noise`, where `mu` is the mean
-      FFN input over the batch's real tokens (measured with a forward pre-hook on the router's
-      module) and the noise (the core's random init, rescaled) gives logits of std `logit_std`.
-      Every expert starts almost fully on (sigmoid(3) = 0.95): soft routing is close to the dense
-      function (SmolLM2: task loss 3.30 -> 3.44, L_sep ~10) and sparsity grows from ~0 as L_eff
-      (and the eta controller) push scores down.
-    - "scale": keep the random directions, rescale each router so its logits have std `logit_std`.
-    - "none": keep the core's initialisation.
-    """
-    if mode not in ROUTER_INITS:
-        raise StageInputError(f"unknown router_init '{mode}'; choose one of {list(ROUTER_INITS)}")
-    if mode in ("none", "auto", "fit"):
-        return
-    layers = lmodel.lte_layers()
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [layer.input.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0].detach()))
-             for i, layer in enumerate(layers)]
-    _calibration_forward(lmodel, batch, "soft", hooks)
-    mask = batch.get("attention_mask")
-    for i, layer in enumerate(layers):
-        x = captured[i].reshape(-1, captured[i].shape[-1]).float()  # [T, D] FFN inputs
-        if mask is not None and mask.numel() == x.shape[0]:
-            x = x[mask.reshape(-1).to(x.device).bool()]
-        w = layer.router.weight  # [E, D]
-        noise = w.float()
-        spread = (x @ noise.T).std().clamp_min(1e-12)  # std of the current logits
-        new = noise * (logit_std / spread)
-        if mode == "open":
-            mu = x.mean(0)
-            new = new + open_logit * mu / mu.dot(mu).clamp_min(1e-12)
-        w.copy_(new.to(w.dtype))
-    logger.info("router init '%s' on %d layers (open logit %.1f, logit std %.2f)", mode, len(layers), open_logit,
-                logit_std)
 
 
 def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
@@ -325,7 +192,7 @@ def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
         if model.stage != "stage1" or not hp.resume:
             model.lte_config.eta = hp.eta
         model.freeze_routers(False)
-        model.set_routing("soft")
+        model.set_routing(hp.stage1_routing)
         model.stage = "stage1"
     elif stage == "2":
         model.freeze_routers(True)
@@ -430,12 +297,14 @@ def training_arguments(out: Path, hp: TrainArgs):
         dataloader_num_workers=hp.dataloader_workers,
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",  # the budget a study reports (tokens, not only steps)
     )
 
 
 # ---------------------------------------------------------------------- the stage
 def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: str | os.PathLike,
-                tokenizer=None, callbacks: list | None = None, **hparams: Any) -> dict[str, Any]:
+                tokenizer=None, callbacks: list | None = None, teacher: nn.Module | None = None,
+                **hparams: Any) -> dict[str, Any]:
     """Run one training stage and save its output to `out`; return a summary dict.
 
     Args:
@@ -445,12 +314,17 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         task: "causal-lm", "classification" (GLUE TSV; set glue_task) or "instruction".
         data: a file/folder path (or "builtin" for causal-lm) or a torch Dataset.
         out: output directory.
+        teacher: the dense teacher for `distill` > 0 as a model object (default: loaded from
+            `hparams["teacher"]`, or the dense model the LTE run started from).
         hparams: `TrainArgs` fields (lr, epochs, max_steps, batch_size, eta, target_sparsity, ...).
     """
     stage = _normalise_stage(stage)
     if task not in TASKS:
         raise StageInputError(f"unknown task '{task}'; choose one of {list(TASKS)}")
     hp = TrainArgs.from_dict(hparams)
+    if stage == "dense" and hp.distill > 0:
+        raise StageInputError("distill applies to stages 1 and 2 (the dense model is the teacher); "
+                              "drop --distill for --stage dense")
     out = Path(out)
     _check_data_path(data)
     resume_ckpt = _newest_checkpoint(str(out)) if hp.resume else None
@@ -461,9 +335,13 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         if tokenizer is None:
             raise StageInputError("pass tokenizer=... together with a model object")
         model = model_dir_or_model
-        source_desc = type(model).__name__
+        source, source_desc = None, type(model).__name__
         dataset = load_task_data(task, data, tokenizer, hp)
         if stage == "1" and not hasattr(model, "lte_config"):
+            if hp.distill > 0 and teacher is None and hp.teacher is None:
+                import copy
+
+                teacher = copy.deepcopy(model)  # the dense model, before conversion
             model = _convert(model, hp, _first_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples)))
         elif stage == "2" and getattr(model, "stage", None) not in ("stage1", "stage2"):
             raise StageInputError("stage 2 needs a model that went through stage 1 (LTEModel with stage 'stage1')")
@@ -483,36 +361,44 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
                                  converted_from_checkpoint=bool(resume_ckpt),
                                  calibration_batch=_first_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples)))
         _check_labels(model, dataset, task)
+    teacher, teacher_desc = _resolve_teacher(stage, hp, teacher, source, task, tokenizer, dataset)
     if stage != "dense":
         _prepare_for_stage(model, stage, hp)
+
+    # Held-out examples (the tail of the training data) for the tau calibration; never trained on.
+    calibrate = hp.target_sparsity is not None and (stage == "2" or (stage == "1" and hp.calibrate_tau))
+    train_set, held_out = _split_holdout(dataset, hp.calibration_holdout) if calibrate else (dataset, None)
+    record_extra: dict[str, Any] = {}
+    if stage == "2" and calibrate:  # stage 2 honours --target-sparsity: re-cut the frozen routers first
+        record_extra["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
 
     callbacks = list(callbacks or [])
     if stage == "1" and hp.lam_warmup > 0:
         callbacks.append(LamWarmup(hp.lam, hp.lam_warmup))
     controller = None
-    if hp.target_sparsity is not None:
-        if stage == "1":
-            controller = EtaController(hp.target_sparsity, eta0=hp.eta, kp=hp.controller_kp, ki=hp.controller_ki,
-                                       smoothing=hp.controller_smoothing, warmup_steps=hp.controller_warmup,
-                                       eta_max=hp.eta_max)
-            callbacks.append(controller)
-        else:
-            logger.info("target_sparsity only acts in stage 1; ignored in stage %s", stage)
+    if hp.target_sparsity is not None and stage == "1":
+        controller = EtaController(hp.target_sparsity, eta0=hp.eta, kp=hp.controller_kp, ki=hp.controller_ki,
+                                   smoothing=hp.controller_smoothing, warmup_steps=hp.controller_warmup,
+                                   eta_max=hp.eta_max)
+        callbacks.append(controller)
 
     from lte.training.trainer import LTETrainer
 
     trainer = LTETrainer(
         model=model,
         args=training_arguments(out, hp),
-        train_dataset=dataset,
+        train_dataset=train_set,
         data_collator=make_collator(tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
         router_lr=hp.router_lr if stage == "1" else None,
+        teacher=teacher,
+        distill=hp.distill,
+        distill_temperature=hp.distill_temperature,
     )
     record: dict[str, Any] = {
         "stage": _STAGE_LABEL[stage], "task": task, "source": source_desc, "data": str(data),
-        "complete": False, "hparams": hp.to_dict(),
+        "complete": False, "hparams": hp.to_dict(), "teacher": teacher_desc, **record_extra,
     }
     try:
         result = trainer.train(resume_from_checkpoint=resume_ckpt)
@@ -521,20 +407,81 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         if trainer.args.should_save:
             _write_stage_info(out, record)
         raise
+    if stage == "1" and calibrate:
+        record["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
     trainer.save_model(str(out))
     if trainer.args.should_save and tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    record.update(complete=True, global_step=trainer.state.global_step, train_metrics=result.metrics)
+    record.update(complete=True, global_step=trainer.state.global_step, train_metrics=result.metrics,
+                  train_tokens=int(trainer.state.num_input_tokens_seen or 0), train_epochs=trainer.state.epoch,
+                  train_examples=len(train_set))
     if stage != "dense":
         record["eta"] = float(model.lte_config.eta)
+        record["tau"] = float(model.lte_config.tau)
         record["train_sparsity"] = (trainer.last_step_stats or {}).get("ffn_sparsity")
         record["train_sparsity_per_layer"] = (trainer.last_step_stats or {}).get("per_layer")
-    if controller is not None:
+    if hp.target_sparsity is not None:
         record["target_sparsity"] = hp.target_sparsity
     if trainer.args.should_save:
         _write_stage_info(out, record)
     record["trainer"] = trainer
     return record
+
+
+def _split_holdout(dataset, n: int):
+    """(training subset, held-out tail of `n` examples); at most a fifth of the data is held out."""
+    from torch.utils.data import Subset
+
+    total = len(dataset)
+    n = max(1, min(n, total // 5))
+    if total - n < 1:
+        raise StageInputError(f"the training data has {total} examples: too few to hold {n} out for the tau "
+                              "calibration; give more data or drop --calibrate-tau / --target-sparsity")
+    return Subset(dataset, range(total - n)), Subset(dataset, range(total - n, total))
+
+
+def _calibrate_on(model, held_out, tokenizer, hp: TrainArgs) -> dict[str, Any]:
+    """`calibrate_tau` on the held-out examples, batched like training."""
+    collate = make_collator(tokenizer)
+    items = [held_out[i] for i in range(len(held_out))]
+    batches = [collate(items[i:i + hp.batch_size]) for i in range(0, len(items), hp.batch_size)]
+    result = calibrate_tau(model, batches, hp.target_sparsity)
+    result["examples"] = len(items)
+    return result
+
+
+def _resolve_teacher(stage: str, hp: TrainArgs, teacher: nn.Module | None, source: Any, task: str, tokenizer,
+                     dataset) -> tuple[nn.Module | None, str | None]:
+    """The frozen dense teacher of a distilled stage, and how it was found (for the stage record)."""
+    if hp.distill <= 0:
+        return None, None
+    if teacher is not None:
+        return teacher, hp.teacher or "in-memory model"
+    path = hp.teacher
+    if path is None and stage == "1" and isinstance(source, Path) and not _is_lte_dir(source):
+        path = str(source)  # the dense model stage 1 converts
+    if path is None and stage in ("1", "2") and isinstance(source, Path):
+        info = stage_info(source) or {}  # an LTE folder: the teacher its own run recorded, or that run's source
+        for key in ("teacher", "source"):
+            candidate = info.get(key)
+            if candidate and Path(candidate).is_dir() and not _is_lte_dir(Path(candidate)):
+                path = candidate
+                break
+    if path is None:
+        raise StageInputError(
+            "--distill needs the dense teacher model and none could be found: pass --teacher PATH "
+            "(the dense model the LTE run started from, e.g. the output of --stage dense)")
+    teacher_path = _model_source(path)
+    if isinstance(teacher_path, Path):
+        _check_head(teacher_path, task)
+        if _is_lte_dir(teacher_path):
+            raise StageInputError(f"the teacher {teacher_path} is an LTE model; pass the dense model it came from")
+    from lte.data.zoo import ensure_pad_token, resolve_model
+
+    head_task = "classification" if task == "classification" else "causal-lm"
+    model, _ = resolve_model(teacher_path, task=head_task, num_labels=getattr(dataset, "num_labels", 2))
+    ensure_pad_token(model, tokenizer)
+    return model, str(teacher_path)
 
 
 def _normalise_stage(stage: Any) -> str:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from lte.model import LTEModel
+from lte.routing.layers import TRAINING_MODES
 from lte.training.callbacks import EtaController, JsonlLogger, NaNGuard
 
 logger = logging.getLogger(__name__)
@@ -100,12 +101,24 @@ class LTETrainer(Trainer):
         router_lr: learning rate of the routers (default: the model's learning rate).
         jsonl_log: file name of the JSONL log in `output_dir` (None: no JSONL log).
         nan_guard: add a `NaNGuard` callback when none is given (default True).
+        teacher, distill, distill_temperature: distillation from a frozen teacher (the dense model):
+            the task loss becomes (1 - distill) * task + distill * T^2 KL(teacher || model)
+            (`lte.training.distill`); the LTE terms are added unchanged.
     """
 
     def __init__(self, *args: Any, router_lr: float | None = None, jsonl_log: str | None = "train_log.jsonl",
-                 nan_guard: bool = True, **kwargs: Any) -> None:
+                 nan_guard: bool = True, teacher: torch.nn.Module | None = None, distill: float = 0.0,
+                 distill_temperature: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.router_lr = router_lr
+        if not 0.0 <= distill <= 1.0:
+            raise ValueError(f"distill is the weight of the distillation loss and must lie in [0, 1], got {distill}")
+        if distill > 0 and teacher is None:
+            raise ValueError("distill > 0 needs a teacher model (the dense model the stage starts from)")
+        self.distill = float(distill)
+        self.distill_temperature = float(distill_temperature)
+        # The teacher runs under no_grad in eval mode; its parameters are left as they are (it may be shared).
+        self.teacher = teacher.eval() if (teacher is not None and distill > 0) else None
         self._window = _Window()
         self._last_stats: dict[str, Any] | None = None
         if jsonl_log and not self._find(JsonlLogger):
@@ -164,13 +177,34 @@ class LTETrainer(Trainer):
         """The model's own loss; checks it is finite (all processes agree) and records LTE terms."""
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            self._check_finite(loss)
             lte_model = self.lte_model
             if lte_model is not None and lte_model.last_lte_losses:
-                self._window.add_losses({k: v for k, v in lte_model.last_lte_losses.items() if k != "total"})
+                terms = {k: v for k, v in lte_model.last_lte_losses.items() if k != "total"}
             else:
-                self._window.add_losses({"task": loss.detach()})
+                terms = {"task": loss.detach()}
+            if self.teacher is not None:
+                loss, kd = self._mix_distillation(model, inputs, loss, outputs)
+                terms["distill"] = kd.detach()
+            self._check_finite(loss)
+            self._window.add_losses(terms)
         return (loss, outputs) if return_outputs else loss
+
+    def _mix_distillation(self, model, inputs, loss, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """loss + distill * (KD - task): the task term becomes (1 - distill) * task + distill * KD."""
+        from lte.training.distill import distillation_loss
+
+        teacher = self.teacher
+        device = outputs.logits.device
+        if next(teacher.parameters()).device != device:
+            teacher.to(device)
+        with torch.no_grad():
+            t_out = teacher(**{k: v for k, v in inputs.items() if k != "labels"})
+        mask = inputs.get("attention_mask") if outputs.logits.dim() == 3 else None
+        kd = distillation_loss(outputs.logits, t_out.logits, mask, self.distill_temperature)
+        unwrapped = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        task = getattr(unwrapped, "last_task_loss", None)
+        task = loss if task is None else task
+        return loss + self.distill * (kd - task), kd
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach()).all().float().reshape(1)
@@ -199,7 +233,7 @@ class LTETrainer(Trainer):
         self._last_stats = {"ffn_sparsity": sparsity, "per_layer": per_layer}
         self._window.add_stats(per_layer, stats["gflops_per_token"])
         controller = self.eta_controller
-        if controller is not None and self.lte_model.routing == "soft" and controller.wants_measurement(step):
+        if controller is not None and self.lte_model.routing in TRAINING_MODES and controller.wants_measurement(step):
             self.lte_model.lte_config.eta = controller.update(step, sparsity)
 
     # ------------------------------------------------------------------ logging
@@ -217,11 +251,11 @@ class LTETrainer(Trainer):
         if w.n_losses and names:
             sums = torch.stack([torch.as_tensor(w.losses[k]).reshape(()).float().cpu() for k in names])
             means = self._all_mean(sums / w.n_losses).cpu().tolist()
-            label = {"task": "task_loss", "eff": "lte_eff", "sep": "lte_sep"}
+            label = {"task": "task_loss", "eff": "lte_eff", "sep": "lte_sep", "distill": "distill_loss"}
             out.update({label.get(k, k): v for k, v in zip(names, means)})
         lte_model = self.lte_model
         if lte_model is not None:
-            if lte_model.routing == "soft":
+            if lte_model.routing in TRAINING_MODES:
                 out["eta"] = float(lte_model.lte_config.eta)
                 out["lam"] = float(lte_model.lte_config.lam)
             if w.n_stats and w.per_layer is not None:

@@ -1,0 +1,282 @@
+"""Data-driven router initialisation and threshold calibration (ours; the paper leaves both open).
+
+- `fit_routers`: at the start of stage 1, regress each router on the model's own expert
+  activations so training starts near the target sparsity with the heaviest experts on
+  ("fit": every layer at the target; "fit-global": one threshold over all layers).
+- `calibrate_routers`: the older blind-scale inits ("open", "scale").
+- `calibrate_tau`: after stage 1 (or before stage 2), set the routing threshold so hard routing
+  skips exactly the target fraction of FFN neurons on held-out examples.
+- `hard_sparsity`: per-layer sparsity of hard routing over a list of batches.
+
+Every function takes an `LTEModel` and batches of {input_ids, attention_mask, ...} on any device.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..errors import LTEError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ROUTER_INITS", "fit_routers", "calibrate_routers", "calibrate_tau", "hard_sparsity"]
+
+ROUTER_INITS = ("auto", "fit", "fit-global", "open", "scale", "none")
+
+
+@torch.no_grad()
+def _calibration_forward(lmodel, batch: dict[str, torch.Tensor], mode: str, hooks: list) -> None:
+    """One eval-mode forward of `batch` in routing `mode`; removes `hooks` and restores the model after."""
+    routing, was_training = lmodel.routing, lmodel.training
+    lmodel.set_routing(mode)
+    lmodel.eval()
+    try:
+        device = next(lmodel.parameters()).device  # the model may already be on the GPU
+        lmodel(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+    finally:
+        for hook in hooks:
+            hook.remove()
+        lmodel.set_routing(routing)
+        lmodel.train(was_training)
+
+
+def _expert_log_mass(h: torch.Tensor, sizes: torch.Tensor, col_energy: torch.Tensor | None) -> torch.Tensor:
+    """Per token and expert, [T, F] -> [T, E]: log of the expert's activation mass.
+
+    col_energy None: log of the mean square of the expert's neurons (its RMS, squared).
+    col_energy [F] (the squared norms of the down projection's columns): log of the expert's share of
+    the FFN output energy, sum_j h_j^2 |W_j|^2 over its neurons divided by the sum over all experts
+    (cross terms ignored), which is comparable across layers.
+    """
+    owner = torch.repeat_interleave(torch.arange(len(sizes), device=h.device), sizes.to(h.device))  # [F]
+    if col_energy is None:
+        sq = torch.zeros(h.shape[0], len(sizes), device=h.device).index_add_(1, owner, h.square())
+        return torch.log(sq / sizes.to(h.device).float() + 1e-12).double()
+    energy = torch.zeros(h.shape[0], len(sizes), device=h.device).index_add_(
+        1, owner, h.square() * col_energy.to(h.device))
+    share = energy / energy.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    return torch.log(share + 1e-12).double()
+
+
+def _weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> float:
+    """The q-quantile of `values` where each entry counts `weights` times (1-D tensors)."""
+    order = torch.argsort(values)
+    cum = torch.cumsum(weights[order].double(), 0)
+    idx = int(torch.searchsorted(cum, torch.tensor(q * float(cum[-1]), dtype=cum.dtype, device=cum.device)))
+    return float(values[order[min(idx, values.numel() - 1)]])
+
+
+@torch.no_grad()
+def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_scale: float = 3.0,
+                ridge: float = 1e-3, threshold: str = "token") -> list[float]:
+    """Router init fitted to the model's own activations (ours; the paper leaves the init open).
+
+    For every FFN, on the calibration batch's real tokens in dense routing, each expert gets a
+    log-mass m[t, e] (see `_expert_log_mass`) and a threshold q splits the experts worth keeping
+    from the others:
+
+    - threshold="token" ("fit"): m is the log-RMS of the expert's activations and q_t the
+      `sparsity`-quantile of the token's own experts, so every layer starts at the target;
+    - threshold="global" ("fit-global"): m is the expert's share of its FFN's output energy and q
+      one quantile over every layer and token (weighted by neurons), so layers whose output is
+      carried by few experts start sparser and the others denser, at the same overall sparsity.
+
+    The router is the ridge regression from the FFN input x to the target logits
+
+        z[t, e] = logit_scale * clamp((m[t, e] - q) / s, -1, 1)
+
+    (s: the layer's spread of the centred log-masses), so stage 1 starts with scores already
+    polarised (|logit| ~ logit_scale), near the wanted sparsity and with the experts that carry
+    the most activation on. This avoids both failure modes of a blind init: scores all near tau
+    (soft routing halves the FFN and L_sep's gradient swamps the task loss) and scores all on
+    (L_sep's barrier at tau then keeps every expert on). Returns the hard-cut sparsity per layer
+    on the calibration batch.
+    """
+    if threshold not in ("token", "global"):
+        raise LTEError(f"fit_routers threshold must be 'token' or 'global', got {threshold!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise LTEError(f"the router-fit sparsity must lie in [0, 1), got {sparsity}")
+    layers = lmodel.lte_layers()
+    mask = batch.get("attention_mask")
+    keep = None if mask is None else mask.reshape(-1).bool()
+    energy = [layer.down_weight().detach().float().square().sum(0) if threshold == "global" else None
+              for layer in layers]  # [F] per layer: |column j of the down projection|^2
+
+    def real_rows(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1, t.shape[-1]).float()  # [T, .]
+        return t if keep is None or keep.numel() != t.shape[0] else t[keep.to(t.device)]
+
+    global_q = None
+    if threshold == "global":  # pass 1: one quantile of the log-shares over all layers and tokens
+        masses: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []
+
+        def collect(i, sizes):
+            def hook(mod, args):
+                m = _expert_log_mass(real_rows(args[0]), sizes, energy[i]).float()  # [T, E]
+                masses.append(m.reshape(-1).cpu())
+                weights.append(sizes.float().repeat(m.shape[0]).cpu())
+            return hook
+
+        hooks = [layer.output.register_forward_pre_hook(collect(i, layer.input.expert_sizes))
+                 for i, layer in enumerate(layers)]
+        _calibration_forward(lmodel, batch, "dense", hooks)
+        global_q = _weighted_quantile(torch.cat(masses), torch.cat(weights), sparsity)
+
+    xs: dict[int, torch.Tensor] = {}
+    acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grab_x(i):
+        def hook(mod, args):
+            xs[i] = real_rows(args[0])  # [T, D]
+        return hook
+
+    def fit_h(i, sizes):
+        def hook(mod, args):
+            logm = _expert_log_mass(real_rows(args[0]), sizes, energy[i])  # [T, E]
+            x = xs.pop(i).double()
+            q = torch.quantile(logm, sparsity, dim=1, keepdim=True) if global_q is None else global_q  # [T, 1]
+            centred = logm - q
+            spread = centred.abs().median().clamp_min(1e-6)
+            z = logit_scale * (centred / spread).clamp(-1.0, 1.0)  # [T, E]
+            xtx, xtz = acc.get(i, (0.0, 0.0))
+            acc[i] = (xtx + x.T @ x, xtz + x.T @ z)
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.input.register_forward_pre_hook(grab_x(i)))
+        hooks.append(layer.output.register_forward_pre_hook(fit_h(i, layer.input.expert_sizes)))
+    _calibration_forward(lmodel, batch, "dense", hooks)
+    for i, layer in enumerate(layers):
+        xtx, xtz = acc[i]
+        d = xtx.shape[0]
+        reg = ridge * torch.trace(xtx) / d
+        w = torch.linalg.solve(xtx + reg * torch.eye(d, dtype=xtx.dtype, device=xtx.device), xtz)  # [D, E]
+        layer.router.weight.copy_(w.T.to(layer.router.weight.dtype))
+    achieved = hard_sparsity(lmodel, [batch])
+    logger.info("router init 'fit' (%s threshold, target %.2f): calibration sparsity %.3f", threshold, sparsity,
+                sum(achieved) / len(achieved))
+    return achieved
+
+
+@torch.no_grad()
+def _hard_pass(lmodel, batches: list[dict[str, torch.Tensor]], collect_logits: bool = False):
+    """One eval pass of hard routing over `batches`: per-layer sparsity over real tokens and, with
+    `collect_logits`, every router logit of those tokens with its expert's neuron count (1-D, CPU)."""
+    logits: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def grab(mod, args, output):
+        s = mod.scores.reshape(-1, mod.scores.shape[-1])  # [T, E]
+        m = current["mask"]
+        if m is not None and m.numel() == s.shape[0]:
+            s = s[m]
+        logits.append(torch.logit(s.double(), eps=1e-12).reshape(-1).cpu())
+        weights.append(mod.expert_sizes.double().cpu().repeat(s.shape[0]))
+
+    hooks = [layer.input.register_forward_hook(grab) for layer in lmodel.lte_layers()] if collect_logits else []
+    routing, was_training, tracking = lmodel.routing, lmodel.training, lmodel.track_stats
+    lmodel.set_routing("hard")
+    lmodel.eval()
+    lmodel.track_stats = True
+    lmodel.reset_lte_stats()
+    try:
+        device = next(lmodel.parameters()).device
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            current["mask"] = None if mask is None else mask.reshape(-1).to(device).bool()
+            lmodel(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        per_layer = lmodel.lte_stats(accumulated=True)["per_layer"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        lmodel.set_routing(routing)
+        lmodel.train(was_training)
+        lmodel.track_stats = tracking
+        lmodel.reset_lte_stats()
+    collected = (torch.cat(logits), torch.cat(weights)) if collect_logits else None
+    return per_layer, collected
+
+
+def hard_sparsity(lmodel, batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """Per-layer FFN sparsity of hard routing (at the model's tau) over `batches`' real tokens."""
+    return _hard_pass(lmodel, batches)[0]
+
+
+@torch.no_grad()
+def calibrate_tau(lmodel, batches: list[dict[str, torch.Tensor]], target: float, tol: float = 0.002,
+                  max_rounds: int = 6) -> dict[str, Any]:
+    """Set the routing threshold tau so that hard routing skips `target` of the FFN neurons on `batches`.
+
+    A shift of tau is one global offset of every router's logits (score > tau <=> logit > logit(tau)),
+    so the per-layer profile that training learned keeps its shape; only the overall level moves
+    (ours; it makes `target_sparsity` exact however far the eta controller ended from it). Each
+    round records every router logit in one hard-routing pass and sets logit(tau) to the
+    neuron-weighted `target`-quantile of all of them; rounds repeat because a layer's inputs depend
+    on the masks of the layers before it. Returns {"tau", "sparsity", "per_layer", "rounds"}.
+    """
+    if not 0.0 <= target < 1.0:
+        raise LTEError(f"target sparsity must lie in [0, 1), got {target}")
+    rounds = 0
+    per_layer, (logits, weights) = _hard_pass(lmodel, batches, collect_logits=True)
+    while abs(sum(per_layer) / len(per_layer) - target) > tol and rounds < max_rounds:
+        rounds += 1
+        theta = torch.tensor(_weighted_quantile(logits, weights, target), dtype=torch.float64)
+        lmodel.lte_config.tau = float(torch.sigmoid(theta).clamp(1e-6, 1 - 1e-6))
+        lmodel.set_routing(lmodel.routing)  # pushes the new tau into every layer
+        per_layer, (logits, weights) = _hard_pass(lmodel, batches, collect_logits=True)
+    achieved = sum(per_layer) / len(per_layer)
+    logger.info("calibrated tau = %.6g: hard-routing sparsity %.4f on %d held-out batches (target %.3f, %d rounds)",
+                lmodel.lte_config.tau, achieved, len(batches), target, rounds)
+    return {"tau": float(lmodel.lte_config.tau), "sparsity": achieved, "per_layer": per_layer, "rounds": rounds}
+
+
+@torch.no_grad()
+def calibrate_routers(lmodel, batch: dict[str, torch.Tensor], mode: str = "open", open_logit: float = 3.0,
+                      logit_std: float = 0.5) -> None:
+    """Data-driven router initialisation at the start of stage 1 (ours; the paper leaves it open).
+
+    Problem: with a plain random init the router logits of a pre-trained model are tiny
+    (SmolLM2-135M: std 0.1-0.2, so most scores sit within 0.05 of tau = 0.5). Soft routing then
+    halves every expert's output (task loss 3.3 -> 6.5 on SmolLM2), and the separability loss
+    1/(G - tau)^2 is huge (~600), its gradient swamps the task gradient after clipping, and short
+    stage-1 runs never recover.
+
+    - "open": each router weight becomes `open_logit * mu / |mu|^2 + noise`, where `mu` is the mean
+      FFN input over the batch's real tokens (measured with a forward pre-hook on the router's
+      module) and the noise (the core's random init, rescaled) gives logits of std `logit_std`.
+      Every expert starts almost fully on (sigmoid(3) = 0.95): soft routing is close to the dense
+      function (SmolLM2: task loss 3.30 -> 3.44, L_sep ~10) and sparsity grows from ~0 as L_eff
+      (and the eta controller) push scores down.
+    - "scale": keep the random directions, rescale each router so its logits have std `logit_std`.
+    - "none": keep the core's initialisation.
+    """
+    if mode not in ROUTER_INITS:
+        raise LTEError(f"unknown router_init '{mode}'; choose one of {list(ROUTER_INITS)}")
+    if mode in ("none", "auto", "fit", "fit-global"):
+        return
+    layers = lmodel.lte_layers()
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [layer.input.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0].detach()))
+             for i, layer in enumerate(layers)]
+    _calibration_forward(lmodel, batch, "soft", hooks)
+    mask = batch.get("attention_mask")
+    for i, layer in enumerate(layers):
+        x = captured[i].reshape(-1, captured[i].shape[-1]).float()  # [T, D] FFN inputs
+        if mask is not None and mask.numel() == x.shape[0]:
+            x = x[mask.reshape(-1).to(x.device).bool()]
+        w = layer.router.weight  # [E, D]
+        noise = w.float()
+        spread = (x @ noise.T).std().clamp_min(1e-12)  # std of the current logits
+        new = noise * (logit_std / spread)
+        if mode == "open":
+            mu = x.mean(0)
+            new = new + open_logit * mu / mu.dot(mu).clamp_min(1e-12)
+        w.copy_(new.to(w.dtype))
+    logger.info("router init '%s' on %d layers (open logit %.1f, logit std %.2f)", mode, len(layers), open_logit,
+                logit_std)

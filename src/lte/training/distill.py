@@ -1,0 +1,80 @@
+"""Knowledge distillation from the dense model (ours: a step past the paper).
+
+A sparse model recovers best when it learns to match the dense model it came from, token by
+token, rather than only the task labels: the teacher's full output distribution carries far more
+signal per example than one label, and it keeps a small fine-tuning set from being over-fitted.
+
+    loss = (1 - alpha) * task + alpha * distill (+ the LTE terms in stage 1)
+
+`distillation_loss` is T^2 * KL(teacher || student) at temperature T, averaged over real
+positions, for any logits whose last dimension is a distribution (V vocabulary entries, or C
+classes); one output (a regression head, e.g. STS-B) uses the squared error instead. The KL is
+computed in chunks of positions and its gradient recomputed chunk by chunk, so a large
+vocabulary never materialises fp32 copies of the whole [N, V] logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["distillation_loss"]
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Mean over rows of T^2 KL(softmax(t/T) || softmax(s/T)), rows [N, V], memory O(chunk * V)."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+        n = student.shape[0]
+        dtype = torch.promote_types(student.dtype, torch.float32)  # bf16/fp16 logits are summed in fp32
+        total = torch.zeros((), dtype=dtype, device=student.device)
+        for i in range(0, n, chunk):
+            log_s = F.log_softmax(student[i:i + chunk].to(dtype) / temperature, dim=-1)  # [c, V]
+            log_t = F.log_softmax(teacher[i:i + chunk].to(dtype) / temperature, dim=-1)
+            total = total + (log_t.exp() * (log_t - log_s)).sum()
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return total * (temperature ** 2) / max(n, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        student, teacher = ctx.saved_tensors
+        t, chunk, n = ctx.temperature, ctx.chunk, student.shape[0]
+        grad = torch.empty_like(student)
+        scale = grad_out * t / max(n, 1)  # d/ds of T^2 KL / n = T (p_s - p_t) / n
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        for i in range(0, n, chunk):
+            p_s = F.softmax(student[i:i + chunk].to(dtype) / t, dim=-1)
+            p_t = F.softmax(teacher[i:i + chunk].to(dtype) / t, dim=-1)
+            grad[i:i + chunk] = ((p_s - p_t) * scale).to(grad.dtype)
+        return grad, None, None, None
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      token_mask: torch.Tensor | None = None, temperature: float = 1.0,
+                      chunk_rows: int = 1024) -> torch.Tensor:
+    """Distillation loss of `student_logits` against `teacher_logits` (same shape).
+
+    Shapes: [B, C] (sequence classification), [B, 1] (regression: squared error), or [B, L, V]
+    (language models: every position, masked by `token_mask` [B, L], e.g. the attention mask).
+    The teacher gets no gradient.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ: the teacher must be the same model family "
+                         "with the same head (the dense model the LTE model was converted from)")
+    if temperature <= 0:
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+    teacher_logits = teacher_logits.detach()
+    if student_logits.shape[-1] == 1:  # a regression head: match the teacher's output
+        return F.mse_loss(student_logits.float(), teacher_logits.float())
+    v = student_logits.shape[-1]
+    student = student_logits.reshape(-1, v)  # [N, V]
+    teacher = teacher_logits.reshape(-1, v)
+    if token_mask is not None and token_mask.numel() == student.shape[0]:
+        keep = token_mask.reshape(-1).to(student.device).bool()
+        student, teacher = student[keep], teacher[keep]
+    if student.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    return _ChunkedKL.apply(student, teacher, float(temperature), int(chunk_rows))

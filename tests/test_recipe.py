@@ -1,0 +1,189 @@
+"""The training recipe's parts past the paper: straight-through stage 1, distillation from the
+dense model, the global-threshold router fit and the tau calibration that hits a target sparsity.
+
+Expected values are computed by hand (or by a plain autograd reference) on tiny inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lte
+from lte.routing.fit import _expert_log_mass, _weighted_quantile, calibrate_tau, fit_routers, hard_sparsity
+from lte.routing.layers import expert_gate
+from lte.training import train_stage
+from lte.training.distill import distillation_loss
+from tiny_models import batch as tiny_batch
+from tiny_models import build, save_tiny_llama, write_text
+
+FAST = dict(block_size=24, batch_size=4, logging_steps=1, save_steps=1000, report_to="none", progress=False,
+            lr=1e-3, seed=0)
+
+
+# ---------------------------------------------------------------------- straight-through routing
+def test_ste_gate_is_hard_forward_and_identity_backward():
+    scores = torch.tensor([[0.2, 0.7, 0.5, 0.9]], requires_grad=True)
+    gate = expert_gate(scores, "ste", 0.5, None)
+    assert gate.tolist() == [[0.0, 1.0, 0.0, 1.0]]  # exactly the hard mask (0.5 is not > 0.5)
+    (gate * torch.tensor([[1.0, 2.0, 3.0, 4.0]])).sum().backward()
+    assert scores.grad.tolist() == [[1.0, 2.0, 3.0, 4.0]]  # d gate / d score = 1 (straight through)
+
+
+def test_ste_model_computes_hard_function_and_trains_routers():
+    model = lte.get_lte_model(build("llama"), lte.LTEConfig(tau=0.5))
+    inputs = tiny_batch(seed=3)
+    model.set_routing("hard")
+    with torch.no_grad():
+        hard = model(**inputs).logits
+    model.set_routing("ste").train()
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert torch.equal(out.logits.detach(), hard)  # the model trains on the served function
+    assert model.last_lte_losses["eff"] > 0  # LTE terms are added as in soft routing
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.router_parameters())
+    model.zero_grad()
+    model.set_routing("hard")
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.router_parameters())
+
+
+# ---------------------------------------------------------------------- distillation
+def test_distillation_kl_by_hand():
+    s = torch.tensor([[0.0, 0.0]])  # student: (1/2, 1/2)
+    t = torch.log(torch.tensor([[0.25, 0.75]]))  # teacher: (1/4, 3/4)
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert distillation_loss(s, t).item() == pytest.approx(expected, rel=1e-6)
+    assert distillation_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    # regression heads (one output) are matched by squared error
+    assert distillation_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [1.0]])).item() == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_matches_plain_autograd_and_ignores_padding(temperature):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)  # [B, L, V]
+    t = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    loss = distillation_loss(s, t, mask, temperature, chunk_rows=3)  # chunks that straddle rows of the batch
+    keep = mask.reshape(-1).bool()
+    log_s = F.log_softmax(s.reshape(-1, 7)[keep] / temperature, -1)
+    log_t = F.log_softmax(t.reshape(-1, 7)[keep] / temperature, -1)
+    ref = temperature ** 2 * (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    (grad,) = torch.autograd.grad(loss, s)
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    assert torch.allclose(grad, ref_grad, atol=1e-12)
+    assert grad[0, 3:].abs().sum() == 0  # padded positions get no gradient
+
+
+def test_distillation_rejects_mismatched_teacher():
+    with pytest.raises(ValueError, match="teacher"):
+        distillation_loss(torch.zeros(2, 5), torch.zeros(2, 6))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    return {"model": save_tiny_llama(root / "llama"), "text": write_text(root / "text.txt"), "root": root}
+
+
+def test_distilled_stages_mix_losses_and_find_their_teacher(tiny):
+    s1 = tiny["root"] / "s1"
+    r1 = train_stage("1", tiny["model"], "causal-lm", tiny["text"], s1, max_steps=2, distill=0.5,
+                     stage1_routing="ste", lam=0.0, target_sparsity=0.5, **FAST)
+    assert r1["teacher"] == str(tiny["model"])  # stage 1's teacher is the dense model it converts
+    rec = [json.loads(x) for x in (s1 / "train_log.jsonl").read_text().splitlines() if '"loss"' in x][0]
+    # loss = (1 - 0.5) * task + 0.5 * KD + eta * L_eff (+ lam * L_sep = 0)
+    expected = 0.5 * rec["task_loss"] + 0.5 * rec["distill_loss"] + rec["eta"] * rec["lte_eff"]
+    assert rec["loss"] == pytest.approx(expected, rel=0.02)
+    r2 = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2", max_steps=2, distill=1.0, **FAST)
+    assert r2["teacher"] == str(tiny["model"])  # found through stage 1's record
+    with pytest.raises(lte.LTEError, match="stages 1 and 2"):
+        train_stage("dense", tiny["model"], "causal-lm", tiny["text"], tiny["root"] / "d", max_steps=1,
+                    distill=0.5, **FAST)
+
+
+def test_stage2_distill_without_a_findable_teacher_says_what_to_pass(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = lte.get_lte_model(AutoModelForCausalLM.from_pretrained(tiny["model"]), lte.LTEConfig())
+    model.stage = "stage1"
+    model.save_pretrained(tmp_path / "s1")  # no lte_stage.json: the teacher is unknown
+    AutoTokenizer.from_pretrained(tiny["model"]).save_pretrained(tmp_path / "s1")
+    with pytest.raises(lte.LTEError, match="--teacher"):
+        train_stage("2", tmp_path / "s1", "causal-lm", tiny["text"], tmp_path / "s2", max_steps=1, distill=0.5,
+                    **FAST)
+
+
+# ---------------------------------------------------------------------- router fit and tau calibration
+def test_weighted_quantile_and_log_shares_by_hand():
+    values = torch.tensor([3.0, 1.0, 2.0])
+    assert _weighted_quantile(values, torch.tensor([1.0, 1.0, 1.0]), 0.5) == 2.0
+    assert _weighted_quantile(values, torch.tensor([1.0, 10.0, 1.0]), 0.5) == 1.0  # weight 10 on the value 1
+    h = torch.tensor([[1.0, 1.0, 2.0]])  # one token, experts {0, 1} and {2}
+    sizes = torch.tensor([2, 1])
+    energy = torch.tensor([1.0, 3.0, 1.0])  # |W_j|^2: expert 0 has 1*1 + 1*3 = 4, expert 1 has 4*1 = 4
+    shares = _expert_log_mass(h, sizes, energy).exp()
+    assert shares[0].tolist() == pytest.approx([0.5, 0.5], rel=1e-6)
+    rms2 = _expert_log_mass(h, sizes, None).exp()  # mean squares: (1 + 1) / 2 and 4 / 1
+    assert rms2[0].tolist() == pytest.approx([1.0, 4.0], rel=1e-6)
+
+
+def _calibration_batches(seed: int, n: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, 101, (4, 24), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def _wide_llama():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=320, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return lte.get_lte_model(tf.LlamaForCausalLM(cfg).eval(), lte.LTEConfig(expert_size=32))  # E = 10 per layer
+
+
+def test_global_fit_keeps_overall_target_and_lets_layers_differ():
+    batches = _calibration_batches(0, 1)
+    model = _wide_llama()
+    with torch.no_grad():  # layer 0's output is carried by its first 2 experts: the other 8 barely count
+        model.lte_layers()[0].output.base_layer.weight[:, 64:] *= 0.02
+    per_layer = fit_routers(model, batches[0], sparsity=0.5, threshold="global")
+    assert sum(per_layer) / len(per_layer) == pytest.approx(0.5, abs=0.1)
+    assert per_layer[0] > 0.7 and max(per_layer[1:]) < 0.5  # the weak experts go first, wherever they are
+    token = fit_routers(model, batches[0], sparsity=0.5, threshold="token")
+    assert max(token) - min(token) < 0.15  # the per-token fit puts every layer near the target
+    with pytest.raises(lte.LTEError, match="threshold"):
+        fit_routers(model, batches[0], sparsity=0.5, threshold="layer")
+
+
+@pytest.mark.parametrize("target", [0.3, 0.7])
+def test_calibrate_tau_hits_the_target_on_its_batches(target):
+    model = _wide_llama()
+    batches = _calibration_batches(1)
+    fit_routers(model, batches[0], sparsity=0.5)
+    result = calibrate_tau(model, batches, target, tol=0.01)
+    measured = hard_sparsity(model, batches)
+    assert sum(measured) / len(measured) == pytest.approx(target, abs=0.01)
+    assert result["tau"] == model.lte_config.tau == model.lte_layers()[0].input.tau
+    assert (result["tau"] > 0.5) == (target > 0.5)  # the fit put the model at 0.5: more sparsity, higher tau
+
+
+def test_stage1_calibrates_tau_on_held_out_examples(tiny):
+    out = tiny["root"] / "s1cal"
+    r = train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=2, target_sparsity=0.4,
+                    calibrate_tau=True, calibration_holdout=4, stage1_routing="ste", lam=0.0, **FAST)
+    cal = r["tau_calibration"]
+    assert cal["examples"] == 4 and cal["tau"] == pytest.approx(r["tau"])
+    assert lte.LTEModel.from_pretrained(out).lte_config.tau == pytest.approx(cal["tau"])  # saved with the model
+    with pytest.raises(lte.LTEError, match="target_sparsity"):
+        train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=1, calibrate_tau=True, **FAST)
