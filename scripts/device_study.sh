@@ -3,6 +3,7 @@
 # the results (CSV/JSON/PNG and logs, no weights) into $OUT/study_results.tar.gz.
 #
 #   bash scripts/device_study.sh --jobs 14 --time-limit 420 configs/study/sst2-minilm.yaml ... [lte study options]
+#   RESUME_FROM=benchmarks/results/recipe bash scripts/device_study.sh ...   # continue a committed study
 #
 # Studies live in $STUDY_ROOT (default: $LTE_DEVICE_DIR/study, outside the repo), so a later call
 # on the same warm machine resumes them: finished points are reused, only missing ones run.
@@ -11,10 +12,11 @@ cd "$(dirname "$0")/.."
 source scripts/device_env.sh
 ROOT=${STUDY_ROOT:-$LTE_DEVICE_DIR/study}
 mkdir -p "$ROOT"
-# Results of earlier sessions (carry/results/*.tar.gz, made by this script): finished points are reused.
-for old in carry/results/*.tar.gz; do
-    [ -f "$old" ] && [ ! -f "$ROOT/.unpacked-$(basename "$old")" ] && tar -C "$ROOT" -xzf "$old" \
-        && touch "$ROOT/.unpacked-$(basename "$old")"
+# Results of earlier sessions: RESUME_FROM names folders of committed study results (e.g.
+# benchmarks/results/recipe, holding <study>/seed<N>/<method>/t<target>/point.json); they are copied
+# into $ROOT without overwriting, so their finished points are reused and only missing ones run.
+for old in ${RESUME_FROM:-}; do
+    [ -d "$old" ] && cp -rn "$old"/. "$ROOT"/
 done
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 PY=${PYTHON:-python3}

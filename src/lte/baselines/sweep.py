@@ -123,6 +123,10 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def _load_tokenizer(model: Any):
     from ..training.stages import _load_tokenizer, _model_source
 
@@ -347,7 +351,7 @@ def _point(setup: TaskSetup, method: str, knob: str, target: float, result: dict
         "gflops_per_token": float(result.get("gflops_per_token", float("nan"))),
         "dense_gflops_per_token": float(result.get("dense_gflops_per_token", float("nan"))),
         "per_layer": list(result.get("per_layer_sparsity") or []),
-        "union_sparsity_16": None, "seed": setup.settings["seed"], **timings,
+        "union_sparsity_16": None, "seed": setup.settings["seed"], "device": _device_name(), **timings,
         "eval": {k: v for k, v in result.items() if k not in ("per_layer_sparsity", "samples")},
     }
     return point
@@ -867,8 +871,7 @@ def _summarise_points(cfg: dict[str, Any], out: Path, points: list[dict[str, Any
     dense = next(p for p in points if p["method"] == "dense")
     summary = summarise(points, dense["metric"], bool(dense["higher_is_better"]))
     summary.update(name=cfg.get("name"), config=cfg, failures=failures, missing=missing, seeds=cfg.get("seeds"),
-                   seconds=seconds, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                   torch=torch.__version__)
+                   seconds=seconds, device=dense.get("device") or _device_name(), torch=torch.__version__)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     (out / "report.md").write_text(study_markdown(points, summary))
     profile = merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS})["profile_target"]
