@@ -50,6 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two torchrun processes (~17 s); CI runs it (.ci/run)
 def test_stage1_two_processes_agree(tmp_path):
     save_tiny_llama(tmp_path / "llama")
     write_text(tmp_path / "text.txt")

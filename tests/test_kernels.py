@@ -167,6 +167,7 @@ def test_import_does_not_import_triton():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow  # ~25-45 s in the Triton interpreter; CI runs it (.ci/run)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_in_interpreter():
     """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,3,8,16}, 0/middle/100% off."""
@@ -249,6 +250,7 @@ print("routed ok")
 """
 
 
+@pytest.mark.slow  # ~25-45 s in the Triton interpreter; CI runs it (.ci/run)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_routed_kernels_in_interpreter():
     """Router-fused kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,3,16}, 0/mid/100% on."""

@@ -9,7 +9,7 @@ import torch
 
 import lte
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real]
 
 
 def _load(name, task):

