@@ -197,6 +197,21 @@ def test_nan_weights_are_refused():
         convert(model)
 
 
+def test_replaced_projection_is_refused():
+    class Quantised(torch.nn.Module):  # stands in for a quantised linear layer: no plain weight to permute
+        def forward(self, x):
+            return x
+
+    model = build("llama")
+    model.model.layers[0].mlp.up_proj = Quantised()
+    with pytest.raises(lte.LTEError, match="nn.Linear and Conv1D"):
+        convert(model)
+    from lte.baselines import apply_baseline
+
+    with pytest.raises(lte.LTEError, match="nn.Linear and Conv1D"):
+        apply_baseline(model, "moefication-oracle", 0.5)
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(lte.LTEError, match="not a directory"):
         lte.LTEModel.from_pretrained(tmp_path / "nope")

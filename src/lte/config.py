@@ -14,7 +14,6 @@ from .errors import LTEError
 CONFIG_FORMAT_VERSION = 1
 
 GROUPINGS = ("kmeans", "random", "contiguous")
-ROUTING_MODES = ("dense", "soft", "hard", "topk")
 
 
 @dataclass

@@ -24,9 +24,8 @@ from .config import CONFIG_FORMAT_VERSION, LTEConfig
 from .conversion.architectures import FFNSpec, spec_for
 from .conversion.grouping import expert_sizes as make_expert_sizes
 from .conversion.grouping import group_neurons
-from .conversion.locate import find_ffns
+from .conversion.locate import FFNHandle, find_ffns
 from .conversion.permute import (
-    check_finite,
     ffn_width,
     in_rows,
     out_cols,
@@ -146,12 +145,20 @@ def _grouping_features(spec: FFNSpec, first: nn.Module, width: int) -> torch.Ten
     return rows[:width] if spec.gate_up else rows
 
 
+def _checked_ffns(model: nn.Module, spec: FFNSpec) -> list[FFNHandle]:
+    """Every FFN of `model`, each checked convertible (plain projections, finite weights)."""
+    ffns = find_ffns(model, spec)
+    for ffn in ffns:
+        ffn.check()
+    return ffns
+
+
 def _wrap(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Tensor] | None,
-          apply_perms: bool, progress: bool = True) -> list[LTELayer]:
-    """Group (if perms is None), permute and wrap every FFN of `model`, in place."""
+          apply_perms: bool, progress: bool = True, ffns: list[FFNHandle] | None = None) -> list[LTELayer]:
+    """Group (if perms is None), permute and wrap every FFN of `model` (`ffns`: already checked), in place."""
     if any(isinstance(m, (LTEInput, LTEOutput)) for m in model.modules()):
         raise LTEError("this model is already converted by lte; convert the original model instead")
-    ffns = find_ffns(model, spec)
+    ffns = ffns if ffns is not None else _checked_ffns(model, spec)
     if perms is not None and len(perms) != len(ffns):
         raise LTEError(f"the LTE files hold {len(perms)} FFN permutations but the model has {len(ffns)} FFNs")
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -165,8 +172,6 @@ def _wrap(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Ten
         name, container = ffn.name, ffn.container
         first, down = ffn.input, ffn.down
         others = [ffn.up] if ffn.up is not None else []
-        for rel, mod in [(spec.input_name, first), (spec.down, down)] + [(spec.up, m) for m in others]:
-            check_finite(mod, f"{name}.{rel}")
         width = ffn_width(down)
         sizes = make_expert_sizes(width, cfg.expert_size)
         if perms is None:
@@ -206,9 +211,9 @@ def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: b
     if any(isinstance(m, (LTEInput, LTEOutput)) for m in model.modules()):
         raise LTEError("this model is already converted by lte; convert the original model instead")
     spec = spec_for(model_type, config.ffn_spec)
-    widths = [ffn.width for ffn in find_ffns(model, spec)]
-    fingerprint = _base_fingerprint(model, widths)
-    layers = _wrap(model, config, spec, perms=None, apply_perms=True, progress=progress)
+    ffns = _checked_ffns(model, spec)
+    fingerprint = _base_fingerprint(model, [ffn.width for ffn in ffns])
+    layers = _wrap(model, config, spec, perms=None, apply_perms=True, progress=progress, ffns=ffns)
     return LTEModel(model, config, layers, fingerprint)
 
 
@@ -496,14 +501,14 @@ class LTEModel(DelegatingModule):
                 check_weights: bool) -> LTEModel:
         cfg = LTEConfig.from_dict(meta["lte"])
         spec = FFNSpec.from_dict(meta["spec"])
-        widths = [ffn.width for ffn in find_ffns(base, spec)]
-        _check_fingerprint(meta["base"], _base_fingerprint(base, widths), where, check_weights)
+        ffns = _checked_ffns(base, spec)
+        _check_fingerprint(meta["base"], _base_fingerprint(base, [ffn.width for ffn in ffns]), where, check_weights)
         n = len(meta["layers"])
         try:
             perms = [state[f"layers.{i}.perm"] for i in range(n)]
         except KeyError as err:
             raise LTEError(f"{where}/{ADAPTER_NAME} lacks {err}; the file is damaged, re-save the model") from err
-        layers = _wrap(base, cfg, spec, perms, apply_perms=not meta["weights_permuted"])
+        layers = _wrap(base, cfg, spec, perms, apply_perms=not meta["weights_permuted"], ffns=ffns)
         for i, layer in enumerate(layers):
             w = state[f"layers.{i}.router.weight"]
             if w.shape != layer.router.weight.shape:

@@ -187,32 +187,6 @@ def _answer_perplexity(model, tokenizer, data, max_length, max_examples, batch_s
             "metric": "answer_perplexity", "score": math.exp(total / count), **finish_stats(model)}
 
 
-def plot_layer_sparsity(per_layer: dict[str, list[float]], path: str | Path, title: str) -> None:
-    """Per-layer FFN sparsity plot (uses `lte.evaluation.plot_layer_sparsity` when available)."""
-    from lte import evaluation
-
-    plot = getattr(evaluation, "plot_layer_sparsity", None)
-    if plot is not None:
-        plot(per_layer, str(path), title)
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for label, values in per_layer.items():
-        ax.plot(range(len(values)), values, marker="o", label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("FFN sparsity")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------- the pipeline
 def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole pipeline described by `cfg`; return the report dict."""
@@ -263,9 +237,10 @@ def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool =
         evals[label] = result
     report = _report(cfg, evals, dirs, timings)
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    from lte.evaluation import plot_layer_sparsity
+
     plot_layer_sparsity({"LTE (stage 2, hard routing)": evals["lte"].get("per_layer_sparsity", [])},
-                        out / "sparsity_per_layer.png",
-                        f"{cfg.get('name', 'run')}: FFN sparsity per layer")
+                        out / "sparsity_per_layer.png", f"{cfg.get('name', 'run')}: FFN sparsity per layer")
     report["plot"] = str(out / "sparsity_per_layer.png")
     return report
 

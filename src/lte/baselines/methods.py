@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -405,16 +404,11 @@ def set_sparsity(model: Any, target: float, calib_data: Any = None) -> None:
     raise LTEError(f"cannot change the sparsity of a {type(model).__name__}")
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy (to build several baselines from one dense model)."""
-    return copy.deepcopy(model)
-
-
 def expected_topk_sparsity(target: float, units: int) -> float:
     """The unit sparsity top-k reaches for a target: 1 - round((1-t) * units) / units."""
     return 1.0 - int(round((1.0 - target) * units)) / units
 
 
-__all__ = ["METHODS", "apply_baseline", "as_batches", "calibrate_thresholds", "canonical_method", "copy_model",
+__all__ = ["METHODS", "apply_baseline", "as_batches", "calibrate_thresholds", "canonical_method",
            "expected_topk_sparsity", "finetune", "record_activations", "set_sparsity", "topk_labels",
            "train_predictor"]

@@ -50,6 +50,7 @@ def group_ffn(ffn: FFNHandle, expert_size: int, grouping: str, seed: int, n_iter
 
     Features are the gate rows (gated) or W1 rows (plain); returns the expert sizes.
     """
+    ffn.check()
     spec = ffn.spec
     width = ffn.width
     rows = in_rows(ffn.input)  # [F or 2F, D]
@@ -77,6 +78,7 @@ def wrap_ffns(model: nn.Module, rule: str, spec: FFNSpec | None = None,
     context = Context()
     layers = []
     for i, ffn in enumerate(ffns):
+        ffn.check()
         first, down, up = ffn.input, ffn.down, ffn.up
         width = ffn_width(down)
         hidden = in_rows(first).shape[1]

@@ -22,8 +22,8 @@ sum(share * fraction of the part's N columns not kept). See docs/study.md for th
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,19 +35,15 @@ from ..routing.layers import WrappedLayer
 RULES = ("input-threshold", "gate-threshold", "predictor-topk", "oracle-topk")
 STATES = ("off", "on", "collect", "record")
 
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-}
-
 
 def activation_fn(name: str):
-    """The FFN activation by its normalised name (see `lte.conversion.architectures`)."""
-    if name not in _ACTIVATIONS:
-        raise LTEError(f"activation {name!r} is not one of {sorted(_ACTIVATIONS)}; the CATS rule needs a known one")
-    return _ACTIVATIONS[name]
+    """The FFN activation by its normalised name (`lte.conversion.architectures` maps HF names to
+    these; the functions are the kernels' own, `lte.kernels.reference.apply_activation`)."""
+    from ..kernels.reference import ACTIVATIONS, apply_activation
+
+    if name not in ACTIVATIONS:
+        raise LTEError(f"activation {name!r} is not one of {sorted(ACTIVATIONS)}; the CATS rule needs a known one")
+    return functools.partial(apply_activation, activation=name)
 
 
 class Context:
@@ -313,6 +309,3 @@ def quantile(samples: list[torch.Tensor], q: float) -> float:
     k = max(1, min(values.numel(), math.ceil(q * values.numel())))
     return float(values.kthvalue(k).values)
 
-
-def describe(s: Sparsifier) -> dict[str, Any]:
-    return {"rule": s.rule, "k": s.k, "x_threshold": float(s.x_threshold), "h_threshold": float(s.h_threshold)}

@@ -185,7 +185,8 @@ def _add_eval(sub) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from lte.pipeline import evaluate_model, plot_layer_sparsity
+    from lte.evaluation import plot_layer_sparsity
+    from lte.pipeline import evaluate_model
 
     values = _merged(args)
     _require(values, ("model", "task", "data"), "eval")

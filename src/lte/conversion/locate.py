@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import LTEError
 from .architectures import FFNSpec, activation_name, spec_for
-from .permute import ffn_width
+from .permute import check_finite, check_projection, ffn_width
 
 
 @dataclass
@@ -44,6 +44,17 @@ class FFNHandle:
     @property
     def width(self) -> int:
         return ffn_width(self.down)
+
+    def projections(self) -> list[tuple[str, nn.Module]]:
+        """(name relative to the container, module) of every projection: input, down, separate up."""
+        found = [(self.spec.input_name, self.input), (self.spec.down, self.down)]
+        return found + ([(self.spec.up, self.up)] if self.up is not None else [])
+
+    def check(self) -> None:
+        """Refuse an FFN lte cannot convert: a projection that is not nn.Linear / Conv1D, or NaN weights."""
+        for rel, module in self.projections():
+            check_projection(module, f"{self.name}.{rel}")
+            check_finite(module, f"{self.name}.{rel}")
 
 
 def get_submodule(container: nn.Module, rel: str, where: str = "the FFN") -> nn.Module:

@@ -18,7 +18,8 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _check_module(module: nn.Module, name: str) -> None:
+def check_projection(module: nn.Module, name: str) -> None:
+    """Refuse an FFN projection lte cannot read or permute (a quantised or otherwise replaced layer)."""
     if not (isinstance(module, nn.Linear) or is_conv1d(module)):
         raise LTEError(
             f"FFN projection {name!r} is a {type(module).__name__}; lte handles nn.Linear and Conv1D. "
@@ -68,6 +69,7 @@ def permute_output_projection(module: nn.Module, perm: torch.Tensor) -> None:
 
 
 def check_finite(module: nn.Module, name: str) -> None:
+    """Refuse a projection whose weights hold NaN or inf."""
     for pname, p in module.named_parameters(recurse=False):
         if not torch.isfinite(p).all():
             raise LTEError(
