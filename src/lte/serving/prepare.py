@@ -55,9 +55,10 @@ class SparseMLP(nn.Module):
     """A gated LTE FFN for inference: hard router + sparse-expert FFN.
 
     forward(x [..., D]) with T = x.numel() / D tokens:
-      - T <= `decode_max_tokens` (decode): `lte.kernels.routed_sparse_ffn` (on CUDA the router runs
-        inside the first Triton FFN kernel; the PyTorch reference elsewhere); the mask stays on the
-        GPU. `fuse_router = False` launches `router_mask` and `sparse_ffn` separately instead.
+      - T <= `decode_max_tokens` (decode): `lte.kernels.routed_sparse_ffn`, router and FFN as one op
+        (on CUDA the router's own Triton launch, then the FFN kernels; the PyTorch reference
+        elsewhere); the mask stays on the GPU. `fuse_router = False` calls the `router_mask` and
+        `sparse_ffn` ops separately instead.
       - more tokens (prefill): the masked dense path, the same arithmetic as the LTEModel in hard
         routing: y = (act(x Wg^T) * (x Wu^T) * m) Wd_t.
     Both paths compute the same function (tests check it).
