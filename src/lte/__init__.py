@@ -3,15 +3,16 @@
     import lte
     lmodel = lte.get_lte_model(hf_model, lte.LTEConfig(eta=0.5))
     lmodel.set_routing("soft")  # stage 1; "hard" for stage 2 and inference
+    lmodel.save_pretrained("out"); lte.load_model("out")  # any model lte saved, or a plain HF one
 """
 
-__version__ = "0.1.0"
-
-from .config import LTEConfig  # noqa: E402
-from .conversion import architectures  # noqa: E402
-from .conversion.architectures import FFNSpec, register_architecture  # noqa: E402
-from .errors import LTEError  # noqa: E402
-from .model import LTEModel, get_lte_model  # noqa: E402
+from .config import LTEConfig
+from .conversion import architectures
+from .conversion.architectures import FFNSpec, register_architecture
+from .errors import LTEError
+from .loading import load_model
+from .model import LTEModel, get_lte_model
+from .version import __version__
 
 __all__ = [
     "FFNSpec",
@@ -20,6 +21,7 @@ __all__ = [
     "LTEModel",
     "architectures",
     "get_lte_model",
+    "load_model",
     "register_architecture",
     "__version__",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,27 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .config import CONFIG_FORMAT_VERSION, LTEConfig
 from .conversion.architectures import FFNSpec, spec_for
 from .conversion.grouping import expert_sizes as make_expert_sizes
-from .conversion.grouping import group_neurons
 from .conversion.locate import FFNHandle, find_ffns
-from .conversion.permute import (
-    ffn_width,
-    in_rows,
-    out_cols,
-    permute_input_projection,
-    permute_output_projection,
-)
+from .conversion.permute import in_rows, out_cols
 from .errors import LTEError
 from .losses import lte_losses
 from .routing.layers import MODES, TRAINING_MODES, LTEInput, LTEOutput
-from .stats import linear_flops_per_token, union_sparsity
+from .sparse_model import SparseFFNModel
+from .stats import active_neurons, linear_flops_per_token, union_sparsity
+from .version import __version__
 
 CONFIG_NAME = "lte_config.json"
 ADAPTER_NAME = "lte_adapter.safetensors"
-UNION_SIZES = (1, 2, 4, 8, 16)
 
 
 @dataclass
@@ -140,11 +132,6 @@ def _check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], where: 
 
 
 # --------------------------------------------------------------------------- conversion
-def _grouping_features(spec: FFNSpec, first: nn.Module, width: int) -> torch.Tensor:
-    rows = in_rows(first)  # [F or 2F, D]
-    return rows[:width] if spec.gate_up else rows
-
-
 def _checked_ffns(model: nn.Module, spec: FFNSpec) -> list[FFNHandle]:
     """Every FFN of `model`, each checked convertible (plain projections, finite weights)."""
     ffns = find_ffns(model, spec)
@@ -171,22 +158,16 @@ def _wrap(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Ten
     for i, ffn in iterator:
         name, container = ffn.name, ffn.container
         first, down = ffn.input, ffn.down
-        others = [ffn.up] if ffn.up is not None else []
-        width = ffn_width(down)
+        width = ffn.width
         sizes = make_expert_sizes(width, cfg.expert_size)
         if perms is None:
-            feats = _grouping_features(spec, first, width).detach()
-            perm = group_neurons(feats, cfg.expert_size, method=cfg.grouping, seed=cfg.seed + i,
-                                 n_iter=cfg.grouping_iters).cpu()
+            perm = ffn.group(cfg.expert_size, cfg.grouping, seed=cfg.seed + i, n_iter=cfg.grouping_iters)
         else:
             perm = perms[i].cpu()
             if perm.numel() != width:
                 raise LTEError(f"{name}: saved permutation has {perm.numel()} neurons but the FFN has {width}")
         if apply_perms:
-            permute_input_projection(first, perm, halves=2 if spec.gate_up else 1)
-            for mod in others:
-                permute_input_projection(mod, perm)
-            permute_output_projection(down, perm)
+            ffn.permute(perm)
         hidden = in_rows(first).shape[1]
         lin = LTEInput(first, len(sizes), hidden, sizes, cfg.router_init_std, generator)
         lin.perm.copy_(perm.to(lin.perm.device))
@@ -218,25 +199,14 @@ def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: b
 
 
 # --------------------------------------------------------------------------- the model
-class DelegatingModule(nn.Module):
-    """Attribute access falls through to `self.base_model` (the HF model), as in PEFT."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-
-class LTEModel(DelegatingModule):
+class LTEModel(SparseFFNModel):
     """A converted HF model: routing modes, LTE losses, statistics and save/load.
 
-    Attribute access falls through to the HF model (`config`, `generate`, ...).
+    Attribute access falls through to the HF model (`config`, `generate`, ...); statistics and
+    the atomic save come from `lte.sparse_model.SparseFFNModel`.
     """
 
-    accepts_loss_kwargs = False  # the HF Trainer must not pass num_items_in_batch through us
+    config_name = CONFIG_NAME
 
     def __init__(self, base_model: nn.Module, config: LTEConfig, layers: list[LTELayer],
                  fingerprint: dict[str, Any], stage: str = "converted") -> None:
@@ -345,22 +315,38 @@ class LTEModel(DelegatingModule):
         self._last_masks, self._last_token_mask = masks, token_mask
         w = None if token_mask is None else token_mask.to(torch.float32)
         for i, (layer, m) in enumerate(zip(self._layers, masks)):
-            active = m.to(torch.float32) @ layer.input.expert_sizes.to(m.device, torch.float32)  # [T]
+            active = active_neurons(m, layer.input.expert_sizes)  # [T]
             total = active.sum() if w is None else (active * w).sum()
             self._acc_active[i] = self._acc_active[i].to(total.device) + total.double()
         n_tok = masks[0].shape[0] if w is None else w.sum()
         self._acc_tokens = self._acc_tokens.to(masks[0].device) + torch.as_tensor(n_tok, dtype=torch.float64,
                                                                                   device=masks[0].device)
 
-    def _gflops(self, per_layer_sparsity: list[float]) -> float:
-        flops = float(self._dense_flops)
-        if self.routing != "dense":
-            for layer, sp in zip(self._layers, per_layer_sparsity):
-                d = layer.router.in_features
-                f = layer.input.ffn_width
-                ffn = 2 * d * f * (3 if layer.spec.gated else 2)
-                flops += -ffn * sp + 2 * d * layer.input.num_experts
-        return flops / 1e9
+    def _num_layers(self) -> int:
+        return len(self._layers)
+
+    def _accumulated_per_layer(self) -> list[float]:
+        tokens = float(self._acc_tokens)
+        if tokens == 0:
+            raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
+        return [1.0 - float(a) / (tokens * layer.input.ffn_width) for a, layer in zip(self._acc_active, self._layers)]
+
+    def _last_per_layer(self) -> list[float]:
+        if not self._last_masks:
+            raise LTEError("no statistics yet: run a forward in soft, hard or topk routing first")
+        return self._last_union(1)
+
+    def _last_union(self, batch_size: int) -> list[float]:
+        return [union_sparsity(m, layer.input.expert_sizes, batch_size, self._last_token_mask)
+                for layer, m in zip(self._layers, self._last_masks)]
+
+    def _ffn_flops(self, layer: int) -> int:
+        lay = self._layers[layer]
+        return 2 * lay.router.in_features * lay.input.ffn_width * (3 if lay.spec.gated else 2)
+
+    def _selector_flops(self, layer: int) -> int:
+        lay = self._layers[layer]
+        return 2 * lay.router.in_features * lay.input.num_experts
 
     def lte_stats(self, accumulated: bool = False) -> dict[str, Any]:
         """FFN sparsity (fraction of FFN neurons not computed) per layer and overall, GFLOPs/token.
@@ -369,35 +355,7 @@ class LTEModel(DelegatingModule):
         In soft routing the sparsity is what the hard cut at tau would skip; dense routing is 0.
         GFLOPs count every linear layer (routers included, attention-score products excluded).
         """
-        n = len(self._layers)
-        union: dict[int, float] = {}
-        if self.routing == "dense":
-            per_layer = [0.0] * n
-        elif accumulated:
-            tokens = float(self._acc_tokens)
-            if tokens == 0:
-                raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
-            per_layer = [1.0 - float(a) / (tokens * layer.input.ffn_width)
-                         for a, layer in zip(self._acc_active, self._layers)]
-        else:
-            if not self._last_masks:
-                raise LTEError("no statistics yet: run a forward in soft, hard or topk routing first")
-            per_layer = []
-            for layer, m in zip(self._layers, self._last_masks):
-                sizes = layer.input.expert_sizes
-                per_layer.append(union_sparsity(m, sizes, 1, self._last_token_mask))
-            for b in UNION_SIZES:
-                vals = [union_sparsity(m, layer.input.expert_sizes, b, self._last_token_mask)
-                        for layer, m in zip(self._layers, self._last_masks)]
-                union[b] = sum(vals) / n
-        return {
-            "mode": self.routing,
-            "ffn_sparsity": sum(per_layer) / n,
-            "per_layer": per_layer,
-            "union_sparsity": union,
-            "gflops_per_token": self._gflops(per_layer),
-            "dense_gflops_per_token": self._dense_flops / 1e9,
-        }
+        return super().lte_stats(accumulated)
 
     # ---------------------------------------------------------------- save / load
     def _meta(self, weights_permuted: bool) -> dict[str, Any]:
@@ -451,24 +409,16 @@ class LTEModel(DelegatingModule):
         """
         from safetensors.torch import save_file
 
-        target = Path(save_directory)
         if light:
             self._check_base_unchanged()
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        if not light:
-            self.base_model.save_pretrained(tmp, state_dict=self._plain_state_dict())
-        save_file(self._adapter_state(), str(tmp / ADAPTER_NAME))
-        (tmp / CONFIG_NAME).write_text(json.dumps(self._meta(weights_permuted=not light), indent=2))
-        # Move the finished files in; files of others in the directory (logs, checkpoints) stay.
-        target.mkdir(parents=True, exist_ok=True)
-        if (target / CONFIG_NAME).exists():  # an interrupted save must not look complete
-            (target / CONFIG_NAME).unlink()
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):  # config last: marks completion
-            os.replace(item, target / item.name)
-        tmp.rmdir()
+
+        def write(folder: Path) -> None:
+            if not light:
+                self.base_model.save_pretrained(folder, state_dict=self._plain_state_dict())
+            save_file(self._adapter_state(), str(folder / ADAPTER_NAME))
+            (folder / CONFIG_NAME).write_text(json.dumps(self._meta(weights_permuted=not light), indent=2))
+
+        self._save_atomically(save_directory, write)
 
     def _check_base_unchanged(self) -> None:
         if _weights_digest(self._layers) != self._digest:

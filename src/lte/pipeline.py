@@ -80,26 +80,16 @@ def _device() -> torch.device:
 
 
 def load_eval_model(model_dir: str | Path, task: str, num_labels: int = 2, routing: str | None = None):
-    """(model, tokenizer, is_lte) for evaluation; LTE models default to hard routing."""
-    from transformers import AutoTokenizer
+    """(model, tokenizer, is_lte) for evaluation (`lte.load_model`); LTE models default to hard routing."""
+    from lte.data.zoo import ensure_pad_token
+    from lte.loading import load_model, load_tokenizer, model_kind, model_source
 
-    from lte.data.zoo import ensure_pad_token, resolve_model
-    from lte.training.stages import _check_head, _model_source
-
-    source = _model_source(model_dir)
-    if isinstance(source, Path):
-        _check_head(source, task)
-    if isinstance(source, Path) and (source / "lte_config.json").is_file():
-        from lte import LTEModel
-
-        model = LTEModel.from_pretrained(source)
-        model.set_routing(routing or "hard")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        ensure_pad_token(model.base_model, tokenizer)
-        return model, tokenizer, True
-    head_task = "classification" if task == "classification" else "causal-lm"
-    model, tokenizer = resolve_model(source, task=head_task, num_labels=num_labels)
-    return model, tokenizer, False
+    source = model_source(model_dir)
+    is_lte = isinstance(source, Path) and model_kind(source) == "lte"
+    model = load_model(source, task=task, num_labels=num_labels, routing=(routing or "hard") if is_lte else None)
+    tokenizer = load_tokenizer(source)
+    ensure_pad_token(model, tokenizer)
+    return model, tokenizer, is_lte
 
 
 def evaluate_model(model_dir: str | Path, task: str, data: Any, glue_task: str | None = None,

@@ -1,15 +1,15 @@
 """`BaselineModel`: an HF model whose FFNs follow a baseline's sparsity rule, with LTE's statistics.
 
-It has the surface of `lte.LTEModel` where the study needs it: `forward`, `lte_stats()` /
-`lte_stats(accumulated=True)` / `reset_lte_stats()` (same keys), `save_pretrained` /
-`BaselineModel.from_pretrained`, and attribute fall-through to the HF model (`generate`, `config`).
+It shares `lte.LTEModel`'s base (`lte.sparse_model.SparseFFNModel`): attribute fall-through to the
+HF model (`generate`, `config`), `lte_stats()` / `lte_stats(accumulated=True)` / `reset_lte_stats()`
+with the same keys, and the atomic `save_pretrained`; `BaselineModel.from_pretrained` (or
+`lte.load_model`) loads it back. Neurons are grouped into experts by the same conversion code.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,20 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
 from ..conversion.architectures import FFNSpec, spec_for
 from ..conversion.grouping import expert_sizes as make_expert_sizes
-from ..conversion.grouping import group_neurons
 from ..conversion.locate import FFNHandle, find_ffns
-from ..conversion.permute import ffn_width, in_rows, permute_input_projection, permute_output_projection
+from ..conversion.permute import ffn_width, in_rows
 from ..errors import LTEError
-from ..model import DelegatingModule
+from ..sparse_model import SparseFFNModel
 from ..stats import linear_flops_per_token
+from ..version import __version__
 from .wrappers import Context, LowRankPredictor, MLPRouter, SparseInput, SparseOutput, SparseUp, Sparsifier
 
 CONFIG_NAME = "baseline_config.json"
 STATE_NAME = "baseline_state.safetensors"
-UNION_SIZES = (1, 2, 4, 8, 16)
 
 
 @dataclass
@@ -46,21 +44,11 @@ class BaselineLayer:
 
 # --------------------------------------------------------------------------- wrapping
 def group_ffn(ffn: FFNHandle, expert_size: int, grouping: str, seed: int, n_iter: int = 15) -> list[int]:
-    """Group one FFN's neurons into experts as `lte.get_lte_model` does, and permute its weights.
-
-    Features are the gate rows (gated) or W1 rows (plain); returns the expert sizes.
-    """
+    """Group one FFN's neurons into experts and permute its weights, exactly as `lte.get_lte_model`
+    does (`FFNHandle.group` / `FFNHandle.permute`); returns the expert sizes."""
     ffn.check()
-    spec = ffn.spec
-    width = ffn.width
-    rows = in_rows(ffn.input)  # [F or 2F, D]
-    feats = rows[:width] if spec.gate_up else rows
-    perm = group_neurons(feats.detach(), expert_size, method=grouping, seed=seed, n_iter=n_iter).cpu()
-    permute_input_projection(ffn.input, perm, halves=2 if spec.gate_up else 1)
-    if ffn.up is not None:
-        permute_input_projection(ffn.up, perm)
-    permute_output_projection(ffn.down, perm)
-    return make_expert_sizes(width, expert_size)
+    ffn.permute(ffn.group(expert_size, grouping, seed=seed, n_iter=n_iter))
+    return make_expert_sizes(ffn.width, expert_size)
 
 
 def wrap_ffns(model: nn.Module, rule: str, spec: FFNSpec | None = None,
@@ -106,7 +94,7 @@ def make_predictor(kind: str, hidden: int, width: int, units: int, size: int) ->
 
 
 # --------------------------------------------------------------------------- the model
-class BaselineModel(DelegatingModule):
+class BaselineModel(SparseFFNModel):
     """A plain HF model with a baseline's sparsity rule in its FFNs.
 
     Args:
@@ -116,7 +104,7 @@ class BaselineModel(DelegatingModule):
         options: the settings it was built with (saved with the model).
     """
 
-    accepts_loss_kwargs = False
+    config_name = CONFIG_NAME
 
     def __init__(self, base_model: nn.Module, layers: list[BaselineLayer], context: Context, method: str,
                  options: dict[str, Any]) -> None:
@@ -233,12 +221,44 @@ class BaselineModel(DelegatingModule):
             total += share * (1.0 - union.double().mean().item())
         return total
 
-    def _gflops(self, per_layer: list[float]) -> float:
-        flops = float(self._dense_flops)
-        for s, sp in zip(self.sparsifiers(), per_layer):
-            if self.routing != "dense":
-                flops += -s.ffn_flops() * sp + s.predictor_flops()
-        return flops / 1e9
+    def _num_layers(self) -> int:
+        return len(self._layers)
+
+    def _accumulated(self, sums: list[torch.Tensor]) -> list[float]:
+        tokens = float(self._acc_tokens)
+        if tokens == 0:
+            raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
+        return [float(a) / tokens for a in sums]
+
+    def _last_values(self, key: str) -> list[float]:
+        if not self._last:
+            raise LTEError("no statistics yet: run a forward with the baseline on first")
+        return [float(d[key].mean()) if d[key].numel() else float("nan") for d in self._last]
+
+    def _accumulated_per_layer(self) -> list[float]:
+        return self._accumulated(self._acc_skip)
+
+    def _last_per_layer(self) -> list[float]:
+        return self._last_values("skip")
+
+    def _last_union(self, batch_size: int) -> list[float]:
+        return [self._union(d["parts"], batch_size) for d in self._last]
+
+    def _ffn_flops(self, layer: int) -> int:
+        return self._layers[layer].sparsifier.ffn_flops()
+
+    def _selector_flops(self, layer: int) -> int:
+        return self._layers[layer].sparsifier.predictor_flops()
+
+    def _extra_stats(self, accumulated: bool) -> dict[str, Any]:
+        if self.routing == "dense":
+            native = [0.0] * len(self._layers)
+        elif accumulated:
+            native = self._accumulated(self._acc_native)
+        else:
+            native = self._last_values("native")
+        return {"method": self.method, "activation_sparsity": sum(native) / len(native),
+                "per_layer_activation_sparsity": native}
 
     def lte_stats(self, accumulated: bool = False) -> dict[str, Any]:
         """FFN sparsity (fraction of FFN weight reads / FLOPs skipped) per layer and overall, GFLOPs/token.
@@ -247,34 +267,7 @@ class BaselineModel(DelegatingModule):
         measure: fraction of the thresholded activations zeroed, or of neurons not picked) and
         "per_layer_activation_sparsity". Predictor FLOPs are counted; the oracle's are not.
         """
-        n = len(self._layers)
-        union: dict[int, float] = {}
-        if self.routing == "dense":
-            per_layer, native = [0.0] * n, [0.0] * n
-        elif accumulated:
-            tokens = float(self._acc_tokens)
-            if tokens == 0:
-                raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
-            per_layer = [float(a) / tokens for a in self._acc_skip]
-            native = [float(a) / tokens for a in self._acc_native]
-        else:
-            if not self._last:
-                raise LTEError("no statistics yet: run a forward with the baseline on first")
-            per_layer = [float(d["skip"].mean()) if d["skip"].numel() else float("nan") for d in self._last]
-            native = [float(d["native"].mean()) if d["native"].numel() else float("nan") for d in self._last]
-            for b in UNION_SIZES:
-                union[b] = sum(self._union(d["parts"], b) for d in self._last) / n
-        return {
-            "mode": self.routing,
-            "method": self.method,
-            "ffn_sparsity": sum(per_layer) / n,
-            "per_layer": per_layer,
-            "activation_sparsity": sum(native) / n,
-            "per_layer_activation_sparsity": native,
-            "union_sparsity": union,
-            "gflops_per_token": self._gflops(per_layer),
-            "dense_gflops_per_token": self._dense_flops / 1e9,
-        }
+        return super().lte_stats(accumulated)
 
     # ---------------------------------------------------------------- save / load
     def _plain_state_dict(self) -> dict[str, torch.Tensor]:
@@ -298,13 +291,6 @@ class BaselineModel(DelegatingModule):
         `baseline_config.json` + `baseline_state.safetensors` (thresholds, predictors, k)."""
         from safetensors.torch import save_file
 
-        target = Path(save_directory)
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self.base_model.save_pretrained(tmp, state_dict=self._plain_state_dict())
-        save_file(self._baseline_state(), str(tmp / STATE_NAME))
         s0 = self._layers[0].sparsifier
         meta = {
             "lte_version": __version__,
@@ -318,10 +304,13 @@ class BaselineModel(DelegatingModule):
             "architecture": (getattr(self.base_model.config, "architectures", None)
                              or [type(self.base_model).__name__])[0],
         }
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+
+        def write(folder: Path) -> None:
+            self.base_model.save_pretrained(folder, state_dict=self._plain_state_dict())
+            save_file(self._baseline_state(), str(folder / STATE_NAME))
+            (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+
+        self._save_atomically(save_directory, write)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs: Any) -> BaselineModel:

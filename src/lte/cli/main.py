@@ -1,4 +1,4 @@
-"""The `lte` command: train, eval, run, demo (+ generate/bench, sweep/baselines when installed).
+"""The `lte` command: train, eval, run, demo, generate, bench, baseline, sweep, study.
 
 Every subcommand stores its handler in `func` (called with the parsed arguments, returns an
 exit code). Settings of `train` and `eval` may come from `--config FILE.yaml` whose keys mirror
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import json
 import logging
 import sys
@@ -263,28 +261,6 @@ def run_demo(args: argparse.Namespace) -> int:
     return _run_and_report(cfg, False, not args.no_progress)
 
 
-# ---------------------------------------------------------------------- optional command sets
-_OPTIONAL_COMMANDS = (
-    ("lte.serving.cli", ("add_serving_commands",)),
-    ("lte.baselines.cli", ("add_baselines_commands", "add_baseline_commands", "add_commands")),
-)
-
-
-def _add_optional(sub) -> None:
-    """Register generate/bench (lte.serving.cli) and sweep/baselines (lte.baselines.cli) if present."""
-    for module_name, functions in _OPTIONAL_COMMANDS:
-        try:
-            if importlib.util.find_spec(module_name) is None:
-                continue
-        except ModuleNotFoundError:
-            continue
-        module = importlib.import_module(module_name)
-        for name in functions:
-            if hasattr(module, name):
-                getattr(module, name)(sub)
-                break
-
-
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     from lte import __version__
@@ -298,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_run(sub)
     _add_demo(sub)
-    _add_optional(sub)
+    from lte.baselines.cli import add_baseline_commands
+    from lte.serving.cli import add_serving_commands
+
+    add_serving_commands(sub)  # generate, bench
+    add_baseline_commands(sub)  # baseline, sweep, study
     return parser
 
 

@@ -5,11 +5,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import LTEError
 from .architectures import FFNSpec, activation_name, spec_for
-from .permute import check_finite, check_projection, ffn_width
+from .grouping import group_neurons
+from .permute import (
+    check_finite,
+    check_projection,
+    ffn_width,
+    in_rows,
+    permute_input_projection,
+    permute_output_projection,
+)
 
 
 @dataclass
@@ -49,6 +58,23 @@ class FFNHandle:
         """(name relative to the container, module) of every projection: input, down, separate up."""
         found = [(self.spec.input_name, self.input), (self.spec.down, self.down)]
         return found + ([(self.spec.up, self.up)] if self.up is not None else [])
+
+    def grouping_features(self) -> torch.Tensor:
+        """The features neurons are grouped by: the gate rows (gated FFNs) or W1 rows, [F, D]."""
+        rows = in_rows(self.input)  # [F or 2F, D]
+        return rows[: self.width] if self.spec.gate_up else rows
+
+    def group(self, expert_size: int, method: str, seed: int, n_iter: int) -> torch.Tensor:
+        """perm [F] (CPU) grouping this FFN's neurons into experts (`lte.conversion.grouping`)."""
+        return group_neurons(self.grouping_features().detach(), expert_size, method=method, seed=seed,
+                             n_iter=n_iter).cpu()
+
+    def permute(self, perm: torch.Tensor) -> None:
+        """Reorder the neurons of every projection by `perm`, in place (the function stays the same)."""
+        permute_input_projection(self.input, perm, halves=2 if self.spec.gate_up else 1)
+        if self.up is not None:
+            permute_input_projection(self.up, perm)
+        permute_output_projection(self.down, perm)
 
     def check(self) -> None:
         """Refuse an FFN lte cannot convert: a projection that is not nn.Linear / Conv1D, or NaN weights."""

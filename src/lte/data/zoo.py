@@ -271,18 +271,31 @@ def load_folder(
     checkpoint has none) with ``num_labels`` outputs (1 = regression).
     """
     _check_task(task)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    else:
-        problem = "regression" if num_labels == 1 else "single_label_classification"
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_labels, problem_type=problem, dtype=dtype, **kwargs
-        )
+    model = load_hf_model(folder, task=task, num_labels=num_labels, dtype=dtype, **kwargs)
     ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def load_hf_model(
+    folder: str | os.PathLike,
+    task: str = "causal-lm",
+    num_labels: int = 2,
+    dtype: torch.dtype = torch.float32,
+    **kwargs,
+):
+    """The model alone (no tokenizer) from an HF folder or hub name, with the head the task needs."""
+    _check_task(task)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "causal-lm":
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    problem = "regression" if num_labels == 1 else "single_label_classification"
+    return AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=num_labels, problem_type=problem, dtype=dtype, **kwargs
+    )
 
 
 def ensure_pad_token(model, tokenizer) -> None:

@@ -66,20 +66,16 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def load_for_serving(directory: str, device: Any, dtype: Any) -> tuple[Any, bool]:
-    """Load an LTE model directory (-> LTEModel in hard routing) or a plain HF causal LM; (model, is_lte)."""
-    from ..model import CONFIG_NAME, LTEModel
+    """Load an LTE model directory (-> LTEModel in hard routing) or a plain HF causal LM with
+    `lte.load_model`; returns (model, is_lte)."""
+    from ..loading import load_model, model_kind
 
     d = Path(directory)
     if not d.is_dir():
         raise LTEError(f"--model {directory}: no such directory")
-    if (d / CONFIG_NAME).is_file():
-        lmodel = LTEModel.from_pretrained(d, dtype=dtype).to(device)
-        lmodel.set_routing("hard")
-        return lmodel.eval(), True
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device)
-    return model.eval(), False
+    is_lte = model_kind(d) == "lte"
+    model = load_model(d, routing="hard" if is_lte else None, dtype=dtype).to(device)
+    return model.eval(), is_lte
 
 
 def _prepared(model: Any, is_lte: bool, dense: bool) -> Any:

@@ -1,0 +1,153 @@
+"""`load_model`: the one loader for every model lte reads.
+
+    model = lte.load_model("runs/s2")                       # an LTE save -> LTEModel, routing as saved
+    model = lte.load_model("runs/s2", routing="hard")       # ... switched to hard routing
+    model = lte.load_model("runs/teal50")                   # a baseline save -> BaselineModel
+    model = lte.load_model("runs/dense", task="classification", num_labels=2)   # a plain HF folder
+    model = lte.load_model("smollm2-135m")                  # an embedded model, or a hub name
+
+Training, evaluation, serving and the study load through it. The questions around a load are
+answered here too, so that no caller reads save files itself: where a name points
+(`model_source`), what a folder holds (`model_kind`, `saved_stage`), whether its head fits a task
+(`check_head`), and its tokenizer (`load_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import LTEError
+
+__all__ = ["check_head", "head_task", "load_model", "load_tokenizer", "model_kind", "model_source", "saved_stage"]
+
+KINDS = ("lte", "baseline", "hf")
+
+
+def _lte_config_name() -> str:
+    from .model import CONFIG_NAME
+
+    return CONFIG_NAME
+
+
+def head_task(task: str | None) -> str:
+    """The head a task needs: "classification" for classification, "causal-lm" for every other task."""
+    return "classification" if task == "classification" else "causal-lm"
+
+
+def model_source(model: str | os.PathLike) -> Path | str:
+    """A local folder for `model` (an existing folder, or the folder of an embedded name), else the name itself."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_dir() and (path / _lte_config_name()).is_file() and not (path / "config.json").is_file():
+            raise LTEError(f"{path} is a light LTE save (routers only): load its base model yourself and call "
+                           "lte.LTEModel.from_base(base_model, folder)")
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise LTEError(
+                f"model path {path} is not a saved model folder (no config.json). Pass a folder written by "
+                "save_pretrained / a previous stage, an embedded name (smollm2-135m, minilm, mpnet) or a hub name."
+            )
+        return path
+    from .data import zoo
+
+    key = zoo.canonical_name(str(model))
+    if key is not None:
+        return zoo.embedded_folder(key)
+    return str(model)
+
+
+def model_kind(folder: str | os.PathLike) -> str:
+    """What a model folder holds: "lte" (an LTE save), "baseline" (a baseline save) or "hf" (a plain HF model)."""
+    from .baselines.model import BaselineModel
+    from .model import LTEModel
+
+    if LTEModel.is_saved_in(folder):
+        return "lte"
+    if BaselineModel.is_saved_in(folder):
+        return "baseline"
+    return "hf"
+
+
+def saved_stage(folder: str | os.PathLike) -> str:
+    """The training stage an LTE save records ("converted", "stage1", "stage2", ...)."""
+    meta = json.loads((Path(folder) / _lte_config_name()).read_text())
+    return str(meta.get("stage", "converted"))
+
+
+def check_head(folder: Path, task: str) -> None:
+    """Refuse a model folder whose head does not fit the task (a clear error, before loading)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return
+    archs = json.loads(config_file.read_text()).get("architectures") or []
+    lm_head = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    cls_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    if task in ("causal-lm", "instruction") and archs and not lm_head:
+        raise LTEError(
+            f"task '{task}' needs a model with a language-model head, but {folder} holds {archs}. "
+            "Use --task classification for this model, or pass a causal LM (e.g. smollm2-135m)."
+        )
+    if task == "classification" and lm_head and not cls_head:
+        raise LTEError(
+            f"task 'classification' needs an encoder or a sequence-classification model, but {folder} holds "
+            f"{archs} (a language-model head). Use --task causal-lm, or pass a classifier/encoder (e.g. minilm)."
+        )
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The tokenizer of a model folder, embedded name or hub name."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_source(source))
+    except (OSError, ValueError) as err:
+        raise LTEError(
+            f"could not load a tokenizer for '{source}': not a local model folder, not an embedded model "
+            f"(smollm2-135m, minilm, mpnet), and the hub could not provide it ({err})"
+        ) from err
+
+
+def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int = 2, routing: str | None = None,
+               **hf_kwargs: Any) -> nn.Module:
+    """Load a model folder lte wrote, or a plain HF model, by what the folder holds.
+
+    Args:
+        path: an LTE save (`LTEModel.save_pretrained`), a baseline save, a plain HF model folder,
+            an embedded name (smollm2-135m, minilm, mpnet) or a hub name.
+        task: when given, the folder's head must fit it (`check_head`); a plain HF model gets the
+            head the task needs (classification: a sequence-classification head with `num_labels`
+            outputs, 1 = regression; any other task: the causal-LM head).
+        routing: LTE saves only: switch to this routing mode (default: the mode it was saved in).
+        hf_kwargs: passed to `from_pretrained` (dtype, device_map, ...). A plain HF model loads in
+            float32 unless `dtype` says otherwise.
+
+    Returns an `LTEModel`, a `BaselineModel` or a Hugging Face `PreTrainedModel`. Tokenizers and
+    pad tokens are the caller's (`load_tokenizer`, `lte.data.zoo.ensure_pad_token`).
+    """
+    source = model_source(path)
+    if isinstance(source, Path):
+        if task is not None:
+            check_head(source, task)
+        kind = model_kind(source)
+        if kind == "lte":
+            from .model import LTEModel
+
+            model = LTEModel.from_pretrained(source, **hf_kwargs)
+            if routing is not None:
+                model.set_routing(routing)
+            return model
+        if kind == "baseline":
+            from .baselines.model import BaselineModel
+
+            return BaselineModel.from_pretrained(source, **hf_kwargs)
+    from .data.zoo import load_hf_model
+
+    try:
+        return load_hf_model(source, task=head_task(task), num_labels=num_labels, **hf_kwargs)
+    except OSError as err:
+        raise LTEError(f"could not load model '{path}': it is not a local folder, not an embedded model "
+                       f"(smollm2-135m, minilm, mpnet), and the hub could not provide it ({err})") from err
