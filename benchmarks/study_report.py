@@ -16,7 +16,9 @@ import json
 import shutil
 from pathlib import Path
 
-from lte.baselines.sweep import load_results, plot_all, study_markdown, summarise, write_points
+from lte.study.cache import load_results, write_points
+from lte.study.plots import plot_all
+from lte.study.report import study_markdown, summarise
 
 
 def rebuild(src: Path, dst: Path, meta: dict) -> str:

@@ -8,16 +8,11 @@ import pytest
 import torch
 
 from lte import LTEError
-from lte.baselines import sweep
-from lte.baselines.parallel import Unit, _ran_out_of_memory, plan_units
-from lte.baselines.sweep import (
-    collect_study,
-    compare_to_baselines,
-    interpolate_quality,
-    run_study,
-    study_config,
-    study_markdown,
-)
+from lte.study import report, runner
+from lte.study.config import study_config
+from lte.study.parallel import Unit, _ran_out_of_memory, plan_units
+from lte.study.report import compare_to_baselines, interpolate_quality, study_markdown
+from lte.study.runner import collect_study, run_study
 from tiny_models import save_tiny_llama, write_text
 
 
@@ -55,7 +50,7 @@ def test_study_with_variants_topk_and_resume(tiny_task, tmp_path, monkeypatch):
             assert abs(a - b) <= 0.5 + 1e-6 / experts  # k per layer matched to the threshold's sparsity
     assert (out / "report.md").read_text().count("| lte") >= 3
     # A rerun with the same settings trains nothing: every point is reused from disk.
-    monkeypatch.setattr(sweep, "_build_point", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(runner, "_build_point", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = run_study(tiny_task, out, tiny=True)
     assert not again["failures"] and [p["quality"] for p in _points(out)] == [p["quality"] for p in points]
     # Changing a training setting invalidates the trained points (and only re-runs those).
@@ -115,7 +110,7 @@ def test_interpolation_and_comparison_with_baselines():
 def test_markdown_report_lists_every_method():
     points = [dict(_pt("dense", 0.0, 10.0), gflops_per_token=1.0), dict(_pt("lte", 0.5, 11.0), gflops_per_token=0.6),
               dict(_pt("teal", 0.5, 12.0), gflops_per_token=0.5)]
-    summary = sweep.summarise(points, "perplexity", False)
+    summary = report.summarise(points, "perplexity", False)
     text = study_markdown(points, summary)
     assert "| lte | 11 (50%) |" in text and "| teal | 12 (50%) |" in text and "| 50% | 11 | teal | - |" in text
 
@@ -145,7 +140,7 @@ def test_set_routing_takes_one_k_per_layer():
 
 # ---------------------------------------------------------------------- several seeds
 def test_aggregate_points_means_and_sample_std_by_hand():
-    from lte.baselines.seeds import aggregate_points
+    from lte.study.seeds import aggregate_points
 
     per_seed = {0: [dict(_pt("lte", 0.48, 0.80, target=0.5), per_layer=[0.4, 0.6], train_steps=10)],
                 1: [dict(_pt("lte", 0.52, 0.86, target=0.5), per_layer=[0.5, 0.7], train_steps=10)],

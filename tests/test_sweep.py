@@ -8,8 +8,11 @@ import json
 import pytest
 import torch
 
-from lte.baselines.sweep import load_results, plot_study, run_study, tolerance_ok
 from lte.data import LMDataset
+from lte.study.cache import load_results
+from lte.study.plots import plot_study
+from lte.study.report import tolerance_ok
+from lte.study.runner import run_study
 from tiny_models import VOCAB, build
 
 

@@ -112,15 +112,15 @@ def load_tokenizer(source: str | os.PathLike):
 
 
 def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int = 2, routing: str | None = None,
-               **hf_kwargs: Any) -> nn.Module:
+               check: bool = True, **hf_kwargs: Any) -> nn.Module:
     """Load a model folder lte wrote, or a plain HF model, by what the folder holds.
 
     Args:
         path: an LTE save (`LTEModel.save_pretrained`), a baseline save, a plain HF model folder,
             an embedded name (smollm2-135m, minilm, mpnet) or a hub name.
-        task: when given, the folder's head must fit it (`check_head`); a plain HF model gets the
-            head the task needs (classification: a sequence-classification head with `num_labels`
-            outputs, 1 = regression; any other task: the causal-LM head).
+        task: a plain HF model gets the head the task needs (classification: a sequence-classification
+            head with `num_labels` outputs, 1 = regression; any other task: the causal-LM head); with
+            `check`, a folder whose head does not fit the task is refused first (`check_head`).
         routing: LTE saves only: switch to this routing mode (default: the mode it was saved in).
         hf_kwargs: passed to `from_pretrained` (dtype, device_map, ...). A plain HF model loads in
             float32 unless `dtype` says otherwise.
@@ -130,7 +130,7 @@ def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int
     """
     source = model_source(path)
     if isinstance(source, Path):
-        if task is not None:
+        if task is not None and check:
             check_head(source, task)
         kind = model_kind(source)
         if kind == "lte":

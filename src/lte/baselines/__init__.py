@@ -5,7 +5,7 @@
     model(**batch); print(model.lte_stats())
 
 Methods: teal, cats, moefication (MLP router), moefication-oracle, dejavu, dejavu-ft, random-topk.
-Sweeps and the study: `lte.baselines.sweep` (`run_sweep`, `run_study`, `plot_study`).
+Sweeps and studies over these methods and LTE: `lte.study` (`run_sweep`, `run_study`).
 """
 
 from .methods import METHODS, apply_baseline, as_batches, canonical_method, finetune, set_sparsity

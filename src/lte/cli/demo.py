@@ -13,7 +13,7 @@ from typing import Any
 
 
 def demo_config() -> dict[str, Any]:
-    """A fresh copy of the demo's run description (see `lte.pipeline` for the keys)."""
+    """A fresh copy of the demo's run description (see `lte.study.pipeline` for the keys)."""
     return {
         "name": "demo: SmolLM2-135M on Python's own docs",
         "model": "smollm2-135m",

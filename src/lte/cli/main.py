@@ -80,7 +80,7 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from --config (if any) overridden by the flags given on the command line."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        from lte.pipeline import load_run_config
+        from lte.study.pipeline import load_run_config
 
         values.update(load_run_config(args.config))
     values.update(_given(args))
@@ -94,33 +94,6 @@ def _require(values: dict[str, Any], keys: tuple[str, ...], command: str) -> Non
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
         raise StageInputError(f"`lte {command}` needs {flags} (on the command line or in --config)")
-
-
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    """`--set dense.max_steps=5 --set target_sparsity=0.6` -> nested dict (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"lte: error: --set expects KEY=VALUE, got '{item}'")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
-        node = out
-        *parents, leaf = key.strip().replace("-", "_").split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 # ---------------------------------------------------------------------- train
@@ -184,7 +157,7 @@ def _add_eval(sub) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from lte.evaluation import plot_layer_sparsity
-    from lte.pipeline import evaluate_model
+    from lte.evaluation.saved import evaluate_model
 
     values = _merged(args)
     _require(values, ("model", "task", "data"), "eval")
@@ -218,16 +191,17 @@ def _add_run(sub) -> None:
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from lte.pipeline import load_run_config
+    from lte.study.config import merge, parse_set
+    from lte.study.pipeline import load_run_config
 
-    cfg = _deep_update(load_run_config(args.config), _parse_set(args.set))
+    cfg = merge(load_run_config(args.config), parse_set(args.set, dashes_to_underscores=True))
     if args.out:
         cfg["out"] = args.out
     return _run_and_report(cfg, args.force_eval, not args.no_progress)
 
 
 def _run_and_report(cfg: dict[str, Any], force_eval: bool, progress: bool) -> int:
-    from lte.pipeline import format_table, run_pipeline
+    from lte.study.pipeline import format_table, run_pipeline
 
     report = run_pipeline(cfg, force_eval=force_eval, progress=progress)
     out = Path(cfg["out"])
@@ -251,10 +225,11 @@ def run_demo(args: argparse.Namespace) -> int:
     import shutil
 
     from lte.cli.demo import demo_config
-    from lte.pipeline import load_run_config
+    from lte.study.config import merge, parse_set
+    from lte.study.pipeline import load_run_config
 
     cfg = load_run_config(args.config) if args.config else demo_config()
-    cfg = _deep_update(cfg, _parse_set(args.set))
+    cfg = merge(cfg, parse_set(args.set, dashes_to_underscores=True))
     cfg["out"] = args.out
     if args.fresh and Path(args.out).exists():
         shutil.rmtree(args.out)
@@ -274,11 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_run(sub)
     _add_demo(sub)
-    from lte.baselines.cli import add_baseline_commands
     from lte.serving.cli import add_serving_commands
+    from lte.study.cli import add_study_commands
 
     add_serving_commands(sub)  # generate, bench
-    add_baseline_commands(sub)  # baseline, sweep, study
+    add_study_commands(sub)  # baseline, sweep, study
     return parser
 
 

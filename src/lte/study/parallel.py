@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from .sweep import derived_methods, knob_values, method_plan, point_done
+from .cache import point_done
+from .config import derived_methods, knob_values, method_plan
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_baseline_commands"]
+from .config import parse_set
+
+__all__ = ["add_study_commands"]
 
 
 def _floats(text: str) -> list[float]:
@@ -29,35 +31,16 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    """`--set dense.max_steps=50 --set train.lr=1e-4` -> nested dict (values parsed as YAML)."""
-    import yaml
-
-    from ..errors import LTEError
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise LTEError(f"--set takes key=value (e.g. train.max_steps=50), got {item!r}")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return out
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a study setting, e.g. train.max_steps=50 or calib.tokens=4096 (repeatable)")
     p.add_argument("--tiny", action="store_true", help="tiny budgets (a CPU smoke run)")
 
 
-def add_baseline_commands(sub) -> None:
+def add_study_commands(sub) -> None:
     """Register `baseline`, `sweep` and `study` on the `lte` command's subparsers."""
-    from .methods import METHODS
-    from .sweep import KINDS
+    from ..baselines.methods import METHODS
+    from .config import KINDS
 
     p = sub.add_parser("baseline", help="build one baseline (TEAL, CATS, MoEfication, Deja Vu, random top-k)",
                        description="Apply a baseline to a model at a target sparsity, optionally evaluate and save it.")
@@ -106,10 +89,11 @@ def add_baseline_commands(sub) -> None:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    from .methods import apply_baseline
-    from .sweep import TINY, merge, prepare_dense, setup_task
+    from ..baselines.methods import apply_baseline
+    from .config import TINY, merge
+    from .tasks import prepare_dense, setup_task
 
-    settings = _parse_set(args.set)
+    settings = parse_set(args.set)
     if args.tiny:
         settings = merge(TINY, settings)
     if args.glue_task:
@@ -120,9 +104,9 @@ def run_baseline(args: argparse.Namespace) -> int:
     options = setup.settings["method_options"].get(args.method, {})
     train = {}
     if args.method in ("dejavu-ft", "random-topk"):
-        from .sweep import _ft_args
+        from .runner import finetune_args
 
-        train = {"train_data": setup.train_data, "tokenizer": setup.tokenizer, "finetune_args": _ft_args(setup),
+        train = {"train_data": setup.train_data, "tokenizer": setup.tokenizer, "finetune_args": finetune_args(setup),
                  "out_dir": str(Path(args.out or "runs/baseline") / "finetune")}
     model = apply_baseline(dense, args.method, args.target_sparsity, calib_data=setup.calib, **train, **options)
     report: dict[str, Any] = {"method": args.method, "target_sparsity": args.target_sparsity}
@@ -148,7 +132,8 @@ def run_baseline(args: argparse.Namespace) -> int:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from .sweep import load_study_config, merge, run_study
+    from .config import load_study_config, merge
+    from .runner import run_study
 
     cfg = load_study_config(args.config) if args.config else {}
     cfg = merge(cfg, {"task": args.task, "model": args.model, "data": args.data, "methods": args.method,
@@ -159,16 +144,17 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         cfg["glue_task"] = args.glue_task
     if args.etas:
         cfg = merge(cfg, {"lte": {"knob": "eta"}, "lte_etas": args.etas})
-    cfg = merge(cfg, _parse_set(args.set))
+    cfg = merge(cfg, parse_set(args.set))
     return _report(run_study(cfg, args.out, tiny=args.tiny))
 
 
 def run_study_command(args: argparse.Namespace) -> int:
     from ..errors import LTEError
+    from .config import load_study_config, merge, study_config, study_out
+    from .runner import collect_study, run_study
     from .seeds import seed_studies
-    from .sweep import collect_study, load_study_config, merge, run_study, study_config, study_out
 
-    overrides = _parse_set(args.set)
+    overrides = parse_set(args.set)
     configs = [merge(load_study_config(path), overrides) for path in args.config]
     if len(configs) == 1:
         cfg = configs[0]

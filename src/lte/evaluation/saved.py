@@ -1,0 +1,120 @@
+"""Evaluating a saved model: `evaluate_model(folder, task, data)` for `lte eval` and `lte run`.
+
+The model is loaded with `lte.load_model` (an LTE save in hard routing unless told otherwise, a
+baseline save, or a plain HF model) and scored by the task's evaluator; the result holds the
+quality, the FFN sparsity (overall and per layer) and the GFLOPs/token measured while scoring.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lte.errors import LTEError
+
+__all__ = ["evaluate_model", "load_eval_model"]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_eval_model(model_dir: str | Path, task: str, num_labels: int = 2, routing: str | None = None):
+    """(model, tokenizer, is_lte) for evaluation (`lte.load_model`); LTE models default to hard routing."""
+    from lte.data.zoo import ensure_pad_token
+    from lte.loading import load_model, load_tokenizer, model_kind, model_source
+
+    source = model_source(model_dir)
+    is_lte = isinstance(source, Path) and model_kind(source) == "lte"
+    model = load_model(source, task=task, num_labels=num_labels, routing=(routing or "hard") if is_lte else None)
+    tokenizer = load_tokenizer(source)
+    ensure_pad_token(model, tokenizer)
+    return model, tokenizer, is_lte
+
+
+def evaluate_model(model_dir: str | Path, task: str, data: Any, glue_task: str | None = None,
+                   routing: str | None = None, batch_size: int = 8, max_length: int | None = None,
+                   stride: int | None = None, max_tokens: int | None = None, max_examples: int | None = None,
+                   split: str = "dev", holdout: float | None = None, train_block_size: int = 512,
+                   train_max_tokens: int | None = None, text_field: str = "text",
+                   progress: bool = True) -> dict[str, Any]:
+    """Quality + FFN sparsity (overall, per layer) + GFLOPs/token of a saved model.
+
+    causal-lm: sliding-window perplexity on `data` (its last `holdout` fraction when given);
+    classification: GLUE metrics on the `split` of `data`; instruction: perplexity of the answers.
+    With `holdout`, the text is split exactly as training split it (`train_block_size`,
+    `train_max_tokens`) and the held-out tail is scored.
+    """
+    from lte import evaluation
+
+    num_labels = 2
+    if task == "classification":
+        from lte.data import glue_task as glue_spec
+
+        if not glue_task:
+            raise LTEError("classification evaluation needs --glue-task (e.g. SST-2)")
+        num_labels = glue_spec(glue_task).num_labels
+    model, tokenizer, is_lte = load_eval_model(model_dir, task, num_labels, routing)
+    model.to(_device())
+    start = time.time()
+    if task == "causal-lm":
+        eval_ds = _lm_eval_data(data, tokenizer, holdout, train_block_size, train_max_tokens, text_field)
+        result = evaluation.perplexity(model, eval_ds, max_length=max_length, stride=stride, batch_size=batch_size,
+                                       max_tokens=max_tokens, progress=progress)
+        result["metric"] = "perplexity"
+        result["score"] = result["perplexity"]
+    elif task == "classification":
+        from lte.data import load_glue
+
+        ds = load_glue(glue_task, data, tokenizer, split=split, max_length=max_length or 128,
+                       max_examples=max_examples)
+        result = evaluation.evaluate_glue(model, ds, batch_size=batch_size, progress=progress)
+    else:
+        result = _answer_perplexity(model, tokenizer, data, max_length or 512, max_examples, batch_size)
+    result.update(model=str(model_dir), task=task, data=str(data), lte=is_lte, eval_seconds=time.time() - start)
+    return result
+
+
+def _lm_eval_data(data: Any, tokenizer, holdout: float | None, block_size: int, max_tokens: int | None,
+                  text_field: str = "text"):
+    """The token stream to score: the whole text, or the tail training did not see."""
+    from lte.data import load_text_lm
+
+    if not isinstance(data, (str, Path)):
+        return data
+    if holdout:
+        return load_text_lm(data, tokenizer, block_size=block_size, max_tokens=max_tokens, split_ratio=holdout,
+                            text_field=text_field)[1]
+    return load_text_lm(data, tokenizer, block_size=2, pad_to_block=True, text_field=text_field)
+
+
+@torch.no_grad()
+def _answer_perplexity(model, tokenizer, data, max_length, max_examples, batch_size) -> dict[str, Any]:
+    """Mean NLL of the answer tokens of an instruction set (its loss mask), as a perplexity."""
+    import math
+
+    from torch.utils.data import DataLoader
+
+    from lte.data import load_instructions, pad_collate
+    from lte.evaluation._common import finish_stats, start_stats
+
+    ds = load_instructions(data, tokenizer, max_length=max_length, max_examples=max_examples)
+    device = next(model.parameters()).device
+    model.eval()
+    start_stats(model)
+    total, count = 0.0, 0
+    for batch in DataLoader(ds, batch_size=batch_size, collate_fn=pad_collate(tokenizer)):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((targets != -100).sum())
+    if count == 0:
+        raise LTEError(f"'{data}' has no answer tokens to score")
+    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
+            "metric": "answer_perplexity", "score": math.exp(total / count), **finish_stats(model)}

@@ -1,0 +1,123 @@
+"""Finished points on disk: where each is kept, the fingerprint that says it is still valid, the tables.
+
+Every finished (method, target) point is `<out>/<method>/t<target>/point.json` with a
+fingerprint of everything it depends on; a rerun with the same settings reuses it, so an
+interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DEFAULTS, merge, method_plan
+from .tasks import TaskSetup
+
+CSV_FIELDS = ("task", "method", "knob", "target", "eta", "ffn_sparsity", "activation_sparsity", "quality", "metric",
+              "higher_is_better", "gflops_per_token", "dense_gflops_per_token", "union_sparsity_16",
+              "train_seconds", "build_seconds", "eval_seconds", "train_steps", "train_tokens", "train_epochs",
+              "seed", "seeds", "quality_std", "ffn_sparsity_std")
+
+
+def fingerprint_of(kind: str, name: str, sources: list[Any], settings: dict[str, Any], method: str,
+                   target: float | None, base: str | None = None) -> str:
+    """A digest of everything a point depends on: task, model and data paths, settings, method, target.
+
+    Settings a method never reads are left out (an untrained baseline ignores `train` and `lte`,
+    every method ignores the other methods' options and the plot settings), so changing them keeps
+    its finished points.
+    """
+    base = base or method  # the built-in method behind a variant name
+    trained = base == "dense" or base.startswith("lte") or base in ("dejavu-ft", "random-topk")
+    ignored = {"profile_target", "keep_models"} | (set() if trained else {"train", "lte"})
+    relevant = {k: v for k, v in settings.items() if k not in ignored}
+    relevant["method_options"] = (settings.get("method_options") or {}).get(base)
+    blob = json.dumps({"kind": kind, "name": name, "sources": [None if s is None else str(s) for s in sources],
+                       "settings": relevant, "method": method, "target": None if target is None else float(target)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def settings_fingerprint(setup: TaskSetup, method: str, target: float | None,
+                          base: str | None = None) -> str | None:
+    """The fingerprint of a point of this task; None when model or data are objects (no resume then)."""
+    sources = [setup.model_source, setup.data_source, setup.eval_source]
+    if any(s is not None and not isinstance(s, (str, Path)) for s in sources):
+        return None
+    return fingerprint_of(setup.kind, setup.name, sources, setup.settings, method, target, base)
+
+
+def point_path(out_dir: str | Path, method: str, target: float | None = None) -> Path:
+    """Where one finished point is kept: `<out>/<method>/t<target>/point.json` (`<out>/dense/point.json`)."""
+    if method == "dense":
+        return Path(out_dir) / "dense" / "point.json"
+    return Path(out_dir) / method / f"t{target:g}" / "point.json"
+
+
+def save_point(path: Path, point: dict[str, Any], fingerprint: str | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**point, "fingerprint": fingerprint}, indent=2, default=json_default))
+    tmp.replace(path)  # atomic: a killed run leaves no half-written point
+
+
+def load_point(path: Path, fingerprint: str | None) -> dict[str, Any] | None:
+    """A finished point, if it exists and was made with the same settings."""
+    if fingerprint is None or not path.is_file():
+        return None
+    try:
+        point = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return point if point.get("fingerprint") == fingerprint else None
+
+
+def point_done(cfg: dict[str, Any], out: Path, method: str, value: float | None) -> bool:
+    """Whether a finished point of this study exists on disk (same settings)."""
+    return load_point(point_path(out, method, value), point_fingerprint(cfg, method, value)) is not None
+
+
+def point_fingerprint(cfg: dict[str, Any], method: str, target: float | None) -> str | None:
+    """The fingerprint a finished point of this study must carry (same rule as when it was made)."""
+    settings = merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS})
+    base = None
+    if method != "dense":
+        owner = method if method in cfg["methods"] else method[: -len("-topk")]  # `<m>-topk` comes from m
+        base, extra = method_plan(cfg, owner)
+        settings = merge(settings, extra)
+    sources = [cfg.get("model"), cfg.get("data"), cfg.get("eval_data")]
+    if any(s is not None and not isinstance(s, (str, Path)) for s in sources):
+        return None
+    return fingerprint_of(cfg["task"], cfg.get("name", cfg["task"]), sources, settings, method, target, base)
+
+
+def write_points(points: list[dict[str, Any]], out_dir: str | Path, stem: str = "points") -> tuple[Path, Path]:
+    """`<stem>.json` (everything) and `<stem>.csv` (one row per point, CSV_FIELDS)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, cpath = out / f"{stem}.json", out / f"{stem}.csv"
+    jpath.write_text(json.dumps(points, indent=2, default=json_default))
+    with open(cpath, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for p in points:
+            writer.writerow({k: p.get(k) for k in CSV_FIELDS})
+    return jpath, cpath
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """Read a results.json / points.json back (e.g. to re-plot)."""
+    return json.loads(Path(path).read_text())

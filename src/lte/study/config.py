@@ -1,0 +1,171 @@
+"""The settings of a study: defaults, tiny budgets, the YAML config, methods and their knob values.
+
+A study config (configs/study/*.yaml) names a task, a model, data, methods and sparsity targets,
+and overrides any section of `DEFAULTS`. `study_config` resolves it (tiny budgets, seeds,
+methods, targets, Deja Vu's label sparsity); `method_plan` turns a method name (built-in, or a
+variant of the config) into its base method and settings; `knob_values` gives the values it
+runs at.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from ..baselines.methods import METHODS, canonical_method
+from ..errors import LTEError
+
+ALL_METHODS = ("lte",) + METHODS
+KINDS = ("classification", "causal-lm", "generation", "instruction")
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "glue_task": None,
+    "generation_format": None,  # generation: "xsum" (JSONL) or "e2e" (text); default from the suffix
+    "expert_size": 32,
+    "grouping": "kmeans",
+    "dense": {"max_steps": 200, "lr": 5e-5, "batch_size": 16},  # max_steps 0: use the model as it is
+    "train": {"max_steps": 100, "lr": 5e-5, "batch_size": 16},  # per LTE stage; fine-tuned baselines get 2x
+    "lte": {"knob": "target", "eta": 0.5, "router_lr": 1e-3, "stage1": {}, "stage2": {}},
+    "calib": {"tokens": 16384, "batch_size": 8},
+    "prep": {"max_length": 128, "block_size": 256, "max_tokens": None, "max_examples": None, "holdout": 0.2},
+    "eval": {"batch_size": 16, "max_tokens": 32768, "max_examples": None, "max_new_tokens": 48,
+             "max_source_tokens": 384, "mc_files": [], "mc_max_examples": 200,
+             "mmlu_dir": None, "mmlu_shots": 5, "mmlu_per_subject": None},
+    "method_options": {},  # per-method options for apply_baseline, e.g. {dejavu: {rank: 64}}
+    "profile_target": 0.7,
+    "keep_models": False,
+}
+
+#: Overrides that make a study tiny (CPU smoke runs and tests).
+TINY: dict[str, Any] = {
+    "dense": {"max_steps": 2, "batch_size": 2},
+    "train": {"max_steps": 2, "batch_size": 2},
+    "calib": {"tokens": 256, "batch_size": 8},
+    "prep": {"max_examples": 16, "max_tokens": 4096, "block_size": 32},
+    "eval": {"batch_size": 2, "max_tokens": 256, "max_examples": 4, "max_new_tokens": 4, "mc_max_examples": 4},
+    "method_options": {"moefication": {"router_steps": 5, "grouping_iters": 2},
+                "moefication-oracle": {"grouping_iters": 2},
+                "dejavu": {"predictor_steps": 5}, "dejavu-ft": {"predictor_steps": 5},
+                "random-topk": {"grouping_iters": 2}},
+}
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Recursive dict update (a copy): nested sections are merged, other values replaced."""
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_set(items: list[str] | None, dashes_to_underscores: bool = False) -> dict[str, Any]:
+    """`--set dense.max_steps=50 --set train.lr=1e-4` -> a nested dict (values parsed as YAML).
+
+    `dashes_to_underscores`: write `max-steps` as `max_steps` in the keys (run configs; study keys
+    keep their dashes, method names such as `dejavu-ft` have them).
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LTEError(f"--set takes KEY=VALUE (e.g. train.max_steps=50), got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_") if dashes_to_underscores else key.strip()
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def method_plan(cfg: dict[str, Any], method: str) -> tuple[str, dict[str, Any]]:
+    """(base method, settings overrides) of a study method name.
+
+    A name is a built-in method (lte, teal, ...) or a key of the config's `variants` section, e.g.
+    `variants: {lte-lam0: {base: lte, set: {lte: {stage1: {lam: 0}}}, targets: [0.5, 0.9]}}` (the
+    ablations; `targets` is optional and defaults to the study's).
+    """
+    variants = cfg.get("variants") or {}
+    if method in variants:
+        spec = variants[method]
+        if not isinstance(spec, dict) or "base" not in spec:
+            raise LTEError(f"variant {method!r} needs a mapping with `base` (a method) and `set` (settings)")
+        base = "lte" if spec["base"] == "lte" else canonical_method(spec["base"])
+        return base, dict(spec.get("set") or {})
+    return ("lte" if method == "lte" else canonical_method(method)), {}
+
+
+def derived_methods(cfg: dict[str, Any], methods: list[str]) -> list[str]:
+    """The methods whose points a study holds: its methods plus `<m>-topk` for LTE runs with `lte.also_topk`."""
+    out = []
+    for method in methods:
+        out.append(method)
+        base, extra = method_plan(cfg, method)
+        if base == "lte" and merge(merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS}), extra)[
+                "lte"].get("also_topk"):
+            out.append(f"{method}-topk")
+    return out
+
+
+def load_study_config(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LTEError(f"study config not found: '{p}' (see configs/study/*.yaml)")
+    cfg = yaml.safe_load(p.read_text())
+    if not isinstance(cfg, dict):
+        raise LTEError(f"'{p}' must hold a mapping of settings")
+    return cfg
+
+
+def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, methods: list[str] | None = None,
+                 targets: list[float] | None = None) -> dict[str, Any]:
+    """The full settings of a study: the YAML (or dict), tiny budgets if asked, methods and targets resolved.
+
+    Deja Vu's label sparsity defaults to the middle target of the sweep (one predictor per sweep).
+    """
+    cfg = load_study_config(config) if isinstance(config, (str, Path)) else dict(config)
+    if tiny:
+        cfg = merge(cfg, TINY)
+    for key in ("task", "data"):
+        if key not in cfg:
+            raise LTEError(f"the study config needs `{key}` (see configs/study/*.yaml)")
+    if cfg.get("seeds") is not None:
+        seeds = cfg["seeds"]
+        if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or not all(
+                isinstance(x, int) for x in seeds):
+            raise LTEError(f"`seeds` must be a list of distinct integers, e.g. [0, 1, 2]; got {seeds!r}")
+    cfg["methods"] = list(methods or cfg.get("methods") or ALL_METHODS)
+    cfg["targets"] = [float(t) for t in (targets or cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])]
+    for method in cfg["methods"]:
+        method_plan(cfg, method)  # unknown names fail here, before any work
+    middle = sorted(cfg["targets"])[len(cfg["targets"]) // 2]
+    options = cfg.setdefault("method_options", {})
+    for method in ("dejavu", "dejavu-ft"):
+        options[method] = {"label_sparsity": middle, **(options.get(method) or {})}
+    return cfg
+
+
+def knob_values(cfg: dict[str, Any], method: str) -> list[float]:
+    """The values a method is run at: the targets, or `lte_etas` for LTE runs steered by eta."""
+    base, extra = method_plan(cfg, method)
+    lte = merge(merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS}), extra)["lte"]
+    own = (cfg.get("variants") or {}).get(method, {}).get("targets")
+    if own:  # a variant (an ablation) may run at fewer values than the study
+        return [float(v) for v in own]
+    if base == "lte" and lte["knob"] == "eta":
+        if not cfg.get("lte_etas"):
+            raise LTEError("lte.knob is 'eta': give the eta values as lte_etas: [...]")
+        return [float(v) for v in cfg["lte_etas"]]
+    return list(cfg["targets"])
+
+
+def study_out(cfg: dict[str, Any], out_dir: str | Path | None = None) -> Path:
+    return Path(out_dir or cfg.get("out") or f"runs/study/{cfg.get('name', cfg.get('task', 'study'))}")

@@ -1,0 +1,170 @@
+"""A study's summary: tolerances, LTE against the baselines, and the Markdown report."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def tolerance_ok(quality: float, dense: float, metric: str, higher_is_better: bool) -> bool:
+    """Within the paper's tolerance of the dense model: perplexity +0.5; other metrics 5% relative."""
+    if metric == "perplexity":
+        return quality <= dense + 0.5
+    if higher_is_better:
+        return quality >= dense * 0.95 if dense > 0 else quality >= dense
+    return quality <= dense * 1.05
+
+
+def interpolate_quality(points: list[dict[str, Any]], sparsity: float, reach: float = 0.02,
+                        key: str = "quality") -> float | None:
+    """A method's quality (or another `key`, e.g. quality_std) at `sparsity`, linear between its two
+    nearest measured points.
+
+    Within `reach` outside the measured range the nearest end point stands in; further out: None.
+    """
+    pts = sorted((p["ffn_sparsity"], p[key]) for p in points if finite(p.get(key)) and finite(p.get("quality")))
+    for (s0, q0), (s1, q1) in zip(pts, pts[1:]):
+        if s0 <= sparsity <= s1:
+            return q0 if s1 == s0 else q0 + (q1 - q0) * (sparsity - s0) / (s1 - s0)
+    for s0, q0 in pts[:1] + pts[-1:]:  # just outside the measured range: the nearest end point
+        if abs(s0 - sparsity) <= reach:
+            return q0
+    return None
+
+
+def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, method: str = "lte",
+                         min_sparsity: float = 0.5) -> list[dict[str, Any]]:
+    """At each point of `method` with sparsity (or target) >= `min_sparsity`: every baseline's quality there.
+
+    Baselines are the methods other than dense and LTE's own variants (names starting with "lte").
+    They are interpolated between their measured points; a method whose points do not
+    span that sparsity is reported as None (not compared). `beats` / `loses_to` / `ties` list them by name.
+    """
+    def counts(p: dict[str, Any]) -> bool:  # a 50% target that measured 49% still counts
+        target = p["target"] if p.get("knob") == "target" else 0.0
+        return max(p["ffn_sparsity"], target) >= min_sparsity - 1e-9
+
+    mine = sorted((p for p in points if p["method"] == method and counts(p)), key=lambda p: p["ffn_sparsity"])
+    others = [m for m in dict.fromkeys(p["method"] for p in points)  # baselines only: not dense, not LTE's ablations
+              if m != "dense" and not m.startswith("lte")]
+    rows = []
+    for p in mine:
+        row = {"ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "quality_std": p.get("quality_std"),
+               "others": {}, "others_std": {}, "margin": {}, "beats": [], "loses_to": [], "ties": []}
+        for other in others:
+            theirs = [o for o in points if o["method"] == other]
+            q = interpolate_quality(theirs, p["ffn_sparsity"])
+            row["others"][other] = q
+            if q is None:
+                continue
+            row["others_std"][other] = interpolate_quality(theirs, p["ffn_sparsity"], key="quality_std")
+            row["margin"][other] = p["quality"] - q  # LTE minus the baseline (sign: see higher_is_better)
+            if abs(p["quality"] - q) <= 1e-9 * max(1.0, abs(q)):
+                row["ties"].append(other)
+            elif (p["quality"] > q) == higher_is_better:
+                row["beats"].append(other)
+            else:
+                row["loses_to"].append(other)
+        rows.append(row)
+    return rows
+
+
+def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool) -> dict[str, Any]:
+    """Per method: its points, and the fewest GFLOPs/token among points within tolerance of dense;
+    and LTE against every other method at each LTE point of >= 50% sparsity."""
+    dense = next(p for p in points if p["method"] == "dense")
+    table = {}
+    for method in dict.fromkeys(p["method"] for p in points if p["method"] != "dense"):
+        mine = [p for p in points if p["method"] == method]
+        ok = [p for p in mine if tolerance_ok(p["quality"], dense["quality"], metric, higher_is_better)]
+        best = min(ok, key=lambda p: p["gflops_per_token"]) if ok else None
+        table[method] = {
+            "points": [(round(p["ffn_sparsity"], 4), round(p["quality"], 4)) for p in mine],
+            "quality_std": [p.get("quality_std") for p in mine],
+            "gflops_within_tolerance": best["gflops_per_token"] if best else None,
+            "sparsity_within_tolerance": best["ffn_sparsity"] if best else None,
+        }
+    return {"metric": metric, "higher_is_better": higher_is_better, "dense_quality": dense["quality"],
+            "dense_gflops_per_token": dense["gflops_per_token"], "methods": table,
+            "lte_vs_others": compare_to_baselines(points, higher_is_better)}
+
+
+def _fmt_quality(value: float, metric: str) -> str:
+    if not finite(value):
+        return "n/a"
+    if metric == "perplexity":
+        return f"{value:.3g}" if value < 1e4 else f"{value:.2e}"
+    if metric in ("accuracy", "mc_accuracy", "f1"):
+        return f"{100 * value:.1f}"
+    return f"{value:.3f}" if abs(value) < 2 else f"{value:.2f}"
+
+
+def _fmt_pm(value: float | None, std: float | None, metric: str) -> str:
+    """`quality ± std` (the std only when it was measured over several seeds)."""
+    if value is None:
+        return "n/a"
+    if not std or not finite(std):
+        return _fmt_quality(value, metric)
+    return f"{_fmt_quality(value, metric)} ± {_fmt_quality(std, metric)}"
+
+
+def _fmt_margin(value: float, metric: str) -> str:
+    return ("+" if value >= 0 else "-") + _fmt_quality(abs(value), metric)
+
+
+def _fmt_cell(p: dict[str, Any], metric: str) -> str:
+    sd = p.get("ffn_sparsity_std")
+    spread = f" ± {100 * sd:.0f}" if sd else ""
+    return f"{_fmt_pm(p['quality'], p.get('quality_std'), metric)} ({100 * p['ffn_sparsity']:.0f}%{spread})"
+
+
+def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The study as Markdown tables: quality per method and target (measured sparsity in brackets),
+    GFLOPs/token within tolerance, LTE against the others at >= 50% sparsity, and training time."""
+    metric = summary["metric"]
+    dense = next(p for p in points if p["method"] == "dense")
+    percent = metric in ("accuracy", "mc_accuracy", "f1")
+    unit = " (%)" if percent else ""
+    lines = [f"### {summary.get('name') or dense.get('task')}: {metric}{unit}, "
+             f"{'higher' if summary['higher_is_better'] else 'lower'} is better",
+             "",
+             f"Dense: {_fmt_quality(dense['quality'], metric)} at {dense['gflops_per_token']:.4g} GFLOPs/token"
+             f" ({summary.get('device', '?')}).",
+             ""]
+    methods = [m for m in dict.fromkeys(p["method"] for p in points) if m != "dense"]
+    targets = sorted({p["target"] for p in points if p["method"] != "dense"})
+    knob = "target" if all(p.get("knob") != "eta" for p in points) else "target / eta"
+    lines += ["| method | " + " | ".join(f"{knob} {t:g}" for t in targets) + " | GFLOPs/token within tolerance |",
+              "|---" * (len(targets) + 2) + "|"]
+    for method in methods:
+        cells = []
+        for t in targets:
+            p = next((q for q in points if q["method"] == method and q["target"] == t), None)
+            cells.append("" if p is None else _fmt_cell(p, metric))
+        tol = summary["methods"].get(method, {}).get("gflops_within_tolerance")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if tol is None else f'{tol:.4g}'} |")
+    seeds = summary.get("seeds")
+    spread = f" over seeds {seeds}: mean ± std" if seeds else ""
+    lines += ["", f"Cells: quality (measured FFN sparsity){spread}. Tolerance: " +
+              ("perplexity within +0.5 of dense." if metric == "perplexity" else "within 5% (relative) of dense."), ""]
+    rows = summary.get("lte_vs_others") or []
+    if rows:
+        lines += ["| LTE point | LTE | better than | worse than (theirs, margin) |", "|---|---|---|---|"]
+        for row in rows:
+            tied = f" (equal: {', '.join(row['ties'])})" if row.get("ties") else ""
+            worse = ", ".join(f"{o} ({_fmt_pm(row['others'][o], row.get('others_std', {}).get(o), metric)}, "
+                              f"{_fmt_margin(row['margin'][o], metric)})" for o in row["loses_to"])
+            lines.append(f"| {100 * row['ffn_sparsity']:.0f}% | {_fmt_pm(row['quality'], row.get('quality_std'), metric)}"
+                         f" | {', '.join(row['beats']) or '-'}{tied} | {worse or '-'} |")
+        lines += ["", "LTE against the baselines (not its own ablations): each baseline is interpolated between "
+                  "its measured points at LTE's sparsity; one whose points do not reach it is left out.", ""]
+    derived = {m for m in methods if m.endswith("-topk") and m != "random-topk"}  # same model as its LTE run
+    train = {m: sum(p.get("train_seconds") or 0.0 for p in points if p["method"] == m)
+             for m in methods if m not in derived}
+    lines += ["Training seconds per method (all targets, one worker each): " +
+              ", ".join(f"{m} {s:.0f}" for m, s in train.items() if s > 0) + ".", ""]
+    return "\n".join(lines)
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
