@@ -158,3 +158,35 @@ def test_fit_router_init_hits_the_target_with_the_heaviest_experts_on(target):
         on = layer.input.gate.reshape(-1, 25) != 0
         # a random mask of the same sparsity would agree on about t^2 + (1-t)^2 <= 0.63 of the entries
         assert (on == heavy).float().mean() > 0.75
+
+
+def test_set_routing_tau_is_the_one_threshold():
+    """A tau given to set_routing is the config's tau: routing, L_sep and later modes all use it."""
+    lmodel = lte.get_lte_model(build("llama"), lte.LTEConfig(grouping="contiguous"), progress=False)
+    inputs = {"input_ids": torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))}
+    lmodel.set_routing("soft", tau=0.3)
+    assert lmodel.lte_config.tau == 0.3 and all(layer.tau == 0.3 for layer in lmodel.lte_layers())
+    with torch.no_grad():
+        lmodel(**inputs)
+    _, sep = lmodel.lte_loss()
+    scores = [layer.input.loss_scores.reshape(-1, 4) for layer in lmodel.lte_layers()]
+    by_hand = sum(float(separability_loss(s, tau=0.3)) for s in scores) / len(scores)
+    assert float(sep) == pytest.approx(by_hand)
+    lmodel.set_routing("hard")  # no tau given: the one set before
+    assert all(layer.tau == 0.3 for layer in lmodel.lte_layers())
+    with pytest.raises(lte.LTEError, match="tau"):
+        lmodel.set_routing("hard", tau=1.5)
+
+
+def test_train_args_embed_the_lte_config():
+    from lte.training.args import TrainArgs, setting_fields
+
+    hp = TrainArgs.from_dict({"eta": 0.7, "tau": 0.4, "batch-size": 3, "lte": {"grouping_iters": 5}})
+    assert (hp.lte.eta, hp.lte.tau, hp.lte.grouping_iters, hp.batch_size) == (0.7, 0.4, 5, 3)
+    assert TrainArgs.from_dict(hp.to_dict()) == hp
+    assert not {"eta", "lam", "tau"} & {f for f in TrainArgs.__dataclass_fields__}  # one home: the LTEConfig
+    rows = {name: (kind, default, text) for name, kind, default, text in setting_fields()}
+    assert rows["tau"][:2] == (float, 0.5) and "threshold" in rows["tau"][2]
+    assert rows["max_tokens"][0] is int and all(text for _, _, text in rows.values())
+    with pytest.raises(lte.LTEError, match="tau"):
+        TrainArgs.from_dict({"tau": 2.0})

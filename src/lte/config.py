@@ -16,45 +16,46 @@ CONFIG_FORMAT_VERSION = 1
 GROUPINGS = ("kmeans", "random", "contiguous")
 
 
+def _help(text: str) -> dict[str, str]:
+    """Field metadata: the help text the docs and the CLI (`lte train --help`) show."""
+    return {"help": text}
+
+
 @dataclass
 class LTEConfig:
     """Settings of an LTE conversion and of its losses (method.md sections 1-4).
 
-    Attributes:
-        expert_size: neurons per expert (32 in the paper). When the FFN width is not a multiple,
-            the last expert of each layer is smaller.
-        grouping: how neurons are grouped into experts: "kmeans" (balanced k-means on the
-            L2-normalised gate / W1 rows), "random" or "contiguous" (no permutation).
-        grouping_iters: k-means iterations.
-        eta: weight of the efficiency loss (the sparsity knob; larger = sparser).
-        lam: weight of the separability loss.
-        tau: routing threshold on the sigmoid scores.
-        eps: added to the separability loss denominator so it stays finite at G == tau.
-        topk: experts per token in "topk" routing (baselines); None means unset.
-        router_init_std: standard deviation of the router init; None = 1/sqrt(D), which spreads
-            the initial scores around 0.5 instead of putting them all at exactly 0.5.
-        seed: seed for grouping and router init.
-        loss_to_model: whether the gradients of L_eff and L_sep also flow into the model's own
-            weights (through the router input x), as in a fully joint loss. Default False (ours):
-            they train only the routers, while the task loss trains model and routers through
-            the gated FFN. On SmolLM2 and MiniLM the joint version let L_sep's large early gradient
-            swamp the task gradient (after clipping) and damaged the model.
-        ffn_spec: optional description of the FFN of a model family missing from the built-in
-            table (see `lte.conversion.architectures.FFNSpec`), as a dict.
+    Each field's `help` (`dataclasses.fields(LTEConfig)`, `lte train --help`) says what it does.
+    `tau` lives here only: routing, the losses, the statistics and the save all read this value
+    (`LTEModel.set_routing(mode, tau=...)` changes it).
     """
 
-    expert_size: int = 32
-    grouping: str = "kmeans"
-    grouping_iters: int = 15
-    eta: float = 0.5
-    lam: float = 0.5
-    tau: float = 0.5
-    eps: float = 1e-3
-    topk: int | None = None
-    router_init_std: float | None = None
-    seed: int = 0
-    loss_to_model: bool = False
-    ffn_spec: dict[str, Any] | None = field(default=None)
+    expert_size: int = field(default=32, metadata=_help(
+        "neurons per expert (32 in the paper); when the FFN width is not a multiple, each layer's last "
+        "expert is smaller"))
+    grouping: str = field(default="kmeans", metadata=_help(
+        "neuron grouping: kmeans (balanced k-means on the L2-normalised gate / W1 rows), random or "
+        "contiguous (no permutation)"))
+    grouping_iters: int = field(default=15, metadata=_help("k-means iterations"))
+    eta: float = field(default=0.5, metadata=_help(
+        "weight of the efficiency loss (the sparsity knob; larger = sparser); the start value with "
+        "--target-sparsity"))
+    lam: float = field(default=0.5, metadata=_help("weight of the separability loss"))
+    tau: float = field(default=0.5, metadata=_help("routing threshold on the sigmoid router scores, in (0, 1)"))
+    eps: float = field(default=1e-3, metadata=_help(
+        "added to the separability loss denominator so it stays finite at G == tau"))
+    topk: int | None = field(default=None, metadata=_help("experts per token in topk routing (baselines)"))
+    router_init_std: float | None = field(default=None, metadata=_help(
+        "std of the random router init; None: 1/sqrt(D), which spreads the initial scores around 0.5 instead "
+        "of putting them all at exactly 0.5"))
+    seed: int = field(default=0, metadata=_help("seed of the grouping and the router init"))
+    loss_to_model: bool = field(default=False, metadata=_help(
+        "let the L_eff / L_sep gradients reach the model weights too (through the router input x), as in a "
+        "fully joint loss; default (ours): they train only the routers, the task loss trains model and "
+        "routers (on SmolLM2 and MiniLM the joint version let L_sep's early gradient damage the model)"))
+    ffn_spec: dict[str, Any] | None = field(default=None, metadata=_help(
+        "the FFN layout of a model family missing from the built-in table (lte.conversion.architectures."
+        "FFNSpec), as a dict"))
 
     def __post_init__(self) -> None:
         self.validate()

@@ -235,11 +235,17 @@ class LTEModel(SparseFFNModel):
         """Switch every FFN to "dense", "soft" (stage 1, the paper), "ste" (stage 1, ours: the hard
         mask in the forward, the sigmoid's gradient in the backward), "hard" (stage 2, inference) or "topk".
 
-        `k` (topk): experts kept per token, one int for every layer or one per layer.
+        `tau`: a new routing threshold. It becomes `lte_config.tau`, the one value that routing, the
+        losses, the statistics and the save use. `k` (topk): experts kept per token, one int for
+        every layer or one per layer.
         """
         if mode not in MODES:
             raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
-        tau = self.lte_config.tau if tau is None else tau
+        if tau is not None:
+            if not 0.0 < tau < 1.0:
+                raise LTEError(f"tau is a threshold on sigmoid scores and must lie in (0, 1), got {tau}")
+            self.lte_config.tau = float(tau)
+        tau = self.lte_config.tau
         k = self.lte_config.topk if k is None else k
         if mode == "topk" and k is None:
             raise LTEError("topk routing needs k: set_routing('topk', k=...) or LTEConfig(topk=...)")

@@ -312,7 +312,8 @@ def finetune(model: nn.Module, train_data: Any, tokenizer, out_dir: str, teacher
     """
     import time
 
-    from ..training.stages import TrainArgs, make_collator, training_arguments
+    from ..training.args import TrainArgs, training_arguments
+    from ..training.data import make_collator
     from ..training.trainer import LTETrainer
 
     hp = TrainArgs.from_dict({"save_steps": 10**9, "report_to": "none", "progress": False, **train_args})

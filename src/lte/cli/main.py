@@ -8,7 +8,6 @@ the flags (`batch_size` or `batch-size`); flags given on the command line overri
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -17,55 +16,18 @@ from typing import Any
 
 __all__ = ["main", "build_parser"]
 
-# TrainArgs fields whose default is None need their type spelled out.
-_NONE_DEFAULT_TYPES = {"glue_task": str, "max_tokens": int, "max_examples": int, "router_lr": float,
-                       "bf16": bool, "save_total_limit": int, "target_sparsity": float,
-                       "teacher": str}
-_TRAIN_HELP = {
-    "glue_task": "GLUE task for --task classification: SST-2, MRPC, RTE, CoLA, STS-B, ...",
-    "block_size": "causal LM: tokens per packed training block",
-    "max_tokens": "causal LM: use only the first N tokens of the data",
-    "max_length": "classification/instruction: truncate examples to N tokens",
-    "epochs": "training epochs (float)",
-    "max_steps": "optimizer steps (> 0 overrides --epochs)",
-    "lr": "learning rate (AdamW, linear decay)",
-    "router_lr": "stage 1: learning rate of the routers (default: --lr)",
-    "batch_size": "per-device batch size",
-    "grad_accum": "gradient accumulation steps",
-    "bf16": "bf16 mixed precision (default: on when CUDA supports it)",
-    "save_steps": "write checkpoint-N every N steps (resume with --resume)",
-    "eta": "weight of the efficiency loss (sparsity knob); the start value with --target-sparsity",
-    "lam": "weight of the separability loss",
-    "tau": "routing threshold",
-    "expert_size": "neurons per expert",
-    "grouping": "neuron grouping: kmeans, random or contiguous",
-    "target_sparsity": "stage 1: steer eta on the fly so the FFN sparsity ends near this value (0-1)",
-    "report_to": "'auto' (TensorBoard when installed), 'none', or a Trainer integration",
-    "stage1_routing": "stage 1: 'soft' (paper: experts scaled by their score) or 'ste' (hard mask forward, "
-                      "sigmoid gradient for the routers)",
-    "distill": "weight of distillation from the dense model, in [0, 1]: (1-w)*task + w*KL(dense || LTE)",
-    "distill_temperature": "softmax temperature of the distillation loss",
-    "teacher": "dense teacher folder for --distill (default: the dense model the LTE run started from)",
-    "calibrate_tau": "end of stage 1: set tau so the hard-mask sparsity on held-out training examples equals "
-                     "--target-sparsity",
-    "calibration_holdout": "examples of the training data held out of stage 1 for --calibrate-tau",
-}
-
 
 # ---------------------------------------------------------------------- helpers
-def _train_fields() -> list[dataclasses.Field]:
-    from lte.training.args import TrainArgs
-
-    return [f for f in dataclasses.fields(TrainArgs) if f.name != "resume"]
-
-
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainArgs field (`--batch-size`), all defaulting to 'not given'."""
+    """One flag per stage setting (`--batch-size`), help from the field's metadata, all defaulting to 'not given'."""
+    from lte.training.args import setting_fields
+
     group = parser.add_argument_group("training settings (YAML keys of the same name)")
-    for f in _train_fields():
-        flag = "--" + f.name.replace("_", "-")
-        kind = _NONE_DEFAULT_TYPES.get(f.name, type(f.default))
-        helptext = _TRAIN_HELP.get(f.name, "") + (f" (default {f.default})" if f.default is not None else "")
+    for name, kind, default, helptext in setting_fields():
+        if name == "resume":  # its own flag on `lte train`
+            continue
+        flag = "--" + name.replace("_", "-")
+        helptext = helptext + (f" (default {default})" if default is not None else "")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
         else:

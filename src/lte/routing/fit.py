@@ -227,8 +227,7 @@ def calibrate_tau(lmodel, batches: list[dict[str, torch.Tensor]], target: float,
     while abs(sum(per_layer) / len(per_layer) - target) > tol and rounds < max_rounds:
         rounds += 1
         theta = torch.tensor(_weighted_quantile(logits, weights, target), dtype=torch.float64)
-        lmodel.lte_config.tau = float(torch.sigmoid(theta).clamp(1e-6, 1 - 1e-6))
-        lmodel.set_routing(lmodel.routing)  # pushes the new tau into every layer
+        lmodel.set_routing(lmodel.routing, tau=float(torch.sigmoid(theta).clamp(1e-6, 1 - 1e-6)))
         per_layer, (logits, weights) = _hard_pass(lmodel, batches, collect_logits=True)
     achieved = sum(per_layer) / len(per_layer)
     logger.info("calibrated tau = %.6g: hard-routing sparsity %.4f on %d held-out batches (target %.3f, %d rounds)",

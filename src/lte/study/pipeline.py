@@ -63,9 +63,9 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
 
 def _stage_hparams(cfg: dict[str, Any], section: str) -> dict[str, Any]:
     """Top-level TrainArgs keys, overridden by the stage's own section."""
-    from lte.training.args import TrainArgs
+    from lte.training.args import LTE_KEYS, TrainArgs
 
-    known = set(TrainArgs.__dataclass_fields__)
+    known = set(TrainArgs.__dataclass_fields__) | set(LTE_KEYS)
     shared = {k: v for k, v in cfg.items() if k in known}
     unknown = sorted(set(cfg) - known - _PIPELINE_KEYS)
     if unknown:
@@ -103,7 +103,7 @@ def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool =
             has_ckpt = dirs[key].is_dir() and any(p.name.startswith("checkpoint-") for p in dirs[key].iterdir())
             hp.setdefault("resume", has_ckpt)
             t0 = time.time()
-            train_stage(stage, source, task, train_data, dirs[key], **hp)
+            train_stage(stage, source, task, train_data, dirs[key], holdout=holdout, **hp)
             timings[key] = time.time() - t0
         source = dirs[key]
 
@@ -134,24 +134,16 @@ def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool =
 
 
 def _pipeline_data(cfg: dict[str, Any]) -> tuple[Any, Any, float | None]:
-    """(train data, eval data, holdout fraction): causal-lm without eval_data holds out a tail."""
+    """(train data, eval data, holdout fraction): causal-lm without eval_data holds out a tail.
+
+    The stages train on the first (1 - holdout) of the text (`train_stage(holdout=...)`) and the
+    evaluation scores the rest; the stages' block_size and max_tokens must be the top-level ones
+    so that both split the text alike.
+    """
     data, eval_data = cfg["data"], cfg.get("eval_data")
     if cfg["task"] == "causal-lm" and not eval_data:
-        holdout = float(cfg.get("holdout", 0.1))
-        return _HeldOut(data, holdout), data, holdout
+        return data, data, float(cfg.get("holdout", 0.1))
     return data, eval_data or data, None
-
-
-class _HeldOut:
-    """Marker: 'the first (1 - holdout) of this text' (resolved by `train_stage` once the tokenizer
-    is known; the stage's block_size and max_tokens must be the top-level ones so that the
-    evaluation split matches)."""
-
-    def __init__(self, path: str, holdout: float) -> None:
-        self.path, self.holdout = path, holdout
-
-    def __str__(self) -> str:
-        return f"{self.path} (first {1 - self.holdout:.0%})"
 
 
 def _report(cfg, evals, dirs, timings) -> dict[str, Any]:

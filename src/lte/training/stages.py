@@ -6,14 +6,15 @@
   target sparsity with `EtaController`);
 - 2: load a stage-1 output, freeze the routers, hard routing, task loss only.
 
-Each stage writes a directory loadable on its own (HF `from_pretrained` for dense,
-`LTEModel.from_pretrained` for stages 1 and 2) plus `lte_stage.json` (what ran, final numbers),
-`train_log.jsonl`, TensorBoard logs under `runs/` and `checkpoint-N/` folders.
+Each stage writes a directory loadable on its own (`lte.load_model`: a plain HF model for dense,
+an `LTEModel` for stages 1 and 2) plus `lte_stage.json` (what ran, final numbers),
+`train_log.jsonl`, TensorBoard logs under `runs/` and `checkpoint-N/` folders. Settings:
+`lte.training.args.TrainArgs`; data: `lte.training.data`; router init: `lte.routing.fit`.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import logging
 import os
@@ -23,9 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lte.loading import check_head, load_model, load_tokenizer, model_kind, model_source, saved_stage
 from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
-from lte.training.args import TrainArgs
+from lte.training.args import TrainArgs, training_arguments
 from lte.training.callbacks import EtaController, LamWarmup, _newest_checkpoint
+from lte.training.data import first_batch, load_task_data, make_collator, split_holdout
 from lte.training.errors import NonFiniteLossError, StageInputError
 
 logger = logging.getLogger(__name__)
@@ -61,79 +64,25 @@ def _write_stage_info(out: Path, record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- model loading
-def _is_lte_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "lte_config.json").is_file()
-
-
-def _lte_stage_of(path: Path) -> str:
-    meta = json.loads((path / "lte_config.json").read_text())
-    return str(meta.get("stage", "converted"))
-
-
-def _check_head(path: Path, task: str) -> None:
-    """Refuse a model directory whose head does not fit the task (clear error, before loading)."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        return
-    archs = json.loads(config_file.read_text()).get("architectures") or []
-    lm_head = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
-    cls_head = any(a.endswith("ForSequenceClassification") for a in archs)
-    if task in ("causal-lm", "instruction") and archs and not lm_head:
-        raise StageInputError(
-            f"task '{task}' needs a model with a language-model head, but {path} holds {archs}. "
-            "Use --task classification for this model, or pass a causal LM (e.g. smollm2-135m)."
-        )
-    if task == "classification" and lm_head and not cls_head:
-        raise StageInputError(
-            f"task 'classification' needs an encoder or a sequence-classification model, but {path} holds "
-            f"{archs} (a language-model head). Use --task causal-lm, or pass a classifier/encoder (e.g. minilm)."
-        )
-
-
-def _model_source(model: str | os.PathLike) -> Path | str:
-    """A local directory for `model` (an existing folder or an embedded name), else the name itself."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise StageInputError(
-                f"model path {path} is not a saved model folder (no config.json). Pass a folder written by "
-                "save_pretrained / a previous stage, an embedded name (smollm2-135m, minilm, mpnet) or a hub name."
-            )
-        return path
-    from lte.data import zoo
-
-    key = zoo.canonical_name(str(model))
-    if key is not None:
-        return zoo.embedded_folder(key)
-    return str(model)
-
-
-def _load_tokenizer(source: Path | str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise StageInputError(
-            f"could not load a tokenizer for '{source}': not a local model folder, not an embedded model "
-            f"(smollm2-135m, minilm, mpnet), and the hub could not provide it ({err})"
-        ) from err
+def _is_lte_dir(path: Path | str) -> bool:
+    return isinstance(path, Path) and path.is_dir() and model_kind(path) == "lte"
 
 
 def load_stage_model(stage: str, source: Path | str, task: str, num_labels: int, tokenizer,
                      hp: TrainArgs, converted_from_checkpoint: bool = False,
                      calibration_batch: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Build the model a stage trains, from the previous stage's output (see module docstring)."""
-    from lte.data.zoo import ensure_pad_token, resolve_model
+    from lte.data.zoo import ensure_pad_token
 
-    head_task = "classification" if task == "classification" else "causal-lm"
     src = Path(source) if not isinstance(source, Path) and Path(source).exists() else source
     if isinstance(src, Path):
-        _check_head(src, task)
-    if stage == "dense" or (stage == "1" and not (isinstance(src, Path) and _is_lte_dir(src))):
-        if isinstance(src, Path) and _is_lte_dir(src):
+        check_head(src, task)
+        if model_kind(src) == "baseline":
+            raise StageInputError(f"{src} holds a baseline model; the stages start from a plain HF or an LTE model")
+    if stage == "dense" or (stage == "1" and not _is_lte_dir(src)):
+        if _is_lte_dir(src):
             raise StageInputError(f"{src} is an LTE model; the dense stage needs a plain HF model")
-        model, _ = resolve_model(src, task=head_task, num_labels=num_labels)
+        model = load_model(src, task=task, num_labels=num_labels, check=False)  # the head was checked above
         ensure_pad_token(model, tokenizer)
         if stage == "dense":
             return model
@@ -144,21 +93,19 @@ def load_stage_model(stage: str, source: Path | str, task: str, num_labels: int,
     # stages 1 (continuing an LTE dir) and 2: an LTE directory is required
     if stage == "2":
         _check_stage2_source(src)
-    from lte import LTEModel
-
-    model = LTEModel.from_pretrained(src)
+    model = load_model(src)
     ensure_pad_token(model.base_model, tokenizer)
     return model
 
 
 def _check_stage2_source(src: Path | str) -> None:
     """Stage 2 needs a stage-1 output: an LTE directory whose routers were trained."""
-    if not (isinstance(src, Path) and _is_lte_dir(src)):
+    if not _is_lte_dir(src):
         raise StageInputError(
             f"stage 2 needs the output directory of stage 1 (a folder with lte_config.json), got '{src}'. "
             "Run `lte train --stage 1 --model <dense-output> --out <dir>` first and pass that <dir>."
         )
-    label = _lte_stage_of(src)
+    label = saved_stage(src)
     if label not in ("stage1", "stage2"):
         raise StageInputError(
             f"{src} is an LTE model at stage '{label}', not a stage-1 output: its routers are untrained. "
@@ -170,9 +117,7 @@ def _convert(model: nn.Module, hp: TrainArgs, calibration_batch: dict[str, torch
     """Group neurons and add routers (start of stage 1); optionally calibrate the router scale."""
     import lte
 
-    cfg = lte.LTEConfig(expert_size=hp.expert_size, grouping=hp.grouping, eta=hp.eta, lam=hp.lam,
-                        tau=hp.tau, seed=hp.seed, loss_to_model=hp.loss_to_model)
-    lmodel = lte.get_lte_model(model, cfg)
+    lmodel = lte.get_lte_model(model, dataclasses.replace(hp.lte, seed=hp.seed))  # a copy: training changes eta
     mode = hp.router_init
     if mode == "auto":
         mode = "fit" if hp.target_sparsity is not None else "none"
@@ -187,12 +132,11 @@ def _convert(model: nn.Module, hp: TrainArgs, calibration_batch: dict[str, torch
 def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
     """Routing mode, trainable routers and the stage label of an LTE model."""
     if stage == "1":
-        model.lte_config.lam = hp.lam
-        model.lte_config.tau = hp.tau
+        model.lte_config.lam = hp.lte.lam
         if model.stage != "stage1" or not hp.resume:
-            model.lte_config.eta = hp.eta
+            model.lte_config.eta = hp.lte.eta
         model.freeze_routers(False)
-        model.set_routing(hp.stage1_routing)
+        model.set_routing(hp.stage1_routing, tau=hp.lte.tau)
         model.stage = "stage1"
     elif stage == "2":
         model.freeze_routers(True)
@@ -200,111 +144,10 @@ def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
         model.stage = "stage2"
 
 
-# ---------------------------------------------------------------------- data
-def load_task_data(task: str, data: Any, tokenizer, hp: TrainArgs, split: str = "train"):
-    """The training dataset of a task from a path (or pass a Dataset through)."""
-    holdout = getattr(data, "holdout", None)
-    if holdout is not None and task == "causal-lm":  # lte.pipeline: train on all but the held-out tail
-        from lte.data import load_text_lm
-
-        dataset = load_text_lm(data.path, tokenizer, block_size=hp.block_size, max_tokens=hp.max_tokens,
-                               split_ratio=holdout, text_field=hp.text_field)[0]
-    elif not isinstance(data, (str, os.PathLike)):
-        dataset = data
-    elif task == "causal-lm":
-        from lte.data import load_text_lm
-
-        dataset = load_text_lm(data, tokenizer, block_size=hp.block_size, max_tokens=hp.max_tokens,
-                               text_field=hp.text_field)
-    elif task == "classification":
-        from lte.data import load_glue
-
-        if not hp.glue_task:
-            raise StageInputError("--task classification needs --glue-task (e.g. SST-2, MRPC, RTE, CoLA, STS-B)")
-        dataset = load_glue(hp.glue_task, data, tokenizer, split=split, max_length=hp.max_length,
-                            max_examples=hp.max_examples)
-    else:
-        from lte.data import load_instructions
-
-        dataset = load_instructions(data, tokenizer, max_length=hp.max_length, max_examples=hp.max_examples)
-    try:
-        n = len(dataset)
-    except TypeError:
-        n = None
-    if n == 0:
-        raise StageInputError(f"the training data '{data}' gave no examples; check the file and the task")
-    return dataset
-
-
-def _first_batch(dataset, tokenizer, batch_size: int) -> dict[str, torch.Tensor] | None:
-    """The first `batch_size` examples, collated (for router calibration); None if unavailable."""
-    try:
-        items = [dataset[i] for i in range(min(batch_size, len(dataset)))]
-    except (TypeError, IndexError, KeyError):
-        return None
-    return make_collator(tokenizer)(items) if items else None
-
-
-def make_collator(tokenizer):
-    """`lte.data.pad_collate(tokenizer)` (pads input_ids/attention_mask, labels with -100)."""
-    from lte.data import pad_collate
-
-    return pad_collate(tokenizer)
-
-
-# ---------------------------------------------------------------------- training arguments
-def _report_to(hp: TrainArgs) -> list[str]:
-    if hp.report_to == "auto":
-        return ["tensorboard"] if importlib.util.find_spec("tensorboard") or importlib.util.find_spec(
-            "tensorboardX") else []
-    return [] if hp.report_to in ("none", "", None) else [hp.report_to]
-
-
-def use_bf16(hp: TrainArgs) -> bool:
-    if hp.bf16 is not None:
-        return bool(hp.bf16) and torch.cuda.is_available()
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def training_arguments(out: Path, hp: TrainArgs):
-    """`transformers.TrainingArguments` for one stage."""
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=hp.epochs,
-        max_steps=hp.max_steps if hp.max_steps and hp.max_steps > 0 else -1,
-        learning_rate=hp.lr,
-        per_device_train_batch_size=hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
-        gradient_accumulation_steps=hp.grad_accum,
-        weight_decay=hp.weight_decay,
-        warmup_steps=hp.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type="linear",
-        optim="adamw_torch",
-        max_grad_norm=hp.max_grad_norm,
-        bf16=use_bf16(hp),
-        seed=hp.seed,
-        data_seed=hp.seed,
-        save_strategy="steps",
-        save_steps=hp.save_steps,
-        save_total_limit=hp.save_total_limit,
-        logging_strategy="steps",
-        logging_steps=hp.logging_steps,
-        report_to=_report_to(hp),
-        disable_tqdm=not hp.progress,
-        remove_unused_columns=False,
-        dataloader_num_workers=hp.dataloader_workers,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
-        include_num_input_tokens_seen="non_padding",  # the budget a study reports (tokens, not only steps)
-    )
-
-
 # ---------------------------------------------------------------------- the stage
 def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: str | os.PathLike,
                 tokenizer=None, callbacks: list | None = None, teacher: nn.Module | None = None,
-                **hparams: Any) -> dict[str, Any]:
+                holdout: float | None = None, **hparams: Any) -> dict[str, Any]:
     """Run one training stage and save its output to `out`; return a summary dict.
 
     Args:
@@ -316,6 +159,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         out: output directory.
         teacher: the dense teacher for `distill` > 0 as a model object (default: loaded from
             `hparams["teacher"]`, or the dense model the LTE run started from).
+        holdout: causal LM from a path: train on all but this final fraction of the text (kept
+            unseen for evaluation; `lte run` sets it).
         hparams: `TrainArgs` fields (lr, epochs, max_steps, batch_size, eta, target_sparsity, ...).
     """
     stage = _normalise_stage(stage)
@@ -336,30 +181,31 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
             raise StageInputError("pass tokenizer=... together with a model object")
         model = model_dir_or_model
         source, source_desc = None, type(model).__name__
-        dataset = load_task_data(task, data, tokenizer, hp)
+        dataset = load_task_data(task, data, tokenizer, hp, holdout=holdout)
         if stage == "1" and not hasattr(model, "lte_config"):
             if hp.distill > 0 and teacher is None and hp.teacher is None:
                 import copy
 
                 teacher = copy.deepcopy(model)  # the dense model, before conversion
-            model = _convert(model, hp, _first_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples)))
+            model = _convert(model, hp, first_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples)))
         elif stage == "2" and getattr(model, "stage", None) not in ("stage1", "stage2"):
             raise StageInputError("stage 2 needs a model that went through stage 1 (LTEModel with stage 'stage1')")
     else:
-        source = _model_source(model_dir_or_model)
+        source = model_source(model_dir_or_model)
         source_desc = str(source)
         if isinstance(source, Path):
-            _check_head(source, task)  # before loading data: the clearer error first
+            check_head(source, task)  # before loading data: the clearer error first
         if stage == "2":
             _check_stage2_source(source)
         # On resume of stage 1, rebuild from the checkpoint (same grouping, no k-means again).
         build_from = Path(resume_ckpt) if (resume_ckpt and stage != "dense") else source
-        tokenizer = _load_tokenizer(build_from)
-        dataset = load_task_data(task, data, tokenizer, hp)
+        tokenizer = load_tokenizer(build_from)
+        dataset = load_task_data(task, data, tokenizer, hp, holdout=holdout)
         num_labels = getattr(dataset, "num_labels", 2)
         model = load_stage_model(stage, build_from, task, num_labels, tokenizer, hp,
                                  converted_from_checkpoint=bool(resume_ckpt),
-                                 calibration_batch=_first_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples)))
+                                 calibration_batch=first_batch(dataset, tokenizer,
+                                                               max(hp.batch_size, hp.calibration_examples)))
         _check_labels(model, dataset, task)
     teacher, teacher_desc = _resolve_teacher(stage, hp, teacher, source, task, tokenizer, dataset)
     if stage != "dense":
@@ -367,17 +213,17 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
 
     # Held-out examples (the tail of the training data) for the tau calibration; never trained on.
     calibrate = hp.target_sparsity is not None and (stage == "2" or (stage == "1" and hp.calibrate_tau))
-    train_set, held_out = _split_holdout(dataset, hp.calibration_holdout) if calibrate else (dataset, None)
+    train_set, held_out = split_holdout(dataset, hp.calibration_holdout) if calibrate else (dataset, None)
     record_extra: dict[str, Any] = {}
     if stage == "2" and calibrate:  # stage 2 honours --target-sparsity: re-cut the frozen routers first
         record_extra["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
 
     callbacks = list(callbacks or [])
     if stage == "1" and hp.lam_warmup > 0:
-        callbacks.append(LamWarmup(hp.lam, hp.lam_warmup))
+        callbacks.append(LamWarmup(hp.lte.lam, hp.lam_warmup))
     controller = None
     if hp.target_sparsity is not None and stage == "1":
-        controller = EtaController(hp.target_sparsity, eta0=hp.eta, kp=hp.controller_kp, ki=hp.controller_ki,
+        controller = EtaController(hp.target_sparsity, eta0=hp.lte.eta, kp=hp.controller_kp, ki=hp.controller_ki,
                                    smoothing=hp.controller_smoothing, warmup_steps=hp.controller_warmup,
                                    eta_max=hp.eta_max)
         callbacks.append(controller)
@@ -400,6 +246,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         "stage": _STAGE_LABEL[stage], "task": task, "source": source_desc, "data": str(data),
         "complete": False, "hparams": hp.to_dict(), "teacher": teacher_desc, **record_extra,
     }
+    if holdout:
+        record["holdout"] = holdout
     try:
         result = trainer.train(resume_from_checkpoint=resume_ckpt)
     except NonFiniteLossError as err:
@@ -426,18 +274,6 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         _write_stage_info(out, record)
     record["trainer"] = trainer
     return record
-
-
-def _split_holdout(dataset, n: int):
-    """(training subset, held-out tail of `n` examples); at most a fifth of the data is held out."""
-    from torch.utils.data import Subset
-
-    total = len(dataset)
-    n = max(1, min(n, total // 5))
-    if total - n < 1:
-        raise StageInputError(f"the training data has {total} examples: too few to hold {n} out for the tau "
-                              "calibration; give more data or drop --calibrate-tau / --target-sparsity")
-    return Subset(dataset, range(total - n)), Subset(dataset, range(total - n, total))
 
 
 def _calibrate_on(model, held_out, tokenizer, hp: TrainArgs) -> dict[str, Any]:
@@ -471,15 +307,15 @@ def _resolve_teacher(stage: str, hp: TrainArgs, teacher: nn.Module | None, sourc
         raise StageInputError(
             "--distill needs the dense teacher model and none could be found: pass --teacher PATH "
             "(the dense model the LTE run started from, e.g. the output of --stage dense)")
-    teacher_path = _model_source(path)
+    teacher_path = model_source(path)
     if isinstance(teacher_path, Path):
-        _check_head(teacher_path, task)
-        if _is_lte_dir(teacher_path):
-            raise StageInputError(f"the teacher {teacher_path} is an LTE model; pass the dense model it came from")
-    from lte.data.zoo import ensure_pad_token, resolve_model
+        check_head(teacher_path, task)
+        if model_kind(teacher_path) != "hf":
+            raise StageInputError(f"the teacher {teacher_path} is an LTE or baseline model; pass the dense model "
+                                  "it came from")
+    from lte.data.zoo import ensure_pad_token
 
-    head_task = "classification" if task == "classification" else "causal-lm"
-    model, _ = resolve_model(teacher_path, task=head_task, num_labels=getattr(dataset, "num_labels", 2))
+    model = load_model(teacher_path, task=task, num_labels=getattr(dataset, "num_labels", 2), check=False)
     ensure_pad_token(model, tokenizer)
     return model, str(teacher_path)
 

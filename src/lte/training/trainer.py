@@ -5,8 +5,9 @@ What it adds to `transformers.Trainer`:
 - logs task loss, L_eff, L_sep, eta, FFN sparsity (overall and per layer) and GFLOPs/token to the
   Trainer's loggers (TensorBoard when installed) and to `<output_dir>/train_log.jsonl`;
 - feeds the measured sparsity of every step to an `EtaController` callback (`--target-sparsity`);
-- checkpoints (`checkpoint-N/` and the final directory) are `LTEModel.save_pretrained` saves,
-  loadable with `LTEModel.from_pretrained`, and `train(resume_from_checkpoint=...)` reads them;
+- checkpoints (`checkpoint-N/` and the final directory) are `LTEModel.save_pretrained` saves
+  (baseline models: theirs), loadable with `lte.load_model`, and `train(resume_from_checkpoint=...)`
+  reads them;
 - a non-finite loss or gradient stops training before it touches the weights (`NaNGuard`).
 Everything else (optimizer, schedule, mixed precision, accumulation, DDP through accelerate,
 progress bars, optimizer/scheduler/RNG state in checkpoints) is the stock Trainer.
@@ -17,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,34 +26,12 @@ from transformers import Trainer, TrainerCallback
 
 from lte.model import LTEModel
 from lte.routing.layers import TRAINING_MODES
+from lte.sparse_model import SparseFFNModel
 from lte.training.callbacks import EtaController, JsonlLogger, NaNGuard
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LTETrainer"]
-
-
-def _save_lte_into(model: LTEModel, output_dir: str) -> None:
-    """`model.save_pretrained(output_dir)` that keeps other files already in `output_dir`.
-
-    `LTEModel.save_pretrained` replaces the whole directory atomically; a stage's final save goes
-    to the Trainer's output_dir, which also holds checkpoints and logs. So an existing non-empty
-    directory gets the save in a temporary sibling first, then the files move in.
-    """
-    target = Path(output_dir)
-    if not target.is_dir() or not any(target.iterdir()):
-        model.save_pretrained(target)
-        return
-    tmp = target / f".lte-save-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    for item in tmp.iterdir():
-        dest = target / item.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(item, dest)
-    tmp.rmdir()
 
 
 class _Window:
@@ -276,22 +253,17 @@ class LTETrainer(Trainer):
 
     # ------------------------------------------------------------------ save / load
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save an `LTEModel` with `save_pretrained` (full save); plain HF models as usual."""
-        lte_model = self.lte_model
-        if lte_model is None:
-            from transformers import PreTrainedModel
-
-            model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
-            if not isinstance(model, PreTrainedModel) and hasattr(model, "save_pretrained"):
-                # Our own wrappers (the baselines) know how to save themselves, tied weights included.
-                if self.args.should_save:
-                    model.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
-                return None
+        """Save an `LTEModel` or a baseline model with its own `save_pretrained` (atomic, full save, tied
+        weights included; other files in the folder stay); plain HF models as usual."""
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        if not isinstance(model, SparseFFNModel):
             return super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        _save_lte_into(lte_model, output_dir)
+        model.save_pretrained(output_dir)
+        if not isinstance(model, LTEModel):
+            return
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -1,0 +1,79 @@
+"""A stage's training data: the task's dataset from a path, the collator, calibration batches, held-out tails."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from lte.training.args import TrainArgs
+from lte.training.errors import StageInputError
+
+__all__ = ["first_batch", "load_task_data", "make_collator", "split_holdout"]
+
+
+def load_task_data(task: str, data: Any, tokenizer, hp: TrainArgs, split: str = "train",
+                   holdout: float | None = None):
+    """The training dataset of a task from a path (a Dataset passes through).
+
+    `holdout` (causal LM): train on all but this final fraction of the text, which stays unseen
+    for evaluation (`lte run` scores it).
+    """
+    if not isinstance(data, (str, os.PathLike)):
+        dataset = data
+    elif task == "causal-lm":
+        from lte.data import load_text_lm
+
+        if holdout:
+            dataset = load_text_lm(data, tokenizer, block_size=hp.block_size, max_tokens=hp.max_tokens,
+                                   split_ratio=holdout, text_field=hp.text_field)[0]
+        else:
+            dataset = load_text_lm(data, tokenizer, block_size=hp.block_size, max_tokens=hp.max_tokens,
+                                   text_field=hp.text_field)
+    elif task == "classification":
+        from lte.data import load_glue
+
+        if not hp.glue_task:
+            raise StageInputError("--task classification needs --glue-task (e.g. SST-2, MRPC, RTE, CoLA, STS-B)")
+        dataset = load_glue(hp.glue_task, data, tokenizer, split=split, max_length=hp.max_length,
+                            max_examples=hp.max_examples)
+    else:
+        from lte.data import load_instructions
+
+        dataset = load_instructions(data, tokenizer, max_length=hp.max_length, max_examples=hp.max_examples)
+    try:
+        n = len(dataset)
+    except TypeError:
+        n = None
+    if n == 0:
+        raise StageInputError(f"the training data '{data}' gave no examples; check the file and the task")
+    return dataset
+
+
+def first_batch(dataset, tokenizer, batch_size: int) -> dict[str, torch.Tensor] | None:
+    """The first `batch_size` examples, collated (for router calibration); None if unavailable."""
+    try:
+        items = [dataset[i] for i in range(min(batch_size, len(dataset)))]
+    except (TypeError, IndexError, KeyError):
+        return None
+    return make_collator(tokenizer)(items) if items else None
+
+
+def make_collator(tokenizer):
+    """`lte.data.pad_collate(tokenizer)` (pads input_ids/attention_mask, labels with -100)."""
+    from lte.data import pad_collate
+
+    return pad_collate(tokenizer)
+
+
+def split_holdout(dataset, n: int):
+    """(training subset, held-out tail of `n` examples); at most a fifth of the data is held out."""
+    from torch.utils.data import Subset
+
+    total = len(dataset)
+    n = max(1, min(n, total // 5))
+    if total - n < 1:
+        raise StageInputError(f"the training data has {total} examples: too few to hold {n} out for the tau "
+                              "calibration; give more data or drop --calibrate-tau / --target-sparsity")
+    return Subset(dataset, range(total - n)), Subset(dataset, range(total - n, total))
