@@ -142,7 +142,7 @@ def test_bad_input_is_a_clear_error():
         apply_baseline(build("llama"), "teal", 0.5)
     with pytest.raises(lte.LTEError, match="target sparsity"):
         apply_baseline(build("llama"), "teal", 1.5, calib_data=calib(1))
-    with pytest.raises(lte.LTEError, match="train_data"):
+    with pytest.raises(lte.LTEError, match="lte.training.finetune"):
         apply_baseline(build("llama"), "dejavu-ft", 0.5, calib_data=calib(1), predictor_steps=2)
     lmodel = lte.get_lte_model(build("llama"), lte.LTEConfig(grouping_iters=2))
     with pytest.raises(lte.LTEError, match="converted by lte"):

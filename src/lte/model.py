@@ -1,9 +1,8 @@
-"""`get_lte_model` and `LTEModel`: an unmodified HF model with LTE modules put in place.
+"""`LTEModel`: an unmodified HF model with LTE modules in its FFNs; `get_lte_model` makes one.
 
-Conversion (method.md section 1-2):
-1. find every FFN through the architecture table,
-2. group its neurons into experts and permute its weights so each expert is contiguous,
-3. replace its input projection by `LTEInput` (router) and its output projection by `LTEOutput`.
+The conversion itself (find the FFNs, group and permute their neurons, put `LTEInput` /
+`LTEOutput` in place) is `lte.conversion.convert`; this module adds what a converted model
+does: routing modes, the LTE losses of a forward, statistics (`lte.sparse_model`), save and load.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +17,10 @@ import torch
 from torch import nn
 
 from .config import CONFIG_FORMAT_VERSION, LTEConfig
-from .conversion.architectures import FFNSpec, spec_for
-from .conversion.grouping import expert_sizes as make_expert_sizes
-from .conversion.locate import FFNHandle, find_ffns
-from .conversion.permute import in_rows, out_cols
+from .conversion.convert import LTELayer, base_fingerprint, convert, reattach, weights_digest
 from .errors import LTEError
 from .losses import lte_losses
-from .routing.layers import MODES, TRAINING_MODES, LTEInput, LTEOutput
+from .routing.layers import MODES, TRAINING_MODES, LTEInput
 from .sparse_model import SparseFFNModel
 from .stats import active_neurons, linear_flops_per_token, union_sparsity
 from .version import __version__
@@ -34,167 +29,15 @@ CONFIG_NAME = "lte_config.json"
 ADAPTER_NAME = "lte_adapter.safetensors"
 
 
-@dataclass
-class LTELayer:
-    """One converted FFN: where it is and its LTE modules."""
-
-    name: str  # dotted name of the FFN container in the HF model
-    container: nn.Module
-    input: LTEInput
-    output: LTEOutput
-    spec: FFNSpec
-    activation: str
-
-    @property
-    def router(self) -> nn.Linear:
-        return self.input.router
-
-    @property
-    def expert_sizes(self) -> list[int]:
-        return self.input.expert_sizes.tolist()
-
-    @property
-    def tau(self) -> float:
-        return self.input.tau
-
-    def _fused_rows(self) -> torch.Tensor:
-        return in_rows(self.input.base_layer)
-
-    def gate_weight(self) -> torch.Tensor | None:
-        """Gate projection [F, D] (None for plain FFNs)."""
-        if self.spec.gate_up:
-            return self._fused_rows()[: self.input.ffn_width]
-        if self.spec.gate:
-            return in_rows(self.input.base_layer)
-        return None
-
-    def up_weight(self) -> torch.Tensor:
-        """Up projection (gated) or W1 (plain), [F, D]."""
-        if self.spec.gate_up:
-            return self._fused_rows()[self.input.ffn_width:]
-        if self.spec.gate:
-            return in_rows(self.container.get_submodule(self.spec.up))
-        return in_rows(self.input.base_layer)
-
-    def up_bias(self) -> torch.Tensor | None:
-        if self.spec.gated:
-            return None
-        return getattr(self.input.base_layer, "bias", None)
-
-    def down_weight(self) -> torch.Tensor:
-        """Output projection [D, F]."""
-        return out_cols(self.output.base_layer)
-
-    def down_bias(self) -> torch.Tensor | None:
-        return getattr(self.output.base_layer, "bias", None)
-
-
-# --------------------------------------------------------------------------- fingerprint
-def _base_fingerprint(model: nn.Module, widths: list[int]) -> dict[str, Any]:
-    """What identifies a base model: its shape and statistics of its input embeddings."""
-    emb = model.get_input_embeddings().weight.detach()
-    flat = emb.reshape(-1)
-    idx = (torch.arange(64) * (flat.numel() // 64)).to(flat.device)  # 64 entries spread over the table
-    return {
-        "model_type": model.config.model_type,
-        "vocab_size": int(emb.shape[0]),
-        "hidden_size": int(emb.shape[1]),
-        "ffn_widths": widths,
-        "embedding_sample": [float(v) for v in flat[idx].float().cpu()],
-    }
-
-
-def _weights_digest(layers: list[LTELayer]) -> str:
-    """Exact digest of one FFN's weights, to tell whether training changed the base."""
-    import hashlib
-
-    w = layers[0].down_weight().detach().float().cpu().contiguous()
-    return hashlib.sha1(w.numpy().tobytes()).hexdigest()
-
-
-def _check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], where: str, check_weights: bool) -> None:
-    for key in ("model_type", "vocab_size", "hidden_size", "ffn_widths"):
-        if expected.get(key) != actual.get(key):
-            raise LTEError(
-                f"the LTE files in {where} were made for a different base model: {key} is "
-                f"{expected.get(key)!r} there but {actual.get(key)!r} in the model you passed. "
-                "Load the base model the LTE model was converted from."
-            )
-    if check_weights:
-        exp, act = expected["embedding_sample"], actual["embedding_sample"]
-        # 2% + 1e-4: survives a bf16/fp16 round trip, catches another checkpoint or a fine-tune.
-        if any(abs(a - b) > 2e-2 * abs(b) + 1e-4 for a, b in zip(act, exp)):
-            raise LTEError(
-                f"the LTE files in {where} were made for a base model with other weights (its "
-                "embedding entries differ): same architecture, different checkpoint. Load the base "
-                "it was converted from, or pass check_weights=False if you know they match."
-            )
-
-
-# --------------------------------------------------------------------------- conversion
-def _checked_ffns(model: nn.Module, spec: FFNSpec) -> list[FFNHandle]:
-    """Every FFN of `model`, each checked convertible (plain projections, finite weights)."""
-    ffns = find_ffns(model, spec)
-    for ffn in ffns:
-        ffn.check()
-    return ffns
-
-
-def _wrap(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Tensor] | None,
-          apply_perms: bool, progress: bool = True, ffns: list[FFNHandle] | None = None) -> list[LTELayer]:
-    """Group (if perms is None), permute and wrap every FFN of `model` (`ffns`: already checked), in place."""
-    if any(isinstance(m, (LTEInput, LTEOutput)) for m in model.modules()):
-        raise LTEError("this model is already converted by lte; convert the original model instead")
-    ffns = ffns if ffns is not None else _checked_ffns(model, spec)
-    if perms is not None and len(perms) != len(ffns):
-        raise LTEError(f"the LTE files hold {len(perms)} FFN permutations but the model has {len(ffns)} FFNs")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    layers: list[LTELayer] = []
-    iterator = enumerate(ffns)
-    if progress and perms is None and cfg.grouping == "kmeans":
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, total=len(ffns), desc="grouping neurons", leave=False)
-    for i, ffn in iterator:
-        name, container = ffn.name, ffn.container
-        first, down = ffn.input, ffn.down
-        width = ffn.width
-        sizes = make_expert_sizes(width, cfg.expert_size)
-        if perms is None:
-            perm = ffn.group(cfg.expert_size, cfg.grouping, seed=cfg.seed + i, n_iter=cfg.grouping_iters)
-        else:
-            perm = perms[i].cpu()
-            if perm.numel() != width:
-                raise LTEError(f"{name}: saved permutation has {perm.numel()} neurons but the FFN has {width}")
-        if apply_perms:
-            ffn.permute(perm)
-        hidden = in_rows(first).shape[1]
-        lin = LTEInput(first, len(sizes), hidden, sizes, cfg.router_init_std, generator)
-        lin.perm.copy_(perm.to(lin.perm.device))
-        lout = LTEOutput(down, lin)
-        ffn.set(spec.input_name, lin)
-        ffn.set(spec.down, lout)
-        layers.append(LTELayer(name, container, lin, lout, spec, ffn.activation))
-    return layers
-
-
 def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: bool = True) -> LTEModel:
     """Convert a Hugging Face model into an `LTEModel`, in place.
 
     Groups each FFN's neurons into experts (`config.grouping`), permutes the weights so each
-    expert is a contiguous block, and adds a router per FFN. The result starts in "dense"
-    routing, where it computes exactly the original function.
+    expert is a contiguous block, and adds a router per FFN (`lte.conversion.convert`). The result
+    starts in "dense" routing, where it computes exactly the original function.
     """
     config = config or LTEConfig()
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type is None:
-        raise LTEError(f"expected a Hugging Face model with a .config.model_type, got {type(model).__name__}")
-    if any(isinstance(m, (LTEInput, LTEOutput)) for m in model.modules()):
-        raise LTEError("this model is already converted by lte; convert the original model instead")
-    spec = spec_for(model_type, config.ffn_spec)
-    ffns = _checked_ffns(model, spec)
-    fingerprint = _base_fingerprint(model, [ffn.width for ffn in ffns])
-    layers = _wrap(model, config, spec, perms=None, apply_perms=True, progress=progress, ffns=ffns)
+    layers, fingerprint = convert(model, config, progress)
     return LTEModel(model, config, layers, fingerprint)
 
 
@@ -224,7 +67,7 @@ class LTEModel(SparseFFNModel):
         self._last_token_mask: torch.Tensor | None = None
         exclude = {id(layer.router) for layer in layers}
         self._dense_flops = linear_flops_per_token(base_model, exclude)
-        self._digest = _weights_digest(layers)
+        self._digest = weights_digest(layers)
         self.reset_lte_stats()
 
     # ---------------------------------------------------------------- routing
@@ -265,6 +108,9 @@ class LTEModel(SparseFFNModel):
     def freeze_routers(self, frozen: bool = True) -> None:
         for p in self.router_parameters():
             p.requires_grad_(not frozen)
+
+    def freeze_selectors(self, frozen: bool = True) -> None:
+        self.freeze_routers(frozen)
 
     # ---------------------------------------------------------------- forward
     def _token_mask(self, attention_mask: Any, tokens: int) -> torch.Tensor | None:
@@ -379,7 +225,7 @@ class LTEModel(SparseFFNModel):
             "weights_permuted": weights_permuted,
             "base_architecture": archs[0],
             # A full save is its own base; a light save needs the base it was converted from.
-            "base": (_base_fingerprint(self.base_model, self._fingerprint["ffn_widths"])
+            "base": (base_fingerprint(self.base_model, self._fingerprint["ffn_widths"])
                      if weights_permuted else self._fingerprint),
         }
 
@@ -427,7 +273,7 @@ class LTEModel(SparseFFNModel):
         self._save_atomically(save_directory, write)
 
     def _check_base_unchanged(self) -> None:
-        if _weights_digest(self._layers) != self._digest:
+        if weights_digest(self._layers) != self._digest:
             raise LTEError(
                 "the base weights changed since conversion (training?): a light save keeps only the "
                 "routers and permutations and would lose them. Use save_pretrained(dir) (full save)."
@@ -455,23 +301,7 @@ class LTEModel(SparseFFNModel):
     @classmethod
     def _attach(cls, base: nn.Module, meta: dict[str, Any], state: dict[str, torch.Tensor], where: str,
                 check_weights: bool) -> LTEModel:
-        cfg = LTEConfig.from_dict(meta["lte"])
-        spec = FFNSpec.from_dict(meta["spec"])
-        ffns = _checked_ffns(base, spec)
-        _check_fingerprint(meta["base"], _base_fingerprint(base, [ffn.width for ffn in ffns]), where, check_weights)
-        n = len(meta["layers"])
-        try:
-            perms = [state[f"layers.{i}.perm"] for i in range(n)]
-        except KeyError as err:
-            raise LTEError(f"{where}/{ADAPTER_NAME} lacks {err}; the file is damaged, re-save the model") from err
-        layers = _wrap(base, cfg, spec, perms, apply_perms=not meta["weights_permuted"], ffns=ffns)
-        for i, layer in enumerate(layers):
-            w = state[f"layers.{i}.router.weight"]
-            if w.shape != layer.router.weight.shape:
-                raise LTEError(f"{where}: router {i} has shape {tuple(w.shape)}, model needs "
-                               f"{tuple(layer.router.weight.shape)}; files and base model do not match")
-            with torch.no_grad():
-                layer.router.weight.copy_(w)
+        cfg, layers = reattach(base, meta, state, where, check_weights)
         model = cls(base, cfg, layers, meta["base"], stage=meta.get("stage", "converted"))
         model.set_routing(meta.get("routing", "dense"))
         return model

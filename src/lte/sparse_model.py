@@ -48,6 +48,10 @@ class SparseFFNModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def freeze_selectors(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) what picks the computed part of each FFN: routers, predictors."""
+        raise NotImplementedError
+
     # ---------------------------------------------------------------- per-layer measures (subclasses)
     def _num_layers(self) -> int:
         raise NotImplementedError

@@ -8,7 +8,7 @@ Methods: teal, cats, moefication (MLP router), moefication-oracle, dejavu, dejav
 Sweeps and studies over these methods and LTE: `lte.study` (`run_sweep`, `run_study`).
 """
 
-from .methods import METHODS, apply_baseline, as_batches, canonical_method, finetune, set_sparsity
+from .methods import METHODS, apply_baseline, as_batches, canonical_method, set_sparsity
 from .model import BaselineModel
 
-__all__ = ["METHODS", "BaselineModel", "apply_baseline", "as_batches", "canonical_method", "finetune", "set_sparsity"]
+__all__ = ["METHODS", "BaselineModel", "apply_baseline", "as_batches", "canonical_method", "set_sparsity"]

@@ -286,11 +286,12 @@ def build_dejavu(hf_model: nn.Module, target_sparsity: float, calib_data: Any, r
 def build_random_topk(hf_model: nn.Module, target_sparsity: float, expert_size: int = 32, grouping: str = "kmeans",
                       seed: int = 0, grouping_iters: int = 15, **_: Any):
     """The paper's stage-1 ablation: LTE conversion, frozen random routers, top-k experts (an LTEModel)."""
-    import lte
+    from ..config import LTEConfig
+    from ..model import get_lte_model
 
     _check_target(target_sparsity)
-    cfg = lte.LTEConfig(expert_size=expert_size, grouping=grouping, seed=seed, grouping_iters=grouping_iters)
-    lmodel = lte.get_lte_model(hf_model, cfg, progress=False)
+    cfg = LTEConfig(expert_size=expert_size, grouping=grouping, seed=seed, grouping_iters=grouping_iters)
+    lmodel = get_lte_model(hf_model, cfg, progress=False)
     experts = lmodel.lte_layers()[0].router.out_features
     k = int(round((1.0 - target_sparsity) * experts))
     lmodel.lte_config.topk = k
@@ -300,47 +301,6 @@ def build_random_topk(hf_model: nn.Module, target_sparsity: float, expert_size: 
     return lmodel
 
 
-# --------------------------------------------------------------------------- fine-tuning
-def finetune(model: nn.Module, train_data: Any, tokenizer, out_dir: str, teacher: nn.Module | None = None,
-             **train_args: Any) -> dict[str, Any]:
-    """Fine-tune a baseline model (its masks on, predictors/routers frozen) with `LTETrainer`.
-
-    `train_data`: a torch Dataset of examples ({input_ids, attention_mask, labels}).
-    `teacher`: the dense model, for `distill` > 0 (distillation, as LTE's stages can use it).
-    `train_args`: `lte.training.TrainArgs` fields (max_steps, lr, batch_size, distill, ...).
-    Returns {"steps", "tokens", "epochs", "seconds", "train_loss"}.
-    """
-    import time
-
-    from ..training.args import TrainArgs, training_arguments
-    from ..training.data import make_collator
-    from ..training.trainer import LTETrainer
-
-    hp = TrainArgs.from_dict({"save_steps": 10**9, "report_to": "none", "progress": False, **train_args})
-    if isinstance(model, BaselineModel):
-        model.freeze_predictors(True)
-    elif hasattr(model, "freeze_routers"):
-        model.freeze_routers(True)
-    args = training_arguments(_as_path(out_dir), hp)
-    if hp.distill > 0 and teacher is None:
-        raise LTEError("finetune with distill > 0 needs teacher= (the dense model)")
-    trainer = LTETrainer(model=model, args=args, train_dataset=train_data, data_collator=make_collator(tokenizer),
-                         processing_class=tokenizer, jsonl_log="train_log.jsonl", teacher=teacher,
-                         distill=hp.distill, distill_temperature=hp.distill_temperature)
-    start = time.perf_counter()
-    result = trainer.train()
-    model.eval()
-    return {"steps": trainer.state.global_step, "tokens": int(trainer.state.num_input_tokens_seen or 0),
-            "epochs": trainer.state.epoch, "seconds": time.perf_counter() - start,
-            "train_loss": result.metrics.get("train_loss")}
-
-
-def _as_path(out_dir: Any):
-    from pathlib import Path
-
-    return Path(out_dir)
-
-
 # --------------------------------------------------------------------------- entry point
 _BUILDERS = {
     "teal": build_teal,
@@ -348,39 +308,33 @@ _BUILDERS = {
     "moefication": build_moefication,
     "moefication-oracle": lambda m, t, **o: build_moefication(m, t, oracle=True, **o),
     "dejavu": build_dejavu,
-    "dejavu-ft": build_dejavu,
     "random-topk": build_random_topk,
 }
 
 
 def apply_baseline(hf_model: nn.Module, method: str, target_sparsity: float = 0.5, calib_data: Any = None,
-                   train_data: Any = None, tokenizer=None, finetune_args: dict | None = None,
-                   out_dir: str | None = None, **options: Any):
+                   **options: Any):
     """Turn a plain HF model into a baseline model (in place) at a target sparsity.
 
     Args:
         hf_model: a plain Hugging Face model of a supported family (not an LTEModel).
-        method: one of METHODS (teal, cats, moefication, moefication-oracle, dejavu, dejavu-ft, random-topk).
+        method: one of METHODS (teal, cats, moefication, moefication-oracle, dejavu, random-topk).
+            The methods that train the model are fine-tuned by the caller with
+            `lte.training.finetune` (as the study does): "random-topk" returns the conversion with
+            frozen random routers, to fine-tune; "dejavu-ft" is "dejavu", then fine-tuned.
         target_sparsity: top-k methods keep round((1-t) * units) experts/neurons per token;
             threshold methods zero the fraction t of the activations they threshold (calibrated).
         calib_data: batches, a Dataset or input_ids for calibration / predictor training.
-        train_data, tokenizer, finetune_args, out_dir: fine-tuning for dejavu-ft and random-topk
-            (random-topk without train_data returns the untrained converted model).
         options: method settings (expert_size, rank, router_hidden, calib_tokens, sequential, seed, ...).
 
     Returns a `BaselineModel` (random-topk: an `lte.LTEModel` in topk routing), in eval mode.
     """
     key = canonical_method(method)
     _check_target(target_sparsity)
-    model = _BUILDERS[key](hf_model, target_sparsity, calib_data=calib_data, **options)
-    if key in ("dejavu-ft", "random-topk") and train_data is not None:
-        if tokenizer is None or out_dir is None:
-            raise LTEError(f"{key} fine-tuning needs tokenizer=... and out_dir=...")
-        model.finetune_result = finetune(model, train_data, tokenizer, out_dir, **(finetune_args or {}))
-    elif key == "dejavu-ft":
-        raise LTEError("dejavu-ft fine-tunes the model: pass train_data=..., tokenizer=..., out_dir=...")
     if key == "dejavu-ft":
-        model.method = "dejavu-ft"
+        raise LTEError("dejavu-ft is Deja Vu, then fine-tuning: apply_baseline(model, 'dejavu', ...), then "
+                       "lte.training.finetune(model, train_data, tokenizer, out_dir, ...)")
+    model = _BUILDERS[key](hf_model, target_sparsity, calib_data=calib_data, **options)
     model.eval()
     return model
 
@@ -411,5 +365,5 @@ def expected_topk_sparsity(target: float, units: int) -> float:
 
 
 __all__ = ["METHODS", "apply_baseline", "as_batches", "calibrate_thresholds", "canonical_method",
-           "expected_topk_sparsity", "finetune", "record_activations", "set_sparsity", "topk_labels",
+           "expected_topk_sparsity", "record_activations", "set_sparsity", "topk_labels",
            "train_predictor"]

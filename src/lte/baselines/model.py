@@ -152,6 +152,9 @@ class BaselineModel(SparseFFNModel):
         for p in self.predictor_parameters():
             p.requires_grad_(not frozen)
 
+    def freeze_selectors(self, frozen: bool = True) -> None:
+        self.freeze_predictors(frozen)
+
     def set_topk(self, target_sparsity: float) -> None:
         """k = round((1 - target) * units) units per token in every layer (top-k rules)."""
         _check_target(target_sparsity)

@@ -102,13 +102,16 @@ def run_baseline(args: argparse.Namespace) -> int:
     setup = setup_task(args.task, args.model, args.calib_data, args.eval_data, settings=settings)
     dense = prepare_dense(setup, args.out or "runs/baseline")
     options = setup.settings["method_options"].get(args.method, {})
-    train = {}
-    if args.method in ("dejavu-ft", "random-topk"):
+    build = "dejavu" if args.method == "dejavu-ft" else args.method  # dejavu-ft: Deja Vu, then fine-tuning
+    model = apply_baseline(dense, build, args.target_sparsity, calib_data=setup.calib, **options)
+    if args.method == "dejavu-ft":
+        model.method = "dejavu-ft"
+    if args.method in ("dejavu-ft", "random-topk"):  # the two that train the model: fine-tuned here
+        from ..training.finetune import finetune
         from .runner import finetune_args
 
-        train = {"train_data": setup.train_data, "tokenizer": setup.tokenizer, "finetune_args": finetune_args(setup),
-                 "out_dir": str(Path(args.out or "runs/baseline") / "finetune")}
-    model = apply_baseline(dense, args.method, args.target_sparsity, calib_data=setup.calib, **train, **options)
+        model.finetune_result = finetune(model, setup.train_data, setup.tokenizer,
+                                         str(Path(args.out or "runs/baseline") / "finetune"), **finetune_args(setup))
     report: dict[str, Any] = {"method": args.method, "target_sparsity": args.target_sparsity}
     if args.eval_data:
         result = setup.evaluate(model)

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..baselines.methods import apply_baseline, finetune, set_sparsity
+from ..baselines.methods import apply_baseline, set_sparsity
 from ..errors import LTEError
+from ..training.finetune import finetune
 from .cache import (
     json_default,
     load_point,

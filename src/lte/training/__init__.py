@@ -20,6 +20,7 @@ _EXPORTS = {
     "NonFiniteLossError": "lte.training.errors",
     "StageInputError": "lte.training.errors",
     "TrainArgs": "lte.training.args",
+    "finetune": "lte.training.finetune",
     "STAGES": "lte.training.stages",
     "TASKS": "lte.training.stages",
     "is_stage_complete": "lte.training.stages",

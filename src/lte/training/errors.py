@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-try:
-    from lte import LTEError
-except ImportError:  # core not importable yet: keep the same contract (a ValueError subclass)
-
-    class LTEError(ValueError):  # type: ignore[no-redef]
-        """Base class of lte's clear errors."""
-
+from lte.errors import LTEError
 
 __all__ = ["LTEError", "NonFiniteLossError", "StageInputError"]
 
