@@ -4,6 +4,7 @@ Every evaluator returns a JSON-ready dict that includes the FFN sparsity (overal
 and GFLOPs/token measured over the evaluation (0 sparsity for a plain HF model).
 """
 
+from lte.evaluation._common import default_device
 from lte.evaluation.generation import evaluate_generation, generate_greedy, rouge_l
 from lte.evaluation.glue import evaluate_glue, glue_metrics
 from lte.evaluation.metrics import accuracy, f1_binary, matthews_corrcoef, pearson, ranks, spearman
@@ -13,6 +14,7 @@ from lte.evaluation.plots import plot_layer_sparsity, plot_tradeoff
 
 __all__ = [
     "accuracy",
+    "default_device",
     "evaluate_generation",
     "evaluate_glue",
     "f1_binary",

@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 
+def default_device() -> torch.device:
+    """Where lte runs a model it loaded itself: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a parameter-less module)."""
     for param in model.parameters():

@@ -14,12 +14,9 @@ from typing import Any
 import torch
 
 from lte.errors import LTEError
+from lte.evaluation._common import default_device
 
 __all__ = ["evaluate_model", "load_eval_model"]
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_eval_model(model_dir: str | Path, task: str, num_labels: int = 2, routing: str | None = None):
@@ -58,7 +55,7 @@ def evaluate_model(model_dir: str | Path, task: str, data: Any, glue_task: str |
             raise LTEError("classification evaluation needs --glue-task (e.g. SST-2)")
         num_labels = glue_spec(glue_task).num_labels
     model, tokenizer, is_lte = load_eval_model(model_dir, task, num_labels, routing)
-    model.to(_device())
+    model.to(default_device())
     start = time.time()
     if task == "causal-lm":
         eval_ds = _lm_eval_data(data, tokenizer, holdout, train_block_size, train_max_tokens, text_field)

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..baselines.methods import as_batches
 from ..errors import LTEError
+from ..evaluation import default_device
 from ..loading import load_tokenizer
 from .config import DEFAULTS, KINDS, merge
 
@@ -58,10 +58,6 @@ class TaskSetup:
     def stage_task(self) -> str:
         """The task name `lte.training.train_stage` knows."""
         return {"generation": "instruction"}.get(self.kind, self.kind)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _generation_pairs(path: Any, fmt: str | None) -> tuple[list[tuple[str, Any]], str]:
@@ -240,7 +236,7 @@ def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
             setup.dense_info = {"steps": record["global_step"], "tokens": record["train_tokens"],
                                 "epochs": record["train_epochs"]}
             record_path.write_text(json.dumps({"fingerprint": fingerprint, **setup.dense_info}))
-    model.to(_device()).eval()
+    model.to(default_device()).eval()
     setup.dense_info["seconds"] = time.perf_counter() - start
     setup.dense = model
     return model
