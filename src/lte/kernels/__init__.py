@@ -5,8 +5,8 @@ Public API:
 - ``sparse_ffn(x, mask, w_up, w_down_t, *, w_gate=None, b_up=None, b_down=None, expert_size=32,
   activation="silu")``: one LTE FFN for x ``[..., D]`` and a per-token expert mask ``[..., E]``.
 - ``router_mask(x, w_router, tau=0.5)``: the hard expert mask ``sigmoid(x Wr^T) > tau``.
-- ``routed_sparse_ffn(x, w_router, w_up, w_down_t, *, tau=0.5, ...)``: both in one op (on CUDA the
-  router runs inside the first FFN kernel: one launch fewer); returns ``(y, mask)``.
+- ``routed_sparse_ffn(x, w_router, w_up, w_down_t, *, tau=0.5, budget=0, ...)``: both in one op,
+  with an optional per-batch expert budget; returns ``(y, mask)``.
 - ``kernels_available()``: whether the Triton kernels will run (CUDA + triton, not forced off).
 
 Importing this package does not import triton; the kernels load on the first CUDA call.
@@ -20,13 +20,25 @@ import importlib.util
 import torch
 
 from . import ops
-from .reference import ACTIVATIONS, num_experts, router_mask_reference, sparse_ffn_reference
+from .reference import (
+    ACTIVATIONS,
+    budget_keep,
+    num_experts,
+    routed_mask_reference,
+    router_mask_reference,
+    sparse_ffn_reference,
+)
+from .tuning import KernelConfig, load_table
 
 __all__ = [
     "ACTIVATIONS",
+    "KernelConfig",
+    "budget_keep",
     "kernels_available",
+    "load_table",
     "num_experts",
     "router_mask",
+    "routed_mask_reference",
     "routed_sparse_ffn",
     "router_mask_reference",
     "sparse_ffn",
@@ -150,19 +162,26 @@ def routed_sparse_ffn(
     b_down: torch.Tensor | None = None,
     expert_size: int = 32,
     activation: str = "silu",
+    budget: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``router_mask`` and ``sparse_ffn`` in one op: returns ``(y [..., D], mask [..., E] bool)``.
 
-    The same function as ``sparse_ffn(x, router_mask(x, w_router, tau), ...)``; on CUDA for up to
-    16 tokens the router logits are computed inside the first FFN kernel (no separate router launch).
+    The same function as ``sparse_ffn(x, router_mask(x, w_router, tau), ...)`` when ``budget`` is 0.
+    ``budget = k > 0`` is a per-batch expert budget: of the experts some token of the call switched
+    on, only the k with the largest summed score ``sum_tokens sigmoid(x Wr^T)`` stay on (for every
+    token), so the union over the batch never exceeds k experts; the returned mask is the one used.
     w_router ``[E, D]`` with E = ceil(F / expert_size); other arguments as in ``sparse_ffn``.
+    On CUDA up to 64 tokens run the router, budget and FFN kernels; more tokens (prefill) the
+    masked dense path through cuBLAS.
     """
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    if not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget must be an int >= 0 (0 = no budget), got {budget!r}")
     num_exp = _validate_ffn(x, None, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
     _check_matrix("w_router", w_router, x, num_exp)
     model_width = x.shape[-1]
     x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
     y, mask = torch.ops.lte.routed_sparse_ffn(x2, w_router, float(tau), w_up, w_down_t, w_gate, b_up, b_down,
-                                              expert_size, activation)
+                                              expert_size, activation, budget)
     return y.reshape(x.shape), mask.reshape(*x.shape[:-1], num_exp)  # [..., D], [..., E]

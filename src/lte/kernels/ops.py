@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from .reference import logit_threshold, router_mask_reference, sparse_ffn_reference
+from .reference import logit_threshold, routed_mask_reference, router_mask_reference, sparse_ffn_reference
 
-MAX_DECODE_TOKENS = 16  # token counts above this take the dense (reference) path on CUDA too
+MAX_DECODE_TOKENS = 64  # token counts above this (prefill) take the masked dense cuBLAS path on CUDA
 KERNELS_ENV = "LTE_KERNELS"
 
 
@@ -100,9 +100,11 @@ def routed_sparse_ffn_op(
     b_down: torch.Tensor | None,
     expert_size: int,
     activation: str,
+    budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router + sparse FFN in one op on x [T, D]: (y [T, D], mask [T, E]) (any device: the fp32 reference)."""
-    mask = router_mask_reference(x, w_router, tau)
+    """Router (+ per-batch expert budget when ``budget > 0``) + sparse FFN in one op on x [T, D]:
+    (y [T, D], mask [T, E]) (any device: the fp32 reference)."""
+    mask = routed_mask_reference(x, w_router, tau, budget)
     y = sparse_ffn_reference(
         x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
         expert_size=expert_size, activation=activation,
@@ -111,11 +113,13 @@ def routed_sparse_ffn_op(
 
 
 @routed_sparse_ffn_op.register_kernel("cuda")
-def _routed_sparse_ffn_cuda(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation):
-    """CUDA: the router inside the first Triton kernel for T <= MAX_DECODE_TOKENS, cuBLAS above."""
+def _routed_sparse_ffn_cuda(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
+                            budget):
+    """CUDA: router kernel (+ budget kernel) and the FFN kernels for T <= MAX_DECODE_TOKENS; the
+    masked dense path through cuBLAS above (prefill)."""
     num_tokens = x.shape[0]
     if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
-        mask = router_mask_reference(x, w_router, tau)
+        mask = routed_mask_reference(x, w_router, tau, budget)
         y = sparse_ffn_reference(  # forced: the exact fp32 reference; prefill: masked dense in x's dtype
             x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
             expert_size=expert_size, activation=activation, upcast=reference_forced(),
@@ -124,11 +128,12 @@ def _routed_sparse_ffn_cuda(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_do
     from .triton_ffn import routed_sparse_ffn_triton
 
     return routed_sparse_ffn_triton(x, w_router, logit_threshold(tau), w_up, w_down_t, w_gate, b_up, b_down,
-                                    expert_size, activation)
+                                    expert_size, activation, budget=budget)
 
 
 @routed_sparse_ffn_op.register_fake
-def _routed_sparse_ffn_fake(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation):
+def _routed_sparse_ffn_fake(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
+                            budget):
     y = x.new_empty(x.shape[0], w_down_t.shape[1])  # [T, D]
     mask = x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]
     return y, mask

@@ -15,15 +15,22 @@ import torch
 
 from .reference import (
     ACTIVATIONS,
+    logit_threshold,
     num_experts,
+    routed_mask_reference,
     router_mask_reference,
     sparse_ffn_reference,
 )
+from .tuning import KernelConfig
 
 # norm-relative error allowed per dtype: fp32 arithmetic, fp16 / bf16 rounding of h and y
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 SHAPES = ((72, 100, 32), (100, 160, 32), (33, 200, 48))  # (D, F, S): odd D and S, smaller last expert
-BATCHES = (1, 3, 8, 16)
+BATCHES = (1, 3, 16, 40)
+#: None = the default settings (one program per work item); the other a persistent grid with
+#: several items per program, 8-row items (B = 1) and uneven expert shares in the down kernel.
+CONFIGS = (None, KernelConfig(in_block_f=8, in_block_k=64, in_progs_per_sm=1, out_block_d=32, out_split=3,
+                              router_block_e=4, router_block_k=32))
 SPARSITIES = ("none", "random", "all")  # 0% off, a random middle fraction, 100% off
 FFN_KINDS = (("silu", True, False), ("gelu_tanh", True, True), ("gelu", False, True), ("relu", False, False))
 # (activation, gated, with biases)
@@ -73,7 +80,8 @@ def check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config=None) 
     y = sparse_ffn_triton(x, mask, w["w_up"], w["w_down_t"], w["w_gate"], w["b_up"], w["b_down"],
                           S, activation, config)
     ref = sparse_ffn_reference(x, mask, expert_size=S, activation=activation, **w)
-    case = f"D={D} F={F} S={S} B={B} {sparsity} {activation} gated={gated} bias={with_bias} {dtype}"
+    case = (f"D={D} F={F} S={S} B={B} {sparsity} {activation} gated={gated} bias={with_bias} {dtype} "
+            f"{'default' if config is None else 'persistent'}")
     if sparsity == "all":
         want = torch.zeros_like(ref) if w["b_down"] is None else w["b_down"].expand_as(ref)
         exact = torch.equal(y, want)
@@ -99,21 +107,55 @@ def check_router_case(D, E, B, dtype, device, gen) -> CaseResult:
     return CaseResult(f"router D={D} E={E} B={B} {dtype}", float(bad), bad == 0)
 
 
+def check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config=None) -> CaseResult:
+    """Router (+ budget) + FFN launches vs the reference mask and FFN.
+
+    The mask may differ only where a logit lies within rounding of the threshold; with a budget,
+    only where the budget's cut falls between two summed scores within rounding of each other."""
+    from .triton_ffn import routed_sparse_ffn_triton
+
+    activation, gated, with_bias = kind
+    w = make_ffn(D, F, gated, with_bias, dtype, device, gen)
+    num_exp = num_experts(F, S)
+    x = torch.randn(B, D, generator=gen).to(dtype=dtype, device=device)  # [B, D]
+    w_router = (torch.randn(num_exp, D, generator=gen) * 2 * D**-0.5).to(dtype=dtype, device=device)
+    tau = 0.5
+    y, mask = routed_sparse_ffn_triton(x, w_router, logit_threshold(tau), w["w_up"], w["w_down_t"], w["w_gate"],
+                                       w["b_up"], w["b_down"], S, activation, config, budget=budget)
+    case = f"routed D={D} F={F} S={S} B={B} budget={budget} {activation} {dtype}"
+    want = routed_mask_reference(x, w_router, tau, budget)
+    logits = x.float() @ w_router.float().T  # [B, E]
+    near = (logits - logit_threshold(tau)).abs() < 1e-2
+    if budget:
+        score = torch.sigmoid(logits).sum(0).sort(descending=True).values
+        if budget < num_exp and (score[budget - 1] - score[budget]).abs() < 1e-2:
+            near = torch.ones_like(near)  # the cut is a near tie: any of the tied experts may win
+    bad_mask = int(((mask != want) & ~near).sum())
+    ref = sparse_ffn_reference(x, mask, expert_size=S, activation=activation, **w)  # the mask the kernel used
+    err = ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    over = budget and int(mask.any(0).sum()) > budget
+    ok = bad_mask == 0 and not over and bool(torch.isfinite(y).all()) and err <= TOLERANCE[dtype]
+    return CaseResult(case, err if bad_mask == 0 else float(bad_mask), ok)
+
+
 def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0) -> list[CaseResult]:
-    """All cases: with ``full`` the whole product, otherwise kinds and dtypes rotate over the cases
-    so that every value appears while keeping the count small (the CPU interpreter is slow)."""
+    """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
+    the cases so that every value appears while keeping the count small (the CPU interpreter is slow)."""
     gen = torch.Generator().manual_seed(seed)
     results = []
-    combos = list(itertools.product(FFN_KINDS, dtypes))
+    combos = list(itertools.product(FFN_KINDS, dtypes, CONFIGS))
     step = 0
     for (D, F, S), B, sparsity in itertools.product(SHAPES, BATCHES, SPARSITIES):
         chosen = combos if full else [combos[step % len(combos)]]
         step += 1
-        for kind, dtype in chosen:
-            results.append(check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen))
-    for (D, F, S), B in itertools.product(SHAPES[:2], (1, 5, 16)):
+        for kind, dtype, config in chosen:
+            results.append(check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config))
+    for (D, F, S), B in itertools.product(SHAPES[:2], (1, 5, 16, 33)):
         for dtype in dtypes:
             results.append(check_router_case(D, num_experts(F, S), B, dtype, device, gen))
+    for i, ((D, F, S), B, budget) in enumerate(itertools.product(SHAPES, (1, 6, 40), (0, 1, 3))):
+        kind, dtype, config = combos[i % len(combos)]
+        results.append(check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config))
     return results
 
 
