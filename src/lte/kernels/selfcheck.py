@@ -138,7 +138,8 @@ def check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config=None)
     return CaseResult(case, err if bad_mask == 0 else float(bad_mask), ok)
 
 
-def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0) -> list[CaseResult]:
+def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0,
+               parts=("ffn", "router", "routed")) -> list[CaseResult]:
     """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
     the cases so that every value appears while keeping the count small (the CPU interpreter is slow)."""
     gen = torch.Generator().manual_seed(seed)
@@ -146,14 +147,20 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
     combos = list(itertools.product(FFN_KINDS, dtypes, CONFIGS))
     step = 0
     for (D, F, S), B, sparsity in itertools.product(SHAPES, BATCHES, SPARSITIES):
+        if "ffn" not in parts:
+            break
         chosen = combos if full else [combos[step % len(combos)]]
         step += 1
         for kind, dtype, config in chosen:
             results.append(check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config))
     for (D, F, S), B in itertools.product(SHAPES[:2], (1, 5, 16, 33)):
+        if "router" not in parts:
+            break
         for dtype in dtypes:
             results.append(check_router_case(D, num_experts(F, S), B, dtype, device, gen))
     for i, ((D, F, S), B, budget) in enumerate(itertools.product(SHAPES, (1, 6, 40), (0, 1, 3))):
+        if "routed" not in parts:
+            break
         kind, dtype, config = combos[i % len(combos)]
         results.append(check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config))
     return results
@@ -163,9 +170,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="every kind x dtype for every case")
+    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed"],
+                        choices=["ffn", "router", "routed"], help="which groups of cases to run")
     args = parser.parse_args()
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())
-    results = run_checks(args.device, dtypes, full=args.full)
+    results = run_checks(args.device, dtypes, full=args.full, parts=tuple(args.parts))
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"FAIL {r.case}: error {r.error:.3g}")
