@@ -14,7 +14,7 @@ from lte.serving import StaticDecoder, bench, generate, prepare_dense, prepare_f
 from lte.serving.prepare import DenseMLP, SparseMLP, dense_modules, sparse_modules, swap_modules
 from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sparsity, set_random_sparsity
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox"]
 
 
 def _lte(family: str = "llama", seed: int = 0, router_scale: float = 3.0) -> lte.LTEModel:
@@ -71,6 +71,25 @@ def test_sparse_mlp_decode_and_prefill_paths_agree():
     torch.testing.assert_close(fast, dense, atol=1e-5, rtol=1e-4)
 
 
+def test_budget_caps_the_decode_union_and_leaves_prefill_alone():
+    lmodel = _lte("llama", router_scale=1.0)
+    model = prepare_for_inference(lmodel, budget=1)
+    mlp = sparse_modules(model)[0]
+    assert mlp.budget == 1
+    x = torch.randn(5, tm.D)
+    mlp.record_mask = True
+    with torch.no_grad():
+        y = mlp(x)  # 5 tokens: the decode path
+        decode_mask = mlp.last_mask
+        assert int(decode_mask.any(0).sum()) <= 1
+        torch.testing.assert_close(y, mlp.masked_dense(x, decode_mask), atol=1e-5, rtol=1e-4)
+        mlp.decode_max_tokens = 4
+        mlp(x)  # 5 tokens > 4: the prefill path ignores the budget
+    assert torch.equal(mlp.last_mask, mlp.dense_mask(x))
+    with pytest.raises(lte.LTEError, match="budget"):
+        mlp.budget = -2
+
+
 def test_prepare_dense_matches_plain_model():
     plain = tm.build("llama")
     ids = _ids(2, 6)
@@ -103,11 +122,22 @@ def test_swap_modules_round_trip():
     assert len(sparse_modules(model)) == tm.LAYERS
 
 
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "gpt2", "gpt_neox"])
+def test_prepare_dense_matches_plain_model_other_families(family):
+    plain = tm.build(family)
+    ids = _ids(2, 6)
+    with torch.no_grad():
+        ref = plain(input_ids=ids).logits
+        out = prepare_dense(plain)(input_ids=ids).logits
+    assert sum(isinstance(m, DenseMLP) for m in plain.modules()) == tm.LAYERS
+    torch.testing.assert_close(out, ref)
+
+
 def test_prepare_errors():
     with pytest.raises(lte.LTEError, match="prepare_dense"):
         prepare_for_inference(tm.build("llama"))
-    with pytest.raises(lte.LTEError, match="LLaMA family"):
-        prepare_dense(tm.build("gpt2"))
+    with pytest.raises(lte.LTEError, match="one container module"):
+        prepare_dense(tm.build("bert"))
     lmodel = _lte()
     prepare_for_inference(lmodel)
     with pytest.raises(lte.LTEError, match="twice"):
@@ -276,6 +306,24 @@ def test_cuda_graph_decode_matches_eager(batch):
     torch.testing.assert_close(graph, eager)
     ref = _hf_greedy(lmodel.base_model, ids, 10)  # prepared model under plain HF generate
     torch.testing.assert_close(graph, ref)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernels_match_masked_dense_on_gpu_every_family(family):
+    lmodel = _lte(family)
+    lmodel.base_model.to("cuda", torch.bfloat16)
+    model = prepare_for_inference(lmodel)
+    ids = _ids(3, 1).cuda()  # one decode-shaped step of 3 tokens
+    mods = sparse_modules(model)
+    outs = []
+    with torch.no_grad():
+        for use in (True, False):
+            for m in mods:
+                m.use_kernels = use
+            outs.append(model(input_ids=ids).logits.float())
+    assert (outs[0] - outs[1]).abs().max() <= 0.05 * outs[1].abs().max() + 1e-3
 
 
 @pytest.mark.gpu
