@@ -77,7 +77,7 @@ if [ "$SMOKE" = 1 ]; then
                --device cpu --dtype float32 --cache-len 32)
   CAP_TESTS=60; CAP_TUNE=60; CAP_FFN=120
 else
-  TEST_ARGS=(-m gpu)
+  TEST_ARGS=(-m "gpu and not slow")
   TUNE_ARGS=()
   FFN_ARGS=()
   DECODE_ARGS=(--suite)

@@ -312,12 +312,35 @@ def test_heuristic_config_depends_on_shape_and_tokens():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @gpu
 def test_kernels_on_gpu_full_product():
+    """The whole selfcheck on the GPU (slow: every case compiles its own kernel variants)."""
     from lte.kernels.selfcheck import run_checks
 
     results = run_checks("cuda", (torch.float32, torch.float16, torch.bfloat16))
     failed = [f"{r.case}: {r.error:.3g}" for r in results if not r.ok]
+    assert not failed, "\n".join(failed)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(72, 100, 32), (33, 200, 48)])
+def test_kernels_on_gpu_odd_shapes(shape, dtype):
+    """Kernels vs reference on the GPU: odd D and S, a smaller last expert, B = 1 / 3 / 40, gated and
+    plain with biases, default and persistent grids, 0% / middle / 100% of experts off."""
+    from lte.kernels.selfcheck import CONFIGS, FFN_KINDS, check_ffn_case
+
+    D, F, S = shape
+    gen = torch.Generator().manual_seed(D)
+    failed = []
+    for B, kind, config in zip((1, 3, 40, 40), (FFN_KINDS[0], FFN_KINDS[2], FFN_KINDS[1], FFN_KINDS[3]),
+                               (CONFIGS[0], CONFIGS[1], CONFIGS[0], CONFIGS[1])):
+        for sparsity in ("none", "random", "all"):
+            r = check_ffn_case(D, F, S, B, sparsity, kind, dtype, "cuda", gen, config)
+            if not r.ok:
+                failed.append(f"{r.case}: {r.error:.3g}")
     assert not failed, "\n".join(failed)
 
 
