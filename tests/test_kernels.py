@@ -19,7 +19,16 @@ import pytest
 import torch
 import torch.nn.functional as F_
 
-from lte.kernels import kernels_available, num_experts, routed_sparse_ffn, router_mask, sparse_ffn, tuning
+from lte.kernels import (
+    kernels_available,
+    num_experts,
+    routed_ffn_in,
+    routed_sparse_ffn,
+    router_mask,
+    sparse_ffn,
+    sparse_ffn_out,
+    tuning,
+)
 from lte.kernels.ops import reference_forced
 from lte.kernels.reference import (
     apply_activation,
@@ -173,7 +182,7 @@ def test_import_does_not_import_triton():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("parts", [["ffn"], ["router", "routed"]])
+@pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split"]])
 def test_triton_kernels_in_interpreter(parts):
     """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,3,16,40}, 0/middle/100% off,
     default and persistent settings, router (+ budget) + FFN."""
@@ -258,6 +267,30 @@ def test_routed_sparse_ffn_budget_bounds_the_union():
     torch.testing.assert_close(y, sparse_ffn(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"]))
     with pytest.raises(ValueError, match="budget"):
         routed_sparse_ffn(x, w_router, w["w_up"], w["w_down_t"], w_gate=w["w_gate"], budget=-1)
+
+
+def test_ffn_halves_equal_the_plain_ffn():
+    gen = torch.Generator().manual_seed(11)
+    w = make_ffn(24, 150, False, True, torch.float32, "cpu", gen)  # E = 5, last expert 22 neurons
+    w_router = torch.randn(5, 24, generator=gen)
+    x = torch.randn(2, 3, 24, generator=gen)  # [batch, seq, D]
+    for budget in (0, 2):
+        z, mask, union = routed_ffn_in(x, w_router, w["w_up"], b_up=w["b_up"], tau=0.45, budget=budget)
+        assert z.shape == (2, 3, 150) and mask.shape == (2, 3, 5) and union.dtype == torch.int8
+        assert torch.equal(union.bool(), mask.reshape(-1, 5).any(0))
+        y = sparse_ffn_out(F_.gelu(z), mask, union, w["w_down_t"], b_down=w["b_down"])
+        want = sparse_ffn(x, mask, w["w_up"], w["w_down_t"], b_up=w["b_up"], b_down=w["b_down"], activation="gelu")
+        torch.testing.assert_close(y, want)
+    compiled = torch.compile(lambda t: sparse_ffn_out(F_.relu(routed_ffn_in(t, w_router, w["w_up"])[0]),
+                                                      *routed_ffn_in(t, w_router, w["w_up"])[1:], w["w_down_t"]),
+                             fullgraph=True, backend="aot_eager")
+    x2 = torch.randn(4, 24, generator=gen)
+    z, mask, union = routed_ffn_in(x2, w_router, w["w_up"])
+    torch.testing.assert_close(compiled(x2), sparse_ffn_out(F_.relu(z), mask, union, w["w_down_t"]))
+    with pytest.raises(ValueError, match="union must be int8"):
+        sparse_ffn_out(z, mask, union.bool(), w["w_down_t"])
+    with pytest.raises(ValueError, match="mask must be bool"):
+        sparse_ffn_out(z, mask.float(), union, w["w_down_t"])
 
 
 # --------------------------------------------------------------------------- the config table
@@ -445,6 +478,21 @@ def test_routed_op_on_gpu_matches_reference(num_tokens, dtype):
     assert not ((mask != router_mask_reference(x, w_router, 0.5)) & ~near).any()
     ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
     assert _rel_err(y, ref) < 1.5e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 64])
+def test_ffn_halves_on_gpu(num_tokens):
+    w, w_router = _gpu_layer(D=512, F=2000, gated=False)
+    x = torch.randn(num_tokens, 512, device="cuda", dtype=torch.bfloat16)
+    for budget in (0, 9):
+        z, mask, union = routed_ffn_in(x, w_router, w["w_up"], b_up=w["b_up"], budget=budget)
+        y = sparse_ffn_out(F_.relu(z), mask, union, w["w_down_t"], b_down=w["b_down"])
+        ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], b_up=w["b_up"], b_down=w["b_down"],
+                                   activation="relu")
+        assert _rel_err(y, ref) < 1.5e-2
+        assert torch.equal(union.bool(), mask.any(0)) and (budget == 0 or int(union.sum()) <= budget)
 
 
 @pytest.mark.gpu

@@ -7,6 +7,9 @@ Public API:
 - ``router_mask(x, w_router, tau=0.5)``: the hard expert mask ``sigmoid(x Wr^T) > tau``.
 - ``routed_sparse_ffn(x, w_router, w_up, w_down_t, *, tau=0.5, budget=0, ...)``: both in one op,
   with an optional per-batch expert budget; returns ``(y, mask)``.
+- ``routed_ffn_in(x, w_router, w_up, ...)`` and ``sparse_ffn_out(h, mask, union, w_down_t, ...)``: a
+  plain FFN in two halves, for models that apply the activation between the two projections
+  themselves (OPT): the router and ``x W1^T + b1`` for the union's experts, then the down projection.
 - ``kernels_available()``: whether the Triton kernels will run (CUDA + triton, not forced off).
 
 Importing this package does not import triton; the kernels load on the first CUDA call.
@@ -38,10 +41,12 @@ __all__ = [
     "load_table",
     "num_experts",
     "router_mask",
+    "routed_ffn_in",
     "routed_mask_reference",
     "routed_sparse_ffn",
     "router_mask_reference",
     "sparse_ffn",
+    "sparse_ffn_out",
     "sparse_ffn_reference",
 ]
 
@@ -185,3 +190,59 @@ def routed_sparse_ffn(
     y, mask = torch.ops.lte.routed_sparse_ffn(x2, w_router, float(tau), w_up, w_down_t, w_gate, b_up, b_down,
                                               expert_size, activation, budget)
     return y.reshape(x.shape), mask.reshape(*x.shape[:-1], num_exp)  # [..., D], [..., E]
+
+
+def routed_ffn_in(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    w_up: torch.Tensor,
+    *,
+    b_up: torch.Tensor | None = None,
+    tau: float = 0.5,
+    expert_size: int = 32,
+    budget: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First half of a plain FFN: router (+ budget) and ``z = x W1^T + b1`` for the union's experts.
+
+    x ``[..., D]``, w_router ``[E, D]``, w_up ``[F, D]``, b_up ``[F]``. Returns ``(z [..., F], mask
+    [..., E] bool, union [E] int8)``; z is 0 where a token's expert is off, and undefined for experts
+    no token uses (``sparse_ffn_out`` never reads them). Apply the activation to z, then call
+    ``sparse_ffn_out(act(z), mask, union, ...)``."""
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    if not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget must be an int >= 0 (0 = no budget), got {budget!r}")
+    num_exp = _validate_ffn(x, None, w_up, w_up, None, b_up, None, expert_size, "relu")
+    _check_matrix("w_router", w_router, x, num_exp)
+    model_width = x.shape[-1]
+    x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
+    z, mask, union = torch.ops.lte.routed_ffn_in(x2, w_router, float(tau), w_up, b_up, expert_size, budget)
+    return z.reshape(*x.shape[:-1], w_up.shape[0]), mask.reshape(*x.shape[:-1], num_exp), union
+
+
+def sparse_ffn_out(
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    union: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    b_down: torch.Tensor | None = None,
+    expert_size: int = 32,
+) -> torch.Tensor:
+    """Second half: ``y = (h * m) Wd_t + b2`` for h ``[..., F]`` (the activated z of ``routed_ffn_in``),
+    its mask ``[..., E]`` and union ``[E]``; w_down_t ``[F, D]``, b_down ``[D]``. Returns ``[..., D]``."""
+    ffn_width, model_width = w_down_t.shape
+    if h.shape[-1] != ffn_width or h.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"h must be a float [..., {ffn_width}] tensor, got {h.dtype} {list(h.shape)}")
+    num_exp = num_experts(ffn_width, expert_size)
+    if mask.dtype != torch.bool or mask.shape != (*h.shape[:-1], num_exp):
+        raise ValueError(f"mask must be bool {[*h.shape[:-1], num_exp]}, got {mask.dtype} {list(mask.shape)}")
+    if union.dtype != torch.int8 or union.shape != (num_exp,):
+        raise ValueError(f"union must be int8 [{num_exp}], got {union.dtype} {list(union.shape)}")
+    if not w_down_t.is_contiguous() or w_down_t.device != h.device:
+        raise ValueError("w_down_t must be a contiguous [F, D] tensor on h's device")
+    _check_bias("b_down", b_down, model_width, h.new_empty(0, dtype=w_down_t.dtype))
+    h2 = h.reshape(-1, ffn_width).contiguous()  # [T, F]
+    y = torch.ops.lte.sparse_ffn_out(h2, mask.reshape(-1, num_exp).contiguous(), union, w_down_t, b_down,
+                                     expert_size)
+    return y.reshape(*h.shape[:-1], model_width)

@@ -138,8 +138,28 @@ def check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config=None)
     return CaseResult(case, err if bad_mask == 0 else float(bad_mask), ok)
 
 
+def check_split_case(D, F, S, B, budget, activation, dtype, device, gen, config=None) -> CaseResult:
+    """The two halves (router + x W1^T + b1, the model's activation, down projection) vs the reference."""
+    from .reference import apply_activation
+    from .triton_ffn import routed_ffn_in_triton, sparse_ffn_out_triton
+
+    w = make_ffn(D, F, False, True, dtype, device, gen)
+    num_exp = num_experts(F, S)
+    x = torch.randn(B, D, generator=gen).to(dtype=dtype, device=device)
+    w_router = (torch.randn(num_exp, D, generator=gen) * 2 * D**-0.5).to(dtype=dtype, device=device)
+    z, mask, union = routed_ffn_in_triton(x, w_router, 0.0, w["w_up"], w["b_up"], S, budget, config)
+    h = apply_activation(z.float(), activation).to(dtype)  # what the model does between the halves
+    y = sparse_ffn_out_triton(h, mask, union, w["w_down_t"], w["b_down"], S, config)
+    ref = sparse_ffn_reference(x, mask, expert_size=S, activation=activation, **w)
+    case = f"split D={D} F={F} S={S} B={B} budget={budget} {activation} {dtype}"
+    err = ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    union_ok = torch.equal(union.bool(), mask.any(0))
+    ok = union_ok and bool(torch.isfinite(y).all()) and err <= TOLERANCE[dtype]
+    return CaseResult(case, err if union_ok else float("inf"), ok)
+
+
 def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0,
-               parts=("ffn", "router", "routed")) -> list[CaseResult]:
+               parts=("ffn", "router", "routed", "split")) -> list[CaseResult]:
     """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
     the cases so that every value appears while keeping the count small (the CPU interpreter is slow)."""
     gen = torch.Generator().manual_seed(seed)
@@ -163,6 +183,11 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
             break
         kind, dtype, config = combos[i % len(combos)]
         results.append(check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config))
+    for i, ((D, F, S), B) in enumerate(itertools.product(SHAPES[::2], (1, 5, 40))):
+        if "split" not in parts:
+            break
+        kind, dtype, config = combos[i % len(combos)]
+        results.append(check_split_case(D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen, config))
     return results
 
 
@@ -170,8 +195,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="every kind x dtype for every case")
-    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed"],
-                        choices=["ffn", "router", "routed"], help="which groups of cases to run")
+    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split"],
+                        choices=["ffn", "router", "routed", "split"], help="which groups of cases to run")
     args = parser.parse_args()
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())
     results = run_checks(args.device, dtypes, full=args.full, parts=tuple(args.parts))

@@ -47,8 +47,8 @@ try:  # grid dependency control (programmatic dependent launch, Hopper+), Triton
 except ImportError:  # pragma: no cover - older triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "plan_launch", "routed_sparse_ffn_triton",
-           "router_mask_triton", "sparse_ffn_triton"]
+__all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "plan_launch", "routed_ffn_in_triton",
+           "routed_sparse_ffn_triton", "router_mask_triton", "sparse_ffn_out_triton", "sparse_ffn_triton"]
 
 MAX_TOKENS = 64  # the decode kernels handle up to this many tokens per call
 MAX_EXPERTS = 8192  # the kernels hold the union flags of every expert in registers
@@ -321,17 +321,19 @@ def _ffn_in_kernel(
 
 @triton.jit
 def _ffn_out_kernel(
-    h_ptr, union_ptr, wd_ptr, part_ptr,
+    h_ptr, union_ptr, mask_ptr, wd_ptr, part_ptr,
     B, D, F, S, E,
-    stride_hb,
+    stride_hb, stride_mb,
     B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, SLOTS: tl.constexpr,
-    BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
 
     With PDL the kernel starts while the gate/up kernel runs: it reads the union (complete before
     that kernel triggered this launch) and its first Wd_t slab, and waits (gdc_wait) only before
-    it reads h. SLOTS bounds one share (ceil(E / number of shares))."""
+    it reads h. SLOTS bounds one share (ceil(E / number of shares)). TOKEN_MASK applies each
+    token's mask to h (when h comes from elsewhere than the gate/up kernel, which zeroes it)."""
     if PDL:
         gdc_launch_dependents()
     pid_d = tl.program_id(0)
@@ -358,8 +360,11 @@ def _ffn_out_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [S_PAD, BLOCK_D]
         if PDL:
             gdc_wait()  # h comes from the gate/up kernel (a no-op once it has completed)
+        h_ok = tok_ok
+        if TOKEN_MASK:
+            h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
         h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :],
-                    mask=tok_ok[:, None] & row_ok[None, :], other=0.0)  # [B_PAD, S_PAD]
+                    mask=h_ok[:, None] & row_ok[None, :], other=0.0)  # [B_PAD, S_PAD]
         if USE_DOT:
             acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
         else:
@@ -456,10 +461,12 @@ def _slots_for(max_share: int, row_blocks: int) -> int:
 
 
 def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
-                config: KernelConfig | None = None, h_dtype: torch.dtype | None = None) -> FFNLaunch:
+                config: KernelConfig | None = None, h_dtype: torch.dtype | None = None,
+                h: torch.Tensor | None = None, need_out: bool = True) -> FFNLaunch:
     """Pick tiles and allocate the scratch for one call (no kernel runs here).
 
-    mask [B, E] bool (or uint8); ``h_dtype`` defaults to fp32."""
+    mask [B, E] bool (or uint8); ``h_dtype`` defaults to fp32; ``h`` [B, F]: use this tensor as h
+    (the down half alone); ``need_out=False``: no down-projection buffers (the gate/up half alone)."""
     num_tokens, model_width = x.shape  # B, D
     ffn_width = w_up.shape[0]  # F
     if not 1 <= num_tokens <= MAX_TOKENS:
@@ -488,9 +495,9 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
         cfg, use_dot, b_pad, _next_pow2(num_exp), block_f, row_blocks, max_items, in_grid,
         _slots_for(triton.cdiv(max_items, in_grid), row_blocks), split,
         max(2, _next_pow2(triton.cdiv(num_exp, split))), cfg.pdl and _pdl_supported(device),
-        h=torch.empty(num_tokens, ffn_width, device=device, dtype=h_dtype or torch.float32),
-        part=torch.empty(split, num_tokens, model_width, device=device, dtype=torch.float32),
-        y=torch.empty(num_tokens, model_width, device=device, dtype=x.dtype),
+        h=h if h is not None else torch.empty(num_tokens, ffn_width, device=device, dtype=h_dtype or torch.float32),
+        part=torch.empty(split if need_out else 0, num_tokens, model_width, device=device, dtype=torch.float32),
+        y=torch.empty(num_tokens, model_width if need_out else 0, device=device, dtype=x.dtype),
     )
 
 
@@ -582,17 +589,19 @@ def launch_in(p: FFNLaunch) -> None:
     )
 
 
-def launch_out(p: FFNLaunch) -> None:
-    """Down kernel: partial down projections over equal shares of the union's experts."""
+def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
+    """Down kernel: partial down projections over equal shares of the union's experts
+    (``token_mask``: apply each token's mask to h, for an h the gate/up kernel did not write)."""
     num_tokens, model_width = p.x.shape
     ffn_width = p.w_up.shape[0]
     cfg = p.cfg
     _ffn_out_kernel[(triton.cdiv(model_width, cfg.out_block_d), p.split)](
-        p.h, p.union, p.w_down_t, p.part,
+        p.h, p.union, p.mask_u8, p.w_down_t, p.part,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0],
-        p.h.stride(0),
+        p.h.stride(0), p.mask_u8.stride(0),
         B_PAD=p.b_pad, S_PAD=max(16, _next_pow2(p.expert_size)), E_PAD=p.e_pad, SLOTS=p.out_slots,
-        BLOCK_D=cfg.out_block_d, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl,
+        BLOCK_D=cfg.out_block_d, TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x),
+        PDL=p.pdl,
         num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),
     )
 
@@ -678,6 +687,13 @@ def routed_sparse_ffn_triton(
     num_exp = w_router.shape[0]
     mask = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
     p = plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, config)
+    _route(p, x, w_router, threshold, budget)
+    return run_ffn(p), mask
+
+
+def _route(p: FFNLaunch, x: torch.Tensor, w_router: torch.Tensor, threshold: float, budget: int) -> None:
+    """Router (+ budget) launches into p.mask_u8 / p.union."""
+    num_exp = w_router.shape[0]
     if 0 < budget < num_exp:
         score = torch.empty(num_exp, device=x.device, dtype=torch.float32)
         final_union = p.union
@@ -687,4 +703,49 @@ def routed_sparse_ffn_triton(
         launch_budget(p, raw_union, score, budget)
     else:
         launch_router(x, w_router, threshold, p.mask_u8, p.union, None, p.cfg, p.pdl)
-    return run_ffn(p), mask
+
+
+def routed_ffn_in_triton(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    threshold: float,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    expert_size: int,
+    budget: int = 0,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first half of a plain FFN whose model applies the activation itself (OPT's decoder layer):
+    router (+ budget), then ``z = x W1^T + b1`` for the union's experts (0 for a token's off experts).
+
+    x [B, D] (B <= 64), w_router [E, D], w_up [F, D]. Returns (z [B, F] in x's dtype; rows of experts
+    outside the union are not written), mask [B, E] bool, union [E] int8). Validated inputs only."""
+    num_tokens = x.shape[0]
+    num_exp = w_router.shape[0]
+    mask = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
+    p = plan_launch(x, mask, w_up, w_up, None, b_up, None, expert_size, "identity", config,
+                    h_dtype=x.dtype, need_out=False)
+    _route(p, x, w_router, threshold, budget)
+    launch_in(p)
+    return p.h, mask, p.union
+
+
+def sparse_ffn_out_triton(
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    union: torch.Tensor,
+    w_down_t: torch.Tensor,
+    b_down: torch.Tensor | None,
+    expert_size: int,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """The second half: ``y = (h * m) Wd_t + b2`` over the union's experts, for h [B, F] (any rows
+    outside the union are never read), mask [B, E] bool, union [E] int8, w_down_t [F, D]; y [B, D]."""
+    num_tokens = h.shape[0]
+    model_width = w_down_t.shape[1]
+    shape_x = h.new_empty(num_tokens, model_width, dtype=w_down_t.dtype)  # gives the plan B, D and dtype
+    p = plan_launch(shape_x, mask, w_down_t, w_down_t, None, None, b_down, expert_size, "identity", config, h=h)
+    p.union = union
+    launch_out(p, token_mask=True)
+    launch_finish(p)
+    return p.y

@@ -23,6 +23,7 @@ import torch.nn.functional as F_
 from torch import nn
 
 from ..errors import LTEError
+from ..routing.layers import LTEInput
 
 #: Token counts up to this take the decode kernels; more tokens (prefill) take the masked dense path.
 DECODE_MAX_TOKENS = 64
@@ -31,6 +32,10 @@ DECODE_MAX_TOKENS = 64
 SERVED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
                    "gpt2", "gpt_neox")
 LLAMA_FAMILY = SERVED_FAMILIES  # the former name
+#: Families whose FFN container holds more than the FFN (OPT's decoder layer: norm, residual): their
+#: input and output projections are replaced by `SparseFFNIn` / `SparseFFNOut`, and the model's own
+#: activation runs between them.
+SPLIT_FAMILIES = ("opt",)
 
 
 def _activation(z: torch.Tensor, name: str) -> torch.Tensor:
@@ -208,6 +213,96 @@ class DenseMLP(nn.Module):
         return f"D={d}, F={f}, gated={self.w_gate is not None}, activation={self.activation}"
 
 
+class SparseFFNIn(nn.Module):
+    """First half of a plain LTE FFN inside a bigger container (OPT): replaces the input projection W1.
+
+    forward(x [..., D]) -> z [..., F] = x W1^T + b1 for the experts the hard router (and budget)
+    turns on; the model applies its activation to z and calls the paired `SparseFFNOut`, which reads
+    the mask this module left in `state` (as `LTEInput` / `LTEOutput` share the gate). Decode
+    (T <= `decode_max_tokens`): `lte.kernels.routed_ffn_in`; prefill: cuBLAS for every neuron.
+    Attributes as `SparseMLP` (w_up, b_up, w_router, tau, expert_size, budget, use_kernels, ...).
+    """
+
+    def __init__(self, w_up: torch.Tensor, b_up: torch.Tensor | None, w_router: torch.Tensor, tau: float,
+                 expert_size: int, use_kernels: bool = True, decode_max_tokens: int = DECODE_MAX_TOKENS,
+                 budget: int = 0) -> None:
+        super().__init__()
+        ffn_width, model_width = w_up.shape
+        num_exp = -(-ffn_width // expert_size)
+        if tuple(w_router.shape) != (num_exp, model_width):
+            raise LTEError(f"SparseFFNIn: w_router must be [{num_exp}, {model_width}], got {list(w_router.shape)}")
+        if b_up is not None and tuple(b_up.shape) != (ffn_width,):
+            raise LTEError(f"SparseFFNIn: b_up must be [{ffn_width}], got {list(b_up.shape)}")
+        if not 0.0 < tau < 1.0:
+            raise LTEError(f"SparseFFNIn: tau must lie in (0, 1), got {tau}")
+        self.w_up = _frozen(w_up.contiguous())
+        self.b_up = None if b_up is None else _frozen(b_up.contiguous())
+        self.w_router = _frozen(w_router.contiguous())
+        self.tau = float(tau)
+        self.expert_size = int(expert_size)
+        self.use_kernels = use_kernels
+        self.decode_max_tokens = decode_max_tokens
+        self.budget = budget
+        self.record_mask = False
+        self.last_mask: torch.Tensor | None = None
+        self.state: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None  # (mask, union, kernel path)
+
+    num_experts = SparseMLP.num_experts
+    budget = SparseMLP.budget
+    dense_mask = SparseMLP.dense_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.numel() // x.shape[-1]
+        if self.use_kernels and num_tokens <= self.decode_max_tokens:
+            from .. import kernels
+
+            z, mask, union = kernels.routed_ffn_in(x, self.w_router, self.w_up, b_up=self.b_up, tau=self.tau,
+                                                   expert_size=self.expert_size, budget=self.budget)
+            self.state = (mask, union, True)
+        else:
+            mask = self.dense_mask(x)
+            z = F_.linear(x, self.w_up, self.b_up)  # [..., F]; the second half applies the mask
+            self.state = (mask, None, False)
+        if self.record_mask:
+            self.last_mask = mask.detach()
+        return z
+
+    def extra_repr(self) -> str:
+        f, d = self.w_up.shape
+        return f"D={d}, F={f}, experts={self.num_experts}, S={self.expert_size}, tau={self.tau}, budget={self.budget}"
+
+
+class SparseFFNOut(nn.Module):
+    """Second half of a plain LTE FFN inside a bigger container: replaces the output projection W2.
+
+    forward(h [..., F]) -> (h * m) Wd_t + b2 with the mask its `SparseFFNIn` computed for the same
+    tokens (kernel path: only the union's experts are read)."""
+
+    def __init__(self, source: SparseFFNIn, w_down_t: torch.Tensor, b_down: torch.Tensor | None) -> None:
+        super().__init__()
+        if tuple(w_down_t.shape[:1]) != (source.w_up.shape[0],):
+            raise LTEError(f"SparseFFNOut: w_down_t must be [F={source.w_up.shape[0]}, D], got {list(w_down_t.shape)}")
+        object.__setattr__(self, "_source", source)  # a plain reference: the router appears once in the tree
+        self.w_down_t = _frozen(w_down_t.contiguous())
+        self.b_down = None if b_down is None else _frozen(b_down.contiguous())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        state = self._source.state
+        if state is None or state[0].shape[:-1] != h.shape[:-1]:
+            raise LTEError("SparseFFNOut: its SparseFFNIn did not run on these tokens (call the FFN's input "
+                           "projection, then its output projection, once each per forward)")
+        mask, union, kernel_path = state
+        self._source.state = None
+        if kernel_path:
+            from .. import kernels
+
+            return kernels.sparse_ffn_out(h, mask, union, self.w_down_t, b_down=self.b_down,
+                                          expert_size=self._source.expert_size)
+        neuron_mask = mask.repeat_interleave(self._source.expert_size, dim=-1)[..., : h.shape[-1]]  # [..., F]
+        y = (h * neuron_mask.to(h.dtype)) @ self.w_down_t  # [..., D]
+        return y if self.b_down is None else y + self.b_down
+
+
 # --------------------------------------------------------------------------- module replacement
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` at dotted path `name` of `root` (setattr on the parent module)."""
@@ -222,14 +317,33 @@ def _is_lte_model(model: Any) -> bool:
     return isinstance(model, LTEModel)
 
 
-def _check_family(hf_model: nn.Module) -> str:
+def _check_family(hf_model: nn.Module, allow_split: bool = False) -> str:
     model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
-    if model_type not in SERVED_FAMILIES:
-        raise LTEError(
-            f"the fast decode path serves the families whose FFN is one container module "
-            f"({', '.join(SERVED_FAMILIES)}), not {model_type!r}. Use the LTEModel itself (masked dense path)."
-        )
-    return model_type
+    if model_type in SERVED_FAMILIES or (allow_split and model_type in SPLIT_FAMILIES):
+        return model_type
+    served = SERVED_FAMILIES + (SPLIT_FAMILIES if allow_split else ())
+    raise LTEError(
+        f"the fast decode path serves {', '.join(served)}, not {model_type!r}. "
+        "Use the LTEModel itself (masked dense path)."
+    )
+
+
+def _replace_split(hf_model: nn.Module, names: dict[int, str], layer: Any, expert_size: int, use_kernels: bool,
+                   budget: int) -> None:
+    """Put a SparseFFNIn / SparseFFNOut pair in place of one FFN's input and output projections."""
+    if layer.spec.gated:
+        raise LTEError(f"FFN {layer.name}: gated FFNs inside a bigger container are not served")
+    container = names.get(id(layer.container))
+    if container is None or not isinstance(hf_model.get_submodule(f"{container}.{layer.spec.input_name}"),
+                                           LTEInput):
+        raise LTEError(f"FFN {layer.name} is no longer in the model: was prepare_for_inference called twice?")
+    up_bias, down_bias = layer.up_bias(), layer.down_bias()
+    first = SparseFFNIn(layer.up_weight().detach(), None if up_bias is None else up_bias.detach(),
+                        layer.router.weight.detach(), layer.tau, expert_size, use_kernels, budget=budget)
+    second = SparseFFNOut(first, layer.down_weight().detach().t().contiguous(),  # [D, F] -> [F, D]
+                          None if down_bias is None else down_bias.detach())
+    _replace(hf_model, f"{container}.{layer.spec.input_name}", first)
+    _replace(hf_model, f"{container}.{layer.spec.down}", second)
 
 
 def _check_expert_sizes(sizes: list[int], expert_size: int, where: str) -> None:
@@ -264,11 +378,14 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
         raise LTEError("prepare_for_inference implements hard (threshold) routing; this model is in topk routing. "
                        "Call lmodel.set_routing('hard') first.")
     hf_model = lmodel.base_model
-    _check_family(hf_model)
+    split = _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES
     expert_size = lmodel.lte_config.expert_size
     names = {id(m): n for n, m in hf_model.named_modules()}
     for layer in lmodel.lte_layers():
         _check_expert_sizes(layer.expert_sizes, expert_size, layer.name)
+        if split:
+            _replace_split(hf_model, names, layer, expert_size, use_kernels, budget)
+            continue
         name = names.get(id(layer.container))
         if name is None:
             raise LTEError(f"FFN {layer.name} is no longer in the model: was prepare_for_inference called twice?")
@@ -291,7 +408,7 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
 
 
 @torch.no_grad()
-def dense_modules(model: Any) -> dict[str, DenseMLP]:
+def dense_modules(model: Any) -> dict[str, nn.Module]:
     """A `DenseMLP` for every FFN of a served family's model, by dotted container name (nothing replaced yet).
 
     Accepts a plain HF model or an `LTEModel` (its routers are ignored: dense function). The
@@ -304,7 +421,14 @@ def dense_modules(model: Any) -> dict[str, DenseMLP]:
 
     if _is_lte_model(model):
         hf_model = model.base_model
-        _check_family(hf_model)
+        if _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES:  # the original projections
+            names = {id(m): n for n, m in hf_model.named_modules()}
+            out: dict[str, nn.Module] = {}
+            for layer in model.lte_layers():
+                container = names[id(layer.container)]
+                out[f"{container}.{layer.spec.input_name}"] = layer.input.base_layer
+                out[f"{container}.{layer.spec.down}"] = layer.output.base_layer
+            return out
         names = {id(m): n for n, m in hf_model.named_modules()}
         items = [(names[id(layer.container)], layer.gate_weight(), layer.up_weight(), layer.down_weight(),
                   layer.activation, layer.up_bias(), layer.down_bias()) for layer in model.lte_layers()]
@@ -312,7 +436,8 @@ def dense_modules(model: Any) -> dict[str, DenseMLP]:
         from ..conversion.locate import find_ffns
 
         hf_model = model
-        _check_family(hf_model)
+        if _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES:
+            return {}  # a plain model of a split family already runs its dense FFN through cuBLAS
         items = []
         for ffn in find_ffns(hf_model):
             first, down, spec = ffn.input, ffn.down, ffn.spec
@@ -353,6 +478,18 @@ def prepare_dense(model: Any) -> nn.Module:
     return hf_model
 
 
-def sparse_modules(model: nn.Module) -> list[SparseMLP]:
-    """The `SparseMLP`s of a prepared model, in model order."""
-    return [m for m in model.modules() if isinstance(m, SparseMLP)]
+def sparse_modules(model: nn.Module) -> list[SparseMLP | SparseFFNIn]:
+    """The modules holding the routers of a prepared model (`SparseMLP`, or `SparseFFNIn` of a split
+    FFN), in model order."""
+    return [m for m in model.modules() if isinstance(m, (SparseMLP, SparseFFNIn))]
+
+
+def ffn_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The FFN weight matrices a served FFN module reads (empty for other modules)."""
+    if isinstance(module, SparseMLP):
+        return [w for w in (module.w_gate, module.w_up, module.w_down_t) if w is not None]
+    if isinstance(module, SparseFFNIn):
+        return [module.w_up]
+    if isinstance(module, SparseFFNOut):
+        return [module.w_down_t]
+    return []
