@@ -441,28 +441,34 @@ def test_cuda_graph_capture_and_replay(num_tokens):
 @gpu
 @pytest.mark.parametrize("num_tokens", [1, 8, 40])
 def test_settings_do_not_change_the_result(num_tokens):
-    """PDL on/off, router PDL, persistent or one-item-per-program grids: bit-identical outputs
-    (each row's dot product and each share's sum run in the same order)."""
+    """PDL on/off and router PDL: bit-identical outputs (the same arithmetic in the same order);
+    persistent grids: the same up to rounding (another compiled kernel may pick other MMA instructions)."""
     from lte.kernels.triton_ffn import default_config, routed_sparse_ffn_triton, sparse_ffn_triton
 
     w, w_router = _gpu_layer(D=512, F=2000)
     x = torch.randn(num_tokens, 512, device="cuda", dtype=torch.bfloat16)
     base = default_config(num_tokens, 512, 2000)
-    variants = [replace(base, pdl=False), replace(base, in_progs_per_sm=1), replace(base, in_progs_per_sm=4),
-                replace(base, router_pdl=True)]
+    exact = [replace(base, pdl=False), replace(base, router_pdl=True)]
+    close = [replace(base, in_progs_per_sm=1), replace(base, in_progs_per_sm=4)]
     for keep in (0.0, 0.3, 1.0):
         mask = torch.rand(num_tokens, num_experts(2000, 32), device="cuda") < keep
         args = (x, mask, w["w_up"], w["w_down_t"], w["w_gate"], None, None, 32, "silu")
         want = sparse_ffn_triton(*args, base)
-        for cfg in variants:
+        for cfg in exact:
             assert torch.equal(sparse_ffn_triton(*args, cfg), want), cfg
+        for cfg in close:
+            torch.testing.assert_close(sparse_ffn_triton(*args, cfg), want, rtol=2e-2, atol=2e-3)
     thr = logit_threshold(0.5)
     want = routed_sparse_ffn_triton(x, w_router, thr, w["w_up"], w["w_down_t"], w["w_gate"], None, None, 32, "silu",
                                     base)
-    for cfg in variants:
+    for cfg in exact + close:
         got = routed_sparse_ffn_triton(x, w_router, thr, w["w_up"], w["w_down_t"], w["w_gate"], None, None, 32,
                                        "silu", cfg)
-        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), cfg
+        assert torch.equal(got[1], want[1]), cfg
+        if cfg in exact:
+            assert torch.equal(got[0], want[0]), cfg
+        else:
+            torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.gpu
