@@ -28,9 +28,10 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 SHAPES = ((72, 100, 32), (100, 160, 32), (33, 200, 48))  # (D, F, S): odd D and S, smaller last expert
 BATCHES = (1, 3, 16, 40)
 #: None = the default settings (one program per work item); the other a persistent grid with
-#: several items per program, 8-row items (B = 1) and uneven expert shares in the down kernel.
+#: several items per program, 8-row items (B = 1), uneven expert shares in the down kernel found
+#: two ids at a time.
 CONFIGS = (None, KernelConfig(in_block_f=8, in_block_k=64, in_progs_per_sm=1, out_block_d=32, out_split=3,
-                              router_block_e=4, router_block_k=32))
+                              out_chunk=2, router_block_e=4, router_block_k=32))
 SPARSITIES = ("none", "random", "all")  # 0% off, a random middle fraction, 100% off
 FFN_KINDS = (("silu", True, False), ("gelu_tanh", True, True), ("gelu", False, True), ("relu", False, False))
 # (activation, gated, with biases)

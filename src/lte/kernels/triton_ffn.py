@@ -324,7 +324,7 @@ def _ffn_out_kernel(
     h_ptr, union_ptr, mask_ptr, wd_ptr, part_ptr,
     B, D, F, S, E,
     stride_hb, stride_mb,
-    B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, SLOTS: tl.constexpr,
+    B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -332,8 +332,9 @@ def _ffn_out_kernel(
 
     With PDL the kernel starts while the gate/up kernel runs: it reads the union (complete before
     that kernel triggered this launch) and its first Wd_t slab, and waits (gdc_wait) only before
-    it reads h. SLOTS bounds one share (ceil(E / number of shares)). TOKEN_MASK applies each
-    token's mask to h (when h comes from elsewhere than the gate/up kernel, which zeroes it)."""
+    it reads h. The share's expert ids are found CHUNK at a time (a [CHUNK, E_PAD] comparison).
+    TOKEN_MASK applies each token's mask to h (when h comes from elsewhere than the gate/up
+    kernel, which zeroes it)."""
     if PDL:
         gdc_launch_dependents()
     pid_d = tl.program_id(0)
@@ -346,29 +347,30 @@ def _ffn_out_kernel(
     csum, n_active = _active_list(union_ptr, E, E_PAD)
     j0 = (n_active * pid_s) // nsplit
     j1 = (n_active * (pid_s + 1)) // nsplit
-    ids = _nth_active(csum, j0, SLOTS)
     offs_s = tl.arange(0, S_PAD)
     if USE_DOT:
         acc = tl.zeros([B_PAD, BLOCK_D], dtype=tl.float32)
     else:
         acc3 = tl.zeros([B_PAD, S_PAD, BLOCK_D], dtype=tl.float32)
-    for j in range(j0, j1):
-        expert = _pick(ids, j - j0, SLOTS)
-        rows = expert * S + offs_s  # [S_PAD] the expert's neuron rows
-        row_ok = (offs_s < S) & (rows < F)
-        w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [S_PAD, BLOCK_D]
-        if PDL:
-            gdc_wait()  # h comes from the gate/up kernel (a no-op once it has completed)
-        h_ok = tok_ok
-        if TOKEN_MASK:
-            h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
-        h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :],
-                    mask=h_ok[:, None] & row_ok[None, :], other=0.0)  # [B_PAD, S_PAD]
-        if USE_DOT:
-            acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
-        else:
-            acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+    for c0 in range(j0, j1, CHUNK):
+        ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts
+        for j in range(c0, tl.minimum(c0 + CHUNK, j1)):
+            expert = _pick(ids, j - c0, CHUNK)
+            rows = expert * S + offs_s  # [S_PAD] the expert's neuron rows
+            row_ok = (offs_s < S) & (rows < F)
+            w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [S_PAD, BLOCK_D]
+            if PDL:
+                gdc_wait()  # h comes from the gate/up kernel (a no-op once it has completed)
+            h_ok = tok_ok
+            if TOKEN_MASK:
+                h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
+            h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :],
+                        mask=h_ok[:, None] & row_ok[None, :], other=0.0)  # [B_PAD, S_PAD]
+            if USE_DOT:
+                acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
+            else:
+                acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
         acc = tl.sum(acc3, axis=1)  # [B_PAD, BLOCK_D]
     if PDL:
@@ -447,11 +449,18 @@ class FFNLaunch:
     in_grid: int
     in_slots: int
     split: int
-    out_slots: int
+    out_chunk: int  # expert ids the down kernel finds at a time
     pdl: bool
     h: torch.Tensor  # [B, F] scratch (fp32, or x's dtype for the identity activation)
     part: torch.Tensor  # [SPLIT, B, D] fp32 partial sums
     y: torch.Tensor  # [B, D] output
+
+
+def _out_chunk(num_exp: int, split: int) -> int:
+    """Expert ids per step of the down kernel: the whole share when small, else what keeps the
+    [CHUNK, E_PAD] comparison near 8K elements."""
+    share = _next_pow2(triton.cdiv(num_exp, split))
+    return max(2, min(share, max(4, 8192 // _next_pow2(num_exp))))
 
 
 def _slots_for(max_share: int, row_blocks: int) -> int:
@@ -486,6 +495,7 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
     max_items = num_exp * row_blocks
     _, num_sms = _device_info(x.device)
     in_grid = max_items if cfg.in_progs_per_sm <= 0 else max(1, min(max_items, num_sms * cfg.in_progs_per_sm))
+    in_grid = max(in_grid, triton.cdiv(max_items, 16 * row_blocks))  # a share spans at most ~16 experts
     split = max(1, min(cfg.out_split, num_exp))
     device = x.device
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -494,7 +504,7 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
         w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
         cfg, use_dot, b_pad, _next_pow2(num_exp), block_f, row_blocks, max_items, in_grid,
         _slots_for(triton.cdiv(max_items, in_grid), row_blocks), split,
-        max(2, _next_pow2(triton.cdiv(num_exp, split))), cfg.pdl and _pdl_supported(device),
+        cfg.out_chunk or _out_chunk(num_exp, split), cfg.pdl and _pdl_supported(device),
         h=h if h is not None else torch.empty(num_tokens, ffn_width, device=device, dtype=h_dtype or torch.float32),
         part=torch.empty(split if need_out else 0, num_tokens, model_width, device=device, dtype=torch.float32),
         y=torch.empty(num_tokens, model_width if need_out else 0, device=device, dtype=x.dtype),
@@ -599,7 +609,7 @@ def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
         p.h, p.union, p.mask_u8, p.w_down_t, p.part,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0],
         p.h.stride(0), p.mask_u8.stride(0),
-        B_PAD=p.b_pad, S_PAD=max(16, _next_pow2(p.expert_size)), E_PAD=p.e_pad, SLOTS=p.out_slots,
+        B_PAD=p.b_pad, S_PAD=max(16, _next_pow2(p.expert_size)), E_PAD=p.e_pad, CHUNK=p.out_chunk,
         BLOCK_D=cfg.out_block_d, TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x),
         PDL=p.pdl,
         num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),

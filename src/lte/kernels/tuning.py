@@ -49,6 +49,7 @@ class KernelConfig:
     out_split: int = 64  # slices of the union's experts (partial sums to combine)
     out_warps: int = 4
     out_stages: int = 3
+    out_chunk: int = 0  # expert ids the down kernel finds per step (0: automatic)
     finish_block: int = 128
     router_block_e: int = 2  # experts per router program
     router_block_k: int = 0  # model-width chunk of the router (0: all of D in one step when it fits)
