@@ -95,7 +95,7 @@ fi
 PYTEST_EXTRA=()
 "$PY" -c "import xdist" 2>/dev/null && [ "$SMOKE" != 1 ] && PYTEST_EXTRA+=(-n 4)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 90)
-run gpu_tests "$CAP_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rfE ${TEST_ARGS[@]+"${TEST_ARGS[@]}"} ${PYTEST_EXTRA[@]+"${PYTEST_EXTRA[@]}"} \
+run gpu_tests "$CAP_TESTS" "$PY" -m pytest -q -rfE ${TEST_ARGS[@]+"${TEST_ARGS[@]}"} ${PYTEST_EXTRA[@]+"${PYTEST_EXTRA[@]}"} \
   --junitxml "$OUT/gpu_tests.xml" tests/test_kernels.py tests/test_serving.py
 
 # ---------------------------------------------------------------- 2. tile tuning

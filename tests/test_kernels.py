@@ -184,7 +184,7 @@ def test_import_does_not_import_triton():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split"]])
 def test_triton_kernels_in_interpreter(parts):
-    """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,3,16,40}, 0/middle/100% off,
+    """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,5,40}, 0/middle/100% off,
     default and persistent settings, router (+ budget) + FFN."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "lte.kernels.selfcheck", "--device", "cpu", "--parts", *parts],

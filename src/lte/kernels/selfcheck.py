@@ -26,7 +26,7 @@ from .tuning import KernelConfig
 # norm-relative error allowed per dtype: fp32 arithmetic, fp16 / bf16 rounding of h and y
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 SHAPES = ((72, 100, 32), (100, 160, 32), (33, 200, 48))  # (D, F, S): odd D and S, smaller last expert
-BATCHES = (1, 3, 16, 40)
+BATCHES = (1, 5, 40)
 #: None = the default settings (one program per work item); the other a persistent grid with
 #: several items per program, 8-row items (B = 1), uneven expert shares in the down kernel found
 #: two ids at a time.
@@ -179,7 +179,7 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
             break
         for dtype in dtypes:
             results.append(check_router_case(D, num_experts(F, S), B, dtype, device, gen))
-    for i, ((D, F, S), B, budget) in enumerate(itertools.product(SHAPES, (1, 6, 40), (0, 1, 3))):
+    for i, ((D, F, S), B, budget) in enumerate(itertools.product(SHAPES, (1, 6, 40), (0, 3))):
         if "routed" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
