@@ -49,7 +49,8 @@ run() {
   echo "=== [$(elapsed) s] $name (cap ${cap} s) ===" 
   timeout -k 10 "$cap" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
-  echo "$name: rc=$rc after $(elapsed) s (cap $cap s)$( [ "$rc" = 124 ] && echo ', TIMED OUT')" | tee -a "$OUT/sections.txt"
+  echo "$name: rc=$rc, ended at $(elapsed) s of the suite (cap $cap s)$( [ "$rc" = 124 ] && echo ', TIMED OUT')" \
+    | tee -a "$OUT/sections.txt"
 }
 
 # ---------------------------------------------------------------- 0. environment

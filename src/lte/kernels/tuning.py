@@ -169,13 +169,13 @@ def heuristic_config(num_tokens: int, model_width: int, ffn_width: int, num_sms:
       and fewer slices as B grows (the partial sums cost ``split x B x D x 4`` bytes).
     """
     cols = max(1, -(-model_width // 128))  # column blocks of 128
-    if num_tokens <= 1:
-        out_split = max(8, min(64, (4 * num_sms) // max(1, -(-model_width // 256))))
+    if num_tokens <= 1:  # H100, D=4096: 16 column blocks x 64 splits
+        out_split = max(8, min(64, (8 * num_sms) // max(1, -(-model_width // 256))))
         return KernelConfig(out_split=out_split)
-    if num_tokens <= 16:
+    if num_tokens <= 16:  # H100, D=4096: 32 column blocks x 64 / 32 / 16 splits
         split_cap = 64 if num_tokens <= 4 else 32 if num_tokens <= 8 else 16
         return KernelConfig(in_block_f=32, in_block_k=256, in_warps=4, in_stages=4, out_block_d=128,
-                            out_split=max(4, min(split_cap, (4 * num_sms) // cols)), out_warps=4,
+                            out_split=max(4, min(split_cap, (16 * num_sms) // cols)), out_warps=4,
                             router_block_e=2 if num_tokens <= 8 else 16, router_block_k=256)
     return KernelConfig(in_block_f=32, in_block_k=128, in_warps=4, in_stages=4, out_block_d=128,
                         out_split=max(2, min(8, (2 * num_sms) // cols)), out_warps=4,
