@@ -1,16 +1,21 @@
 """Whole-decode-step latency: dense vs LTE sparse FFNs in the same static-cache, CUDA-graph loop.
 
-A LLaMA-2-7B-shaped model (32 layers, D=4096, F=11008, 32 heads, vocab 32000) with random bf16
-weights is built on the GPU, converted by `lte.get_lte_model(grouping="contiguous")` and readied
-with `prepare_for_inference`. Router masks switch off a chosen fraction of experts through the real
-router path (see `lte.serving.synthetic`): "fixed" (same experts for every token) and "random"
-(each token its own). Each point: median over --runs runs of --new-tokens graph replays.
+Models of the shape table (`lte.serving.synthetic.SHAPES`: LLaMA-2-7B, Llama-3-8B, Qwen2.5-7B,
+Mistral-7B, ...) with random bf16 weights are built on the GPU, converted by
+`lte.get_lte_model(grouping="contiguous")` and readied with `prepare_for_inference`. Router masks
+switch off a chosen fraction of experts through the real router path (see `lte.serving.synthetic`):
+"fixed" (same experts for every token) and "random" (each token its own), the latter also under a
+per-batch expert budget (`--batch-budget`: at most that fraction of each layer's experts per step).
+Dense = the same weights through `DenseMLP` (cuBLAS) in the same loop. Each point: median over
+--runs runs of --new-tokens graph replays; "ideal" scales the dense step by the bytes the LTE step
+must read (weights at the measured union + KV cache).
 
-    PYTHONPATH=src python benchmarks/decode.py                       # the full table (H100: ~3 min)
+    PYTHONPATH=src python benchmarks/decode.py                       # LLaMA-2-7B shape, B = 1 4 8
+    PYTHONPATH=src python benchmarks/decode.py --suite --budget 130  # the issue's shapes at B = 1 8 32
     PYTHONPATH=src python benchmarks/decode.py --model DIR           # + a real saved LTE model vs its dense self
     PYTHONPATH=src python benchmarks/decode.py --plot-only benchmarks/results/decode.json
 
-Writes JSON (GPU, versions, commit, every point) to --out and prints a short table.
+Writes JSON (GPU, versions, commit, every point) to --out after every point and prints a short table.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import platform
 import subprocess
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +75,38 @@ def _free() -> None:
 
 #: Every finished point, also written to --out after each one (a crash keeps what was measured).
 ROWS: list[dict[str, Any]] = []
+ERRORS: list[dict[str, Any]] = []
+
+
+class Deadline:
+    """Seconds left of --budget (None: no limit)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def over(self, need: float = 0.0) -> bool:
+        return self.end is not None and time.monotonic() + need > self.end
+
+
+def _guard(what: str, fn, *args, **kwargs) -> Any:
+    """Run one point; a failure is recorded in ERRORS and printed, and the benchmark goes on."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - one failed point must not stop the others
+        ERRORS.append({"what": what, "error": f"{type(err).__name__}: {err}",
+                       "traceback": traceback.format_exc(limit=6)[-3000:]})
+        print(f"  FAILED {what}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+        return None
 
 
 def _save(args: argparse.Namespace, env: dict[str, Any], checks: list[dict[str, Any]]) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("plot_only", "env", "checks")}
-    out.write_text(json.dumps({"env": env, "settings": settings, "kernel_checks": checks, "rows": ROWS}, indent=2))
+    settings = {k: v for k, v in vars(args).items() if k not in ("plot_only", "env", "checks", "deadline")}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"env": env, "settings": settings, "kernel_checks": checks, "rows": ROWS,
+                               "errors": ERRORS}, indent=2, default=str))
+    tmp.replace(out)
     return out
 
 
@@ -91,12 +122,18 @@ def _point(model: torch.nn.Module, args: argparse.Namespace, batch: int, decoder
     res = bench(model, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                 cache_len=args.cache_len, runs=args.runs, decoder=decoder or _decoder(model, args, batch))
     row = {**labels, **res}
+    dense = next((r for r in ROWS if r.get("variant") == "dense" and r["batch_size"] == batch
+                  and r.get("shape") == labels.get("shape") and r.get("model_dir") == labels.get("model_dir")), None)
+    if dense is not None:  # the step time the bytes allow: dense time x (bytes read by this step / by dense)
+        read = res["weight_bytes_per_step"] + res["kv_bytes_per_step"]
+        row["ideal_ms"] = dense["ms_per_step"] * read / (dense["weight_bytes_per_step"] + dense["kv_bytes_per_step"])
+        row["vs_dense"] = res["ms_per_step"] / dense["ms_per_step"] - 1
     ROWS.append(row)
     _save(args, args.env, args.checks)
     frac = res["ffn_active_fraction"]
-    print(f"  {labels.get('variant'):>5} {labels.get('mask', '-'):>6} s={labels.get('sparsity', 0):.2f} "
-          f"B={batch}: {res['ms_per_step']:.3f} ms/step, {res['tokens_per_s']:.0f} tok/s, "
-          f"active={'-' if frac is None else f'{frac:.3f}'}", flush=True)
+    print(f"  {labels.get('shape', '')} {labels.get('variant'):>5} {labels.get('mask', '-'):>6} "
+          f"s={labels.get('sparsity', 0):.2f} B={batch}: {res['ms_per_step']:.3f} ms/step, "
+          f"{res['tokens_per_s']:.0f} tok/s, active={'-' if frac is None else f'{frac:.3f}'}", flush=True)
     return row
 
 
@@ -119,34 +156,57 @@ def check_kernel_path(model: torch.nn.Module, sparsity: float) -> dict[str, Any]
             "logit_scale": outs[1].abs().max().item()}
 
 
-def synthetic_table(args: argparse.Namespace) -> None:
-    """Dense vs LTE (fixed and random masks) on the random LLaMA-shaped model."""
+def _set_budget(model: torch.nn.Module, fraction: float) -> None:
+    """Per-batch expert budget of every SparseMLP: round(fraction x its experts) (0: no budget)."""
+    for m in sparse_modules(model):
+        m.budget = 0 if fraction <= 0 else max(1, round(fraction * m.num_experts))
+
+
+def synthetic_table(args: argparse.Namespace, shape: str) -> None:
+    """Dense vs LTE (fixed and random masks, random under a batch budget) on one random-weight shape."""
     dtype = getattr(torch, args.dtype)
     t0 = time.time()
-    hf = random_llama(args.shape, args.device, dtype)
+    hf = random_llama(shape, args.device, dtype)
     pin_router_channel(hf)
     lmodel = lte.get_lte_model(hf, lte.LTEConfig(grouping="contiguous"), progress=False)
     dense = dense_modules(lmodel)
     model = prepare_for_inference(lmodel)
     del lmodel
     _free()
-    print(f"built {args.shape} in {time.time() - t0:.1f} s", flush=True)
-    checks = [check_kernel_path(model, s) for s in (0.0, 0.5, 0.9)]
-    args.checks.extend(checks)
+    print(f"built {shape} in {time.time() - t0:.1f} s", flush=True)
+    checks = [_guard(f"check {shape} {s}", check_kernel_path, model, s) for s in (0.0, 0.5, 0.9)]
+    args.checks.extend({"shape": shape, **c} for c in checks if c)
     print("kernel vs masked dense:", checks, flush=True)
     for batch in args.batch_sizes:
+        if args.deadline.over(10):
+            ROWS.append({"shape": shape, "batch_size": batch, "variant": "skipped", "why": "time budget"})
+            continue
         sparse = swap_modules(model, dense)
-        _point(model, args, batch, variant="dense", mask="-", sparsity=0.0)
+        _guard(f"dense {shape} B={batch}", _point, model, args, batch, variant="dense", mask="-", sparsity=0.0,
+               shape=shape)
         swap_modules(model, sparse)
-        dec = _decoder(model, args, batch)  # fixed masks keep tau = 0.5: one captured graph for all
+        _set_budget(model, 0.0)
+        dec = _guard(f"decoder {shape} B={batch}", _decoder, model, args, batch)  # fixed masks: one graph for all
         for s in args.sparsities:
+            if dec is None or args.deadline.over(3):
+                break
             set_fixed_sparsity(model, s)
-            _point(model, args, batch, decoder=dec, variant="lte", mask="fixed", sparsity=s)
+            _guard(f"lte fixed {shape} B={batch} s={s}", _point, model, args, batch, decoder=dec, variant="lte",
+                   mask="fixed", sparsity=s, shape=shape)
         del dec
         if "random" in args.mask_modes:  # tau changes: a new decoder (graph) per point
-            for s in [s for s in args.sparsities if 0 < s < 1]:
+            for s in [s for s in args.random_sparsities if 0 < s < 1]:
+                if args.deadline.over(4):
+                    break
                 set_random_sparsity(model, s)
-                _point(model, args, batch, variant="lte", mask="random", sparsity=s)
+                _guard(f"lte random {shape} B={batch} s={s}", _point, model, args, batch, variant="lte",
+                       mask="random", sparsity=s, shape=shape)
+                if args.batch_budget and batch > 1 and not args.deadline.over(4):
+                    _set_budget(model, args.batch_budget)
+                    _guard(f"lte random+budget {shape} B={batch} s={s}", _point, model, args, batch,
+                           variant="lte_budget", mask="random", sparsity=s, budget_fraction=args.batch_budget,
+                           shape=shape)
+                    _set_budget(model, 0.0)
     del model, dense
     _free()
 
@@ -167,18 +227,18 @@ def real_model_rows(args: argparse.Namespace) -> None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """ms/step and latency change vs dense at the same batch size."""
-    dense = {(r.get("model"), r["batch_size"]): r["ms_per_step"] for r in rows if r["variant"] == "dense"}
-    print(f"\n{'model':>14} {'B':>2} {'variant':>7} {'mask':>7} {'sparsity':>8} {'active':>6} "
-          f"{'ms/step':>8} {'vs dense':>8} {'tok/s':>7} {'GB/s':>6}")
+    """ms/step, change vs dense at the same shape and batch size, and the bytes' ideal."""
+    rows = [r for r in rows if "ms_per_step" in r]
+    print(f"\n{'model':>14} {'B':>2} {'variant':>10} {'mask':>7} {'sparsity':>8} {'active':>6} "
+          f"{'ms/step':>8} {'vs dense':>8} {'ideal':>7} {'tok/s':>7} {'GB/s':>6}")
     for r in rows:
-        base = dense.get((r.get("model"), r["batch_size"]))
-        change = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else "-"
+        change = f"{100 * r['vs_dense']:+.1f}%" if r.get("vs_dense") is not None else "-"
+        ideal = f"{r['ideal_ms']:.3f}" if r.get("ideal_ms") is not None else "-"
         frac = r["ffn_active_fraction"]
-        name = Path(r["model"]).name if r.get("model") else "synthetic"
-        print(f"{name[:14]:>14} {r['batch_size']:>2} {r['variant']:>7} {r['mask']:>7} "
+        name = Path(r["model_dir"]).name if r.get("model_dir") else r.get("shape", "synthetic")
+        print(f"{name[:14]:>14} {r['batch_size']:>2} {r['variant']:>10} {r['mask']:>7} "
               f"{r.get('sparsity', float('nan')):>8.2f} {'-' if frac is None else f'{frac:.3f}':>6} "
-              f"{r['ms_per_step']:>8.3f} {change:>8} {r['tokens_per_s']:>7.0f} {r['gb_per_s']:>6.0f}")
+              f"{r['ms_per_step']:>8.3f} {change:>8} {ideal:>7} {r['tokens_per_s']:>7.0f} {r['gb_per_s']:>6.0f}")
 
 
 def plot(result_file: Path) -> Path:
@@ -189,10 +249,14 @@ def plot(result_file: Path) -> Path:
     import matplotlib.pyplot as plt
 
     data = json.loads(result_file.read_text())
-    rows = [r for r in data["rows"] if not r.get("model")]
+    rows = [r for r in data["rows"] if not r.get("model_dir") and "ms_per_step" in r]
+    first = rows[0].get("shape") if rows else None
+    rows = [r for r in rows if r.get("shape") == first]
     fig, ax = plt.subplots(figsize=(6, 4))
     for batch in sorted({r["batch_size"] for r in rows}):
-        dense = next(r for r in rows if r["variant"] == "dense" and r["batch_size"] == batch)
+        dense = next((r for r in rows if r["variant"] == "dense" and r["batch_size"] == batch), None)
+        if dense is None:
+            continue
         fixed = sorted((r for r in rows if r["mask"] == "fixed" and r["batch_size"] == batch),
                        key=lambda r: r["sparsity"])
         line, = ax.plot([r["sparsity"] for r in fixed], [r["ms_per_step"] for r in fixed], "o-", label=f"LTE B={batch}")
@@ -203,7 +267,7 @@ def plot(result_file: Path) -> Path:
         ax.plot([r["sparsity"] for r in fixed], ideal, ":", color=line.get_color(), label=f"ideal B={batch}")
     ax.set_xlabel("fraction of FFN experts off")
     ax.set_ylabel("ms per decode step")
-    ax.set_title(f"decode step, {data['env']['device']}, bf16", fontsize=9)
+    ax.set_title(f"decode step, {first}, {data['env']['device']}, bf16", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out = result_file.with_suffix(".png")
@@ -213,10 +277,19 @@ def plot(result_file: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama2-7b")
+    p.add_argument("--shapes", nargs="+", default=None, help="shapes of lte.serving.synthetic.SHAPES")
+    p.add_argument("--shape", default="llama2-7b", help="one shape (when --shapes is not given)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9])
+    p.add_argument("--random-sparsities", type=float, nargs="+", default=None,
+                   help="sparsities of the random-mask points (default: --sparsities)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--mask-modes", nargs="+", default=["fixed", "random"], choices=["fixed", "random"])
+    p.add_argument("--batch-budget", type=float, default=0.0,
+                   help="also time random masks under a per-batch budget of this fraction of the experts")
+    p.add_argument("--budget", type=float, default=None, help="seconds; points not started by then are skipped")
+    p.add_argument("--suite", action="store_true",
+                   help="the issue's table: llama3-8b, llama2-7b, qwen2.5-7b, mistral-7b at B = 1 8 32, "
+                        "fixed 0/50/70/90%%, random 50%% with and without a 50%% batch budget, short runs")
     p.add_argument("--cache-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -233,16 +306,34 @@ def main() -> None:
     if args.plot_only:
         print(plot(Path(args.plot_only)))
         return
+    if args.suite:
+        args.shapes = args.shapes or ["llama3-8b", "llama2-7b", "qwen2.5-7b", "mistral-7b"]
+        args.batch_sizes = [1, 8, 32]
+        args.random_sparsities = args.random_sparsities or [0.5]
+        args.batch_budget = args.batch_budget or 0.5
+        args.new_tokens, args.runs = min(args.new_tokens, 32), min(args.runs, 3)
+    args.shapes = args.shapes or [args.shape]
+    args.random_sparsities = args.random_sparsities or args.sparsities
+    args.deadline = Deadline(args.budget)
     env = environment()
     print(env, flush=True)
     args.env, args.checks = env, []
     if not args.skip_synthetic:
-        synthetic_table(args)
+        for shape in args.shapes:
+            if args.deadline.over(20):
+                ROWS.append({"shape": shape, "variant": "skipped", "why": "time budget"})
+                continue
+            _guard(f"shape {shape}", synthetic_table, args, shape)
+            _free()
+            _save(args, env, args.checks)
     if args.model:
-        real_model_rows(args)
+        _guard("real model", real_model_rows, args)
     out = _save(args, env, args.checks)
     print_table(ROWS)
+    if ERRORS:
+        print(f"{len(ERRORS)} points failed: " + "; ".join(e["what"] for e in ERRORS))
     print(f"\nwrote {out}")
+    _guard("plot", plot, out)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,20 @@ import torch
 import lte
 import tiny_models as tm
 from lte.serving import StaticDecoder, bench, generate, prepare_dense, prepare_for_inference
-from lte.serving.prepare import DenseMLP, SparseMLP, dense_modules, sparse_modules, swap_modules
+from lte.serving.prepare import (
+    DenseMLP,
+    SparseFFNIn,
+    SparseFFNOut,
+    SparseMLP,
+    dense_modules,
+    ffn_weights,
+    sparse_modules,
+    swap_modules,
+)
 from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sparsity, set_random_sparsity
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
+            "opt"]
 
 
 def _lte(family: str = "llama", seed: int = 0, router_scale: float = 3.0) -> lte.LTEModel:
@@ -54,7 +64,8 @@ def test_sparse_mlp_matches_lte_hard_mode(family, shape):
     assert 0.05 < sparsity < 0.95, "the test needs some experts on and some off"
     model = prepare_for_inference(lmodel)
     mods = sparse_modules(model)
-    assert len(mods) == tm.LAYERS and all(m.w_down_t.is_contiguous() for m in mods)
+    assert len(mods) == tm.LAYERS
+    assert all(w.is_contiguous() for m in model.modules() for w in ffn_weights(m))
     with torch.no_grad():
         out = model(input_ids=ids).logits
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
@@ -69,6 +80,25 @@ def test_sparse_mlp_decode_and_prefill_paths_agree():
         mlp.use_kernels = False
         dense = mlp(x)  # masked dense
     torch.testing.assert_close(fast, dense, atol=1e-5, rtol=1e-4)
+
+
+def test_budget_caps_the_decode_union_and_leaves_prefill_alone():
+    lmodel = _lte("llama", router_scale=1.0)
+    model = prepare_for_inference(lmodel, budget=1)
+    mlp = sparse_modules(model)[0]
+    assert mlp.budget == 1
+    x = torch.randn(5, tm.D)
+    mlp.record_mask = True
+    with torch.no_grad():
+        y = mlp(x)  # 5 tokens: the decode path
+        decode_mask = mlp.last_mask
+        assert int(decode_mask.any(0).sum()) <= 1
+        torch.testing.assert_close(y, mlp.masked_dense(x, decode_mask), atol=1e-5, rtol=1e-4)
+        mlp.decode_max_tokens = 4
+        mlp(x)  # 5 tokens > 4: the prefill path ignores the budget
+    assert torch.equal(mlp.last_mask, mlp.dense_mask(x))
+    with pytest.raises(lte.LTEError, match="budget"):
+        mlp.budget = -2
 
 
 def test_prepare_dense_matches_plain_model():
@@ -103,11 +133,47 @@ def test_swap_modules_round_trip():
     assert len(sparse_modules(model)) == tm.LAYERS
 
 
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "gpt2", "gpt_neox"])
+def test_prepare_dense_matches_plain_model_other_families(family):
+    plain = tm.build(family)
+    ids = _ids(2, 6)
+    with torch.no_grad():
+        ref = plain(input_ids=ids).logits
+        out = prepare_dense(plain)(input_ids=ids).logits
+    assert sum(isinstance(m, DenseMLP) for m in plain.modules()) == tm.LAYERS
+    torch.testing.assert_close(out, ref)
+
+
+def test_opt_split_ffn_round_trip_and_dense_swap():
+    lmodel = _lte("opt")
+    ids = _ids(2, 4)
+    ref, _ = _hard_logits(lmodel, ids)
+    dense = dense_modules(lmodel)  # the original fc1 / fc2 of every layer
+    model = prepare_for_inference(lmodel)
+    assert sum(isinstance(m, SparseFFNIn) for m in model.modules()) == tm.LAYERS
+    assert sum(isinstance(m, SparseFFNOut) for m in model.modules()) == tm.LAYERS
+    sparse = swap_modules(model, dense)
+    lmodel.set_routing("dense")
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    swap_modules(model, sparse)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(plain, ref)  # dense differs from the sparse function
+    with pytest.raises(lte.LTEError, match="twice"):
+        prepare_for_inference(lmodel)
+    mods = sparse_modules(model)
+    with pytest.raises(lte.LTEError, match="did not run"):
+        model.get_submodule("model.decoder.layers.0.fc2")(torch.randn(3, tm.F))
+    assert mods[0].num_experts == 4
+
+
 def test_prepare_errors():
     with pytest.raises(lte.LTEError, match="prepare_dense"):
         prepare_for_inference(tm.build("llama"))
-    with pytest.raises(lte.LTEError, match="LLaMA family"):
-        prepare_dense(tm.build("gpt2"))
+    with pytest.raises(lte.LTEError, match="serves llama"):
+        prepare_dense(tm.build("bert"))
     lmodel = _lte()
     prepare_for_inference(lmodel)
     with pytest.raises(lte.LTEError, match="twice"):
@@ -126,7 +192,7 @@ def test_static_decode_matches_hf_generate_dense(batch):
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "opt"])
 def test_static_decode_matches_hf_generate_lte(family):
     lmodel = _lte(family)
     ids = _ids(2, 9)
@@ -276,6 +342,24 @@ def test_cuda_graph_decode_matches_eager(batch):
     torch.testing.assert_close(graph, eager)
     ref = _hf_greedy(lmodel.base_model, ids, 10)  # prepared model under plain HF generate
     torch.testing.assert_close(graph, ref)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernels_match_masked_dense_on_gpu_every_family(family):
+    lmodel = _lte(family)
+    lmodel.base_model.to("cuda", torch.bfloat16)
+    model = prepare_for_inference(lmodel)
+    ids = _ids(3, 1).cuda()  # one decode-shaped step of 3 tokens
+    mods = sparse_modules(model)
+    outs = []
+    with torch.no_grad():
+        for use in (True, False):
+            for m in mods:
+                m.use_kernels = use
+            outs.append(model(input_ids=ids).logits.float())
+    assert (outs[0] - outs[1]).abs().max() <= 0.05 * outs[1].abs().max() + 1e-3
 
 
 @pytest.mark.gpu

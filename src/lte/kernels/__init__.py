@@ -5,8 +5,11 @@ Public API:
 - ``sparse_ffn(x, mask, w_up, w_down_t, *, w_gate=None, b_up=None, b_down=None, expert_size=32,
   activation="silu")``: one LTE FFN for x ``[..., D]`` and a per-token expert mask ``[..., E]``.
 - ``router_mask(x, w_router, tau=0.5)``: the hard expert mask ``sigmoid(x Wr^T) > tau``.
-- ``routed_sparse_ffn(x, w_router, w_up, w_down_t, *, tau=0.5, ...)``: both in one op (on CUDA the
-  router runs inside the first FFN kernel: one launch fewer); returns ``(y, mask)``.
+- ``routed_sparse_ffn(x, w_router, w_up, w_down_t, *, tau=0.5, budget=0, ...)``: both in one op,
+  with an optional per-batch expert budget; returns ``(y, mask)``.
+- ``routed_ffn_in(x, w_router, w_up, ...)`` and ``sparse_ffn_out(h, mask, union, w_down_t, ...)``: a
+  plain FFN in two halves, for models that apply the activation between the two projections
+  themselves (OPT): the router and ``x W1^T + b1`` for the union's experts, then the down projection.
 - ``kernels_available()``: whether the Triton kernels will run (CUDA + triton, not forced off).
 
 Importing this package does not import triton; the kernels load on the first CUDA call.
@@ -20,16 +23,30 @@ import importlib.util
 import torch
 
 from . import ops
-from .reference import ACTIVATIONS, num_experts, router_mask_reference, sparse_ffn_reference
+from .reference import (
+    ACTIVATIONS,
+    budget_keep,
+    num_experts,
+    routed_mask_reference,
+    router_mask_reference,
+    sparse_ffn_reference,
+)
+from .tuning import KernelConfig, load_table
 
 __all__ = [
     "ACTIVATIONS",
+    "KernelConfig",
+    "budget_keep",
     "kernels_available",
+    "load_table",
     "num_experts",
     "router_mask",
+    "routed_ffn_in",
+    "routed_mask_reference",
     "routed_sparse_ffn",
     "router_mask_reference",
     "sparse_ffn",
+    "sparse_ffn_out",
     "sparse_ffn_reference",
 ]
 
@@ -150,19 +167,82 @@ def routed_sparse_ffn(
     b_down: torch.Tensor | None = None,
     expert_size: int = 32,
     activation: str = "silu",
+    budget: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``router_mask`` and ``sparse_ffn`` in one op: returns ``(y [..., D], mask [..., E] bool)``.
 
-    The same function as ``sparse_ffn(x, router_mask(x, w_router, tau), ...)``; on CUDA for up to
-    16 tokens the router logits are computed inside the first FFN kernel (no separate router launch).
+    The same function as ``sparse_ffn(x, router_mask(x, w_router, tau), ...)`` when ``budget`` is 0.
+    ``budget = k > 0`` is a per-batch expert budget: of the experts some token of the call switched
+    on, only the k with the largest summed score ``sum_tokens sigmoid(x Wr^T)`` stay on (for every
+    token), so the union over the batch never exceeds k experts; the returned mask is the one used.
     w_router ``[E, D]`` with E = ceil(F / expert_size); other arguments as in ``sparse_ffn``.
+    On CUDA up to 64 tokens run the router, budget and FFN kernels; more tokens (prefill) the
+    masked dense path through cuBLAS.
     """
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    if not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget must be an int >= 0 (0 = no budget), got {budget!r}")
     num_exp = _validate_ffn(x, None, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
     _check_matrix("w_router", w_router, x, num_exp)
     model_width = x.shape[-1]
     x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
     y, mask = torch.ops.lte.routed_sparse_ffn(x2, w_router, float(tau), w_up, w_down_t, w_gate, b_up, b_down,
-                                              expert_size, activation)
+                                              expert_size, activation, budget)
     return y.reshape(x.shape), mask.reshape(*x.shape[:-1], num_exp)  # [..., D], [..., E]
+
+
+def routed_ffn_in(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    w_up: torch.Tensor,
+    *,
+    b_up: torch.Tensor | None = None,
+    tau: float = 0.5,
+    expert_size: int = 32,
+    budget: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First half of a plain FFN: router (+ budget) and ``z = x W1^T + b1`` for the union's experts.
+
+    x ``[..., D]``, w_router ``[E, D]``, w_up ``[F, D]``, b_up ``[F]``. Returns ``(z [..., F], mask
+    [..., E] bool, union [E] int8)``; z is 0 where a token's expert is off, and undefined for experts
+    no token uses (``sparse_ffn_out`` never reads them). Apply the activation to z, then call
+    ``sparse_ffn_out(act(z), mask, union, ...)``."""
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    if not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget must be an int >= 0 (0 = no budget), got {budget!r}")
+    num_exp = _validate_ffn(x, None, w_up, w_up, None, b_up, None, expert_size, "relu")
+    _check_matrix("w_router", w_router, x, num_exp)
+    model_width = x.shape[-1]
+    x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
+    z, mask, union = torch.ops.lte.routed_ffn_in(x2, w_router, float(tau), w_up, b_up, expert_size, budget)
+    return z.reshape(*x.shape[:-1], w_up.shape[0]), mask.reshape(*x.shape[:-1], num_exp), union
+
+
+def sparse_ffn_out(
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    union: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    b_down: torch.Tensor | None = None,
+    expert_size: int = 32,
+) -> torch.Tensor:
+    """Second half: ``y = (h * m) Wd_t + b2`` for h ``[..., F]`` (the activated z of ``routed_ffn_in``),
+    its mask ``[..., E]`` and union ``[E]``; w_down_t ``[F, D]``, b_down ``[D]``. Returns ``[..., D]``."""
+    ffn_width, model_width = w_down_t.shape
+    if h.shape[-1] != ffn_width or h.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"h must be a float [..., {ffn_width}] tensor, got {h.dtype} {list(h.shape)}")
+    num_exp = num_experts(ffn_width, expert_size)
+    if mask.dtype != torch.bool or mask.shape != (*h.shape[:-1], num_exp):
+        raise ValueError(f"mask must be bool {[*h.shape[:-1], num_exp]}, got {mask.dtype} {list(mask.shape)}")
+    if union.dtype != torch.int8 or union.shape != (num_exp,):
+        raise ValueError(f"union must be int8 [{num_exp}], got {union.dtype} {list(union.shape)}")
+    if not w_down_t.is_contiguous() or w_down_t.device != h.device:
+        raise ValueError("w_down_t must be a contiguous [F, D] tensor on h's device")
+    _check_bias("b_down", b_down, model_width, h.new_empty(0, dtype=w_down_t.dtype))
+    h2 = h.reshape(-1, ffn_width).contiguous()  # [T, F]
+    y = torch.ops.lte.sparse_ffn_out(h2, mask.reshape(-1, num_exp).contiguous(), union, w_down_t, b_down,
+                                     expert_size)
+    return y.reshape(*h.shape[:-1], model_width)

@@ -1,4 +1,6 @@
-"""``torch.library`` custom ops ``lte::sparse_ffn``, ``lte::routed_sparse_ffn`` and ``lte::router_mask``.
+"""``torch.library`` custom ops ``lte::sparse_ffn``, ``lte::routed_sparse_ffn``, ``lte::router_mask`` and
+the two halves ``lte::routed_ffn_in`` / ``lte::sparse_ffn_out`` (for FFNs whose model applies the
+activation between them, e.g. OPT's decoder layer).
 
 Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it
 and CUDA-graph capture works. On CUDA the ops launch the Triton kernels (imported lazily, on the
@@ -11,10 +13,11 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F_
 
-from .reference import logit_threshold, router_mask_reference, sparse_ffn_reference
+from .reference import logit_threshold, routed_mask_reference, router_mask_reference, sparse_ffn_reference
 
-MAX_DECODE_TOKENS = 16  # token counts above this take the dense (reference) path on CUDA too
+MAX_DECODE_TOKENS = 64  # token counts above this (prefill) take the masked dense cuBLAS path on CUDA
 KERNELS_ENV = "LTE_KERNELS"
 
 
@@ -100,9 +103,11 @@ def routed_sparse_ffn_op(
     b_down: torch.Tensor | None,
     expert_size: int,
     activation: str,
+    budget: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router + sparse FFN in one op on x [T, D]: (y [T, D], mask [T, E]) (any device: the fp32 reference)."""
-    mask = router_mask_reference(x, w_router, tau)
+    """Router (+ per-batch expert budget when ``budget > 0``) + sparse FFN in one op on x [T, D]:
+    (y [T, D], mask [T, E]) (any device: the fp32 reference)."""
+    mask = routed_mask_reference(x, w_router, tau, budget)
     y = sparse_ffn_reference(
         x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
         expert_size=expert_size, activation=activation,
@@ -111,11 +116,13 @@ def routed_sparse_ffn_op(
 
 
 @routed_sparse_ffn_op.register_kernel("cuda")
-def _routed_sparse_ffn_cuda(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation):
-    """CUDA: the router inside the first Triton kernel for T <= MAX_DECODE_TOKENS, cuBLAS above."""
+def _routed_sparse_ffn_cuda(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
+                            budget):
+    """CUDA: router kernel (+ budget kernel) and the FFN kernels for T <= MAX_DECODE_TOKENS; the
+    masked dense path through cuBLAS above (prefill)."""
     num_tokens = x.shape[0]
     if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
-        mask = router_mask_reference(x, w_router, tau)
+        mask = routed_mask_reference(x, w_router, tau, budget)
         y = sparse_ffn_reference(  # forced: the exact fp32 reference; prefill: masked dense in x's dtype
             x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
             expert_size=expert_size, activation=activation, upcast=reference_forced(),
@@ -124,11 +131,96 @@ def _routed_sparse_ffn_cuda(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_do
     from .triton_ffn import routed_sparse_ffn_triton
 
     return routed_sparse_ffn_triton(x, w_router, logit_threshold(tau), w_up, w_down_t, w_gate, b_up, b_down,
-                                    expert_size, activation)
+                                    expert_size, activation, budget=budget)
 
 
 @routed_sparse_ffn_op.register_fake
-def _routed_sparse_ffn_fake(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation):
+def _routed_sparse_ffn_fake(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
+                            budget):
     y = x.new_empty(x.shape[0], w_down_t.shape[1])  # [T, D]
     mask = x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]
     return y, mask
+
+
+# --------------------------------------------------------------------------- FFNs in two halves
+def _ffn_in_reference(x, w_router, tau, w_up, b_up, expert_size, budget, upcast=True):
+    """(z = x W1^T + b1, zero where the token's expert is off (upcast) or not masked (prefill), mask, union)."""
+    from .reference import expand_mask
+
+    mask = routed_mask_reference(x, w_router, tau, budget)  # [T, E]
+    if upcast:
+        z = F_.linear(x.float(), w_up.float(), None if b_up is None else b_up.float())  # [T, F]
+        z = (z * expand_mask(mask, w_up.shape[0], expert_size).float()).to(x.dtype)
+    else:
+        z = F_.linear(x, w_up, b_up)  # the second half applies the mask
+    return z, mask, mask.any(dim=0).to(torch.int8)
+
+
+def _ffn_out_reference(h, mask, w_down_t, b_down, expert_size, upcast=True):
+    """y = (h * m) Wd_t + b2 in w_down_t's dtype (fp32 arithmetic when upcast)."""
+    from .reference import expand_mask
+
+    dtype = torch.float32 if upcast else h.dtype
+    neuron_mask = expand_mask(mask, w_down_t.shape[0], expert_size).to(dtype)  # [T, F]
+    y = (h.to(dtype) * neuron_mask) @ w_down_t.to(dtype)  # [T, D]
+    if b_down is not None:
+        y = y + b_down.to(dtype)
+    return y.to(w_down_t.dtype)
+
+
+@torch.library.custom_op("lte::routed_ffn_in", mutates_args=())
+def routed_ffn_in_op(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    tau: float,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    expert_size: int,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First half of a plain FFN on x [T, D]: (z [T, F], mask [T, E], union [E] int8) (the fp32 reference)."""
+    return _ffn_in_reference(x, w_router, tau, w_up, b_up, expert_size, budget)
+
+
+@routed_ffn_in_op.register_kernel("cuda")
+def _routed_ffn_in_cuda(x, w_router, tau, w_up, b_up, expert_size, budget):
+    num_tokens = x.shape[0]
+    if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
+        return _ffn_in_reference(x, w_router, tau, w_up, b_up, expert_size, budget, upcast=reference_forced())
+    from .triton_ffn import routed_ffn_in_triton
+
+    return routed_ffn_in_triton(x, w_router, logit_threshold(tau), w_up, b_up, expert_size, budget)
+
+
+@routed_ffn_in_op.register_fake
+def _routed_ffn_in_fake(x, w_router, tau, w_up, b_up, expert_size, budget):
+    return (x.new_empty(x.shape[0], w_up.shape[0]), x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool),
+            x.new_empty(w_router.shape[0], dtype=torch.int8))
+
+
+@torch.library.custom_op("lte::sparse_ffn_out", mutates_args=())
+def sparse_ffn_out_op(
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    union: torch.Tensor,
+    w_down_t: torch.Tensor,
+    b_down: torch.Tensor | None,
+    expert_size: int,
+) -> torch.Tensor:
+    """Second half: y [T, D] = (h * m) Wd_t + b2 for h [T, F], mask [T, E], union [E] (the fp32 reference)."""
+    return _ffn_out_reference(h, mask, w_down_t, b_down, expert_size)
+
+
+@sparse_ffn_out_op.register_kernel("cuda")
+def _sparse_ffn_out_cuda(h, mask, union, w_down_t, b_down, expert_size):
+    num_tokens = h.shape[0]
+    if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
+        return _ffn_out_reference(h, mask, w_down_t, b_down, expert_size, upcast=reference_forced())
+    from .triton_ffn import sparse_ffn_out_triton
+
+    return sparse_ffn_out_triton(h, mask, union, w_down_t, b_down, expert_size)
+
+
+@sparse_ffn_out_op.register_fake
+def _sparse_ffn_out_fake(h, mask, union, w_down_t, b_down, expert_size):
+    return h.new_empty(h.shape[0], w_down_t.shape[1], dtype=w_down_t.dtype)  # [T, D]

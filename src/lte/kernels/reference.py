@@ -99,3 +99,29 @@ def router_mask_reference(x: torch.Tensor, w_router: torch.Tensor, tau: float = 
     """Hard expert mask [B, E] = sigmoid(x Wr^T) > tau, computed on the logits with fp32 accumulation."""
     logits = F_.linear(x.float(), w_router.float())  # [B, E]
     return logits > logit_threshold(tau)
+
+
+def budget_keep(mask: torch.Tensor, logits: torch.Tensor, budget: int) -> torch.Tensor:
+    """Experts [E] (bool) a per-batch budget keeps: among the experts some token of the batch
+    switched on (``mask`` [B, E]), the ``budget`` with the largest summed score ``sum_b
+    sigmoid(logits[b, e])``; ties go to the lower expert index. ``budget <= 0`` keeps the union."""
+    union = mask.reshape(-1, mask.shape[-1]).any(dim=0)  # [E]
+    if budget <= 0 or budget >= int(union.numel()):
+        return union
+    score = torch.sigmoid(logits.reshape(-1, logits.shape[-1]).float()).sum(dim=0)  # [E]
+    key = torch.where(union, score, torch.full_like(score, -1.0))
+    order = torch.sort(key, descending=True, stable=True).indices  # ties: lower index first
+    keep = torch.zeros_like(union)
+    keep[order[:budget]] = True
+    return keep & union
+
+
+def routed_mask_reference(x: torch.Tensor, w_router: torch.Tensor, tau: float = 0.5,
+                          budget: int = 0) -> torch.Tensor:
+    """Per-token expert mask [B, E] of the router on x [B, D], cut to a per-batch ``budget``
+    (``budget_keep``; 0 = no budget)."""
+    logits = F_.linear(x.float(), w_router.float())  # [B, E]
+    mask = logits > logit_threshold(tau)
+    if budget > 0:
+        mask = mask & budget_keep(mask, logits, budget)[None, :]
+    return mask

@@ -15,15 +15,23 @@ import torch
 
 from .reference import (
     ACTIVATIONS,
+    logit_threshold,
     num_experts,
+    routed_mask_reference,
     router_mask_reference,
     sparse_ffn_reference,
 )
+from .tuning import KernelConfig
 
 # norm-relative error allowed per dtype: fp32 arithmetic, fp16 / bf16 rounding of h and y
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 SHAPES = ((72, 100, 32), (100, 160, 32), (33, 200, 48))  # (D, F, S): odd D and S, smaller last expert
-BATCHES = (1, 3, 8, 16)
+BATCHES = (1, 5, 40)
+#: None = the default settings (one program per work item); the other a persistent grid with
+#: several items per program, 8-row items (B = 1), uneven expert shares in the down kernel found
+#: two ids at a time.
+CONFIGS = (None, KernelConfig(in_block_f=8, in_block_k=64, in_progs_per_sm=1, out_block_d=32, out_split=3,
+                              out_chunk=2, router_block_e=4, router_block_k=32))
 SPARSITIES = ("none", "random", "all")  # 0% off, a random middle fraction, 100% off
 FFN_KINDS = (("silu", True, False), ("gelu_tanh", True, True), ("gelu", False, True), ("relu", False, False))
 # (activation, gated, with biases)
@@ -73,7 +81,8 @@ def check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config=None) 
     y = sparse_ffn_triton(x, mask, w["w_up"], w["w_down_t"], w["w_gate"], w["b_up"], w["b_down"],
                           S, activation, config)
     ref = sparse_ffn_reference(x, mask, expert_size=S, activation=activation, **w)
-    case = f"D={D} F={F} S={S} B={B} {sparsity} {activation} gated={gated} bias={with_bias} {dtype}"
+    case = (f"D={D} F={F} S={S} B={B} {sparsity} {activation} gated={gated} bias={with_bias} {dtype} "
+            f"{'default' if config is None else 'persistent'}")
     if sparsity == "all":
         want = torch.zeros_like(ref) if w["b_down"] is None else w["b_down"].expand_as(ref)
         exact = torch.equal(y, want)
@@ -99,21 +108,87 @@ def check_router_case(D, E, B, dtype, device, gen) -> CaseResult:
     return CaseResult(f"router D={D} E={E} B={B} {dtype}", float(bad), bad == 0)
 
 
-def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0) -> list[CaseResult]:
-    """All cases: with ``full`` the whole product, otherwise kinds and dtypes rotate over the cases
-    so that every value appears while keeping the count small (the CPU interpreter is slow)."""
+def check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config=None) -> CaseResult:
+    """Router (+ budget) + FFN launches vs the reference mask and FFN.
+
+    The mask may differ only where a logit lies within rounding of the threshold; with a budget,
+    only where the budget's cut falls between two summed scores within rounding of each other."""
+    from .triton_ffn import routed_sparse_ffn_triton
+
+    activation, gated, with_bias = kind
+    w = make_ffn(D, F, gated, with_bias, dtype, device, gen)
+    num_exp = num_experts(F, S)
+    x = torch.randn(B, D, generator=gen).to(dtype=dtype, device=device)  # [B, D]
+    w_router = (torch.randn(num_exp, D, generator=gen) * 2 * D**-0.5).to(dtype=dtype, device=device)
+    tau = 0.5
+    y, mask = routed_sparse_ffn_triton(x, w_router, logit_threshold(tau), w["w_up"], w["w_down_t"], w["w_gate"],
+                                       w["b_up"], w["b_down"], S, activation, config, budget=budget)
+    case = f"routed D={D} F={F} S={S} B={B} budget={budget} {activation} {dtype}"
+    want = routed_mask_reference(x, w_router, tau, budget)
+    logits = x.float() @ w_router.float().T  # [B, E]
+    near = (logits - logit_threshold(tau)).abs() < 1e-2
+    if budget:
+        score = torch.sigmoid(logits).sum(0).sort(descending=True).values
+        if budget < num_exp and (score[budget - 1] - score[budget]).abs() < 1e-2:
+            near = torch.ones_like(near)  # the cut is a near tie: any of the tied experts may win
+    bad_mask = int(((mask != want) & ~near).sum())
+    ref = sparse_ffn_reference(x, mask, expert_size=S, activation=activation, **w)  # the mask the kernel used
+    err = ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    over = budget and int(mask.any(0).sum()) > budget
+    ok = bad_mask == 0 and not over and bool(torch.isfinite(y).all()) and err <= TOLERANCE[dtype]
+    return CaseResult(case, err if bad_mask == 0 else float(bad_mask), ok)
+
+
+def check_split_case(D, F, S, B, budget, activation, dtype, device, gen, config=None) -> CaseResult:
+    """The two halves (router + x W1^T + b1, the model's activation, down projection) vs the reference."""
+    from .reference import apply_activation
+    from .triton_ffn import routed_ffn_in_triton, sparse_ffn_out_triton
+
+    w = make_ffn(D, F, False, True, dtype, device, gen)
+    num_exp = num_experts(F, S)
+    x = torch.randn(B, D, generator=gen).to(dtype=dtype, device=device)
+    w_router = (torch.randn(num_exp, D, generator=gen) * 2 * D**-0.5).to(dtype=dtype, device=device)
+    z, mask, union = routed_ffn_in_triton(x, w_router, 0.0, w["w_up"], w["b_up"], S, budget, config)
+    h = apply_activation(z.float(), activation).to(dtype)  # what the model does between the halves
+    y = sparse_ffn_out_triton(h, mask, union, w["w_down_t"], w["b_down"], S, config)
+    ref = sparse_ffn_reference(x, mask, expert_size=S, activation=activation, **w)
+    case = f"split D={D} F={F} S={S} B={B} budget={budget} {activation} {dtype}"
+    err = ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    union_ok = torch.equal(union.bool(), mask.any(0))
+    ok = union_ok and bool(torch.isfinite(y).all()) and err <= TOLERANCE[dtype]
+    return CaseResult(case, err if union_ok else float("inf"), ok)
+
+
+def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0,
+               parts=("ffn", "router", "routed", "split")) -> list[CaseResult]:
+    """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
+    the cases so that every value appears while keeping the count small (the CPU interpreter is slow)."""
     gen = torch.Generator().manual_seed(seed)
     results = []
-    combos = list(itertools.product(FFN_KINDS, dtypes))
+    combos = list(itertools.product(FFN_KINDS, dtypes, CONFIGS))
     step = 0
     for (D, F, S), B, sparsity in itertools.product(SHAPES, BATCHES, SPARSITIES):
+        if "ffn" not in parts:
+            break
         chosen = combos if full else [combos[step % len(combos)]]
         step += 1
-        for kind, dtype in chosen:
-            results.append(check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen))
-    for (D, F, S), B in itertools.product(SHAPES[:2], (1, 5, 16)):
+        for kind, dtype, config in chosen:
+            results.append(check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config))
+    for (D, F, S), B in itertools.product(SHAPES[:2], (1, 5, 16, 33)):
+        if "router" not in parts:
+            break
         for dtype in dtypes:
             results.append(check_router_case(D, num_experts(F, S), B, dtype, device, gen))
+    for i, ((D, F, S), B, budget) in enumerate(itertools.product(SHAPES, (1, 6, 40), (0, 3))):
+        if "routed" not in parts:
+            break
+        kind, dtype, config = combos[i % len(combos)]
+        results.append(check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config))
+    for i, ((D, F, S), B) in enumerate(itertools.product(SHAPES[::2], (1, 5, 40))):
+        if "split" not in parts:
+            break
+        kind, dtype, config = combos[i % len(combos)]
+        results.append(check_split_case(D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen, config))
     return results
 
 
@@ -121,9 +196,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="every kind x dtype for every case")
+    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split"],
+                        choices=["ffn", "router", "routed", "split"], help="which groups of cases to run")
     args = parser.parse_args()
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())
-    results = run_checks(args.device, dtypes, full=args.full)
+    results = run_checks(args.device, dtypes, full=args.full, parts=tuple(args.parts))
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"FAIL {r.case}: error {r.error:.3g}")

@@ -26,13 +26,15 @@ def add_serving_commands(subparsers: Any) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--dense", action="store_true", help="run the FFNs dense (ignore the routers)")
     gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    _budget_arg(gen)
     _device_args(gen)
     gen.set_defaults(func=run_generate)
 
     bench = subparsers.add_parser("bench", help="time decode steps (tokens/s, ms/step, GB/s)")
     src = bench.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="an LTE model directory (sparse and dense are both timed) or a plain HF model")
-    src.add_argument("--shape", help="a random-weight LLaMA shape: llama2-7b, smollm2-135m or tiny")
+    src.add_argument("--shape", help="a random-weight LLaMA-family shape: llama2-7b, llama3-8b, qwen2.5-7b, "
+                                     "mistral-7b, smollm2-135m or tiny")
     bench.add_argument("--sparsity", type=float, default=0.5,
                        help="with --shape: fraction of experts switched off (same set for every token)")
     bench.add_argument("--batch-size", type=int, default=1)
@@ -42,8 +44,15 @@ def add_serving_commands(subparsers: Any) -> None:
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--dense", action="store_true", help="time only the dense model")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    _budget_arg(bench)
     _device_args(bench)
     bench.set_defaults(func=run_bench)
+
+
+def _budget_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--expert-budget", type=int, default=0,
+                        help="per-batch expert budget: at most this many experts per FFN and decode step for the "
+                             "whole batch (the largest summed router scores); 0 = none")
 
 
 def _device_args(parser: argparse.ArgumentParser) -> None:
@@ -78,12 +87,12 @@ def load_for_serving(directory: str, device: Any, dtype: Any) -> tuple[Any, bool
     return model.eval(), is_lte
 
 
-def _prepared(model: Any, is_lte: bool, dense: bool) -> Any:
+def _prepared(model: Any, is_lte: bool, dense: bool, budget: int = 0) -> Any:
     from .prepare import prepare_dense, prepare_for_inference
 
     if dense or not is_lte:
         return prepare_dense(model)
-    return prepare_for_inference(model)
+    return prepare_for_inference(model, budget=budget)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -99,7 +108,7 @@ def run_generate(args: argparse.Namespace) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as err:
         raise LTEError(f"no tokenizer found in {tok_dir}; save one there or pass --tokenizer DIR") from err
-    hf_model = _prepared(model, is_lte, args.dense)
+    hf_model = _prepared(model, is_lte, args.dense, args.expert_budget)
     outs = generate(hf_model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                     use_graph=False if args.no_graph else None, compile=args.compile)
     for prompt, text in zip(args.prompt, outs):
@@ -134,7 +143,7 @@ def run_bench(args: argparse.Namespace) -> int:
     results = []
     dense = dense_modules(lmodel)
     if is_lte and not args.dense:
-        hf_model = prepare_for_inference(lmodel)
+        hf_model = prepare_for_inference(lmodel, budget=args.expert_budget)
         if args.shape:
             set_fixed_sparsity(hf_model, args.sparsity)
         sparse = swap_modules(hf_model, dense)

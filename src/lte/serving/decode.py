@@ -296,9 +296,9 @@ def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new
 def weight_bytes(model: nn.Module, ffn_active_fraction: float | None = None) -> dict[str, float]:
     """Bytes of weights one decode step reads: all parameters except the embedding table (B rows only).
 
-    With `ffn_active_fraction`, SparseMLP gate/up/down weights count at that fraction (routers in full).
+    With `ffn_active_fraction`, the served FFNs' weights count at that fraction (routers in full).
     """
-    from .prepare import SparseMLP
+    from .prepare import ffn_weights
 
     emb = model.get_input_embeddings().weight
     out_emb = model.get_output_embeddings()
@@ -306,10 +306,9 @@ def weight_bytes(model: nn.Module, ffn_active_fraction: float | None = None) -> 
     ffn_ids: set[int] = set()
     ffn_bytes = 0
     for m in model.modules():
-        if isinstance(m, SparseMLP):
-            for w in (m.w_gate, m.w_up, m.w_down_t):
-                ffn_ids.add(id(w))
-                ffn_bytes += w.numel() * w.element_size()
+        for w in ffn_weights(m):
+            ffn_ids.add(id(w))
+            ffn_bytes += w.numel() * w.element_size()
     other = sum(p.numel() * p.element_size() for p in model.parameters()
                 if id(p) not in ffn_ids and (p is not emb or tied))
     frac = 1.0 if ffn_active_fraction is None else ffn_active_fraction

@@ -1,19 +1,21 @@
 """Ready a model for fast inference: replace every FFN container by `SparseMLP` or `DenseMLP`.
 
-`prepare_for_inference(lmodel)` takes a converted `LTEModel` of the LLaMA family (gated FFNs with
-gate/up/down projections) and puts a `SparseMLP` in place of each FFN container module (e.g.
-`LlamaMLP`), on the HF model itself (the parent's attribute is replaced; no patched forwards).
+`prepare_for_inference(lmodel)` takes a converted `LTEModel` whose FFN container module is the
+FFN alone (input projection(s), activation, output projection: `LlamaMLP`, `GemmaMLP`, `Phi3MLP`,
+`GPT2MLP`, `GPTNeoXMLP`, ...; see `SERVED_FAMILIES`) and puts a `SparseMLP` in its place, on the HF
+model itself (the parent's attribute is replaced; no patched forwards). Gated (SwiGLU, GEGLU, fused
+gate_up) and plain FFNs with biases (GPT-2's Conv1D, GPT-NeoX) all run through the same kernels.
 `prepare_dense(model)` does the same with `DenseMLP`, so that a dense model runs through the same
 decode loop and the comparison is fair.
 
 Dimensions: T tokens, D model width, F FFN width, S expert size, E = ceil(F / S) experts.
-Weights are kept in the kernel layout: gate/up `[F, D]` (shared with the original modules, no copy),
-the down projection transposed `[F, D]` (one contiguous copy, made once here).
+Weights are kept in the kernel layout: gate/up/W1 `[F, D]` (shared with the original modules when
+they are nn.Linear, one contiguous copy for Conv1D), the down projection transposed `[F, D]` (one
+contiguous copy, made once here).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -21,12 +23,19 @@ import torch.nn.functional as F_
 from torch import nn
 
 from ..errors import LTEError
+from ..routing.layers import LTEInput
 
 #: Token counts up to this take the decode kernels; more tokens (prefill) take the masked dense path.
-DECODE_MAX_TOKENS = 16
+DECODE_MAX_TOKENS = 64
 
-#: Families whose FFN is gated with gate_proj / up_proj / down_proj (what SparseMLP implements).
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+#: Families whose FFN container module is the whole FFN (what SparseMLP / DenseMLP replace).
+SERVED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
+                   "gpt2", "gpt_neox")
+LLAMA_FAMILY = SERVED_FAMILIES  # the former name
+#: Families whose FFN container holds more than the FFN (OPT's decoder layer: norm, residual): their
+#: input and output projections are replaced by `SparseFFNIn` / `SparseFFNOut`, and the model's own
+#: activation runs between them.
+SPLIT_FAMILIES = ("opt",)
 
 
 def _activation(z: torch.Tensor, name: str) -> torch.Tensor:
@@ -52,45 +61,55 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class SparseMLP(nn.Module):
-    """A gated LTE FFN for inference: hard router + sparse-expert FFN.
+    """An LTE FFN for inference: hard router + sparse-expert FFN, gated or plain.
 
     forward(x [..., D]) with T = x.numel() / D tokens:
-      - T <= `decode_max_tokens` (decode): `lte.kernels.routed_sparse_ffn`, router and FFN as one op
-        (on CUDA the router's own Triton launch, then the FFN kernels; the PyTorch reference
-        elsewhere); the mask stays on the GPU. `fuse_router = False` calls the `router_mask` and
-        `sparse_ffn` ops separately instead.
+      - T <= `decode_max_tokens` (decode): `lte.kernels.routed_sparse_ffn` (router, optional
+        per-batch expert budget and FFN kernels on CUDA; the PyTorch reference elsewhere); the mask
+        stays on the GPU. `fuse_router = False` launches `router_mask` and `sparse_ffn` separately.
       - more tokens (prefill): the masked dense path, the same arithmetic as the LTEModel in hard
-        routing: y = (act(x Wg^T) * (x Wu^T) * m) Wd_t.
-    Both paths compute the same function (tests check it).
+        routing: y = (act(x Wg^T) * (x Wu^T + b1) * m) Wd_t + b2 (gated), (act(x W1^T + b1) * m) Wd_t + b2 (plain).
+    Both paths compute the same function (tests check it); a budget applies to decode steps only.
 
     Args:
-        w_gate, w_up: [F, D]. w_down_t: the down projection transposed, [F, D] contiguous.
-        w_router: [E, D]. tau: threshold on sigmoid(x Wr^T). expert_size: S (last expert may be smaller).
+        w_gate: [F, D] or None (plain FFN). w_up: [F, D] (W1 of a plain FFN).
+        w_down_t: the down projection transposed, [F, D] contiguous. w_router: [E, D].
+        tau: threshold on sigmoid(x Wr^T). expert_size: S (last expert may be smaller).
         activation: silu | gelu | gelu_tanh | relu. use_kernels: False forces the masked dense path.
+        b_up: [F] or None. b_down: [D] or None.
+        budget: 0, or the most experts one decode step may use for the whole batch (the ones with
+            the largest summed router score; see `lte.kernels.routed_sparse_ffn`).
     """
 
-    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, w_router: torch.Tensor,
-                 tau: float, expert_size: int, activation: str, use_kernels: bool = True,
-                 decode_max_tokens: int = DECODE_MAX_TOKENS) -> None:
+    def __init__(self, w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                 w_router: torch.Tensor, tau: float, expert_size: int, activation: str, use_kernels: bool = True,
+                 decode_max_tokens: int = DECODE_MAX_TOKENS, b_up: torch.Tensor | None = None,
+                 b_down: torch.Tensor | None = None, budget: int = 0) -> None:
         super().__init__()
         ffn_width, model_width = w_up.shape
         num_exp = -(-ffn_width // expert_size)
         for name, w, rows in (("w_gate", w_gate, ffn_width), ("w_down_t", w_down_t, ffn_width),
                               ("w_router", w_router, num_exp)):
-            if tuple(w.shape) != (rows, model_width):
+            if w is not None and tuple(w.shape) != (rows, model_width):
                 raise LTEError(f"SparseMLP: {name} must be [{rows}, {model_width}], got {list(w.shape)}")
+        for name, b, size in (("b_up", b_up, ffn_width), ("b_down", b_down, model_width)):
+            if b is not None and tuple(b.shape) != (size,):
+                raise LTEError(f"SparseMLP: {name} must be [{size}], got {list(b.shape)}")
         if not 0.0 < tau < 1.0:
             raise LTEError(f"SparseMLP: tau must lie in (0, 1), got {tau}")
         _check_activation(activation)
-        self.w_gate = _frozen(w_gate.contiguous())
+        self.w_gate = None if w_gate is None else _frozen(w_gate.contiguous())
         self.w_up = _frozen(w_up.contiguous())
         self.w_down_t = _frozen(w_down_t.contiguous())
         self.w_router = _frozen(w_router.contiguous())
+        self.b_up = None if b_up is None else _frozen(b_up.contiguous())
+        self.b_down = None if b_down is None else _frozen(b_down.contiguous())
         self.tau = float(tau)
         self.expert_size = int(expert_size)
         self.activation = activation
         self.use_kernels = use_kernels
         self.decode_max_tokens = decode_max_tokens
+        self.budget = budget
         self.fuse_router = True  # one op for router + FFN on the decode path (False: two ops, for comparison)
         # When True, eager forwards keep their expert mask in `last_mask` (bench statistics only;
         # leave False inside CUDA graphs).
@@ -101,30 +120,45 @@ class SparseMLP(nn.Module):
     def num_experts(self) -> int:
         return self.w_router.shape[0]
 
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        if not isinstance(value, int) or value < 0:
+            raise LTEError(f"SparseMLP: budget must be an int >= 0 (0 = no budget), got {value!r}")
+        self._budget = value
+
     def dense_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Expert mask [..., E] exactly as the LTEModel's hard routing computes it."""
         logits = F_.linear(x.to(self.w_router.dtype), self.w_router)  # [..., E]
         return torch.sigmoid(logits.float()) > self.tau
 
     def masked_dense(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """y = (act(x Wg^T) * (x Wu^T) * m) Wd_t for x [..., D] and mask [..., E] (cuBLAS, all neurons)."""
-        h = _activation(F_.linear(x, self.w_gate), self.activation) * F_.linear(x, self.w_up)  # [..., F]
+        """The FFN with every neuron computed and the per-token mask [..., E] applied (cuBLAS)."""
+        up = F_.linear(x, self.w_up, self.b_up)  # [..., F]
+        if self.w_gate is not None:
+            h = _activation(F_.linear(x, self.w_gate), self.activation) * up
+        else:
+            h = _activation(up, self.activation)
         neuron_mask = mask.repeat_interleave(self.expert_size, dim=-1)[..., : h.shape[-1]]  # [..., E*S] -> [..., F]
-        return (h * neuron_mask.to(h.dtype)) @ self.w_down_t  # [..., D]
+        y = (h * neuron_mask.to(h.dtype)) @ self.w_down_t  # [..., D]
+        return y if self.b_down is None else y + self.b_down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         num_tokens = x.numel() // x.shape[-1]
         if self.use_kernels and num_tokens <= self.decode_max_tokens:
             from .. import kernels
 
-            if self.fuse_router:
+            ffn = dict(w_gate=self.w_gate, b_up=self.b_up, b_down=self.b_down, expert_size=self.expert_size,
+                       activation=self.activation)
+            if self.fuse_router or self.budget:
                 y, mask = kernels.routed_sparse_ffn(x, self.w_router, self.w_up, self.w_down_t, tau=self.tau,
-                                                    w_gate=self.w_gate, expert_size=self.expert_size,
-                                                    activation=self.activation)  # mask [..., E] on the device
+                                                    budget=self.budget, **ffn)  # mask [..., E] on the device
             else:
                 mask = kernels.router_mask(x, self.w_router, self.tau)  # [..., E] bool, on the device
-                y = kernels.sparse_ffn(x, mask, self.w_up, self.w_down_t, w_gate=self.w_gate,
-                                       expert_size=self.expert_size, activation=self.activation)
+                y = kernels.sparse_ffn(x, mask, self.w_up, self.w_down_t, **ffn)
         else:
             mask = self.dense_mask(x)
             y = self.masked_dense(x, mask)
@@ -134,37 +168,139 @@ class SparseMLP(nn.Module):
 
     def extra_repr(self) -> str:
         f, d = self.w_up.shape
-        return (f"D={d}, F={f}, experts={self.num_experts}, S={self.expert_size}, tau={self.tau}, "
-                f"activation={self.activation}, kernels={self.use_kernels}")
+        kind = "gated" if self.w_gate is not None else "plain"
+        return (f"D={d}, F={f}, experts={self.num_experts}, S={self.expert_size}, tau={self.tau}, {kind}, "
+                f"activation={self.activation}, biases={self.b_up is not None or self.b_down is not None}, "
+                f"budget={self.budget}, kernels={self.use_kernels}")
 
 
 class DenseMLP(nn.Module):
-    """A gated dense FFN in the same decode loop: y = (act(x Wg^T) * (x Wu^T)) Wd^T (cuBLAS).
+    """A dense FFN in the same decode loop (cuBLAS): y = (act(x Wg^T) * (x Wu^T + b1)) Wd^T + b2 when
+    gated, act(x W1^T + b1) Wd^T + b2 when plain.
 
-    Args: w_gate, w_up [F, D]; w_down [D, F] (PyTorch's own layout; shared, not copied); activation.
+    Args: w_gate [F, D] or None; w_up [F, D]; w_down [D, F] (PyTorch's own layout; shared, not
+    copied; transposed views of Conv1D weights are fine); activation; b_up [F], b_down [D] or None.
     """
 
-    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str) -> None:
+    def __init__(self, w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down: torch.Tensor, activation: str,
+                 b_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None) -> None:
         super().__init__()
         _check_activation(activation)
         ffn_width, model_width = w_up.shape
-        if tuple(w_gate.shape) != (ffn_width, model_width) or tuple(w_down.shape) != (model_width, ffn_width):
+        if (w_gate is not None and tuple(w_gate.shape) != (ffn_width, model_width)) or \
+                tuple(w_down.shape) != (model_width, ffn_width):
             raise LTEError(
-                f"DenseMLP: expected w_gate/w_up [F, D] and w_down [D, F], got {list(w_gate.shape)}, "
-                f"{list(w_up.shape)}, {list(w_down.shape)}"
+                f"DenseMLP: expected w_gate/w_up [F, D] and w_down [D, F], got "
+                f"{None if w_gate is None else list(w_gate.shape)}, {list(w_up.shape)}, {list(w_down.shape)}"
             )
-        self.w_gate = _frozen(w_gate)
+        self.w_gate = None if w_gate is None else _frozen(w_gate)
         self.w_up = _frozen(w_up)
         self.w_down = _frozen(w_down)
+        self.b_up = None if b_up is None else _frozen(b_up)
+        self.b_down = None if b_down is None else _frozen(b_down)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = _activation(F_.linear(x, self.w_gate), self.activation) * F_.linear(x, self.w_up)  # [..., F]
-        return F_.linear(h, self.w_down)  # [..., D]
+        up = F_.linear(x, self.w_up, self.b_up)  # [..., F]
+        if self.w_gate is not None:
+            h = _activation(F_.linear(x, self.w_gate), self.activation) * up
+        else:
+            h = _activation(up, self.activation)
+        return F_.linear(h, self.w_down, self.b_down)  # [..., D]
 
     def extra_repr(self) -> str:
         f, d = self.w_up.shape
-        return f"D={d}, F={f}, activation={self.activation}"
+        return f"D={d}, F={f}, gated={self.w_gate is not None}, activation={self.activation}"
+
+
+class SparseFFNIn(nn.Module):
+    """First half of a plain LTE FFN inside a bigger container (OPT): replaces the input projection W1.
+
+    forward(x [..., D]) -> z [..., F] = x W1^T + b1 for the experts the hard router (and budget)
+    turns on; the model applies its activation to z and calls the paired `SparseFFNOut`, which reads
+    the mask this module left in `state` (as `LTEInput` / `LTEOutput` share the gate). Decode
+    (T <= `decode_max_tokens`): `lte.kernels.routed_ffn_in`; prefill: cuBLAS for every neuron.
+    Attributes as `SparseMLP` (w_up, b_up, w_router, tau, expert_size, budget, use_kernels, ...).
+    """
+
+    def __init__(self, w_up: torch.Tensor, b_up: torch.Tensor | None, w_router: torch.Tensor, tau: float,
+                 expert_size: int, use_kernels: bool = True, decode_max_tokens: int = DECODE_MAX_TOKENS,
+                 budget: int = 0) -> None:
+        super().__init__()
+        ffn_width, model_width = w_up.shape
+        num_exp = -(-ffn_width // expert_size)
+        if tuple(w_router.shape) != (num_exp, model_width):
+            raise LTEError(f"SparseFFNIn: w_router must be [{num_exp}, {model_width}], got {list(w_router.shape)}")
+        if b_up is not None and tuple(b_up.shape) != (ffn_width,):
+            raise LTEError(f"SparseFFNIn: b_up must be [{ffn_width}], got {list(b_up.shape)}")
+        if not 0.0 < tau < 1.0:
+            raise LTEError(f"SparseFFNIn: tau must lie in (0, 1), got {tau}")
+        self.w_up = _frozen(w_up.contiguous())
+        self.b_up = None if b_up is None else _frozen(b_up.contiguous())
+        self.w_router = _frozen(w_router.contiguous())
+        self.tau = float(tau)
+        self.expert_size = int(expert_size)
+        self.use_kernels = use_kernels
+        self.decode_max_tokens = decode_max_tokens
+        self.budget = budget
+        self.record_mask = False
+        self.last_mask: torch.Tensor | None = None
+        self.state: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None  # (mask, union, kernel path)
+
+    num_experts = SparseMLP.num_experts
+    budget = SparseMLP.budget
+    dense_mask = SparseMLP.dense_mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.numel() // x.shape[-1]
+        if self.use_kernels and num_tokens <= self.decode_max_tokens:
+            from .. import kernels
+
+            z, mask, union = kernels.routed_ffn_in(x, self.w_router, self.w_up, b_up=self.b_up, tau=self.tau,
+                                                   expert_size=self.expert_size, budget=self.budget)
+            self.state = (mask, union, True)
+        else:
+            mask = self.dense_mask(x)
+            z = F_.linear(x, self.w_up, self.b_up)  # [..., F]; the second half applies the mask
+            self.state = (mask, None, False)
+        if self.record_mask:
+            self.last_mask = mask.detach()
+        return z
+
+    def extra_repr(self) -> str:
+        f, d = self.w_up.shape
+        return f"D={d}, F={f}, experts={self.num_experts}, S={self.expert_size}, tau={self.tau}, budget={self.budget}"
+
+
+class SparseFFNOut(nn.Module):
+    """Second half of a plain LTE FFN inside a bigger container: replaces the output projection W2.
+
+    forward(h [..., F]) -> (h * m) Wd_t + b2 with the mask its `SparseFFNIn` computed for the same
+    tokens (kernel path: only the union's experts are read)."""
+
+    def __init__(self, source: SparseFFNIn, w_down_t: torch.Tensor, b_down: torch.Tensor | None) -> None:
+        super().__init__()
+        if tuple(w_down_t.shape[:1]) != (source.w_up.shape[0],):
+            raise LTEError(f"SparseFFNOut: w_down_t must be [F={source.w_up.shape[0]}, D], got {list(w_down_t.shape)}")
+        object.__setattr__(self, "_source", source)  # a plain reference: the router appears once in the tree
+        self.w_down_t = _frozen(w_down_t.contiguous())
+        self.b_down = None if b_down is None else _frozen(b_down.contiguous())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        state = self._source.state
+        if state is None or state[0].shape[:-1] != h.shape[:-1]:
+            raise LTEError("SparseFFNOut: its SparseFFNIn did not run on these tokens (call the FFN's input "
+                           "projection, then its output projection, once each per forward)")
+        mask, union, kernel_path = state
+        self._source.state = None
+        if kernel_path:
+            from .. import kernels
+
+            return kernels.sparse_ffn_out(h, mask, union, self.w_down_t, b_down=self.b_down,
+                                          expert_size=self._source.expert_size)
+        neuron_mask = mask.repeat_interleave(self._source.expert_size, dim=-1)[..., : h.shape[-1]]  # [..., F]
+        y = (h * neuron_mask.to(h.dtype)) @ self.w_down_t  # [..., D]
+        return y if self.b_down is None else y + self.b_down
 
 
 # --------------------------------------------------------------------------- module replacement
@@ -181,14 +317,33 @@ def _is_lte_model(model: Any) -> bool:
     return isinstance(model, LTEModel)
 
 
-def _check_family(hf_model: nn.Module) -> str:
+def _check_family(hf_model: nn.Module, allow_split: bool = False) -> str:
     model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
-    if model_type not in LLAMA_FAMILY:
-        raise LTEError(
-            f"the fast decode path supports the LLaMA family ({', '.join(LLAMA_FAMILY)}: gated FFNs with "
-            f"gate_proj/up_proj/down_proj), not {model_type!r}. Use the LTEModel itself (masked dense path)."
-        )
-    return model_type
+    if model_type in SERVED_FAMILIES or (allow_split and model_type in SPLIT_FAMILIES):
+        return model_type
+    served = SERVED_FAMILIES + (SPLIT_FAMILIES if allow_split else ())
+    raise LTEError(
+        f"the fast decode path serves {', '.join(served)}, not {model_type!r}. "
+        "Use the LTEModel itself (masked dense path)."
+    )
+
+
+def _replace_split(hf_model: nn.Module, names: dict[int, str], layer: Any, expert_size: int, use_kernels: bool,
+                   budget: int) -> None:
+    """Put a SparseFFNIn / SparseFFNOut pair in place of one FFN's input and output projections."""
+    if layer.spec.gated:
+        raise LTEError(f"FFN {layer.name}: gated FFNs inside a bigger container are not served")
+    container = names.get(id(layer.container))
+    if container is None or not isinstance(hf_model.get_submodule(f"{container}.{layer.spec.input_name}"),
+                                           LTEInput):
+        raise LTEError(f"FFN {layer.name} is no longer in the model: was prepare_for_inference called twice?")
+    up_bias, down_bias = layer.up_bias(), layer.down_bias()
+    first = SparseFFNIn(layer.up_weight().detach(), None if up_bias is None else up_bias.detach(),
+                        layer.router.weight.detach(), layer.tau, expert_size, use_kernels, budget=budget)
+    second = SparseFFNOut(first, layer.down_weight().detach().t().contiguous(),  # [D, F] -> [F, D]
+                          None if down_bias is None else down_bias.detach())
+    _replace(hf_model, f"{container}.{layer.spec.input_name}", first)
+    _replace(hf_model, f"{container}.{layer.spec.down}", second)
 
 
 def _check_expert_sizes(sizes: list[int], expert_size: int, where: str) -> None:
@@ -204,13 +359,15 @@ def _check_expert_sizes(sizes: list[int], expert_size: int, where: str) -> None:
 
 
 @torch.no_grad()
-def prepare_for_inference(lmodel: Any, use_kernels: bool = True) -> nn.Module:
-    """Replace each FFN of a converted LLaMA-family `LTEModel` by a `SparseMLP`; return the HF model.
+def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0) -> nn.Module:
+    """Replace each FFN of a converted `LTEModel` by a `SparseMLP`; return the HF model.
 
     Routing is hard (`sigmoid(x Wr^T) > tau`, each layer's own tau) whatever the LTEModel's mode
     was. The HF model is changed in place and returned; the LTEModel must not be used afterwards
     (its wrappers are no longer in the module tree). Cast the model to its serving dtype and
     device *before* calling this. `use_kernels=False` keeps the masked dense path for every shape.
+    `budget > 0` caps the experts one decode step uses per layer for the whole batch (see
+    `SparseMLP`); 0 keeps every expert some token wants (the LTEModel's function).
     """
     if not _is_lte_model(lmodel):
         raise LTEError(
@@ -221,18 +378,20 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True) -> nn.Module:
         raise LTEError("prepare_for_inference implements hard (threshold) routing; this model is in topk routing. "
                        "Call lmodel.set_routing('hard') first.")
     hf_model = lmodel.base_model
-    _check_family(hf_model)
+    split = _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES
     expert_size = lmodel.lte_config.expert_size
     names = {id(m): n for n, m in hf_model.named_modules()}
     for layer in lmodel.lte_layers():
-        if not layer.spec.gated or layer.spec.gate is None:
-            raise LTEError(f"FFN {layer.name} is not a gated gate/up/down FFN; SparseMLP cannot replace it")
         _check_expert_sizes(layer.expert_sizes, expert_size, layer.name)
+        if split:
+            _replace_split(hf_model, names, layer, expert_size, use_kernels, budget)
+            continue
         name = names.get(id(layer.container))
         if name is None:
             raise LTEError(f"FFN {layer.name} is no longer in the model: was prepare_for_inference called twice?")
+        gate, up_bias, down_bias = layer.gate_weight(), layer.up_bias(), layer.down_bias()
         sparse = SparseMLP(
-            w_gate=layer.gate_weight().detach(),  # [F, D]
+            w_gate=None if gate is None else gate.detach(),  # [F, D] (a row slice of Phi-3's fused gate_up)
             w_up=layer.up_weight().detach(),  # [F, D]
             w_down_t=layer.down_weight().detach().t().contiguous(),  # [D, F] -> [F, D]
             w_router=layer.router.weight.detach(),  # [E, D]
@@ -240,45 +399,59 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True) -> nn.Module:
             expert_size=expert_size,
             activation=layer.activation,
             use_kernels=use_kernels,
+            b_up=None if up_bias is None else up_bias.detach(),
+            b_down=None if down_bias is None else down_bias.detach(),
+            budget=budget,
         )
         _replace(hf_model, name, sparse)
     return hf_model
 
 
-def _plain_ffns(hf_model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, container) of every FFN of a plain LLaMA-family HF model, via the architecture table."""
-    from ..conversion.architectures import spec_for
-
-    spec = spec_for(hf_model.config.model_type)
-    pattern = re.compile(spec.container)
-    found = [(n, m) for n, m in hf_model.named_modules() if n and pattern.search(n)]
-    if not found:
-        raise LTEError(f"no FFN matching {spec.container!r} found in this {type(hf_model).__name__}")
-    return found
-
-
 @torch.no_grad()
-def dense_modules(model: Any) -> dict[str, DenseMLP]:
-    """A `DenseMLP` for every FFN of a LLaMA-family model, by dotted container name (nothing replaced yet).
+def dense_modules(model: Any) -> dict[str, nn.Module]:
+    """A `DenseMLP` for every FFN of a served family's model, by dotted container name (nothing replaced yet).
 
     Accepts a plain HF model or an `LTEModel` (its routers are ignored: dense function). The
     DenseMLPs share the model's weights (no copy), the down projection in its own [D, F] layout.
     """
+    from ..conversion.permute import in_rows, out_cols
+
+    def detach(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach()
+
     if _is_lte_model(model):
         hf_model = model.base_model
-        _check_family(hf_model)
+        if _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES:  # the original projections
+            names = {id(m): n for n, m in hf_model.named_modules()}
+            out: dict[str, nn.Module] = {}
+            for layer in model.lte_layers():
+                container = names[id(layer.container)]
+                out[f"{container}.{layer.spec.input_name}"] = layer.input.base_layer
+                out[f"{container}.{layer.spec.down}"] = layer.output.base_layer
+            return out
         names = {id(m): n for n, m in hf_model.named_modules()}
         items = [(names[id(layer.container)], layer.gate_weight(), layer.up_weight(), layer.down_weight(),
-                  layer.activation) for layer in model.lte_layers()]
+                  layer.activation, layer.up_bias(), layer.down_bias()) for layer in model.lte_layers()]
     else:
-        from ..conversion.architectures import activation_name, spec_for
+        from ..conversion.locate import find_ffns
 
         hf_model = model
-        model_type = _check_family(hf_model)
-        act = activation_name(hf_model.config, spec_for(model_type))
-        items = [(name, c.gate_proj.weight, c.up_proj.weight, c.down_proj.weight, act)
-                 for name, c in _plain_ffns(hf_model)]
-    return {name: DenseMLP(wg.detach(), wu.detach(), wd.detach(), act) for name, wg, wu, wd, act in items}
+        if _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES:
+            return {}  # a plain model of a split family already runs its dense FFN through cuBLAS
+        items = []
+        for ffn in find_ffns(hf_model):
+            first, down, spec = ffn.input, ffn.down, ffn.spec
+            width = out_cols(down).shape[1]  # F
+            rows = in_rows(first)  # [F, D], or [2F, D] for a fused gate_up
+            if spec.gate_up:
+                gate, up, up_bias = rows[:width], rows[width:], None
+            elif spec.gate:
+                gate, up, up_bias = rows, in_rows(ffn.up), None
+            else:
+                gate, up, up_bias = None, rows, getattr(first, "bias", None)
+            items.append((ffn.name, gate, up, out_cols(down), ffn.activation, up_bias, getattr(down, "bias", None)))
+    return {name: DenseMLP(detach(wg), wu.detach(), wd.detach(), act, detach(bu), detach(bd))
+            for name, wg, wu, wd, act, bu, bd in items}
 
 
 def swap_modules(hf_model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -294,7 +467,7 @@ def swap_modules(hf_model: nn.Module, modules: dict[str, nn.Module]) -> dict[str
 
 
 def prepare_dense(model: Any) -> nn.Module:
-    """Replace each FFN of a LLaMA-family model by a `DenseMLP`; return the HF model (changed in place).
+    """Replace each FFN of a served family's model by a `DenseMLP`; return the HF model (changed in place).
 
     Accepts a plain HF model or an `LTEModel` (its routers are dropped: the result computes the
     dense function). Used to run a dense model through the same decode loop as `SparseMLP`.
@@ -305,6 +478,18 @@ def prepare_dense(model: Any) -> nn.Module:
     return hf_model
 
 
-def sparse_modules(model: nn.Module) -> list[SparseMLP]:
-    """The `SparseMLP`s of a prepared model, in model order."""
-    return [m for m in model.modules() if isinstance(m, SparseMLP)]
+def sparse_modules(model: nn.Module) -> list[SparseMLP | SparseFFNIn]:
+    """The modules holding the routers of a prepared model (`SparseMLP`, or `SparseFFNIn` of a split
+    FFN), in model order."""
+    return [m for m in model.modules() if isinstance(m, (SparseMLP, SparseFFNIn))]
+
+
+def ffn_weights(module: nn.Module) -> list[torch.Tensor]:
+    """The FFN weight matrices a served FFN module reads (empty for other modules)."""
+    if isinstance(module, SparseMLP):
+        return [w for w in (module.w_gate, module.w_up, module.w_down_t) if w is not None]
+    if isinstance(module, SparseFFNIn):
+        return [module.w_up]
+    if isinstance(module, SparseFFNOut):
+        return [module.w_down_t]
+    return []

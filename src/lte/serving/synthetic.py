@@ -26,10 +26,16 @@ from torch import nn
 from ..errors import LTEError
 from .prepare import sparse_modules
 
-#: LLaMA-family shapes (transformers LlamaConfig fields).
+#: LLaMA-family shapes (transformers config fields; "arch" picks the config class, default llama).
 SHAPES: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "qwen2.5-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+    "mistral-7b": dict(arch="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, sliding_window=None),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
@@ -37,21 +43,28 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+_ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+          "mistral": ("MistralConfig", "MistralForCausalLM")}
+
+
 def random_llama(shape: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = 0, max_positions: int = 4096) -> nn.Module:
-    """A `LlamaForCausalLM` with random weights, built directly on `device` in `dtype` (fast on a GPU)."""
+    """A LLaMA-family causal LM of a named shape (`SHAPES`) with random weights, built directly on
+    `device` in `dtype` (fast on a GPU)."""
     import transformers
 
     if shape not in SHAPES:
         raise LTEError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions)
+    fields = dict(SHAPES[shape])
+    config_name, model_name = _ARCHS[fields.pop("arch", "llama")]
+    config = getattr(transformers, config_name)(**fields, max_position_embeddings=max_positions)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(config)
+            model = getattr(transformers, model_name)(config)
     finally:
         torch.set_default_dtype(old)
     return model.to(device=device, dtype=dtype).eval()

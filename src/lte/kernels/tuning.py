@@ -1,0 +1,188 @@
+"""Tile settings of the decode kernels per GPU, FFN shape and token count: the config table.
+
+A table maps ``gpu -> "DxF" -> "B" -> settings`` (a JSON object of the same nesting), where
+``gpu`` is a short key made from the device name (``gpu_key``: "h100", "h200", ...), ``DxF`` the
+FFN shape (model width x FFN width) and ``B`` the largest token count a row was tuned for. A
+call with B tokens uses the row of the smallest tuned ``B' >= B`` (the tiles of a larger batch
+also fit a smaller one), or the largest one when B is above every row.
+
+Where the settings come from, first match wins:
+1. tables added with ``load_table(path)`` or named by the environment variable
+   ``LTE_KERNEL_CONFIGS`` (a JSON file, e.g. the one ``benchmarks/tune_kernels.py`` writes);
+2. ``SHIPPED`` below (tuned on the machines named there);
+3. ``heuristic_config``: shape-aware defaults that need no table.
+
+This module imports neither triton nor any model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pprint
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIGS_ENV = "LTE_KERNEL_CONFIGS"
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the token counts a table is tuned at
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch settings of the decode launches (router, gate/up, down, finish).
+
+    The gate/up kernel works through the list of (union expert, row block) items; with
+    ``in_progs_per_sm > 0`` it runs ``SMs x in_progs_per_sm`` programs that each take a
+    contiguous share of the items (a persistent grid), with 0 one program per possible item
+    (programs past the active items return at once).
+    """
+
+    in_block_f: int = 2  # neuron rows per work item of the gate/up kernel (at most the expert size)
+    in_block_k: int = 1024  # model-width chunk per loop step
+    in_warps: int = 4
+    in_stages: int = 3
+    in_progs_per_sm: int = 0  # 0: one program per possible item; > 0: persistent grid of SMs x this
+    out_block_d: int = 256  # output columns per program of the down projection
+    out_split: int = 64  # slices of the union's experts (partial sums to combine)
+    out_warps: int = 4
+    out_stages: int = 3
+    out_chunk: int = 0  # expert ids the down kernel finds per step (0: automatic)
+    finish_block: int = 128
+    router_block_e: int = 2  # experts per router program
+    router_block_k: int = 0  # model-width chunk of the router (0: all of D in one step when it fits)
+    router_warps: int = 8
+    router_pdl: bool = False  # launch the router behind the previous kernel (it reads its weights early)
+    pdl: bool = True  # programmatic dependent launch between our own launches (Hopper+)
+    use_dot: bool | None = None  # None: tl.dot for B > 1 token, broadcast multiply-adds for 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KernelConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown kernel setting(s) {unknown}; valid: {sorted(fields)}")
+        return cls(**data)
+
+
+def gpu_key(device_name: str) -> str:
+    """Short table key of a device name: 'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    name = device_name.lower()
+    for key in ("h200", "h100", "h800", "h20", "gh200", "b200", "a100", "l40s", "l4"):
+        if key in name.split() or f" {key}" in f" {name}":
+            return key
+    return "-".join(name.replace("nvidia", "").split())
+
+
+def shape_key(model_width: int, ffn_width: int) -> str:
+    return f"{model_width}x{ffn_width}"
+
+
+#: Tables tuned on real GPUs (filled from `benchmarks/tune_kernels.py` output; see docs/kernels.md).
+#: Nesting: gpu key -> "DxF" -> "B" -> KernelConfig fields that differ from the defaults.
+SHIPPED: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+
+_EXTRA: list[dict[str, Any]] = []  # tables added by load_table, newest first
+
+
+def _check_table(table: Any, where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: a kernel config table must be a JSON object gpu -> shape -> B -> settings")
+    for gpu, shapes in table.items():
+        if not isinstance(shapes, dict):
+            raise ValueError(f"{where}: table[{gpu!r}] must map 'DxF' shapes to rows")
+        for shape, rows in shapes.items():
+            if not isinstance(rows, dict):
+                raise ValueError(f"{where}: table[{gpu!r}][{shape!r}] must map token counts to settings")
+            for b, settings in rows.items():
+                if not str(b).isdigit():
+                    raise ValueError(f"{where}: token count keys must be integers, got {b!r}")
+                KernelConfig.from_dict(settings)  # raises on unknown fields
+    return table
+
+
+def load_table(path: str | os.PathLike) -> dict[str, Any]:
+    """Add a JSON config table (it takes precedence over earlier ones and the shipped table)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"kernel config table {p} does not exist")
+    data = json.loads(p.read_text())
+    table = _check_table(data.get("table", data) if isinstance(data, dict) else data, str(p))
+    _EXTRA.insert(0, table)
+    lookup.cache_clear()
+    return table
+
+
+def clear_tables() -> None:
+    """Forget the tables added with load_table (the shipped one stays)."""
+    _EXTRA.clear()
+    lookup.cache_clear()
+
+
+@functools.cache
+def _env_table(path: str) -> dict[str, Any] | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    data = json.loads(p.read_text())
+    return _check_table(data.get("table", data) if isinstance(data, dict) else data, str(p))
+
+
+def _tables() -> list[dict[str, Any]]:
+    tables = list(_EXTRA)
+    env = os.environ.get(CONFIGS_ENV)
+    if env:
+        found = _env_table(env)
+        if found is not None:
+            tables.append(found)
+    tables.append(SHIPPED)
+    return tables
+
+
+def _pick_row(rows: dict[str, Any], num_tokens: int) -> dict[str, Any]:
+    sizes = sorted(int(b) for b in rows)
+    above = [b for b in sizes if b >= num_tokens]
+    return rows[str(above[0] if above else sizes[-1])]
+
+
+@functools.lru_cache(maxsize=256)
+def lookup(gpu: str, model_width: int, ffn_width: int, num_tokens: int) -> KernelConfig | None:
+    """The tuned settings for this GPU key, FFN shape and token count, or None when no table has them."""
+    shape = shape_key(model_width, ffn_width)
+    for table in _tables():
+        rows = table.get(gpu, {}).get(shape)
+        if rows:
+            return KernelConfig.from_dict(_pick_row(rows, num_tokens))
+    return None
+
+
+def heuristic_config(num_tokens: int, model_width: int, ffn_width: int, num_sms: int = 132) -> KernelConfig:
+    """Settings that need no table: the H100-measured tiles of docs/kernels.md, scaled to the shape.
+
+    - B = 1: two rows per item, all of a 1024-wide K chunk per step, one program per item.
+    - B >= 2: 32-row items through ``tl.dot``; the down projection keeps about 4 programs per SM
+      and fewer slices as B grows (the partial sums cost ``split x B x D x 4`` bytes).
+    """
+    cols = max(1, -(-model_width // 128))  # column blocks of 128
+    if num_tokens <= 1:  # H100, D=4096: 16 column blocks x 64 splits
+        out_split = max(8, min(64, (8 * num_sms) // max(1, -(-model_width // 256))))
+        return KernelConfig(out_split=out_split)
+    if num_tokens <= 16:  # H100, D=4096: 32 column blocks x 64 / 32 / 16 splits
+        split_cap = 64 if num_tokens <= 4 else 32 if num_tokens <= 8 else 16
+        return KernelConfig(in_block_f=32, in_block_k=256, in_warps=4, in_stages=4, out_block_d=128,
+                            out_split=max(4, min(split_cap, (16 * num_sms) // cols)), out_warps=4,
+                            router_block_e=2 if num_tokens <= 8 else 16, router_block_k=256)
+    return KernelConfig(in_block_f=32, in_block_k=128, in_warps=4, in_stages=4, out_block_d=128,
+                        out_split=max(2, min(8, (2 * num_sms) // cols)), out_warps=4,
+                        router_block_e=16, router_block_k=128, router_warps=4)
+
+
+def render_shipped(table: dict[str, Any]) -> str:
+    """Python source for ``SHIPPED`` from a table (paste it above to ship a tuned table)."""
+    body = pprint.pformat(_check_table(table, "render_shipped"), indent=1, width=110, sort_dicts=True)
+    return "SHIPPED: dict[str, dict[str, dict[str, dict[str, Any]]]] = " + body + "\n"
