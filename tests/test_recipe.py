@@ -187,3 +187,57 @@ def test_stage1_calibrates_tau_on_held_out_examples(tiny):
     assert lte.LTEModel.from_pretrained(out).lte_config.tau == pytest.approx(cal["tau"])  # saved with the model
     with pytest.raises(lte.LTEError, match="target_sparsity"):
         train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=1, calibrate_tau=True, **FAST)
+
+
+# ---------------------------------------------------------------------- grouping by activation profiles
+def test_activation_grouping_needs_calibration_and_keeps_the_function():
+    model = build("llama")
+    inputs = tiny_batch(seed=5)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    with pytest.raises(lte.LTEError, match="calibration"):
+        lte.get_lte_model(build("llama"), lte.LTEConfig(grouping="activation"))
+    lmodel = lte.get_lte_model(model, lte.LTEConfig(grouping="activation"), calibration=tiny_batch(seed=6))
+    with torch.no_grad():
+        got = lmodel(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # a permutation: dense routing is the same model
+    perms = [layer.input.perm for layer in lmodel.lte_layers()]
+    assert all(sorted(p.tolist()) == list(range(p.numel())) for p in perms)
+
+
+def test_activation_profiles_sketch_the_exact_profiles():
+    from lte.conversion.activations import activation_profiles
+    from lte.conversion.architectures import spec_for
+    from lte.conversion.locate import find_ffns
+
+    model = build("llama")
+    ffns = find_ffns(model, spec_for("llama"))
+    batch = tiny_batch(seed=7, batch_size=8, length=30, pad_last=5)
+    exact = []
+    hook = ffns[0].down.register_forward_pre_hook(lambda m, a: exact.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    profiles = exact[0][batch["attention_mask"].reshape(-1).bool()].abs().T  # [F, T real tokens]
+    sketch = activation_profiles(model, ffns, batch, sketch_dim=4096)[0]  # [F, k]
+    gram, approx = profiles @ profiles.T, sketch @ sketch.T
+    assert (approx - gram).abs().max() <= 0.1 * gram.diagonal().max()  # inner products kept (JL, k = 4096)
+
+
+def test_activation_grouping_recovers_planted_coactivation_groups():
+    from lte.conversion.architectures import spec_for
+    from lte.conversion.locate import find_ffns
+
+    ffn = find_ffns(build("llama"), spec_for("llama"))[0]  # F = 100: experts of 32, 32, 32, 4
+    g = torch.Generator().manual_seed(0)
+    owner = torch.randperm(100, generator=g) % 4  # the planted group of each neuron (sizes 25 each)
+    owner[owner == 3] = torch.tensor([3] * 4 + [0, 1, 2] * 7)[: int((owner == 3).sum())]
+    tokens = torch.rand(4, 200, generator=g) < 0.3  # which tokens each group fires on
+    features = tokens[owner].float() * (1 + torch.rand(100, 200, generator=g))  # [F, T] profiles
+    perm = ffn.group(32, "activation", seed=0, n_iter=20, features=features)
+    blocks = [owner[perm[i:i + 32]] for i in range(0, 96, 32)]
+    purity = sum(int(torch.bincount(b).max()) for b in blocks) / 96
+    weights_perm = ffn.group(32, "kmeans", seed=0, n_iter=20)  # the weight grouping knows nothing of it
+    weight_blocks = [owner[weights_perm[i:i + 32]] for i in range(0, 96, 32)]
+    weight_purity = sum(int(torch.bincount(b).max()) for b in weight_blocks) / 96
+    assert purity > 0.75 and purity > weight_purity + 0.2

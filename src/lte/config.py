@@ -13,7 +13,7 @@ from .errors import LTEError
 #: Bump when the saved format changes; loaders accept every version up to this one.
 CONFIG_FORMAT_VERSION = 1
 
-GROUPINGS = ("kmeans", "random", "contiguous")
+GROUPINGS = ("kmeans", "activation", "random", "contiguous")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -34,7 +34,8 @@ class LTEConfig:
         "neurons per expert (32 in the paper); when the FFN width is not a multiple, each layer's last "
         "expert is smaller"))
     grouping: str = field(default="kmeans", metadata=_help(
-        "neuron grouping: kmeans (balanced k-means on the L2-normalised gate / W1 rows), random or "
+        "neuron grouping: kmeans (balanced k-means on the L2-normalised gate / W1 rows), activation "
+        "(balanced k-means on the neurons' activation profiles over calibration text; needs it), random or "
         "contiguous (no permutation)"))
     grouping_iters: int = field(default=15, metadata=_help("k-means iterations"))
     eta: float = field(default=0.5, metadata=_help(

@@ -29,15 +29,18 @@ CONFIG_NAME = "lte_config.json"
 ADAPTER_NAME = "lte_adapter.safetensors"
 
 
-def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: bool = True) -> LTEModel:
+def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: bool = True,
+                  calibration=None) -> LTEModel:
     """Convert a Hugging Face model into an `LTEModel`, in place.
 
     Groups each FFN's neurons into experts (`config.grouping`), permutes the weights so each
     expert is a contiguous block, and adds a router per FFN (`lte.conversion.convert`). The result
     starts in "dense" routing, where it computes exactly the original function.
+    `calibration`: a batch {input_ids, attention_mask} (or a list of batches) of task text, needed
+    by grouping "activation" (neurons grouped by their activation profiles on it).
     """
     config = config or LTEConfig()
-    layers, fingerprint = convert(model, config, progress)
+    layers, fingerprint = convert(model, config, progress, calibration)
     return LTEModel(model, config, layers, fingerprint)
 
 

@@ -239,8 +239,14 @@ def build_moefication(hf_model: nn.Module, target_sparsity: float, calib_data: A
     spec = spec_of(hf_model, ffn_spec)
     from ..conversion.locate import find_ffns
 
-    sizes = [group_ffn(ffn, expert_size, grouping, seed + i, grouping_iters)
-             for i, ffn in enumerate(find_ffns(hf_model, spec))]
+    ffns = find_ffns(hf_model, spec)
+    profiles = [None] * len(ffns)
+    if grouping == "activation":  # the same activation-profile experts as LTE's grouping "activation"
+        from ..conversion.activations import activation_profiles
+
+        profiles = activation_profiles(hf_model, ffns, as_batches(calib_data, batch_size, calib_tokens), seed=seed)
+    sizes = [group_ffn(ffn, expert_size, grouping, seed + i, grouping_iters, profiles[i])
+             for i, ffn in enumerate(ffns)]
     rule = "oracle-topk" if oracle else "predictor-topk"
     layers, ctx = wrap_ffns(hf_model, rule, spec, unit_sizes=sizes)
     name = "moefication-oracle" if oracle else "moefication"
@@ -284,14 +290,16 @@ def build_dejavu(hf_model: nn.Module, target_sparsity: float, calib_data: Any, r
 
 
 def build_random_topk(hf_model: nn.Module, target_sparsity: float, expert_size: int = 32, grouping: str = "kmeans",
-                      seed: int = 0, grouping_iters: int = 15, **_: Any):
+                      seed: int = 0, grouping_iters: int = 15, calib_data: Any = None, calib_tokens: int = 16384,
+                      batch_size: int = 8, **_: Any):
     """The paper's stage-1 ablation: LTE conversion, frozen random routers, top-k experts (an LTEModel)."""
     from ..config import LTEConfig
     from ..model import get_lte_model
 
     _check_target(target_sparsity)
     cfg = LTEConfig(expert_size=expert_size, grouping=grouping, seed=seed, grouping_iters=grouping_iters)
-    lmodel = get_lte_model(hf_model, cfg, progress=False)
+    calibration = as_batches(calib_data, batch_size, calib_tokens) if grouping == "activation" else None
+    lmodel = get_lte_model(hf_model, cfg, progress=False, calibration=calibration)
     experts = lmodel.lte_layers()[0].router.out_features
     k = int(round((1.0 - target_sparsity) * experts))
     lmodel.lte_config.topk = k

@@ -43,11 +43,13 @@ class BaselineLayer:
 
 
 # --------------------------------------------------------------------------- wrapping
-def group_ffn(ffn: FFNHandle, expert_size: int, grouping: str, seed: int, n_iter: int = 15) -> list[int]:
+def group_ffn(ffn: FFNHandle, expert_size: int, grouping: str, seed: int, n_iter: int = 15,
+              profiles: torch.Tensor | None = None) -> list[int]:
     """Group one FFN's neurons into experts and permute its weights, exactly as `lte.get_lte_model`
-    does (`FFNHandle.group` / `FFNHandle.permute`); returns the expert sizes."""
+    does (`FFNHandle.group` / `FFNHandle.permute`; `profiles` for grouping "activation"); returns
+    the expert sizes."""
     ffn.check()
-    ffn.permute(ffn.group(expert_size, grouping, seed=seed, n_iter=n_iter))
+    ffn.permute(ffn.group(expert_size, grouping, seed=seed, n_iter=n_iter, features=profiles))
     return make_expert_sizes(ffn.width, expert_size)
 
 

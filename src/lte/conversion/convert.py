@@ -137,8 +137,12 @@ def checked_ffns(model: nn.Module, spec: FFNSpec) -> list[FFNHandle]:
 
 
 def wrap_ffns(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch.Tensor] | None,
-          apply_perms: bool, progress: bool = True, ffns: list[FFNHandle] | None = None) -> list[LTELayer]:
-    """Group (if perms is None), permute and wrap every FFN of `model` (`ffns`: already checked), in place."""
+              apply_perms: bool, progress: bool = True, ffns: list[FFNHandle] | None = None,
+              features: list[torch.Tensor] | None = None) -> list[LTELayer]:
+    """Group (if perms is None), permute and wrap every FFN of `model` (`ffns`: already checked), in place.
+
+    `features`: per FFN, the activation profiles that grouping "activation" clusters.
+    """
     _check_unconverted(model)
     ffns = ffns if ffns is not None else checked_ffns(model, spec)
     if perms is not None and len(perms) != len(ffns):
@@ -146,7 +150,7 @@ def wrap_ffns(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch
     generator = torch.Generator().manual_seed(cfg.seed)
     layers: list[LTELayer] = []
     iterator = enumerate(ffns)
-    if progress and perms is None and cfg.grouping == "kmeans":
+    if progress and perms is None and cfg.grouping in ("kmeans", "activation"):
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, total=len(ffns), desc="grouping neurons", leave=False)
@@ -156,7 +160,8 @@ def wrap_ffns(model: nn.Module, cfg: LTEConfig, spec: FFNSpec, perms: list[torch
         width = ffn.width
         sizes = make_expert_sizes(width, cfg.expert_size)
         if perms is None:
-            perm = ffn.group(cfg.expert_size, cfg.grouping, seed=cfg.seed + i, n_iter=cfg.grouping_iters)
+            perm = ffn.group(cfg.expert_size, cfg.grouping, seed=cfg.seed + i, n_iter=cfg.grouping_iters,
+                             features=None if features is None else features[i])
         else:
             perm = perms[i].cpu()
             if perm.numel() != width:
@@ -178,8 +183,13 @@ def _check_unconverted(model: nn.Module) -> None:
         raise LTEError("this model is already converted by lte; convert the original model instead")
 
 
-def convert(model: nn.Module, config: LTEConfig, progress: bool = True) -> tuple[list[LTELayer], dict[str, Any]]:
-    """Group, permute and wrap every FFN of a Hugging Face model, in place; (layers, base fingerprint)."""
+def convert(model: nn.Module, config: LTEConfig, progress: bool = True,
+            calibration=None) -> tuple[list[LTELayer], dict[str, Any]]:
+    """Group, permute and wrap every FFN of a Hugging Face model, in place; (layers, base fingerprint).
+
+    `calibration` (a batch or a list of batches): the text whose activations grouping "activation"
+    clusters; the other groupings need none.
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise LTEError(f"expected a Hugging Face model with a .config.model_type, got {type(model).__name__}")
@@ -187,7 +197,14 @@ def convert(model: nn.Module, config: LTEConfig, progress: bool = True) -> tuple
     spec = spec_for(model_type, config.ffn_spec)
     ffns = checked_ffns(model, spec)
     fingerprint = base_fingerprint(model, [ffn.width for ffn in ffns])
-    return wrap_ffns(model, config, spec, perms=None, apply_perms=True, progress=progress, ffns=ffns), fingerprint
+    features = None
+    if config.grouping == "activation":
+        from .activations import activation_profiles
+
+        features = activation_profiles(model, ffns, calibration, seed=config.seed)
+    layers = wrap_ffns(model, config, spec, perms=None, apply_perms=True, progress=progress, ffns=ffns,
+                       features=features)
+    return layers, fingerprint
 
 
 def reattach(base: nn.Module, meta: dict[str, Any], state: dict[str, torch.Tensor], where: str,

@@ -64,8 +64,17 @@ class FFNHandle:
         rows = in_rows(self.input)  # [F or 2F, D]
         return rows[: self.width] if self.spec.gate_up else rows
 
-    def group(self, expert_size: int, method: str, seed: int, n_iter: int) -> torch.Tensor:
-        """perm [F] (CPU) grouping this FFN's neurons into experts (`lte.conversion.grouping`)."""
+    def group(self, expert_size: int, method: str, seed: int, n_iter: int,
+              features: torch.Tensor | None = None) -> torch.Tensor:
+        """perm [F] (CPU) grouping this FFN's neurons into experts (`lte.conversion.grouping`).
+
+        method "activation": k-means on `features` [F, k], the neurons' activation profiles
+        (`lte.conversion.activations`); the other methods use the weights (`grouping_features`).
+        """
+        if method == "activation":
+            if features is None or features.shape[0] != self.width:
+                raise LTEError(f"{self.name}: grouping 'activation' needs activation profiles [F={self.width}, k]")
+            return group_neurons(features, expert_size, method="kmeans", seed=seed, n_iter=n_iter).cpu()
         return group_neurons(self.grouping_features().detach(), expert_size, method=method, seed=seed,
                              n_iter=n_iter).cpu()
 

@@ -178,7 +178,7 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
         timings["train_seconds"] = info["seconds"]
         budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
     elif base == "random-topk":
-        model = apply_baseline(copy.deepcopy(dense), base, target, **options)
+        model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
         timings["build_seconds"] = time.perf_counter() - start
         info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), teacher=teacher, **finetune_args(setup))
         timings["train_seconds"] = info["seconds"]

@@ -117,7 +117,8 @@ def _convert(model: nn.Module, hp: TrainArgs, calibration_batch: dict[str, torch
     """Group neurons and add routers (start of stage 1); optionally calibrate the router scale."""
     import lte
 
-    lmodel = lte.get_lte_model(model, dataclasses.replace(hp.lte, seed=hp.seed))  # a copy: training changes eta
+    lmodel = lte.get_lte_model(model, dataclasses.replace(hp.lte, seed=hp.seed),  # a copy: training changes eta
+                               calibration=calibration_batch)
     mode = hp.router_init
     if mode == "auto":
         mode = "fit" if hp.target_sparsity is not None else "none"
