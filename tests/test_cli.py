@@ -98,6 +98,27 @@ def test_run_pipeline_and_resume_by_skipping(tiny, tmp_path, capsys):
     assert second.count("skipped") == 3
 
 
+def test_run_scores_a_training_free_baseline_at_ltes_sparsity(tiny, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "run"
+    cfg.write_text(
+        f"name: tiny\nmodel: {tiny['model']}\ntask: causal-lm\ndata: {tiny['text']}\nout: {out}\n"
+        "holdout: 0.2\nblock_size: 24\nbatch_size: 4\nlr: 0.001\nreport_to: none\nlogging_steps: 1\n"
+        "dense: {max_steps: 1}\nstage1: {max_steps: 2, target_sparsity: 0.5}\nstage2: {max_steps: 1}\n"
+        "eval: {max_tokens: 200, max_length: 32, batch_size: 2}\nbaselines: [teal]\n")
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    teal, lte_row = report["baselines"]["teal"], report["lte"]
+    assert "teal (no training)" in table and teal["score"] > 1
+    assert abs(teal["ffn_sparsity"] - lte_row["ffn_sparsity"]) < 0.1  # calibrated to LTE's measured sparsity
+    built = json.loads((out / "eval_teal.json").read_text())["built_for_sparsity"]
+    assert built == pytest.approx(lte_row["ffn_sparsity"])
+    cfg.write_text(cfg.read_text().replace("[teal]", "[dejavu-ft]"))
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 2
+    assert "training-free" in capsys.readouterr().err
+
+
 def test_run_with_missing_config(capsys, tmp_path):
     assert main(["run", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "run config not found" in capsys.readouterr().err
@@ -107,3 +128,15 @@ def test_every_command_is_registered():
     text = build_parser().format_help()
     for name in ("train", "eval", "run", "demo", "generate", "bench", "baseline", "sweep", "study"):
         assert name in text
+
+
+def test_demo_config_file_mirrors_the_built_in_demo():
+    from pathlib import Path
+
+    import yaml
+
+    from lte.cli.demo import demo_config
+
+    on_disk = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+    on_disk.pop("out")
+    assert on_disk == demo_config()

@@ -16,6 +16,7 @@ A run is described by a dict (a YAML file for the CLI):
     stage2: {epochs: 1}
     skip_dense: false              # true: `model` is already fine-tuned on the task
     eval: {batch_size: 8, max_length: 512, stride: 256, max_tokens: null, max_examples: null}
+    baselines: [teal]              # training-free baselines scored beside LTE at LTE's measured sparsity
 
 Relative paths are taken relative to the current directory (run from the project root).
 Stage outputs go to `<out>/dense`, `<out>/stage1`, `<out>/stage2`; a stage whose output is complete
@@ -41,7 +42,9 @@ __all__ = ["run_pipeline", "load_run_config", "format_table", "STAGE_KEYS"]
 
 STAGE_KEYS = ("dense", "stage1", "stage2")
 _PIPELINE_KEYS = {"name", "model", "task", "data", "eval_data", "holdout", "out", "skip_dense", "eval",
-                  "dense", "stage1", "stage2", "config"}
+                  "dense", "stage1", "stage2", "config", "baselines"}
+#: Baselines `lte run` can build beside LTE: they need no training, only calibration text.
+TRAINING_FREE = ("teal", "cats")
 
 
 # ---------------------------------------------------------------------- config
@@ -123,6 +126,20 @@ def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool =
                                 **ev)
         cache.write_text(json.dumps(result, indent=2))
         evals[label] = result
+    for method in _baselines(cfg):  # at the sparsity LTE measured on the evaluation text
+        cache = out / f"eval_{method}.json"
+        target = float(evals["lte"].get("ffn_sparsity") or 0.0)
+        cached = json.loads(cache.read_text()) if cache.is_file() and not force_eval else None
+        if cached is None or abs(cached.get("built_for_sparsity", -1.0) - target) > 1e-9:
+            print(f"[lte run] {method} (training-free) at {100 * target:.1f}% target sparsity", flush=True)
+            _build_baseline(method, dense_ref, task, train_data, holdout, target, cfg, out / method)
+            cached = evaluate_model(out / method, task, eval_data, glue_task=cfg.get("glue_task"), holdout=holdout,
+                                    train_block_size=int(cfg.get("block_size", 512)),
+                                    train_max_tokens=cfg.get("max_tokens"), text_field=cfg.get("text_field", "text"),
+                                    **ev)
+            cached["built_for_sparsity"] = target
+            cache.write_text(json.dumps(cached, indent=2))
+        evals[method] = cached
     report = _report(cfg, evals, dirs, timings)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     from lte.evaluation import plot_layer_sparsity
@@ -131,6 +148,37 @@ def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool =
                         out / "sparsity_per_layer.png", f"{cfg.get('name', 'run')}: FFN sparsity per layer")
     report["plot"] = str(out / "sparsity_per_layer.png")
     return report
+
+
+def _baselines(cfg: dict[str, Any]) -> list[str]:
+    methods = [str(m).lower() for m in (cfg.get("baselines") or [])]
+    unknown = [m for m in methods if m not in TRAINING_FREE]
+    if unknown:
+        raise StageInputError(f"`baselines` of a run may list {', '.join(TRAINING_FREE)} (training-free); got "
+                              f"{unknown}. Trained baselines run in `lte study`.")
+    return methods
+
+
+def _build_baseline(method: str, dense_dir: Any, task: str, train_data: Any, holdout: float | None,
+                    target: float, cfg: dict[str, Any], out_dir: Path, calib_examples: int = 64) -> None:
+    """Calibrate a training-free baseline on the dense model with training text and save it to `out_dir`."""
+    from lte.baselines import apply_baseline
+    from lte.data.zoo import ensure_pad_token
+    from lte.loading import load_model, load_tokenizer, model_source
+    from lte.training.args import TrainArgs
+    from lte.training.data import load_task_data
+
+    source = model_source(dense_dir)
+    tokenizer = load_tokenizer(source)
+    hp = TrainArgs.from_dict(_stage_hparams(cfg, "stage1"))
+    data = load_task_data(task, train_data, tokenizer, hp, holdout=holdout)
+    model = load_model(source, task=task, num_labels=getattr(data, "num_labels", 2))
+    ensure_pad_token(model, tokenizer)
+    calib = [data[i] for i in range(min(calib_examples, len(data)))]
+    model = apply_baseline(model, method, target_sparsity=min(max(target, 0.0), 0.99), calib_data=calib,
+                           batch_size=hp.batch_size)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def _pipeline_data(cfg: dict[str, Any]) -> tuple[Any, Any, float | None]:
@@ -159,6 +207,7 @@ def _report(cfg, evals, dirs, timings) -> dict[str, Any]:
         "metric": metric,
         "dense": _row(dense),
         "lte": _row(lte_res),
+        "baselines": {k: _row(v) for k, v in evals.items() if k not in ("dense", "lte")},
         "quality_change": _change(dense.get("score"), lte_res.get("score"), metric),
         "target_sparsity": (cfg.get("stage1") or {}).get("target_sparsity", cfg.get("target_sparsity")),
         "stage1_final_eta": s1.get("eta"),
@@ -188,11 +237,13 @@ def _change(dense: float | None, lte: float | None, metric: str) -> dict[str, fl
 def format_table(report: dict[str, Any]) -> str:
     """The short dense-vs-LTE table printed at the end of `lte run` / `lte demo`."""
     metric = report.get("metric", "score")
-    lines = [f"{'model':<8} {metric:>14} {'FFN sparsity':>13} {'GFLOPs/token':>13}"]
-    for label in ("dense", "lte"):
-        row = report[label]
+    rows = {"dense": report["dense"], "LTE": report["lte"]}
+    rows.update({f"{k} (no training)": v for k, v in (report.get("baselines") or {}).items()})
+    width = max(len(k) for k in rows)
+    lines = [f"{'model':<{width}} {metric:>14} {'FFN sparsity':>13} {'GFLOPs/token':>13}"]
+    for label, row in rows.items():
         score = row.get("score")
-        lines.append(f"{label.upper() if label == 'lte' else label:<8} "
+        lines.append(f"{label:<{width}} "
                      f"{(f'{score:.4g}' if score is not None else '-'):>14} "
                      f"{100 * (row.get('ffn_sparsity') or 0):>12.1f}% "
                      f"{row.get('gflops_per_token') or 0:>13.4f}")
