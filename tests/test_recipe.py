@@ -241,3 +241,13 @@ def test_activation_grouping_recovers_planted_coactivation_groups():
     weight_blocks = [owner[weights_perm[i:i + 32]] for i in range(0, 96, 32)]
     weight_purity = sum(int(torch.bincount(b).max()) for b in weight_blocks) / 96
     assert purity > 0.75 and purity > weight_purity + 0.2
+
+
+def test_stage_without_saving_the_model_is_not_complete_for_a_rerun(tiny, tmp_path):
+    from lte.training import is_stage_complete
+
+    out = tmp_path / "s1"
+    record = train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=1, save_model=False, **FAST)
+    assert record["model_saved"] is False and record["trainer"].model.stage == "stage1"
+    assert not list(out.glob("*.safetensors"))  # only the record, the logs and the tokenizer
+    assert not is_stage_complete(out, "1")  # lte run would train it again rather than load nothing

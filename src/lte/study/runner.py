@@ -98,7 +98,8 @@ def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, d
     s = setup.settings
     lcfg = s["lte"]
     hp = train_hp(s, s["train"])
-    hp.update(expert_size=s["expert_size"], grouping=s["grouping"], eta=lcfg["eta"])
+    hp.update(expert_size=s["expert_size"], grouping=s["grouping"], eta=lcfg["eta"],
+              save_model=bool(s["keep_models"]))  # the stages hand the model over in memory
     hp1 = {**hp, "router_lr": lcfg.get("router_lr"), **lcfg.get("stage1", {})}
     if lcfg["knob"] == "eta":
         hp1["eta"] = target

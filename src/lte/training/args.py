@@ -70,6 +70,9 @@ class TrainArgs:
     progress: bool = field(default=True, metadata=_help("progress bars"))
     resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint-N in the output folder"))
     dataloader_workers: int = field(default=0, metadata=_help("data loader worker processes"))
+    save_model: bool = field(default=True, metadata=_help(
+        "write the trained model to the output folder at the end (no: only the stage record and logs, for "
+        "pipelines that keep the model in memory, such as the study)"))
     # the LTE method: conversion (stage 1) and losses
     lte: LTEConfig = field(default_factory=LTEConfig, metadata=_help(
         "the LTE method's settings (lte.LTEConfig); its fields " + ", ".join(LTE_KEYS) + " are set by name"))

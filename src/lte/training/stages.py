@@ -53,7 +53,7 @@ def stage_info(directory: str | os.PathLike) -> dict[str, Any] | None:
 def is_stage_complete(directory: str | os.PathLike, stage: str | None = None) -> bool:
     """Whether `directory` holds a finished stage output (of `stage` when given)."""
     info = stage_info(directory)
-    if not info or not info.get("complete"):
+    if not info or not info.get("complete") or not info.get("model_saved", True):
         return False
     return stage is None or info.get("stage") == _STAGE_LABEL.get(stage, stage)
 
@@ -258,10 +258,12 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         raise
     if stage == "1" and calibrate:
         record["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
-    trainer.save_model(str(out))
+    if hp.save_model:
+        trainer.save_model(str(out))
     if trainer.args.should_save and tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    record.update(complete=True, global_step=trainer.state.global_step, train_metrics=result.metrics,
+    record.update(complete=True, model_saved=hp.save_model, global_step=trainer.state.global_step,
+                  train_metrics=result.metrics,
                   train_tokens=int(trainer.state.num_input_tokens_seen or 0), train_epochs=trainer.state.epoch,
                   train_examples=len(train_set))
     if stage != "dense":
