@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -42,29 +40,13 @@ from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sp
 
 
 def environment() -> dict[str, Any]:
-    """Device and versions for the result file."""
-    import transformers
+    """Device and versions for the result file (`bench_util.environment` plus the decode-specific keys)."""
+    from bench_util import environment as common
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    commit = os.environ.get("LTE_COMMIT")  # set it where there is no git (the GPU machine)
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    check=False).stdout.strip() or None
-        except OSError:
-            commit = None
-    cuda = torch.cuda.is_available()
-    return {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-        "cuda": torch.version.cuda, "commit": commit, "kernels_available": lte.kernels.kernels_available(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    env = common()
+    env.update(device=env["gpu"] if torch.cuda.is_available() else platform.processor() or "cpu",
+               kernels_available=lte.kernels.kernels_available())
+    return env
 
 
 def _free() -> None:
