@@ -260,17 +260,21 @@ class LTETrainer(Trainer):
         """
         if not self._stats_active():
             return
-        stats = self.lte_model.lte_stats(accumulated=True)
-        local = torch.tensor([*stats["per_layer"], stats["gflops_per_token"], 1.0], dtype=torch.float64)
-        summed = self._all_sum(local * stats["tokens"]).cpu()  # [L per-layer sparsity, GFLOPs, 1] x tokens
-        per_layer = (summed[:-2] / summed[-1]).tolist()
-        gflops = float(summed[-2] / summed[-1])
+        per_layer, gflops = self._global_step_stats()
         sparsity = sum(per_layer) / len(per_layer)
         self._last_stats = {"ffn_sparsity": sparsity, "per_layer": per_layer}
         self._window.add_stats(per_layer, gflops)
         controller = self.eta_controller
         if controller is not None and self.lte_model.routing in TRAINING_MODES and controller.wants_measurement(step):
             self.lte_model.lte_config.eta = controller.update(step, sparsity)
+
+    def _global_step_stats(self) -> tuple[list[float], float]:
+        """(per-layer FFN sparsity, GFLOPs/token) of the forwards since the last reset, over every process's
+        real tokens (each process's figures weighted by its token count); the same values on every rank."""
+        stats = self.lte_model.lte_stats(accumulated=True)
+        local = torch.tensor([*stats["per_layer"], stats["gflops_per_token"], 1.0], dtype=torch.float64)
+        summed = self._all_sum(local * stats["tokens"]).cpu()  # [L per-layer sparsity, GFLOPs, 1] x tokens
+        return (summed[:-2] / summed[-1]).tolist(), float(summed[-2] / summed[-1])
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
