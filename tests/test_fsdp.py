@@ -1,12 +1,13 @@
 """LTE training under FSDP (configs/accelerate/fsdp.yaml): saves, reloads, resume, eta across ranks.
 
-The slow test launches `accelerate launch --config_file configs/accelerate/fsdp.yaml` with two CPU
-processes (gloo) and runs stage 1 through `train_stage`, as `lte train` does. accelerate enables
-FSDP only for GPU backends (its state turns a CPU launch into DDP, whatever the config says), so
-the worker's trainer switches accelerate's state to FSDP right after accelerate built it, with the
-plugin read from the launch config: from there on accelerate's own FSDP2 code runs (fully_shard per
-decoder layer, the optimizer on DTensor shards, save/load of the FSDP model and optimizer state).
-The test checks the output against a single-process run of the same global batch.
+The slow tests launch `accelerate launch --config_file configs/accelerate/fsdp.yaml` with two CPU
+processes (gloo) and run stage 1 through `train_stage`, as `lte train` does, and the scaling
+benchmark. accelerate enables FSDP only for GPU backends (its state turns a CPU launch into DDP,
+whatever the config says), so the workers' trainer switches accelerate's state to FSDP right after
+accelerate built it, with the plugin read from the launch config (`tests/cpu_fsdp.py`): from there
+on accelerate's own FSDP2 code runs (fully_shard per decoder layer, the optimizer on DTensor
+shards, save/load of the FSDP model and optimizer state). The output is checked against a
+single-process run of the same global batch.
 """
 
 from __future__ import annotations
@@ -32,26 +33,13 @@ WORKER = textwrap.dedent(
     import json, os, shutil, sys
     import torch
     import torch.distributed as dist
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from transformers import TrainerCallback
 
-    import lte.training.trainer as trainer_module
+    import cpu_fsdp
+    cpu_fsdp.install()  # accelerate's FSDP2 path on these CPU processes (see tests/cpu_fsdp.py)
+
     from lte.training import train_stage
     from lte.training.sharding import is_sharded
-
-
-    class CPUFSDPTrainer(trainer_module.LTETrainer):
-        # accelerate turns FSDP on only for GPU backends; switch its state to FSDP for these gloo processes.
-        def create_accelerator_and_postprocess(self):
-            super().create_accelerator_and_postprocess()
-            state = self.accelerator.state
-            if state.distributed_type == DistributedType.MULTI_CPU:
-                state.fsdp_plugin = FullyShardedDataParallelPlugin()  # the launch config's FSDP_* settings
-                state.distributed_type = DistributedType.FSDP
-                self.is_fsdp_enabled = True
-
-
-    trainer_module.LTETrainer = CPUFSDPTrainer  # train_stage takes its trainer class from this module
 
 
     class EtaLog(TrainerCallback):
@@ -107,6 +95,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(script: Path, *args: str) -> None:
+    """`accelerate launch` the FSDP config with two CPU processes; fail the test with the output on an error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -140,12 +139,7 @@ def test_stage1_under_fsdp_matches_one_process_reloads_and_resumes(tmp_path):
     write_text(tmp_path / "text.txt")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    _launch(script, str(tmp_path))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
 
     # both ranks trained sharded, and every step used the same eta on both
@@ -218,3 +212,45 @@ def test_save_from_a_gathered_state_dict_equals_the_normal_save(tmp_path, tied):
     assert lte.LTEModel.from_pretrained(tmp_path / "gathered").stage == "converted"
     with pytest.raises(lte.LTEError, match="full save"):
         model.save_pretrained(tmp_path / "light", light=True, state_dict=gathered)
+
+
+BENCH_WORKER = textwrap.dedent(
+    """
+    import runpy, sys
+
+    import cpu_fsdp
+    cpu_fsdp.install()  # accelerate's FSDP2 path on these CPU processes (see tests/cpu_fsdp.py)
+
+    sys.argv = [sys.argv[1], *sys.argv[2:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+@pytest.mark.slow  # two accelerate processes and one plain one (~30 s); CI runs it
+def test_fsdp_scaling_benchmark_runs_sharded_and_summarizes(tmp_path):
+    """benchmarks/fsdp_scaling.py on the tiny shape: 2 FSDP processes and 1 plain process, then the table."""
+    bench = ROOT / "benchmarks" / "fsdp_scaling.py"
+    script = tmp_path / "bench_worker.py"
+    script.write_text(BENCH_WORKER)
+    common = ["--tiny", "--steps", "2", "--warmup", "1", "--work-dir", str(tmp_path / "work")]
+    _launch(script, str(bench), *common, "--out", str(tmp_path / "n2.json"), "--save-dir", str(tmp_path / "saved"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(bench), *common, "--out", str(tmp_path / "n1.json")], env=env, check=True,
+                   capture_output=True, timeout=300)
+    two = json.loads((tmp_path / "n2.json").read_text())
+    assert two["world_size"] == 2 and two["fsdp"] and two["sharded"] and two["fsdp_version"] == 2
+    assert two["measured_steps"] == 2 and len(two["per_rank"]) == 2 and two["tokens_per_s"] > 0
+    assert two["tokens_per_step"] == 2 * 32  # 1 sequence of 32 tokens per process
+    import lte
+
+    assert lte.LTEModel.from_pretrained(tmp_path / "saved").stage == "stage1"  # the gathered save reloads
+    proc = subprocess.run([sys.executable, str(bench), "--summarize", str(tmp_path / "n2.json"),
+                           str(tmp_path / "n1.json"), "--out", str(tmp_path / "summary.json")],
+                          capture_output=True, text=True, check=True, timeout=120)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["world_size"] for r in summary["rows"]] == [1, 2] and summary["relative_to_world_size"] == 1
+    assert summary["rows"][0]["scaling_efficiency"] == 1.0
+    assert summary["rows"][1]["scaling_efficiency"] == pytest.approx(
+        two["tokens_per_s_per_gpu"] / json.loads((tmp_path / "n1.json").read_text())["tokens_per_s_per_gpu"])
+    assert "| GPUs | tokens/s" in proc.stdout
