@@ -28,9 +28,10 @@ def is_sharded(model: nn.Module) -> bool:
     """Whether `model` (or a module inside it) is sharded by FSDP (version 1 or 2)."""
     if not dist.is_available():
         return False
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    import torch.distributed.fsdp as fsdp
 
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+    kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, name))
+    return any(isinstance(m, kinds) for m in model.modules())
 
 
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
