@@ -13,6 +13,7 @@ from __future__ import annotations
 def install() -> None:
     """Make `lte.training.trainer.LTETrainer` (what `train_stage` and `lte.training.LTETrainer` give)
     a subclass that enables accelerate's FSDP on CPU processes."""
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     import lte.training.trainer as trainer_module
@@ -24,6 +25,8 @@ def install() -> None:
             if state.distributed_type == DistributedType.MULTI_CPU:
                 state.fsdp_plugin = FullyShardedDataParallelPlugin()  # the launch config's FSDP_* settings
                 state.distributed_type = DistributedType.FSDP
+                # as accelerate does for its own FSDP state: every later AcceleratorState() reads it from here
+                PartialState._shared_state["distributed_type"] = DistributedType.FSDP
                 self.is_fsdp_enabled = True
 
     trainer_module.LTETrainer = CPUFSDPTrainer

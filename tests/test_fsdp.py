@@ -130,7 +130,7 @@ def _same_save(got: Path, want: Path, rtol: float, atol: float) -> None:
     assert meta_a == meta_b
 
 
-@pytest.mark.slow  # two accelerate processes, two FSDP runs and a single-process reference (~50 s); CI runs it
+@pytest.mark.slow  # two accelerate processes, two FSDP runs and a single-process reference (30-60 s); CI runs it
 def test_stage1_under_fsdp_matches_one_process_reloads_and_resumes(tmp_path):
     import lte
     from lte.training import train_stage
@@ -227,7 +227,7 @@ BENCH_WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # two accelerate processes and one plain one (~30 s); CI runs it
+@pytest.mark.slow  # two accelerate processes and one plain one (30-60 s); CI runs it
 def test_fsdp_scaling_benchmark_runs_sharded_and_summarizes(tmp_path):
     """benchmarks/fsdp_scaling.py on the tiny shape: 2 FSDP processes and 1 plain process, then the table."""
     bench = ROOT / "benchmarks" / "fsdp_scaling.py"
