@@ -83,6 +83,20 @@ WORKER = textwrap.dedent(
                           os.path.join(root, "resumed"), resume=True, **common)
     result["resumed_eta"] = resumed["eta"]
     result["resumed_step"] = resumed["global_step"]
+
+    # A model that came out differently on one process is refused on every process (FSDP would mix them).
+    from lte import LTEError, LTEModel
+    from lte.training import LTETrainer
+
+    odd = LTEModel.from_pretrained(os.path.join(root, "fsdp"))
+    if rank == 1:
+        with torch.no_grad():
+            odd.router_parameters()[0][0, 0] += 1.0
+    try:
+        LTETrainer(model=odd, args=trainer.args)
+        result["refused_mismatch"] = False
+    except LTEError as err:
+        result["refused_mismatch"] = "different LTE models" in str(err)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
     """
@@ -173,6 +187,7 @@ def test_stage1_under_fsdp_matches_one_process_reloads_and_resumes(tmp_path):
     assert r0["resumed_step"] == r1["resumed_step"] == 4
     assert r0["resumed_eta"] == r1["resumed_eta"] == r0["eta"]
     _same_save(tmp_path / "resumed", tmp_path / "fsdp", rtol=0, atol=1e-7)
+    assert r0["refused_mismatch"] and r1["refused_mismatch"]
 
 
 # ---------------------------------------------------------------------- fast checks (one process)
