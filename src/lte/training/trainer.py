@@ -180,9 +180,9 @@ class LTETrainer(Trainer):
                       layer.input.expert_sizes.detach().double().cpu().sum(), router.sum(), router.abs().sum()]
         if not sharding.ranks_agree(torch.stack(parts).to(self.args.device)):
             raise LTEError("the processes built different LTE models (neuron grouping or router init differ), "
-                           "so they cannot train one model together. Convert the model once (e.g. `lte train "
-                           "--stage 1 --max-steps 0` or `get_lte_model` + `save_pretrained`) and start every "
-                           "process from that folder.")
+                           "so they cannot train one model together. Convert the model once, in one process "
+                           "(`lte.get_lte_model` + `save_pretrained`), and start stage 1 on every process from "
+                           "that folder.")
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
