@@ -26,12 +26,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_util import environment, write_json
 
 SHAPES = {
     # LLaMA-2-7B: D 4096, F 11008 (344 experts of 32), 32 layers, 32 heads, vocabulary 32000
@@ -186,12 +186,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         "final_eta": None if args.dense else float(trainer.lte_model.lte_config.eta),
         "per_rank": ranks,
         "device": ranks[0]["device"],
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
         "accelerate": __import__("accelerate").__version__,
-        "commit": _commit(),
+        "environment": environment(),
     }
-    _write(result, args.out)
+    if args.out:
+        write_json(args.out, result)
     print(f"{world} process(es), {result['device']}: {result['tokens_per_s']:.0f} tokens/s "
           f"({result['tokens_per_s_per_gpu']:.0f} per GPU), step {step:.3f} s, peak "
           f"{result['peak_allocated_gib_max'] if peaks else float('nan'):.1f} GiB per GPU, "
@@ -216,9 +215,10 @@ def summarize(paths: list[str], out: str | None) -> dict[str, Any]:
     } for r in runs]
     summary = {"benchmark": base["benchmark"], "shape": base["shape"], "relative_to_world_size": base["world_size"],
                "per_device_batch": base["per_device_batch"], "seq_len": base["seq_len"],
-               "precision": base["precision"], "device": base["device"], "torch": base["torch"],
-               "commit": base["commit"], "rows": rows}
-    _write(summary, out)
+               "precision": base["precision"], "device": base["device"], "environment": base["environment"],
+               "rows": rows}
+    if out:
+        write_json(out, summary)
     print(f"{summary['benchmark']}, {base['shape']}, {base['device']}, batch {base['per_device_batch']} x "
           f"{base['seq_len']} tokens per GPU, {base['precision']}; efficiency vs {base['world_size']} GPU(s)")
     print("| GPUs | tokens/s | tokens/s per GPU | scaling efficiency | peak GiB per GPU | step s | sharded |")
@@ -228,20 +228,6 @@ def summarize(paths: list[str], out: str | None) -> dict[str, Any]:
         print(f"| {r['world_size']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s_per_gpu']:.0f} | "
               f"{r['scaling_efficiency']:.2f} | {peak} | {r['median_step_s']:.3f} | {r['sharded']} |")
     return summary
-
-
-def _write(obj: dict[str, Any], path: str | None) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2))
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -231,12 +231,13 @@ def test_save_from_a_gathered_state_dict_equals_the_normal_save(tmp_path, tied):
 
 BENCH_WORKER = textwrap.dedent(
     """
-    import runpy, sys
+    import os, runpy, sys
 
     import cpu_fsdp
     cpu_fsdp.install()  # accelerate's FSDP2 path on these CPU processes (see tests/cpu_fsdp.py)
 
     sys.argv = [sys.argv[1], *sys.argv[2:]]
+    sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python benchmarks/X.py` does: bench_util
     runpy.run_path(sys.argv[0], run_name="__main__")
     """
 )
