@@ -20,13 +20,25 @@ from .config import CONFIG_FORMAT_VERSION, LTEConfig
 from .conversion.convert import LTELayer, base_fingerprint, convert, reattach, weights_digest
 from .errors import LTEError
 from .losses import lte_losses
-from .routing.layers import MODES, TRAINING_MODES, LTEInput
+from .routing.layers import MODES, TRAINING_MODES
 from .sparse_model import SparseFFNModel
 from .stats import active_neurons, linear_flops_per_token, union_sparsity
 from .version import __version__
 
 CONFIG_NAME = "lte_config.json"
 ADAPTER_NAME = "lte_adapter.safetensors"
+#: Module-name parts that wrappers add and state dicts leave out (FSDP1 units, activation checkpointing,
+#: torch.compile): `layers.0._fsdp_wrapped_module.mlp` is `layers.0.mlp` in the state dict.
+_WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def state_dict_name(module_name: str) -> str:
+    """A module's name as its tensors' state-dict keys spell it (wrapper parts dropped)."""
+    return ".".join(part for part in module_name.split(".") if part not in _WRAPPER_NAMES)
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().cpu()
 
 
 def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: bool = True,
@@ -209,11 +221,16 @@ class LTEModel(SparseFFNModel):
         `accumulated=False`: the last forward; `True`: every forward since `reset_lte_stats()`.
         In soft routing the sparsity is what the hard cut at tau would skip; dense routing is 0.
         GFLOPs count every linear layer (routers included, attention-score products excluded).
+        `accumulated=True` adds `tokens`: the real tokens the statistics cover (to weight them
+        when several processes' statistics are combined).
         """
         return super().lte_stats(accumulated)
 
+    def _extra_stats(self, accumulated: bool) -> dict[str, Any]:
+        return {"tokens": float(self._acc_tokens)} if accumulated else {}
+
     # ---------------------------------------------------------------- save / load
-    def _meta(self, weights_permuted: bool) -> dict[str, Any]:
+    def _meta(self, weights_permuted: bool, embedding: torch.Tensor | None = None) -> dict[str, Any]:
         spec = self._layers[0].spec
         archs = getattr(self.base_model.config, "architectures", None) or [type(self.base_model).__name__]
         return {
@@ -228,23 +245,49 @@ class LTEModel(SparseFFNModel):
             "weights_permuted": weights_permuted,
             "base_architecture": archs[0],
             # A full save is its own base; a light save needs the base it was converted from.
-            "base": (base_fingerprint(self.base_model, self._fingerprint["ffn_widths"])
+            "base": (base_fingerprint(self.base_model, self._fingerprint["ffn_widths"], embedding=embedding)
                      if weights_permuted else self._fingerprint),
         }
 
-    def _adapter_state(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for i, layer in enumerate(self._layers):
-            state[f"layers.{i}.router.weight"] = layer.router.weight.detach().contiguous().cpu()
-            state[f"layers.{i}.perm"] = layer.input.perm.cpu()
-            state[f"layers.{i}.expert_sizes"] = layer.input.expert_sizes.cpu()
+    def _module_names(self) -> dict[int, str]:
+        """id(module) -> its state-dict name in this model (names of sharding/checkpoint wrappers dropped)."""
+        return {id(m): state_dict_name(name) for name, m in self.named_modules()}
+
+    def _full_state(self, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """This model's full state dict: its own, or `state_dict` (e.g. gathered from FSDP shards) with the
+        entries of parameters the model shares (tied embeddings) made one tensor again, as in its own."""
+        if state_dict is None:
+            return self.state_dict()
+        state, first = dict(state_dict), {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            key = state_dict_name(name)
+            owner = first.setdefault(id(param), key)
+            if owner != key and owner in state and key in state:
+                state[key] = state[owner]
         return state
 
-    def _plain_state_dict(self) -> dict[str, torch.Tensor]:
-        """The HF model's state dict under its own key names (wrappers removed, routers dropped)."""
-        lte_names = {name for name, m in self.base_model.named_modules() if isinstance(m, LTEInput)}
+    def _adapter_state(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Routers, permutations and expert sizes under the adapter file's names (`layers.{i}.*`)."""
+        full = self._full_state(state_dict)
+        names = self._module_names()
         state = {}
-        for key, value in self.base_model.state_dict().items():
+        for i, layer in enumerate(self._layers):
+            owner = names[id(layer.input)]
+            state[f"layers.{i}.router.weight"] = _cpu(full[f"{owner}.router.weight"]).contiguous()
+            state[f"layers.{i}.perm"] = _cpu(full[f"{owner}.perm"])
+            state[f"layers.{i}.expert_sizes"] = _cpu(full[f"{owner}.expert_sizes"])
+        return state
+
+    def _plain_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The HF model's state dict under its own key names (wrappers removed, routers dropped)."""
+        prefix = "base_model."
+        names = self._module_names()
+        lte_names = {names[id(layer.input)][len(prefix):] for layer in self._layers}  # relative to the HF model
+        state = {}
+        for key, value in self._full_state(state_dict).items():
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix):]
             owner, _, leaf = key.rpartition(".")
             if owner in lte_names and leaf in ("perm", "expert_sizes"):
                 continue
@@ -253,7 +296,14 @@ class LTEModel(SparseFFNModel):
             state[key.replace(".base_layer.", ".")] = value
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, light: bool = False, **_: Any) -> None:
+    def _input_embedding(self, state_dict: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+        """The input embedding table from `state_dict` (None: read it from the model)."""
+        if state_dict is None:
+            return None
+        return state_dict[self._module_names()[id(self.base_model.get_input_embeddings())] + ".weight"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, light: bool = False,
+                        state_dict: dict[str, torch.Tensor] | None = None, **_: Any) -> None:
         """Save to a directory. Files are written to a temporary folder first and moved in with
         `lte_config.json` last, so a crash never leaves a half-written file under a final name.
 
@@ -261,17 +311,24 @@ class LTEModel(SparseFFNModel):
         `lte_adapter.safetensors`; reload with `LTEModel.from_pretrained(dir)` alone.
         Light: only what LTE adds (routers, permutations, config, stage); reload with
         `LTEModel.from_base(base_model_loaded_from_its_own_path, dir)`.
+        `state_dict`: this model's full state dict (`self.state_dict()` keys) to write instead of the
+        module tensors, e.g. gathered on one process from a model sharded by FSDP, whose own
+        tensors are shards (full saves only).
         """
         from safetensors.torch import save_file
 
         if light:
+            if state_dict is not None:
+                raise LTEError("save_pretrained(light=True) reads the live model; with a gathered state_dict "
+                               "(sharded training) make a full save: save_pretrained(dir, state_dict=...)")
             self._check_base_unchanged()
 
         def write(folder: Path) -> None:
             if not light:
-                self.base_model.save_pretrained(folder, state_dict=self._plain_state_dict())
-            save_file(self._adapter_state(), str(folder / ADAPTER_NAME))
-            (folder / CONFIG_NAME).write_text(json.dumps(self._meta(weights_permuted=not light), indent=2))
+                self.base_model.save_pretrained(folder, state_dict=self._plain_state_dict(state_dict))
+            save_file(self._adapter_state(state_dict), str(folder / ADAPTER_NAME))
+            meta = self._meta(weights_permuted=not light, embedding=self._input_embedding(state_dict))
+            (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
         self._save_atomically(save_directory, write)
 

@@ -87,9 +87,12 @@ class LTELayer:
 
 
 # --------------------------------------------------------------------------- fingerprint
-def base_fingerprint(model: nn.Module, widths: list[int]) -> dict[str, Any]:
-    """What identifies a base model: its shape and statistics of its input embeddings."""
-    emb = model.get_input_embeddings().weight.detach()
+def base_fingerprint(model: nn.Module, widths: list[int], embedding: torch.Tensor | None = None) -> dict[str, Any]:
+    """What identifies a base model: its shape and statistics of its input embeddings.
+
+    `embedding`: the full input embedding table when the model's own is a shard (sharded training).
+    """
+    emb = (model.get_input_embeddings().weight if embedding is None else embedding).detach()
     flat = emb.reshape(-1)
     idx = (torch.arange(64) * (flat.numel() // 64)).to(flat.device)  # 64 entries spread over the table
     return {

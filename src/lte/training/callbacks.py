@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -183,8 +184,11 @@ class NaNGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if not self.check_grads or model is None or args.fp16:  # fp16's grad scaler handles infs itself
             return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).item()):
+        # Each process checks the gradients it holds (its shards under FSDP), then all processes agree.
+        grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+        finite = torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.tensor(True)
+        device = grads[0].device if grads else getattr(args, "device", torch.device("cpu"))
+        if not _all_processes(bool(finite.item()), device):
             raise self.error(state.global_step + 1, "gradient norm", float("nan"))
 
     def error(self, step: int, what: str, value: float) -> NonFiniteLossError:
@@ -214,6 +218,20 @@ class JsonlLogger(TrainerCallback):
         record.update({k: _jsonable(v) for k, v in logs.items()})
         with open(os.path.join(args.output_dir, self.filename), "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of an FSDP2 DTensor, the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _all_processes(flag: bool, device: torch.device) -> bool:
+    """`flag` and-ed over every process (itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0)
 
 
 def _jsonable(value: Any) -> Any:

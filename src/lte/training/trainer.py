@@ -8,8 +8,12 @@ What it adds to `transformers.Trainer`:
 - checkpoints (`checkpoint-N/` and the final directory) are `LTEModel.save_pretrained` saves
   (baseline models: theirs), loadable with `lte.load_model`, and `train(resume_from_checkpoint=...)`
   reads them;
-- a non-finite loss or gradient stops training before it touches the weights (`NaNGuard`).
-Everything else (optimizer, schedule, mixed precision, accumulation, DDP through accelerate,
+- a non-finite loss or gradient stops training before it touches the weights (`NaNGuard`);
+- under FSDP (`configs/accelerate/fsdp.yaml`) the saves gather the full state dict and rank 0 writes
+  the same LTE save, resume broadcasts a checkpoint into the shards, and every process checks at
+  the start that it built the same LTE model (FSDP, unlike DDP, does not copy rank 0's weights);
+  the sparsity statistics are token-weighted over processes, so every rank drives eta alike.
+Everything else (optimizer, schedule, mixed precision, accumulation, DDP and FSDP through accelerate,
 progress bars, optimizer/scheduler/RNG state in checkpoints) is the stock Trainer.
 """
 
@@ -24,9 +28,11 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
+from lte.errors import LTEError
 from lte.model import LTEModel
 from lte.routing.layers import TRAINING_MODES
 from lte.sparse_model import SparseFFNModel
+from lte.training import sharding
 from lte.training.callbacks import EtaController, JsonlLogger, NaNGuard
 
 logger = logging.getLogger(__name__)
@@ -103,12 +109,16 @@ class LTETrainer(Trainer):
         if nan_guard and not self._find(NaNGuard):
             self.add_callback(NaNGuard())
         self.add_callback(_StepHook(self))
+        self._check_sharding_setup()
 
     # ------------------------------------------------------------------ helpers
     @property
     def lte_model(self) -> LTEModel | None:
-        """The `LTEModel` being trained, or None for a plain HF model."""
-        return self.model if isinstance(self.model, LTEModel) else None
+        """The `LTEModel` being trained (inside its FSDP1 wrapper, if any), or None for a plain HF model."""
+        model = self.model
+        if not isinstance(model, LTEModel) and hasattr(self, "accelerator"):
+            model = self.accelerator.unwrap_model(model)
+        return model if isinstance(model, LTEModel) else None
 
     def _find(self, cls: type) -> Any:
         """The callback instance of type `cls` (looked up each time: resume may replace it)."""
@@ -124,13 +134,55 @@ class LTETrainer(Trainer):
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def _all_mean(self, values: torch.Tensor) -> torch.Tensor:
-        """Mean of a small tensor over processes (identity when not distributed)."""
+    def _all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of a small tensor over processes (identity when not distributed); the same on every rank."""
         if self._distributed():
             values = values.to(self.args.device)
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
-            values = values / dist.get_world_size()
         return values
+
+    def _all_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of a small tensor over processes (identity when not distributed)."""
+        return self._all_sum(values) / (dist.get_world_size() if self._distributed() else 1)
+
+    # ------------------------------------------------------------------ sharded training (FSDP)
+    def _check_sharding_setup(self) -> None:
+        """Refuse FSDP settings that break an LTE model; check every process built the same one."""
+        fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if fsdp_requested and not self.is_fsdp_enabled:
+            logger.warning("accelerate was launched with FSDP, but this run is not sharded: accelerate applies FSDP "
+                           "only on GPUs (on CPU it trains with DDP, every process holding the whole model)")
+        if self.lte_model is None:
+            return
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if plugin is not None and plugin.cpu_ram_efficient_loading:
+            raise LTEError("fsdp_cpu_ram_efficient_loading must be false for LTE training: the LTE model is built "
+                           "(grouped, routers added) on every process, and its permutation buffers cannot be "
+                           "broadcast by that loader. Set `fsdp_cpu_ram_efficient_loading: false` in the accelerate "
+                           "config (configs/accelerate/fsdp.yaml does).")
+        if plugin is not None and plugin.fsdp_version == 1 and not plugin.use_orig_params:
+            raise LTEError("FSDP1 needs `fsdp_use_orig_params: true` for LTE training (the routers are their own "
+                           "parameters); or use FSDP2 (`fsdp_version: 2`, configs/accelerate/fsdp.yaml)")
+        if self._distributed():
+            self._check_same_lte_model()
+
+    def _check_same_lte_model(self) -> None:
+        """Every process must hold the same permutations and routers before training.
+
+        DDP copies rank 0's weights to the others when it wraps the model; FSDP shards each process's own
+        copy, so a grouping that came out differently on one process would silently mix two models.
+        """
+        parts = []
+        for layer in self.lte_model.lte_layers():
+            perm = layer.input.perm.detach().double().cpu()
+            router = layer.router.weight.detach().double().cpu().reshape(-1)
+            parts += [(perm * torch.arange(1, perm.numel() + 1, dtype=torch.float64)).sum(),  # order-sensitive
+                      layer.input.expert_sizes.detach().double().cpu().sum(), router.sum(), router.abs().sum()]
+        if not sharding.ranks_agree(torch.stack(parts).to(self.args.device)):
+            raise LTEError("the processes built different LTE models (neuron grouping or router init differ), "
+                           "so they cannot train one model together. Convert the model once, in one process "
+                           "(`lte.get_lte_model` + `save_pretrained`), and start stage 1 on every process from "
+                           "that folder.")
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -201,17 +253,28 @@ class LTETrainer(Trainer):
             self.lte_model.reset_lte_stats()
 
     def _end_step(self, step: int) -> None:
-        """After optimizer step `step`: read the step's sparsity, update eta, keep it for the log."""
+        """After optimizer step `step`: read the step's sparsity, update eta, keep it for the log.
+
+        The statistics are token-weighted over processes (every rank gets the same sums), so the
+        eta controller sees the same measurement, and keeps the same state, on every rank.
+        """
         if not self._stats_active():
             return
-        stats = self.lte_model.lte_stats(accumulated=True)
-        per_layer = self._all_mean(torch.tensor(stats["per_layer"], dtype=torch.float64)).tolist()
+        per_layer, gflops = self._global_step_stats()
         sparsity = sum(per_layer) / len(per_layer)
         self._last_stats = {"ffn_sparsity": sparsity, "per_layer": per_layer}
-        self._window.add_stats(per_layer, stats["gflops_per_token"])
+        self._window.add_stats(per_layer, gflops)
         controller = self.eta_controller
         if controller is not None and self.lte_model.routing in TRAINING_MODES and controller.wants_measurement(step):
             self.lte_model.lte_config.eta = controller.update(step, sparsity)
+
+    def _global_step_stats(self) -> tuple[list[float], float]:
+        """(per-layer FFN sparsity, GFLOPs/token) of the forwards since the last reset, over every process's
+        real tokens (each process's figures weighted by its token count); the same values on every rank."""
+        stats = self.lte_model.lte_stats(accumulated=True)
+        local = torch.tensor([*stats["per_layer"], stats["gflops_per_token"], 1.0], dtype=torch.float64)
+        summed = self._all_sum(local * stats["tokens"]).cpu()  # [L per-layer sparsity, GFLOPs, 1] x tokens
+        return (summed[:-2] / summed[-1]).tolist(), float(summed[-2] / summed[-1])
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -252,18 +315,33 @@ class LTETrainer(Trainer):
         return self._last_stats
 
     # ------------------------------------------------------------------ save / load
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As the Trainer's; a sharded (FSDP) `LTEModel` is gathered to a full state dict first (every
+        process takes part) and rank 0 writes the usual LTE save, whatever the FSDP state-dict type."""
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        if not (isinstance(model, SparseFFNModel) and sharding.is_sharded(self.model_wrapped)):
+            return super().save_model(output_dir, _internal_call)
+        if not isinstance(model, LTEModel):
+            raise LTEError(f"saving a {type(model).__name__} trained with FSDP is not supported; train it without "
+                           "sharding (one process or DDP)")
+        self._save(output_dir, state_dict=sharding.gather_full_state_dict(self.model_wrapped))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save an `LTEModel` or a baseline model with its own `save_pretrained` (atomic, full save, tied
-        weights included; other files in the folder stay); plain HF models as usual."""
+        weights included; other files in the folder stay); plain HF models as usual. `state_dict`: the
+        gathered full state dict of a sharded model (rank 0), written instead of the module tensors."""
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
         if not isinstance(model, SparseFFNModel):
             return super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        model.save_pretrained(output_dir)
         if not isinstance(model, LTEModel):
+            model.save_pretrained(output_dir)
             return
+        model.save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -273,6 +351,10 @@ class LTETrainer(Trainer):
         target = self.lte_model
         if target is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        wrapped = model if model is not None else self.model_wrapped
+        if sharding.is_sharded(wrapped):
+            self._load_sharded(resume_from_checkpoint, wrapped, target)
+            return
         saved = LTEModel.from_pretrained(resume_from_checkpoint)
         result = target.load_state_dict(saved.state_dict(), strict=False)
         if result.missing_keys or result.unexpected_keys:
@@ -284,6 +366,26 @@ class LTETrainer(Trainer):
         target.lte_config.eta = saved.lte_config.eta
         del saved
         self._restore_controller(resume_from_checkpoint)
+
+    def _load_sharded(self, checkpoint: str, wrapped: torch.nn.Module, target: LTEModel) -> None:
+        """Resume a sharded model: rank 0 reads the LTE save, the tensors are broadcast into every shard."""
+        full, problem = {}, None
+        if not self._distributed() or dist.get_rank() == 0:
+            saved = LTEModel.from_pretrained(checkpoint)
+            full = saved.state_dict()
+            want = sharding.state_dict_names(target)
+            missing, unexpected = sorted(want - set(full)), sorted(set(full) - want)
+            if missing or unexpected:
+                problem = (f"checkpoint {checkpoint} does not match the model being trained (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}); resume from the same stage and model it was written by")
+            target.lte_config.eta = saved.lte_config.eta
+            del saved
+        problem = sharding.broadcast_from_rank0(problem)  # every process raises, or none does
+        if problem:
+            raise RuntimeError(problem)
+        sharding.load_full_state_dict(wrapped, full)
+        target.lte_config.eta = sharding.broadcast_from_rank0(target.lte_config.eta)
+        self._restore_controller(checkpoint)
 
     def _restore_controller(self, checkpoint: str) -> None:
         controller = self.eta_controller
