@@ -18,20 +18,67 @@ __all__ = ["main", "build_parser"]
 
 
 # ---------------------------------------------------------------------- helpers
+def _setting_type(name: str, kind: type):
+    """An argparse type for the stage setting `name`: converts, then checks with `check_setting` at parse time."""
+    from lte.errors import LTEError
+    from lte.training.args import check_setting
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        try:
+            check_setting(name, value)
+        except LTEError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per stage setting (`--batch-size`), help from the field's metadata, all defaulting to 'not given'."""
+    """One flag per stage setting (`--batch-size`), help from the field's metadata, all defaulting to 'not given'.
+
+    Values are checked while the command line is parsed (ranges, choices: `lte.training.args.check_setting`).
+    """
     from lte.training.args import setting_fields
 
     group = parser.add_argument_group("training settings (YAML keys of the same name)")
     for name, kind, default, helptext in setting_fields():
-        if name == "resume":  # its own flag on `lte train`
+        if name in ("resume", "overwrite"):  # their own flags on `lte train`
             continue
         flag = "--" + name.replace("_", "-")
         helptext = helptext + (f" (default {default})" if default is not None else "")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
         else:
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=helptext)
+            group.add_argument(flag, type=_setting_type(name, kind), default=argparse.SUPPRESS, help=helptext)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _glue_task_name(text: str) -> str:
+    """An argparse type: a GLUE task name in any usual spelling (SST-2, sst2, ...)."""
+    from lte.data import glue_task
+    from lte.errors import LTEError
+
+    try:
+        glue_task(text)
+    except LTEError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _given(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "func", "config", "verbose")) -> dict:
@@ -74,7 +121,11 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default=argparse.SUPPRESS, help="output directory of the stage")
     p.add_argument("--config", default=None, help="YAML file of settings (keys mirror the flags)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
-                   help="continue from the newest checkpoint-N in --out")
+                   help="continue an interrupted run from the newest checkpoint-N in --out (refused when the "
+                        "checkpoint was written with other settings)")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                   help="replace what --out holds (a finished stage, or the checkpoints of an interrupted run); "
+                        "without it such a folder is refused")
     _add_train_args(p)
     p.set_defaults(func=run_train)
 
@@ -100,16 +151,18 @@ def _add_eval(sub) -> None:
     p.add_argument("--model", default=argparse.SUPPRESS, help="model folder (LTE or plain HF) or embedded name")
     p.add_argument("--task", choices=("causal-lm", "classification", "instruction"), default=argparse.SUPPRESS)
     p.add_argument("--data", default=argparse.SUPPRESS, help="evaluation data (text file, GLUE folder/TSV, ...)")
-    p.add_argument("--glue-task", default=argparse.SUPPRESS)
+    p.add_argument("--glue-task", type=_glue_task_name, default=argparse.SUPPRESS,
+                   help="GLUE task of --task classification (default: the one the model was trained on)")
     p.add_argument("--routing", choices=("hard", "soft", "dense"), default=argparse.SUPPRESS,
                    help="routing of an LTE model (default hard)")
-    p.add_argument("--split", default=argparse.SUPPRESS, help="GLUE split (default dev)")
-    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
-    p.add_argument("--max-length", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--split", choices=("train", "dev", "test"), default=argparse.SUPPRESS,
+                   help="GLUE split (default dev)")
+    p.add_argument("--batch-size", type=_positive_int, default=argparse.SUPPRESS)
+    p.add_argument("--max-length", type=_positive_int, default=argparse.SUPPRESS,
                    help="perplexity window / classification truncation")
-    p.add_argument("--stride", type=int, default=argparse.SUPPRESS, help="perplexity window stride")
-    p.add_argument("--max-tokens", type=int, default=argparse.SUPPRESS, help="score only the first N tokens")
-    p.add_argument("--max-examples", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--stride", type=_positive_int, default=argparse.SUPPRESS, help="perplexity window stride")
+    p.add_argument("--max-tokens", type=_positive_int, default=argparse.SUPPRESS, help="score only the first N tokens")
+    p.add_argument("--max-examples", type=_positive_int, default=argparse.SUPPRESS)
     p.add_argument("--text-field", default=argparse.SUPPRESS, help="JSON/JSONL field holding the text (default text)")
     p.add_argument("--out", default=argparse.SUPPRESS, help="JSON result file (default <model>/eval_<task>.json)")
     p.add_argument("--plot", default=argparse.SUPPRESS, help="per-layer sparsity PNG (default next to the JSON)")
@@ -199,10 +252,20 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- entry point
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short error: one line saying what is wrong, and where the options are listed.
+
+    (The stock error prints the whole usage first, which for `lte train` is some thirty lines.)
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}  (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lte import __version__
 
-    parser = argparse.ArgumentParser(prog="lte", description="Learn To be Efficient: structured FFN sparsity "
+    parser = _Parser(prog="lte", description="Learn To be Efficient: structured FFN sparsity "
                                      "for Hugging Face models (train, evaluate, serve).")
     parser.add_argument("--version", action="version", version=f"lte {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
