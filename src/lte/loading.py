@@ -23,9 +23,12 @@ from torch import nn
 
 from .errors import LTEError
 
-__all__ = ["check_head", "head_task", "load_model", "load_tokenizer", "model_kind", "model_source", "saved_stage"]
+__all__ = ["STAGE_RECORD", "check_head", "head_task", "load_model", "load_tokenizer", "model_kind", "model_source",
+           "saved_stage", "saved_task"]
 
 KINDS = ("lte", "baseline", "hf")
+#: The record a training stage writes next to its model (`lte.training.train_stage`): what ran, how, how far.
+STAGE_RECORD = "lte_stage.json"
 
 
 def _lte_config_name() -> str:
@@ -76,6 +79,35 @@ def saved_stage(folder: str | os.PathLike) -> str:
     """The training stage an LTE save records ("converted", "stage1", "stage2", ...)."""
     meta = json.loads((Path(folder) / _lte_config_name()).read_text())
     return str(meta.get("stage", "converted"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def saved_task(folder: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(task, GLUE task) a model folder was trained for, so that evaluating it needs neither again.
+
+    The stage record (`lte_stage.json`) says both; without one the head says the task (a
+    sequence-classification head: "classification", a language-model head: "causal-lm") and the
+    config's `finetuning_task` the GLUE task (training sets it). None where nothing tells.
+    """
+    folder = Path(folder)
+    record = _read_json(folder / STAGE_RECORD)
+    config = _read_json(folder / "config.json")
+    task = record.get("task")
+    glue = (record.get("hparams") or {}).get("glue_task") or config.get("finetuning_task")
+    if task is None:
+        archs = config.get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            task = "classification"
+        elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            task = "causal-lm"
+    return task, (glue if task == "classification" else None)
 
 
 def check_head(folder: Path, task: str) -> None:

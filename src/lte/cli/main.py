@@ -147,9 +147,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="quality + FFN sparsity per layer + GFLOPs/token of a saved model")
+    p = sub.add_parser("eval", help="quality + FFN sparsity per layer + GFLOPs/token of a saved model",
+                       description="Evaluate a saved model. The result goes to <model>/eval_<task>_<data>_<hash>.json "
+                                   "(named by model, data and settings, so earlier results are kept) and a PNG.")
     p.add_argument("--model", default=argparse.SUPPRESS, help="model folder (LTE or plain HF) or embedded name")
-    p.add_argument("--task", choices=("causal-lm", "classification", "instruction"), default=argparse.SUPPRESS)
+    p.add_argument("--task", choices=("causal-lm", "classification", "instruction"), default=argparse.SUPPRESS,
+                   help="default: the task the model folder was trained for")
     p.add_argument("--data", default=argparse.SUPPRESS, help="evaluation data (text file, GLUE folder/TSV, ...)")
     p.add_argument("--glue-task", type=_glue_task_name, default=argparse.SUPPRESS,
                    help="GLUE task of --task classification (default: the one the model was trained on)")
@@ -164,7 +167,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=argparse.SUPPRESS, help="score only the first N tokens")
     p.add_argument("--max-examples", type=_positive_int, default=argparse.SUPPRESS)
     p.add_argument("--text-field", default=argparse.SUPPRESS, help="JSON/JSONL field holding the text (default text)")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="JSON result file (default <model>/eval_<task>.json)")
+    p.add_argument("--out", default=argparse.SUPPRESS,
+                   help="JSON result file (default <model>/eval_<task>_<data>_<hash>.json)")
     p.add_argument("--plot", default=argparse.SUPPRESS, help="per-layer sparsity PNG (default next to the JSON)")
     p.add_argument("--config", default=None, help="YAML file of settings (keys mirror the flags)")
     p.set_defaults(func=run_eval)
@@ -172,16 +176,16 @@ def _add_eval(sub) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from lte.evaluation import plot_layer_sparsity
-    from lte.evaluation.saved import evaluate_model
+    from lte.evaluation.saved import evaluate_model, resolve_task, result_path
 
     values = _merged(args)
-    _require(values, ("model", "task", "data"), "eval")
-    model, task, data = values["model"], values["task"], values["data"]
-    keys = ("glue_task", "routing", "split", "batch_size", "max_length", "stride", "max_tokens", "max_examples",
-            "text_field")
-    result = evaluate_model(model, task, data, **{k: values[k] for k in keys if values.get(k) is not None})
-    base = Path(model) if Path(model).is_dir() else Path(".")
-    out = Path(values.get("out") or base / f"eval_{task}.json")
+    _require(values, ("model", "data"), "eval")
+    model, data = values["model"], values["data"]
+    task, glue_task = resolve_task(model, values.get("task"), values.get("glue_task"))
+    keys = ("routing", "split", "batch_size", "max_length", "stride", "max_tokens", "max_examples", "text_field")
+    settings = {k: values[k] for k in keys if values.get(k) is not None}
+    result = evaluate_model(model, task, data, glue_task=glue_task, **settings)
+    out = Path(values.get("out") or result_path(model, task, data, glue_task=glue_task, **settings))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot = Path(values.get("plot") or out.with_suffix(".png"))

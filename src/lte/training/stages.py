@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lte.loading import check_head, load_model, load_tokenizer, model_kind, model_source, saved_stage
+from lte.loading import (
+    STAGE_RECORD,
+    check_head,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    model_source,
+    saved_stage,
+)
 from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
 from lte.training.args import TrainArgs, training_arguments
 from lte.training.callbacks import EtaController, LamWarmup, _newest_checkpoint
@@ -37,7 +45,7 @@ __all__ = ["STAGES", "TASKS", "TrainArgs", "train_stage", "load_stage_model", "s
 
 STAGES = ("dense", "1", "2")
 TASKS = ("causal-lm", "classification", "instruction")
-STAGE_FILE = "lte_stage.json"
+STAGE_FILE = STAGE_RECORD
 _STAGE_LABEL = {"dense": "dense", "1": "stage1", "2": "stage2"}
 
 
