@@ -15,6 +15,7 @@ answered here too, so that no caller reads save files itself: where a name point
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from torch import nn
 
 from .errors import LTEError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["STAGE_RECORD", "check_head", "head_task", "load_model", "load_tokenizer", "model_kind", "model_source",
            "saved_stage", "saved_task"]
@@ -130,17 +133,57 @@ def check_head(folder: Path, task: str) -> None:
         )
 
 
-def load_tokenizer(source: str | os.PathLike):
-    """The tokenizer of a model folder, embedded name or hub name."""
+def _recorded_origin(folder: Path) -> str | None:
+    """Where an lte save says its model came from (`tokenizer_source`), when that is not the folder itself."""
+    from .baselines.model import BaselineModel
+
+    for name in (_lte_config_name(), BaselineModel.config_name):
+        origin = _read_json(folder / name).get("tokenizer_source")
+        if origin and Path(origin).expanduser().resolve() != folder.resolve():
+            return str(origin)
+    return None
+
+
+def _auto_tokenizer(source: Path | str, shown: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_source(source))
+        return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise LTEError(
-            f"could not load a tokenizer for '{source}': not a local model folder, not an embedded model "
+            f"could not load a tokenizer for '{shown}': not a local model folder, not an embedded model "
             f"(smollm2-135m, minilm, mpnet), and the hub could not provide it ({err})"
         ) from err
+
+
+def load_tokenizer(source: str | os.PathLike, model: str | os.PathLike | None = None, _depth: int = 0):
+    """The tokenizer of a model folder, embedded name or hub name, checked against the model's vocabulary.
+
+    A folder without tokenizer files uses the tokenizer of the model it was saved from, when its
+    save records one (`tokenizer_source`, written by `LTEModel` / `BaselineModel.save_pretrained`);
+    otherwise, or when the tokenizer's size does not fit the vocabulary of `model` (default: the
+    folder itself), it is refused in one line instead of tokenizing text into unknown tokens.
+    """
+    from .data.zoo import check_tokenizer_fits, has_tokenizer_files
+
+    resolved = model_source(source)
+    if not isinstance(resolved, Path):
+        tokenizer = _auto_tokenizer(resolved, source)
+    elif has_tokenizer_files(resolved):
+        tokenizer = _auto_tokenizer(resolved, source)
+    else:
+        origin = _recorded_origin(resolved) if _depth < 4 else None
+        if origin is None:
+            raise LTEError(
+                f"'{source}' holds no tokenizer (no tokenizer.json / tokenizer_config.json / vocab file) and does "
+                "not record the model it came from: save the tokenizer into it (tokenizer.save_pretrained(folder), "
+                "or LTEModel.save_pretrained(folder, tokenizer=tokenizer))")
+        logger.warning("%s holds no tokenizer; using the one of %s, the model it was saved from", source, origin)
+        tokenizer = load_tokenizer(origin, model=model or resolved, _depth=_depth + 1)
+    target = model_source(model) if model is not None else resolved
+    if isinstance(target, Path):
+        check_tokenizer_fits(tokenizer, target)
+    return tokenizer
 
 
 def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int = 2, routing: str | None = None,

@@ -74,8 +74,8 @@ def load_eval_model(model_dir: str | Path, task: str, num_labels: int = 2, routi
 
     source = model_source(model_dir)
     is_lte = isinstance(source, Path) and model_kind(source) == "lte"
+    tokenizer = load_tokenizer(source)  # a missing or foreign tokenizer is refused before the model loads
     model = load_model(source, task=task, num_labels=num_labels, routing=(routing or "hard") if is_lte else None)
-    tokenizer = load_tokenizer(source)
     ensure_pad_token(model, tokenizer)
     return model, tokenizer, is_lte
 
