@@ -166,6 +166,50 @@ def test_perplexity_reports_lte_stats():
     assert hard["gflops_per_token"] <= hard["dense_gflops_per_token"] + 1e-3
 
 
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt", "gpt_neox")
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_chunked_scores_equal_full_logits(family, monkeypatch):
+    """Scoring from chunks of selected logits gives the NLL of the model's own full logits (every family,
+    Gemma's soft-capped logits included), for a plain model and its LTE version in hard routing."""
+    from lte.evaluation import _common
+    from tiny_models import VOCAB as V
+    from tiny_models import batch, build
+
+    monkeypatch.setattr(_common, "LOGIT_CHUNK", 3 * V)  # three rows a chunk: many chunks per batch
+    inputs = batch(seed=3, batch_size=3, length=9)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[1, :4] = -100  # a prompt that is not scored
+    base = build(family)
+    for model in (base, lte.get_lte_model(build(family), lte.LTEConfig(grouping="contiguous"), progress=False)):
+        if hasattr(model, "set_routing"):
+            model.set_routing("hard")
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            want = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                                   reduction="sum")
+            got, count = _common.selected_nll(model, inputs["input_ids"], inputs["attention_mask"], labels)
+        assert count == int((labels[:, 1:] != -100).sum())
+        assert got == pytest.approx(float(want), rel=1e-5)
+
+
+def test_evaluation_never_builds_full_vocabulary_logits():
+    """A 262k-vocabulary model: the output head is applied at most LOGIT_CHUNK logits at a time."""
+    from lte.evaluation._common import LOGIT_CHUNK
+
+    vocab = 262_144
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=40,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               max_position_embeddings=256)).eval()
+    sizes = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()))
+    ids = torch.randint(0, vocab, (2 * 128,), generator=torch.Generator().manual_seed(0))
+    result = perplexity(model, ids, max_length=128, stride=128, batch_size=2, progress=False)
+    assert result["tokens"] == 2 * 127 and max(sizes) <= LOGIT_CHUNK < 2 * 128 * vocab
+
+
 # ---------------------------------------------------------------- GLUE
 def write_sst(tmp_path):
     rows = ["the movie is good", "bad movie", "it is fun", "the cat sat on a mat", "no", "good good . ?", "red"]

@@ -146,7 +146,7 @@ def _answer_perplexity(model, tokenizer, data, max_length, max_examples, batch_s
     from torch.utils.data import DataLoader
 
     from lte.data import load_instructions, pad_collate
-    from lte.evaluation._common import finish_stats, start_stats
+    from lte.evaluation._common import finish_stats, selected_nll, start_stats
 
     ds = load_instructions(data, tokenizer, max_length=max_length, max_examples=max_examples)
     device = next(model.parameters()).device
@@ -155,12 +155,9 @@ def _answer_perplexity(model, tokenizer, data, max_length, max_examples, batch_s
     total, count = 0.0, 0
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=pad_collate(tokenizer)):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                                ignore_index=-100, reduction="sum")
-        total += float(nll)
-        count += int((targets != -100).sum())
+        nll, n = selected_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total += nll
+        count += n
     if count == 0:
         raise LTEError(f"'{data}' has no answer tokens to score")
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
