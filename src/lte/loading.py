@@ -46,7 +46,8 @@ def head_task(task: str | None) -> str:
 
 
 def model_source(model: str | os.PathLike) -> Path | str:
-    """A local folder for `model` (an existing folder, or the folder of an embedded name), else the name itself."""
+    """A local folder for `model` (an existing folder, the folder of an embedded name, or a hub name's cached
+    snapshot when the Hub cannot be reached), else the hub name itself (`lte.hub.resolve_hub_model`)."""
     path = Path(model).expanduser()
     if path.exists():
         if path.is_dir() and (path / _lte_config_name()).is_file() and not (path / "config.json").is_file():
@@ -63,7 +64,9 @@ def model_source(model: str | os.PathLike) -> Path | str:
     key = zoo.canonical_name(str(model))
     if key is not None:
         return zoo.embedded_folder(key)
-    return str(model)
+    from .hub import resolve_hub_model
+
+    return resolve_hub_model(str(model))  # the cached snapshot when offline; refused at once when unreachable
 
 
 def model_kind(folder: str | os.PathLike) -> str:

@@ -131,10 +131,13 @@ def _add_train(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from lte.training import train_stage
+    from lte.loading import model_source
 
     values = _merged(args)
     _require(values, ("model", "task", "data", "stage", "out"), "train")
+    model_source(values["model"])  # a hub name that cannot be fetched fails here, before the training imports
+    from lte.training import train_stage
+
     stage, model, task, data, out = (values.pop(k) for k in ("stage", "model", "task", "data", "out"))
     for key in ("name", "eval_data", "holdout", "eval", "dense", "stage1", "stage2", "skip_dense"):
         values.pop(key, None)  # pipeline-only keys a shared YAML file may carry

@@ -115,6 +115,9 @@ def hub_dataset(name: str, split: str, config: str | None = None):
         ) from err
     if config is None and ":" in name:
         name, config = name.split(":", 1)
+    from lte.hub import check_hub_dataset
+
+    check_hub_dataset(name)
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as err:  # network errors, unknown names, ...: say what failed

@@ -399,8 +399,11 @@ def resolve_model(
             f"model folder not found: '{path}'. Pass a saved HF model folder, an embedded model "
             f"{embedded_names()}, or a hub name such as 'HuggingFaceTB/SmolLM2-135M'."
         )
+    from lte.hub import resolve_hub_model
+
     try:
-        return load_folder(str(path_or_name), task=task, num_labels=num_labels, dtype=dtype, **kwargs)
+        return load_folder(resolve_hub_model(str(path_or_name)), task=task, num_labels=num_labels, dtype=dtype,
+                           **kwargs)
     except OSError as err:
         raise DataError(
             f"could not load model '{path_or_name}': it is not a local folder, not an embedded model "
