@@ -84,13 +84,14 @@ def test_correlations_by_hand():
     assert pearson([1, 1], [1, 2]) == 0.0
 
 
-def test_correlations_match_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 5, (40,), generator=g).float().tolist()
-    y = (torch.tensor(x) + torch.randn(40, generator=g)).tolist()
-    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-9)
-    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-9)
+def test_metrics_match_published_values():
+    """Values printed in the scikit-learn and SciPy documentation for these inputs."""
+    assert matthews_corrcoef([1, -1, 1, 1], [1, 1, 1, -1]) == pytest.approx(-1 / 3)  # sklearn's example
+    assert pearson([1, 2, 3, 4, 5], [10, 9, 2.5, 6, 4]) == pytest.approx(-0.7426106572325057)  # scipy's example
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(0.8207826816681233)  # scipy's example
+    # accuracy: 2 of 4 right; F1 of class 1 with TP 1, FP 0, FN 1: 2/3
+    assert accuracy([0, 2, 1, 3], [0, 1, 2, 3]) == pytest.approx(0.5)
+    assert f1_binary([0, 1, 0, 0], [0, 1, 1, 0]) == pytest.approx(2 / 3)
 
 
 def test_rouge_l_by_hand():
