@@ -311,3 +311,13 @@ def test_plots_write_files(tmp_path):
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="quality"):
         plot_tradeoff([{"sparsity": 0.1}], tmp_path / "x.png")
+
+
+def test_harness_adapter_without_lm_eval_says_how_to_install(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    monkeypatch.delitem(sys.modules, "lte.evaluation.harness", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'lte\[lmeval\]'"):
+        importlib.import_module("lte.evaluation.harness")
