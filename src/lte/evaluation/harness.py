@@ -50,7 +50,6 @@ def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-@register_model("lte")
 class LTELM(HFLM):
     """An `HFLM` over an LTE model (or any model `lte.load_model` reads), in the given routing.
 
@@ -91,6 +90,12 @@ class LTELM(HFLM):
     def lte_stats(self) -> dict[str, Any]:
         """FFN sparsity (overall, per layer) and GFLOPs/token over every forward since this object was made."""
         return finish_stats(self.lte_model)
+
+
+try:
+    register_model("lte")(LTELM)  # `--model lte` in lm-eval's command line and simple_evaluate(model="lte")
+except ValueError:  # already registered by this module under its other name (run as a script, then imported)
+    pass
 
 
 if __name__ == "__main__":  # lm-eval's command line, with the model type "lte" registered above
