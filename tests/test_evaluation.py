@@ -195,22 +195,6 @@ def test_chunked_scores_equal_full_logits(family, monkeypatch):
         assert got == pytest.approx(float(want), rel=1e-5)
 
 
-def test_evaluation_never_builds_full_vocabulary_logits():
-    """A 262k-vocabulary model: the output head is applied at most LOGIT_CHUNK logits at a time."""
-    from lte.evaluation._common import LOGIT_CHUNK
-
-    vocab = 262_144
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=40,
-                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                               max_position_embeddings=256)).eval()
-    sizes = []
-    model.lm_head.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel()))
-    ids = torch.randint(0, vocab, (2 * 128,), generator=torch.Generator().manual_seed(0))
-    result = perplexity(model, ids, max_length=128, stride=128, batch_size=2, progress=False)
-    assert result["tokens"] == 2 * 127 and max(sizes) <= LOGIT_CHUNK < 2 * 128 * vocab
-
-
 # ---------------------------------------------------------------- GLUE
 def write_sst(tmp_path):
     rows = ["the movie is good", "bad movie", "it is fun", "the cat sat on a mat", "no", "good good . ?", "red"]
