@@ -106,9 +106,9 @@ def _clear_stage_outputs(out: Path) -> None:
     """Remove what an earlier stage run wrote into `out` (`--overwrite`); files of other origin stay."""
     import shutil
 
-    for pattern in _STAGE_OUTPUTS:
+    for pattern in _STAGE_OUTPUTS:  # tolerant: under DDP / FSDP every process clears the same folder
         for path in out.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _prepare_output(out: Path, record: dict[str, Any], hp: TrainArgs) -> str | None:
@@ -118,7 +118,7 @@ def _prepare_output(out: Path, record: dict[str, Any], hp: TrainArgs) -> str | N
     without `overwrite`; `resume` continues only a checkpoint whose run recorded the same settings.
     """
     info = stage_info(out)
-    finished = bool(info and info.get("complete"))
+    finished = is_stage_complete(out)  # a finished run whose model was saved
     checkpoint = _newest_checkpoint(str(out))
     label = (info or {}).get("stage", record["stage"])
     if hp.overwrite:
