@@ -84,13 +84,14 @@ def test_correlations_by_hand():
     assert pearson([1, 1], [1, 2]) == 0.0
 
 
-def test_correlations_match_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 5, (40,), generator=g).float().tolist()
-    y = (torch.tensor(x) + torch.randn(40, generator=g)).tolist()
-    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-9)
-    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-9)
+def test_metrics_match_published_values():
+    """Values printed in the scikit-learn and SciPy documentation for these inputs."""
+    assert matthews_corrcoef([1, -1, 1, 1], [1, 1, 1, -1]) == pytest.approx(-1 / 3)  # sklearn's example
+    assert pearson([1, 2, 3, 4, 5], [10, 9, 2.5, 6, 4]) == pytest.approx(-0.7426106572325057)  # scipy's example
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(0.8207826816681233)  # scipy's example
+    # accuracy: 2 of 4 right; F1 of class 1 with TP 1, FP 0, FN 1: 2/3
+    assert accuracy([0, 2, 1, 3], [0, 1, 2, 3]) == pytest.approx(0.5)
+    assert f1_binary([0, 1, 0, 0], [0, 1, 1, 0]) == pytest.approx(2 / 3)
 
 
 def test_rouge_l_by_hand():
@@ -164,6 +165,34 @@ def test_perplexity_reports_lte_stats():
     assert len(hard["per_layer_sparsity"]) == 2 and 0.0 <= hard["ffn_sparsity"] <= 1.0
     assert hard["ffn_sparsity"] == pytest.approx(sum(hard["per_layer_sparsity"]) / 2)
     assert hard["gflops_per_token"] <= hard["dense_gflops_per_token"] + 1e-3
+
+
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt", "gpt_neox")
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_chunked_scores_equal_full_logits(family, monkeypatch):
+    """Scoring from chunks of selected logits gives the NLL of the model's own full logits (every family,
+    Gemma's soft-capped logits included), for a plain model and its LTE version in hard routing."""
+    from lte.evaluation import _common
+    from tiny_models import VOCAB as V
+    from tiny_models import batch, build
+
+    monkeypatch.setattr(_common, "LOGIT_CHUNK", 3 * V)  # three rows a chunk: many chunks per batch
+    inputs = batch(seed=3, batch_size=3, length=9)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[1, :4] = -100  # a prompt that is not scored
+    base = build(family)
+    for model in (base, lte.get_lte_model(build(family), lte.LTEConfig(grouping="contiguous"), progress=False)):
+        if hasattr(model, "set_routing"):
+            model.set_routing("hard")
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            want = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                                   reduction="sum")
+            got, count = _common.selected_nll(model, inputs["input_ids"], inputs["attention_mask"], labels)
+        assert count == int((labels[:, 1:] != -100).sum())
+        assert got == pytest.approx(float(want), rel=1e-5)
 
 
 # ---------------------------------------------------------------- GLUE
@@ -266,3 +295,13 @@ def test_plots_write_files(tmp_path):
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="quality"):
         plot_tradeoff([{"sparsity": 0.1}], tmp_path / "x.png")
+
+
+def test_harness_adapter_without_lm_eval_says_how_to_install(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    monkeypatch.delitem(sys.modules, "lte.evaluation.harness", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'lte\[lmeval\]'"):
+        importlib.import_module("lte.evaluation.harness")

@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lte"
 #: Lowest first. A unit is a top-level module (`model`) or subpackage (`training`) of `lte`.
 LAYERS = [
     {"errors", "version", "losses", "sparse_model", "kernels"},
+    {"hub"},
     {"config", "routing", "data"},
     {"conversion"},
     {"stats"},

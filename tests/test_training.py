@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1_dir(tiny):
     out = tiny["root"] / "stage1"
-    train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=4, save_steps=2,
+    train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=4, save_steps=2, keep_checkpoints=True,
                 target_sparsity=0.5, **{k: v for k, v in FAST.items() if k != "save_steps"})
     return out
 
@@ -108,7 +108,8 @@ def test_resume_continues_with_nothing_lost(tiny, tmp_path):
     full = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "full", **kw)
     with pytest.raises(KeyboardInterrupt):
         train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "cut", callbacks=[_StopAfterSave(3)], **kw)
-    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "lte_stage.json").exists()
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir()
+    assert json.loads((tmp_path / "cut" / "lte_stage.json").read_text())["complete"] is False  # the run's record
     resumed = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "cut", resume=True, **kw)
     assert resumed["global_step"] == full["global_step"] == 6
     assert resumed["eta"] == pytest.approx(full["eta"], rel=1e-6)
@@ -119,6 +120,8 @@ def test_resume_continues_with_nothing_lost(tiny, tmp_path):
     # the resumed log continues at step 4 (no step trained twice)
     steps = [r["step"] for r in read_log(tmp_path / "cut") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
+    # a finished stage keeps its final model and no checkpoint (optimizer state is only needed while it runs)
+    assert not list((tmp_path / "cut").glob("checkpoint-*")) and not list((tmp_path / "full").glob("checkpoint-*"))
 
 
 # ---------------------------------------------------------------------- NaN guard

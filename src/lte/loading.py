@@ -15,6 +15,7 @@ answered here too, so that no caller reads save files itself: where a name point
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,14 @@ from torch import nn
 
 from .errors import LTEError
 
-__all__ = ["check_head", "head_task", "load_model", "load_tokenizer", "model_kind", "model_source", "saved_stage"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["STAGE_RECORD", "check_head", "head_task", "load_model", "load_tokenizer", "model_kind", "model_source",
+           "saved_stage", "saved_task"]
 
 KINDS = ("lte", "baseline", "hf")
+#: The record a training stage writes next to its model (`lte.training.train_stage`): what ran, how, how far.
+STAGE_RECORD = "lte_stage.json"
 
 
 def _lte_config_name() -> str:
@@ -40,7 +46,8 @@ def head_task(task: str | None) -> str:
 
 
 def model_source(model: str | os.PathLike) -> Path | str:
-    """A local folder for `model` (an existing folder, or the folder of an embedded name), else the name itself."""
+    """A local folder for `model` (an existing folder, the folder of an embedded name, or a hub name's cached
+    snapshot when the Hub cannot be reached), else the hub name itself (`lte.hub.resolve_hub_model`)."""
     path = Path(model).expanduser()
     if path.exists():
         if path.is_dir() and (path / _lte_config_name()).is_file() and not (path / "config.json").is_file():
@@ -57,7 +64,9 @@ def model_source(model: str | os.PathLike) -> Path | str:
     key = zoo.canonical_name(str(model))
     if key is not None:
         return zoo.embedded_folder(key)
-    return str(model)
+    from .hub import resolve_hub_model
+
+    return resolve_hub_model(str(model))  # the cached snapshot when offline; refused at once when unreachable
 
 
 def model_kind(folder: str | os.PathLike) -> str:
@@ -76,6 +85,35 @@ def saved_stage(folder: str | os.PathLike) -> str:
     """The training stage an LTE save records ("converted", "stage1", "stage2", ...)."""
     meta = json.loads((Path(folder) / _lte_config_name()).read_text())
     return str(meta.get("stage", "converted"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def saved_task(folder: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(task, GLUE task) a model folder was trained for, so that evaluating it needs neither again.
+
+    The stage record (`lte_stage.json`) says both; without one the head says the task (a
+    sequence-classification head: "classification", a language-model head: "causal-lm") and the
+    config's `finetuning_task` the GLUE task (training sets it). None where nothing tells.
+    """
+    folder = Path(folder)
+    record = _read_json(folder / STAGE_RECORD)
+    config = _read_json(folder / "config.json")
+    task = record.get("task")
+    glue = (record.get("hparams") or {}).get("glue_task") or config.get("finetuning_task")
+    if task is None:
+        archs = config.get("architectures") or []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            task = "classification"
+        elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            task = "causal-lm"
+    return task, (glue if task == "classification" else None)
 
 
 def check_head(folder: Path, task: str) -> None:
@@ -98,17 +136,57 @@ def check_head(folder: Path, task: str) -> None:
         )
 
 
-def load_tokenizer(source: str | os.PathLike):
-    """The tokenizer of a model folder, embedded name or hub name."""
+def _recorded_origin(folder: Path) -> str | None:
+    """Where an lte save says its model came from (`tokenizer_source`), when that is not the folder itself."""
+    from .baselines.model import BaselineModel
+
+    for name in (_lte_config_name(), BaselineModel.config_name):
+        origin = _read_json(folder / name).get("tokenizer_source")
+        if origin and Path(origin).expanduser().resolve() != folder.resolve():
+            return str(origin)
+    return None
+
+
+def _auto_tokenizer(source: Path | str, shown: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_source(source))
+        return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise LTEError(
-            f"could not load a tokenizer for '{source}': not a local model folder, not an embedded model "
+            f"could not load a tokenizer for '{shown}': not a local model folder, not an embedded model "
             f"(smollm2-135m, minilm, mpnet), and the hub could not provide it ({err})"
         ) from err
+
+
+def load_tokenizer(source: str | os.PathLike, model: str | os.PathLike | None = None, _depth: int = 0):
+    """The tokenizer of a model folder, embedded name or hub name, checked against the model's vocabulary.
+
+    A folder without tokenizer files uses the tokenizer of the model it was saved from, when its
+    save records one (`tokenizer_source`, written by `LTEModel` / `BaselineModel.save_pretrained`);
+    otherwise, or when the tokenizer's size does not fit the vocabulary of `model` (default: the
+    folder itself), it is refused in one line instead of tokenizing text into unknown tokens.
+    """
+    from .data.zoo import check_tokenizer_fits, has_tokenizer_files
+
+    resolved = model_source(source)
+    if not isinstance(resolved, Path):
+        tokenizer = _auto_tokenizer(resolved, source)
+    elif has_tokenizer_files(resolved):
+        tokenizer = _auto_tokenizer(resolved, source)
+    else:
+        origin = _recorded_origin(resolved) if _depth < 4 else None
+        if origin is None:
+            raise LTEError(
+                f"'{source}' holds no tokenizer (no tokenizer.json / tokenizer_config.json / vocab file) and does "
+                "not record the model it came from: save the tokenizer into it (tokenizer.save_pretrained(folder), "
+                "or LTEModel.save_pretrained(folder, tokenizer=tokenizer))")
+        logger.warning("%s holds no tokenizer; using the one of %s, the model it was saved from", source, origin)
+        tokenizer = load_tokenizer(origin, model=model or resolved, _depth=_depth + 1)
+    target = model_source(model) if model is not None else resolved
+    if isinstance(target, Path):
+        check_tokenizer_fits(tokenizer, target)
+    return tokenizer
 
 
 def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int = 2, routing: str | None = None,

@@ -247,6 +247,7 @@ class LTEModel(SparseFFNModel):
             # A full save is its own base; a light save needs the base it was converted from.
             "base": (base_fingerprint(self.base_model, self._fingerprint["ffn_widths"], embedding=embedding)
                      if weights_permuted else self._fingerprint),
+            "tokenizer_source": self._tokenizer_source(),
         }
 
     def _module_names(self) -> dict[int, str]:
@@ -303,7 +304,8 @@ class LTEModel(SparseFFNModel):
         return state_dict[self._module_names()[id(self.base_model.get_input_embeddings())] + ".weight"]
 
     def save_pretrained(self, save_directory: str | os.PathLike, light: bool = False,
-                        state_dict: dict[str, torch.Tensor] | None = None, **_: Any) -> None:
+                        state_dict: dict[str, torch.Tensor] | None = None, tokenizer: Any = None,
+                        **_: Any) -> None:
         """Save to a directory. Files are written to a temporary folder first and moved in with
         `lte_config.json` last, so a crash never leaves a half-written file under a final name.
 
@@ -314,6 +316,9 @@ class LTEModel(SparseFFNModel):
         `state_dict`: this model's full state dict (`self.state_dict()` keys) to write instead of the
         module tensors, e.g. gathered on one process from a model sharded by FSDP, whose own
         tensors are shards (full saves only).
+        `tokenizer`: saved into the folder too, so it is self-sufficient; without one,
+        `lte_config.json` records where the model came from (`tokenizer_source`) and
+        `lte.loading.load_tokenizer` takes the tokenizer from there.
         """
         from safetensors.torch import save_file
 
@@ -327,6 +332,8 @@ class LTEModel(SparseFFNModel):
             if not light:
                 self.base_model.save_pretrained(folder, state_dict=self._plain_state_dict(state_dict))
             save_file(self._adapter_state(state_dict), str(folder / ADAPTER_NAME))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
             meta = self._meta(weights_permuted=not light, embedding=self._input_embedding(state_dict))
             (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 

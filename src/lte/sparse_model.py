@@ -111,6 +111,12 @@ class SparseFFNModel(nn.Module):
         return stats
 
     # ---------------------------------------------------------------- save
+    def _tokenizer_source(self) -> str | None:
+        """Where the HF model was loaded from (a folder or hub name), recorded in a save so that a folder
+        saved without a tokenizer can still name one; None for a model built in code."""
+        origin = getattr(getattr(self.base_model, "config", None), "name_or_path", None)
+        return str(origin) if origin else None
+
     @classmethod
     def is_saved_in(cls, directory: str | os.PathLike) -> bool:
         """Whether `directory` holds a finished save of this class."""

@@ -291,9 +291,10 @@ class BaselineModel(SparseFFNModel):
                 state[f"layers.{i}.{key}"] = value.detach().contiguous().cpu()
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, tokenizer: Any = None, **_: Any) -> None:
         """HF model files (weights as the baseline uses them, e.g. permuted for MoEfication) +
-        `baseline_config.json` + `baseline_state.safetensors` (thresholds, predictors, k)."""
+        `baseline_config.json` + `baseline_state.safetensors` (thresholds, predictors, k), and the
+        `tokenizer` when given (else the config records where the model came from)."""
         from safetensors.torch import save_file
 
         s0 = self._layers[0].sparsifier
@@ -308,11 +309,14 @@ class BaselineModel(SparseFFNModel):
             "predictor": self.options.get("predictor"),
             "architecture": (getattr(self.base_model.config, "architectures", None)
                              or [type(self.base_model).__name__])[0],
+            "tokenizer_source": self._tokenizer_source(),
         }
 
         def write(folder: Path) -> None:
             self.base_model.save_pretrained(folder, state_dict=self._plain_state_dict())
             save_file(self._baseline_state(), str(folder / STATE_NAME))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
             (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
         self._save_atomically(save_directory, write)

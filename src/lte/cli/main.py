@@ -18,20 +18,67 @@ __all__ = ["main", "build_parser"]
 
 
 # ---------------------------------------------------------------------- helpers
+def _setting_type(name: str, kind: type):
+    """An argparse type for the stage setting `name`: converts, then checks with `check_setting` at parse time."""
+    from lte.errors import LTEError
+    from lte.training.args import check_setting
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        try:
+            check_setting(name, value)
+        except LTEError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per stage setting (`--batch-size`), help from the field's metadata, all defaulting to 'not given'."""
+    """One flag per stage setting (`--batch-size`), help from the field's metadata, all defaulting to 'not given'.
+
+    Values are checked while the command line is parsed (ranges, choices: `lte.training.args.check_setting`).
+    """
     from lte.training.args import setting_fields
 
     group = parser.add_argument_group("training settings (YAML keys of the same name)")
     for name, kind, default, helptext in setting_fields():
-        if name == "resume":  # its own flag on `lte train`
+        if name in ("resume", "overwrite"):  # their own flags on `lte train`
             continue
         flag = "--" + name.replace("_", "-")
         helptext = helptext + (f" (default {default})" if default is not None else "")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext)
         else:
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=helptext)
+            group.add_argument(flag, type=_setting_type(name, kind), default=argparse.SUPPRESS, help=helptext)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _glue_task_name(text: str) -> str:
+    """An argparse type: a GLUE task name in any usual spelling (SST-2, sst2, ...)."""
+    from lte.data import glue_task
+    from lte.errors import LTEError
+
+    try:
+        glue_task(text)
+    except LTEError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _given(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "func", "config", "verbose")) -> dict:
@@ -74,16 +121,23 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default=argparse.SUPPRESS, help="output directory of the stage")
     p.add_argument("--config", default=None, help="YAML file of settings (keys mirror the flags)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
-                   help="continue from the newest checkpoint-N in --out")
+                   help="continue an interrupted run from the newest checkpoint-N in --out (refused when the "
+                        "checkpoint was written with other settings)")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                   help="replace what --out holds (a finished stage, or the checkpoints of an interrupted run); "
+                        "without it such a folder is refused")
     _add_train_args(p)
     p.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from lte.training import train_stage
+    from lte.loading import model_source
 
     values = _merged(args)
     _require(values, ("model", "task", "data", "stage", "out"), "train")
+    model_source(values["model"])  # a hub name that cannot be fetched fails here, before the training imports
+    from lte.training import train_stage
+
     stage, model, task, data, out = (values.pop(k) for k in ("stage", "model", "task", "data", "out"))
     for key in ("name", "eval_data", "holdout", "eval", "dense", "stage1", "stage2", "skip_dense"):
         values.pop(key, None)  # pipeline-only keys a shared YAML file may carry
@@ -96,22 +150,28 @@ def run_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- eval
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="quality + FFN sparsity per layer + GFLOPs/token of a saved model")
+    p = sub.add_parser("eval", help="quality + FFN sparsity per layer + GFLOPs/token of a saved model",
+                       description="Evaluate a saved model. The result goes to <model>/eval_<task>_<data>_<hash>.json "
+                                   "(named by model, data and settings, so earlier results are kept) and a PNG.")
     p.add_argument("--model", default=argparse.SUPPRESS, help="model folder (LTE or plain HF) or embedded name")
-    p.add_argument("--task", choices=("causal-lm", "classification", "instruction"), default=argparse.SUPPRESS)
+    p.add_argument("--task", choices=("causal-lm", "classification", "instruction"), default=argparse.SUPPRESS,
+                   help="default: the task the model folder was trained for")
     p.add_argument("--data", default=argparse.SUPPRESS, help="evaluation data (text file, GLUE folder/TSV, ...)")
-    p.add_argument("--glue-task", default=argparse.SUPPRESS)
+    p.add_argument("--glue-task", type=_glue_task_name, default=argparse.SUPPRESS,
+                   help="GLUE task of --task classification (default: the one the model was trained on)")
     p.add_argument("--routing", choices=("hard", "soft", "dense"), default=argparse.SUPPRESS,
                    help="routing of an LTE model (default hard)")
-    p.add_argument("--split", default=argparse.SUPPRESS, help="GLUE split (default dev)")
-    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
-    p.add_argument("--max-length", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--split", choices=("train", "dev", "test"), default=argparse.SUPPRESS,
+                   help="GLUE split (default dev)")
+    p.add_argument("--batch-size", type=_positive_int, default=argparse.SUPPRESS)
+    p.add_argument("--max-length", type=_positive_int, default=argparse.SUPPRESS,
                    help="perplexity window / classification truncation")
-    p.add_argument("--stride", type=int, default=argparse.SUPPRESS, help="perplexity window stride")
-    p.add_argument("--max-tokens", type=int, default=argparse.SUPPRESS, help="score only the first N tokens")
-    p.add_argument("--max-examples", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--stride", type=_positive_int, default=argparse.SUPPRESS, help="perplexity window stride")
+    p.add_argument("--max-tokens", type=_positive_int, default=argparse.SUPPRESS, help="score only the first N tokens")
+    p.add_argument("--max-examples", type=_positive_int, default=argparse.SUPPRESS)
     p.add_argument("--text-field", default=argparse.SUPPRESS, help="JSON/JSONL field holding the text (default text)")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="JSON result file (default <model>/eval_<task>.json)")
+    p.add_argument("--out", default=argparse.SUPPRESS,
+                   help="JSON result file (default <model>/eval_<task>_<data>_<hash>.json)")
     p.add_argument("--plot", default=argparse.SUPPRESS, help="per-layer sparsity PNG (default next to the JSON)")
     p.add_argument("--config", default=None, help="YAML file of settings (keys mirror the flags)")
     p.set_defaults(func=run_eval)
@@ -119,16 +179,16 @@ def _add_eval(sub) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from lte.evaluation import plot_layer_sparsity
-    from lte.evaluation.saved import evaluate_model
+    from lte.evaluation.saved import evaluate_model, resolve_task, result_path
 
     values = _merged(args)
-    _require(values, ("model", "task", "data"), "eval")
-    model, task, data = values["model"], values["task"], values["data"]
-    keys = ("glue_task", "routing", "split", "batch_size", "max_length", "stride", "max_tokens", "max_examples",
-            "text_field")
-    result = evaluate_model(model, task, data, **{k: values[k] for k in keys if values.get(k) is not None})
-    base = Path(model) if Path(model).is_dir() else Path(".")
-    out = Path(values.get("out") or base / f"eval_{task}.json")
+    _require(values, ("model", "data"), "eval")
+    model, data = values["model"], values["data"]
+    task, glue_task = resolve_task(model, values.get("task"), values.get("glue_task"))
+    keys = ("routing", "split", "batch_size", "max_length", "stride", "max_tokens", "max_examples", "text_field")
+    settings = {k: values[k] for k in keys if values.get(k) is not None}
+    result = evaluate_model(model, task, data, glue_task=glue_task, **settings)
+    out = Path(values.get("out") or result_path(model, task, data, glue_task=glue_task, **settings))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     plot = Path(values.get("plot") or out.with_suffix(".png"))
@@ -170,7 +230,20 @@ def _run_and_report(cfg: dict[str, Any], force_eval: bool, progress: bool) -> in
     print()
     print(format_table(report))
     print(f"\nreport: {out / 'report.json'}\nplot:   {report['plot']}")
+    print(_disk_line(out))
     return 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _disk_line(out: Path) -> str:
+    """How much disk a run's folder takes, per stage: `disk:   1.63 GB in runs/demo (dense 0.54 GB, ...)`."""
+    parts = [f"{d.name} {_folder_bytes(d) / 1e9:.2f} GB" for d in sorted(out.iterdir()) if d.is_dir()]
+    checkpoints = sum(1 for _ in out.glob("*/checkpoint-*"))
+    kept = f"{checkpoints} checkpoint folder(s) kept" if checkpoints else "final models only, no checkpoints"
+    return f"disk:   {_folder_bytes(out) / 1e9:.2f} GB in {out} ({', '.join(parts)}; {kept})"
 
 
 def _add_demo(sub) -> None:
@@ -199,10 +272,20 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- entry point
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short error: one line saying what is wrong, and where the options are listed.
+
+    (The stock error prints the whole usage first, which for `lte train` is some thirty lines.)
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}  (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lte import __version__
 
-    parser = argparse.ArgumentParser(prog="lte", description="Learn To be Efficient: structured FFN sparsity "
+    parser = _Parser(prog="lte", description="Learn To be Efficient: structured FFN sparsity "
                                      "for Hugging Face models (train, evaluate, serve).")
     parser.add_argument("--version", action="version", version=f"lte {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output")

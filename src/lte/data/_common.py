@@ -25,9 +25,25 @@ def existing_path(path: PathLike, what: str, hint: str) -> Path:
     return p
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file (a BOM is dropped); a binary or non-UTF-8 file is a one-line DataError."""
+    raw = Path(path).read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"'{path}' is a binary file, not text (it holds NUL bytes); pass a UTF-8 text file "
+                        "(.txt, .jsonl, .tsv).")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"'{path}' is not UTF-8 text: byte 0x{raw[err.start]:02x} on line {line} cannot be decoded. "
+            f"Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8 '{path}' > new.txt) and pass the new file."
+        ) from None
+
+
 def nonempty_text(path: Path) -> str:
     """Read a UTF-8 text file (a BOM is dropped); raise when it holds nothing but whitespace."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_utf8(path)
     if not text.strip():
         raise DataError(f"'{path}' is empty: it holds no text to load.")
     return text
@@ -71,13 +87,17 @@ def _check_objects(records: object, path: Path, offset: int) -> None:
             raise DataError(f"'{path}' item {i + offset} is a {type(record).__name__}, expected a JSON object.")
 
 
-def require_fields(record: dict, fields: Iterable[str], where: str) -> None:
-    """Raise a DataError listing the found fields when ``record`` lacks one of ``fields``."""
+def require_fields(record: dict, fields: Iterable[str], where: str, hint: str = "") -> None:
+    """Raise a DataError listing the found fields when ``record`` lacks one of ``fields``.
+
+    ``hint`` says how to name the field instead (e.g. the ``--text-field`` flag); by default:
+    rename the fields in the file.
+    """
     missing = [f for f in fields if f not in record]
     if missing:
         raise DataError(
             f"{where}: missing field(s) {missing}; found fields {sorted(record)}. "
-            "Rename the fields in the file or pass the field name to the loader."
+            + (hint or "Rename the fields in the file.")
         )
 
 
@@ -95,6 +115,9 @@ def hub_dataset(name: str, split: str, config: str | None = None):
         ) from err
     if config is None and ":" in name:
         name, config = name.split(":", 1)
+    from lte.hub import check_hub_dataset
+
+    check_hub_dataset(name)
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as err:  # network errors, unknown names, ...: say what failed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from lte.data._common import DataError, hub_dataset
+from lte.data._common import DataError, hub_dataset, read_utf8
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long QNLI/RTE passages
 
@@ -138,8 +139,7 @@ def _parse_label(raw: str, task: GlueTask, where: str):
 
 def read_glue_tsv(task: GlueTask, path: Path) -> tuple[list[tuple], list]:
     """Parse a GLUE TSV into text tuples and labels; rows are checked and errors carry the line number."""
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise DataError(f"'{path}' is empty.")

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lte.data._common import DataError, existing_path, nonempty_text, read_json_records, require_fields
+from lte.data._common import (
+    DataError,
+    existing_path,
+    nonempty_text,
+    read_json_records,
+    read_utf8,
+    require_fields,
+)
 
 # Prompt layouts for the generation tasks ({source} is the article / meaning representation).
 PROMPT_TEMPLATES = {
@@ -151,8 +159,7 @@ LETTERS = "ABCD"
 
 
 def _read_mmlu_csv(path: Path) -> list[tuple[str, list[str], int]]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle))
+    rows = list(csv.reader(io.StringIO(read_utf8(path), newline="")))
     if not rows:
         raise DataError(f"'{path}' is empty.")
     header = [c.strip() for c in rows[0]]

@@ -146,7 +146,8 @@ def read_documents(path: str | os.PathLike, text_field: str = "text", split: str
         if p.suffix in JSON_SUFFIXES:
             records = read_json_records(p)
             for i, record in enumerate(records):
-                require_fields(record, [text_field], f"'{p}' record {i + 1}")
+                require_fields(record, [text_field], f"'{p}' record {i + 1}",
+                               "Name the field that holds the text with --text-field FIELD (text_field= in Python).")
             docs = [str(r[text_field]) for r in records if str(r[text_field]).strip()]
             if not docs:
                 raise DataError(f"'{p}' has no non-empty '{text_field}' values.")

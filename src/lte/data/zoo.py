@@ -273,7 +273,12 @@ def load_folder(
     _check_task(task)
     from transformers import AutoTokenizer
 
+    if Path(folder).is_dir() and not has_tokenizer_files(folder):
+        raise DataError(f"'{folder}' holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, ...); save the "
+                        "model's tokenizer into it (tokenizer.save_pretrained(folder)).")
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if Path(folder).is_dir():
+        check_tokenizer_fits(tokenizer, folder)
     model = load_hf_model(folder, task=task, num_labels=num_labels, dtype=dtype, **kwargs)
     ensure_pad_token(model, tokenizer)
     return model, tokenizer
@@ -296,6 +301,47 @@ def load_hf_model(
     return AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=num_labels, problem_type=problem, dtype=dtype, **kwargs
     )
+
+
+#: Files of which a saved tokenizer has at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+#: A tokenizer may have a few more tokens than the embedding rows (unused specials) ...
+_EXTRA_TOKENS_TOLERATED = 64
+#: ... or fewer (vocabularies padded to a round size): at least this share of the rows.
+_MIN_VOCAB_SHARE = 0.9
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    """Whether a model folder holds a saved tokenizer."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def config_vocab_size(folder: str | os.PathLike) -> int | None:
+    """The vocabulary size (embedding rows) a model folder's config.json states, or None."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
+
+
+def check_tokenizer_fits(tokenizer, folder: str | os.PathLike) -> None:
+    """Refuse, in one line, a tokenizer whose size does not fit the vocabulary of the model in `folder`.
+
+    A few unused extra tokens or a vocabulary padded to a round size pass; a tokenizer built from
+    nothing (a folder without tokenizer files can give one of 1-5 tokens) or another model's does not.
+    """
+    vocab = config_vocab_size(folder)
+    if vocab is None:
+        return
+    n = len(tokenizer)
+    if n > vocab + _EXTRA_TOKENS_TOLERATED or n < _MIN_VOCAB_SHARE * vocab:
+        raise DataError(
+            f"the tokenizer for '{folder}' has {n} tokens but the model's vocabulary has {vocab}: it is not this "
+            f"model's tokenizer. Save the model's own tokenizer into the folder (tokenizer.save_pretrained(folder)).")
 
 
 def ensure_pad_token(model, tokenizer) -> None:
@@ -353,8 +399,11 @@ def resolve_model(
             f"model folder not found: '{path}'. Pass a saved HF model folder, an embedded model "
             f"{embedded_names()}, or a hub name such as 'HuggingFaceTB/SmolLM2-135M'."
         )
+    from lte.hub import resolve_hub_model
+
     try:
-        return load_folder(str(path_or_name), task=task, num_labels=num_labels, dtype=dtype, **kwargs)
+        return load_folder(resolve_hub_model(str(path_or_name)), task=task, num_labels=num_labels, dtype=dtype,
+                           **kwargs)
     except OSError as err:
         raise DataError(
             f"could not load model '{path_or_name}': it is not a local folder, not an embedded model "

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from lte.data.tasks import MCExample
 from lte.errors import LTEError
-from lte.evaluation._common import finish_stats, pad_id_of, prepare_model, start_stats
+from lte.evaluation._common import finish_stats, pad_id_of, prepare_model, selected_logits, start_stats
 
 
 @dataclass
@@ -62,23 +62,40 @@ def build_requests(tokenizer, examples: list[MCExample], prefix: str, max_length
 
 @torch.no_grad()
 def _score_batch(model, requests: list[_Request], device: torch.device, pad_id: int) -> list[list[float]]:
-    """Log-likelihood of each request's continuation(s)."""
+    """Log-likelihood of each request's continuation(s).
+
+    Logits are computed only at the positions that predict a continuation token
+    (`_common.selected_logits`), never for the whole batch.
+    """
     length = max(len(r.tokens) for r in requests)
     input_ids = torch.full((len(requests), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
+    select = torch.zeros_like(input_ids, dtype=torch.bool)
+    wanted: list[list[int]] = []  # per selected position (row-major): the token ids whose log-prob is read
     for row, r in enumerate(requests):
         input_ids[row, : len(r.tokens)] = torch.tensor(r.tokens)
         attention_mask[row, : len(r.tokens)] = 1
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-    scores = []
-    for row, r in enumerate(requests):
         if r.choice == -1:  # every choice is one token, predicted at the last context position
-            logprobs = torch.log_softmax(logits[row, r.n_context - 1].float(), dim=-1)
-            scores.append([float(logprobs[c[0]]) for c in r.continuations])
+            select[row, r.n_context - 1] = True
+            wanted.append([c[0] for c in r.continuations])
         else:  # positions n_context-1 .. len-2 predict the continuation tokens
-            logprobs = torch.log_softmax(logits[row, r.n_context - 1 : len(r.tokens) - 1].float(), dim=-1)
-            targets = torch.tensor(r.continuations[0], device=logprobs.device)
-            scores.append([float(logprobs.gather(-1, targets[:, None]).sum())])
+            select[row, r.n_context - 1 : len(r.tokens) - 1] = True
+            wanted.extend([t] for t in r.continuations[0])
+    logprobs: list[torch.Tensor] = []
+    for logits in selected_logits(model, input_ids.to(device), attention_mask.to(device), select):
+        rows = torch.log_softmax(logits, dim=-1)  # [n, V]
+        for k in range(rows.shape[0]):
+            ids = torch.tensor(wanted[len(logprobs)], device=rows.device)
+            logprobs.append(rows[k, ids].cpu())
+    scores, position = [], 0
+    for r in requests:
+        if r.choice == -1:
+            scores.append([float(v) for v in logprobs[position]])
+            position += 1
+        else:
+            n = len(r.continuations[0])
+            scores.append([float(sum(float(v) for v in logprobs[position : position + n]))])
+            position += n
     return scores
 
 

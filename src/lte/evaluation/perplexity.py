@@ -6,11 +6,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lte.errors import LTEError
-from lte.evaluation._common import finish_stats, prepare_model, start_stats
+from lte.evaluation._common import finish_stats, prepare_model, selected_nll, start_stats
 
 
 def token_stream(source: Any, text: str | list[str] | None = None) -> torch.Tensor:
@@ -63,13 +62,8 @@ def _window_nll(model, ids: torch.Tensor, windows: list[tuple[int, int, int]], d
         attention_mask[row, :size] = 1
         labels[row, size - n_targets : size] = ids[end - n_targets : end]
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
-    # position j predicts token j+1: shift, and drop targets at position 0 (nothing predicts them)
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:]
-    nll = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
-                          ignore_index=-100, reduction="sum")
-    return float(nll), int((shifted_labels != -100).sum())
+    # position j predicts token j+1; logits are computed only where a target is scored, a chunk at a time
+    return selected_nll(model, input_ids, attention_mask, labels)
 
 
 @torch.no_grad()

@@ -16,7 +16,55 @@ import torch
 from lte.errors import LTEError
 from lte.evaluation._common import default_device
 
-__all__ = ["evaluate_model", "load_eval_model"]
+__all__ = ["evaluate_model", "load_eval_model", "resolve_task", "result_path"]
+
+#: The settings that change an evaluation's numbers: part of its result file's name.
+_NAMED_SETTINGS = ("glue_task", "routing", "split", "max_length", "stride", "max_tokens", "max_examples", "text_field")
+
+
+def resolve_task(model_dir: str | Path, task: str | None, glue_task: str | None) -> tuple[str, str | None]:
+    """The task (and GLUE task) to evaluate: as given, else what the model folder recorded when it was trained."""
+    from lte.loading import model_source, saved_task
+
+    source = model_source(model_dir)
+    saved, saved_glue = saved_task(source) if isinstance(source, Path) else (None, None)
+    task = task or saved
+    if task is None:
+        raise LTEError(f"'{model_dir}' does not record its task; pass --task causal-lm, classification or instruction")
+    if task == "classification" and not glue_task:
+        glue_task = saved_glue
+        if not glue_task:
+            raise LTEError(f"classification evaluation needs --glue-task (e.g. SST-2): '{model_dir}' does not record "
+                           "the GLUE task it was trained on")
+    return task, glue_task
+
+
+def _slug(text: str) -> str:
+    """File-name-safe short form of a name or path."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-.")[:48] or "data"
+
+
+def result_path(model_dir: str | Path, task: str, data: Any, **settings: Any) -> Path:
+    """Where `lte eval` keeps a result: named by model, task, data and the settings that change the numbers.
+
+    `<model folder>/eval_<task>_<data name>_<hash>.json` (a model given by name: `./eval_<model>_...`),
+    the hash covering the data's full path and `settings`, so evaluating one model on two data
+    files (or with two windows) keeps both results.
+    """
+    import hashlib
+    import json
+
+    folder = Path(model_dir)
+    data_path = Path(str(data)).expanduser()
+    data_id = str(data_path.resolve()) if data_path.exists() else str(data)
+    named = {k: settings.get(k) for k in _NAMED_SETTINGS if settings.get(k) is not None}
+    digest = hashlib.sha1(json.dumps({"task": task, "data": data_id, **named}, sort_keys=True,
+                                     default=str).encode()).hexdigest()[:8]
+    stem = data_path.stem if data_path.exists() else str(data)
+    prefix = "" if folder.is_dir() else f"{_slug(str(model_dir))}_"
+    return (folder if folder.is_dir() else Path(".")) / f"eval_{prefix}{task}_{_slug(stem)}_{digest}.json"
 
 
 def load_eval_model(model_dir: str | Path, task: str, num_labels: int = 2, routing: str | None = None):
@@ -26,13 +74,13 @@ def load_eval_model(model_dir: str | Path, task: str, num_labels: int = 2, routi
 
     source = model_source(model_dir)
     is_lte = isinstance(source, Path) and model_kind(source) == "lte"
+    tokenizer = load_tokenizer(source)  # a missing or foreign tokenizer is refused before the model loads
     model = load_model(source, task=task, num_labels=num_labels, routing=(routing or "hard") if is_lte else None)
-    tokenizer = load_tokenizer(source)
     ensure_pad_token(model, tokenizer)
     return model, tokenizer, is_lte
 
 
-def evaluate_model(model_dir: str | Path, task: str, data: Any, glue_task: str | None = None,
+def evaluate_model(model_dir: str | Path, task: str | None, data: Any, glue_task: str | None = None,
                    routing: str | None = None, batch_size: int = 8, max_length: int | None = None,
                    stride: int | None = None, max_tokens: int | None = None, max_examples: int | None = None,
                    split: str = "dev", holdout: float | None = None, train_block_size: int = 512,
@@ -43,16 +91,16 @@ def evaluate_model(model_dir: str | Path, task: str, data: Any, glue_task: str |
     causal-lm: sliding-window perplexity on `data` (its last `holdout` fraction when given);
     classification: GLUE metrics on the `split` of `data`; instruction: perplexity of the answers.
     With `holdout`, the text is split exactly as training split it (`train_block_size`,
-    `train_max_tokens`) and the held-out tail is scored.
+    `train_max_tokens`) and the held-out tail is scored. `task` (and `glue_task`) None: what the
+    model folder recorded when it was trained (`resolve_task`).
     """
     from lte import evaluation
 
+    task, glue_task = resolve_task(model_dir, task, glue_task)
     num_labels = 2
     if task == "classification":
         from lte.data import glue_task as glue_spec
 
-        if not glue_task:
-            raise LTEError("classification evaluation needs --glue-task (e.g. SST-2)")
         num_labels = glue_spec(glue_task).num_labels
     model, tokenizer, is_lte = load_eval_model(model_dir, task, num_labels, routing)
     model.to(default_device())
@@ -72,6 +120,8 @@ def evaluate_model(model_dir: str | Path, task: str, data: Any, glue_task: str |
     else:
         result = _answer_perplexity(model, tokenizer, data, max_length or 512, max_examples, batch_size)
     result.update(model=str(model_dir), task=task, data=str(data), lte=is_lte, eval_seconds=time.time() - start)
+    if glue_task:
+        result["glue_task"] = glue_task
     return result
 
 
@@ -96,7 +146,7 @@ def _answer_perplexity(model, tokenizer, data, max_length, max_examples, batch_s
     from torch.utils.data import DataLoader
 
     from lte.data import load_instructions, pad_collate
-    from lte.evaluation._common import finish_stats, start_stats
+    from lte.evaluation._common import finish_stats, selected_nll, start_stats
 
     ds = load_instructions(data, tokenizer, max_length=max_length, max_examples=max_examples)
     device = next(model.parameters()).device
@@ -105,12 +155,9 @@ def _answer_perplexity(model, tokenizer, data, max_length, max_examples, batch_s
     total, count = 0.0, 0
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=pad_collate(tokenizer)):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                                ignore_index=-100, reduction="sum")
-        total += float(nll)
-        count += int((targets != -100).sum())
+        nll, n = selected_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total += nll
+        count += n
     if count == 0:
         raise LTEError(f"'{data}' has no answer tokens to score")
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,

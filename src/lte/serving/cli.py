@@ -97,17 +97,12 @@ def _prepared(model: Any, is_lte: bool, dense: bool, budget: int = 0) -> Any:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Handler of `lte generate`."""
-    import transformers
-
+    from ..loading import load_tokenizer
     from .decode import generate
 
     device, dtype = _resolve(args)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, model=args.model)  # refused before the model loads
     model, is_lte = load_for_serving(args.model, device, dtype)
-    tok_dir = args.tokenizer or args.model
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    except (OSError, ValueError) as err:
-        raise LTEError(f"no tokenizer found in {tok_dir}; save one there or pass --tokenizer DIR") from err
     hf_model = _prepared(model, is_lte, args.dense, args.expert_budget)
     outs = generate(hf_model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                     use_graph=False if args.no_graph else None, compile=args.compile)

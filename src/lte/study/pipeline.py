@@ -69,7 +69,7 @@ def _stage_hparams(cfg: dict[str, Any], section: str) -> dict[str, Any]:
     from lte.training.args import LTE_KEYS, TrainArgs
 
     known = set(TrainArgs.__dataclass_fields__) | set(LTE_KEYS)
-    shared = {k: v for k, v in cfg.items() if k in known}
+    shared = {k: v for k, v in cfg.items() if k in known and not (section == "dense" and k == "target_sparsity")}
     unknown = sorted(set(cfg) - known - _PIPELINE_KEYS)
     if unknown:
         raise StageInputError(f"unknown run setting(s) {unknown}; valid: {sorted(known | _PIPELINE_KEYS)}")

@@ -255,7 +255,7 @@ def _dense_fingerprint(setup: TaskSetup) -> str | None:
 
 
 def train_hp(settings: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
-    hp = {"seed": settings["seed"], "report_to": "none", "progress": False, "save_steps": 10**9,
+    hp = {"seed": settings["seed"], "report_to": "none", "progress": False, "save_steps": 10**9, "overwrite": True,
           "logging_steps": 10, "max_length": settings["prep"]["max_length"],
           "block_size": settings["prep"]["block_size"]}
     hp.update({k: v for k, v in section.items() if not isinstance(v, dict)})

@@ -19,16 +19,22 @@ from typing import Any
 import torch
 
 from lte.config import LTEConfig
+from lte.errors import LTEError
 from lte.training.errors import StageInputError
 
-__all__ = ["LTE_KEYS", "TrainArgs", "setting_fields", "training_arguments", "use_bf16"]
+__all__ = ["LTE_KEYS", "TrainArgs", "check_setting", "setting_fields", "training_arguments", "use_bf16"]
 
 #: `LTEConfig` fields a stage's settings (YAML, flags) name directly, without the `lte.` prefix.
 LTE_KEYS = ("eta", "lam", "tau", "expert_size", "grouping", "loss_to_model")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, **rule: Any) -> dict[str, Any]:
+    """Field metadata: the help text, and the rule a value must follow (`check_setting`).
+
+    Rules: `at_least` / `above` (lower bound, inclusive / exclusive), `below` / `at_most` (upper
+    bound), `choices` (allowed strings), `meaning` (said in the error); `None` always passes (not set).
+    """
+    return {"help": text, **rule}
 
 
 @dataclass
@@ -41,35 +47,48 @@ class TrainArgs:
     # data
     glue_task: str | None = field(default=None, metadata=_help(
         "GLUE task for --task classification: SST-2, MRPC, RTE, CoLA, STS-B, ..."))
-    block_size: int = field(default=512, metadata=_help("causal LM: tokens per packed training block"))
-    max_tokens: int | None = field(default=None, metadata=_help("causal LM: use only the first N tokens of the data"))
+    block_size: int = field(default=512, metadata=_help("causal LM: tokens per packed training block", at_least=2))
+    max_tokens: int | None = field(default=None, metadata=_help(
+        "causal LM: use only the first N tokens of the data", at_least=2))
     text_field: str = field(default="text", metadata=_help(
         "causal LM: the field of JSON/JSONL records that holds the text"))
-    max_length: int = field(default=128, metadata=_help("classification/instruction: truncate examples to N tokens"))
+    max_length: int = field(default=128, metadata=_help(
+        "classification/instruction: truncate examples to N tokens", at_least=2))
     max_examples: int | None = field(default=None, metadata=_help(
-        "classification/instruction: keep only the first N examples"))
+        "classification/instruction: keep only the first N examples", at_least=1))
     # optimisation (AdamW, linear decay)
-    epochs: float = field(default=1.0, metadata=_help("training epochs (float)"))
-    max_steps: int = field(default=-1, metadata=_help("optimizer steps (> 0 overrides --epochs)"))
-    lr: float = field(default=5e-5, metadata=_help("learning rate (AdamW, linear decay)"))
+    epochs: float = field(default=1.0, metadata=_help("training epochs (float)", above=0))
+    max_steps: int = field(default=-1, metadata=_help("optimizer steps (> 0 overrides --epochs; -1: use --epochs)",
+                                                       at_least=-1))
+    lr: float = field(default=5e-5, metadata=_help("learning rate (AdamW, linear decay)", above=0))
     router_lr: float | None = field(default=None, metadata=_help(
-        "stage 1: learning rate of the routers (default: --lr)"))
-    batch_size: int = field(default=8, metadata=_help("per-device batch size"))
-    grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
-    warmup_ratio: float = field(default=0.06, metadata=_help("fraction of the steps with a linear learning-rate warm-up"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (routers: none)"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
+        "stage 1: learning rate of the routers (default: --lr)", above=0))
+    batch_size: int = field(default=8, metadata=_help("per-device batch size", at_least=1))
+    grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps", at_least=1))
+    warmup_ratio: float = field(default=0.06, metadata=_help(
+        "fraction of the steps with a linear learning-rate warm-up", at_least=0, below=1))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (routers: none)", at_least=0))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: no clipping)", at_least=0))
     bf16: bool | None = field(default=None, metadata=_help("bf16 mixed precision (default: on when CUDA supports it)"))
     seed: int = field(default=0, metadata=_help("seed of training, grouping and router init"))
     # checkpoints and logs
-    save_steps: int = field(default=500, metadata=_help("write checkpoint-N every N steps (resume with --resume)"))
-    save_total_limit: int | None = field(default=2, metadata=_help("checkpoints kept (the oldest are deleted)"))
-    logging_steps: int = field(default=10, metadata=_help("steps between log records"))
+    save_steps: int = field(default=500, metadata=_help(
+        "write checkpoint-N every N steps while the stage runs (resume with --resume)", at_least=1))
+    save_total_limit: int | None = field(default=2, metadata=_help(
+        "checkpoints kept while the stage runs (the oldest are deleted)", at_least=1))
+    logging_steps: int = field(default=10, metadata=_help("steps between log records", at_least=1))
     report_to: str = field(default="auto", metadata=_help(
         "'auto' (TensorBoard when installed), 'none', or a Trainer integration"))
     progress: bool = field(default=True, metadata=_help("progress bars"))
-    resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint-N in the output folder"))
-    dataloader_workers: int = field(default=0, metadata=_help("data loader worker processes"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue an interrupted run from the newest checkpoint-N in the output folder (its recorded settings must "
+        "match)"))
+    overwrite: bool = field(default=False, metadata=_help(
+        "replace what the output folder holds (a finished stage, or checkpoints of an interrupted run)"))
+    keep_checkpoints: bool = field(default=False, metadata=_help(
+        "keep the checkpoint-N folders (model + optimizer state) once the stage has finished; by default only "
+        "the final model is kept"))
+    dataloader_workers: int = field(default=0, metadata=_help("data loader worker processes", at_least=0))
     save_model: bool = field(default=True, metadata=_help(
         "write the trained model to the output folder at the end (no: only the stage record and logs, for "
         "pipelines that keep the model in memory, such as the study)"))
@@ -80,51 +99,54 @@ class TrainArgs:
         "stage-1 router init: auto (fit when --target-sparsity is set, else none) | fit (regressed on the model's "
         "own expert activations, every layer at the target; lte.routing.fit.fit_routers) | fit-global (the same, "
         "one threshold over all layers on each expert's share of its FFN's output, so layers start at different "
-        "sparsities) | none | scale | open"))
-    calibration_examples: int = field(default=32, metadata=_help("examples in the router-init calibration batch"))
+        "sparsities) | none | scale | open", choices=("auto", "fit", "fit-global", "none", "scale", "open")))
+    calibration_examples: int = field(default=32, metadata=_help(
+        "examples in the router-init calibration batch", at_least=1))
     router_open_logit: float = field(default=3.0, metadata=_help(
         "router init open: mean starting logit (sigmoid(3) = 0.95: every expert about on); fit: the logit scale"))
     router_logit_std: float = field(default=0.5, metadata=_help(
-        "router init open: per-expert spread of the logits; scale: their std"))
+        "router init open: per-expert spread of the logits; scale: their std", above=0))
     lam_warmup: float = field(default=0.0, metadata=_help(
-        "stage 1: ramp lam up over this fraction of the steps (0 = paper: constant)"))
+        "stage 1: ramp lam up over this fraction of the steps (0 = paper: constant)", at_least=0, at_most=1))
     stage1_routing: str = field(default="soft", metadata=_help(
         "stage 1: 'soft' (paper: experts scaled by their score) or 'ste' (ours: the hard mask in the forward, "
-        "the sigmoid's gradient for the routers)"))
+        "the sigmoid's gradient for the routers)", choices=("soft", "ste")))
     distill: float = field(default=0.0, metadata=_help(
-        "weight of distillation from the dense model, in [0, 1]: (1-w)*task + w*KL(dense || LTE) (0 = paper)"))
-    distill_temperature: float = field(default=1.0, metadata=_help("softmax temperature of the distillation loss"))
+        "weight of distillation from the dense model, in [0, 1]: (1-w)*task + w*KL(dense || LTE) (0 = paper)",
+        at_least=0, at_most=1))
+    distill_temperature: float = field(default=1.0, metadata=_help(
+        "softmax temperature of the distillation loss", above=0))
     teacher: str | None = field(default=None, metadata=_help(
         "dense teacher folder for --distill (default: the dense model the LTE run started from)"))
     calibrate_tau: bool = field(default=False, metadata=_help(
         "end of stage 1: set tau so the hard-mask sparsity on held-out training examples equals --target-sparsity "
         "(the examples are kept out of training)"))
     calibration_holdout: int = field(default=64, metadata=_help(
-        "examples of the training data held out of stage 1 for --calibrate-tau"))
+        "examples of the training data held out of stage 1 for --calibrate-tau", at_least=1))
     target_sparsity: float | None = field(default=None, metadata=_help(
-        "stage 1: steer eta on the fly so the FFN sparsity ends near this value (0-1)"))
-    controller_kp: float = field(default=2.0, metadata=_help("eta controller: proportional gain (log-eta per unit)"))
-    controller_ki: float = field(default=0.3, metadata=_help("eta controller: integral gain"))
+        "stages 1 and 2: the wanted FFN sparsity, a fraction in [0, 1). Stage 1 steers eta on the fly to reach it; "
+        "stage 2 re-cuts tau on held-out examples to hit it (the routers stay frozen)", at_least=0, below=1,
+        meaning="the fraction of FFN neurons each token skips: 0.5 skips half"))
+    controller_kp: float = field(default=2.0, metadata=_help(
+        "eta controller: proportional gain (log-eta per unit)", at_least=0))
+    controller_ki: float = field(default=0.3, metadata=_help("eta controller: integral gain", at_least=0))
     controller_smoothing: float = field(default=0.6, metadata=_help(
-        "eta controller: EMA factor of the measured sparsity"))
-    controller_warmup: int = field(default=0, metadata=_help("eta controller: steps before the first update"))
-    eta_max: float = field(default=100.0, metadata=_help("eta controller: largest eta"))
+        "eta controller: EMA factor of the measured sparsity", at_least=0, below=1))
+    controller_warmup: int = field(default=0, metadata=_help(
+        "eta controller: steps before the first update", at_least=0))
+    eta_max: float = field(default=100.0, metadata=_help("eta controller: largest eta", above=0))
 
     def __post_init__(self) -> None:
         if isinstance(self.lte, dict):
             self.lte = LTEConfig.from_dict(self.lte)
-        if self.stage1_routing not in ("soft", "ste"):
-            raise StageInputError(f"stage1_routing must be 'soft' or 'ste', got {self.stage1_routing!r}")
-        if not 0.0 <= self.distill <= 1.0:
-            raise StageInputError(f"distill is a weight in [0, 1] (0: task loss only), got {self.distill}")
-        if self.distill_temperature <= 0:
-            raise StageInputError(f"distill_temperature must be > 0, got {self.distill_temperature}")
-        if self.target_sparsity is not None and not 0.0 <= self.target_sparsity < 1.0:
-            raise StageInputError(f"target_sparsity is a fraction of FFN neurons in [0, 1), got {self.target_sparsity}")
+        for f in dataclasses.fields(self):
+            if f.name != "lte":
+                check_setting(f.name, getattr(self, f.name))
         if self.calibrate_tau and self.target_sparsity is None:
             raise StageInputError("calibrate_tau needs target_sparsity (the sparsity tau is calibrated to)")
-        if self.calibration_holdout < 1:
-            raise StageInputError(f"calibration_holdout must be >= 1 example, got {self.calibration_holdout}")
+        if self.resume and self.overwrite:
+            raise StageInputError("resume and overwrite exclude each other: --resume continues the run in the output "
+                                  "folder, --overwrite replaces it; pass one")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainArgs:
@@ -146,6 +168,61 @@ class TrainArgs:
         out.update({k: lte.pop(k) for k in LTE_KEYS})
         out["lte"] = lte
         return out
+
+
+def _bounds_text(meta: dict[str, Any]) -> str:
+    """The allowed range of a field as text: "in [0, 1)", ">= 1", "> 0"."""
+    low = ("[", meta["at_least"]) if "at_least" in meta else ("(", meta["above"]) if "above" in meta else None
+    high = ("]", meta["at_most"]) if "at_most" in meta else (")", meta["below"]) if "below" in meta else None
+    if low and high:
+        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    return f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
+
+
+def _in_bounds(value: float, meta: dict[str, Any]) -> bool:
+    return not (("at_least" in meta and value < meta["at_least"]) or ("above" in meta and value <= meta["above"])
+                or ("at_most" in meta and value > meta["at_most"]) or ("below" in meta and value >= meta["below"]))
+
+
+_BOUNDS = ("at_least", "above", "at_most", "below")
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Raise a one-line `StageInputError` when `value` is not a valid value of the stage setting `name`.
+
+    The rules live in the fields' metadata (`TrainArgs`) or in `LTEConfig.validate` (the LTE_KEYS);
+    `TrainArgs.__post_init__` and the `lte train` flags (at parse time) both call this, so Python
+    and the command line give the same message. `None` (not set) always passes.
+    """
+    if value is None:
+        return
+    if name in LTE_KEYS:
+        try:
+            LTEConfig(**{name: value})
+        except (LTEError, TypeError) as err:
+            raise StageInputError(str(err)) from None
+        return
+    fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    if name not in fields:
+        raise StageInputError(f"unknown training setting '{name}'")
+    meta = fields[name].metadata
+    kind = _plain_type(typing.get_type_hints(TrainArgs)[name])
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                 or (kind is int and not float(value).is_integer())):
+        raise StageInputError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if kind is bool and not isinstance(value, bool):
+        raise StageInputError(f"{name} must be true or false, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise StageInputError(f"{name} must be one of {', '.join(meta['choices'])}; got {value!r}")
+    if any(key in meta for key in _BOUNDS) and not _in_bounds(float(value), meta):
+        meaning = f" ({meta['meaning']})" if "meaning" in meta else ""
+        raise StageInputError(f"{name} must be {_bounds_text(meta)}{meaning}, got {value:g}")
+    if name == "glue_task":
+        from lte.data import glue_task
+
+        glue_task(value)  # a DataError naming the valid tasks
 
 
 def setting_fields() -> list[tuple[str, Any, Any, str]]:

@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lte.loading import check_head, load_model, load_tokenizer, model_kind, model_source, saved_stage
+from lte.loading import (
+    STAGE_RECORD,
+    check_head,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    model_source,
+    saved_stage,
+)
 from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
 from lte.training.args import TrainArgs, training_arguments
 from lte.training.callbacks import EtaController, LamWarmup, _newest_checkpoint
@@ -37,7 +45,7 @@ __all__ = ["STAGES", "TASKS", "TrainArgs", "train_stage", "load_stage_model", "s
 
 STAGES = ("dense", "1", "2")
 TASKS = ("causal-lm", "classification", "instruction")
-STAGE_FILE = "lte_stage.json"
+STAGE_FILE = STAGE_RECORD
 _STAGE_LABEL = {"dense": "dense", "1": "stage1", "2": "stage2"}
 
 
@@ -61,6 +69,102 @@ def is_stage_complete(directory: str | os.PathLike, stage: str | None = None) ->
 def _write_stage_info(out: Path, record: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / STAGE_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------- the output folder: overwrite, resume
+#: Settings that may differ between a run and its resumption (they change no trained number).
+_FREE_ON_RESUME = {"resume", "overwrite", "keep_checkpoints", "progress", "report_to", "logging_steps", "save_steps",
+                   "save_total_limit", "dataloader_workers"}
+#: What a stage writes into its folder (removed by --overwrite; other files stay).
+_STAGE_OUTPUTS = ("checkpoint-*", "runs", STAGE_FILE, "train_log.jsonl", "training_args.bin", "*.safetensors",
+                  "*.safetensors.index.json", "pytorch_model*.bin", "lte_config.json", "baseline_config.json",
+                  "eval_*.json", "eval_*.png")
+
+
+def _flat_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """What a run's record says it was (stage, task, model, data, every setting), flat and JSON-normalised."""
+    hparams = dict(record.get("hparams") or {})
+    lte_part = hparams.pop("lte", None) or {}
+    flat = {k: record.get(k) for k in ("stage", "task", "source", "data")}
+    flat.update(hparams)
+    flat.update({f"lte.{k}": v for k, v in lte_part.items()})
+    return json.loads(json.dumps(flat, default=str))
+
+
+def _setting_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`name old -> new` for every setting that differs between a recorded run and this one."""
+    old, new = _flat_settings(recorded), _flat_settings(now)
+    return [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+            if k not in _FREE_ON_RESUME and old.get(k) != new.get(k)]
+
+
+def _holds_model(out: Path) -> bool:
+    return any((out / name).is_file() for name in ("config.json", "lte_config.json", "baseline_config.json"))
+
+
+def _clear_stage_outputs(out: Path) -> None:
+    """Remove what an earlier stage run wrote into `out` (`--overwrite`); files of other origin stay."""
+    import shutil
+
+    for pattern in _STAGE_OUTPUTS:  # tolerant: under DDP / FSDP every process clears the same folder
+        for path in out.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _prepare_output(out: Path, record: dict[str, Any], hp: TrainArgs) -> str | None:
+    """Check the output folder before any work; return the checkpoint to resume from (or None).
+
+    A finished run, the checkpoints of an interrupted one, or a saved model are never replaced
+    without `overwrite`; `resume` continues only a checkpoint whose run recorded the same settings.
+    """
+    info = stage_info(out)
+    finished = is_stage_complete(out)  # a finished run whose model was saved
+    checkpoint = _newest_checkpoint(str(out))
+    label = (info or {}).get("stage", record["stage"])
+    if hp.overwrite:
+        if finished or checkpoint or _holds_model(out) or info:
+            _clear_stage_outputs(out)
+            print(f"[lte] --overwrite: cleared the earlier {label} run in {out}", flush=True)
+        return None
+    if hp.resume:
+        if finished:
+            raise StageInputError(
+                f"--resume: {out} holds a finished {label} run (step {info.get('global_step')}), nothing to continue; "
+                "pass --overwrite to train it again, or choose another --out")
+        if checkpoint is None:
+            logger.warning("--resume: no checkpoint-N folder in %s; starting the stage from the beginning", out)
+            return None
+        if info is None:
+            logger.warning("--resume: %s has no %s (an older lte wrote it): its settings cannot be checked", out,
+                           STAGE_FILE)
+        elif changes := _setting_changes(info, record):
+            raise StageInputError(
+                f"--resume: {checkpoint} was written by a run with other settings: {'; '.join(changes)}. "
+                "Resume with the same settings, or pass --overwrite to start over")
+        checked = f"its settings match {out / STAGE_FILE}" if info is not None else "settings not checked"
+        print(f"[lte] {record['stage']}: resuming from {checkpoint} ({checked})", flush=True)
+        return checkpoint
+    if finished:
+        changes = _setting_changes(info, record)
+        how = "with the same settings" if not changes else f"with other settings ({'; '.join(changes)})"
+        raise StageInputError(f"{out} already holds a finished {label} run {how}; pass --overwrite to replace it, "
+                              "or choose another --out")
+    if checkpoint is not None:
+        raise StageInputError(f"{out} holds {Path(checkpoint).name} of an interrupted run: pass --resume to "
+                              "continue it, or --overwrite to start over")
+    if info is None and _holds_model(out):
+        raise StageInputError(f"{out} already holds a saved model; pass --overwrite to replace it, or choose "
+                              "another --out")
+    return None
+
+
+def _drop_checkpoints(out: Path) -> None:
+    """Remove the checkpoint-N folders (weights + optimizer state) of a finished stage."""
+    import shutil
+
+    for path in out.glob("checkpoint-*"):
+        if path.is_dir():
+            shutil.rmtree(path)
 
 
 # ---------------------------------------------------------------------- model loading
@@ -168,20 +272,23 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     if task not in TASKS:
         raise StageInputError(f"unknown task '{task}'; choose one of {list(TASKS)}")
     hp = TrainArgs.from_dict(hparams)
-    if stage == "dense" and hp.distill > 0:
-        raise StageInputError("distill applies to stages 1 and 2 (the dense model is the teacher); "
-                              "drop --distill for --stage dense")
+    _check_stage_settings(stage, hp)
     out = Path(out)
     _check_data_path(data)
-    resume_ckpt = _newest_checkpoint(str(out)) if hp.resume else None
-    if hp.resume and resume_ckpt is None:
-        logger.warning("--resume: no checkpoint-N folder in %s; starting the stage from the beginning", out)
+    if isinstance(model_dir_or_model, nn.Module):
+        source, source_desc = None, type(model_dir_or_model).__name__
+    else:
+        source = model_source(model_dir_or_model)
+        source_desc = str(source)
+    data_desc = str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
+    record: dict[str, Any] = {"stage": _STAGE_LABEL[stage], "task": task, "source": source_desc, "data": data_desc,
+                              "complete": False, "hparams": hp.to_dict()}
+    resume_ckpt = _prepare_output(out, record, hp)
 
     if isinstance(model_dir_or_model, nn.Module):
         if tokenizer is None:
             raise StageInputError("pass tokenizer=... together with a model object")
         model = model_dir_or_model
-        source, source_desc = None, type(model).__name__
         dataset = load_task_data(task, data, tokenizer, hp, holdout=holdout)
         if stage == "1" and not hasattr(model, "lte_config"):
             if hp.distill > 0 and teacher is None and hp.teacher is None:
@@ -192,8 +299,6 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         elif stage == "2" and getattr(model, "stage", None) not in ("stage1", "stage2"):
             raise StageInputError("stage 2 needs a model that went through stage 1 (LTEModel with stage 'stage1')")
     else:
-        source = model_source(model_dir_or_model)
-        source_desc = str(source)
         if isinstance(source, Path):
             check_head(source, task)  # before loading data: the clearer error first
         if stage == "2":
@@ -243,12 +348,13 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         distill=hp.distill,
         distill_temperature=hp.distill_temperature,
     )
-    record: dict[str, Any] = {
-        "stage": _STAGE_LABEL[stage], "task": task, "source": source_desc, "data": str(data),
-        "complete": False, "hparams": hp.to_dict(), "teacher": teacher_desc, **record_extra,
-    }
+    record.update(teacher=teacher_desc, **record_extra)
     if holdout:
         record["holdout"] = holdout
+    if task == "classification" and hp.glue_task:
+        model.config.finetuning_task = hp.glue_task  # saved with the model: `lte eval` needs no --glue-task
+    if trainer.args.should_save:  # what this run is, before any checkpoint: --resume compares against it
+        _write_stage_info(out, record)
     try:
         result = trainer.train(resume_from_checkpoint=resume_ckpt)
     except NonFiniteLossError as err:
@@ -275,6 +381,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         record["target_sparsity"] = hp.target_sparsity
     if trainer.args.should_save:
         _write_stage_info(out, record)
+        if not hp.keep_checkpoints:  # the final model is in `out`; optimizer state is only needed while running
+            _drop_checkpoints(out)
     record["trainer"] = trainer
     return record
 
@@ -321,6 +429,16 @@ def _resolve_teacher(stage: str, hp: TrainArgs, teacher: nn.Module | None, sourc
     model = load_model(teacher_path, task=task, num_labels=getattr(dataset, "num_labels", 2), check=False)
     ensure_pad_token(model, tokenizer)
     return model, str(teacher_path)
+
+
+def _check_stage_settings(stage: str, hp: TrainArgs) -> None:
+    """Refuse settings the stage would otherwise ignore (before any work)."""
+    if stage == "dense" and hp.distill > 0:
+        raise StageInputError("distill applies to stages 1 and 2 (the dense model is the teacher); "
+                              "drop --distill for --stage dense")
+    if stage == "dense" and hp.target_sparsity is not None:
+        raise StageInputError("--target-sparsity applies to stages 1 and 2 (the dense stage skips no neuron); "
+                              "drop it for --stage dense")
 
 
 def _normalise_stage(stage: Any) -> str:
