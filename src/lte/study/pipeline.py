@@ -160,7 +160,7 @@ def _baselines(cfg: dict[str, Any]) -> list[str]:
 
 
 def _build_baseline(method: str, dense_dir: Any, task: str, train_data: Any, holdout: float | None,
-                    target: float, cfg: dict[str, Any], out_dir: Path, calib_examples: int = 64) -> None:
+                    target: float, cfg: dict[str, Any], out_dir: Path, calib_examples: int = 16) -> None:
     """Calibrate a training-free baseline on the dense model with training text and save it to `out_dir`."""
     from lte.baselines import apply_baseline
     from lte.data.zoo import ensure_pad_token
