@@ -355,6 +355,10 @@ class LTETrainer(Trainer):
         if sharding.is_sharded(wrapped):
             self._load_sharded(resume_from_checkpoint, wrapped, target)
             return
+        if target.has_adapters:  # a light checkpoint: routers and adapters only, the base is the same
+            target.load_trained_state(resume_from_checkpoint)
+            self._restore_controller(resume_from_checkpoint)
+            return
         saved = LTEModel.from_pretrained(resume_from_checkpoint)
         result = target.load_state_dict(saved.state_dict(), strict=False)
         if result.missing_keys or result.unexpected_keys:
