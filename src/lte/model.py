@@ -226,14 +226,23 @@ class LTEModel(SparseFFNModel):
             return attention_mask.reshape(-1) != 0
         return None
 
-    def lte_loss(self, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_eff, L_sep) of the last forward, over real tokens (differentiable)."""
-        scores = [layer.input.loss_scores for layer in self._layers]
+    def _scores(self, name: str = "loss_scores") -> list[torch.Tensor] | torch.Tensor:
+        """Every layer's router scores of the last forward as [T, E]: stacked [L, T, E] when the layers
+        share one shape (one tensor op then serves all layers), else a list."""
+        scores = [getattr(layer.input, name) for layer in self._layers]
         if any(s is None for s in scores):
             raise LTEError("no router scores: run a forward in soft, hard or topk routing first")
         flat = [s.reshape(-1, s.shape[-1]) for s in scores]  # [T, E]
-        token_mask = self._token_mask(attention_mask, flat[0].shape[0])
-        return lte_losses(flat, token_mask, self.lte_config.tau, self.lte_config.eps)
+        if all(f.shape == flat[0].shape and f.dtype == flat[0].dtype for f in flat):
+            return torch.stack(flat)
+        return flat
+
+    def lte_loss(self, attention_mask: torch.Tensor | None = None,
+                 scores: list[torch.Tensor] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_eff, L_sep) of the last forward, over real tokens (differentiable)."""
+        scores = self._scores() if scores is None else scores
+        token_mask = self._token_mask(attention_mask, scores[0].shape[0])
+        return lte_losses(scores, token_mask, self.lte_config.tau, self.lte_config.eps)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_model(*args, **kwargs)
@@ -245,51 +254,96 @@ class LTEModel(SparseFFNModel):
         task = getattr(out, "loss", None)
         self.last_task_loss = task  # undetached: a trainer may mix it with other terms (distillation)
         self.last_lte_losses = {} if task is None else {"task": task.detach(), "total": task.detach()}
+        scores = None
         if self.routing in TRAINING_MODES:
-            eff, sep = self.lte_loss(attention_mask)
+            scores = self._scores()
+            eff, sep = self.lte_loss(attention_mask, scores)
             self.last_lte_losses.update(eff=eff.detach(), sep=sep.detach())
             if task is not None:
                 total = task + self.lte_config.eta * eff + self.lte_config.lam * sep
                 self.last_lte_losses["total"] = total.detach()
                 out.loss = total
         if self.track_stats:
-            self._record_stats(attention_mask)
+            self._record_stats(attention_mask, scores)
         return out
 
     # ---------------------------------------------------------------- statistics
     def reset_lte_stats(self) -> None:
         """Start accumulating statistics afresh (see `lte_stats(accumulated=True)`)."""
-        n = len(self._layers)
-        self._acc_active = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
-        self._acc_tokens = torch.zeros((), dtype=torch.float64)
+        # Created on the device of the first recorded forward: no host-to-device copy inside a step.
+        self._acc_active: torch.Tensor | None = None  # [L] float64: active neurons summed over real tokens
+        self._acc_tokens: torch.Tensor | None = None  # float64: real tokens
 
-    @torch.no_grad()
-    def _record_stats(self, attention_mask: Any) -> None:
+    def _masks(self, scores: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor]:
+        """The computed-expert masks of the last forward: [L, T, E] (one op) when the layers share one
+        shape and one tau, else a list of [T, E]. `scores`: the stacked scores a training forward made."""
+        taus = {layer.input.tau for layer in self._layers}
+        if self.routing != "topk" and len(taus) == 1:
+            stacked = scores if isinstance(scores, torch.Tensor) else self._scores("scores")
+            if isinstance(stacked, torch.Tensor):  # hard / ste gates are exactly 1[G > tau]
+                return stacked.detach() > taus.pop()
         masks = []
         for layer in self._layers:
-            s = layer.input.scores
-            g = layer.input.gate
+            s, g = layer.input.scores, layer.input.gate
             m = (s > layer.input.tau) if self.routing == "soft" else (g != 0)
             masks.append(m.reshape(-1, m.shape[-1]))  # [T, E]
+        return masks
+
+    def _cached(self, name: str, device: torch.device, make: Any) -> torch.Tensor:
+        """A constant tensor built once per device by `make()` (no copy to the device inside a step)."""
+        cache = self.__dict__.setdefault("_constants", {})
+        key = (name, device)
+        if key not in cache:
+            cache[key] = make().to(device)
+        return cache[key]
+
+    def _expert_sizes(self, device: torch.device) -> torch.Tensor:
+        """Neurons per expert of every layer, [L, E] float32 (layers of one width)."""
+        return self._cached("sizes", device, lambda: torch.stack([lay.input.expert_sizes.float().cpu()
+                                                                  for lay in self._layers]))
+
+    @torch.no_grad()
+    def _record_stats(self, attention_mask: Any, scores: torch.Tensor | list[torch.Tensor] | None = None) -> None:
+        masks = self._masks(scores)
+        device = masks[0].device
         token_mask = self._token_mask(attention_mask, masks[0].shape[0])
-        self._last_masks, self._last_token_mask = masks, token_mask
+        self._last_masks, self._last_token_mask = list(masks), token_mask
         w = None if token_mask is None else token_mask.to(torch.float32)
-        for i, (layer, m) in enumerate(zip(self._layers, masks)):
-            active = active_neurons(m, layer.input.expert_sizes)  # [T]
-            total = active.sum() if w is None else (active * w).sum()
-            self._acc_active[i] = self._acc_active[i].to(total.device) + total.double()
-        n_tok = masks[0].shape[0] if w is None else w.sum()
-        self._acc_tokens = self._acc_tokens.to(masks[0].device) + torch.as_tensor(n_tok, dtype=torch.float64,
-                                                                                  device=masks[0].device)
+        if isinstance(masks, torch.Tensor):  # all layers at once: [L, T, E] @ [L, E, 1] -> [L, T]
+            active = torch.bmm(masks.to(torch.float32), self._expert_sizes(device).unsqueeze(-1)).squeeze(-1)
+            total = active.sum(-1) if w is None else (active * w).sum(-1)  # [L]
+        else:
+            total = torch.stack([(a.sum() if w is None else (a * w).sum())
+                                 for a in (active_neurons(m, layer.input.expert_sizes)
+                                           for layer, m in zip(self._layers, masks))])
+        n_tok = torch.full((), float(masks[0].shape[0]), dtype=torch.float64, device=device) if w is None else \
+            w.sum().double()
+        if self._acc_active is None:
+            self._acc_active = torch.zeros(len(self._layers), dtype=torch.float64, device=device)
+            self._acc_tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self._acc_active = self._acc_active.to(device) + total.double()
+        self._acc_tokens = self._acc_tokens.to(device) + n_tok
 
     def _num_layers(self) -> int:
         return len(self._layers)
 
+    def accumulated_sparsity(self) -> torch.Tensor:
+        """FFN sparsity per layer over the forwards since `reset_lte_stats()`, [L] float64 on the model's
+        device: no host sync (a trainer reads it only when it needs the numbers)."""
+        if self._acc_active is None:
+            raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
+        widths = self._cached("widths", self._acc_active.device, lambda: torch.tensor(
+            [float(layer.input.ffn_width) for layer in self._layers], dtype=torch.float64))
+        return 1.0 - self._acc_active / (self._acc_tokens * widths)
+
     def _accumulated_per_layer(self) -> list[float]:
-        tokens = float(self._acc_tokens)
+        if self._acc_active is None:
+            raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
+        values = torch.cat([self._acc_tokens.reshape(1), self._acc_active]).tolist()  # one host sync
+        tokens = values[0]
         if tokens == 0:
             raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
-        return [1.0 - float(a) / (tokens * layer.input.ffn_width) for a, layer in zip(self._acc_active, self._layers)]
+        return [1.0 - a / (tokens * layer.input.ffn_width) for a, layer in zip(values[1:], self._layers)]
 
     def _last_per_layer(self) -> list[float]:
         if not self._last_masks:
