@@ -336,6 +336,17 @@ class LTEModel(SparseFFNModel):
             [float(layer.input.ffn_width) for layer in self._layers], dtype=torch.float64))
         return 1.0 - self._acc_active / (self._acc_tokens * widths)
 
+    def accumulated_statistics(self) -> torch.Tensor:
+        """[L per-layer FFN sparsity, GFLOPs/token, real tokens] over the forwards since `reset_lte_stats()`,
+        float64 on the model's device, without a host read (`lte_stats(accumulated=True)` reads them)."""
+        per_layer = self.accumulated_sparsity()
+        device = per_layer.device
+        ffn = self._cached("ffn_flops", device, lambda: torch.tensor(
+            [float(self._ffn_flops(i)) for i in range(len(self._layers))], dtype=torch.float64))
+        selector = float(sum(self._selector_flops(i) for i in range(len(self._layers))))
+        gflops = (float(self._dense_flops) + selector - (ffn * per_layer).sum()) / 1e9
+        return torch.cat([per_layer, gflops.reshape(1), self._acc_tokens.reshape(1)])
+
     def _accumulated_per_layer(self) -> list[float]:
         if self._acc_active is None:
             raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
