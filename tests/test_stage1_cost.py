@@ -86,3 +86,35 @@ def test_stage1_step_costs_few_extra_ops_and_no_host_read():
     with _Ops() as counter:
         per_layer = lmodel.accumulated_sparsity()
     assert counter.counts["_local_scalar_dense"] == 0 and per_layer.shape == (layers,)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_one_matmul_router_scores_have_the_two_matmul_gradients(autocast):
+    """The task loss reaches x and the router through `scores`, the LTE losses only the router through
+    `loss_scores` (as F.linear(x.detach(), W) would), from one forward matmul."""
+    import torch.nn.functional as F
+
+    from lte.routing.layers import _TrainingScores
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    w = torch.randn(5, 24, requires_grad=True)
+    g_task, g_loss = torch.randn(2, 7, 5), torch.randn(2, 7, 5)
+
+    def grads(fn):
+        x.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            scores, loss_scores = fn()
+        ((scores * g_task).sum() + (loss_scores * g_loss).sum()).backward()
+        return scores.detach(), loss_scores.detach(), x.grad, w.grad
+
+    def two_matmuls():
+        return torch.sigmoid(F.linear(x, w).float()), torch.sigmoid(F.linear(x.detach(), w).float())
+
+    got, want = grads(lambda: _TrainingScores.apply(x, w)), grads(two_matmuls)
+    tol = dict(rtol=1e-2, atol=1e-2) if autocast else dict(rtol=1e-6, atol=1e-6)  # bf16: one rounding apart
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+    x.grad = w.grad = None
+    _TrainingScores.apply(x, w)[1].sum().backward()  # the LTE losses alone: nothing reaches x
+    assert x.grad is None and w.grad is not None
