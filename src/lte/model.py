@@ -385,7 +385,9 @@ class LTEModel(SparseFFNModel):
         return super().lte_stats(accumulated)
 
     def _extra_stats(self, accumulated: bool) -> dict[str, Any]:
-        return {"tokens": float(self._acc_tokens)} if accumulated else {}
+        if not accumulated:
+            return {}
+        return {"tokens": 0.0 if self._acc_tokens is None else float(self._acc_tokens)}
 
     # ---------------------------------------------------------------- save / load
     def _meta(self, weights_permuted: bool, embedding: torch.Tensor | None = None) -> dict[str, Any]:
