@@ -325,3 +325,15 @@ def test_copy_of_config_is_not_changed():
     _with_adapters("llama")
     lte.add_adapters(lte.get_lte_model(tm.build("llama"), lte.LTEConfig(grouping="contiguous"), progress=False), config)
     assert config.target_modules == before
+
+
+def test_adapter_init_is_seeded_and_leaves_the_global_rng_alone():
+    def lora_weights(seed):
+        lmodel = lte.get_lte_model(tm.build("llama"), lte.LTEConfig(grouping="contiguous", seed=seed), progress=False)
+        state = torch.random.get_rng_state()
+        lte.add_adapters(lmodel, peft.LoraConfig(r=4))
+        assert torch.equal(torch.random.get_rng_state(), state)
+        return [p.detach().clone() for p in lmodel.adapter_parameters()]
+
+    a, b, c = lora_weights(0), lora_weights(0), lora_weights(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not all(torch.equal(x, y) for x, y in zip(a, c))

@@ -69,9 +69,9 @@ def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: b
     return lmodel if adapters is None else lmodel.add_adapters(adapters)
 
 
-def add_adapters(lmodel: LTEModel, config: Any = None, **lora: Any) -> LTEModel:
+def add_adapters(lmodel: LTEModel, config: Any = None, seed: int | None = None, **lora: Any) -> LTEModel:
     """LoRA adapters (peft) on a converted model's frozen base; see `LTEModel.add_adapters`."""
-    return lmodel.add_adapters(config, **lora)
+    return lmodel.add_adapters(config, seed=seed, **lora)
 
 
 def _default_base_path(model: nn.Module) -> str | None:
@@ -169,7 +169,7 @@ class LTEModel(SparseFFNModel):
         """The `peft.LoraConfig` of the adapters (targets resolved to full module names), or None."""
         return self._adapter_config
 
-    def add_adapters(self, config: Any = None, **lora: Any) -> LTEModel:
+    def add_adapters(self, config: Any = None, seed: int | None = None, **lora: Any) -> LTEModel:
         """Put LoRA adapters (the peft library) on the base model and freeze the base, in place.
 
         `config`: a `peft.LoraConfig`; its `target_modules` may be None / "all" (the attention and
@@ -178,7 +178,8 @@ class LTEModel(SparseFFNModel):
         (r, alpha, dropout, targets). The adapters go on the permuted layers (an FFN projection's
         target is the `base_layer` inside its LTE wrapper), so `merge_adapters` gives exactly the
         weights the kernels serve. Base weights are frozen; routers keep their `requires_grad` and
-        are kept in fp32 (so are the adapters) when the base is in a 16-bit dtype.
+        are kept in fp32 (so are the adapters) when the base is in a 16-bit dtype. `seed`: of the
+        adapters' random init (default `lte_config.seed`; the global RNG is left as it was).
         """
         from . import adapters
 
@@ -191,7 +192,10 @@ class LTEModel(SparseFFNModel):
         model_type = self.base_model.config.model_type
         resolved = adapters.plan(self.base_model, self._layers[0].spec, model_type, config)
         router_grad = [p.requires_grad for p in self.router_parameters()]
-        adapters.inject(self.base_model, resolved)  # peft freezes every non-adapter parameter
+        device = self._layers[0].router.weight.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.lte_config.seed if seed is None else seed)
+            adapters.inject(self.base_model, resolved)  # peft freezes every non-adapter parameter
         for p, grad in zip(self.router_parameters(), router_grad):
             p.requires_grad_(grad)
         for layer in self._layers:
