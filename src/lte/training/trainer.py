@@ -259,7 +259,7 @@ class LTETrainer(Trainer):
         """
         if not self._stats_active():
             return
-        stats = self._global_step_stats()  # [L per-layer sparsity, GFLOPs], device
+        stats = self._global_step_stats_on_device()  # [L per-layer sparsity, GFLOPs]
         self._last_stats = stats
         self._window.add_stats(stats)
         controller = self.eta_controller
@@ -267,9 +267,14 @@ class LTETrainer(Trainer):
             per_layer = stats[:-1].tolist()
             self.lte_model.lte_config.eta = controller.update(step, sum(per_layer) / len(per_layer))
 
-    def _global_step_stats(self) -> torch.Tensor:
-        """[per-layer FFN sparsity..., GFLOPs/token] of the forwards since the last reset, over every process's
+    def _global_step_stats(self) -> tuple[list[float], float]:
+        """(per-layer FFN sparsity, GFLOPs/token) of the forwards since the last reset, over every process's
         real tokens (each process's figures weighted by its token count); the same values on every rank."""
+        values = self._global_step_stats_on_device().tolist()
+        return values[:-1], values[-1]
+
+    def _global_step_stats_on_device(self) -> torch.Tensor:
+        """`_global_step_stats` as one tensor [L per-layer sparsity, GFLOPs/token] on the device (no host read)."""
         stats = self.lte_model.accumulated_statistics()  # [L, GFLOPs, tokens]
         tokens = stats[-1]
         local = torch.cat([stats[:-1], torch.ones_like(tokens).reshape(1)]) * tokens
