@@ -40,10 +40,13 @@ def test_stacked_losses_equal_the_per_layer_ones(masked):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("one_tau", [True, False])  # False: layers with their own tau, counted one by one
 @pytest.mark.parametrize("mode", ["soft", "ste", "hard", "topk"])
-def test_statistics_of_all_layers_at_once_equal_the_per_layer_ones(mode):
+def test_statistics_of_all_layers_at_once_equal_the_per_layer_ones(mode, one_tau):
     lmodel = lte.get_lte_model(tm.build("llama"), lte.LTEConfig(grouping="random", topk=2), progress=False)
     lmodel.set_routing(mode).train(mode in ("soft", "ste"))
+    if not one_tau:
+        lmodel.lte_layers()[0].input.tau = 0.45
     lmodel.reset_lte_stats()
     want_active, want_tokens = torch.zeros(tm.LAYERS, dtype=torch.float64), 0.0
     for seed in range(2):
