@@ -1,18 +1,26 @@
 """Stage-1 training step time vs the dense fine-tune step, on the same batch.
 
 One step = forward + backward + AdamW step + zero_grad, bf16 autocast on CUDA (fp32 weights, as
-the Trainer runs it), causal-LM loss. The stage-1 step is the LTE model in soft routing with
-task + eta*L_eff + lam*L_sep, plus the per-step sparsity read-out that `LTETrainer` does for
-logging and the eta controller. Reports the ratio (goal: <= 1.10).
+the Trainer runs it), causal-LM loss. The stage-1 step is the LTE model in soft routing (or
+`--routing ste`) with task + eta*L_eff + lam*L_sep, plus the per-step sparsity read-out that
+`LTETrainer` does for the eta controller; `--distill W` adds the dense teacher's forward and the
+distillation loss. Reports the ratio (goal: <= 1.10).
+
+`--count-ops` also counts, for one step of each, the aten operations dispatched (a proxy for the
+GPU kernel launches a step costs: on a small model the step is bound by them) and the host syncs
+(`.item()`-like reads). `--shape small` is a model small enough for that regime on a CPU.
 
     PYTHONPATH=src python benchmarks/train_step.py                        # SmolLM2-135M shapes, random weights
     PYTHONPATH=src python benchmarks/train_step.py --model runs/x/dense    # a saved model
     PYTHONPATH=src python benchmarks/train_step.py --tiny --steps 2       # CPU smoke test
+    PYTHONPATH=src python benchmarks/train_step.py --shape small --count-ops --threads 1   # CPU profile
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import platform
 import subprocess
@@ -21,15 +29,21 @@ from pathlib import Path
 
 import torch
 
+#: LLaMA-family shapes: (vocab, D, F, layers, heads, kv heads). "small" makes a CPU step bound by
+#: per-operation costs, as a GPU step of SmolLM2 is by kernel launches.
+SHAPES = {
+    "smollm2": (49152, 576, 1536, 30, 9, 3),
+    "small": (2048, 128, 352, 16, 4, 2),
+    "tiny": (512, 64, 176, 2, 4, 2),
+}
 
-def smollm2_config(tiny: bool):
+
+def llama_config(shape: str):
     from transformers import LlamaConfig
 
-    if tiny:
-        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+    vocab, d, f, layers, heads, kv = SHAPES[shape]
+    return LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True,
                        max_position_embeddings=2048, rope_theta=100000.0)
 
 
@@ -39,35 +53,100 @@ def build_model(args):
     torch.manual_seed(0)
     if args.model:
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    return LlamaForCausalLM(smollm2_config(args.tiny))
+    return LlamaForCausalLM(llama_config(args.shape))
 
 
-def time_steps(model, batch, steps: int, warmup: int, device, per_step_stats: bool) -> dict:
+def read_step_sparsity(model, counter=None) -> list[float]:
+    """What LTETrainer reads after each optimizer step for the eta controller: one host read of [L]
+    (lte before issue 12: `lte_stats(accumulated=True)`, a read per layer, which the counter sees)."""
+    if hasattr(model, "accumulated_sparsity"):
+        if counter is not None:
+            counter.syncs += 1  # `.tolist()` is one device-to-host read that the dispatcher does not show
+        return model.accumulated_sparsity().tolist()
+    return model.lte_stats(accumulated=True)["per_layer"]
+
+
+def one_step(model, batch, opt, autocast, per_step_stats: bool, teacher=None, distill: float = 0.0,
+             counter=None) -> None:
+    """Forward, backward, clipping, AdamW step (and the stage-1 read-out). `counter` (a dispatch mode)
+    counts the operations of everything but the optimizer step, which costs the same in both."""
+    counting = counter if counter is not None else contextlib.nullcontext()
+    if per_step_stats:
+        model.reset_lte_stats()
+    with counting, autocast:
+        out = model(**batch)
+        loss = out.loss
+        if teacher is not None:
+            from lte.training.distill import distillation_loss
+
+            with torch.no_grad():
+                t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            kd = distillation_loss(out.logits, t_logits, batch["attention_mask"])
+            loss = loss + distill * (kd - model.last_task_loss)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if per_step_stats:
+        with counting:
+            read_step_sparsity(model, counter)
+
+
+def time_steps(model, batch, steps: int, warmup: int, device, per_step_stats: bool, teacher=None,
+               distill: float = 0.0, count_ops: bool = False) -> dict:
     """Mean and median seconds of `steps` optimizer steps after `warmup` untimed ones."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     times = []
     for i in range(warmup + steps):
-        if per_step_stats:
-            model.reset_lte_stats()
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if per_step_stats:
-            model.lte_stats(accumulated=True)  # what LTETrainer reads each step (one host sync)
+        one_step(model, batch, opt, autocast, per_step_stats, teacher, distill)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"mean_s": sum(times) / len(times), "median_s": times[len(times) // 2], "steps": len(times)}
+    result = {"times": times}
+    if count_ops:
+        counter = OpCounter()
+        one_step(model, batch, opt, autocast, per_step_stats, teacher, distill, counter)
+        result.update(ops=counter.ops, host_syncs=counter.syncs)
+    return result
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Mean and median step time over every round's timed steps (and the op counts of the first)."""
+    times = sorted(t for run in runs for t in run["times"])
+    out = {"mean_s": sum(times) / len(times), "median_s": times[len(times) // 2], "min_s": times[0],
+           "steps": len(times)}
+    out.update({k: v for k, v in runs[0].items() if k != "times"})
+    return out
+
+
+def _op_counter_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounterMode(TorchDispatchMode):
+        """Counts the aten operations dispatched, and the host syncs among them."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+            self.syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.syncs += 1
+            return func(*args, **(kwargs or {}))
+
+    return OpCounterMode
+
+
+def OpCounter():  # noqa: N802 - reads like a class at the call site
+    return _op_counter_class()()
 
 
 def main() -> None:
@@ -77,10 +156,23 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke test")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2", help="random-weight LLaMA shape")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke test (= --shape tiny)")
+    parser.add_argument("--routing", choices=("soft", "ste"), default="soft", help="stage-1 routing")
+    parser.add_argument("--distill", type=float, default=0.0, help="distillation weight (teacher: the dense model)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count the ops and host syncs of one step's forward, backward and read-out")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate dense and stage-1 timings this many times (a CPU shared with other work)")
     parser.add_argument("--out", default=None, help="write the JSON result here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.tiny:
+        args.shape = "tiny"
+        args.batch_size, args.seq_len = min(args.batch_size, 2), min(args.seq_len, 32)
+    elif args.shape == "small":
         args.batch_size, args.seq_len = min(args.batch_size, 2), min(args.seq_len, 32)
 
     import lte
@@ -92,16 +184,35 @@ def main() -> None:
     ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
-    dense = time_steps(model, batch, args.steps, args.warmup, device, per_step_stats=False)
+    model.train()
+    teacher = None
+    if args.distill > 0:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    runs: dict[str, list[dict]] = {"dense": [], "stage1": []}
+    # The LTE model is converted from `model` in place: one round times the dense model first; more
+    # rounds alternate between a copy of it and the LTE model, so that a drifting load hits both alike.
+    dense_model = copy.deepcopy(model) if args.rounds > 1 else model
+    if args.rounds == 1:
+        runs["dense"].append(time_steps(model, batch, args.steps, args.warmup, device, per_step_stats=False,
+                                        count_ops=args.count_ops))
     # Grouping does not change the step cost; contiguous skips k-means for a quick benchmark.
     lmodel = lte.get_lte_model(model, lte.LTEConfig(grouping="contiguous", eta=0.5), progress=False)
-    lmodel.set_routing("soft")
+    lmodel.set_routing(args.routing)
     lmodel.train()
-    stage1 = time_steps(lmodel, batch, args.steps, args.warmup, device, per_step_stats=True)
+    for r in range(args.rounds):
+        count = args.count_ops and r == 0
+        if args.rounds > 1:
+            runs["dense"].append(time_steps(dense_model, batch, args.steps, args.warmup, device,
+                                            per_step_stats=False, count_ops=count))
+        runs["stage1"].append(time_steps(lmodel, batch, args.steps, args.warmup, device, per_step_stats=True,
+                                         teacher=teacher, distill=args.distill, count_ops=count))
+    dense, stage1 = (_summary(runs[k]) for k in ("dense", "stage1"))
 
     result = {
         "benchmark": "train_step stage1 vs dense",
-        "model": args.model or ("tiny-llama" if args.tiny else "SmolLM2-135M shapes (random weights)"),
+        "model": args.model or f"{args.shape} LLaMA shape (random weights)",
+        "routing": args.routing,
+        "distill": args.distill,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "tokens_per_step": args.batch_size * args.seq_len,
@@ -109,6 +220,7 @@ def main() -> None:
         "dense": dense,
         "stage1": stage1,
         "ratio_median": stage1["median_s"] / dense["median_s"],
+        "ratio_min": stage1["min_s"] / dense["min_s"],
         "dense_tokens_per_s": args.batch_size * args.seq_len / dense["median_s"],
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -120,7 +232,10 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     print(text)
-    print(f"\nstage-1 step / dense step = {result['ratio_median']:.3f}  "
+    if args.count_ops:
+        print(f"\nops per step (forward, backward, read-out): dense {dense['ops']}, stage 1 {stage1['ops']} (+{stage1['ops'] - dense['ops']}); "
+              f"host syncs: dense {dense['host_syncs']}, stage 1 {stage1['host_syncs']}")
+    print(f"\nstage-1 step / dense step = {result['ratio_median']:.3f} (fastest steps: {result['ratio_min']:.3f})  "
           f"(dense {1000 * dense['median_s']:.1f} ms, stage 1 {1000 * stage1['median_s']:.1f} ms, "
           f"{result['dense_tokens_per_s']:.0f} dense tokens/s on {result['device']})")
 

@@ -17,7 +17,7 @@ LAYERS = [
     {"hub"},
     {"config", "routing", "data"},
     {"conversion"},
-    {"stats"},
+    {"stats", "adapters"},
     {"model"},
     {"baselines"},
     {"loading"},

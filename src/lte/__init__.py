@@ -4,6 +4,7 @@
     lmodel = lte.get_lte_model(hf_model, lte.LTEConfig(eta=0.5))
     lmodel.set_routing("soft")  # stage 1; "hard" for stage 2 and inference
     lmodel.save_pretrained("out"); lte.load_model("out")  # any model lte saved, or a plain HF one
+    lte.add_adapters(lmodel, peft.LoraConfig(r=16))  # LoRA on a frozen base (pip install 'lte[peft]')
 """
 
 from .config import LTEConfig
@@ -11,7 +12,7 @@ from .conversion import architectures
 from .conversion.architectures import FFNSpec, register_architecture
 from .errors import LTEError
 from .loading import load_model
-from .model import LTEModel, get_lte_model
+from .model import LTEModel, add_adapters, get_lte_model
 from .version import __version__
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "LTEConfig",
     "LTEError",
     "LTEModel",
+    "add_adapters",
     "architectures",
     "get_lte_model",
     "load_model",

@@ -26,8 +26,8 @@ from .errors import LTEError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAGE_RECORD", "check_head", "head_task", "load_model", "load_tokenizer", "model_kind", "model_source",
-           "saved_stage", "saved_task"]
+__all__ = ["STAGE_RECORD", "base_path", "check_head", "has_adapters", "head_task", "load_model", "load_tokenizer",
+           "model_kind", "model_source", "saved_stage", "saved_task"]
 
 KINDS = ("lte", "baseline", "hf")
 #: The record a training stage writes next to its model (`lte.training.train_stage`): what ran, how, how far.
@@ -51,8 +51,10 @@ def model_source(model: str | os.PathLike) -> Path | str:
     path = Path(model).expanduser()
     if path.exists():
         if path.is_dir() and (path / _lte_config_name()).is_file() and not (path / "config.json").is_file():
-            raise LTEError(f"{path} is a light LTE save (routers only): load its base model yourself and call "
-                           "lte.LTEModel.from_base(base_model, folder)")
+            if base_path(path) is None:
+                raise LTEError(f"{path} is a light LTE save (routers only) that does not record its base: load its "
+                               "base model yourself and call lte.LTEModel.from_base(base_model, folder)")
+            return path
         if not path.is_dir() or not (path / "config.json").is_file():
             raise LTEError(
                 f"model path {path} is not a saved model folder (no config.json). Pass a folder written by "
@@ -79,6 +81,18 @@ def model_kind(folder: str | os.PathLike) -> str:
     if BaselineModel.is_saved_in(folder):
         return "baseline"
     return "hf"
+
+
+def base_path(folder: str | os.PathLike) -> str | None:
+    """The base model a light LTE save records (None for a full save, or a light save without one)."""
+    meta = json.loads((Path(folder) / _lte_config_name()).read_text())
+    return None if meta.get("weights_permuted", True) else meta.get("base_path")
+
+
+def has_adapters(folder: str | os.PathLike) -> bool:
+    """Whether an LTE save holds adapters (LoRA on a frozen base)."""
+    meta = json.loads((Path(folder) / _lte_config_name()).read_text())
+    return bool(meta.get("adapters"))
 
 
 def saved_stage(folder: str | os.PathLike) -> str:
@@ -190,7 +204,7 @@ def load_tokenizer(source: str | os.PathLike, model: str | os.PathLike | None = 
 
 
 def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int = 2, routing: str | None = None,
-               check: bool = True, **hf_kwargs: Any) -> nn.Module:
+               check: bool = True, base: str | os.PathLike | None = None, **hf_kwargs: Any) -> nn.Module:
     """Load a model folder lte wrote, or a plain HF model, by what the folder holds.
 
     Args:
@@ -200,6 +214,8 @@ def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int
             head with `num_labels` outputs, 1 = regression; any other task: the causal-LM head); with
             `check`, a folder whose head does not fit the task is refused first (`check_head`).
         routing: LTE saves only: switch to this routing mode (default: the mode it was saved in).
+        base: a light LTE save (adapters): its base model folder (default: the path the save records);
+            a base whose fingerprint differs from the one the save records is refused.
         hf_kwargs: passed to `from_pretrained` (dtype, device_map, ...). A plain HF model loads in
             float32 unless `dtype` says otherwise.
 
@@ -214,7 +230,7 @@ def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int
         if kind == "lte":
             from .model import LTEModel
 
-            model = LTEModel.from_pretrained(source, **hf_kwargs)
+            model = LTEModel.from_pretrained(source, base=base, **hf_kwargs)
             if routing is not None:
                 model.set_routing(routing)
             return model

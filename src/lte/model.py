@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import CONFIG_FORMAT_VERSION, LTEConfig
+from .conversion.architectures import spec_for
 from .conversion.convert import LTELayer, base_fingerprint, convert, reattach, weights_digest
 from .errors import LTEError
 from .losses import lte_losses
@@ -39,10 +40,15 @@ def state_dict_name(module_name: str) -> str:
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().cpu()
+#: The LoRA adapters' weights (peft's names) of a save with adapters.
+PEFT_NAME = "lte_peft.safetensors"
+#: Saves with adapters are format 2, so that an older lte refuses them instead of loading them
+#: without their adapters; the others stay format 1 (`CONFIG_FORMAT_VERSION`).
+SAVE_FORMAT_VERSION = 2
 
 
 def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: bool = True,
-                  calibration=None) -> LTEModel:
+                  calibration=None, adapters: Any = None) -> LTEModel:
     """Convert a Hugging Face model into an `LTEModel`, in place.
 
     Groups each FFN's neurons into experts (`config.grouping`), permutes the weights so each
@@ -50,10 +56,31 @@ def get_lte_model(model: nn.Module, config: LTEConfig | None = None, progress: b
     starts in "dense" routing, where it computes exactly the original function.
     `calibration`: a batch {input_ids, attention_mask} (or a list of batches) of task text, needed
     by grouping "activation" (neurons grouped by their activation profiles on it).
+    `adapters`: a `peft.LoraConfig`: LoRA adapters on the frozen base (`add_adapters`).
     """
     config = config or LTEConfig()
+    if adapters is not None:  # refuse bad adapter settings before the (slow) grouping
+        from . import adapters as lora
+
+        spec = spec_for(model.config.model_type, config.ffn_spec)
+        lora.plan(model, spec, model.config.model_type, adapters)
     layers, fingerprint = convert(model, config, progress, calibration)
-    return LTEModel(model, config, layers, fingerprint)
+    lmodel = LTEModel(model, config, layers, fingerprint)
+    return lmodel if adapters is None else lmodel.add_adapters(adapters)
+
+
+def add_adapters(lmodel: LTEModel, config: Any = None, seed: int | None = None, **lora: Any) -> LTEModel:
+    """LoRA adapters (peft) on a converted model's frozen base; see `LTEModel.add_adapters`."""
+    return lmodel.add_adapters(config, seed=seed, **lora)
+
+
+def _default_base_path(model: nn.Module) -> str | None:
+    """Where an HF model was loaded from (absolute when it is a local folder), or None."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
 
 
 # --------------------------------------------------------------------------- the model
@@ -83,6 +110,11 @@ class LTEModel(SparseFFNModel):
         exclude = {id(layer.router) for layer in layers}
         self._dense_flops = linear_flops_per_token(base_model, exclude)
         self._digest = weights_digest(layers)
+        #: Where the base model is loaded from, recorded by a light save (None: unknown).
+        self.base_path: str | None = _default_base_path(base_model)
+        self._base_permuted = False  # True when the weights at base_path are already permuted (a full save)
+        self._base_changed = False  # True once adapters were merged into the base
+        self._adapter_config: Any = None  # the resolved peft config of the adapters, if any
         self.reset_lte_stats()
 
     # ---------------------------------------------------------------- routing
@@ -127,20 +159,94 @@ class LTEModel(SparseFFNModel):
     def freeze_selectors(self, frozen: bool = True) -> None:
         self.freeze_routers(frozen)
 
+    # ---------------------------------------------------------------- adapters (peft LoRA)
+    @property
+    def has_adapters(self) -> bool:
+        return self._adapter_config is not None
+
+    @property
+    def adapter_config(self) -> Any:
+        """The `peft.LoraConfig` of the adapters (targets resolved to full module names), or None."""
+        return self._adapter_config
+
+    def add_adapters(self, config: Any = None, seed: int | None = None, **lora: Any) -> LTEModel:
+        """Put LoRA adapters (the peft library) on the base model and freeze the base, in place.
+
+        `config`: a `peft.LoraConfig`; its `target_modules` may be None / "all" (the attention and
+        FFN projections of the family, `lte.conversion.architectures.adapter_targets`), "attention",
+        "ffn", or module names. Without `config`, `lora` are `lte.adapters.lora_config` arguments
+        (r, alpha, dropout, targets). The adapters go on the permuted layers (an FFN projection's
+        target is the `base_layer` inside its LTE wrapper), so `merge_adapters` gives exactly the
+        weights the kernels serve. Base weights are frozen; routers keep their `requires_grad` and
+        are kept in fp32 (so are the adapters) when the base is in a 16-bit dtype. `seed`: of the
+        adapters' random init (default `lte_config.seed`; the global RNG is left as it was).
+        """
+        from . import adapters
+
+        if self.has_adapters:
+            raise LTEError("this model already has adapters; merge them first (merge_adapters()) to add new ones")
+        if config is None:
+            config = adapters.lora_config(**lora)
+        elif lora:
+            raise LTEError(f"pass either a peft config or LoRA settings, not both (got {sorted(lora)})")
+        model_type = self.base_model.config.model_type
+        resolved = adapters.plan(self.base_model, self._layers[0].spec, model_type, config)
+        router_grad = [p.requires_grad for p in self.router_parameters()]
+        device = self._layers[0].router.weight.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.lte_config.seed if seed is None else seed)
+            adapters.inject(self.base_model, resolved)  # peft freezes every non-adapter parameter
+        for p, grad in zip(self.router_parameters(), router_grad):
+            p.requires_grad_(grad)
+        for layer in self._layers:
+            if layer.router.weight.dtype in (torch.float16, torch.bfloat16):
+                layer.router.float()
+        self._adapter_config = resolved
+        return self
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        from . import adapters
+
+        return [p for _, p in adapters.adapter_parameters(self.base_model)] if self.has_adapters else []
+
+    def merge_adapters(self) -> LTEModel:
+        """Add the adapters' updates to the (permuted) base weights and remove the adapters, in place.
+
+        Afterwards the model is a plain LTE model whose base differs from the one it was loaded from:
+        save it in full (`save_pretrained(dir, light=False)`). No-op without adapters.
+        """
+        if not self.has_adapters:
+            return self
+        from . import adapters
+
+        adapters.merge(self.base_model)
+        self._adapter_config = None
+        self._base_changed = True
+        return self
+
     # ---------------------------------------------------------------- forward
     def _token_mask(self, attention_mask: Any, tokens: int) -> torch.Tensor | None:
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.numel() == tokens:
             return attention_mask.reshape(-1) != 0
         return None
 
-    def lte_loss(self, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_eff, L_sep) of the last forward, over real tokens (differentiable)."""
-        scores = [layer.input.loss_scores for layer in self._layers]
+    def _scores(self, name: str = "loss_scores") -> list[torch.Tensor] | torch.Tensor:
+        """Every layer's router scores of the last forward as [T, E]: stacked [L, T, E] when the layers
+        share one shape (one tensor op then serves all layers), else a list."""
+        scores = [getattr(layer.input, name) for layer in self._layers]
         if any(s is None for s in scores):
             raise LTEError("no router scores: run a forward in soft, hard or topk routing first")
         flat = [s.reshape(-1, s.shape[-1]) for s in scores]  # [T, E]
-        token_mask = self._token_mask(attention_mask, flat[0].shape[0])
-        return lte_losses(flat, token_mask, self.lte_config.tau, self.lte_config.eps)
+        if all(f.shape == flat[0].shape and f.dtype == flat[0].dtype for f in flat):
+            return torch.stack(flat)
+        return flat
+
+    def lte_loss(self, attention_mask: torch.Tensor | None = None,
+                 scores: list[torch.Tensor] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_eff, L_sep) of the last forward, over real tokens (differentiable)."""
+        scores = self._scores() if scores is None else scores
+        token_mask = self._token_mask(attention_mask, scores[0].shape[0])
+        return lte_losses(scores, token_mask, self.lte_config.tau, self.lte_config.eps)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_model(*args, **kwargs)
@@ -152,51 +258,107 @@ class LTEModel(SparseFFNModel):
         task = getattr(out, "loss", None)
         self.last_task_loss = task  # undetached: a trainer may mix it with other terms (distillation)
         self.last_lte_losses = {} if task is None else {"task": task.detach(), "total": task.detach()}
+        scores = None
         if self.routing in TRAINING_MODES:
-            eff, sep = self.lte_loss(attention_mask)
+            scores = self._scores()
+            eff, sep = self.lte_loss(attention_mask, scores)
             self.last_lte_losses.update(eff=eff.detach(), sep=sep.detach())
             if task is not None:
                 total = task + self.lte_config.eta * eff + self.lte_config.lam * sep
                 self.last_lte_losses["total"] = total.detach()
                 out.loss = total
         if self.track_stats:
-            self._record_stats(attention_mask)
+            self._record_stats(attention_mask, scores)
         return out
 
     # ---------------------------------------------------------------- statistics
     def reset_lte_stats(self) -> None:
         """Start accumulating statistics afresh (see `lte_stats(accumulated=True)`)."""
-        n = len(self._layers)
-        self._acc_active = [torch.zeros((), dtype=torch.float64) for _ in range(n)]
-        self._acc_tokens = torch.zeros((), dtype=torch.float64)
+        # Created on the device of the first recorded forward: no host-to-device copy inside a step.
+        self._acc_active: torch.Tensor | None = None  # [L] float64: active neurons summed over real tokens
+        self._acc_tokens: torch.Tensor | None = None  # float64: real tokens
 
-    @torch.no_grad()
-    def _record_stats(self, attention_mask: Any) -> None:
+    def _masks(self, scores: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor]:
+        """The computed-expert masks of the last forward: [L, T, E] (one op) when the layers share one
+        shape and one tau, else a list of [T, E]. `scores`: the stacked scores a training forward made."""
+        taus = {layer.input.tau for layer in self._layers}
+        if self.routing != "topk" and len(taus) == 1:
+            stacked = scores if isinstance(scores, torch.Tensor) else self._scores("scores")
+            if isinstance(stacked, torch.Tensor):  # hard / ste gates are exactly 1[G > tau]
+                return stacked.detach() > taus.pop()
         masks = []
         for layer in self._layers:
-            s = layer.input.scores
-            g = layer.input.gate
+            s, g = layer.input.scores, layer.input.gate
             m = (s > layer.input.tau) if self.routing == "soft" else (g != 0)
             masks.append(m.reshape(-1, m.shape[-1]))  # [T, E]
+        return masks
+
+    def _cached(self, name: str, device: torch.device, make: Any) -> torch.Tensor:
+        """A constant tensor built once per device by `make()` (no copy to the device inside a step)."""
+        cache = self.__dict__.setdefault("_constants", {})
+        key = (name, device)
+        if key not in cache:
+            cache[key] = make().to(device)
+        return cache[key]
+
+    def _expert_sizes(self, device: torch.device) -> torch.Tensor:
+        """Neurons per expert of every layer, [L, E] float32 (layers of one width)."""
+        return self._cached("sizes", device, lambda: torch.stack([lay.input.expert_sizes.float().cpu()
+                                                                  for lay in self._layers]))
+
+    @torch.no_grad()
+    def _record_stats(self, attention_mask: Any, scores: torch.Tensor | list[torch.Tensor] | None = None) -> None:
+        masks = self._masks(scores)
+        device = masks[0].device
         token_mask = self._token_mask(attention_mask, masks[0].shape[0])
-        self._last_masks, self._last_token_mask = masks, token_mask
+        self._last_masks, self._last_token_mask = list(masks), token_mask
         w = None if token_mask is None else token_mask.to(torch.float32)
-        for i, (layer, m) in enumerate(zip(self._layers, masks)):
-            active = active_neurons(m, layer.input.expert_sizes)  # [T]
-            total = active.sum() if w is None else (active * w).sum()
-            self._acc_active[i] = self._acc_active[i].to(total.device) + total.double()
-        n_tok = masks[0].shape[0] if w is None else w.sum()
-        self._acc_tokens = self._acc_tokens.to(masks[0].device) + torch.as_tensor(n_tok, dtype=torch.float64,
-                                                                                  device=masks[0].device)
+        if isinstance(masks, torch.Tensor):  # all layers at once: [L, T, E] @ [L, E, 1] -> [L, T]
+            active = torch.bmm(masks.to(torch.float32), self._expert_sizes(device).unsqueeze(-1)).squeeze(-1)
+            total = active.sum(-1) if w is None else (active * w).sum(-1)  # [L]
+        else:
+            total = torch.stack([(a.sum() if w is None else (a * w).sum())
+                                 for a in (active_neurons(m, layer.input.expert_sizes)
+                                           for layer, m in zip(self._layers, masks))])
+        n_tok = torch.full((), float(masks[0].shape[0]), dtype=torch.float64, device=device) if w is None else \
+            w.sum().double()
+        if self._acc_active is None:
+            self._acc_active = torch.zeros(len(self._layers), dtype=torch.float64, device=device)
+            self._acc_tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self._acc_active = self._acc_active.to(device) + total.double()
+        self._acc_tokens = self._acc_tokens.to(device) + n_tok
 
     def _num_layers(self) -> int:
         return len(self._layers)
 
+    def accumulated_sparsity(self) -> torch.Tensor:
+        """FFN sparsity per layer over the forwards since `reset_lte_stats()`, [L] float64 on the model's
+        device: no host sync (a trainer reads it only when it needs the numbers)."""
+        if self._acc_active is None:
+            raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
+        widths = self._cached("widths", self._acc_active.device, lambda: torch.tensor(
+            [float(layer.input.ffn_width) for layer in self._layers], dtype=torch.float64))
+        return 1.0 - self._acc_active / (self._acc_tokens * widths)
+
+    def accumulated_statistics(self) -> torch.Tensor:
+        """[L per-layer FFN sparsity, GFLOPs/token, real tokens] over the forwards since `reset_lte_stats()`,
+        float64 on the model's device, without a host read (`lte_stats(accumulated=True)` reads them)."""
+        per_layer = self.accumulated_sparsity()
+        device = per_layer.device
+        ffn = self._cached("ffn_flops", device, lambda: torch.tensor(
+            [float(self._ffn_flops(i)) for i in range(len(self._layers))], dtype=torch.float64))
+        selector = float(sum(self._selector_flops(i) for i in range(len(self._layers))))
+        gflops = (float(self._dense_flops) + selector - (ffn * per_layer).sum()) / 1e9
+        return torch.cat([per_layer, gflops.reshape(1), self._acc_tokens.reshape(1)])
+
     def _accumulated_per_layer(self) -> list[float]:
-        tokens = float(self._acc_tokens)
+        if self._acc_active is None:
+            raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
+        values = torch.cat([self._acc_tokens.reshape(1), self._acc_active]).tolist()  # one host sync
+        tokens = values[0]
         if tokens == 0:
             raise LTEError("no statistics accumulated: run forwards after reset_lte_stats()")
-        return [1.0 - float(a) / (tokens * layer.input.ffn_width) for a, layer in zip(self._acc_active, self._layers)]
+        return [1.0 - a / (tokens * layer.input.ffn_width) for a, layer in zip(values[1:], self._layers)]
 
     def _last_per_layer(self) -> list[float]:
         if not self._last_masks:
@@ -227,14 +389,16 @@ class LTEModel(SparseFFNModel):
         return super().lte_stats(accumulated)
 
     def _extra_stats(self, accumulated: bool) -> dict[str, Any]:
-        return {"tokens": float(self._acc_tokens)} if accumulated else {}
+        if not accumulated:
+            return {}
+        return {"tokens": 0.0 if self._acc_tokens is None else float(self._acc_tokens)}
 
     # ---------------------------------------------------------------- save / load
     def _meta(self, weights_permuted: bool, embedding: torch.Tensor | None = None) -> dict[str, Any]:
         spec = self._layers[0].spec
         archs = getattr(self.base_model.config, "architectures", None) or [type(self.base_model).__name__]
-        return {
-            "format_version": CONFIG_FORMAT_VERSION,
+        meta = {
+            "format_version": SAVE_FORMAT_VERSION if self.has_adapters else CONFIG_FORMAT_VERSION,
             "lte_version": __version__,
             "lte": self.lte_config.to_dict(),
             "stage": self.stage,
@@ -249,6 +413,14 @@ class LTEModel(SparseFFNModel):
                      if weights_permuted else self._fingerprint),
             "tokenizer_source": self._tokenizer_source(),
         }
+        if not weights_permuted:  # a light save: where its base is, and whether that is permuted already
+            meta.update(base_path=self.base_path, base_permuted=self._base_permuted)
+        if self.has_adapters:
+            from . import adapters
+
+            meta["adapters"] = {"type": "lora", "peft_version": adapters._peft().__version__,
+                                "config": adapters.config_to_dict(self._adapter_config)}
+        return meta
 
     def _module_names(self) -> dict[int, str]:
         """id(module) -> its state-dict name in this model (names of sharding/checkpoint wrappers dropped)."""
@@ -303,16 +475,18 @@ class LTEModel(SparseFFNModel):
             return None
         return state_dict[self._module_names()[id(self.base_model.get_input_embeddings())] + ".weight"]
 
-    def save_pretrained(self, save_directory: str | os.PathLike, light: bool = False,
+    def save_pretrained(self, save_directory: str | os.PathLike, light: bool | None = None,
                         state_dict: dict[str, torch.Tensor] | None = None, tokenizer: Any = None,
                         **_: Any) -> None:
         """Save to a directory. Files are written to a temporary folder first and moved in with
         `lte_config.json` last, so a crash never leaves a half-written file under a final name.
 
-        Full (default): the HF model (safetensors, permuted weights) + `lte_config.json` +
-        `lte_adapter.safetensors`; reload with `LTEModel.from_pretrained(dir)` alone.
-        Light: only what LTE adds (routers, permutations, config, stage); reload with
-        `LTEModel.from_base(base_model_loaded_from_its_own_path, dir)`.
+        Full (default without adapters): the HF model (safetensors, permuted weights) +
+        `lte_config.json` + `lte_adapter.safetensors`; reload with `LTEModel.from_pretrained(dir)` alone.
+        Light (default with adapters): only what LTE adds (routers, permutations, config, stage, the
+        adapters in `lte_peft.safetensors`) and the base's path (`base_path`); reload with
+        `lte.load_model(dir)` (the base from its recorded path, refused when its fingerprint
+        differs) or `LTEModel.from_base(base_model, dir)`.
         `state_dict`: this model's full state dict (`self.state_dict()` keys) to write instead of the
         module tensors, e.g. gathered on one process from a model sharded by FSDP, whose own
         tensors are shards (full saves only).
@@ -322,11 +496,16 @@ class LTEModel(SparseFFNModel):
         """
         from safetensors.torch import save_file
 
+        if light is None:
+            light = self.has_adapters
         if light:
             if state_dict is not None:
                 raise LTEError("save_pretrained(light=True) reads the live model; with a gathered state_dict "
                                "(sharded training) make a full save: save_pretrained(dir, state_dict=...)")
             self._check_base_unchanged()
+        elif self.has_adapters:
+            raise LTEError("a full save holds plain weights, not adapters: merge them first (merge_adapters()) "
+                           "or save light (save_pretrained(dir), the default with adapters)")
 
         def write(folder: Path) -> None:
             if not light:
@@ -334,12 +513,19 @@ class LTEModel(SparseFFNModel):
             save_file(self._adapter_state(state_dict), str(folder / ADAPTER_NAME))
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
+            if self.has_adapters:
+                from . import adapters
+
+                save_file(adapters.adapter_state(self.base_model), str(folder / PEFT_NAME))
             meta = self._meta(weights_permuted=not light, embedding=self._input_embedding(state_dict))
             (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
         self._save_atomically(save_directory, write)
 
     def _check_base_unchanged(self) -> None:
+        if self._base_changed:
+            raise LTEError("the adapters were merged into the base weights: a light save would lose them. "
+                           "Use save_pretrained(dir, light=False) (full save).")
         if weights_digest(self._layers) != self._digest:
             raise LTEError(
                 "the base weights changed since conversion (training?): a light save keeps only the "
@@ -359,10 +545,12 @@ class LTEModel(SparseFFNModel):
                 "load it with transformers and convert it with lte.get_lte_model."
             )
         meta = json.loads((d / CONFIG_NAME).read_text())
-        if meta.get("format_version", 1) > CONFIG_FORMAT_VERSION:
+        if meta.get("format_version", 1) > SAVE_FORMAT_VERSION:
             raise LTEError(f"{d} was saved by a newer lte (format {meta['format_version']}); upgrade lte")
         if not (d / ADAPTER_NAME).is_file():
             raise LTEError(f"{d} is missing {ADAPTER_NAME} (the routers); the save is incomplete, re-save it")
+        if meta.get("adapters") and not (d / PEFT_NAME).is_file():
+            raise LTEError(f"{d} is missing {PEFT_NAME} (the adapters); the save is incomplete, re-save it")
         return meta, load_file(str(d / ADAPTER_NAME))
 
     @classmethod
@@ -370,27 +558,92 @@ class LTEModel(SparseFFNModel):
                 check_weights: bool) -> LTEModel:
         cfg, layers = reattach(base, meta, state, where, check_weights)
         model = cls(base, cfg, layers, meta["base"], stage=meta.get("stage", "converted"))
+        if not meta.get("weights_permuted", True):
+            model.base_path = meta.get("base_path") or model.base_path
+            model._base_permuted = bool(meta.get("base_permuted", False))
+        if meta.get("adapters"):
+            model._restore_adapters(meta["adapters"], Path(where))
         model.set_routing(meta.get("routing", "dense"))
         return model
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs: Any) -> LTEModel:
-        """Load a full save (`save_pretrained(dir)`); HF keyword arguments (dtype, device_map) pass through."""
-        import transformers
+    def _restore_adapters(self, info: dict[str, Any], directory: Path) -> None:
+        """Put back the adapters a save holds (its config names every target in full)."""
+        from safetensors.torch import load_file
 
+        from . import adapters
+
+        if info.get("type") != "lora":
+            raise LTEError(f"{directory} holds adapters of type {info.get('type')!r}; this lte reads LoRA only")
+        config = adapters.config_from_dict(info["config"])
+        adapters.inject(self.base_model, config)
+        adapters.load_adapter_state(self.base_model, load_file(str(directory / PEFT_NAME)), str(directory))
+        self._adapter_config = config
+
+    def load_trained_state(self, directory: str | os.PathLike) -> None:
+        """Copy the routers, adapters and eta of a save of this same model (a checkpoint of its run) into
+        it, without loading the base again. Refuses a save with other permutations or adapters."""
+        from safetensors.torch import load_file
+
+        meta, state = self._read(directory)
+        for i, layer in enumerate(self._layers):
+            perm = state.get(f"layers.{i}.perm")
+            if perm is None or not torch.equal(perm.cpu(), layer.input.perm.cpu()):
+                raise LTEError(f"{directory} was not saved from this model (FFN {i} has another permutation)")
+        if bool(meta.get("adapters")) != self.has_adapters:
+            raise LTEError(f"{directory} and this model differ in having adapters; resume the run that wrote it")
+        with torch.no_grad():
+            for i, layer in enumerate(self._layers):
+                layer.router.weight.copy_(state[f"layers.{i}.router.weight"])
+        if self.has_adapters:
+            from . import adapters
+
+            adapters.load_adapter_state(self.base_model, load_file(str(Path(directory) / PEFT_NAME)), str(directory))
+        self.lte_config.eta = float(meta["lte"]["eta"])
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, base: str | os.PathLike | None = None,
+                        **hf_kwargs: Any) -> LTEModel:
+        """Load a save; HF keyword arguments (dtype, device_map) pass through.
+
+        A full save loads alone. A light save loads its base from `base` (default: the path it
+        recorded; a plain model loads in float32 unless `dtype` says otherwise) and refuses a base
+        whose fingerprint differs.
+        """
         meta, state = cls._read(directory)
         d = Path(directory)
         if not meta.get("weights_permuted", True) or not (d / "config.json").is_file():
-            raise LTEError(
-                f"{d} is a light save (routers only); load its base model yourself and call "
-                "LTEModel.from_base(base_model, dir)"
-            )
+            base = base or meta.get("base_path")
+            if base is None:
+                raise LTEError(
+                    f"{d} is a light save (routers only) that does not record its base; load its base model "
+                    "yourself and call LTEModel.from_base(base_model, dir)"
+                )
+            hf_kwargs.setdefault("dtype", torch.float32)
+            return cls._attach(cls._load_base(base, meta, d, hf_kwargs), meta, state, str(d), check_weights=True)
+        model = cls._attach(cls._hf_class(meta, d).from_pretrained(d, **hf_kwargs), meta, state, str(d),
+                            check_weights=True)
+        model.base_path, model._base_permuted = str(d.resolve()), True
+        return model
+
+    @staticmethod
+    def _hf_class(meta: dict[str, Any], d: Path) -> type:
+        import transformers
+
         arch = meta["base_architecture"]
         model_cls = getattr(transformers, arch, None)
         if model_cls is None:
             raise LTEError(f"{d} holds a {arch}, which this transformers version does not have; upgrade transformers")
-        base = model_cls.from_pretrained(d, **hf_kwargs)
-        return cls._attach(base, meta, state, str(d), check_weights=True)
+        return model_cls
+
+    @classmethod
+    def _load_base(cls, base: str | os.PathLike, meta: dict[str, Any], d: Path, hf_kwargs: dict[str, Any]) -> nn.Module:
+        """The base model of light save `d`, from `base` (a folder or hub name)."""
+        try:
+            return cls._hf_class(meta, d).from_pretrained(base, **hf_kwargs)
+        except OSError as err:
+            raise LTEError(f"{d} is a light save on the base model {base}, which could not be loaded "
+                           f"({str(err).splitlines()[0]}); pass the base model's folder "
+                           "(lte.load_model(dir, base=PATH), or --base-model PATH)") from err
 
     @classmethod
     def from_base(cls, base_model: nn.Module, directory: str | os.PathLike, check_weights: bool = True) -> LTEModel:

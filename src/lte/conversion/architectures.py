@@ -99,6 +99,33 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "mpnet": _BERT_LIKE,
 }
 
+_LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_BERT_ATTENTION = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+
+#: Each family's attention projections, the other half of its adapter targets (`adapter_targets`):
+#: dotted names matched as suffixes of the module names inside a block (decoder / encoder layer) that
+#: holds one of its FFNs (so a vision tower's attention is not one).
+ATTENTION: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_ATTENTION,
+    "mistral": _LLAMA_ATTENTION,
+    "qwen2": _LLAMA_ATTENTION,
+    "qwen3": _LLAMA_ATTENTION,
+    "gemma": _LLAMA_ATTENTION,
+    "gemma2": _LLAMA_ATTENTION,
+    "gemma3_text": _LLAMA_ATTENTION,
+    "gemma3": _LLAMA_ATTENTION,
+    "phi3": ("self_attn.qkv_proj", "self_attn.o_proj"),
+    "gpt2": ("attn.c_attn", "attn.c_proj"),
+    "opt": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+    "gpt_neox": ("attention.query_key_value", "attention.dense"),
+    "bert": _BERT_ATTENTION,
+    "roberta": _BERT_ATTENTION,
+    "mpnet": ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o"),
+}
+
+#: Which projections `adapter_targets` names: both halves, or one.
+TARGET_GROUPS = ("all", "attention", "ffn")
+
 #: HF activation names -> the names our kernels know.
 _ACTIVATIONS = {
     "silu": "silu",
@@ -126,11 +153,19 @@ def supported() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def register_architecture(model_type: str, spec: FFNSpec, overwrite: bool = False) -> None:
-    """Add a family to the table (at run time, for this process)."""
+def register_architecture(model_type: str, spec: FFNSpec, overwrite: bool = False,
+                          attention: tuple[str, ...] | None = None) -> None:
+    """Add a family to the table (at run time, for this process).
+
+    `attention`: its attention projections (suffixes of their module names, e.g. ("self_attn.q_proj",
+    ...)), which adapters target together with the FFN projections; without it, adapters need
+    explicit targets or the "ffn" group.
+    """
     if model_type in ARCHITECTURES and not overwrite:
         raise LTEError(f"{model_type!r} is already in the table; pass overwrite=True to replace it")
     ARCHITECTURES[model_type] = spec
+    if attention is not None:
+        ATTENTION[model_type] = tuple(attention)
 
 
 def spec_for(model_type: str, override: dict[str, Any] | FFNSpec | None = None) -> FFNSpec:
@@ -143,6 +178,29 @@ def spec_for(model_type: str, override: dict[str, Any] | FFNSpec | None = None) 
             + _HOW_TO_ADD
         )
     return ARCHITECTURES[model_type]
+
+
+def adapter_targets(model_type: str, spec: FFNSpec, group: str = "all") -> dict[str, tuple[str, ...]]:
+    """The projections adapters (LoRA) train in a family: {"attention": suffixes, "ffn": names}.
+
+    "ffn" names are relative to the FFN container (`spec`); "attention" names are suffixes of module
+    names (`ATTENTION`). `group` "all", "attention" or "ffn" keeps both halves or one.
+    """
+    if group not in TARGET_GROUPS:
+        raise LTEError(f"unknown adapter target group {group!r}; choose one of {', '.join(TARGET_GROUPS)} "
+                       "or name the modules")
+    ffn = tuple(n for n in (spec.gate_up, spec.gate, spec.up, spec.down) if n)
+    attention: tuple[str, ...] = ()
+    if group in ("all", "attention"):
+        if model_type not in ATTENTION:
+            raise LTEError(
+                f"lte does not know the attention projections of the model family {model_type!r}, so it cannot "
+                "choose the adapter targets: pass them (--lora-targets q_proj,v_proj,... or "
+                "LoraConfig(target_modules=[...])), use --lora-targets ffn (the FFN projections only), or "
+                "register them: lte.register_architecture(model_type, spec, attention=(...), overwrite=True)"
+            )
+        attention = ATTENTION[model_type]
+    return {"attention": attention, "ffn": ffn if group in ("all", "ffn") else ()}
 
 
 def activation_name(config: Any, spec: FFNSpec) -> str:

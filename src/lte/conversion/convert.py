@@ -226,7 +226,9 @@ def reattach(base: nn.Module, meta: dict[str, Any], state: dict[str, torch.Tenso
         perms = [state[f"layers.{i}.perm"] for i in range(n)]
     except KeyError as err:
         raise LTEError(f"{where}: the adapter file lacks {err}; the file is damaged, re-save the model") from err
-    layers = wrap_ffns(base, cfg, spec, perms, apply_perms=not meta["weights_permuted"], ffns=ffns)
+    # A light save's base is permuted already when it is itself a full LTE save (`base_permuted`).
+    permuted = meta["weights_permuted"] or meta.get("base_permuted", False)
+    layers = wrap_ffns(base, cfg, spec, perms, apply_perms=not permuted, ffns=ffns)
     for i, layer in enumerate(layers):
         w = state[f"layers.{i}.router.weight"]
         if w.shape != layer.router.weight.shape:

@@ -27,13 +27,24 @@ def check_projection(module: nn.Module, name: str) -> None:
         )
 
 
+def plain_layer(module: nn.Module) -> nn.Module:
+    """The nn.Linear / Conv1D under an adapter layer (a `peft` LoRA layer: `get_base_layer()`), else `module`.
+
+    Its weight is the base weight, without the unmerged adapter.
+    """
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
+
+
 def in_rows(module: nn.Module) -> torch.Tensor:
     """Weight of an input projection as [out_features, in_features] (a view or a transpose)."""
+    module = plain_layer(module)
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def out_cols(module: nn.Module) -> torch.Tensor:
     """Weight of an output projection as [out_features (D), in_features (F)]."""
+    module = plain_layer(module)
     return module.weight.t() if is_conv1d(module) else module.weight
 
 

@@ -34,6 +34,50 @@ class _HardThreshold(torch.autograd.Function):
         return grad, None
 
 
+def _router_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x in the router's dtype; under autocast as it is (the matmul casts both to the autocast dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
+class _TrainingScores(torch.autograd.Function):
+    """The router scores of a training forward, from one matmul: G = sigmoid(x Wr^T) [..., E] in fp32, twice.
+
+    `scores` feeds the gate: the task loss reaches x and Wr through it. `loss_scores` (the same
+    values) feeds L_eff and L_sep, whose gradient reaches Wr only (`loss_to_model=False`). Autograd
+    would need a second matmul for that (F.linear(x.detach(), Wr)); here the backward adds the two
+    gradients of the logits and multiplies once for Wr.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xr = _router_input(x, weight)
+        logits = F.linear(xr, weight)  # [..., E], in the autocast dtype under autocast
+        scores = torch.sigmoid(logits.float())
+        ctx.save_for_backward(xr, weight, scores)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero gradients made up
+        ctx.compute_dtype = logits.dtype
+        ctx.x_dtype = x.dtype
+        return scores, scores.clone()
+
+    @staticmethod
+    def backward(ctx, grad_scores: torch.Tensor, grad_loss_scores: torch.Tensor):
+        xr, weight, scores = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        # d/dlogits of each use, fp32 [..., E] (None: that output got no gradient)
+        grad_model = None if grad_scores is None else torch.ops.aten.sigmoid_backward(grad_scores, scores)
+        grad_loss = None if grad_loss_scores is None else torch.ops.aten.sigmoid_backward(grad_loss_scores, scores)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0] and grad_model is not None:
+            grad_x = (grad_model.to(dtype) @ weight.to(dtype)).to(ctx.x_dtype)  # [..., D]
+        both = grad_model if grad_loss is None else (grad_loss if grad_model is None else grad_model + grad_loss)
+        if ctx.needs_input_grad[1] and both is not None:
+            both = both.to(dtype).reshape(-1, both.shape[-1])  # [T, E]
+            grad_w = (both.t() @ xr.to(dtype).reshape(-1, xr.shape[-1])).to(weight.dtype)  # [E, D]
+        return grad_x, grad_w
+
+
 def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None) -> torch.Tensor | None:
     """Per-expert multiplier [..., E] for a routing mode (None = every expert fully on)."""
     if mode == "dense":
@@ -138,14 +182,13 @@ class LTEInput(WrappedLayer):
         if self.mode == "dense":
             self.scores, self.gate, self.loss_scores = None, None, None
             return y
-        xr = x.to(self.router.weight.dtype)
-        logits = F.linear(xr, self.router.weight)  # [..., E]
-        self.scores = torch.sigmoid(logits.float())
-        self.gate = expert_gate(self.scores, self.mode, self.tau, self.k)
+        weight = self.router.weight
         if self.mode in TRAINING_MODES and torch.is_grad_enabled() and not self.loss_to_model:
-            self.loss_scores = torch.sigmoid(F.linear(xr.detach(), self.router.weight).float())
+            self.scores, self.loss_scores = _TrainingScores.apply(x, weight)
         else:
-            self.loss_scores = self.scores
+            logits = F.linear(_router_input(x, weight), weight)  # [..., E]
+            self.scores = self.loss_scores = torch.sigmoid(logits.float())
+        self.gate = expert_gate(self.scores, self.mode, self.tau, self.k)
         return y
 
     def extra_repr(self) -> str:

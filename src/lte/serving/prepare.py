@@ -367,7 +367,8 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
     (its wrappers are no longer in the module tree). Cast the model to its serving dtype and
     device *before* calling this. `use_kernels=False` keeps the masked dense path for every shape.
     `budget > 0` caps the experts one decode step uses per layer for the whole batch (see
-    `SparseMLP`); 0 keeps every expert some token wants (the LTEModel's function).
+    `SparseMLP`); 0 keeps every expert some token wants (the LTEModel's function). LoRA adapters
+    are merged into the (permuted) weights first (`LTEModel.merge_adapters`).
     """
     if not _is_lte_model(lmodel):
         raise LTEError(
@@ -377,6 +378,7 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
     if getattr(lmodel, "routing", "hard") == "topk":
         raise LTEError("prepare_for_inference implements hard (threshold) routing; this model is in topk routing. "
                        "Call lmodel.set_routing('hard') first.")
+    lmodel.merge_adapters()
     hf_model = lmodel.base_model
     split = _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES
     expert_size = lmodel.lte_config.expert_size
@@ -411,8 +413,9 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
 def dense_modules(model: Any) -> dict[str, nn.Module]:
     """A `DenseMLP` for every FFN of a served family's model, by dotted container name (nothing replaced yet).
 
-    Accepts a plain HF model or an `LTEModel` (its routers are ignored: dense function). The
-    DenseMLPs share the model's weights (no copy), the down projection in its own [D, F] layout.
+    Accepts a plain HF model or an `LTEModel` (its routers are ignored: dense function; its adapters
+    are merged first). The DenseMLPs share the model's weights (no copy), the down projection in its
+    own [D, F] layout.
     """
     from ..conversion.permute import in_rows, out_cols
 
@@ -420,6 +423,7 @@ def dense_modules(model: Any) -> dict[str, nn.Module]:
         return None if t is None else t.detach()
 
     if _is_lte_model(model):
+        model.merge_adapters()
         hf_model = model.base_model
         if _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES:  # the original projections
             names = {id(m): n for n, m in hf_model.named_modules()}

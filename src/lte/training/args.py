@@ -135,6 +135,23 @@ class TrainArgs:
     controller_warmup: int = field(default=0, metadata=_help(
         "eta controller: steps before the first update", at_least=0))
     eta_max: float = field(default=100.0, metadata=_help("eta controller: largest eta", above=0))
+    # adapters: LoRA (the peft library) on a frozen base
+    peft: str | None = field(default=None, metadata=_help(
+        "stage 1: 'lora' trains LoRA adapters (peft) on the attention and FFN projections with the routers, "
+        "the base frozen (loaded in bf16 on a bf16 GPU); stage 2 keeps training a stage-1 output's adapters. "
+        "Saves hold routers, permutations and adapters only and load onto the base by its recorded path",
+        choices=("lora", "none")))
+    lora_r: int = field(default=16, metadata=_help("LoRA rank", at_least=1))
+    lora_alpha: float | None = field(default=None, metadata=_help(
+        "LoRA alpha: updates are scaled by alpha / r (default 2 x rank)", above=0))
+    lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA input", at_least=0, below=1))
+    lora_targets: str | None = field(default=None, metadata=_help(
+        "LoRA targets: all (the family's attention and FFN projections), attention, ffn, or comma-separated "
+        "module names (default all)"))
+    base_model: str | None = field(default=None, metadata=_help(
+        "a model folder with adapters (light save): its base model (default: the path the folder records)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute activations in the backward pass: less memory, slower steps"))
 
     def __post_init__(self) -> None:
         if isinstance(self.lte, dict):
@@ -147,6 +164,8 @@ class TrainArgs:
         if self.resume and self.overwrite:
             raise StageInputError("resume and overwrite exclude each other: --resume continues the run in the output "
                                   "folder, --overwrite replaces it; pass one")
+        if self.peft == "none":
+            self.peft = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainArgs:
@@ -298,4 +317,17 @@ def training_arguments(out: Path, hp: TrainArgs):
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",  # the budget a study reports (tokens, not only steps)
+        **_checkpointing(hp, TrainingArguments),
     )
+
+
+def _checkpointing(hp: TrainArgs, cls: type) -> dict[str, Any]:
+    """Activation (gradient) checkpointing settings under the name this transformers uses, when asked for.
+
+    Non-reentrant: gradients reach adapters inside checkpointed blocks of a frozen base.
+    """
+    if not hp.gradient_checkpointing:
+        return {}
+    name = "activation_checkpointing" if "activation_checkpointing" in cls.__dataclass_fields__ else \
+        "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}

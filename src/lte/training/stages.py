@@ -27,6 +27,7 @@ from torch import nn
 from lte.loading import (
     STAGE_RECORD,
     check_head,
+    has_adapters,
     load_model,
     load_tokenizer,
     model_kind,
@@ -34,7 +35,7 @@ from lte.loading import (
     saved_stage,
 )
 from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
-from lte.training.args import TrainArgs, training_arguments
+from lte.training.args import TrainArgs, training_arguments, use_bf16
 from lte.training.callbacks import EtaController, LamWarmup, _newest_checkpoint
 from lte.training.data import first_batch, load_task_data, make_collator, split_holdout
 from lte.training.errors import NonFiniteLossError, StageInputError
@@ -186,10 +187,15 @@ def load_stage_model(stage: str, source: Path | str, task: str, num_labels: int,
     if stage == "dense" or (stage == "1" and not _is_lte_dir(src)):
         if _is_lte_dir(src):
             raise StageInputError(f"{src} is an LTE model; the dense stage needs a plain HF model")
-        model = load_model(src, task=task, num_labels=num_labels, check=False)  # the head was checked above
+        model = load_model(src, task=task, num_labels=num_labels, check=False,  # the head was checked above
+                           **_base_dtype(hp, adapters=bool(hp.peft) and stage == "1"))
         ensure_pad_token(model, tokenizer)
         if stage == "dense":
             return model
+        if hp.peft and task == "classification" and not _has_classifier(src):
+            raise StageInputError(
+                f"--peft keeps the base frozen, its classification head too, but {src} has no trained head: "
+                "fine-tune it on the task first (--stage dense) and start stage 1 from that output")
         if not converted_from_checkpoint and not (isinstance(src, Path) and stage_info(src)):
             logger.warning("stage 1 starts from %s, which is not a dense-stage output: the paper groups a model "
                            "fine-tuned on the task first (run --stage dense)", src)
@@ -197,9 +203,29 @@ def load_stage_model(stage: str, source: Path | str, task: str, num_labels: int,
     # stages 1 (continuing an LTE dir) and 2: an LTE directory is required
     if stage == "2":
         _check_stage2_source(src)
-    model = load_model(src)
+    model = load_model(src, base=hp.base_model, **_base_dtype(hp, adapters=_is_lte_dir(src) and has_adapters(src)))
     ensure_pad_token(model.base_model, tokenizer)
     return model
+
+
+def _base_dtype(hp: TrainArgs, adapters: bool) -> dict[str, Any]:
+    """A frozen base (adapters) loads in bf16 when training runs in bf16: it needs no fp32 master weights."""
+    return {"dtype": torch.bfloat16} if adapters and use_bf16(hp) else {}
+
+
+def _has_classifier(src: Path | str) -> bool:
+    """Whether a model folder holds a sequence-classification head (hub names: assumed so)."""
+    if not isinstance(src, Path) or not (src / "config.json").is_file():
+        return True
+    archs = json.loads((src / "config.json").read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def _lora(hp: TrainArgs):
+    """The LoRA config of a stage's settings."""
+    from lte.adapters import lora_config
+
+    return lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_targets)
 
 
 def _check_stage2_source(src: Path | str) -> None:
@@ -221,8 +247,10 @@ def _convert(model: nn.Module, hp: TrainArgs, calibration_batch: dict[str, torch
     """Group neurons and add routers (start of stage 1); optionally calibrate the router scale."""
     import lte
 
-    lmodel = lte.get_lte_model(model, dataclasses.replace(hp.lte, seed=hp.seed),  # a copy: training changes eta
-                               calibration=calibration_batch)
+    # a copy of the config: training changes eta. Adapters are checked before grouping and start at zero
+    # (LoRA's B = 0), so the router init below sees the model's own function.
+    lmodel = lte.get_lte_model(model, dataclasses.replace(hp.lte, seed=hp.seed), calibration=calibration_batch,
+                               adapters=_lora(hp) if hp.peft else None)
     mode = hp.router_init
     if mode == "auto":
         mode = "fit" if hp.target_sparsity is not None else "none"
@@ -235,7 +263,12 @@ def _convert(model: nn.Module, hp: TrainArgs, calibration_batch: dict[str, torch
 
 
 def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
-    """Routing mode, trainable routers and the stage label of an LTE model."""
+    """Routing mode, trainable routers, adapters and the stage label of an LTE model."""
+    if hp.peft and not model.has_adapters:
+        if stage == "2":
+            raise StageInputError("--peft at stage 2 continues the adapters of a stage-1 output, and this one has "
+                                  "none: run stage 1 with --peft lora, or drop --peft for full fine-tuning")
+        model.add_adapters(_lora(hp))
     if stage == "1":
         model.lte_config.lam = hp.lte.lam
         if model.stage != "stage1" or not hp.resume:
@@ -373,6 +406,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
                   train_tokens=int(trainer.state.num_input_tokens_seen or 0), train_epochs=trainer.state.epoch,
                   train_examples=len(train_set))
     if stage != "dense":
+        record["adapters"] = model.has_adapters
+        record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         record["eta"] = float(model.lte_config.eta)
         record["tau"] = float(model.lte_config.tau)
         record["train_sparsity"] = (trainer.last_step_stats or {}).get("ffn_sparsity")
@@ -433,6 +468,9 @@ def _resolve_teacher(stage: str, hp: TrainArgs, teacher: nn.Module | None, sourc
 
 def _check_stage_settings(stage: str, hp: TrainArgs) -> None:
     """Refuse settings the stage would otherwise ignore (before any work)."""
+    if stage == "dense" and hp.peft:
+        raise StageInputError("--peft applies to stages 1 and 2 (LoRA-LTE on a frozen base); drop it for --stage "
+                              "dense, or set it under stage1: in a run config")
     if stage == "dense" and hp.distill > 0:
         raise StageInputError("distill applies to stages 1 and 2 (the dense model is the teacher); "
                               "drop --distill for --stage dense")

@@ -49,8 +49,7 @@ class _Window:
     def reset(self) -> None:
         self.losses: dict[str, torch.Tensor] = {}  # name -> sum over micro-batches
         self.n_losses = 0
-        self.per_layer: list[float] | None = None  # sum over measured steps
-        self.gflops = 0.0
+        self.stats: torch.Tensor | None = None  # [L per-layer sparsity, GFLOPs] summed over measured steps
         self.n_stats = 0
 
     def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
@@ -58,9 +57,8 @@ class _Window:
             self.losses[key] = self.losses.get(key, 0.0) + value.detach().float()
         self.n_losses += 1
 
-    def add_stats(self, per_layer: list[float], gflops: float) -> None:
-        self.per_layer = per_layer if self.per_layer is None else [a + b for a, b in zip(self.per_layer, per_layer)]
-        self.gflops += gflops
+    def add_stats(self, stats: torch.Tensor) -> None:
+        self.stats = stats if self.stats is None else self.stats + stats
         self.n_stats += 1
 
 
@@ -103,7 +101,7 @@ class LTETrainer(Trainer):
         # The teacher runs under no_grad in eval mode; its parameters are left as they are (it may be shared).
         self.teacher = teacher.eval() if (teacher is not None and distill > 0) else None
         self._window = _Window()
-        self._last_stats: dict[str, Any] | None = None
+        self._last_stats: torch.Tensor | None = None  # [L per-layer sparsity, GFLOPs] of the last step
         if jsonl_log and not self._find(JsonlLogger):
             self.add_callback(JsonlLogger(jsonl_log))
         if nan_guard and not self._find(NaNGuard):
@@ -256,25 +254,32 @@ class LTETrainer(Trainer):
         """After optimizer step `step`: read the step's sparsity, update eta, keep it for the log.
 
         The statistics are token-weighted over processes (every rank gets the same sums), so the
-        eta controller sees the same measurement, and keeps the same state, on every rank.
+        eta controller sees the same measurement, and keeps the same state, on every rank. The numbers
+        stay on the device (no host read) unless the eta controller measures this step: then one read.
         """
         if not self._stats_active():
             return
-        per_layer, gflops = self._global_step_stats()
-        sparsity = sum(per_layer) / len(per_layer)
-        self._last_stats = {"ffn_sparsity": sparsity, "per_layer": per_layer}
-        self._window.add_stats(per_layer, gflops)
+        stats = self._global_step_stats_on_device()  # [L per-layer sparsity, GFLOPs]
+        self._last_stats = stats
+        self._window.add_stats(stats)
         controller = self.eta_controller
         if controller is not None and self.lte_model.routing in TRAINING_MODES and controller.wants_measurement(step):
-            self.lte_model.lte_config.eta = controller.update(step, sparsity)
+            per_layer = stats[:-1].tolist()
+            self.lte_model.lte_config.eta = controller.update(step, sum(per_layer) / len(per_layer))
 
     def _global_step_stats(self) -> tuple[list[float], float]:
         """(per-layer FFN sparsity, GFLOPs/token) of the forwards since the last reset, over every process's
         real tokens (each process's figures weighted by its token count); the same values on every rank."""
-        stats = self.lte_model.lte_stats(accumulated=True)
-        local = torch.tensor([*stats["per_layer"], stats["gflops_per_token"], 1.0], dtype=torch.float64)
-        summed = self._all_sum(local * stats["tokens"]).cpu()  # [L per-layer sparsity, GFLOPs, 1] x tokens
-        return (summed[:-2] / summed[-1]).tolist(), float(summed[-2] / summed[-1])
+        values = self._global_step_stats_on_device().tolist()
+        return values[:-1], values[-1]
+
+    def _global_step_stats_on_device(self) -> torch.Tensor:
+        """`_global_step_stats` as one tensor [L per-layer sparsity, GFLOPs/token] on the device (no host read)."""
+        stats = self.lte_model.accumulated_statistics()  # [L, GFLOPs, tokens]
+        tokens = stats[-1]
+        local = torch.cat([stats[:-1], torch.ones_like(tokens).reshape(1)]) * tokens
+        summed = self._all_sum(local)  # [L per-layer sparsity, GFLOPs, 1] x tokens
+        return summed[:-1] / summed[-1]
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -298,10 +303,11 @@ class LTETrainer(Trainer):
             if lte_model.routing in TRAINING_MODES:
                 out["eta"] = float(lte_model.lte_config.eta)
                 out["lam"] = float(lte_model.lte_config.lam)
-            if w.n_stats and w.per_layer is not None:
-                per_layer = [v / w.n_stats for v in w.per_layer]
+            if w.n_stats and w.stats is not None:
+                means = (w.stats / w.n_stats).tolist()
+                per_layer = means[:-1]
                 out["ffn_sparsity"] = sum(per_layer) / len(per_layer)
-                out["gflops_per_token"] = w.gflops / w.n_stats
+                out["gflops_per_token"] = means[-1]
                 out.update({f"ffn_sparsity/layer_{i:02d}": v for i, v in enumerate(per_layer)})
             controller = self.eta_controller
             if controller is not None and controller.smoothed is not None:
@@ -312,7 +318,10 @@ class LTETrainer(Trainer):
     @property
     def last_step_stats(self) -> dict[str, Any] | None:
         """`{"ffn_sparsity", "per_layer"}` of the last optimizer step (None before the first)."""
-        return self._last_stats
+        if self._last_stats is None:
+            return None
+        per_layer = self._last_stats[:-1].tolist()
+        return {"ffn_sparsity": sum(per_layer) / len(per_layer), "per_layer": per_layer}
 
     # ------------------------------------------------------------------ save / load
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -354,6 +363,10 @@ class LTETrainer(Trainer):
         wrapped = model if model is not None else self.model_wrapped
         if sharding.is_sharded(wrapped):
             self._load_sharded(resume_from_checkpoint, wrapped, target)
+            return
+        if target.has_adapters:  # a light checkpoint: routers and adapters only, the base is the same
+            target.load_trained_state(resume_from_checkpoint)
+            self._restore_controller(resume_from_checkpoint)
             return
         saved = LTEModel.from_pretrained(resume_from_checkpoint)
         result = target.load_state_dict(saved.state_dict(), strict=False)

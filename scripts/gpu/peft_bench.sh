@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 12 on one GPU, about 4-6 minutes on an H200 (no model files needed: random weights):
+#   1. benchmarks/peft_memory.py: peak memory and tokens/s of full fine-tuning, dense LoRA and LoRA-LTE
+#      (stages 1 and 2) on a LLaMA-2-7B shape, bf16 -> $OUT/peft_memory.json
+#   2. benchmarks/train_step.py: the full-parameter stage-1 step against the dense step, SmolLM2-135M
+#      shapes (soft, then straight-through stage 1) -> $OUT/train_step{,_ste}.json
+#
+#   OUT=/path bash scripts/gpu/peft_bench.sh [--tiny]     # --tiny: CPU smoke test of the whole script
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+OUT=${OUT:-runs/peft_bench}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [[ "${1:-}" == "--tiny" ]]; then
+    MEM=(--shape tiny --steps 2 --warmup 1); STEP=(--tiny --steps 2 --warmup 1)
+else
+    MEM=(); STEP=(--steps 20 --warmup 5)
+fi
+start=$(date +%s)
+echo "== LoRA-LTE memory and speed (7B shape) =="
+"$PY" benchmarks/peft_memory.py "${MEM[@]}" --budget-s 300 --out "$OUT/peft_memory.json"
+echo "elapsed: $(( $(date +%s) - start )) s"
+echo "== stage-1 step vs dense step (SmolLM2 shapes) =="
+"$PY" benchmarks/train_step.py "${STEP[@]}" --count-ops --out "$OUT/train_step.json" | tail -4
+"$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --out "$OUT/train_step_ste.json" | tail -1
+echo "elapsed: $(( $(date +%s) - start )) s"
