@@ -52,7 +52,7 @@ WORKER = textwrap.dedent(
 
     root = sys.argv[1]
     common = dict(max_steps=4, block_size=24, batch_size=2, lr=1e-3, target_sparsity=0.5, logging_steps=1,
-                  save_steps=2, report_to="none", progress=False)
+                  save_steps=2, keep_checkpoints=True, report_to="none", progress=False)
     log = EtaLog()
     rec = train_stage("1", os.path.join(root, "llama"), "causal-lm", os.path.join(root, "text.txt"),
                       os.path.join(root, "fsdp"), callbacks=[log], **common)
@@ -167,8 +167,8 @@ def test_stage1_under_fsdp_matches_one_process_reloads_and_resumes(tmp_path):
 
     # the same global batch in one process gives the same model (same keys, shapes, routers, permutations)
     rec = train_stage("1", tmp_path / "llama", "causal-lm", tmp_path / "text.txt", tmp_path / "single", max_steps=4,
-                      block_size=24, batch_size=4, lr=1e-3, target_sparsity=0.5, save_steps=2, report_to="none",
-                      progress=False)
+                      block_size=24, batch_size=4, lr=1e-3, target_sparsity=0.5, save_steps=2, keep_checkpoints=True,
+                      report_to="none", progress=False)
     assert rec["eta"] == pytest.approx(r0["eta"], rel=1e-9)
     _same_save(tmp_path / "fsdp", tmp_path / "single", rtol=1e-4, atol=1e-6)
     _same_save(tmp_path / "fsdp" / "checkpoint-2", tmp_path / "single" / "checkpoint-2", rtol=1e-4, atol=1e-6)

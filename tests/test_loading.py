@@ -61,3 +61,27 @@ def test_baseline_save_is_atomic_and_keeps_other_files(tmp_path):
     again = BaselineModel.from_pretrained(out)
     assert again.target_sparsity == 0.25 and torch.equal(logits(again, inputs), logits(model, inputs))
     assert not list(tmp_path.glob("run.tmp-*"))
+
+
+def test_a_resave_names_the_first_origin_not_the_folder_it_was_loaded_from(tmp_path):
+    """A model resumed from a checkpoint and saved again must not name the checkpoint (deleted after the run)
+    as where its tokenizer lives; it keeps the origin the checkpoint recorded."""
+    import json
+
+    from lte.loading import _lte_config_name
+
+    plain = build("llama")
+    plain.save_pretrained(tmp_path / "base")
+    base = type(plain).from_pretrained(tmp_path / "base")
+    lte.get_lte_model(base, lte.LTEConfig(grouping="random"), progress=False).save_pretrained(tmp_path / "ckpt")
+    lte.LTEModel.from_pretrained(tmp_path / "ckpt").save_pretrained(tmp_path / "final")
+    for folder in ("ckpt", "final"):
+        assert json.loads((tmp_path / folder / _lte_config_name()).read_text())["tokenizer_source"] == str(
+            tmp_path / "base")
+
+    teal = apply_baseline(type(plain).from_pretrained(tmp_path / "base"), "teal", 0.5,
+                          calib_data=batch()["input_ids"])
+    teal.save_pretrained(tmp_path / "teal")
+    BaselineModel.from_pretrained(tmp_path / "teal").save_pretrained(tmp_path / "teal2")
+    assert json.loads((tmp_path / "teal2" / BaselineModel.config_name).read_text())["tokenizer_source"] == str(
+        tmp_path / "base")

@@ -558,6 +558,7 @@ class LTEModel(SparseFFNModel):
                 check_weights: bool) -> LTEModel:
         cfg, layers = reattach(base, meta, state, where, check_weights)
         model = cls(base, cfg, layers, meta["base"], stage=meta.get("stage", "converted"))
+        model._recorded_origin = meta.get("tokenizer_source")
         if not meta.get("weights_permuted", True):
             model.base_path = meta.get("base_path") or model.base_path
             model._base_permuted = bool(meta.get("base_permuted", False))

@@ -111,9 +111,15 @@ class SparseFFNModel(nn.Module):
         return stats
 
     # ---------------------------------------------------------------- save
+    #: the `tokenizer_source` of the save this model was loaded from (set by the loaders), kept through
+    #: re-saves so that a model resumed from a checkpoint does not name that short-lived folder
+    _recorded_origin: str | None = None
+
     def _tokenizer_source(self) -> str | None:
-        """Where the HF model was loaded from (a folder or hub name), recorded in a save so that a folder
+        """Where the model first came from (a folder or hub name), recorded in a save so that a folder
         saved without a tokenizer can still name one; None for a model built in code."""
+        if self._recorded_origin:
+            return self._recorded_origin
         origin = getattr(getattr(self.base_model, "config", None), "name_or_path", None)
         return str(origin) if origin else None
 

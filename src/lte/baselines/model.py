@@ -351,6 +351,7 @@ class BaselineModel(SparseFFNModel):
             layer.sparsifier.k = meta["k"][i]
         model = cls(base, layers, context, meta["method"], meta.get("options", {}))
         model.target_sparsity = meta.get("target_sparsity")
+        model._recorded_origin = meta.get("tokenizer_source")
         model.set_state("on")
         return model
 
