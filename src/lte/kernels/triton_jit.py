@@ -1,0 +1,386 @@
+"""The Triton kernels (``@triton.jit``) of one LTE FFN at decode time (B = 1..64 tokens).
+
+The launch side (tile choice, scratch buffers, grids, the entry points) is ``triton_ffn``.
+Dimensions: B tokens, D model width, F FFN width, S expert size, E = ceil(F / S) experts.
+Weights are ``[F, D]`` row-major (gate/up/W1 as PyTorch stores them, the down projection
+transposed), so expert ``e`` is the contiguous row slab ``[e*S, min((e+1)*S, F))`` of each matrix.
+
+Launches, all reading masks from GPU memory (no host sync, CUDA-graph capturable):
+
+0. The *union* of the batch's masks, ``union[e] = 1`` when some token needs expert e, comes from
+   the router kernel (``_router_kernel``: logits, threshold, per-token mask and union in one pass)
+   or, when the caller brings its own mask, from ``_union_kernel``. With a per-batch expert budget
+   ``_budget_kernel`` keeps the union's ``k`` experts with the largest summed router score.
+1. ``_ffn_in_kernel``: every program loads the union flags and takes their prefix sum, so it knows
+   the list of active experts without any host work. The work is the list of (active expert, row
+   block) items, split into contiguous equal shares over the grid; a program reads the gate/up rows
+   of its items once for all B tokens and writes ``h[b, f] = act(g) * u * m[b, expert(f)]`` to a
+   scratch. At a full union the items are every row in order: a dense GEMV/GEMM schedule.
+2. ``_ffn_out_kernel``: the down projection as a split-K reduction over the active list. Program
+   (d, s) owns ``BLOCK_D`` output columns and the s-th equal share of the active experts, and
+   stores its fp32 partial sum to ``part[s, b, d]`` (plain stores, no atomics, no zeroing).
+3. ``_ffn_finish_kernel``: ``y[b, d] = sum_s part[s, b, d] (+ b2)``, cast to the output dtype.
+
+On Hopper, launches 1-3 (and the budget kernel) use programmatic dependent launch (PDL): they
+start while the previous kernel drains and wait (``gdc_wait``) before reading its output. Launch 1
+triggers its dependents only after its own wait, so the down kernel may read the union (written
+before launch 1 started) and its first weight slab before it waits for ``h``.
+B = 1 accumulates with broadcast multiply-adds; B >= 2 pads the tokens to 16+ and uses ``tl.dot``.
+This module imports triton at import time: import it lazily (through ``triton_ffn``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # grid dependency control (programmatic dependent launch, Hopper+), Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+
+#: whether this triton has the grid dependency control ops the PDL path of the kernels calls
+HAS_GDC = gdc_wait is not None
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    """act(z) in fp32: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation), 3 relu, 4 identity."""
+    if ACT == 0:
+        out = z * tl.sigmoid(z)
+    elif ACT == 1:
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 2:
+        # 0.5 * z * (1 + tanh(u)) == z * sigmoid(2u), u = sqrt(2/pi) * (z + 0.044715 z^3)
+        out = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+    elif ACT == 3:
+        out = tl.maximum(z, 0.0)
+    else:
+        out = z
+    return out
+
+
+@triton.jit
+def _active_list(union_ptr, E, E_PAD: tl.constexpr):
+    """Union flags -> (inclusive prefix sum [E_PAD], number of active experts).
+
+    The j-th active expert (0-based) is ``sum(csum <= j)``: the count of positions whose running
+    total has not yet reached j + 1 (see ``_nth_active``)."""
+    e_idx = tl.arange(0, E_PAD)
+    flags = tl.load(union_ptr + e_idx, mask=e_idx < E, other=0).to(tl.int32)
+    csum = tl.cumsum(flags, axis=0)
+    return csum, tl.sum(flags, axis=0)
+
+
+@triton.jit
+def _nth_active(csum, first, SLOTS: tl.constexpr):
+    """Expert ids [SLOTS] of the active experts first, first + 1, ... (past the end: E_PAD)."""
+    want = first + tl.arange(0, SLOTS)  # [SLOTS]
+    return tl.sum((csum[None, :] <= want[:, None]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _pick(ids, slot, SLOTS: tl.constexpr):
+    """ids[slot] for a run-time slot (a masked reduction: registers cannot be indexed at run time)."""
+    return tl.sum(tl.where(tl.arange(0, SLOTS) == slot, ids, 0), axis=0)
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr, wr_ptr, mask_ptr, union_ptr, score_ptr,
+    B, D, E, threshold,
+    stride_xb, stride_mb,
+    B_PAD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, ONE_STEP: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, WITH_SCORE: tl.constexpr, PDL: tl.constexpr,
+    TRIGGER: tl.constexpr,
+):
+    """mask[b, e] = x[b] . Wr[e] > threshold, union[e] = any_b mask[b, e] (and the summed sigmoid
+    scores when WITH_SCORE) for one block of BLOCK_E experts; fp32 accumulation.
+
+    With PDL the kernel may start before the previous kernel (which wrote x) has finished: in one
+    step (ONE_STEP, all of D at once) it reads its router rows first and waits only before x.
+    TRIGGER lets the next (PDL-launched) kernel start early; it waits for this one before reading."""
+    if TRIGGER:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    experts = pid * BLOCK_E + tl.arange(0, BLOCK_E)  # [BLOCK_E]
+    e_ok = experts < E
+    toks = tl.arange(0, B_PAD)
+    tok_ok = toks < B
+    w_rows = experts.to(tl.int64) * D
+    if ONE_STEP:
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        w = tl.load(wr_ptr + w_rows[:, None] + ks[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+        if PDL:
+            gdc_wait()
+        xt = tl.load(x_ptr + toks[:, None] * stride_xb + ks[None, :], mask=tok_ok[:, None] & k_ok[None, :],
+                     other=0.0)  # [B_PAD, BLOCK_K]
+        if USE_DOT:
+            logits = tl.dot(xt, tl.trans(w), input_precision=DOT_PREC)  # [B_PAD, BLOCK_E]
+        else:
+            logits = tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    else:
+        if PDL:
+            gdc_wait()
+        if USE_DOT:
+            logits = tl.zeros([B_PAD, BLOCK_E], dtype=tl.float32)
+        else:
+            acc3 = tl.zeros([B_PAD, BLOCK_E, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < D
+            xt = tl.load(x_ptr + toks[:, None] * stride_xb + ks[None, :], mask=tok_ok[:, None] & k_ok[None, :],
+                         other=0.0)  # [B_PAD, BLOCK_K]
+            w = tl.load(wr_ptr + w_rows[:, None] + ks[None, :], mask=e_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # [BLOCK_E, BLOCK_K]
+            if USE_DOT:
+                logits = tl.dot(xt, tl.trans(w), logits, input_precision=DOT_PREC)
+            else:
+                acc3 += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if not USE_DOT:
+            logits = tl.sum(acc3, axis=2)  # [B_PAD, BLOCK_E]
+    valid = tok_ok[:, None] & e_ok[None, :]
+    hit = (logits > threshold) & valid
+    tl.store(mask_ptr + toks[:, None] * stride_mb + experts[None, :], hit.to(tl.int8), mask=valid)
+    tl.store(union_ptr + experts, tl.max(hit.to(tl.int32), axis=0).to(tl.int8), mask=e_ok)
+    if WITH_SCORE:
+        score = tl.where(valid, tl.sigmoid(logits), 0.0)
+        tl.store(score_ptr + experts, tl.sum(score, axis=0), mask=e_ok)
+
+
+@triton.jit
+def _union_kernel(mask_ptr, union_ptr, B, E, stride_mb, B_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+                  TRIGGER: tl.constexpr):
+    """union[e] = any_b mask[b, e] for one block of BLOCK_E experts."""
+    if TRIGGER:
+        gdc_launch_dependents()
+    experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = experts < E
+    toks = tl.arange(0, B_PAD)
+    m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
+                mask=(toks < B)[:, None] & e_ok[None, :], other=0).to(tl.int32)  # [B_PAD, BLOCK_E]
+    tl.store(union_ptr + experts, tl.max(m, axis=0).to(tl.int8), mask=e_ok)
+
+
+@triton.jit
+def _budget_kernel(
+    union_in_ptr, score_ptr, union_ptr, mask_ptr,
+    B, E, budget, stride_mb,
+    E_PAD: tl.constexpr, B_PAD: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
+):
+    """Keep the ``budget`` union experts with the largest summed score; write the new union and
+    clear dropped experts from every token's mask (this program's block of BLOCK_E experts).
+
+    Every program finds the same cut: the budget-th largest score by bisection on the fp32 bit
+    patterns (scores are sums of sigmoids, >= 0, so their bits order like the values); ties at the
+    cut go to the lower expert index."""
+    if PDL:
+        gdc_wait()  # the union and the scores come from the router
+        gdc_launch_dependents()
+    e_idx = tl.arange(0, E_PAD)
+    e_ok = e_idx < E
+    on = tl.load(union_in_ptr + e_idx, mask=e_ok, other=0) != 0
+    score = tl.load(score_ptr + e_idx, mask=e_ok, other=0.0)
+    bits = tl.where(on, score.to(tl.int32, bitcast=True), -1)  # [E_PAD]; -1: not in the union
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.full([], 0x7F800000, dtype=tl.int32)
+    for _ in range(31):  # largest t with count(bits >= t) >= budget
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = tl.sum((bits > lo).to(tl.int32), axis=0)  # kept for sure; ties at lo fill up to budget
+    pid = tl.program_id(0)
+    start = pid * BLOCK_E
+    ties_before = tl.sum(((bits == lo) & (e_idx < start)).to(tl.int32), axis=0)
+    blk = start + tl.arange(0, BLOCK_E)
+    blk_ok = blk < E
+    on_b = tl.load(union_in_ptr + blk, mask=blk_ok, other=0) != 0
+    bits_b = tl.where(on_b, tl.load(score_ptr + blk, mask=blk_ok, other=0.0).to(tl.int32, bitcast=True), -1)
+    tie_b = bits_b == lo
+    tie_rank = ties_before + tl.cumsum(tie_b.to(tl.int32), axis=0)  # 1-based rank among the ties
+    keep = on_b & ((bits_b > lo) | (tie_b & (tie_rank <= budget - above)))
+    tl.store(union_ptr + blk, keep.to(tl.int8), mask=blk_ok)
+    toks = tl.arange(0, B_PAD)
+    mb_ok = (toks < B)[:, None] & blk_ok[None, :]
+    m_ptrs = mask_ptr + toks[:, None] * stride_mb + blk[None, :]
+    m = tl.load(m_ptrs, mask=mb_ok, other=0)
+    tl.store(m_ptrs, tl.where(keep[None, :], m, 0).to(tl.int8), mask=mb_ok)
+
+
+@triton.jit
+def _ffn_in_item(
+    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, h_ptr, expert, block,
+    B, D, F, S, stride_xb, stride_mb, stride_hb,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One work item: h[b, rows] for row block ``block`` of ``expert``, all B tokens."""
+    toks = tl.arange(0, B_PAD)  # [B_PAD]
+    tok_ok = toks < B
+    local = block * BLOCK_F + tl.arange(0, BLOCK_F)  # [BLOCK_F] rows within the expert
+    rows = expert * S + local
+    row_ok = (local < S) & (rows < F)
+    m = tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0)  # [B_PAD]
+    w_rows = rows.to(tl.int64) * D  # [BLOCK_F] row offsets into [F, D]
+    if USE_DOT:
+        acc_u = tl.zeros([B_PAD, BLOCK_F], dtype=tl.float32)
+        acc_g = tl.zeros([B_PAD, BLOCK_F], dtype=tl.float32)
+    else:
+        acc_u3 = tl.zeros([B_PAD, BLOCK_F, BLOCK_K], dtype=tl.float32)
+        acc_g3 = tl.zeros([B_PAD, BLOCK_F, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        k_ok = ks < D
+        xt = tl.load(x_ptr + toks[:, None] * stride_xb + ks[None, :],
+                     mask=tok_ok[:, None] & k_ok[None, :], other=0.0)  # [B_PAD, BLOCK_K]
+        w_off = w_rows[:, None] + ks[None, :]  # [BLOCK_F, BLOCK_K]
+        w_ok = row_ok[:, None] & k_ok[None, :]
+        wu = tl.load(wu_ptr + w_off, mask=w_ok, other=0.0)
+        if USE_DOT:
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision=DOT_PREC)
+        else:
+            acc_u3 += xt.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :]
+        if GATED:
+            wg = tl.load(wg_ptr + w_off, mask=w_ok, other=0.0)
+            if USE_DOT:
+                acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision=DOT_PREC)
+            else:
+                acc_g3 += xt.to(tl.float32)[:, None, :] * wg.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc_u = tl.sum(acc_u3, axis=2)  # [B_PAD, BLOCK_F]
+        acc_g = tl.sum(acc_g3, axis=2)
+    if HAS_BIAS:
+        acc_u += tl.load(bu_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        h = _activation(acc_g, ACT) * acc_u
+    else:
+        h = _activation(acc_u, ACT)
+    h = tl.where(m[:, None] != 0, h, 0.0)  # a token only uses its own experts
+    tl.store(h_ptr + toks[:, None] * stride_hb + rows[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=tok_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _ffn_in_kernel(
+    x_ptr, mask_ptr, union_ptr, wg_ptr, wu_ptr, bu_ptr, h_ptr,
+    B, D, F, S, E, RB,
+    stride_xb, stride_mb, stride_hb,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+    SLOTS: tl.constexpr, PERSISTENT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """h for the (active expert, row block) items: an item is BLOCK_F rows of one expert
+    (RB = ceil(S / BLOCK_F) items per expert); a token whose mask is off for the expert gets h = 0.
+
+    PERSISTENT: each program takes a contiguous equal share of the items (SLOTS bounds the experts
+    a share can span); otherwise program i does item i, if there is one."""
+    if PDL:
+        gdc_wait()  # the union and the masks come from the previous launch
+        gdc_launch_dependents()  # only now: the down kernel reads the union before it waits
+    pid = tl.program_id(0)
+    csum, n_active = _active_list(union_ptr, E, E_PAD)
+    n_items = n_active * RB
+    if PERSISTENT:
+        share = tl.cdiv(n_items, tl.num_programs(0))
+        i0 = pid * share
+        i1 = tl.minimum(i0 + share, n_items)
+        j_first = i0 // RB
+        ids = _nth_active(csum, j_first, SLOTS)  # the experts this share can touch
+        for item in range(i0, i1):
+            j = item // RB
+            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, h_ptr, _pick(ids, j - j_first, SLOTS),
+                         item - j * RB, B, D, F, S, stride_xb, stride_mb, stride_hb,
+                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC)
+    else:
+        if pid < n_items:
+            j = pid // RB
+            expert = tl.sum((csum <= j).to(tl.int32), axis=0)  # the j-th active expert
+            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, h_ptr, expert, pid - j * RB,
+                         B, D, F, S, stride_xb, stride_mb, stride_hb,
+                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC)
+
+
+@triton.jit
+def _ffn_out_kernel(
+    h_ptr, union_ptr, mask_ptr, wd_ptr, part_ptr,
+    B, D, F, S, E,
+    stride_hb, stride_mb,
+    B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
+
+    With PDL the kernel starts while the gate/up kernel runs: it reads the union (complete before
+    that kernel triggered this launch) and its first Wd_t slab, and waits (gdc_wait) only before
+    it reads h. The share's expert ids are found CHUNK at a time (a [CHUNK, E_PAD] comparison).
+    TOKEN_MASK applies each token's mask to h (when h comes from elsewhere than the gate/up
+    kernel, which zeroes it)."""
+    if PDL:
+        gdc_launch_dependents()
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    col_ok = cols < D
+    toks = tl.arange(0, B_PAD)
+    tok_ok = toks < B
+    csum, n_active = _active_list(union_ptr, E, E_PAD)
+    j0 = (n_active * pid_s) // nsplit
+    j1 = (n_active * (pid_s + 1)) // nsplit
+    offs_s = tl.arange(0, S_PAD)
+    if USE_DOT:
+        acc = tl.zeros([B_PAD, BLOCK_D], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([B_PAD, S_PAD, BLOCK_D], dtype=tl.float32)
+    for c0 in range(j0, j1, CHUNK):
+        ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts
+        for j in range(c0, tl.minimum(c0 + CHUNK, j1)):
+            expert = _pick(ids, j - c0, CHUNK)
+            rows = expert * S + offs_s  # [S_PAD] the expert's neuron rows
+            row_ok = (offs_s < S) & (rows < F)
+            w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [S_PAD, BLOCK_D]
+            if PDL:
+                gdc_wait()  # h comes from the gate/up kernel (a no-op once it has completed)
+            h_ok = tok_ok
+            if TOKEN_MASK:
+                h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
+            h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :],
+                        mask=h_ok[:, None] & row_ok[None, :], other=0.0)  # [B_PAD, S_PAD]
+            if USE_DOT:
+                acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
+            else:
+                acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=1)  # [B_PAD, BLOCK_D]
+    if PDL:
+        gdc_wait()  # never complete before the gate/up kernel, even with no expert in this share
+    out_off = pid_s * B * D + toks[:, None] * D + cols[None, :]
+    tl.store(part_ptr + out_off, acc, mask=tok_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _ffn_finish_kernel(
+    part_ptr, bd_ptr, y_ptr,
+    B, D, SPLIT, stride_yb,
+    HAS_BIAS: tl.constexpr, SPLIT_PAD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):
+    """y[b, cols] = sum over splits of part[s, b, cols] (+ b2), cast to y's dtype (one load round trip)."""
+    if PDL:
+        gdc_wait()  # the partial sums come from the previous kernel
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = pid_d * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    col_ok = cols < D
+    splits = tl.arange(0, SPLIT_PAD)  # [SPLIT_PAD]
+    part = tl.load(part_ptr + splits[:, None] * B * D + b * D + cols[None, :],
+                   mask=(splits < SPLIT)[:, None] & col_ok[None, :], other=0.0)  # [SPLIT_PAD, BLOCK]
+    acc = tl.sum(part, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bd_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + b * stride_yb + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
