@@ -177,3 +177,21 @@ def test_comparison_reports_margins_and_spread():
     assert rows[0]["loses_to"] == ["teal"]
     assert rows[0]["margin"]["teal"] == pytest.approx(-0.1) and rows[0]["others_std"]["teal"] == pytest.approx(0.02)
     assert rows[0]["quality_std"] == 0.02
+
+
+def test_configs_read_exponent_numbers_as_numbers(tmp_path):
+    """`lr: 3e-4` is a number to a user (YAML 1.2); PyYAML's 1.1 rules alone would keep a string that the
+    setting check then refuses. Quoted values and words stay strings."""
+    from lte.study.config import load_study_config, parse_set
+    from lte.study.pipeline import _stage_hparams, load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ntask: causal-lm\nlr: 3e-4\nstage1: {router_lr: 1E-2, max_steps: 2e1}\n"
+                    "name: '3e-4'\ndata: x3e4\n")
+    cfg = load_run_config(path)
+    assert cfg["lr"] == 3e-4 and cfg["stage1"]["router_lr"] == 1e-2 and cfg["stage1"]["max_steps"] == 20
+    assert cfg["name"] == "3e-4" and cfg["data"] == "x3e4"
+    assert _stage_hparams(cfg, "stage1")["lr"] == 3e-4
+    assert parse_set(["stage2.lr=5e-5", "out=runs/1e5x"]) == {"stage2": {"lr": 5e-5}, "out": "runs/1e5x"}
+    path.write_text("train: {lr: 2e-5}\n")
+    assert load_study_config(path)["train"]["lr"] == 2e-5

@@ -62,14 +62,28 @@ def merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def yaml_load(text: str) -> Any:
+    """`yaml.safe_load` that also reads `3e-4` / `1E5` as numbers (YAML 1.2, as users write them;
+    PyYAML's YAML 1.1 rules would keep them as strings and the setting would be refused)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)
+
+
 def parse_set(items: list[str] | None, dashes_to_underscores: bool = False) -> dict[str, Any]:
     """`--set dense.max_steps=50 --set train.lr=1e-4` -> a nested dict (values parsed as YAML).
 
     `dashes_to_underscores`: write `max-steps` as `max_steps` in the keys (run configs; study keys
     keep their dashes, method names such as `dejavu-ft` have them).
     """
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -80,7 +94,7 @@ def parse_set(items: list[str] | None, dashes_to_underscores: bool = False) -> d
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml_load(value)
     return out
 
 
@@ -114,12 +128,10 @@ def derived_methods(cfg: dict[str, Any], methods: list[str]) -> list[str]:
 
 
 def load_study_config(path: str | Path) -> dict[str, Any]:
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise LTEError(f"study config not found: '{p}' (see configs/study/*.yaml)")
-    cfg = yaml.safe_load(p.read_text())
+    cfg = yaml_load(p.read_text())
     if not isinstance(cfg, dict):
         raise LTEError(f"'{p}' must hold a mapping of settings")
     return cfg

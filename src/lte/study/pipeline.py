@@ -52,11 +52,13 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML (or JSON) run description; clear errors for a missing or malformed file."""
     import yaml
 
+    from lte.study.config import yaml_load
+
     p = Path(path)
     if not p.is_file():
         raise StageInputError(f"run config not found: '{p}'. Pass a YAML file such as configs/demo.yaml")
     try:
-        cfg = yaml.safe_load(p.read_text())
+        cfg = yaml_load(p.read_text())
     except yaml.YAMLError as err:
         raise StageInputError(f"'{p}' is not valid YAML: {err}") from err
     if not isinstance(cfg, dict):
