@@ -195,3 +195,21 @@ def test_configs_read_exponent_numbers_as_numbers(tmp_path):
     assert parse_set(["stage2.lr=5e-5", "out=runs/1e5x"]) == {"stage2": {"lr": 5e-5}, "out": "runs/1e5x"}
     path.write_text("train: {lr: 2e-5}\n")
     assert load_study_config(path)["train"]["lr"] == 2e-5
+
+
+def test_report_states_each_methods_budget_and_flags_unequal_ones():
+    from lte.study.report import budget_lines
+
+    def pt(method, steps, tokens, epochs, target=0.5):
+        return {"method": method, "target": target, "train_steps": steps, "train_tokens": tokens,
+                "train_epochs": epochs}
+
+    points = [pt("dense", 100, 4000, 1.0, 0.0), pt("lte", 600, 25600, 0.5), pt("lte", 600, 25700, 0.5, 0.9),
+              pt("dejavu-ft", 600, 25650, 0.5), pt("teal", 0, 0, 0.0)]
+    lines = budget_lines(points, ["dense", "lte", "dejavu-ft", "teal"])
+    assert "| dense (fine-tune before every method) | 100 | 4,000 | 1.00 |" in lines
+    assert "| lte | 600 | 25,600-25,700 | 0.50 |" in lines
+    assert "| teal | - | - | - (training-free) |" in lines
+    assert "same budget" in lines[-2]
+    points.append(pt("random-topk", 300, 12800, 0.25))
+    assert "Budgets differ" in budget_lines(points, ["lte", "random-topk"])[-2]

@@ -159,11 +159,47 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
         lines += ["", "LTE against the baselines (not its own ablations): each baseline is interpolated between "
                   "its measured points at LTE's sparsity; one whose points do not reach it is left out.", ""]
     derived = {m for m in methods if m.endswith("-topk") and m != "random-topk"}  # same model as its LTE run
+    lines += budget_lines(points, ["dense"] + [m for m in methods if m not in derived])
     train = {m: sum(p.get("train_seconds") or 0.0 for p in points if p["method"] == m)
              for m in methods if m not in derived}
     lines += ["Training seconds per method (all targets, one worker each): " +
               ", ".join(f"{m} {s:.0f}" for m, s in train.items() if s > 0) + ".", ""]
     return "\n".join(lines)
+
+
+def _span(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if math.isclose(lo, hi, rel_tol=1e-3) else f"{lo:{fmt}}-{hi:{fmt}}"
+
+
+def budget_lines(points: list[dict[str, Any]], methods: list[str]) -> list[str]:
+    """Markdown: the training budget of each method's points (optimizer steps, tokens, epochs; LTE's two
+    stages together) and whether every trained method had the same one."""
+    rows, budgets = [], {}
+    for method in methods:
+        pts = [p for p in points if p["method"] == method and finite(p.get("train_steps"))]
+        steps = [float(p["train_steps"]) for p in pts]
+        if not steps or max(steps) == 0:
+            if method != "dense":
+                rows.append(f"| {method} | - | - | - (training-free) |")
+            continue
+        tokens = [float(p["train_tokens"]) for p in pts if finite(p.get("train_tokens"))]
+        epochs = [float(p["train_epochs"]) for p in pts if finite(p.get("train_epochs"))]
+        rows.append(f"| {method}{' (fine-tune before every method)' if method == 'dense' else ''} | "
+                    f"{_span(steps, '.0f')} | {_span(tokens, ',.0f') if tokens else '?'} | "
+                    f"{_span(epochs, '.2f') if epochs else '?'} |")
+        if method != "dense":
+            budgets[method] = (min(steps), max(steps), min(tokens or [0.0]), max(tokens or [0.0]))
+    if not rows:
+        return []
+    steps = [v for b in budgets.values() for v in b[:2]]
+    tokens = [v for b in budgets.values() for v in b[2:]]
+    # token counts of padded classification batches vary a little with the examples drawn: 2% is "same"
+    same = not steps or (min(steps) == max(steps) and min(tokens) >= 0.98 * max(tokens))
+    verdict = ("Every trained method had the same budget (tokens within 2%)." if same else
+               "**Budgets differ** between trained methods or targets: compare with care.")
+    return ["| method | optimizer steps | tokens | epochs |", "|---|---|---|---|", *rows, "",
+            f"Training budget per point (LTE: stage 1 and stage 2 together). {verdict}", ""]
 
 
 def finite(value: Any) -> bool:
