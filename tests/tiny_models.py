@@ -108,3 +108,12 @@ def write_text(path, lines: int = 200):
     words = "the cat sat on a mat and the dog ran over hills while birds sang in green trees".split()
     path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)))
     return path
+
+
+def free_port() -> int:
+    """A free local TCP port for a multi-process test's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
