@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 import lte
 from lte.training import EtaController, NonFiniteLossError, train_stage
 from lte.training.callbacks import NaNGuard
+from lte.training.errors import StageInputError
 from tiny_models import save_tiny_llama, write_text
 
 FAST = dict(block_size=24, batch_size=4, logging_steps=1, save_steps=1000, report_to="none", progress=False,
@@ -311,3 +312,43 @@ def test_lte_losses_reach_model_only_when_asked(tiny, to_model):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.router_parameters())
     base_grads = [p.grad for n, p in model.named_parameters() if "router" not in n and p.grad is not None]
     assert (len(base_grads) > 0) == to_model
+
+
+def test_tau_controller_moves_tau_by_gain_times_the_smoothed_error():
+    # no smoothing, no gain on eta: tau alone, by hand
+    ctl = EtaController(0.5, eta0=1.0, kp=0.0, ki=0.0, smoothing=0.0, tau0=0.5, tau_gain=0.2)
+    ctl.update(1, 0.4)  # too dense by 0.1: tau up by 0.02
+    assert ctl.tau == pytest.approx(0.52) and ctl.eta == pytest.approx(1.0)
+    ctl.update(2, 0.75)  # too sparse by 0.25: down by 0.05
+    assert ctl.tau == pytest.approx(0.47)
+    for step in range(3, 40):
+        ctl.update(step, 0.0)  # never sparse: tau stops at its clamp
+    assert ctl.tau == pytest.approx(0.98)
+    off = EtaController(0.5, tau0=0.3)
+    off.update(1, 0.0)
+    assert off.tau == 0.3  # tau_gain 0: the paper's fixed tau
+    clone = EtaController.from_state(ctl.state())
+    assert clone.tau == ctl.tau and clone.tau_gain == 0.2
+    with pytest.raises(ValueError, match="tau"):
+        EtaController(0.5, tau0=0.5, tau_gain=-1.0)
+
+
+def test_stage1_with_tau_gain_moves_the_models_tau_and_resumes_it(tiny, tmp_path):
+    common = dict(max_steps=4, target_sparsity=0.9, eta=0.5, stage1_routing="ste", lam=0.0, **FAST)
+    fixed = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "fixed", **common)
+    moved = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "moved", tau_gain=0.5,
+                        **{**common, "save_steps": 2, "keep_checkpoints": True})
+    tau = moved["trainer"].lte_model.lte_config.tau
+    assert fixed["tau"] == pytest.approx(0.5) and tau > 0.5  # a 0.9 target from a model fitted to it: tau rises
+    assert moved["trainer"].eta_controller.tau == tau
+    assert moved["trainer"].lte_model.lte_layers()[0].input.tau == tau  # the mask the layers cut with
+    assert lte.LTEModel.from_pretrained(tmp_path / "moved").lte_config.tau == pytest.approx(tau)  # saved
+    # a run resumed from its step-2 checkpoint continues from the tau it had reached and ends alike
+    import shutil
+
+    shutil.copytree(tmp_path / "moved" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "resumed", tau_gain=0.5,
+                          resume=True, **{**common, "save_steps": 2, "keep_checkpoints": True})
+    assert resumed["trainer"].lte_model.lte_config.tau == pytest.approx(tau, abs=1e-6)
+    with pytest.raises(StageInputError, match="tau_gain needs target_sparsity"):
+        train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "x", max_steps=1, tau_gain=0.5, **FAST)

@@ -135,6 +135,10 @@ class TrainArgs:
     controller_warmup: int = field(default=0, metadata=_help(
         "eta controller: steps before the first update", at_least=0))
     eta_max: float = field(default=100.0, metadata=_help("eta controller: largest eta", above=0))
+    tau_gain: float = field(default=0.0, metadata=_help(
+        "stage 1 with --target-sparsity: the controller also moves tau by this much per unit of sparsity error "
+        "each step, holding the hard-mask sparsity at the target while the routers learn (0 = tau stays, the paper)",
+        at_least=0))
     # adapters: LoRA (the peft library) on a frozen base
     peft: str | None = field(default=None, metadata=_help(
         "stage 1: 'lora' trains LoRA adapters (peft) on the attention and FFN projections with the routers, "
@@ -159,6 +163,8 @@ class TrainArgs:
         for f in dataclasses.fields(self):
             if f.name != "lte":
                 check_setting(f.name, getattr(self, f.name))
+        if self.tau_gain and self.target_sparsity is None:
+            raise StageInputError("tau_gain needs target_sparsity (the sparsity the controller holds tau at)")
         if self.calibrate_tau and self.target_sparsity is None:
             raise StageInputError("calibrate_tau needs target_sparsity (the sparsity tau is calibrated to)")
         if self.resume and self.overwrite:

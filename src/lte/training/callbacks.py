@@ -39,6 +39,14 @@ class EtaController(TrainerCallback, ExportableState):
     for eta = 0.05 and eta = 5. Anti-windup: when the output hits a clamp the integral step is
     undone. Positive error (too dense) raises eta, negative error lowers it.
 
+    With `tau_gain` > 0 it also moves the threshold itself (ours), after the same warm-up:
+
+        tau = clamp(tau + tau_gain * error, tau_min, tau_max)
+
+    The hard-cut sparsity rises with tau, so this holds the mask stage 1 trains on (routing "ste")
+    at the target while the routers learn; stage 2 then cuts where stage 1 trained instead of
+    re-cutting a mask the model never saw. The trainer copies `tau` into the model after each update.
+
     Args:
         target: desired FFN sparsity in [0, 1).
         eta0: starting eta (the `--eta` value).
@@ -47,6 +55,8 @@ class EtaController(TrainerCallback, ExportableState):
         update_every: optimizer steps between updates.
         eta_min, eta_max: clamp of eta.
         warmup_steps: steps before the first update (measurements still feed the EMA).
+        tau0, tau_gain: starting threshold and its gain (tau per unit of sparsity error; 0: tau stays).
+        tau_min, tau_max: clamp of tau.
     """
 
     def __init__(
@@ -60,6 +70,10 @@ class EtaController(TrainerCallback, ExportableState):
         eta_min: float = 1e-3,
         eta_max: float = 100.0,
         warmup_steps: int = 0,
+        tau0: float = 0.5,
+        tau_gain: float = 0.0,
+        tau_min: float = 0.02,
+        tau_max: float = 0.98,
     ) -> None:
         if not 0.0 <= target < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {target}")
@@ -76,8 +90,13 @@ class EtaController(TrainerCallback, ExportableState):
         self.eta_min = float(eta_min)
         self.eta_max = float(eta_max)
         self.warmup_steps = int(warmup_steps)
+        if tau_gain < 0 or not 0.0 < tau_min <= tau0 <= tau_max < 1.0:
+            raise ValueError(f"tau controller: need tau_gain >= 0 and 0 < tau_min <= tau0 <= tau_max < 1, got "
+                             f"tau_gain={tau_gain}, tau_min={tau_min}, tau0={tau0}, tau_max={tau_max}")
+        self.tau_gain, self.tau_min, self.tau_max = float(tau_gain), float(tau_min), float(tau_max)
         # Controller state (saved with every checkpoint through ExportableState).
         self.eta = min(max(self.eta0, self.eta_min), self.eta_max)
+        self.tau = float(tau0)
         self.integral = 0.0
         self.smoothed: float | None = None
         self.last_measured: float | None = None
@@ -102,6 +121,8 @@ class EtaController(TrainerCallback, ExportableState):
             self.integral -= error
             log_eta = min(max(log_eta, lo), hi)
         self.eta = math.exp(log_eta)
+        if self.tau_gain:
+            self.tau = min(max(self.tau + self.tau_gain * error, self.tau_min), self.tau_max)
         self.updates += 1
         return self.eta
 
@@ -117,9 +138,13 @@ class EtaController(TrainerCallback, ExportableState):
                 "eta_min": self.eta_min,
                 "eta_max": self.eta_max,
                 "warmup_steps": self.warmup_steps,
+                "tau_gain": self.tau_gain,
+                "tau_min": self.tau_min,
+                "tau_max": self.tau_max,
             },
             "attributes": {
                 "eta": self.eta,
+                "tau": self.tau,
                 "integral": self.integral,
                 "smoothed": self.smoothed,
                 "last_measured": self.last_measured,

@@ -364,7 +364,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     if hp.target_sparsity is not None and stage == "1":
         controller = EtaController(hp.target_sparsity, eta0=hp.lte.eta, kp=hp.controller_kp, ki=hp.controller_ki,
                                    smoothing=hp.controller_smoothing, warmup_steps=hp.controller_warmup,
-                                   eta_max=hp.eta_max)
+                                   eta_max=hp.eta_max, tau0=model.lte_config.tau, tau_gain=hp.tau_gain)
         callbacks.append(controller)
 
     from lte.training.trainer import LTETrainer

@@ -266,6 +266,8 @@ class LTETrainer(Trainer):
         if controller is not None and self.lte_model.routing in TRAINING_MODES and controller.wants_measurement(step):
             per_layer = stats[:-1].tolist()
             self.lte_model.lte_config.eta = controller.update(step, sum(per_layer) / len(per_layer))
+            if controller.tau_gain and controller.tau != self.lte_model.lte_config.tau:
+                self.lte_model.set_routing(self.lte_model.routing, tau=controller.tau)
 
     def _global_step_stats(self) -> tuple[list[float], float]:
         """(per-layer FFN sparsity, GFLOPs/token) of the forwards since the last reset, over every process's
@@ -411,4 +413,6 @@ class LTETrainer(Trainer):
             stored = stored[-1] if stored else None
         if stored:
             controller.load_attributes(stored.get("attributes", {}))
+            if controller.tau_gain:  # the threshold it had moved to
+                self.lte_model.set_routing(self.lte_model.routing, tau=controller.tau)
             logger.info("restored the eta controller state from %s (eta=%.4g)", checkpoint, controller.eta)
