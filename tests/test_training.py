@@ -341,6 +341,8 @@ def test_stage1_with_tau_gain_moves_the_models_tau_and_resumes_it(tiny, tmp_path
     tau = moved["trainer"].lte_model.lte_config.tau
     assert fixed["tau"] == pytest.approx(0.5) and tau > 0.5  # a 0.9 target from a model fitted to it: tau rises
     assert moved["trainer"].eta_controller.tau == tau
+    logged = [json.loads(line) for line in (tmp_path / "moved" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["tau"] for r in logged if "tau" in r][-1] == pytest.approx(tau)  # the log shows where tau went
     assert moved["trainer"].lte_model.lte_layers()[0].input.tau == tau  # the mask the layers cut with
     assert lte.LTEModel.from_pretrained(tmp_path / "moved").lte_config.tau == pytest.approx(tau)  # saved
     # a run resumed from its step-2 checkpoint continues from the tau it had reached and ends alike

@@ -305,6 +305,7 @@ class LTETrainer(Trainer):
             if lte_model.routing in TRAINING_MODES:
                 out["eta"] = float(lte_model.lte_config.eta)
                 out["lam"] = float(lte_model.lte_config.lam)
+                out["tau"] = float(lte_model.lte_config.tau)
             if w.n_stats and w.stats is not None:
                 means = (w.stats / w.n_stats).tolist()
                 per_layer = means[:-1]
