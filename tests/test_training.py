@@ -324,6 +324,9 @@ def test_tau_controller_moves_tau_by_gain_times_the_smoothed_error():
     for step in range(3, 40):
         ctl.update(step, 0.0)  # never sparse: tau stops at its clamp
     assert ctl.tau == pytest.approx(0.98)
+    assert EtaController(0.5, tau0=0.99).tau == 0.99  # a fixed tau outside the moving clamp is accepted
+    with pytest.raises(ValueError, match="tau"):
+        EtaController(0.5, tau0=0.99, tau_gain=0.5)
     off = EtaController(0.5, tau0=0.3)
     off.update(1, 0.0)
     assert off.tau == 0.3  # tau_gain 0: the paper's fixed tau
@@ -352,5 +355,7 @@ def test_stage1_with_tau_gain_moves_the_models_tau_and_resumes_it(tiny, tmp_path
     resumed = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "resumed", tau_gain=0.5,
                           resume=True, **{**common, "save_steps": 2, "keep_checkpoints": True})
     assert resumed["trainer"].lte_model.lte_config.tau == pytest.approx(tau, abs=1e-6)
+    with pytest.raises(StageInputError, match="drop --tau-gain"):
+        train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "y", tau=0.99, tau_gain=0.5, **common)
     with pytest.raises(StageInputError, match="tau_gain needs target_sparsity"):
         train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "x", max_steps=1, tau_gain=0.5, **FAST)

@@ -90,7 +90,8 @@ class EtaController(TrainerCallback, ExportableState):
         self.eta_min = float(eta_min)
         self.eta_max = float(eta_max)
         self.warmup_steps = int(warmup_steps)
-        if tau_gain < 0 or not 0.0 < tau_min <= tau0 <= tau_max < 1.0:
+        # the bounds matter only when tau moves: a fixed tau (gain 0) is whatever the model has
+        if tau_gain < 0 or (tau_gain > 0 and not 0.0 < tau_min <= tau0 <= tau_max < 1.0):
             raise ValueError(f"tau controller: need tau_gain >= 0 and 0 < tau_min <= tau0 <= tau_max < 1, got "
                              f"tau_gain={tau_gain}, tau_min={tau_min}, tau0={tau0}, tau_max={tau_max}")
         self.tau_gain, self.tau_min, self.tau_max = float(tau_gain), float(tau_min), float(tau_max)

@@ -362,9 +362,13 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         callbacks.append(LamWarmup(hp.lte.lam, hp.lam_warmup))
     controller = None
     if hp.target_sparsity is not None and stage == "1":
-        controller = EtaController(hp.target_sparsity, eta0=hp.lte.eta, kp=hp.controller_kp, ki=hp.controller_ki,
-                                   smoothing=hp.controller_smoothing, warmup_steps=hp.controller_warmup,
-                                   eta_max=hp.eta_max, tau0=model.lte_config.tau, tau_gain=hp.tau_gain)
+        try:
+            controller = EtaController(hp.target_sparsity, eta0=hp.lte.eta, kp=hp.controller_kp,
+                                       ki=hp.controller_ki, smoothing=hp.controller_smoothing,
+                                       warmup_steps=hp.controller_warmup, eta_max=hp.eta_max,
+                                       tau0=model.lte_config.tau, tau_gain=hp.tau_gain)
+        except ValueError as err:  # e.g. --tau-gain with a model whose tau lies outside the moving clamp
+            raise StageInputError(f"{err}; pass a --tau in [0.02, 0.98] or drop --tau-gain") from None
         callbacks.append(controller)
 
     from lte.training.trainer import LTETrainer
