@@ -24,7 +24,8 @@ Launches, all reading masks from GPU memory (no host sync, CUDA-graph capturable
 On Hopper, launches 1-3 (and the budget kernel) use programmatic dependent launch (PDL): they
 start while the previous kernel drains and wait (``gdc_wait``) before reading its output. Launch 1
 triggers its dependents only after its own wait, so the down kernel may read the union (written
-before launch 1 started) and its first weight slab before it waits for ``h``.
+before launch 1 started) before it waits for ``h``. Every wait comes before any loop whose loads
+Triton may pipeline (issue ahead of the loop body).
 B = 1 accumulates with broadcast multiply-adds; B >= 2 pads the tokens to 16+ and uses ``tl.dot``.
 This module imports triton at import time: import it lazily (through ``triton_ffn``).
 """
@@ -316,8 +317,12 @@ def _ffn_out_kernel(
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
 
     With PDL the kernel starts while the gate/up kernel runs: it reads the union (complete before
-    that kernel triggered this launch) and its first Wd_t slab, and waits (gdc_wait) only before
-    it reads h. The share's expert ids are found CHUNK at a time (a [CHUNK, E_PAD] comparison).
+    that kernel triggered this launch) and finds its share, then waits (gdc_wait) before its loop.
+    The wait must come before the loop, not inside it: Triton's software pipelining issues the
+    loads of the first iterations (h included) ahead of the loop body, so a wait inside the loop
+    lets h be read before the gate/up kernel wrote it (a race that shows only when launches follow
+    each other closely, as in a CUDA graph). The share's expert ids are found CHUNK at a time (a
+    [CHUNK, E_PAD] comparison).
     TOKEN_MASK applies each token's mask to h (when h comes from elsewhere than the gate/up
     kernel, which zeroes it)."""
     if PDL:
@@ -337,6 +342,8 @@ def _ffn_out_kernel(
         acc = tl.zeros([B_PAD, BLOCK_D], dtype=tl.float32)
     else:
         acc3 = tl.zeros([B_PAD, S_PAD, BLOCK_D], dtype=tl.float32)
+    if PDL:
+        gdc_wait()  # h comes from the gate/up kernel; also: never complete before it
     for c0 in range(j0, j1, CHUNK):
         ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts
         for j in range(c0, tl.minimum(c0 + CHUNK, j1)):
@@ -345,8 +352,6 @@ def _ffn_out_kernel(
             row_ok = (offs_s < S) & (rows < F)
             w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [S_PAD, BLOCK_D]
-            if PDL:
-                gdc_wait()  # h comes from the gate/up kernel (a no-op once it has completed)
             h_ok = tok_ok
             if TOKEN_MASK:
                 h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
@@ -358,8 +363,6 @@ def _ffn_out_kernel(
                 acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
         acc = tl.sum(acc3, axis=1)  # [B_PAD, BLOCK_D]
-    if PDL:
-        gdc_wait()  # never complete before the gate/up kernel, even with no expert in this share
     out_off = pid_s * B * D + toks[:, None] * D + cols[None, :]
     tl.store(part_ptr + out_off, acc, mask=tok_ok[:, None] & col_ok[None, :])
 
