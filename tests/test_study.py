@@ -80,6 +80,21 @@ def test_parallel_study_uses_worker_processes(tiny_task, tmp_path):
     assert plan_units(study_config(cfg, tiny=True), tmp_path) == []  # all finished: nothing to launch
 
 
+def test_dense_carried_without_weights_gets_one_dense_unit_before_the_methods(tiny_task, tmp_path):
+    """Results copied without weights (RESUME_FROM on the GPU machine): one dense unit fine-tunes the
+    dense model again before the method units, instead of every method worker doing it at once."""
+    teal = {**tiny_task, "methods": ["teal"], "targets": [0.5]}
+    run_study(teal, tmp_path, tiny=True)
+    weights = list((tmp_path / "dense").glob("*.safetensors"))
+    assert weights, "the tiny dense fine-tune saves its weights"
+    lte = study_config({**tiny_task, "methods": ["lte"], "targets": [0.5]}, tiny=True)
+    assert [u.method for u in plan_units(lte, tmp_path)] == ["lte"]  # dense point and weights on disk
+    for f in weights:
+        f.unlink()
+    assert [u.method for u in plan_units(lte, tmp_path)] == ["dense", "lte"]
+    assert plan_units(study_config(teal, tiny=True), tmp_path) == []  # nothing to run: no dense unit either
+
+
 def test_unknown_method_and_variant_errors(tiny_task):
     with pytest.raises(LTEError, match="unknown baseline"):
         study_config({**tiny_task, "methods": ["lte", "magic"]})

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import DEFAULTS, merge, method_plan
-from .tasks import TaskSetup
+from .tasks import TaskSetup, dense_dir
 
 CSV_FIELDS = ("task", "method", "knob", "target", "eta", "ffn_sparsity", "activation_sparsity", "quality", "metric",
               "higher_is_better", "gflops_per_token", "dense_gflops_per_token", "union_sparsity_16",
@@ -55,7 +55,7 @@ def settings_fingerprint(setup: TaskSetup, method: str, target: float | None,
 def point_path(out_dir: str | Path, method: str, target: float | None = None) -> Path:
     """Where one finished point is kept: `<out>/<method>/t<target>/point.json` (`<out>/dense/point.json`)."""
     if method == "dense":
-        return Path(out_dir) / "dense" / "point.json"
+        return dense_dir(out_dir) / "point.json"
     return Path(out_dir) / method / f"t{target:g}" / "point.json"
 
 

@@ -29,6 +29,7 @@ import yaml
 
 from .cache import point_done
 from .config import derived_methods, knob_values, method_plan
+from .tasks import dense_weights_missing
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,11 @@ def plan_units(cfg: dict[str, Any], out: Path) -> list[Unit]:
         else:  # one router / predictor / calibration pass shared over the targets
             units.append(Unit(str(out), method, todo, _COST[base]))
     units.sort(key=lambda u: -u.cost)
-    dense = [] if point_done(cfg, out, "dense", None) else [Unit(str(out), "dense", None, 1.0)]
+    # One dense unit first when its point is missing, or when methods will start from a dense model
+    # whose weights were not carried along (else every method worker would fine-tune it at once,
+    # into the same folder).
+    need_dense = not point_done(cfg, out, "dense", None) or (bool(units) and dense_weights_missing(out))
+    dense = [Unit(str(out), "dense", None, 1.0)] if need_dense else []
     return dense + units
 
 

@@ -196,6 +196,27 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
                      model_source=model, num_labels=num_labels, data_source=data, eval_source=eval_data)
 
 
+#: the record of the dense fine-tune (fingerprint, steps, tokens) in the dense folder
+DENSE_RECORD = "study_dense.json"
+
+
+def _has_weights(folder: Path) -> bool:
+    """Model weights in a saved folder (not the Trainer's training_args.bin)."""
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def dense_dir(out_dir: str | Path) -> Path:
+    """Where a study keeps its fine-tuned dense model and the record of that fine-tune."""
+    return Path(out_dir) / "dense"
+
+
+def dense_weights_missing(out_dir: str | Path) -> bool:
+    """The dense model was fine-tuned here (its record is kept) but its weights are not: results
+    carried without weights. It must be fine-tuned again, once, before any method starts from it."""
+    out = dense_dir(out_dir)
+    return (out / DENSE_RECORD).is_file() and not _has_weights(out)
+
+
 def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
     """The shared dense starting point: fine-tuned on the task (unless dense.max_steps is 0), cached."""
     if setup.dense is not None:
@@ -204,13 +225,13 @@ def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
     from ..loading import load_model
     from ..training import is_stage_complete, train_stage
 
-    out = Path(out_dir) / "dense"
+    out = dense_dir(out_dir)
     hp = train_hp(setup.settings, setup.settings["dense"])
     source = setup.model_source
     start = time.perf_counter()
-    record_path = out / "study_dense.json"
+    record_path = out / DENSE_RECORD
     fingerprint = _dense_fingerprint(setup)
-    has_weights = any(out.glob("*.safetensors")) or any(out.glob("*.bin"))
+    has_weights = _has_weights(out)
     if is_stage_complete(out, "dense") and not has_weights:  # results carried without weights: train it again
         logger.info("%s holds a finished dense record but no weights; fine-tuning the dense model again", out)
     if is_stage_complete(out, "dense") and has_weights:
