@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
 def stage1_dir(tiny):
     out = tiny["root"] / "stage1"
     train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=4, save_steps=2, keep_checkpoints=True,
-                target_sparsity=0.5, **{k: v for k, v in FAST.items() if k != "save_steps"})
+                target_sparsity=0.5, lam=0.5, **{k: v for k, v in FAST.items() if k != "save_steps"})  # the paper's lam
     return out
 
 
@@ -54,6 +54,18 @@ def test_stage1_logs_lte_terms(stage1_dir):
     assert r["loss"] >= r["task_loss"] + r["lam"] * r["lte_sep"] - 1e-3
     info = json.loads((stage1_dir / "lte_stage.json").read_text())
     assert info["complete"] and info["stage"] == "stage1" and info["global_step"] == 4
+
+
+def test_stage1_defaults_are_the_measured_recipe():
+    """Recipe v2 (docs/results.md): lam 0, straight-through stage 1, tau calibrated when there is a target."""
+    from lte.training import TrainArgs
+
+    args = TrainArgs(target_sparsity=0.5)
+    assert args.lte.lam == 0.0 and args.stage1_routing == "ste" and args.calibrate_tau is True
+    assert TrainArgs().calibrate_tau is False  # no target: nothing to calibrate to
+    assert TrainArgs(target_sparsity=0.5, calibrate_tau=False).calibrate_tau is False
+    with pytest.raises(StageInputError, match="calibrate_tau needs target_sparsity"):
+        TrainArgs(calibrate_tau=True)
 
 
 def test_checkpoints_and_final_dir_load(stage1_dir):
@@ -337,7 +349,7 @@ def test_tau_controller_moves_tau_by_gain_times_the_smoothed_error():
 
 
 def test_stage1_with_tau_gain_moves_the_models_tau_and_resumes_it(tiny, tmp_path):
-    common = dict(max_steps=4, target_sparsity=0.9, eta=0.5, stage1_routing="ste", lam=0.0, **FAST)
+    common = dict(max_steps=4, target_sparsity=0.9, eta=0.5, stage1_routing="ste", lam=0.0, calibrate_tau=False, **FAST)
     fixed = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "fixed", **common)
     moved = train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "moved", tau_gain=0.5,
                         **{**common, "save_steps": 2, "keep_checkpoints": True})

@@ -108,9 +108,9 @@ class TrainArgs:
         "router init open: per-expert spread of the logits; scale: their std", above=0))
     lam_warmup: float = field(default=0.0, metadata=_help(
         "stage 1: ramp lam up over this fraction of the steps (0 = paper: constant)", at_least=0, at_most=1))
-    stage1_routing: str = field(default="soft", metadata=_help(
-        "stage 1: 'soft' (paper: experts scaled by their score) or 'ste' (ours: the hard mask in the forward, "
-        "the sigmoid's gradient for the routers)", choices=("soft", "ste")))
+    stage1_routing: str = field(default="ste", metadata=_help(
+        "stage 1: 'ste' (default: the hard mask in the forward, the sigmoid's gradient for the routers) or 'soft' "
+        "(the paper: experts scaled by their score)", choices=("soft", "ste")))
     distill: float = field(default=0.0, metadata=_help(
         "weight of distillation from the dense model, in [0, 1]: (1-w)*task + w*KL(dense || LTE) (0 = paper)",
         at_least=0, at_most=1))
@@ -118,9 +118,9 @@ class TrainArgs:
         "softmax temperature of the distillation loss", above=0))
     teacher: str | None = field(default=None, metadata=_help(
         "dense teacher folder for --distill (default: the dense model the LTE run started from)"))
-    calibrate_tau: bool = field(default=False, metadata=_help(
+    calibrate_tau: bool | None = field(default=None, metadata=_help(
         "end of stage 1: set tau so the hard-mask sparsity on held-out training examples equals --target-sparsity "
-        "(the examples are kept out of training)"))
+        "(the examples are kept out of training); default: on when --target-sparsity is set"))
     calibration_holdout: int = field(default=64, metadata=_help(
         "examples of the training data held out of stage 1 for --calibrate-tau", at_least=1))
     target_sparsity: float | None = field(default=None, metadata=_help(
@@ -165,6 +165,8 @@ class TrainArgs:
                 check_setting(f.name, getattr(self, f.name))
         if self.tau_gain and self.target_sparsity is None:
             raise StageInputError("tau_gain needs target_sparsity (the sparsity the controller holds tau at)")
+        if self.calibrate_tau is None:  # the default: calibrate whenever there is a target to calibrate to
+            self.calibrate_tau = self.target_sparsity is not None
         if self.calibrate_tau and self.target_sparsity is None:
             raise StageInputError("calibrate_tau needs target_sparsity (the sparsity tau is calibrated to)")
         if self.resume and self.overwrite:
