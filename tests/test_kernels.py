@@ -332,10 +332,15 @@ def test_config_table_errors_and_rendering(tmp_path):
         tuning.load_table(bad)
     with pytest.raises(FileNotFoundError):
         tuning.load_table(tmp_path / "missing.json")
-    table = {"h100": {"64x200": {"2": {"in_block_f": 16, "pdl": False}}}}
+    table = {"h100": {"64x200": {"2": {"in_block_f": 16, "pdl": False, "out_warps": 4}, "16": {"in_warps": 8}}},
+             "h200": {"64x200": {"1": {}}}}
     namespace: dict = {}
     exec("from typing import Any\n" + tuning.render_shipped(table), namespace)
-    assert namespace["SHIPPED"] == table
+    # out_warps 4 is KernelConfig's default: left out, the same config
+    assert namespace["SHIPPED"] == {"h100": {"64x200": {"2": {"in_block_f": 16, "pdl": False}, "16": {"in_warps": 8}}},
+                                    "h200": {"64x200": {"1": {}}}}
+    assert tuning.KernelConfig.from_dict(namespace["SHIPPED"]["h100"]["64x200"]["2"]) == \
+        tuning.KernelConfig.from_dict(table["h100"]["64x200"]["2"])
 
 
 def test_heuristic_config_depends_on_shape_and_tokens():

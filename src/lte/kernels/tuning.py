@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import json
 import os
-import pprint
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +83,30 @@ def shape_key(model_width: int, ffn_width: int) -> str:
 
 
 #: Tables tuned on real GPUs (filled from `benchmarks/tune_kernels.py` output; see docs/kernels.md).
+#: h200: tuned on one NVIDIA H200 on 2026-12-02 (benchmarks/results/h200/kernel_configs_h200.json).
 #: Nesting: gpu key -> "DxF" -> "B" -> KernelConfig fields that differ from the defaults.
-SHIPPED: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+SHIPPED: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
+    'h200': {
+        '3584x18944': {
+            '1': {'in_block_f': 4, 'in_block_k': 512, 'out_block_d': 512, 'out_split': 32, 'out_warps': 8},
+            '8': {'in_block_f': 32, 'in_block_k': 256, 'in_stages': 4, 'out_block_d': 128, 'out_split': 16, 'router_block_k': 512, 'router_pdl': True},
+            '32': {'in_block_f': 32, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_warps': 4},
+            '64': {'in_block_f': 32, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_warps': 4},
+        },
+        '4096x11008': {
+            '1': {},
+            '8': {'in_block_f': 32, 'in_block_k': 256, 'in_stages': 4, 'out_block_d': 128, 'out_split': 16, 'router_block_k': 512, 'router_pdl': True},
+            '32': {'in_block_f': 16, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_pdl': True, 'router_warps': 4},
+            '64': {'in_block_f': 32, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_warps': 4},
+        },
+        '4096x14336': {
+            '1': {'in_block_f': 4, 'in_block_k': 512, 'out_block_d': 512, 'out_split': 32, 'out_warps': 8, 'router_pdl': True},
+            '8': {'in_block_f': 32, 'in_block_k': 256, 'in_stages': 4, 'out_block_d': 128, 'out_split': 16, 'router_block_k': 512, 'router_pdl': True},
+            '32': {'in_block_f': 32, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_warps': 4},
+            '64': {'in_block_f': 32, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_pdl': True, 'router_warps': 4},
+        },
+    },
+}
 
 _EXTRA: list[dict[str, Any]] = []  # tables added by load_table, newest first
 
@@ -183,6 +204,18 @@ def heuristic_config(num_tokens: int, model_width: int, ffn_width: int, num_sms:
 
 
 def render_shipped(table: dict[str, Any]) -> str:
-    """Python source for ``SHIPPED`` from a table (paste it above to ship a tuned table)."""
-    body = pprint.pformat(_check_table(table, "render_shipped"), indent=1, width=110, sort_dicts=True)
-    return "SHIPPED: dict[str, dict[str, dict[str, dict[str, Any]]]] = " + body + "\n"
+    """Python source for ``SHIPPED`` from a table (paste it above to ship a tuned table): one line per
+    row, holding only the settings that differ from ``KernelConfig``'s defaults (the same configs)."""
+    defaults = KernelConfig().to_dict()
+    lines = ["SHIPPED: dict[str, dict[str, dict[str, dict[str, Any]]]] = {"]
+    for gpu, shapes in sorted(_check_table(table, "render_shipped").items()):
+        lines.append(f"    {gpu!r}: {{")
+        for shape, rows in sorted(shapes.items()):
+            lines.append(f"        {shape!r}: {{")
+            for b, settings in sorted(rows.items(), key=lambda kv: int(kv[0])):
+                row = {k: v for k, v in sorted(settings.items()) if defaults.get(k, object()) != v}
+                lines.append(f"            {str(b)!r}: {row!r},")
+            lines.append("        },")
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
