@@ -2,7 +2,8 @@
 # Source on the GPU machine (no network) to make carried models and wheels usable:
 #   source scripts/gpu/device_env.sh
 # Carried folders (git-ignored, built by scripts/gpu/make_carry.sh, named in the device call's `carry`): carry/smol1, carry/smol2 (the
-# two halves of SmolLM2's GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm (fp16).
+# two halves of SmolLM2's GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm (fp16),
+# carry/mpnet1 .. mpnet5 (the five parts of all-mpnet-base-v2 in fp16).
 # Files are kept in $LTE_DEVICE_DIR outside the repo, so halves carried by separate calls join up
 # while the machine stays warm.
 LTE_DEVICE_DIR=${LTE_DEVICE_DIR:-/root/lte_device}
@@ -21,9 +22,20 @@ fi
 if [ -d carry/minilm ] && [ ! -d "$LTE_DEVICE_DIR/minilm" ]; then
     cp -r carry/minilm "$LTE_DEVICE_DIR/minilm"
 fi
+# MPNet: five parts carried by five calls (carry/mpnet1 .. mpnet5, any order); joined once all are here
+mkdir -p "$LTE_DEVICE_DIR/mpnetparts"
+for part in carry/mpnet?/*; do
+    [ -f "$part" ] && cp -n "$part" "$LTE_DEVICE_DIR/mpnetparts/"
+done
+if [ ! -f "$LTE_DEVICE_DIR/mpnet/model.safetensors" ] && [ -f "$LTE_DEVICE_DIR/mpnetparts/config.json" ] \
+    && [ "$(ls "$LTE_DEVICE_DIR"/mpnetparts/mpnetpart0? 2>/dev/null | wc -l)" = 5 ]; then
+    mkdir -p "$LTE_DEVICE_DIR/mpnet"
+    cat "$LTE_DEVICE_DIR"/mpnetparts/mpnetpart0? > "$LTE_DEVICE_DIR/mpnet/model.safetensors"
+    cp "$LTE_DEVICE_DIR"/mpnetparts/*.json "$LTE_DEVICE_DIR"/mpnetparts/vocab.txt "$LTE_DEVICE_DIR/mpnet/"
+fi
 export PYTHONPATH="$PWD/src:$LTE_DEVICE_DIR/pk:$LTE_DEVICE_DIR/py${PYTHONPATH:+:$PYTHONPATH}"
 export LTE_CACHE="$LTE_DEVICE_DIR/cache" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $( [ -d "$LTE_DEVICE_DIR/minilm" ] && echo ready || echo missing )"
+echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $( [ -d "$LTE_DEVICE_DIR/minilm" ] && echo ready || echo missing ), mpnet $( [ -f "$LTE_DEVICE_DIR/mpnet/model.safetensors" ] && echo ready || echo "$(ls "$LTE_DEVICE_DIR"/mpnetparts/mpnetpart0? 2>/dev/null | wc -l)/5 parts" )"
 # Experiment data: the carried archive of ../shared/data, unpacked next to the repo as ../shared/data.
 if [ -f carry/data/shared_data.tar.xz ] && [ ! -d "$LTE_DEVICE_DIR/shared/data" ]; then
     mkdir -p "$LTE_DEVICE_DIR/shared" && tar -C "$LTE_DEVICE_DIR/shared" -xJf carry/data/shared_data.tar.xz

