@@ -304,22 +304,24 @@ def test_gpu_key_names():
 
 def test_config_table_lookup_and_precedence(tmp_path, monkeypatch):
     tuning.clear_tables()
-    assert tuning.lookup("h200", 4096, 11008, 8) is None
-    table = {"h200": {"4096x11008": {"1": {"in_block_f": 4}, "8": {"in_block_f": 32, "out_split": 16},
+    assert tuning.lookup("gpu-x", 4096, 11008, 8) is None  # a GPU no table knows
+    shipped = tuning.SHIPPED["h200"]["4096x14336"]["8"]
+    assert tuning.lookup("h200", 4096, 14336, 8) == tuning.KernelConfig.from_dict(shipped)  # the shipped table
+    table = {"gpu-x": {"4096x11008": {"1": {"in_block_f": 4}, "8": {"in_block_f": 32, "out_split": 16},
                                      "64": {"in_block_f": 16, "out_split": 4}}}}
     path = tmp_path / "t.json"
-    path.write_text(json.dumps({"table": table, "env": {"gpu": "NVIDIA H200"}}))
+    path.write_text(json.dumps({"table": table, "env": {"gpu": "GPU X"}}))
     monkeypatch.setenv(tuning.CONFIGS_ENV, str(path))
     tuning.lookup.cache_clear()
-    assert tuning.lookup("h200", 4096, 11008, 1).in_block_f == 4
-    assert tuning.lookup("h200", 4096, 11008, 5).out_split == 16  # smallest tuned B >= 5
-    assert tuning.lookup("h200", 4096, 11008, 40).out_split == 4
-    assert tuning.lookup("h200", 4096, 11008, 100).out_split == 4  # above every row: the largest
+    assert tuning.lookup("gpu-x", 4096, 11008, 1).in_block_f == 4
+    assert tuning.lookup("gpu-x", 4096, 11008, 5).out_split == 16  # smallest tuned B >= 5
+    assert tuning.lookup("gpu-x", 4096, 11008, 40).out_split == 4
+    assert tuning.lookup("gpu-x", 4096, 11008, 100).out_split == 4  # above every row: the largest
     assert tuning.lookup("h100", 4096, 11008, 8) is None
     other = tmp_path / "u.json"
-    other.write_text(json.dumps({"h200": {"4096x11008": {"64": {"in_block_f": 8}}}}))
+    other.write_text(json.dumps({"gpu-x": {"4096x11008": {"64": {"in_block_f": 8}}}}))
     tuning.load_table(other)  # newest table wins
-    assert tuning.lookup("h200", 4096, 11008, 1).in_block_f == 8
+    assert tuning.lookup("gpu-x", 4096, 11008, 1).in_block_f == 8
     tuning.clear_tables()
     monkeypatch.delenv(tuning.CONFIGS_ENV)
     tuning.lookup.cache_clear()
