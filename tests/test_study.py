@@ -95,6 +95,18 @@ def test_dense_carried_without_weights_gets_one_dense_unit_before_the_methods(ti
     assert plan_units(study_config(teal, tiny=True), tmp_path) == []  # nothing to run: no dense unit either
 
 
+def test_tiny_caps_every_stage_budget(tiny_task):
+    """--tiny keeps a CPU smoke run tiny also when a config sets stage or variant step counts."""
+    cfg = {**tiny_task, "lte": {"stage1": {"max_steps": 225}, "stage2": {"max_steps": 75}},
+           "variants": {"v": {"base": "lte", "set": {"lte": {"stage1": {"max_steps": 300}}, "train": {"max_steps": 9}}}},
+           "methods": ["lte", "v"]}
+    tiny = study_config(cfg, tiny=True)
+    assert tiny["lte"]["stage1"]["max_steps"] == 2 and tiny["lte"]["stage2"]["max_steps"] == 2
+    assert tiny["variants"]["v"]["set"]["lte"]["stage1"]["max_steps"] == 2
+    assert tiny["variants"]["v"]["set"]["train"]["max_steps"] == 2
+    assert study_config(cfg)["lte"]["stage1"]["max_steps"] == 225  # only --tiny caps
+
+
 def test_unknown_method_and_variant_errors(tiny_task):
     with pytest.raises(LTEError, match="unknown baseline"):
         study_config({**tiny_task, "methods": ["lte", "magic"]})

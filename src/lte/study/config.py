@@ -140,6 +140,16 @@ def load_study_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def _cap_steps(node: Any, most: int) -> Any:
+    """A copy of a config with every `max_steps` (stage sections, variants' settings) at most `most`."""
+    if isinstance(node, dict):
+        return {k: (min(v, most) if k == "max_steps" and isinstance(v, int) and v > 0 else _cap_steps(v, most))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_cap_steps(v, most) for v in node]
+    return node
+
+
 def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, methods: list[str] | None = None,
                  targets: list[float] | None = None) -> dict[str, Any]:
     """The full settings of a study: the YAML (or dict), tiny budgets if asked, methods and targets resolved.
@@ -148,7 +158,7 @@ def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, method
     """
     cfg = load_study_config(config) if isinstance(config, (str, Path)) else dict(config)
     if tiny:
-        cfg = merge(cfg, TINY)
+        cfg = _cap_steps(merge(cfg, TINY), TINY["train"]["max_steps"])
     for key in ("task", "data"):
         if key not in cfg:
             raise LTEError(f"the study config needs `{key}` (see configs/study/*.yaml)")
