@@ -107,6 +107,33 @@ def test_tiny_caps_every_stage_budget(tiny_task):
     assert study_config(cfg)["lte"]["stage1"]["max_steps"] == 225  # only --tiny caps
 
 
+def test_recipe_v2_keeps_the_fingerprints_of_points_that_named_their_recipe():
+    """Committed H200 points (benchmarks/results/recipe, seed 0) against configs/recipe: after the default
+    change to recipe v2, the dense and Deja Vu points and the LTE variants that name lam, routing and tau
+    calibration (the soft ones name `stage1_routing: soft` now) keep their fingerprints; the plain `lte`
+    points, made with the paper's defaults, no longer count as today's `lte`."""
+    from pathlib import Path
+
+    from lte.study.cache import point_fingerprint
+    from lte.study.config import yaml_load
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = {**yaml_load((root / "configs" / "recipe" / "wikitext2-smollm2.yaml").read_text()), "seeds": None, "seed": 0}
+    seed0 = root / "benchmarks" / "results" / "recipe" / "recipe-wikitext2-smollm2" / "seed0"
+
+    def committed(method, target=None):
+        path = seed0 / method / ("point.json" if target is None else f"t{target:g}/point.json")
+        return json.loads(path.read_text())["fingerprint"]
+
+    for method, target in [("dense", None), ("dejavu-ft-kd-lr", 0.5), ("lte-ste-kd-s1long-lr", 0.7),
+                           ("lte-ste-kd", 0.5), ("lte-kd", 0.5), ("lte-lam0", 0.7)]:
+        assert point_fingerprint(cfg, method, target) == committed(method, target), method
+    assert point_fingerprint(cfg, "lte", 0.5) != committed("lte", 0.5)
+    soft_again = {**cfg, "variants": {**cfg["variants"], "lte-kd": {"base": "lte", "set": {"lte": {"stage1": {
+        "lam": 0.0, "calibrate_tau": True, "distill": 0.5}, "stage2": {"distill": 0.5}}}}}}
+    assert point_fingerprint(soft_again, "lte-kd", 0.5) != committed("lte-kd", 0.5)  # unnamed: ste now
+
+
 def test_unknown_method_and_variant_errors(tiny_task):
     with pytest.raises(LTEError, match="unknown baseline"):
         study_config({**tiny_task, "methods": ["lte", "magic"]})

@@ -24,6 +24,24 @@ CSV_FIELDS = ("task", "method", "knob", "target", "eta", "ffn_sparsity", "activa
               "seed", "seeds", "quality_std", "ffn_sparsity_std")
 
 
+#: Stage-1 defaults before recipe v2 (the paper's): points made then did not name them.
+_PAPER_STAGE1 = {"lam": 0.5, "stage1_routing": "soft", "calibrate_tau": False}
+
+
+def _stage1_as_counted(stage1: dict[str, Any], knob: str) -> dict[str, Any]:
+    """An LTE point's stage-1 settings as its fingerprint counts them: the library's defaults for the
+    settings recipe v2 changed (lam, stage1_routing, calibrate_tau: on with a target), with the paper's values left out. So a point made
+    under the paper's defaults is not a finished point of today's recipe, and one whose config names
+    its values (the paper's or today's) keeps the fingerprint it was made with."""
+    from ..config import LTEConfig
+    from ..training.args import TrainArgs
+
+    defaults = TrainArgs(target_sparsity=0.5 if knob == "target" else None)
+    current = {"lam": LTEConfig().lam, "stage1_routing": defaults.stage1_routing,
+               "calibrate_tau": defaults.calibrate_tau, **stage1}
+    return {k: v for k, v in current.items() if not (k in _PAPER_STAGE1 and v == _PAPER_STAGE1[k])}
+
+
 def fingerprint_of(kind: str, name: str, sources: list[Any], settings: dict[str, Any], method: str,
                    target: float | None, base: str | None = None) -> str:
     """A digest of everything a point depends on: task, model and data paths, settings, method, target.
@@ -36,6 +54,9 @@ def fingerprint_of(kind: str, name: str, sources: list[Any], settings: dict[str,
     trained = base == "dense" or base.startswith("lte") or base in ("dejavu-ft", "random-topk")
     ignored = {"profile_target", "keep_models"} | (set() if trained else {"train", "lte"})
     relevant = {k: v for k, v in settings.items() if k not in ignored}
+    if base.startswith("lte") and isinstance(relevant.get("lte"), dict):
+        lte = relevant["lte"]
+        relevant["lte"] = {**lte, "stage1": _stage1_as_counted(lte.get("stage1") or {}, lte.get("knob", "target"))}
     relevant["method_options"] = (settings.get("method_options") or {}).get(base)
     blob = json.dumps({"kind": kind, "name": name, "sources": [None if s is None else str(s) for s in sources],
                        "settings": relevant, "method": method, "target": None if target is None else float(target)},
@@ -87,7 +108,8 @@ def point_fingerprint(cfg: dict[str, Any], method: str, target: float | None) ->
     settings = merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS})
     base = None
     if method != "dense":
-        owner = method if method in cfg["methods"] else method[: -len("-topk")]  # `<m>-topk` comes from m
+        derived = method not in cfg["methods"] and method.endswith("-topk")
+        owner = method[: -len("-topk")] if derived else method  # `<m>-topk` comes from m
         base, extra = method_plan(cfg, owner)
         settings = merge(settings, extra)
     sources = [cfg.get("model"), cfg.get("data"), cfg.get("eval_data")]

@@ -26,10 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "grouping": "kmeans",
     "dense": {"max_steps": 200, "lr": 5e-5, "batch_size": 16},  # max_steps 0: use the model as it is
     "train": {"max_steps": 100, "lr": 5e-5, "batch_size": 16},  # per LTE stage; fine-tuned baselines get 2x
-    # stage 1 spelled out (the library's defaults since recipe v2), so points made under the paper's
-    # defaults (lam 0.5, soft routing) never count as finished points of today's `lte`
-    "lte": {"knob": "target", "eta": 0.5, "router_lr": 1e-3, "stage1": {"lam": 0.0, "stage1_routing": "ste"},
-            "stage2": {}},
+    "lte": {"knob": "target", "eta": 0.5, "router_lr": 1e-3, "stage1": {}, "stage2": {}},
     "calib": {"tokens": 16384, "batch_size": 8},
     "prep": {"max_length": 128, "block_size": 256, "max_tokens": None, "max_examples": None, "holdout": 0.2},
     "eval": {"batch_size": 16, "max_tokens": 32768, "max_examples": None, "max_new_tokens": 48,
