@@ -17,7 +17,7 @@ import lte
 from lte.routing.fit import _expert_log_mass, _weighted_quantile, calibrate_tau, fit_routers, hard_sparsity
 from lte.routing.layers import expert_gate
 from lte.training import train_stage
-from lte.training.distill import distillation_loss
+from lte.training.distill import distillation_loss, hidden_state_loss
 from tiny_models import batch as tiny_batch
 from tiny_models import build, save_tiny_llama, write_text
 
@@ -86,6 +86,23 @@ def test_distillation_rejects_mismatched_teacher():
         distillation_loss(torch.zeros(2, 5), torch.zeros(2, 6))
 
 
+def test_hidden_state_loss_by_hand():
+    emb = torch.zeros(1, 2, 2)  # index 0 (embeddings) is skipped
+    t1 = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])  # |t|^2 = 25, 1
+    s1 = torch.tensor([[[3.0, 0.0], [1.0, 0.0]]])  # |s - t|^2 = 16, 0
+    t2 = torch.tensor([[[0.0, 2.0], [2.0, 0.0]]])  # |t|^2 = 4, 4
+    s2 = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])  # |s - t|^2 = 4, 0
+    # layer 1: (16/25 + 0) / 2 = 0.32; layer 2: (4/4 + 0) / 2 = 0.5; mean over layers 0.41
+    got = hidden_state_loss((emb, s1, s2), (emb, t1, t2), eps=0.0)
+    assert got.item() == pytest.approx(0.41, rel=1e-6)
+    # the second token masked out: layer 1 16/25, layer 2 4/4 -> 0.82
+    got = hidden_state_loss((emb, s1, s2), (emb, t1, t2), torch.tensor([[1, 0]]), eps=0.0)
+    assert got.item() == pytest.approx(0.82, rel=1e-6)
+    assert hidden_state_loss((emb, t1, t2), (emb, t1, t2)).item() == 0.0
+    with pytest.raises(ValueError, match="teacher"):
+        hidden_state_loss((emb, s1), (emb, t1, t2))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
@@ -106,6 +123,17 @@ def test_distilled_stages_mix_losses_and_find_their_teacher(tiny):
     with pytest.raises(lte.LTEError, match="stages 1 and 2"):
         train_stage("dense", tiny["model"], "causal-lm", tiny["text"], tiny["root"] / "d", max_steps=1,
                     distill=0.5, **FAST)
+
+
+def test_hidden_distillation_adds_its_term_to_the_loss(tiny):
+    out = tiny["root"] / "s1h"
+    train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=2, distill=0.5, distill_hidden=2.0,
+                stage1_routing="ste", lam=0.0, target_sparsity=0.5, **FAST)
+    rec = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in x][0]
+    assert rec["distill_hidden_loss"] > 0  # the routed model's layers differ from the dense teacher's
+    expected = (0.5 * rec["task_loss"] + 0.5 * rec["distill_loss"] + 2.0 * rec["distill_hidden_loss"]
+                + rec["eta"] * rec["lte_eff"])
+    assert rec["loss"] == pytest.approx(expected, rel=0.02)
 
 
 def test_stage2_distill_without_a_findable_teacher_says_what_to_pass(tiny, tmp_path):
@@ -187,6 +215,25 @@ def test_stage1_calibrates_tau_on_held_out_examples(tiny):
     assert lte.LTEModel.from_pretrained(out).lte_config.tau == pytest.approx(cal["tau"])  # saved with the model
     with pytest.raises(lte.LTEError, match="target_sparsity"):
         train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=1, calibrate_tau=True, **FAST)
+
+
+def test_stage2_recalibrates_tau_after_training_when_asked(tiny):
+    s1 = tiny["root"] / "s1re"
+    train_stage("1", tiny["model"], "causal-lm", tiny["text"], s1, max_steps=2, target_sparsity=0.4,
+                calibration_holdout=4, stage1_routing="ste", lam=0.0, **FAST)
+    common = dict(max_steps=3, target_sparsity=0.6, calibration_holdout=4, **{**FAST, "lr": 5e-2})
+    plain = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2plain", **common)
+    assert "tau_final_calibration" not in plain  # off by default: the tau stage 2 started with stays
+    assert plain["tau"] == pytest.approx(plain["tau_calibration"]["tau"])
+    again = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2re", recalibrate_tau=True, **common)
+    final = again["tau_final_calibration"]
+    assert final["examples"] == 4 and again["tau"] == pytest.approx(final["tau"])
+    assert final["sparsity"] == pytest.approx(0.6, abs=0.05)  # on the held-out examples, after training
+    model = lte.LTEModel.from_pretrained(tiny["root"] / "s2re")
+    assert model.lte_config.tau == pytest.approx(final["tau"])  # the saved model routes at the final tau
+    with pytest.raises(lte.LTEError, match="target_sparsity"):
+        train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2x", max_steps=1, recalibrate_tau=True,
+                    **FAST)
 
 
 # ---------------------------------------------------------------------- grouping by activation profiles

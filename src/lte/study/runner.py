@@ -106,7 +106,9 @@ def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, d
     else:
         hp1["target_sparsity"] = target
     hp2 = {**hp, **lcfg.get("stage2", {})}
-    teacher = setup.dense if (hp1.get("distill") or hp2.get("distill")) else None  # frozen, shared, never trained
+    if hp2.get("recalibrate_tau") and lcfg["knob"] != "eta":
+        hp2["target_sparsity"] = target  # stage 2 re-cuts to the target before and after its training
+    teacher = setup.dense if any(hp.get(k) for hp in (hp1, hp2) for k in ("distill", "distill_hidden")) else None  # frozen, shared, never trained
     model = copy.deepcopy(setup.dense)
     start = time.perf_counter()
     r1 = train_stage("1", model, setup.stage_task, setup.train_data, out / "stage1", tokenizer=setup.tokenizer,
@@ -121,6 +123,8 @@ def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, d
               "tau": float(model.lte_config.tau)}
     if "tau_calibration" in r1:
         budget["tau_calibration_sparsity"] = r1["tau_calibration"]["sparsity"]
+    if "tau_final_calibration" in r2:
+        budget["tau_final_calibration_sparsity"] = r2["tau_final_calibration"]["sparsity"]
     return model, {"train_seconds": time.perf_counter() - start}, budget
 
 
@@ -158,7 +162,7 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
     budget: dict[str, Any] = {"train_steps": 0, "train_tokens": 0, "train_epochs": 0.0}
     eta = None
     start = time.perf_counter()
-    teacher = setup.dense if finetune_args(setup).get("distill") else None
+    teacher = setup.dense if any(finetune_args(setup).get(k) for k in ("distill", "distill_hidden")) else None
     if base == "lte":
         model, t, budget = _train_lte(setup, target, run_dir)
         timings.update(t)

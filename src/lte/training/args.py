@@ -114,6 +114,9 @@ class TrainArgs:
     distill: float = field(default=0.0, metadata=_help(
         "weight of distillation from the dense model, in [0, 1]: (1-w)*task + w*KL(dense || LTE) (0 = paper)",
         at_least=0, at_most=1))
+    distill_hidden: float = field(default=0.0, metadata=_help(
+        "weight of matching every layer's hidden states to the dense teacher's (relative squared error, added "
+        "to the loss; 0 = off)", at_least=0))
     distill_temperature: float = field(default=1.0, metadata=_help(
         "softmax temperature of the distillation loss", above=0))
     teacher: str | None = field(default=None, metadata=_help(
@@ -121,6 +124,9 @@ class TrainArgs:
     calibrate_tau: bool | None = field(default=None, metadata=_help(
         "end of stage 1: set tau so the hard-mask sparsity on held-out training examples equals --target-sparsity "
         "(the examples are kept out of training); default: on when --target-sparsity is set"))
+    recalibrate_tau: bool = field(default=False, metadata=_help(
+        "stage 2 with --target-sparsity: set tau again after training, on the same held-out examples (training "
+        "the weights moves the routers' inputs, so the sparsity drifts from where stage 2 started)"))
     calibration_holdout: int = field(default=64, metadata=_help(
         "examples of the training data held out of stage 1 for --calibrate-tau", at_least=1))
     target_sparsity: float | None = field(default=None, metadata=_help(
@@ -167,6 +173,8 @@ class TrainArgs:
             raise StageInputError("tau_gain needs target_sparsity (the sparsity the controller holds tau at)")
         if self.calibrate_tau is None:  # the default: calibrate whenever there is a target to calibrate to
             self.calibrate_tau = self.target_sparsity is not None
+        if self.recalibrate_tau and self.target_sparsity is None:
+            raise StageInputError("recalibrate_tau needs target_sparsity (the sparsity tau is calibrated to)")
         if self.calibrate_tau and self.target_sparsity is None:
             raise StageInputError("calibrate_tau needs target_sparsity (the sparsity tau is calibrated to)")
         if self.resume and self.overwrite:

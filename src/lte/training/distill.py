@@ -6,6 +6,9 @@ signal per example than one label, and it keeps a small fine-tuning set from bei
 
     loss = (1 - alpha) * task + alpha * distill (+ the LTE terms in stage 1)
 
+`hidden_state_loss` (ours, opt-in) matches every layer's output as well: the mean over layers and
+real tokens of |h_s - h_t|^2 / |h_t|^2, a far denser signal per example than the logits alone.
+
 `distillation_loss` is T^2 * KL(teacher || student) at temperature T, averaged over real
 positions, for any logits whose last dimension is a distribution (V vocabulary entries, or C
 classes); one output (a regression head, e.g. STS-B) uses the squared error instead. The KL is
@@ -18,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["distillation_loss"]
+__all__ = ["distillation_loss", "hidden_state_loss"]
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -78,3 +81,30 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if student.shape[0] == 0:
         return student_logits.sum() * 0.0
     return _ChunkedKL.apply(student, teacher, float(temperature), int(chunk_rows))
+
+
+def hidden_state_loss(student_states, teacher_states, token_mask: torch.Tensor | None = None,
+                      eps: float = 1e-6) -> torch.Tensor:
+    """Relative squared error of each layer's hidden states against the teacher's, averaged.
+
+    `student_states` / `teacher_states`: the models' `hidden_states` (L + 1 tensors [B, T, D], the
+    embeddings first, which are skipped: they are the same in both). Per real token (`token_mask`
+    [B, T], e.g. the attention mask): |h_s - h_t|^2 / (|h_t|^2 + eps); the result is the mean over
+    tokens, then over layers. The teacher gets no gradient.
+    """
+    if student_states is None or teacher_states is None:
+        raise ValueError("hidden-state distillation needs both models' hidden_states (output_hidden_states=True)")
+    if len(student_states) != len(teacher_states) or len(student_states) < 2:
+        raise ValueError(f"student has {len(student_states)} hidden states and the teacher {len(teacher_states)}: "
+                         "the teacher must be the dense model the LTE model was converted from")
+    per_layer = []
+    for s, t in zip(student_states[1:], teacher_states[1:]):
+        if s.shape != t.shape:
+            raise ValueError(f"hidden states {tuple(s.shape)} and {tuple(t.shape)} differ")
+        t = t.detach().float()
+        rel = (s.float() - t).square().sum(-1) / (t.square().sum(-1) + eps)  # [B, T]
+        if token_mask is not None and token_mask.shape == rel.shape:
+            keep = token_mask.to(rel.device).bool()
+            rel = rel[keep]
+        per_layer.append(rel.mean() if rel.numel() else rel.sum() * 0.0)
+    return torch.stack(per_layer).mean()

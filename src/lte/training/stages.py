@@ -384,6 +384,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         teacher=teacher,
         distill=hp.distill,
         distill_temperature=hp.distill_temperature,
+        distill_hidden=hp.distill_hidden,
     )
     record.update(teacher=teacher_desc, **record_extra)
     if holdout:
@@ -401,6 +402,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         raise
     if stage == "1" and calibrate:
         record["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
+    if stage == "2" and calibrate and hp.recalibrate_tau:  # the trained weights moved the routers' inputs
+        record["tau_final_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
     if hp.save_model:
         trainer.save_model(str(out))
     if trainer.args.should_save and tokenizer is not None:
@@ -439,7 +442,7 @@ def _calibrate_on(model, held_out, tokenizer, hp: TrainArgs) -> dict[str, Any]:
 def _resolve_teacher(stage: str, hp: TrainArgs, teacher: nn.Module | None, source: Any, task: str, tokenizer,
                      dataset) -> tuple[nn.Module | None, str | None]:
     """The frozen dense teacher of a distilled stage, and how it was found (for the stage record)."""
-    if hp.distill <= 0:
+    if hp.distill <= 0 and hp.distill_hidden <= 0:
         return None, None
     if teacher is not None:
         return teacher, hp.teacher or "in-memory model"
@@ -475,7 +478,7 @@ def _check_stage_settings(stage: str, hp: TrainArgs) -> None:
     if stage == "dense" and hp.peft:
         raise StageInputError("--peft applies to stages 1 and 2 (LoRA-LTE on a frozen base); drop it for --stage "
                               "dense, or set it under stage1: in a run config")
-    if stage == "dense" and hp.distill > 0:
+    if stage == "dense" and (hp.distill > 0 or hp.distill_hidden > 0):
         raise StageInputError("distill applies to stages 1 and 2 (the dense model is the teacher); "
                               "drop --distill for --stage dense")
     if stage == "dense" and hp.target_sparsity is not None:

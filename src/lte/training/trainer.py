@@ -85,21 +85,27 @@ class LTETrainer(Trainer):
         teacher, distill, distill_temperature: distillation from a frozen teacher (the dense model):
             the task loss becomes (1 - distill) * task + distill * T^2 KL(teacher || model)
             (`lte.training.distill`); the LTE terms are added unchanged.
+        distill_hidden: weight of matching every layer's hidden states to the teacher's (relative
+            squared error, `lte.training.distill.hidden_state_loss`), added to the loss (0 = off).
     """
 
     def __init__(self, *args: Any, router_lr: float | None = None, jsonl_log: str | None = "train_log.jsonl",
                  nan_guard: bool = True, teacher: torch.nn.Module | None = None, distill: float = 0.0,
-                 distill_temperature: float = 1.0, **kwargs: Any) -> None:
+                 distill_temperature: float = 1.0, distill_hidden: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.router_lr = router_lr
         if not 0.0 <= distill <= 1.0:
             raise ValueError(f"distill is the weight of the distillation loss and must lie in [0, 1], got {distill}")
-        if distill > 0 and teacher is None:
-            raise ValueError("distill > 0 needs a teacher model (the dense model the stage starts from)")
+        if not distill_hidden >= 0.0:
+            raise ValueError(f"distill_hidden is the weight of the hidden-state loss and must be >= 0, got {distill_hidden}")
+        if (distill > 0 or distill_hidden > 0) and teacher is None:
+            raise ValueError("distill / distill_hidden > 0 need a teacher model (the dense model the stage starts from)")
         self.distill = float(distill)
         self.distill_temperature = float(distill_temperature)
+        self.distill_hidden = float(distill_hidden)
         # The teacher runs under no_grad in eval mode; its parameters are left as they are (it may be shared).
-        self.teacher = teacher.eval() if (teacher is not None and distill > 0) else None
+        uses_teacher = teacher is not None and (distill > 0 or distill_hidden > 0)
+        self.teacher = teacher.eval() if uses_teacher else None
         self._window = _Window()
         self._last_stats: torch.Tensor | None = None  # [L per-layer sparsity, GFLOPs] of the last step
         if jsonl_log and not self._find(JsonlLogger):
@@ -202,6 +208,8 @@ class LTETrainer(Trainer):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's own loss; checks it is finite (all processes agree) and records LTE terms."""
+        if self.teacher is not None and self.distill_hidden > 0 and model.training:
+            inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
             lte_model = self.lte_model
@@ -210,15 +218,19 @@ class LTETrainer(Trainer):
             else:
                 terms = {"task": loss.detach()}
             if self.teacher is not None:
-                loss, kd = self._mix_distillation(model, inputs, loss, outputs)
-                terms["distill"] = kd.detach()
+                loss, kd, hidden = self._mix_distillation(model, inputs, loss, outputs)
+                if self.distill > 0:
+                    terms["distill"] = kd.detach()
+                if hidden is not None:
+                    terms["distill_hidden"] = hidden.detach()
             self._check_finite(loss)
             self._window.add_losses(terms)
         return (loss, outputs) if return_outputs else loss
 
-    def _mix_distillation(self, model, inputs, loss, outputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """loss + distill * (KD - task): the task term becomes (1 - distill) * task + distill * KD."""
-        from lte.training.distill import distillation_loss
+    def _mix_distillation(self, model, inputs, loss, outputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """loss + distill * (KD - task) + distill_hidden * H: the task term becomes (1 - distill) * task +
+        distill * KD, plus the hidden-state term H when `distill_hidden` > 0. Returns (loss, KD, H or None)."""
+        from lte.training.distill import distillation_loss, hidden_state_loss
 
         teacher = self.teacher
         device = outputs.logits.device
@@ -227,11 +239,19 @@ class LTETrainer(Trainer):
         with torch.no_grad():
             t_out = teacher(**{k: v for k, v in inputs.items() if k != "labels"})
         mask = inputs.get("attention_mask") if outputs.logits.dim() == 3 else None
-        kd = distillation_loss(outputs.logits, t_out.logits, mask, self.distill_temperature)
-        unwrapped = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
-        task = getattr(unwrapped, "last_task_loss", None)
-        task = loss if task is None else task
-        return loss + self.distill * (kd - task), kd
+        kd = distillation_loss(outputs.logits, t_out.logits, mask, self.distill_temperature) if self.distill > 0 \
+            else outputs.logits.new_zeros(())
+        if self.distill > 0:
+            unwrapped = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+            task = getattr(unwrapped, "last_task_loss", None)
+            task = loss if task is None else task
+            loss = loss + self.distill * (kd - task)
+        hidden = None
+        if self.distill_hidden > 0:
+            hidden = hidden_state_loss(getattr(outputs, "hidden_states", None), getattr(t_out, "hidden_states", None),
+                                       inputs.get("attention_mask"))
+            loss = loss + self.distill_hidden * hidden
+        return loss, kd, hidden
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach()).all().float().reshape(1)
@@ -298,7 +318,8 @@ class LTETrainer(Trainer):
         if w.n_losses and names:
             sums = torch.stack([torch.as_tensor(w.losses[k]).reshape(()).float().cpu() for k in names])
             means = self._all_mean(sums / w.n_losses).cpu().tolist()
-            label = {"task": "task_loss", "eff": "lte_eff", "sep": "lte_sep", "distill": "distill_loss"}
+            label = {"task": "task_loss", "eff": "lte_eff", "sep": "lte_sep", "distill": "distill_loss",
+                 "distill_hidden": "distill_hidden_loss"}
             out.update({label.get(k, k): v for k, v in zip(names, means)})
         lte_model = self.lte_model
         if lte_model is not None:
