@@ -95,15 +95,24 @@ def _save(args: argparse.Namespace, env: dict[str, Any], checks: list[dict[str, 
 def _decoder(model: torch.nn.Module, args: argparse.Namespace, batch: int) -> StaticDecoder:
     """One decoder (cache + captured graph) per model variant and batch size, reused across fixed masks."""
     _free()
-    return StaticDecoder(model, batch, args.cache_len, compile=args.compile)
+    return StaticDecoder(model, batch, args.cache_len, compile=args.compile,
+                         ffn_dispatch=args.ffn_dispatch if model_has_sparse(model) else "sparse")
+
+
+def model_has_sparse(model: torch.nn.Module) -> bool:
+    return bool(sparse_modules(model))
 
 
 def _point(model: torch.nn.Module, args: argparse.Namespace, batch: int, decoder: StaticDecoder | None = None,
            **labels: Any) -> dict[str, Any]:
     """Time one setting; a new decoder unless one is given (router weights may change under a captured graph)."""
+    decoder = decoder or _decoder(model, args, batch)
     res = bench(model, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                cache_len=args.cache_len, runs=args.runs, decoder=decoder or _decoder(model, args, batch))
-    row = {**labels, **res}
+                cache_len=args.cache_len, runs=args.runs, decoder=decoder)
+    row = {**labels, **res, "ffn_dispatch": decoder.ffn_dispatch}
+    if decoder.ffn_paths:  # "auto": how many FFNs the decision put on the masked dense path
+        row["dense_path_ffns"] = sum(c.path == "dense" for c in decoder.ffn_paths)
+        row["ffns"] = len(decoder.ffn_paths)
     dense = next((r for r in ROWS if r.get("variant") == "dense" and r["batch_size"] == batch
                   and r.get("shape") == labels.get("shape") and r.get("model_dir") == labels.get("model_dir")), None)
     if dense is not None:  # the step time the bytes allow: dense time x (bytes read by this step / by dense)
@@ -168,9 +177,11 @@ def synthetic_table(args: argparse.Namespace, shape: str) -> None:
                shape=shape)
         swap_modules(model, sparse)
         _set_budget(model, 0.0)
-        dec = _guard(f"decoder {shape} B={batch}", _decoder, model, args, batch)  # fixed masks: one graph for all
+        # fixed masks: one graph for all (with --ffn-dispatch auto one per point: the choice is made at capture)
+        dec = None if args.ffn_dispatch == "auto" else _guard(f"decoder {shape} B={batch}", _decoder, model, args,
+                                                                batch)
         for s in args.sparsities:
-            if dec is None or args.deadline.over(3):
+            if (dec is None and args.ffn_dispatch != "auto") or args.deadline.over(3):
                 break
             set_fixed_sparsity(model, s)
             _guard(f"lte fixed {shape} B={batch} s={s}", _point, model, args, batch, decoder=dec, variant="lte",
@@ -212,7 +223,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     """ms/step, change vs dense at the same shape and batch size, and the bytes' ideal."""
     rows = [r for r in rows if "ms_per_step" in r]
     print(f"\n{'model':>14} {'B':>2} {'variant':>10} {'mask':>7} {'sparsity':>8} {'active':>6} "
-          f"{'ms/step':>8} {'vs dense':>8} {'ideal':>7} {'tok/s':>7} {'GB/s':>6}")
+          f"{'ms/step':>8} {'vs dense':>8} {'ideal':>7} {'tok/s':>7} {'GB/s':>6} {'dense-path':>10}")
     for r in rows:
         change = f"{100 * r['vs_dense']:+.1f}%" if r.get("vs_dense") is not None else "-"
         ideal = f"{r['ideal_ms']:.3f}" if r.get("ideal_ms") is not None else "-"
@@ -220,7 +231,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         name = Path(r["model_dir"]).name if r.get("model_dir") else r.get("shape", "synthetic")
         print(f"{name[:14]:>14} {r['batch_size']:>2} {r['variant']:>10} {r['mask']:>7} "
               f"{r.get('sparsity', float('nan')):>8.2f} {'-' if frac is None else f'{frac:.3f}':>6} "
-              f"{r['ms_per_step']:>8.3f} {change:>8} {ideal:>7} {r['tokens_per_s']:>7.0f} {r['gb_per_s']:>6.0f}")
+              f"{r['ms_per_step']:>8.3f} {change:>8} {ideal:>7} {r['tokens_per_s']:>7.0f} {r['gb_per_s']:>6.0f} "
+              f"{(str(r['dense_path_ffns']) + '/' + str(r['ffns'])) if 'ffns' in r else '-':>10}")
 
 
 def plot(result_file: Path) -> Path:
@@ -272,6 +284,9 @@ def main() -> None:
     p.add_argument("--suite", action="store_true",
                    help="the issue's table: llama3-8b, llama2-7b, qwen2.5-7b, mistral-7b at B = 1 8 32, "
                         "fixed 0/50/70/90%%, random 50%% with and without a 50%% batch budget, short runs")
+    p.add_argument("--ffn-dispatch", default="sparse", choices=["sparse", "auto"],
+                   help="LTE decode path: the sparse kernels everywhere, or auto (per FFN, the masked dense path "
+                        "where the measured union is too full; lte.serving.dispatch)")
     p.add_argument("--cache-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)

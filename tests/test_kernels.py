@@ -183,7 +183,7 @@ def test_import_does_not_import_triton():
 
 @pytest.mark.slow  # ~25-45 s in the Triton interpreter; CI runs it (.ci/run)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split"]])
+@pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split", "act"]])
 def test_triton_kernels_in_interpreter(parts):
     """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,5,40}, 0/middle/100% off,
     default and persistent settings, router (+ budget) + FFN."""

@@ -10,6 +10,9 @@ Public API:
 - ``routed_ffn_in(x, w_router, w_up, ...)`` and ``sparse_ffn_out(h, mask, union, w_down_t, ...)``: a
   plain FFN in two halves, for models that apply the activation between the two projections
   themselves (OPT): the router and ``x W1^T + b1`` for the union's experts, then the down projection.
+- ``masked_dense_ffn(x, mask, w_up, w_down_t, ...)``: the same function as ``sparse_ffn`` with every
+  neuron computed by cuBLAS and the mask applied in one elementwise launch: the path for a batch
+  whose union of masks is too full for skipping to pay (``lte.serving`` picks it per FFN).
 - ``kernels_available()``: whether the Triton kernels will run (CUDA + triton, not forced off).
 
 Importing this package does not import triton; the kernels load on the first CUDA call.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F_
 
 from . import ops
 from .reference import (
@@ -39,6 +43,7 @@ __all__ = [
     "budget_keep",
     "kernels_available",
     "load_table",
+    "masked_dense_ffn",
     "num_experts",
     "router_mask",
     "routed_ffn_in",
@@ -142,6 +147,30 @@ def sparse_ffn(
     m2 = mask.reshape(-1, num_exp).contiguous()  # [T, E]
     y = torch.ops.lte.sparse_ffn(x2, m2, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
     return y.reshape(x.shape)  # [..., D]
+
+
+def masked_dense_ffn(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    w_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    expert_size: int = 32,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """``sparse_ffn``'s function with every neuron computed: cuBLAS for the projections, one launch for
+    ``act(g) * u * m`` (``lte::masked_activation``). Arguments and result as ``sparse_ffn``."""
+    num_exp = _validate_ffn(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
+    model_width = x.shape[-1]
+    x2 = x.reshape(-1, model_width)  # [T, D]
+    up = F_.linear(x2, w_up, b_up)  # [T, F]
+    gate = None if w_gate is None else F_.linear(x2, w_gate)  # [T, F]
+    h = torch.ops.lte.masked_activation(gate, up, mask.reshape(-1, num_exp).contiguous(), expert_size, activation)
+    y = torch.mm(h, w_down_t) if b_down is None else torch.addmm(b_down, h, w_down_t)  # [T, D]
+    return y.reshape(x.shape)
 
 
 def router_mask(x: torch.Tensor, w_router: torch.Tensor, tau: float = 0.5) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""``torch.library`` custom ops ``lte::sparse_ffn``, ``lte::routed_sparse_ffn``, ``lte::router_mask`` and
+"""``torch.library`` custom ops ``lte::sparse_ffn``, ``lte::routed_sparse_ffn``, ``lte::router_mask``,
 the two halves ``lte::routed_ffn_in`` / ``lte::sparse_ffn_out`` (for FFNs whose model applies the
-activation between them, e.g. OPT's decoder layer).
+activation between them, e.g. OPT's decoder layer) and ``lte::masked_activation`` (the elementwise
+middle of the masked dense FFN).
 
 Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it
 and CUDA-graph capture works. On CUDA the ops launch the Triton kernels (imported lazily, on the
@@ -15,7 +16,13 @@ import os
 import torch
 import torch.nn.functional as F_
 
-from .reference import logit_threshold, routed_mask_reference, router_mask_reference, sparse_ffn_reference
+from .reference import (
+    logit_threshold,
+    masked_activation_reference,
+    routed_mask_reference,
+    router_mask_reference,
+    sparse_ffn_reference,
+)
 
 MAX_DECODE_TOKENS = 64  # token counts above this (prefill) take the masked dense cuBLAS path on CUDA
 KERNELS_ENV = "LTE_KERNELS"
@@ -140,6 +147,28 @@ def _routed_sparse_ffn_fake(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_do
     y = x.new_empty(x.shape[0], w_down_t.shape[1])  # [T, D]
     mask = x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]
     return y, mask
+
+
+@torch.library.custom_op("lte::masked_activation", mutates_args=())
+def masked_activation_op(gate: torch.Tensor | None, up: torch.Tensor, mask: torch.Tensor, expert_size: int,
+                         activation: str) -> torch.Tensor:
+    """h [T, F] = act(gate) * up * m, or act(up) * m without a gate (any device: the fp32 reference)."""
+    return masked_activation_reference(gate, up, mask, expert_size, activation)
+
+
+@masked_activation_op.register_kernel("cuda")
+def _masked_activation_cuda(gate, up, mask, expert_size, activation):
+    """CUDA: one Triton elementwise launch (any token count)."""
+    if reference_forced():
+        return masked_activation_reference(gate, up, mask, expert_size, activation)
+    from .triton_ffn import masked_activation_triton
+
+    return masked_activation_triton(gate, up, mask, expert_size, activation)
+
+
+@masked_activation_op.register_fake
+def _masked_activation_fake(gate, up, mask, expert_size, activation):
+    return torch.empty_like(up)  # [T, F]
 
 
 # --------------------------------------------------------------------------- FFNs in two halves

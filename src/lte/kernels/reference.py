@@ -86,6 +86,15 @@ def sparse_ffn_reference(
     return y.to(x.dtype)
 
 
+def masked_activation_reference(gate: torch.Tensor | None, up: torch.Tensor, mask: torch.Tensor, expert_size: int,
+                                activation: str) -> torch.Tensor:
+    """h [B, F] = act(gate) * up * m (gated) or act(up) * m (gate None) for the expert mask [B, E],
+    computed in fp32 and returned in up's dtype (the middle of the masked dense FFN)."""
+    neuron_mask = expand_mask(mask, up.shape[-1], expert_size).float()  # [B, F]
+    h = apply_activation(up.float(), activation) if gate is None else apply_activation(gate.float(), activation) * up.float()
+    return (h * neuron_mask).to(up.dtype)
+
+
 def logit_threshold(tau: float) -> float:
     """Threshold on router logits equivalent to ``sigmoid(logit) > tau``."""
     if tau <= 0.0:

@@ -16,6 +16,7 @@ import torch
 from .reference import (
     ACTIVATIONS,
     logit_threshold,
+    masked_activation_reference,
     num_experts,
     routed_mask_reference,
     router_mask_reference,
@@ -159,8 +160,25 @@ def check_split_case(D, F, S, B, budget, activation, dtype, device, gen, config=
     return CaseResult(case, err if union_ok else float("inf"), ok)
 
 
+def check_act_case(F, S, B, sparsity, activation, gated, dtype, device, gen) -> CaseResult:
+    """The masked dense path's elementwise kernel against the reference; 100% off must give exact zeros."""
+    from .triton_ffn import masked_activation_triton
+
+    up = torch.randn(B, F, generator=gen).to(dtype=dtype, device=device)  # [B, F]
+    gate = torch.randn(B, F, generator=gen).to(dtype=dtype, device=device) if gated else None
+    mask = _make_mask(B, num_experts(F, S), sparsity, gen).to(device)  # [B, E]
+    h = masked_activation_triton(gate, up, mask, S, activation, block=64)  # several blocks per row
+    ref = masked_activation_reference(gate, up, mask, S, activation)
+    case = f"act F={F} S={S} B={B} {sparsity} {activation} gated={gated} {dtype}"
+    if sparsity == "all":
+        exact = not bool(h.any())
+        return CaseResult(case, 0.0 if exact else float("inf"), exact)
+    err = ((h.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    return CaseResult(case, err, bool(torch.isfinite(h).all()) and err <= TOLERANCE[dtype])
+
+
 def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0,
-               parts=("ffn", "router", "routed", "split")) -> list[CaseResult]:
+               parts=("ffn", "router", "routed", "split", "act")) -> list[CaseResult]:
     """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
     the cases so that every value appears while keeping the count small (the CPU interpreter is slow)."""
     gen = torch.Generator().manual_seed(seed)
@@ -189,6 +207,11 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
             break
         kind, dtype, config = combos[i % len(combos)]
         results.append(check_split_case(D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen, config))
+    for i, ((_, F, S), B, sparsity) in enumerate(itertools.product(SHAPES, (1, 7), SPARSITIES)):
+        if "act" not in parts:
+            break
+        activation, gated, _ = FFN_KINDS[i % len(FFN_KINDS)]
+        results.append(check_act_case(F, S, B, sparsity, activation, gated, dtypes[i % len(dtypes)], device, gen))
     return results
 
 
@@ -196,8 +219,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="every kind x dtype for every case")
-    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split"],
-                        choices=["ffn", "router", "routed", "split"], help="which groups of cases to run")
+    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split", "act"],
+                        choices=["ffn", "router", "routed", "split", "act"], help="which groups of cases to run")
     args = parser.parse_args()
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())
     results = run_checks(args.device, dtypes, full=args.full, parts=tuple(args.parts))

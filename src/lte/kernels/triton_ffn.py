@@ -25,12 +25,14 @@ from .triton_jit import (
     _ffn_finish_kernel,
     _ffn_in_kernel,
     _ffn_out_kernel,
+    _masked_act_kernel,
     _router_kernel,
     _union_kernel,
 )
 from .tuning import KernelConfig, gpu_key, heuristic_config, lookup
 
-__all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "plan_launch", "routed_ffn_in_triton",
+__all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "masked_activation_triton", "plan_launch",
+           "routed_ffn_in_triton",
            "routed_sparse_ffn_triton", "router_mask_triton", "sparse_ffn_out_triton", "sparse_ffn_triton"]
 
 MAX_TOKENS = 64  # the decode kernels handle up to this many tokens per call
@@ -399,3 +401,20 @@ def sparse_ffn_out_triton(
     launch_out(p, token_mask=True)
     launch_finish(p)
     return p.y
+
+
+def masked_activation_triton(gate: torch.Tensor | None, up: torch.Tensor, mask: torch.Tensor, expert_size: int,
+                             activation: str, block: int = 1024) -> torch.Tensor:
+    """h [B, F] = act(gate) * up * m (gated) or act(up) * m (gate None), m the mask [B, E] (bool) expanded
+    to neurons, in one launch; in up's dtype. Inputs: contiguous rows, gate and up the same shape."""
+    num_tokens, ffn_width = up.shape
+    out = torch.empty_like(up)
+    if num_tokens == 0:
+        return out
+    mask_u8 = mask.contiguous().view(torch.uint8)
+    gate_arg = up if gate is None else gate
+    grid = (num_tokens, triton.cdiv(ffn_width, block))
+    _masked_act_kernel[grid](gate_arg, up, mask_u8, out, ffn_width, mask.shape[1],
+                             gate_arg.stride(0), up.stride(0), mask_u8.stride(0), out.stride(0),
+                             S=expert_size, GATED=gate is not None, ACT=_ACT_CODE[activation], BLOCK=block)
+    return out

@@ -27,6 +27,9 @@ triggers its dependents only after its own wait, so the down kernel may read the
 before launch 1 started) before it waits for ``h``. Every wait comes before any loop whose loads
 Triton may pipeline (issue ahead of the loop body).
 B = 1 accumulates with broadcast multiply-adds; B >= 2 pads the tokens to 16+ and uses ``tl.dot``.
+
+The masked dense path (every neuron through cuBLAS, for a union too full for skipping to pay) uses
+one elementwise kernel here, ``_masked_act_kernel``: ``h = act(g) * u * m`` (or ``act(u) * m``).
 This module imports triton at import time: import it lazily (through ``triton_ffn``).
 """
 
@@ -387,3 +390,24 @@ def _ffn_finish_kernel(
     if HAS_BIAS:
         acc += tl.load(bd_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * stride_yb + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _masked_act_kernel(
+    gate_ptr, up_ptr, mask_ptr, out_ptr, F, E,
+    stride_g, stride_u, stride_m, stride_o,
+    S: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (b, f-block): h[b, f] = act(g[b, f]) * u[b, f] * m[b, f // S] (gated) or act(u) * m (plain), in fp32."""
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < F
+    on = tl.load(mask_ptr + b * stride_m + offs // S, mask=inside & (offs // S < E), other=0)
+    u = tl.load(up_ptr + b * stride_u + offs, mask=inside, other=0.0).to(tl.float32)
+    if GATED:
+        g = tl.load(gate_ptr + b * stride_g + offs, mask=inside, other=0.0).to(tl.float32)
+        h = _activation(g, ACT) * u
+    else:
+        h = _activation(u, ACT)
+    h = tl.where(on != 0, h, 0.0)
+    tl.store(out_ptr + b * stride_o + offs, h.to(out_ptr.dtype.element_ty), mask=inside)

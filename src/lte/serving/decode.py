@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import LTEError
+from .dispatch import choose_ffn_paths, set_ffn_path
+from .prepare import SparseMLP
 
 
 # --------------------------------------------------------------------------- transformers compat
@@ -81,12 +83,22 @@ class StaticDecoder:
         compile: run the decode-step forward through `torch.compile` (fuses the many small norm /
             rotary / elementwise kernels of the HF layers; compiles on the first decode, which
             takes a while for big models), then capture it in the CUDA graph as usual.
+        ffn_dispatch: the decode path of the served FFNs (`SparseMLP`): "sparse" (the kernels; the
+            default), "dense" (the masked dense path everywhere), or "auto": before each capture, one
+            eager step records every FFN's union of masks and `lte.serving.dispatch.choose_ffn_paths`
+            puts the FFNs whose union is too full for skipping to pay on the masked dense path.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
-                 use_graph: bool | None = None, compile: bool = False) -> None:
+                 use_graph: bool | None = None, compile: bool = False, ffn_dispatch: str = "sparse") -> None:
         if batch_size < 1 or cache_len < 2:
             raise LTEError(f"batch_size must be >= 1 and cache_len >= 2, got {batch_size} and {cache_len}")
+        if ffn_dispatch not in ("sparse", "dense", "auto"):
+            raise LTEError(f"ffn_dispatch must be 'sparse', 'dense' or 'auto', got {ffn_dispatch!r}")
+        self.ffn_dispatch = ffn_dispatch
+        self.ffn_paths: list = []  # the last "auto" decision (lte.serving.dispatch.PathChoice per FFN)
+        if ffn_dispatch != "auto":
+            set_ffn_path(model, ffn_dispatch)
         self.model = model.eval()
         first = next(iter(model.parameters()))
         self.device = first.device
@@ -176,12 +188,35 @@ class StaticDecoder:
         self.step.fill_(1)
         self.prompt_len, self.generated = p, 1
 
+    def choose_ffn_paths(self) -> list:
+        """One eager decode step that records every served FFN's mask, then the per-FFN path choice
+        (`lte.serving.dispatch.choose_ffn_paths`); the decoder's state is left as it was."""
+        modules = [m for m in self.model.modules() if isinstance(m, SparseMLP)]
+        if not modules:
+            return []
+        saved = self._save()
+        set_ffn_path(self.model, "sparse")
+        for m in modules:
+            m.record_mask = True
+        try:
+            self._decode_step(eager=True)
+        finally:
+            for m in modules:
+                m.record_mask = False
+        self._restore(saved)
+        self.ffn_paths = choose_ffn_paths(self.model, self.batch_size)
+        for m in modules:
+            m.last_mask = None
+        return self.ffn_paths
+
     def _capture(self) -> None:
         """Warm up on a side stream (Triton compiles here), then capture one decode step."""
         saved = self._save()
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
+            if self.ffn_dispatch == "auto":
+                self.choose_ffn_paths()
             for _ in range(2):
                 self._decode_step()
         torch.cuda.current_stream(self.device).wait_stream(side)

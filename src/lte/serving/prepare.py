@@ -79,6 +79,11 @@ class SparseMLP(nn.Module):
         b_up: [F] or None. b_down: [D] or None.
         budget: 0, or the most experts one decode step may use for the whole batch (the ones with
             the largest summed router score; see `lte.kernels.routed_sparse_ffn`).
+
+    `ffn_path` picks the decode path: "sparse" (the kernels, default) or "dense" (router kernel +
+    `lte.kernels.masked_dense_ffn`: every neuron through cuBLAS, the mask applied in one launch; the
+    same function, cheaper when the batch's union of masks is nearly full). `lte.serving.dispatch`
+    sets it per FFN from a measured union (`StaticDecoder` does so before it captures a step).
     """
 
     def __init__(self, w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down_t: torch.Tensor,
@@ -109,6 +114,7 @@ class SparseMLP(nn.Module):
         self.activation = activation
         self.use_kernels = use_kernels
         self.decode_max_tokens = decode_max_tokens
+        self._ffn_path = "sparse"
         self.budget = budget
         self.fuse_router = True  # one op for router + FFN on the decode path (False: two ops, for comparison)
         # When True, eager forwards keep their expert mask in `last_mask` (bench statistics only;
@@ -128,7 +134,22 @@ class SparseMLP(nn.Module):
     def budget(self, value: int) -> None:
         if not isinstance(value, int) or value < 0:
             raise LTEError(f"SparseMLP: budget must be an int >= 0 (0 = no budget), got {value!r}")
+        if value > 0 and getattr(self, "_ffn_path", "sparse") == "dense":
+            raise LTEError("SparseMLP: a per-batch budget runs on the sparse path; set ffn_path = 'sparse' first")
         self._budget = value
+
+    @property
+    def ffn_path(self) -> str:
+        return self._ffn_path
+
+    @ffn_path.setter
+    def ffn_path(self, value: str) -> None:
+        if value not in ("sparse", "dense"):
+            raise LTEError(f"SparseMLP: ffn_path must be 'sparse' or 'dense', got {value!r}")
+        if value == "dense" and self.budget > 0:
+            raise LTEError("SparseMLP: the dense path has no per-batch budget (the budget exists to keep the union "
+                           "small for the sparse kernels); set budget = 0 first")
+        self._ffn_path = value
 
     def dense_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Expert mask [..., E] exactly as the LTEModel's hard routing computes it."""
@@ -153,7 +174,10 @@ class SparseMLP(nn.Module):
 
             ffn = dict(w_gate=self.w_gate, b_up=self.b_up, b_down=self.b_down, expert_size=self.expert_size,
                        activation=self.activation)
-            if self.fuse_router or self.budget:
+            if self.ffn_path == "dense":  # every neuron through cuBLAS, the same masked function
+                mask = kernels.router_mask(x, self.w_router, self.tau)  # [..., E] bool, on the device
+                y = kernels.masked_dense_ffn(x, mask, self.w_up, self.w_down_t, **ffn)
+            elif self.fuse_router or self.budget:
                 y, mask = kernels.routed_sparse_ffn(x, self.w_router, self.w_up, self.w_down_t, tau=self.tau,
                                                     budget=self.budget, **ffn)  # mask [..., E] on the device
             else:
@@ -171,7 +195,7 @@ class SparseMLP(nn.Module):
         kind = "gated" if self.w_gate is not None else "plain"
         return (f"D={d}, F={f}, experts={self.num_experts}, S={self.expert_size}, tau={self.tau}, {kind}, "
                 f"activation={self.activation}, biases={self.b_up is not None or self.b_down is not None}, "
-                f"budget={self.budget}, kernels={self.use_kernels}")
+                f"budget={self.budget}, kernels={self.use_kernels}, path={self.ffn_path}")
 
 
 class DenseMLP(nn.Module):

@@ -1,0 +1,98 @@
+"""Which decode path each served FFN takes: the sparse kernels, or the masked dense path.
+
+At a batch of B tokens a `SparseMLP` reads the weights of every expert some token of the batch
+needs (the union of the masks). When that union is nearly the whole FFN, the kernels cost more
+than cuBLAS reading everything (the H200 suite measured 0.65-0.88x of dense at a full union), so
+the masked dense path (`lte.kernels.masked_dense_ffn`: the same function) is the faster one.
+
+The choice is made outside the decode step's CUDA graph, from the masks of one eager warm-up step
+at the same batch size, and frozen into the captured graph: nothing is read back to the host while
+decoding. `StaticDecoder(..., ffn_dispatch="auto")` does this before each capture. The union of
+later steps varies around the warm-up's; a layer near its threshold may take the slower path for
+some steps.
+
+Dimensions: T tokens of one decode step (the batch size), E experts, F FFN width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LTEError
+from .prepare import SparseMLP
+
+__all__ = ["DENSE_ABOVE", "PathChoice", "choose_ffn_paths", "dense_threshold", "set_ffn_path", "union_fraction"]
+
+#: (tokens, fraction): at this many tokens and more, a union holding more than `fraction` of the
+#: FFN's neurons takes the masked dense path. First estimate from the H200 quick suite
+#: (docs/benchmarks.md: the FFN ratios at 0% and 50% off, taken as linear in the active fraction,
+#: crossing dense at about 0.80-0.86 for B = 1-8, 0.51-0.57 at B = 32, 0.61-0.71 at B = 64),
+#: rounded down: the masked dense path also pays for the router and the mask.
+DENSE_ABOVE: tuple[tuple[int, float], ...] = ((1, 0.80), (8, 0.75), (32, 0.50), (64, 0.60))
+
+
+def dense_threshold(num_tokens: int, table: tuple[tuple[int, float], ...] = DENSE_ABOVE) -> float:
+    """The union fraction above which `num_tokens` tokens take the masked dense path (the table's row
+    with the most tokens not above `num_tokens`; its first row below that)."""
+    if num_tokens < 1:
+        raise LTEError(f"num_tokens must be >= 1, got {num_tokens}")
+    rows = sorted(table)
+    if not rows or any(not 0.0 <= frac <= 1.0 for _, frac in rows):
+        raise LTEError(f"a dispatch table needs (tokens, fraction in [0, 1]) rows, got {table!r}")
+    chosen = rows[0][1]
+    for tokens, frac in rows:
+        if tokens <= num_tokens:
+            chosen = frac
+    return chosen
+
+
+def union_fraction(mask: torch.Tensor, ffn_width: int, expert_size: int) -> float:
+    """Fraction of the FFN's F neurons in the union of a step's masks [..., E] (the last expert may be smaller)."""
+    union = mask.reshape(-1, mask.shape[-1]).any(dim=0)  # [E]
+    num_exp = union.numel()
+    sizes = torch.full((num_exp,), float(expert_size))
+    sizes[-1] = ffn_width - expert_size * (num_exp - 1)
+    return float((union.cpu().float() * sizes).sum()) / ffn_width
+
+
+@dataclass
+class PathChoice:
+    """One FFN's decision: its module name, the union fraction it saw, the threshold and the path."""
+
+    name: str
+    union: float
+    threshold: float
+    path: str
+
+
+def choose_ffn_paths(model: nn.Module, num_tokens: int,
+                     table: tuple[tuple[int, float], ...] = DENSE_ABOVE) -> list[PathChoice]:
+    """Set `ffn_path` of every `SparseMLP` in `model` from the mask its last recorded forward kept
+    (`record_mask = True` during one eager decode step of `num_tokens` tokens); returns the choices.
+
+    A module with a per-batch budget stays on the sparse path (the budget bounds its union). A
+    module with no recorded mask is an error: run one eager step with `record_mask` on first.
+    """
+    threshold = dense_threshold(num_tokens, table)
+    choices = []
+    for name, module in model.named_modules():
+        if not isinstance(module, SparseMLP):
+            continue
+        if module.last_mask is None:
+            raise LTEError(f"{name}: no recorded mask; run one eager decode step with record_mask = True first")
+        frac = union_fraction(module.last_mask, module.w_up.shape[0], module.expert_size)
+        path = "dense" if (module.budget == 0 and frac > threshold) else "sparse"
+        module.ffn_path = path
+        choices.append(PathChoice(name, frac, threshold, path))
+    return choices
+
+
+def set_ffn_path(model: nn.Module, path: str) -> int:
+    """Put every `SparseMLP` of `model` on `path` ("sparse" or "dense"); returns how many there are."""
+    modules = [m for m in model.modules() if isinstance(m, SparseMLP)]
+    for module in modules:
+        module.ffn_path = path
+    return len(modules)
