@@ -5,11 +5,12 @@
 #
 # Sections, each in its own process under a hard time cap (a crash or a hang in one is recorded
 # in $OUT/sections.txt and the next one runs):
-#   1. GPU tests: pytest -m gpu on tests/test_kernels.py and tests/test_serving.py -> gpu_tests.{log,xml}
+#   1. GPU tests: pytest -m gpu on tests/test_kernels.py, test_serving.py, test_dispatch.py -> gpu_tests.{log,xml}
 #   2. tile tuning per shape and batch size on this GPU -> kernel_configs.json (then used by 3 and 4
 #      through LTE_KERNEL_CONFIGS)
 #   3. FFN benchmark: dense cuBLAS vs LTE per shape, B = 1 8 32 64 -> ffn_kernel.json
 #   4. decode-step benchmark: LLaMA-2-7B, Llama-3-8B, Qwen2.5-7B, Mistral-7B shapes, B = 1 8 32 -> decode.json
+#      (FFN_DISPATCH=auto: LTE's FFNs pick the sparse or masked dense path per layer, lte.serving.dispatch)
 #   5. summary: short tables and the goals, printed last -> summary.json
 # Default total: 450 s (7.5 min); --quick: 240 s. Later sections get the time earlier ones did not use.
 # Smoke run on a CPU (no GPU; tiny shapes, Triton's interpreter): LTE_SUITE_SMOKE=1.
@@ -97,7 +98,7 @@ PYTEST_EXTRA=()
 "$PY" -c "import xdist" 2>/dev/null && [ "$SMOKE" != 1 ] && PYTEST_EXTRA+=(-n 4)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 90)
 run gpu_tests "$CAP_TESTS" "$PY" -m pytest -q -rfE ${TEST_ARGS[@]+"${TEST_ARGS[@]}"} ${PYTEST_EXTRA[@]+"${PYTEST_EXTRA[@]}"} \
-  --junitxml "$OUT/gpu_tests.xml" tests/test_kernels.py tests/test_serving.py
+  --junitxml "$OUT/gpu_tests.xml" tests/test_kernels.py tests/test_serving.py tests/test_dispatch.py
 
 # ---------------------------------------------------------------- 2. tile tuning
 run tune "$CAP_TUNE" "$PY" benchmarks/tune_kernels.py --budget $(( CAP_TUNE - 25 )) --out "$OUT/kernel_configs.json" \
@@ -116,7 +117,7 @@ run ffn "$CAP_FFN" "$PY" benchmarks/ffn_kernel.py --budget $(( CAP_FFN - 20 )) -
 # ---------------------------------------------------------------- 4. decode-step benchmark (takes the rest)
 CAP_DECODE=$(( $(left) - 15 ))
 run decode "$CAP_DECODE" "$PY" benchmarks/decode.py --budget $(( CAP_DECODE - 25 )) --out "$OUT/decode.json" \
-  ${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"}
+  --ffn-dispatch "${FFN_DISPATCH:-sparse}" ${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"}
 
 # ---------------------------------------------------------------- 5. summary (printed last)
 echo "=== [$(elapsed) s] summary ==="
