@@ -44,6 +44,26 @@ def test_threshold_methods_hit_their_target_on_calibration_data(family, method):
     assert stats["gflops_per_token"] < stats["dense_gflops_per_token"]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_sequential_calibration_stops_after_its_layer_and_keeps_the_thresholds(monkeypatch, family, method):
+    from lte.baselines import methods
+
+    def thresholds(model):
+        return [(s.x_threshold.item(), s.h_threshold.item()) for s in model.sparsifiers()]
+
+    data = calib()
+    heads = []
+    fast_base = build(family)
+    fast_base.get_output_embeddings().register_forward_hook(lambda *a: heads.append(1))
+    fast = apply_baseline(fast_base, method, 0.6, calib_data=data)
+    assert heads == []  # every calibration pass stopped before the LM head
+    monkeypatch.setattr(methods, "_output_of", lambda model, sparsifier: None)  # whole forwards
+    slow = apply_baseline(build(family), method, 0.6, calib_data=data)
+    assert thresholds(fast) == thresholds(slow)
+    assert torch.equal(logits(fast, batch()), logits(slow, batch()))
+
+
 @pytest.mark.parametrize("method", ["teal", "cats"])
 def test_threshold_zero_target_is_dense(method):
     base = build("llama")

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import LTEError
 from .model import BaselineModel, _check_target, group_ffn, make_predictor, spec_of, wrap_ffns
-from .wrappers import quantile
+from .wrappers import SparseOutput, quantile
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +87,38 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the layers a calibration pass needs have run (the rest is skipped)."""
+
+
+def _stop_after(module: nn.Module, *_: Any) -> None:
+    raise _StopForward
+
+
 @torch.no_grad()
-def _run(model: BaselineModel, batches: list[dict]) -> None:
+def _run(model: BaselineModel, batches: list[dict], stop_after: nn.Module | None = None) -> None:
+    """Forward `batches` in eval mode; with `stop_after`, each forward ends once that module has run."""
     device = _device(model)
     was_training = model.training
     model.eval()
     tracking, model.track_stats = model.track_stats, False
+    hook = None if stop_after is None else stop_after.register_forward_hook(_stop_after)
     try:
         for batch in batches:
-            model(**{k: v.to(device) for k, v in batch.items()})
+            try:
+                model(**{k: v.to(device) for k, v in batch.items()})
+            except _StopForward:
+                pass
     finally:
+        if hook is not None:
+            hook.remove()
         model.track_stats = tracking
         model.train(was_training)
+
+
+def _output_of(model: BaselineModel, sparsifier: nn.Module) -> nn.Module | None:
+    """The output projection wrapper of `sparsifier`'s FFN: the last module of that FFN to run."""
+    return next((m for m in model.modules() if isinstance(m, SparseOutput) and m._sparsifier is sparsifier), None)
 
 
 # --------------------------------------------------------------------------- thresholds (TEAL, CATS)
@@ -106,8 +126,9 @@ def calibrate_thresholds(model: BaselineModel, batches: list[dict], target: floa
     """Set each layer's thresholds to the `target` quantile of the magnitudes it sees.
 
     sequential=True calibrates layer by layer with the earlier layers already sparse (so each
-    layer sees the inputs it will get; one pass over the data per layer); False calibrates every
-    layer on the dense model's activations in one pass.
+    layer sees the inputs it will get; one pass over the data per layer, stopped once that layer has
+    run, so the layers after it and the head cost nothing); False calibrates every layer on the dense
+    model's activations in one pass.
     """
     _check_target(target)
     sparsifiers = model.sparsifiers()
@@ -117,7 +138,7 @@ def calibrate_thresholds(model: BaselineModel, batches: list[dict], target: floa
             s.reset_runtime()
         for s in group:
             s.state = "collect"
-        _run(model, batches)
+        _run(model, batches, stop_after=_output_of(model, group[-1]) if sequential else None)
         for s in group:
             if s.rule == "input-threshold":
                 s.x_threshold.fill_(quantile(s.samples["x"], target))
