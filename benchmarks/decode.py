@@ -35,7 +35,8 @@ import lte
 import lte.kernels
 from lte.serving.cli import load_for_serving
 from lte.serving.decode import StaticDecoder, bench
-from lte.serving.prepare import dense_modules, prepare_for_inference, sparse_modules, swap_modules
+from lte.serving.dense import dense_modules, swap_modules
+from lte.serving.prepare import prepare_for_inference, sparse_modules
 from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sparsity, set_random_sparsity
 
 

@@ -11,15 +11,13 @@ import torch
 import lte
 import tiny_models as tm
 from lte.serving import StaticDecoder, bench, generate, prepare_dense, prepare_for_inference
+from lte.serving.dense import DenseMLP, dense_modules, swap_modules
 from lte.serving.prepare import (
-    DenseMLP,
     SparseFFNIn,
     SparseFFNOut,
     SparseMLP,
-    dense_modules,
     ffn_weights,
     sparse_modules,
-    swap_modules,
 )
 from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sparsity, set_random_sparsity
 

@@ -88,7 +88,8 @@ def load_for_serving(directory: str, device: Any, dtype: Any) -> tuple[Any, bool
 
 
 def _prepared(model: Any, is_lte: bool, dense: bool, budget: int = 0) -> Any:
-    from .prepare import prepare_dense, prepare_for_inference
+    from .dense import prepare_dense
+    from .prepare import prepare_for_inference
 
     if dense or not is_lte:
         return prepare_dense(model)
@@ -121,7 +122,8 @@ def _bench_one(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Handler of `lte bench`: prints one JSON line per variant (dense, lte)."""
-    from .prepare import dense_modules, prepare_for_inference, swap_modules
+    from .dense import dense_modules, swap_modules
+    from .prepare import prepare_for_inference
 
     device, dtype = _resolve(args)
     if args.shape:
