@@ -10,7 +10,14 @@ import torch
 from lte import LTEError
 from lte.study import report, runner
 from lte.study.config import study_config
-from lte.study.parallel import Unit, _ran_out_of_memory, plan_units
+from lte.study.parallel import (
+    Unit,
+    _ran_out_of_memory,
+    expected_seconds,
+    plan_units,
+    recorded_seconds,
+    run_parallel,
+)
 from lte.study.report import compare_to_baselines, interpolate_quality, study_markdown
 from lte.study.runner import collect_study, run_study
 from tiny_models import save_tiny_llama, write_text
@@ -93,6 +100,39 @@ def test_dense_carried_without_weights_gets_one_dense_unit_before_the_methods(ti
         f.unlink()
     assert [u.method for u in plan_units(lte, tmp_path)] == ["dense", "lte"]
     assert plan_units(study_config(teal, tiny=True), tmp_path) == []  # nothing to run: no dense unit either
+
+
+def _fake_point(root, seed, method, target, train, build, evaluation):
+    path = root / f"seed{seed}" / method / f"t{target}" / "point.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"train_seconds": train, "build_seconds": build, "eval_seconds": evaluation}))
+
+
+def test_expected_unit_seconds_by_hand(tmp_path):
+    _fake_point(tmp_path, 0, "lte", 0.5, 100, 0, 10)
+    _fake_point(tmp_path, 1, "lte", 0.7, 120, 0, 10)
+    _fake_point(tmp_path, 0, "teal", 0.5, 0, 30, 5)
+    _fake_point(tmp_path, 0, "teal", 0.7, 0, 30, 5)
+    lte = Unit(str(tmp_path / "seed2"), "lte", [0.9], 4.0)
+    assert recorded_seconds(lte) == 120  # median of 110 and 130, from the sibling seeds
+    teal = Unit(str(tmp_path / "seed2"), "teal", [0.5, 0.7, 0.9], 0.8)
+    assert recorded_seconds(teal) == 3 * 5 + 30  # eval per value, the shared build once
+    assert recorded_seconds(Unit(str(tmp_path / "seed2"), "cats", [0.5], 0.6)) is None
+    assert expected_seconds(lte, {"lte": [50.0, 70.0]}) == 60  # this run's own units come first
+    assert expected_seconds(teal, {}) == 45
+
+
+def test_time_limit_does_not_start_a_unit_that_cannot_finish(tiny_task, tmp_path):
+    """A unit whose recorded duration no longer fits is refused at once; the run does not wait for it."""
+    cfg = study_config({**tiny_task, "methods": ["teal"], "targets": [0.5]}, tiny=True)
+    run_study({**tiny_task, "methods": ["teal"], "targets": [0.5]}, tmp_path / "seed0", tiny=True)  # dense on disk
+    for seed in (1, 2):  # sibling studies say a teal unit takes ~5000 s (with seed 0's own point: the median)
+        _fake_point(tmp_path, seed, "teal", 0.7, 0, 5000, 50)
+    cfg = {**cfg, "targets": [0.7]}
+    failures = run_parallel([(cfg, tmp_path / "seed0")], jobs=1, time_limit=600, progress=False)
+    reasons = list(failures[str(tmp_path / "seed0")].values())
+    assert len(reasons) == 1 and reasons[0].startswith("not started: it takes about 5050 s"), reasons
+    assert not (tmp_path / "seed0" / "logs" / "teal_t0.7.log").exists()  # no worker was started
 
 
 def test_tiny_caps_every_stage_budget(tiny_task):

@@ -9,15 +9,20 @@ several worker processes on one GPU finish a study several times sooner than one
 
 Each worker is `python -m lte.cli.main study <out>/study_config.yaml --out <out> --worker
 --methods M [--targets T]`; its log goes to `<out>/logs/`. Finished points are on disk, so a
-unit cut by the time limit loses only itself, and rerunning resumes.
+unit cut by the time limit loses only itself, and rerunning resumes. With a time limit, a unit
+whose expected duration (`expected_seconds`: units of its method that finished in this run, else
+the seconds its method's finished points recorded) no longer fits is not started, so a run ends
+once nothing that can finish is left instead of spending its last minutes on work it will throw away.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -108,6 +113,35 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             pass
 
 
+def recorded_seconds(unit: Unit) -> float | None:
+    """Seconds a unit of this method took before, from the finished points of its study and of its
+    sibling studies (other seeds): per point train + build + eval seconds, the median; a unit
+    that shares its build over several values counts the build once. None when none is recorded."""
+    per_value, builds = [], []
+    for path in Path(unit.study).parent.glob(f"*/{unit.method}/t*/point.json"):
+        try:
+            point = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        per_value.append(float(point.get("train_seconds") or 0) + float(point.get("eval_seconds") or 0))
+        builds.append(float(point.get("build_seconds") or 0))
+    if not per_value:
+        return None
+    values = 1 if unit.values is None else len(unit.values)
+    shared = unit.method != "dense" and values > 1
+    build = statistics.median(builds)
+    return statistics.median(per_value) * values + (build if shared else build * values)
+
+
+def expected_seconds(unit: Unit, finished: dict[str, list[float]]) -> float | None:
+    """How long `unit` should take: the median of its method's units finished in this run (per value),
+    else `recorded_seconds`; None when nothing is known."""
+    done = finished.get(unit.method)
+    if done:
+        return statistics.median(done) * (1 if unit.values is None else len(unit.values))
+    return recorded_seconds(unit)
+
+
 def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_limit: float | None = None,
                  threads_per_job: int | None = None, progress: bool = True) -> dict[str, dict[str, str]]:
     """Run every unit of `studies` ((config, out folder) pairs) with at most `jobs` workers at once.
@@ -135,11 +169,19 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
     total = len(pending)
     bar = _progress(total, progress)
     free_slots = list(range(jobs))
+    finished: dict[str, list[float]] = {}  # method -> seconds per value of its units that finished here
 
     def ready(unit: Unit) -> bool:
         if unit.solo and running:
             return False
         return unit.method == "dense" or unit.study in dense_done
+
+    def cannot_finish(unit: Unit, elapsed: float) -> float | None:
+        """The expected seconds of a unit that would end past the time limit (None: start it)."""
+        if time_limit is None:
+            return None
+        need = expected_seconds(unit, finished)
+        return need if need is not None and elapsed + need > time_limit else None
 
     while pending or running:
         elapsed = time.perf_counter() - start
@@ -151,6 +193,13 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
                 failures[unit.study][unit.label] = "not started: time limit"
             logger.warning("time limit reached: %d unit(s) stopped, %d not started", len(running), len(pending))
             break
+        for unit in [u for u in pending if ready(u)]:
+            need = cannot_finish(unit, elapsed)
+            if need is not None:
+                pending.remove(unit)
+                failures[unit.study][unit.label] = (f"not started: it takes about {need:.0f} s and "
+                                                    f"{time_limit - elapsed:.0f} s were left")
+                bar.update(1)
         while free_slots and any(ready(u) for u in pending):
             unit = next(u for u in pending if ready(u))
             pending.remove(unit)
@@ -183,8 +232,10 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
                     for other in [u for u in pending if u.study == unit.study]:
                         pending.remove(other)
                         failures[unit.study][other.label] = "not started: the dense unit failed"
-            elif unit.method == "dense":
-                dense_done.add(unit.study)
+            else:
+                finished.setdefault(unit.method, []).append(seconds / (1 if unit.values is None else len(unit.values)))
+                if unit.method == "dense":
+                    dense_done.add(unit.study)
             bar.update(1)
             bar.set_postfix_str(f"{unit.label} {'ok' if proc.returncode == 0 else 'FAILED'} in {seconds:.0f} s")
             logger.info("%s %s in %.0f s", unit.label, "done" if proc.returncode == 0 else "FAILED", seconds)
