@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import LTEError
-from .dispatch import choose_ffn_paths, set_ffn_path
-from .prepare import SparseMLP
+from .dispatch import choose_ffn_paths, set_ffn_path, union_fraction
+from .prepare import SparseMLP, sparse_modules
 
 
 # --------------------------------------------------------------------------- transformers compat
@@ -188,14 +188,13 @@ class StaticDecoder:
         self.step.fill_(1)
         self.prompt_len, self.generated = p, 1
 
-    def choose_ffn_paths(self) -> list:
-        """One eager decode step that records every served FFN's mask, then the per-FFN path choice
-        (`lte.serving.dispatch.choose_ffn_paths`); the decoder's state is left as it was."""
-        modules = [m for m in self.model.modules() if isinstance(m, SparseMLP)]
+    def record_masks(self) -> list[nn.Module]:
+        """One eager decode step with every router module (`sparse_modules`) keeping its mask in
+        `last_mask`; returns those modules. The decoder's state is left as it was."""
+        modules = sparse_modules(self.model)
         if not modules:
             return []
         saved = self._save()
-        set_ffn_path(self.model, "sparse")
         for m in modules:
             m.record_mask = True
         try:
@@ -203,7 +202,16 @@ class StaticDecoder:
         finally:
             for m in modules:
                 m.record_mask = False
-        self._restore(saved)
+            self._restore(saved)
+        return modules
+
+    def choose_ffn_paths(self) -> list:
+        """The per-FFN path choice (`lte.serving.dispatch.choose_ffn_paths`) from the masks of one
+        eager step on the sparse path (`record_masks`)."""
+        set_ffn_path(self.model, "sparse")
+        modules = self.record_masks()
+        if not any(isinstance(m, SparseMLP) for m in modules):
+            return []
         self.ffn_paths = choose_ffn_paths(self.model, self.batch_size)
         for m in modules:
             m.last_mask = None
@@ -365,28 +373,14 @@ def measure_active_fraction(decoder: StaticDecoder) -> float | None:
 
     None for models without SparseMLP. Runs one step eagerly and restores the decoder state.
     """
-    from .prepare import sparse_modules
-
-    mods = sparse_modules(decoder.model)
+    mods = decoder.record_masks()
     if not mods:
         return None
-    saved = decoder._save()
-    for m in mods:
-        m.record_mask = True
-    try:
-        decoder._decode_step(eager=True)
-    finally:
-        for m in mods:
-            m.record_mask = False
-        decoder._restore(saved)
     active = total = 0.0
     for m in mods:
-        mask = m.last_mask.reshape(-1, m.num_experts)  # [B, E]
-        union = mask.any(dim=0)  # [E]: experts any token of the batch needs
-        sizes = torch.full((m.num_experts,), m.expert_size, device=union.device)
-        sizes[-1] = m.w_up.shape[0] - m.expert_size * (m.num_experts - 1)
-        active += float((union.float() * sizes).sum())
-        total += float(sizes.sum())
+        ffn_width = m.w_up.shape[0]
+        active += union_fraction(m.last_mask, ffn_width, m.expert_size) * ffn_width  # neurons in the union
+        total += ffn_width
         m.last_mask = None
     return active / total
 
