@@ -250,7 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.tiny:
         args.shape, args.seq_len = "tiny", min(args.seq_len, 32)
-    run(args)
+    try:
+        run(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # tear the process group down before exit: gloo's
+            dist.destroy_process_group()  # threads otherwise may abort the interpreter's exit (SIGABRT)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ WORKER = textwrap.dedent(
     }
     with open(os.path.join(root, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
+    if torch.distributed.is_initialized():  # a clean teardown: left to interpreter exit, gloo may abort it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """
 )
 

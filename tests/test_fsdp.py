@@ -98,6 +98,8 @@ WORKER = textwrap.dedent(
         result["refused_mismatch"] = "different LTE models" in str(err)
     with open(os.path.join(root, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
+    dist.barrier()
+    dist.destroy_process_group()  # a clean teardown: left to interpreter exit, gloo's threads may abort it
     """
 )
 
