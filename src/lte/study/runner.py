@@ -108,7 +108,8 @@ def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, d
     hp2 = {**hp, **lcfg.get("stage2", {})}
     if hp2.get("recalibrate_tau") and lcfg["knob"] != "eta":
         hp2["target_sparsity"] = target  # stage 2 re-cuts to the target before and after its training
-    teacher = setup.dense if any(hp.get(k) for hp in (hp1, hp2) for k in ("distill", "distill_hidden")) else None  # frozen, shared, never trained
+    distilled = any(stage_hp.get(k) for stage_hp in (hp1, hp2) for k in ("distill", "distill_hidden"))
+    teacher = setup.dense if distilled else None  # frozen, shared, never trained
     model = copy.deepcopy(setup.dense)
     start = time.perf_counter()
     r1 = train_stage("1", model, setup.stage_task, setup.train_data, out / "stage1", tokenizer=setup.tokenizer,

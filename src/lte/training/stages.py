@@ -479,8 +479,8 @@ def _check_stage_settings(stage: str, hp: TrainArgs) -> None:
         raise StageInputError("--peft applies to stages 1 and 2 (LoRA-LTE on a frozen base); drop it for --stage "
                               "dense, or set it under stage1: in a run config")
     if stage == "dense" and (hp.distill > 0 or hp.distill_hidden > 0):
-        raise StageInputError("distill applies to stages 1 and 2 (the dense model is the teacher); "
-                              "drop --distill for --stage dense")
+        raise StageInputError("distill / distill_hidden apply to stages 1 and 2 (the dense model is the teacher); "
+                              "drop --distill and --distill-hidden for --stage dense")
     if stage == "dense" and hp.target_sparsity is not None:
         raise StageInputError("--target-sparsity applies to stages 1 and 2 (the dense stage skips no neuron); "
                               "drop it for --stage dense")
