@@ -250,6 +250,48 @@ def test_aggregate_points_means_and_sample_std_by_hand():
     assert points["teal"]["seeds"] == [2] and points["teal"]["quality_std"] == 0.0  # one seed: no spread
 
 
+def test_aggregate_points_averages_extra_quality_by_hand():
+    from lte.study.seeds import aggregate_points
+
+    per_seed = {s: [dict(_pt("lte", 0.5, q, target=0.5), extra_quality={"ood": x})]
+                for s, (q, x) in enumerate([(10.0, 20.0), (12.0, 26.0)])}
+    (point,) = aggregate_points(per_seed)
+    assert point["extra_quality"] == {"ood": pytest.approx(23.0)}
+    assert point["extra_quality_std"] == {"ood": pytest.approx(6 / 2 ** 0.5)}  # sqrt((3^2 + 3^2) / 1)
+    assert [s["extra_quality"]["ood"] for s in point["per_seed"]] == [20.0, 26.0]
+
+
+def test_study_scores_extra_text_too(tiny_task, tmp_path):
+    from lte import evaluation
+    from lte.data import load_text_lm
+    from lte.study.tasks import load_tokenizer
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"body": f"a different text number {i} about rivers and hills."}) + "\n"
+                             for i in range(12)))
+    cfg = {**tiny_task, "methods": ["teal"], "targets": [0.5],
+           "eval": {"extra_text": {"ood": {"path": str(other), "field": "body"}}}}
+    run_study(cfg, tmp_path / "run", tiny=True)
+    points = {p["method"]: p for p in _points(tmp_path / "run")}
+    assert set(points["teal"]["extra_quality"]) == {"ood"}
+    # the dense point's number is the plain perplexity of the dense model on that text
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny_task["model"])
+    text = load_text_lm(other, tok, block_size=2, pad_to_block=True, text_field="body")
+    dense_dir = tmp_path / "run" / "dense"
+    model = AutoModelForCausalLM.from_pretrained(dense_dir if (dense_dir / "config.json").is_file()
+                                                 else tiny_task["model"]).eval()
+    window = study_config(cfg, tiny=True)["prep"]["block_size"]
+    expected = evaluation.perplexity(model, text, max_length=window, stride=window, batch_size=2,
+                                     progress=False)["perplexity"]
+    assert points["dense"]["extra_quality"]["ood"] == pytest.approx(expected, rel=1e-4)
+    assert points["teal"]["extra_quality"]["ood"] != pytest.approx(expected, rel=1e-4)  # sparsity changes it
+    assert "Also scored on `ood`" in (tmp_path / "run" / "report.md").read_text()
+    with pytest.raises(LTEError, match="path is missing"):
+        run_study({**cfg, "eval": {"extra_text": {"ood": {"field": "body"}}}}, tmp_path / "bad", tiny=True)
+
+
 def test_study_over_seeds_runs_each_seed_and_averages(tiny_task, tmp_path):
     cfg = {**tiny_task, "methods": ["teal"], "targets": [0.5], "seeds": [0, 1]}
     summary = run_study(cfg, tmp_path, tiny=True)

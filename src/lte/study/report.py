@@ -147,6 +147,7 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
     spread = f" over seeds {seeds}: mean ± std" if seeds else ""
     lines += ["", f"Cells: quality (measured FFN sparsity){spread}. Tolerance: " +
               ("perplexity within +0.5 of dense." if metric == "perplexity" else "within 5% (relative) of dense."), ""]
+    lines += _extra_lines(points, methods, targets, metric)
     rows = summary.get("lte_vs_others") or []
     if rows:
         lines += ["| LTE point | LTE | better than | worse than (theirs, margin) |", "|---|---|---|---|"]
@@ -165,6 +166,25 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
     lines += ["Training seconds per method (all targets, one worker each): " +
               ", ".join(f"{m} {s:.0f}" for m, s in train.items() if s > 0) + ".", ""]
     return "\n".join(lines)
+
+
+def _extra_lines(points: list[dict[str, Any]], methods: list[str], targets: list[float], metric: str) -> list[str]:
+    """Markdown: the points scored again on `eval.extra_text` (one table per extra text), if any."""
+    names = list(dict.fromkeys(n for p in points for n in (p.get("extra_quality") or {})))
+    lines = []
+    def cell(p: dict[str, Any] | None, name: str) -> str:
+        value = (p.get("extra_quality") or {}).get(name) if p else None
+        return "" if value is None else _fmt_pm(value, (p.get("extra_quality_std") or {}).get(name), metric)
+
+    for name in names:
+        dense = next(p for p in points if p["method"] == "dense")
+        lines += [f"Also scored on `{name}` ({metric}; dense {cell(dense, name) or 'n/a'}):", "",
+                  "| method | " + " | ".join(f"target {t:g}" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
+        for method in methods:
+            found = [next((q for q in points if q["method"] == method and q["target"] == t), None) for t in targets]
+            lines.append(f"| {method} | " + " | ".join(cell(p, name) for p in found) + " |")
+        lines.append("")
+    return lines
 
 
 def _span(values: list[float], fmt: str) -> str:

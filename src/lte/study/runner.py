@@ -66,6 +66,7 @@ def _point(setup: TaskSetup, method: str, knob: str, target: float, result: dict
         "dense_gflops_per_token": float(result.get("dense_gflops_per_token", float("nan"))),
         "per_layer": list(result.get("per_layer_sparsity") or []),
         "union_sparsity_16": None, "seed": setup.settings["seed"], "device": _device_name(), **timings,
+        **({"extra_quality": dict(result["extra_quality"])} if result.get("extra_quality") else {}),
         "eval": {k: v for k, v in result.items() if k not in ("per_layer_sparsity", "samples")},
     }
     return point

@@ -45,6 +45,19 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _mean_extra(per_member: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]] | None:
+    """Mean and std of each `extra_quality` entry (perplexity on more held-out text) over the seeds."""
+    names = dict.fromkeys(n for d in per_member for n in d)
+    if not names:
+        return None
+    means, stds = {}, {}
+    for name in names:
+        values = [float(d[name]) for d in per_member if _finite(d.get(name))]
+        if values:
+            means[name], stds[name] = _mean_std(values)
+    return means, stds
+
+
 def aggregate_points(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Average each (method, target) point over the seeds that have it.
 
@@ -68,12 +81,16 @@ def aggregate_points(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str
                     point[f"{key}_std"] = std
             else:
                 point[key] = None
+        extra = _mean_extra([p.get("extra_quality") or {} for _, p in members])
+        if extra:
+            point["extra_quality"], point["extra_quality_std"] = extra
         layers = [p["per_layer"] for _, p in members if p.get("per_layer")]
         if layers and all(len(x) == len(layers[0]) for x in layers):
             point["per_layer"] = [sum(col) / len(col) for col in zip(*layers)]
         point["seeds"] = [seed for seed, _ in members]
         point["seed"] = None
-        point["per_seed"] = [{"seed": seed, "quality": p.get("quality"), "ffn_sparsity": p.get("ffn_sparsity")}
+        point["per_seed"] = [{"seed": seed, "quality": p.get("quality"), "ffn_sparsity": p.get("ffn_sparsity"),
+                              **({"extra_quality": p["extra_quality"]} if p.get("extra_quality") else {})}
                              for seed, p in members]
         point["method"], point["target"] = method, target
         out.append(point)

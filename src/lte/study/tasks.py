@@ -145,11 +145,14 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
         elif not isinstance(data, (str, Path)):
             raise LTEError("pass eval_data with a dataset object for a causal-lm sweep")
         window = ecfg.get("window") or dcfg["block_size"]
+        extra = _extra_texts(ecfg.get("extra_text"), tokenizer)
 
         def evaluate(m):
             r = evaluation.perplexity(m, held, max_length=window, stride=window, batch_size=bs,
                                       max_tokens=ecfg["max_tokens"], progress=False)
-            return {**r, "quality": r["perplexity"]}
+            also = {name: evaluation.perplexity(m, text, max_length=window, stride=window, batch_size=bs,
+                                                progress=False)["perplexity"] for name, text in extra.items()}
+            return {**r, "quality": r["perplexity"], **({"extra_quality": also} if also else {})}
         metric, higher = "perplexity", False
     elif kind == "generation":
         pairs, fmt = _generation_pairs(data, cfg.get("generation_format"))
@@ -190,10 +193,37 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
             acc = {k: v["accuracy"] for k, v in per.items()}
             return {"per_set": acc, "quality": sum(acc.values()) / len(acc), **stats}
         metric, higher = "mc_accuracy", True
+    if kind != "causal-lm" and ecfg.get("extra_text"):
+        raise LTEError(f"eval.extra_text (perplexity on more held-out text) is for causal-lm studies, not {kind}")
     calib = as_batches(train, cfg["calib"]["batch_size"], cfg["calib"]["tokens"],
                        pad_token_id=tokenizer.pad_token_id or 0)
     return TaskSetup(kind, name or kind, tokenizer, train, calib, evaluate, metric, higher, cfg,
                      model_source=model, num_labels=num_labels, data_source=data, eval_source=eval_data)
+
+
+def _extra_texts(spec: Any, tokenizer) -> dict[str, Any]:
+    """`eval.extra_text`: more held-out text every point is also scored on (perplexity), by name.
+
+    `{name: path}` or `{name: {path, field, max_tokens}}` (`field`: the JSON/JSONL text field;
+    `max_tokens`: keep the first tokens). For example out-of-domain raw text beside a word-level
+    evaluation set, to choose a recipe without touching the study's evaluation text.
+    """
+    from ..data import load_text_lm
+
+    if not spec:
+        return {}
+    if not isinstance(spec, dict):
+        raise LTEError(f"eval.extra_text must map names to paths or {{path, field, max_tokens}}, got {spec!r}")
+    texts = {}
+    for name, item in spec.items():
+        item = {"path": item} if isinstance(item, (str, Path)) else dict(item)
+        unknown = set(item) - {"path", "field", "max_tokens"}
+        if "path" not in item or unknown:
+            raise LTEError(f"eval.extra_text.{name}: give path (and optionally field, max_tokens); "
+                           f"unknown keys {sorted(unknown)}" if unknown else f"eval.extra_text.{name}: path is missing")
+        texts[str(name)] = load_text_lm(item["path"], tokenizer, block_size=2, pad_to_block=True,
+                                        text_field=item.get("field", "text"), max_tokens=item.get("max_tokens"))
+    return texts
 
 
 #: the record of the dense fine-tune (fingerprint, steps, tokens) in the dense folder
