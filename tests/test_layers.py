@@ -18,6 +18,7 @@ LAYERS = [
     {"config", "routing", "data"},
     {"conversion"},
     {"stats", "adapters"},
+    {"checkpoint"},
     {"model"},
     {"baselines"},
     {"loading"},

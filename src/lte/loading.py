@@ -35,7 +35,7 @@ STAGE_RECORD = "lte_stage.json"
 
 
 def _lte_config_name() -> str:
-    from .model import CONFIG_NAME
+    from .checkpoint import CONFIG_NAME
 
     return CONFIG_NAME
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lte.model import state_dict_name
+from lte.checkpoint import state_dict_name
 
 __all__ = ["is_sharded", "gather_full_state_dict", "load_full_state_dict", "state_dict_names",
            "broadcast_from_rank0", "ranks_agree"]
