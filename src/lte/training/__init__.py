@@ -23,8 +23,8 @@ _EXPORTS = {
     "finetune": "lte.training.finetune",
     "STAGES": "lte.training.stages",
     "TASKS": "lte.training.stages",
-    "is_stage_complete": "lte.training.stages",
-    "stage_info": "lte.training.stages",
+    "is_stage_complete": "lte.training.outputs",
+    "stage_info": "lte.training.outputs",
     "train_stage": "lte.training.stages",
     "LTETrainer": "lte.training.trainer",
 }

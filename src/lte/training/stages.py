@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from lte.loading import (
-    STAGE_RECORD,
     check_head,
     has_adapters,
     load_model,
@@ -36,136 +35,23 @@ from lte.loading import (
 )
 from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
 from lte.training.args import TrainArgs, training_arguments, use_bf16
-from lte.training.callbacks import EtaController, LamWarmup, _newest_checkpoint
+from lte.training.callbacks import EtaController, LamWarmup
 from lte.training.data import first_batch, load_task_data, make_collator, split_holdout
 from lte.training.errors import NonFiniteLossError, StageInputError
+from lte.training.outputs import (
+    STAGE_LABEL,
+    drop_checkpoints,
+    prepare_output,
+    stage_info,
+    write_stage_info,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "TASKS", "TrainArgs", "train_stage", "load_stage_model", "stage_info", "is_stage_complete"]
+__all__ = ["STAGES", "TASKS", "TrainArgs", "train_stage", "load_stage_model"]
 
 STAGES = ("dense", "1", "2")
 TASKS = ("causal-lm", "classification", "instruction")
-STAGE_FILE = STAGE_RECORD
-_STAGE_LABEL = {"dense": "dense", "1": "stage1", "2": "stage2"}
-
-
-# ---------------------------------------------------------------------- stage bookkeeping
-def stage_info(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The `lte_stage.json` record of a stage output directory, or None."""
-    path = Path(directory) / STAGE_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def is_stage_complete(directory: str | os.PathLike, stage: str | None = None) -> bool:
-    """Whether `directory` holds a finished stage output (of `stage` when given)."""
-    info = stage_info(directory)
-    if not info or not info.get("complete") or not info.get("model_saved", True):
-        return False
-    return stage is None or info.get("stage") == _STAGE_LABEL.get(stage, stage)
-
-
-def _write_stage_info(out: Path, record: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STAGE_FILE).write_text(json.dumps(record, indent=2, default=str))
-
-
-# ---------------------------------------------------------------------- the output folder: overwrite, resume
-#: Settings that may differ between a run and its resumption (they change no trained number).
-_FREE_ON_RESUME = {"resume", "overwrite", "keep_checkpoints", "progress", "report_to", "logging_steps", "save_steps",
-                   "save_total_limit", "dataloader_workers"}
-#: What a stage writes into its folder (removed by --overwrite; other files stay).
-_STAGE_OUTPUTS = ("checkpoint-*", "runs", STAGE_FILE, "train_log.jsonl", "training_args.bin", "*.safetensors",
-                  "*.safetensors.index.json", "pytorch_model*.bin", "lte_config.json", "baseline_config.json",
-                  "eval_*.json", "eval_*.png")
-
-
-def _flat_settings(record: dict[str, Any]) -> dict[str, Any]:
-    """What a run's record says it was (stage, task, model, data, every setting), flat and JSON-normalised."""
-    hparams = dict(record.get("hparams") or {})
-    lte_part = hparams.pop("lte", None) or {}
-    flat = {k: record.get(k) for k in ("stage", "task", "source", "data")}
-    flat.update(hparams)
-    flat.update({f"lte.{k}": v for k, v in lte_part.items()})
-    return json.loads(json.dumps(flat, default=str))
-
-
-def _setting_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`name old -> new` for every setting that differs between a recorded run and this one."""
-    old, new = _flat_settings(recorded), _flat_settings(now)
-    return [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
-            if k not in _FREE_ON_RESUME and old.get(k) != new.get(k)]
-
-
-def _holds_model(out: Path) -> bool:
-    return any((out / name).is_file() for name in ("config.json", "lte_config.json", "baseline_config.json"))
-
-
-def _clear_stage_outputs(out: Path) -> None:
-    """Remove what an earlier stage run wrote into `out` (`--overwrite`); files of other origin stay."""
-    import shutil
-
-    for pattern in _STAGE_OUTPUTS:  # tolerant: under DDP / FSDP every process clears the same folder
-        for path in out.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _prepare_output(out: Path, record: dict[str, Any], hp: TrainArgs) -> str | None:
-    """Check the output folder before any work; return the checkpoint to resume from (or None).
-
-    A finished run, the checkpoints of an interrupted one, or a saved model are never replaced
-    without `overwrite`; `resume` continues only a checkpoint whose run recorded the same settings.
-    """
-    info = stage_info(out)
-    finished = is_stage_complete(out)  # a finished run whose model was saved
-    checkpoint = _newest_checkpoint(str(out))
-    label = (info or {}).get("stage", record["stage"])
-    if hp.overwrite:
-        if finished or checkpoint or _holds_model(out) or info:
-            _clear_stage_outputs(out)
-            print(f"[lte] --overwrite: cleared the earlier {label} run in {out}", flush=True)
-        return None
-    if hp.resume:
-        if finished:
-            raise StageInputError(
-                f"--resume: {out} holds a finished {label} run (step {info.get('global_step')}), nothing to continue; "
-                "pass --overwrite to train it again, or choose another --out")
-        if checkpoint is None:
-            logger.warning("--resume: no checkpoint-N folder in %s; starting the stage from the beginning", out)
-            return None
-        if info is None:
-            logger.warning("--resume: %s has no %s (an older lte wrote it): its settings cannot be checked", out,
-                           STAGE_FILE)
-        elif changes := _setting_changes(info, record):
-            raise StageInputError(
-                f"--resume: {checkpoint} was written by a run with other settings: {'; '.join(changes)}. "
-                "Resume with the same settings, or pass --overwrite to start over")
-        checked = f"its settings match {out / STAGE_FILE}" if info is not None else "settings not checked"
-        print(f"[lte] {record['stage']}: resuming from {checkpoint} ({checked})", flush=True)
-        return checkpoint
-    if finished:
-        changes = _setting_changes(info, record)
-        how = "with the same settings" if not changes else f"with other settings ({'; '.join(changes)})"
-        raise StageInputError(f"{out} already holds a finished {label} run {how}; pass --overwrite to replace it, "
-                              "or choose another --out")
-    if checkpoint is not None:
-        raise StageInputError(f"{out} holds {Path(checkpoint).name} of an interrupted run: pass --resume to "
-                              "continue it, or --overwrite to start over")
-    if info is None and _holds_model(out):
-        raise StageInputError(f"{out} already holds a saved model; pass --overwrite to replace it, or choose "
-                              "another --out")
-    return None
-
-
-def _drop_checkpoints(out: Path) -> None:
-    """Remove the checkpoint-N folders (weights + optimizer state) of a finished stage."""
-    import shutil
-
-    for path in out.glob("checkpoint-*"):
-        if path.is_dir():
-            shutil.rmtree(path)
 
 
 # ---------------------------------------------------------------------- model loading
@@ -314,9 +200,9 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         source = model_source(model_dir_or_model)
         source_desc = str(source)
     data_desc = str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
-    record: dict[str, Any] = {"stage": _STAGE_LABEL[stage], "task": task, "source": source_desc, "data": data_desc,
+    record: dict[str, Any] = {"stage": STAGE_LABEL[stage], "task": task, "source": source_desc, "data": data_desc,
                               "complete": False, "hparams": hp.to_dict()}
-    resume_ckpt = _prepare_output(out, record, hp)
+    resume_ckpt = prepare_output(out, record, hp)
 
     if isinstance(model_dir_or_model, nn.Module):
         if tokenizer is None:
@@ -392,13 +278,13 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     if task == "classification" and hp.glue_task:
         model.config.finetuning_task = hp.glue_task  # saved with the model: `lte eval` needs no --glue-task
     if trainer.args.should_save:  # what this run is, before any checkpoint: --resume compares against it
-        _write_stage_info(out, record)
+        write_stage_info(out, record)
     try:
         result = trainer.train(resume_from_checkpoint=resume_ckpt)
     except NonFiniteLossError as err:
         record.update(error=str(err), last_good_checkpoint=err.last_checkpoint)
         if trainer.args.should_save:
-            _write_stage_info(out, record)
+            write_stage_info(out, record)
         raise
     if stage == "1" and calibrate:
         record["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
@@ -422,9 +308,9 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     if hp.target_sparsity is not None:
         record["target_sparsity"] = hp.target_sparsity
     if trainer.args.should_save:
-        _write_stage_info(out, record)
+        write_stage_info(out, record)
         if not hp.keep_checkpoints:  # the final model is in `out`; optimizer state is only needed while running
-            _drop_checkpoints(out)
+            drop_checkpoints(out)
     record["trainer"] = trainer
     return record
 
