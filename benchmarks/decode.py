@@ -149,8 +149,13 @@ def check_kernel_path(model: torch.nn.Module, sparsity: float) -> dict[str, Any]
 
 
 def _set_budget(model: torch.nn.Module, fraction: float) -> None:
-    """Per-batch expert budget of every SparseMLP: round(fraction x its experts) (0: no budget)."""
+    """Per-batch expert budget of every SparseMLP: round(fraction x its experts) (0: no budget).
+
+    A budget runs on the sparse path: modules that `--ffn-dispatch auto` put on the dense path go back
+    to the sparse one first (the next capture chooses again, keeping budgeted modules sparse)."""
     for m in sparse_modules(model):
+        if fraction > 0:
+            m.ffn_path = "sparse"
         m.budget = 0 if fraction <= 0 else max(1, round(fraction * m.num_experts))
 
 
