@@ -183,12 +183,15 @@ def test_import_does_not_import_triton():
 
 @pytest.mark.slow  # ~25-45 s in the Triton interpreter; CI runs it (.ci/run)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split", "act"]])
+@pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split", "act"],
+                                   ["--small-experts", "ffn", "routed", "act"]])
 def test_triton_kernels_in_interpreter(parts):
     """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,5,40}, 0/middle/100% off,
-    default and persistent settings, router (+ budget) + FFN."""
+    default and persistent settings, router (+ budget) + FFN; experts of 8 and 16 neurons too."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lte.kernels.selfcheck", "--device", "cpu", "--parts", *parts],
+    flags = [p for p in parts if p.startswith("--")]
+    parts = [p for p in parts if not p.startswith("--")]
+    proc = subprocess.run([sys.executable, "-m", "lte.kernels.selfcheck", "--device", "cpu", *flags, "--parts", *parts],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "cases passed" in proc.stdout

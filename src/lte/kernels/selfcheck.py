@@ -27,6 +27,8 @@ from .tuning import KernelConfig
 # norm-relative error allowed per dtype: fp32 arithmetic, fp16 / bf16 rounding of h and y
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 SHAPES = ((72, 100, 32), (100, 160, 32), (33, 200, 48))  # (D, F, S): odd D and S, smaller last expert
+#: Experts of 8 and 16 neurons (finer than the paper's 32; the recipe study tries them): `--small-experts`
+SMALL_EXPERT_SHAPES = ((40, 64, 8), (36, 80, 16), (20, 72, 8))
 BATCHES = (1, 5, 40)
 #: None = the default settings (one program per work item); the other a persistent grid with
 #: several items per program, 8-row items (B = 1), uneven expert shares in the down kernel found
@@ -178,36 +180,37 @@ def check_act_case(F, S, B, sparsity, activation, gated, dtype, device, gen) -> 
 
 
 def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0,
-               parts=("ffn", "router", "routed", "split", "act")) -> list[CaseResult]:
+               parts=("ffn", "router", "routed", "split", "act"), shapes=SHAPES) -> list[CaseResult]:
     """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
-    the cases so that every value appears while keeping the count small (the CPU interpreter is slow)."""
+    the cases so that every value appears while keeping the count small (the CPU interpreter is slow).
+    `shapes`: (D, F, S) cases (default `SHAPES`)."""
     gen = torch.Generator().manual_seed(seed)
     results = []
     combos = list(itertools.product(FFN_KINDS, dtypes, CONFIGS))
     step = 0
-    for (D, F, S), B, sparsity in itertools.product(SHAPES, BATCHES, SPARSITIES):
+    for (D, F, S), B, sparsity in itertools.product(shapes, BATCHES, SPARSITIES):
         if "ffn" not in parts:
             break
         chosen = combos if full else [combos[step % len(combos)]]
         step += 1
         for kind, dtype, config in chosen:
             results.append(check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config))
-    for (D, F, S), B in itertools.product(SHAPES[:2], (1, 5, 16, 33)):
+    for (D, F, S), B in itertools.product(shapes[:2], (1, 5, 16, 33)):
         if "router" not in parts:
             break
         for dtype in dtypes:
             results.append(check_router_case(D, num_experts(F, S), B, dtype, device, gen))
-    for i, ((D, F, S), B, budget) in enumerate(itertools.product(SHAPES, (1, 6, 40), (0, 3))):
+    for i, ((D, F, S), B, budget) in enumerate(itertools.product(shapes, (1, 6, 40), (0, 3))):
         if "routed" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
         results.append(check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config))
-    for i, ((D, F, S), B) in enumerate(itertools.product(SHAPES[::2], (1, 5, 40))):
+    for i, ((D, F, S), B) in enumerate(itertools.product(shapes[::2], (1, 5, 40))):
         if "split" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
         results.append(check_split_case(D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen, config))
-    for i, ((_, F, S), B, sparsity) in enumerate(itertools.product(SHAPES, (1, 7), SPARSITIES)):
+    for i, ((_, F, S), B, sparsity) in enumerate(itertools.product(shapes, (1, 7), SPARSITIES)):
         if "act" not in parts:
             break
         activation, gated, _ = FFN_KINDS[i % len(FFN_KINDS)]
@@ -221,9 +224,11 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="every kind x dtype for every case")
     parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split", "act"],
                         choices=["ffn", "router", "routed", "split", "act"], help="which groups of cases to run")
+    parser.add_argument("--small-experts", action="store_true", help="experts of 8 and 16 neurons instead")
     args = parser.parse_args()
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())
-    results = run_checks(args.device, dtypes, full=args.full, parts=tuple(args.parts))
+    results = run_checks(args.device, dtypes, full=args.full, parts=tuple(args.parts),
+                         shapes=SMALL_EXPERT_SHAPES if args.small_experts else SHAPES)
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"FAIL {r.case}: error {r.error:.3g}")
