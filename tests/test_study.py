@@ -207,6 +207,10 @@ def test_markdown_report_lists_every_method():
     summary = report.summarise(points, "perplexity", False)
     text = study_markdown(points, summary)
     assert "| lte | 11 (50%) |" in text and "| teal | 12 (50%) |" in text and "| 50% | 11 | teal | - |" in text
+    # a point averaged over fewer seeds than the study ran says which
+    points[1]["seeds"], points[2]["seeds"] = [0, 1, 2], [0, 2]
+    text = study_markdown(points, {**summary, "seeds": [0, 1, 2]})
+    assert "| lte | 11 (50%) |" in text and "| teal | 12 (50%) [seeds 0, 2] |" in text
 
 
 def test_out_of_memory_retry_detection(tmp_path):

@@ -112,10 +112,19 @@ def _fmt_margin(value: float, metric: str) -> str:
     return ("+" if value >= 0 else "-") + _fmt_quality(abs(value), metric)
 
 
-def _fmt_cell(p: dict[str, Any], metric: str) -> str:
+def _fmt_cell(p: dict[str, Any], metric: str, all_seeds: list[int] | None = None) -> str:
     sd = p.get("ffn_sparsity_std")
     spread = f" ± {100 * sd:.0f}" if sd else ""
-    return f"{_fmt_pm(p['quality'], p.get('quality_std'), metric)} ({100 * p['ffn_sparsity']:.0f}%{spread})"
+    return (f"{_fmt_pm(p['quality'], p.get('quality_std'), metric)} ({100 * p['ffn_sparsity']:.0f}%{spread})"
+            + _fewer_seeds(p, all_seeds))
+
+
+def _fewer_seeds(p: dict[str, Any] | None, all_seeds: list[int] | None) -> str:
+    """` [seeds 0, 1]` when a point averages fewer seeds than the study ran, else nothing."""
+    seeds = (p or {}).get("seeds")
+    if not seeds or not all_seeds or len(seeds) >= len(all_seeds):
+        return ""
+    return f" [seed{'s' if len(seeds) > 1 else ''} {', '.join(str(x) for x in seeds)}]"
 
 
 def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -140,14 +149,14 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
         cells = []
         for t in targets:
             p = next((q for q in points if q["method"] == method and q["target"] == t), None)
-            cells.append("" if p is None else _fmt_cell(p, metric))
+            cells.append("" if p is None else _fmt_cell(p, metric, summary.get("seeds")))
         tol = summary["methods"].get(method, {}).get("gflops_within_tolerance")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if tol is None else f'{tol:.4g}'} |")
     seeds = summary.get("seeds")
     spread = f" over seeds {seeds}: mean ± std" if seeds else ""
     lines += ["", f"Cells: quality (measured FFN sparsity){spread}. Tolerance: " +
               ("perplexity within +0.5 of dense." if metric == "perplexity" else "within 5% (relative) of dense."), ""]
-    lines += _extra_lines(points, methods, targets, metric)
+    lines += _extra_lines(points, methods, targets, metric, summary.get("seeds"))
     rows = summary.get("lte_vs_others") or []
     if rows:
         lines += ["| LTE point | LTE | better than | worse than (theirs, margin) |", "|---|---|---|---|"]
@@ -168,13 +177,16 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
-def _extra_lines(points: list[dict[str, Any]], methods: list[str], targets: list[float], metric: str) -> list[str]:
+def _extra_lines(points: list[dict[str, Any]], methods: list[str], targets: list[float], metric: str,
+                 all_seeds: list[int] | None = None) -> list[str]:
     """Markdown: the points scored again on `eval.extra_text` (one table per extra text), if any."""
     names = list(dict.fromkeys(n for p in points for n in (p.get("extra_quality") or {})))
     lines = []
     def cell(p: dict[str, Any] | None, name: str) -> str:
         value = (p.get("extra_quality") or {}).get(name) if p else None
-        return "" if value is None else _fmt_pm(value, (p.get("extra_quality_std") or {}).get(name), metric)
+        if value is None:
+            return ""
+        return _fmt_pm(value, (p.get("extra_quality_std") or {}).get(name), metric) + _fewer_seeds(p, all_seeds)
 
     for name in names:
         dense = next(p for p in points if p["method"] == "dense")
