@@ -292,6 +292,12 @@ def test_study_scores_extra_text_too(tiny_task, tmp_path):
     assert points["dense"]["extra_quality"]["ood"] == pytest.approx(expected, rel=1e-4)
     assert points["teal"]["extra_quality"]["ood"] != pytest.approx(expected, rel=1e-4)  # sparsity changes it
     assert "Also scored on `ood`" in (tmp_path / "run" / "report.md").read_text()
+    # the extra text changes no other number of a point (its statistics belong to the main text)
+    run_study({**cfg, "eval": {}}, tmp_path / "plain", tiny=True)
+    plain = {p["method"]: p for p in _points(tmp_path / "plain")}
+    for key in ("quality", "ffn_sparsity", "activation_sparsity"):
+        assert points["teal"][key] == pytest.approx(plain["teal"][key], rel=1e-6), key
+    assert "extra_quality" not in plain["teal"]
     with pytest.raises(LTEError, match="path is missing"):
         run_study({**cfg, "eval": {"extra_text": {"ood": {"field": "body"}}}}, tmp_path / "bad", tiny=True)
 

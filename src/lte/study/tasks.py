@@ -148,10 +148,11 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
         extra = _extra_texts(ecfg.get("extra_text"), tokenizer)
 
         def evaluate(m):
-            r = evaluation.perplexity(m, held, max_length=window, stride=window, batch_size=bs,
-                                      max_tokens=ecfg["max_tokens"], progress=False)
+            # the extra texts first: the model's accumulated statistics then belong to the main text
             also = {name: evaluation.perplexity(m, text, max_length=window, stride=window, batch_size=bs,
                                                 progress=False)["perplexity"] for name, text in extra.items()}
+            r = evaluation.perplexity(m, held, max_length=window, stride=window, batch_size=bs,
+                                      max_tokens=ecfg["max_tokens"], progress=False)
             return {**r, "quality": r["perplexity"], **({"extra_quality": also} if also else {})}
         metric, higher = "perplexity", False
     elif kind == "generation":
