@@ -189,8 +189,8 @@ def routed_inputs(mask: torch.Tensor, model_width: int, dtype: torch.dtype) -> t
 
 
 def ffn_bytes(model_width: int, ffn_width: int, active_fraction: float, num_tokens: int, elem: int = 2,
-              router: bool = True) -> float:
+              router: bool = True, expert_size: int = EXPERT_SIZE) -> float:
     """Fewest bytes one FFN call must move: the active slabs of gate, up and down, the router, x and y."""
-    num_exp = -(-ffn_width // EXPERT_SIZE)
+    num_exp = -(-ffn_width // expert_size)
     weights = 3 * active_fraction * ffn_width * model_width * elem
     return weights + (num_exp * model_width * elem if router else 0) + 2 * num_tokens * model_width * elem

@@ -58,9 +58,10 @@ def dense_ffn(x, layer):
 class ShapeBench:
     """One FFN shape: weight copies and timers for dense and LTE calls."""
 
-    def __init__(self, model_width: int, ffn_width: int, gb: float, gen: torch.Generator):
-        self.D, self.F = model_width, ffn_width
-        self.E = -(-ffn_width // EXPERT_SIZE)
+    def __init__(self, model_width: int, ffn_width: int, gb: float, gen: torch.Generator,
+                 expert_size: int = EXPERT_SIZE):
+        self.D, self.F, self.S = model_width, ffn_width, expert_size
+        self.E = -(-ffn_width // expert_size)
         copies = max(2, math.ceil(gb * 1e9 / (3 * model_width * ffn_width * 2)))
         self.layers = ffn_weights(model_width, ffn_width, copies, DTYPE, gen)
         self.gen = gen
@@ -78,17 +79,17 @@ class ShapeBench:
         for mask, layer in zip(masks, self.layers):
             x, w_router = routed_inputs(mask, self.D, DTYPE)
             _, used = routed_sparse_ffn_triton(x, w_router, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"],
-                                               None, None, EXPERT_SIZE, "silu", budget=budget)
+                                               None, None, self.S, "silu", budget=budget)
             unions.append(float(used.any(0).float().mean()))
             calls.append(lambda x=x, w=w_router, layer=layer: routed_sparse_ffn_triton(
-                x, w, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, EXPERT_SIZE, "silu",
+                x, w, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, self.S, "silu",
                 budget=budget))
         return time_graph(calls), sum(unions) / len(unions)
 
     def kernel_only(self, masks: list[torch.Tensor]) -> float:
         xs = self.xs(masks[0].shape[0])
         return time_graph([lambda x=x, m=m, layer=layer: sparse_ffn_triton(
-            x, m, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, EXPERT_SIZE, "silu")
+            x, m, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, self.S, "silu")
             for x, m, layer in zip(xs, masks, self.layers)])
 
     def prefill_lte(self, num_tokens: int, off: float) -> float:
@@ -101,7 +102,7 @@ class ShapeBench:
         def call(x, w_router, layer):
             mask = (x.float() @ w_router.float().t()) > thr
             return sparse_ffn_reference(x, mask, layer["w_up"], layer["w_down_t"], w_gate=layer["w_gate"],
-                                        expert_size=EXPERT_SIZE, upcast=False)
+                                        expert_size=self.S, upcast=False)
 
         return time_graph([lambda x=x, w=w, layer=layer: call(x, w, layer)
                            for x, w, layer in zip(xs, routers, self.layers)], replays=3)
@@ -115,12 +116,12 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
               deadline: Deadline, save=lambda: None) -> None:
     """Every point of one shape; ``save()`` after each batch size (a killed run keeps what it measured)."""
     labels = [n for n, s in FFN_SHAPES.items() if s == (bench.D, bench.F)]
-    base = {"shape": name, "also": labels, "D": bench.D, "F": bench.F}
+    base = {"shape": name, "also": labels, "D": bench.D, "F": bench.F, "expert_size": bench.S}
 
     def add(num_tokens, variant, masks, off, us, dense_us, active, router=True):
         if us is None:
             return
-        need = ffn_bytes(bench.D, bench.F, active, num_tokens, router=router)
+        need = ffn_bytes(bench.D, bench.F, active, num_tokens, router=router, expert_size=bench.S)
         row = {**base, "B": num_tokens, "variant": variant, "masks": masks, "off": off, "active": active,
                "us": us, "dense_us": dense_us, "speedup": None if dense_us is None else dense_us / us,
                "bytes": need, "GBps": need / (us * 1e-6) / 1e9,
@@ -159,7 +160,7 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
             add(1, "kernel_only", "fixed", 0.5, us, dense_us, 0.5, router=False)
         save()
     if not deadline.over(4):
-        half = guarded(errors, f"half-width {name}", ShapeBench, bench.D, bench.F // 2, 0.6, bench.gen)
+        half = guarded(errors, f"half-width {name}", ShapeBench, bench.D, bench.F // 2, 0.6, bench.gen, bench.S)
         if half is not None:
             us = guarded(errors, f"half-width dense {name}", half.dense, 1)
             dense1 = next((r["us"] for r in rows if r.get("shape") == name and r.get("B") == 1
@@ -193,11 +194,15 @@ def main() -> None:
                         choices=sorted(FFN_SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--gb", type=float, default=1.2, help="GB of weight copies per shape (>> L2)")
+    parser.add_argument("--expert-size", type=int, default=EXPERT_SIZE,
+                        help="neurons per expert (the recipe study tries 16 and 8; the paper uses 32)")
     args = parser.parse_args()
+    if args.expert_size < 1:
+        parser.error(f"--expert-size must be >= 1, got {args.expert_size}")
     deadline = Deadline(args.budget)
     result = {"env": environment(), "rows": [], "errors": []}
     path = os.path.join(args.out, "ffn_kernel.json")
-    log(f"FFN benchmark on {result['env']['gpu']}, budget {args.budget:.0f} s")
+    log(f"FFN benchmark on {result['env']['gpu']}, budget {args.budget:.0f} s, experts of {args.expert_size} neurons")
     result["copy_GBps"] = guarded(result["errors"], "copy bandwidth", copy_bandwidth)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     done = set()
@@ -209,7 +214,7 @@ def main() -> None:
         if deadline.over(10):
             result["rows"].append({"shape": name, "variant": "skipped", "why": "time budget"})
             continue
-        bench = guarded(result["errors"], f"weights {name}", ShapeBench, *shape, args.gb, gen)
+        bench = guarded(result["errors"], f"weights {name}", ShapeBench, *shape, args.gb, gen, args.expert_size)
         if bench is not None:
             guarded(result["errors"], f"shape {name}", run_shape, name, bench, args.tokens, result["copy_GBps"],
                     result["rows"], result["errors"], deadline, lambda: write_json(path, result))
