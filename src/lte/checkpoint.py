@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from .config import CONFIG_FORMAT_VERSION
 from .conversion.convert import base_fingerprint, reattach, weights_digest
 from .errors import LTEError
 from .version import __version__
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are never evaluated here
+    from typing import Self
 
 CONFIG_NAME = "lte_config.json"
 ADAPTER_NAME = "lte_adapter.safetensors"
