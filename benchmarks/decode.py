@@ -290,7 +290,7 @@ def main() -> None:
     p.add_argument("--suite", action="store_true",
                    help="the issue's table: llama3-8b, llama2-7b, qwen2.5-7b, mistral-7b at B = 1 8 32, "
                         "fixed 0/50/70/90%%, random 50%% with and without a 50%% batch budget, short runs")
-    p.add_argument("--ffn-dispatch", default="sparse", choices=["sparse", "auto"],
+    p.add_argument("--ffn-dispatch", default="auto", choices=["sparse", "auto"],
                    help="LTE decode path: the sparse kernels everywhere, or auto (per FFN, the masked dense path "
                         "where the measured union is too full; lte.serving.dispatch)")
     p.add_argument("--cache-len", type=int, default=512)

@@ -10,7 +10,8 @@
 #      through LTE_KERNEL_CONFIGS)
 #   3. FFN benchmark: dense cuBLAS vs LTE per shape, B = 1 8 32 64 -> ffn_kernel.json
 #   4. decode-step benchmark: LLaMA-2-7B, Llama-3-8B, Qwen2.5-7B, Mistral-7B shapes, B = 1 8 32 -> decode.json
-#      (FFN_DISPATCH=auto: LTE's FFNs pick the sparse or masked dense path per layer, lte.serving.dispatch)
+#      (LTE's FFNs pick the sparse or masked dense path per layer, lte.serving.dispatch; FFN_DISPATCH=sparse:
+#      the kernels everywhere)
 #   5. summary: short tables and the goals, printed last -> summary.json
 # Default total: 450 s (7.5 min); --quick: 240 s. Later sections get the time earlier ones did not use.
 # Smoke run on a CPU (no GPU; tiny shapes, Triton's interpreter): LTE_SUITE_SMOKE=1.
@@ -117,7 +118,7 @@ run ffn "$CAP_FFN" "$PY" benchmarks/ffn_kernel.py --budget $(( CAP_FFN - 20 )) -
 # ---------------------------------------------------------------- 4. decode-step benchmark (takes the rest)
 CAP_DECODE=$(( $(left) - 15 ))
 run decode "$CAP_DECODE" "$PY" benchmarks/decode.py --budget $(( CAP_DECODE - 25 )) --out "$OUT/decode.json" \
-  --ffn-dispatch "${FFN_DISPATCH:-sparse}" ${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"}
+  --ffn-dispatch "${FFN_DISPATCH:-auto}" ${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"}
 
 # ---------------------------------------------------------------- 5. summary (printed last)
 echo "=== [$(elapsed) s] summary ==="

@@ -83,14 +83,16 @@ class StaticDecoder:
         compile: run the decode-step forward through `torch.compile` (fuses the many small norm /
             rotary / elementwise kernels of the HF layers; compiles on the first decode, which
             takes a while for big models), then capture it in the CUDA graph as usual.
-        ffn_dispatch: the decode path of the served FFNs (`SparseMLP`): "sparse" (the kernels; the
-            default), "dense" (the masked dense path everywhere), or "auto": before each capture, one
-            eager step records every FFN's union of masks and `lte.serving.dispatch.choose_ffn_paths`
-            puts the FFNs whose union is too full for skipping to pay on the masked dense path.
+        ffn_dispatch: the decode path of the served FFNs (`SparseMLP`): "auto" (the default: before
+            each capture, one eager step records every FFN's union of masks and
+            `lte.serving.dispatch.choose_ffn_paths` puts the FFNs whose union is too full for skipping
+            to pay on the masked dense path, the others on the kernels), "sparse" (the kernels
+            everywhere) or "dense" (the masked dense path everywhere). Without a CUDA graph "auto"
+            leaves each FFN's path as it is.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
-                 use_graph: bool | None = None, compile: bool = False, ffn_dispatch: str = "sparse") -> None:
+                 use_graph: bool | None = None, compile: bool = False, ffn_dispatch: str = "auto") -> None:
         if batch_size < 1 or cache_len < 2:
             raise LTEError(f"batch_size must be >= 1 and cache_len >= 2, got {batch_size} and {cache_len}")
         if ffn_dispatch not in ("sparse", "dense", "auto"):
