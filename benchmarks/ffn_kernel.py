@@ -134,7 +134,7 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
         if deadline.over(6):
             rows.append({**base, "B": num_tokens, "variant": "skipped", "why": "time budget"})
             continue
-        cfg = default_config(num_tokens, bench.D, bench.F)
+        cfg = default_config(num_tokens, bench.D, bench.F, expert_size=bench.S)
         log(f"{name} B={num_tokens}: config {cfg.to_dict()}")
         dense_us = guarded(errors, f"dense {name} B={num_tokens}", bench.dense, num_tokens)
         add(num_tokens, "dense", "-", 0.0, dense_us, dense_us, 1.0, router=False)

@@ -93,9 +93,10 @@ def geo(times) -> float:
 class Bench:
     """Weights and inputs of one (shape, B) point, and timers for each launch alone and the whole op."""
 
-    def __init__(self, model_width: int, ffn_width: int, num_tokens: int, copies: int, gen: torch.Generator):
-        self.D, self.F, self.B = model_width, ffn_width, num_tokens
-        self.E = -(-ffn_width // EXPERT_SIZE)
+    def __init__(self, model_width: int, ffn_width: int, num_tokens: int, copies: int, gen: torch.Generator,
+                 expert_size: int = EXPERT_SIZE):
+        self.D, self.F, self.B, self.S = model_width, ffn_width, num_tokens, expert_size
+        self.E = -(-ffn_width // expert_size)
         self.layers = ffn_weights(model_width, ffn_width, copies, torch.bfloat16, gen)
         self.inputs = {}  # sparsity -> [(x, mask, w_router)] per layer
         for off in SPARSITIES:
@@ -110,7 +111,7 @@ class Bench:
         plans = []
         for layer, (x, mask, _) in zip(self.layers, self.inputs[off]):
             p = tf.plan_launch(x, mask, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None,
-                               EXPERT_SIZE, "silu", cfg)
+                               self.S, "silu", cfg)
             tf.launch_union(p)
             plans.append(p)
         sync()
@@ -138,14 +139,14 @@ class Bench:
         calls = []
         for layer, (x, _, w_router) in zip(self.layers, self.inputs[off]):
             calls.append(lambda x=x, w=w_router, layer=layer: tf.routed_sparse_ffn_triton(
-                x, w, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, EXPERT_SIZE, "silu", cfg))
+                x, w, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, self.S, "silu", cfg))
         return time_graph(calls)
 
 
 def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadline: Deadline) -> KernelConfig | None:
     """Best settings for one (shape, B): the defaults when nothing beat them; None when the defaults failed."""
     fam = family(bench.B)
-    point = {"D": bench.D, "F": bench.F, "B": bench.B}
+    point = {"D": bench.D, "F": bench.F, "B": bench.B, "S": bench.S}
     default_times = [guarded(errors, f"default {point} off={off}", bench.time_routed, off, base)
                      for off in SPARSITIES]
     if any(t is None for t in default_times):
@@ -216,12 +217,14 @@ def main() -> None:
                         choices=sorted(FFN_SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--gb", type=float, default=1.2, help="GB of weight copies per point (>> L2)")
+    parser.add_argument("--expert-size", type=int, default=EXPERT_SIZE,
+                        help="neurons per expert; rows for sizes other than 32 go to their own 'DxF/sS' keys")
     args = parser.parse_args()
     deadline = Deadline(args.budget)
     env = environment()
     gpu = gpu_key(env["gpu"])
     result = {"env": env, "gpu_key": gpu, "table": {gpu: {}}, "rows": [], "errors": [], "skipped": []}
-    log(f"tuning on {env['gpu']} ({gpu}), budget {args.budget:.0f} s")
+    log(f"tuning on {env['gpu']} ({gpu}), {args.expert_size}-neuron experts, budget {args.budget:.0f} s")
     result["copy_GBps"] = guarded(result["errors"], "copy bandwidth", copy_bandwidth)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
@@ -242,14 +245,16 @@ def main() -> None:
             continue
         log(f"tuning {name} D={model_width} F={ffn_width} B={num_tokens} ({deadline.left():.0f} s left)")
         copies = max(2, math.ceil(args.gb * 1e9 / (3 * model_width * ffn_width * 2)))
-        bench = guarded(result["errors"], f"weights {name}", Bench, model_width, ffn_width, num_tokens, copies, gen)
+        bench = guarded(result["errors"], f"weights {name}", Bench, model_width, ffn_width, num_tokens, copies, gen,
+                        args.expert_size)
         if bench is None:
             continue
-        base = heuristic_config(num_tokens, model_width, ffn_width, num_sms)
+        base = heuristic_config(num_tokens, model_width, ffn_width, num_sms)  # the untuned start, any S
         best = guarded(result["errors"], f"tune {name} B={num_tokens}", tune_point, bench, base, result["rows"],
                        result["errors"], deadline)
         if best is not None:
-            result["table"][gpu].setdefault(shape_key(model_width, ffn_width), {})[str(num_tokens)] = best.to_dict()
+            table_key = shape_key(model_width, ffn_width, args.expert_size)
+            result["table"][gpu].setdefault(table_key, {})[str(num_tokens)] = best.to_dict()
         del bench
         (torch.cuda.empty_cache() if DEVICE == "cuda" else None)
         write_json(args.out, result)

@@ -29,7 +29,7 @@ from .triton_jit import (
     _router_kernel,
     _union_kernel,
 )
-from .tuning import KernelConfig, gpu_key, heuristic_config, lookup
+from .tuning import TABLE_EXPERT_SIZE, KernelConfig, gpu_key, heuristic_config, lookup
 
 __all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "masked_activation_triton", "plan_launch",
            "routed_ffn_in_triton",
@@ -58,12 +58,12 @@ def _device_info(device: torch.device) -> tuple[str, int]:
 
 
 def default_config(num_tokens: int, model_width: int, ffn_width: int,
-                   device: torch.device | str | None = None) -> KernelConfig:
-    """The settings for this call: the tuned table row for the GPU and shape, else the heuristic."""
+                   device: torch.device | str | None = None, expert_size: int = TABLE_EXPERT_SIZE) -> KernelConfig:
+    """The settings for this call: the tuned table row for the GPU, shape and expert size, else the heuristic."""
     dev = torch.device(device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     gpu, num_sms = _device_info(dev)
-    tuned = lookup(gpu, model_width, ffn_width, num_tokens)
+    tuned = lookup(gpu, model_width, ffn_width, num_tokens, expert_size)
     return tuned if tuned is not None else heuristic_config(num_tokens, model_width, ffn_width, num_sms)
 
 
@@ -125,7 +125,7 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
     num_exp = triton.cdiv(ffn_width, expert_size)  # E
     if num_exp > MAX_EXPERTS:
         raise ValueError(f"the decode kernels take at most {MAX_EXPERTS} experts, got {num_exp}")
-    cfg = config or default_config(num_tokens, model_width, ffn_width, x.device)
+    cfg = config or default_config(num_tokens, model_width, ffn_width, x.device, expert_size)
     use_dot = cfg.use_dot if cfg.use_dot is not None else num_tokens > DOT_MIN_TOKENS
     if use_dot and x.element_size() == 4:  # fp32: same shared-memory bytes per pipeline stage as 16-bit
         cfg = replace(cfg, in_block_k=max(16, cfg.in_block_k // 2))
@@ -307,7 +307,7 @@ def router_mask_triton(x: torch.Tensor, w_router: torch.Tensor, threshold: float
     num_exp = w_router.shape[0]  # E
     if not 1 <= num_tokens <= MAX_TOKENS:
         raise ValueError(f"the router kernel takes 1 to {MAX_TOKENS} tokens, got {num_tokens}")
-    cfg = config or default_config(num_tokens, model_width, num_exp * 32, x.device)
+    cfg = config or default_config(num_tokens, model_width, num_exp * TABLE_EXPERT_SIZE, x.device)  # router rows: any S
     out = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
     union = torch.empty(num_exp, device=x.device, dtype=torch.int8)
     launch_router(x, w_router, threshold, out.view(torch.uint8), union, None, cfg, _pdl_supported(x.device))

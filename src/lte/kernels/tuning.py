@@ -2,7 +2,8 @@
 
 A table maps ``gpu -> "DxF" -> "B" -> settings`` (a JSON object of the same nesting), where
 ``gpu`` is a short key made from the device name (``gpu_key``: "h100", "h200", ...), ``DxF`` the
-FFN shape (model width x FFN width) and ``B`` the largest token count a row was tuned for. A
+FFN shape (model width x FFN width; ``DxF/sS`` for experts of S neurons other than the paper's
+32, whose best tiles differ) and ``B`` the largest token count a row was tuned for. A
 call with B tokens uses the row of the smallest tuned ``B' >= B`` (the tiles of a larger batch
 also fit a smaller one), or the largest one when B is above every row.
 
@@ -78,8 +79,14 @@ def gpu_key(device_name: str) -> str:
     return "-".join(name.replace("nvidia", "").split())
 
 
-def shape_key(model_width: int, ffn_width: int) -> str:
-    return f"{model_width}x{ffn_width}"
+#: The expert size (neurons) of the plain ``DxF`` table keys: the paper's, and the library's default.
+TABLE_EXPERT_SIZE = 32
+
+
+def shape_key(model_width: int, ffn_width: int, expert_size: int = TABLE_EXPERT_SIZE) -> str:
+    """Table key of an FFN shape: "4096x14336" for 32-neuron experts, "4096x14336/s16" for 16."""
+    base = f"{model_width}x{ffn_width}"
+    return base if expert_size == TABLE_EXPERT_SIZE else f"{base}/s{expert_size}"
 
 
 #: Tables tuned on real GPUs (filled from `benchmarks/tune_kernels.py` output; see docs/kernels.md).
@@ -172,9 +179,11 @@ def _pick_row(rows: dict[str, Any], num_tokens: int) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=256)
-def lookup(gpu: str, model_width: int, ffn_width: int, num_tokens: int) -> KernelConfig | None:
-    """The tuned settings for this GPU key, FFN shape and token count, or None when no table has them."""
-    shape = shape_key(model_width, ffn_width)
+def lookup(gpu: str, model_width: int, ffn_width: int, num_tokens: int,
+           expert_size: int = TABLE_EXPERT_SIZE) -> KernelConfig | None:
+    """The tuned settings for this GPU key, FFN shape, token count and expert size, or None when no
+    table has them (rows tuned for one expert size are never used for another)."""
+    shape = shape_key(model_width, ffn_width, expert_size)
     for table in _tables():
         rows = table.get(gpu, {}).get(shape)
         if rows:
