@@ -321,7 +321,7 @@ def test_config_table_lookup_and_precedence(tmp_path, monkeypatch):
     assert tuning.lookup("gpu-x", 4096, 11008, 40).out_split == 4
     assert tuning.lookup("gpu-x", 4096, 11008, 100).out_split == 4  # above every row: the largest
     assert tuning.lookup("h100", 4096, 11008, 8) is None
-    assert tuning.lookup("gpu-x", 4096, 11008, 8, expert_size=16) is None  # 32-neuron rows never serve 16
+    assert tuning.lookup("gpu-x", 4096, 11008, 8, expert_size=16).out_split == 16  # no s16 rows: the 32-neuron row
     assert tuning.shape_key(4096, 11008) == "4096x11008" and tuning.shape_key(4096, 11008, 16) == "4096x11008/s16"
     other = tmp_path / "u.json"
     other.write_text(json.dumps({"gpu-x": {"4096x11008": {"64": {"in_block_f": 8}}}}))
@@ -330,8 +330,9 @@ def test_config_table_lookup_and_precedence(tmp_path, monkeypatch):
     fine = tmp_path / "s16.json"
     fine.write_text(json.dumps({"gpu-x": {"4096x11008/s16": {"8": {"out_split": 2}}}}))
     tuning.load_table(fine)  # a table for 16-neuron experts only: the 32-neuron rows stay as they were
-    assert tuning.lookup("gpu-x", 4096, 11008, 8, expert_size=16).out_split == 2
+    assert tuning.lookup("gpu-x", 4096, 11008, 8, expert_size=16).out_split == 2  # its own row, over every 32 one
     assert tuning.lookup("gpu-x", 4096, 11008, 8).in_block_f == 8
+    assert tuning.lookup("gpu-x", 4096, 11008, 8, expert_size=8).in_block_f == 8  # no s8 rows: the 32-neuron row
     tuning.clear_tables()
     monkeypatch.delenv(tuning.CONFIGS_ENV)
     tuning.lookup.cache_clear()

@@ -3,7 +3,8 @@
 A table maps ``gpu -> "DxF" -> "B" -> settings`` (a JSON object of the same nesting), where
 ``gpu`` is a short key made from the device name (``gpu_key``: "h100", "h200", ...), ``DxF`` the
 FFN shape (model width x FFN width; ``DxF/sS`` for experts of S neurons other than the paper's
-32, whose best tiles differ) and ``B`` the largest token count a row was tuned for. A
+32, whose best tiles differ; they fall back to the 32-neuron rows) and ``B`` the largest token
+count a row was tuned for. A
 call with B tokens uses the row of the smallest tuned ``B' >= B`` (the tiles of a larger batch
 also fit a smaller one), or the largest one when B is above every row.
 
@@ -182,12 +183,16 @@ def _pick_row(rows: dict[str, Any], num_tokens: int) -> dict[str, Any]:
 def lookup(gpu: str, model_width: int, ffn_width: int, num_tokens: int,
            expert_size: int = TABLE_EXPERT_SIZE) -> KernelConfig | None:
     """The tuned settings for this GPU key, FFN shape, token count and expert size, or None when no
-    table has them (rows tuned for one expert size are never used for another)."""
-    shape = shape_key(model_width, ffn_width, expert_size)
-    for table in _tables():
-        rows = table.get(gpu, {}).get(shape)
-        if rows:
-            return KernelConfig.from_dict(_pick_row(rows, num_tokens))
+    table has them. Experts of another size than 32 take the rows tuned for their size; without any,
+    the 32-neuron rows of the shape (the tiles fit any size: the launcher clips a row block to the
+    expert)."""
+    sizes = (expert_size,) if expert_size == TABLE_EXPERT_SIZE else (expert_size, TABLE_EXPERT_SIZE)
+    for size in sizes:
+        shape = shape_key(model_width, ffn_width, size)
+        for table in _tables():
+            rows = table.get(gpu, {}).get(shape)
+            if rows:
+                return KernelConfig.from_dict(_pick_row(rows, num_tokens))
     return None
 
 
