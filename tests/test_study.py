@@ -179,6 +179,11 @@ def test_unknown_method_and_variant_errors(tiny_task):
         study_config({**tiny_task, "methods": ["lte", "magic"]})
     with pytest.raises(LTEError, match="base"):
         study_config({**tiny_task, "methods": ["v"], "variants": {"v": {"set": {}}}})
+    neurons = {"v": {"base": "dejavu-ft", "set": {"expert_size": 8}}}  # Deja Vu picks neurons: a silent rerun
+    with pytest.raises(LTEError, match="picks single neurons, so expert_size"):
+        study_config({**tiny_task, "methods": ["v"], "variants": neurons})
+    experts = {"v": {"base": "random-topk", "set": {"expert_size": 8}}}
+    assert study_config({**tiny_task, "methods": ["v"], "variants": experts})["methods"] == ["v"]
 
 
 def _pt(method, sparsity, quality, target=None):
@@ -359,3 +364,74 @@ def test_report_states_each_methods_budget_and_flags_unequal_ones():
     assert "same budget" in lines[-2]
     points.append(pt("random-topk", 300, 12800, 0.25))
     assert "Budgets differ" in budget_lines(points, ["lte", "random-topk"])[-2]
+
+
+class _StopOnCall:
+    """A stand-in for the worker's stop event that reads as set from its `n`-th query on: the worker
+    asks once before the method starts, then `StopOnRequest` asks at the end of every training step."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def is_set(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.mark.parametrize(("method", "stop_at_query"), [("lte", 2), ("lte", 4), ("dejavu-ft", 2)],
+                         ids=["lte-in-stage1", "lte-in-stage2", "dejavu-ft"])
+def test_a_stopped_unit_resumes_from_its_checkpoint_to_the_same_point(tiny_task, tmp_path, monkeypatch, method,
+                                                                     stop_at_query):
+    from lte.training.trainer import LTETrainer
+
+    cfg = study_config({**tiny_task, "methods": [method], "targets": [0.5], "lte": {"also_topk": False}}, tiny=True)
+    whole = tmp_path / "whole"
+    assert not runner._run_in_process(cfg, whole, None, None, [method], [0.5])
+    expected = json.loads((whole / method / "t0.5" / "point.json").read_text())
+
+    cut = tmp_path / "cut"
+    failures = runner._run_in_process(cfg, cut, None, None, [method], [0.5], stop=_StopOnCall(stop_at_query))
+    assert failures[method].startswith("stopped: training stopped on request at step 1")
+    run_dir = cut / method / "t0.5"
+    assert not (run_dir / "point.json").exists()
+    stage = {2: "stage1", 4: "stage2"}[stop_at_query] if method == "lte" else ""
+    assert (run_dir / stage / "checkpoint-1").is_dir()  # what was trained is on disk
+
+    steps = []
+    original = LTETrainer.training_step
+    monkeypatch.setattr(LTETrainer, "training_step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    assert not runner._run_in_process(cfg, cut, None, None, [method], [0.5])  # the next run continues it
+    # only the steps left were trained: 4 in all (LTE: 2 + 2), 1 done before the stop (stage 1 done too at query 4)
+    assert len(steps) == {("lte", 2): 3, ("lte", 4): 1, ("dejavu-ft", 2): 3}[(method, stop_at_query)]
+    resumed = json.loads((run_dir / "point.json").read_text())
+    assert resumed["train_steps"] == expected["train_steps"]
+    assert resumed["quality"] == pytest.approx(expected["quality"], rel=1e-5)
+    assert resumed["ffn_sparsity"] == pytest.approx(expected["ffn_sparsity"], abs=1e-6)
+    assert not list(run_dir.rglob("checkpoint-*"))  # a finished point keeps no optimizer state
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
+    from lte.study.resume import checkpoint_to_resume
+
+    (tmp_path / "checkpoint-3").mkdir()
+    assert checkpoint_to_resume(tmp_path, "a") is None  # no record of its settings: not trusted, removed
+    assert not (tmp_path / "checkpoint-3").exists()
+    (tmp_path / "checkpoint-5").mkdir()
+    assert checkpoint_to_resume(tmp_path, "a").endswith("checkpoint-5")
+    assert checkpoint_to_resume(tmp_path, "b") is None and not (tmp_path / "checkpoint-5").exists()
+
+
+def test_sigterm_asks_a_worker_to_stop_instead_of_ending_it():
+    import os
+    import signal
+
+    from lte.study.resume import install_stop_handler
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        event = install_stop_handler()
+        assert not event.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)  # the time limit's signal: this process goes on
+        assert event.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -30,6 +30,8 @@ from .wrappers import SparseOutput, quantile
 logger = logging.getLogger(__name__)
 
 METHODS = ("teal", "cats", "moefication", "moefication-oracle", "dejavu", "dejavu-ft", "random-topk")
+#: Methods that pick single neurons (thresholds, Deja Vu's per-neuron top-k): experts and their grouping do not apply.
+NEURON_METHODS = ("teal", "cats", "dejavu", "dejavu-ft")
 _ALIASES = {"moefication-mlp": "moefication", "deja-vu": "dejavu", "dejavu+ft": "dejavu-ft",
             "random": "random-topk", "random-routers": "random-topk"}
 

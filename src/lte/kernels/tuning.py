@@ -113,6 +113,16 @@ SHIPPED: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
             '32': {'in_block_f': 32, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_warps': 4},
             '64': {'in_block_f': 32, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_pdl': True, 'router_warps': 4},
         },
+        # 16-neuron experts, tuned on 2026-12-03 (benchmarks/results/h200/kernel_configs_h200_s16.json);
+        # at B = 8 no candidate beat the heuristic settings, which are what these rows hold
+        '4096x11008/s16': {
+            '1': {'out_split': 32, 'router_pdl': True},
+            '8': {'in_block_f': 32, 'in_block_k': 256, 'in_stages': 4, 'out_block_d': 128, 'out_split': 32, 'router_block_k': 256},
+        },
+        '4096x14336/s16': {
+            '1': {'out_split': 32},
+            '8': {'in_block_f': 32, 'in_block_k': 256, 'in_stages': 4, 'out_block_d': 128, 'out_split': 32, 'router_block_k': 256},
+        },
     },
 }
 

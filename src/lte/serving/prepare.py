@@ -69,6 +69,8 @@ class SparseMLP(nn.Module):
         stays on the GPU. `fuse_router = False` launches `router_mask` and `sparse_ffn` separately.
       - more tokens (prefill): the masked dense path, the same arithmetic as the LTEModel in hard
         routing: y = (act(x Wg^T) * (x Wu^T + b1) * m) Wd_t + b2 (gated), (act(x W1^T + b1) * m) Wd_t + b2 (plain).
+        The router is a cuBLAS GEMM; on CUDA `act(g) * u * m` is one launch (`lte.kernels.masked_dense_ffn`)
+        instead of PyTorch's four passes over [T, F] (activation, product, mask expansion, masking).
     Both paths compute the same function (tests check it); a budget applies to decode steps only.
 
     Args:
@@ -184,8 +186,15 @@ class SparseMLP(nn.Module):
                 mask = kernels.router_mask(x, self.w_router, self.tau)  # [..., E] bool, on the device
                 y = kernels.sparse_ffn(x, mask, self.w_up, self.w_down_t, **ffn)
         else:
-            mask = self.dense_mask(x)
-            y = self.masked_dense(x, mask)
+            mask = self.dense_mask(x)  # [..., E]
+            if self.use_kernels and x.is_cuda:
+                from .. import kernels
+
+                y = kernels.masked_dense_ffn(x, mask, self.w_up, self.w_down_t, w_gate=self.w_gate, b_up=self.b_up,
+                                             b_down=self.b_down, expert_size=self.expert_size,
+                                             activation=self.activation)
+            else:
+                y = self.masked_dense(x, mask)
         if self.record_mask:
             self.last_mask = mask.detach()
         return y

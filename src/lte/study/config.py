@@ -13,7 +13,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from ..baselines.methods import METHODS, canonical_method
+from ..baselines.methods import METHODS, NEURON_METHODS, canonical_method
 from ..errors import LTEError
 
 ALL_METHODS = ("lte",) + METHODS
@@ -111,7 +111,12 @@ def method_plan(cfg: dict[str, Any], method: str) -> tuple[str, dict[str, Any]]:
         if not isinstance(spec, dict) or "base" not in spec:
             raise LTEError(f"variant {method!r} needs a mapping with `base` (a method) and `set` (settings)")
         base = "lte" if spec["base"] == "lte" else canonical_method(spec["base"])
-        return base, dict(spec.get("set") or {})
+        extra = dict(spec.get("set") or {})
+        moot = sorted(k for k in ("expert_size", "grouping") if k in extra)
+        if base in NEURON_METHODS and moot:
+            raise LTEError(f"variant {method!r}: {base} picks single neurons, so {' and '.join(moot)} would change "
+                           f"nothing; remove it from the variant's `set` (it would only rerun {base})")
+        return base, extra
     return ("lte" if method == "lte" else canonical_method(method)), {}
 
 

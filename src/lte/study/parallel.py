@@ -13,6 +13,8 @@ unit cut by the time limit loses only itself, and rerunning resumes. With a time
 whose expected duration (`expected_seconds`: units of its method that finished in this run, else
 the seconds its method's finished points recorded) no longer fits is not started, so a run ends
 once nothing that can finish is left instead of spending its last minutes on work it will throw away.
+Units still running at the time limit are asked to stop (SIGTERM): their training writes a
+checkpoint within `STOP_GRACE_SECONDS` and the next run resumes it (`lte.study.resume`).
 """
 
 from __future__ import annotations
@@ -101,16 +103,28 @@ def _gpu_count() -> int:
         return 0
 
 
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Ask a worker to stop (SIGTERM to its process group), then kill it after `grace` seconds."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+#: Seconds a worker gets, once asked to stop, to finish its training step and write a checkpoint.
+STOP_GRACE_SECONDS = 60.0
+
+
+def _stop_all(procs: list[subprocess.Popen], grace: float = STOP_GRACE_SECONDS) -> None:
+    """Ask workers to stop (SIGTERM to each process group: training saves a checkpoint and the worker
+    exits, `lte.study.resume`), then kill those still running after `grace` seconds."""
+    for proc in procs:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    deadline = time.perf_counter() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
 
 def recorded_seconds(unit: Unit) -> float | None:
@@ -186,9 +200,11 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
     while pending or running:
         elapsed = time.perf_counter() - start
         if time_limit is not None and elapsed > time_limit:
-            for unit, proc, _, _ in running:
-                _stop(proc)
-                failures[unit.study][unit.label] = f"stopped at the time limit ({time_limit:.0f} s)"
+            _stop_all([proc for _, proc, _, _ in running])
+            for unit, proc, _, _ in running:  # a unit that finished its point while stopping is done
+                if proc.returncode != 0:
+                    failures[unit.study][unit.label] = (f"stopped at the time limit ({time_limit:.0f} s); "
+                                                        "its training resumes from a checkpoint next time")
             for unit in pending:
                 failures[unit.study][unit.label] = "not started: time limit"
             logger.warning("time limit reached: %d unit(s) stopped, %d not started", len(running), len(pending))

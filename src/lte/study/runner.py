@@ -27,6 +27,7 @@ from torch import nn
 
 from ..baselines.methods import apply_baseline, set_sparsity
 from ..errors import LTEError
+from ..training.errors import TrainingStopped
 from ..training.finetune import finetune
 from .cache import (
     json_default,
@@ -41,6 +42,7 @@ from .cache import (
 from .config import DEFAULTS, derived_methods, knob_values, merge, method_plan, study_config, study_out
 from .plots import plot_all
 from .report import study_markdown, summarise
+from .resume import checkpoint_to_resume, install_stop_handler, stop_callbacks
 from .seeds import aggregate_points, seed_studies
 from .tasks import TaskSetup, prepare_dense, setup_task, train_hp
 
@@ -89,12 +91,16 @@ def _evaluate(setup: TaskSetup, model: nn.Module) -> tuple[dict[str, Any], float
     return result, time.perf_counter() - start
 
 
-def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, dict[str, float], dict[str, Any]]:
+def _train_lte(setup: TaskSetup, target: float, out: Path, key: str) -> tuple[nn.Module, dict[str, float],
+                                                                              dict[str, Any]]:
     """Stage 1 (eta steered to `target`, or eta = target with knob "eta") then stage 2.
 
-    Returns the model, its timings and its budget (steps, tokens, epochs of both stages together).
+    A stage stopped earlier with settings `key` (a point fingerprint) resumes from its checkpoint
+    (`lte.study.resume`). Returns the model, its timings and its budget (steps, tokens, epochs of
+    both stages together).
     """
-    from ..training import train_stage
+    from ..model import LTEModel
+    from ..training import stage_info, train_stage
 
     s = setup.settings
     lcfg = s["lte"]
@@ -111,12 +117,23 @@ def _train_lte(setup: TaskSetup, target: float, out: Path) -> tuple[nn.Module, d
         hp2["target_sparsity"] = target  # stage 2 re-cuts to the target before and after its training
     distilled = any(stage_hp.get(k) for stage_hp in (hp1, hp2) for k in ("distill", "distill_hidden"))
     teacher = setup.dense if distilled else None  # frozen, shared, never trained
-    model = copy.deepcopy(setup.dense)
     start = time.perf_counter()
-    r1 = train_stage("1", model, setup.stage_task, setup.train_data, out / "stage1", tokenizer=setup.tokenizer,
-                     teacher=teacher, **hp1)
-    r2 = train_stage("2", r1["trainer"].model, setup.stage_task, setup.train_data, out / "stage2",
-                     tokenizer=setup.tokenizer, teacher=teacher, **hp2)
+    common = {"tokenizer": setup.tokenizer, "teacher": teacher, "callbacks": stop_callbacks(setup.stop)}
+    stage2_ckpt = checkpoint_to_resume(out / "stage2", key)
+    stage1_done = (stage_info(out / "stage1") or {}).get("complete", False)
+    if stage2_ckpt is not None and stage1_done:  # stage 1 finished in an earlier run: its record has the numbers
+        r1 = stage_info(out / "stage1")
+        model = LTEModel.from_pretrained(stage2_ckpt)
+    else:
+        stage1_ckpt = checkpoint_to_resume(out / "stage1", key)
+        resumed = stage1_ckpt is not None
+        model = LTEModel.from_pretrained(stage1_ckpt) if resumed else copy.deepcopy(setup.dense)
+        r1 = train_stage("1", model, setup.stage_task, setup.train_data, out / "stage1",
+                         source_name=type(setup.dense).__name__, **common,
+                         **{**hp1, "resume": resumed, "overwrite": not resumed})
+        model, stage2_ckpt = r1["trainer"].model, None
+    r2 = train_stage("2", model, setup.stage_task, setup.train_data, out / "stage2", **common,
+                     **{**hp2, "resume": stage2_ckpt is not None, "overwrite": stage2_ckpt is None})
     model = r2["trainer"].model
     model.set_routing("hard")
     budget = {"train_steps": r1["global_step"] + r2["global_step"],
@@ -137,6 +154,13 @@ def finetune_args(setup: TaskSetup) -> dict[str, Any]:
     hp["max_steps"] = 2 * int(s["train"].get("max_steps", 0))
     hp.pop("block_size", None), hp.pop("max_length", None)
     return hp
+
+
+def _finetune(setup: TaskSetup, model: nn.Module, run_dir: Path, key: str, teacher: nn.Module | None) -> dict[str, Any]:
+    """`finetune` with the study's settings; a run stopped earlier under settings `key` resumes."""
+    return finetune(model, setup.train_data, setup.tokenizer, str(run_dir), teacher=teacher,
+                    callbacks=stop_callbacks(setup.stop), resume_from=checkpoint_to_resume(run_dir, key),
+                    **finetune_args(setup))
 
 
 def _with_overrides(setup: TaskSetup, extra: dict[str, Any]) -> TaskSetup:
@@ -165,8 +189,9 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
     eta = None
     start = time.perf_counter()
     teacher = setup.dense if any(finetune_args(setup).get(k) for k in ("distill", "distill_hidden")) else None
+    key = settings_fingerprint(setup, name, target, base)  # what a stopped training run resumes under
     if base == "lte":
-        model, t, budget = _train_lte(setup, target, run_dir)
+        model, t, budget = _train_lte(setup, target, run_dir, key)
         timings.update(t)
         eta = float(model.lte_config.eta)
     elif base in ("moefication", "moefication-oracle", "dejavu"):
@@ -181,13 +206,13 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
         set_sparsity(model, target)
         model.method = "dejavu-ft"
         timings["build_seconds"] = time.perf_counter() - start
-        info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), teacher=teacher, **finetune_args(setup))
+        info = _finetune(setup, model, run_dir, key, teacher)
         timings["train_seconds"] = info["seconds"]
         budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
     elif base == "random-topk":
         model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
         timings["build_seconds"] = time.perf_counter() - start
-        info = finetune(model, setup.train_data, setup.tokenizer, str(run_dir), teacher=teacher, **finetune_args(setup))
+        info = _finetune(setup, model, run_dir, key, teacher)
         timings["train_seconds"] = info["seconds"]
         budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
         model.set_routing("topk")
@@ -308,10 +333,11 @@ def run_study(config: dict[str, Any] | str | Path, out_dir: str | Path | None = 
     worker process does). `time_limit` (seconds, parallel runs) stops launching and stops running
     workers at that time; whatever finished is summarised.
     """
-    if worker:
+    if worker:  # one unit of a parallel study: the time limit's SIGTERM stops training with a checkpoint
         cfg = study_config(config, tiny)
         out = study_out(cfg, out_dir)
-        failures = _run_in_process(cfg, out, model, tokenizer, methods or cfg["methods"], targets)
+        failures = _run_in_process(cfg, out, model, tokenizer, methods or cfg["methods"], targets,
+                                   stop=install_stop_handler())
         return {"name": cfg.get("name"), "failures": failures}
     cfg = study_config(config, tiny, methods, targets)
     out = study_out(cfg, out_dir)
@@ -335,11 +361,15 @@ def run_study(config: dict[str, Any] | str | Path, out_dir: str | Path | None = 
 
 
 def _run_in_process(cfg: dict[str, Any], out: Path, model: Any, tokenizer, methods: list[str],
-                    values: list[float] | None, points: list[dict[str, Any]] | None = None) -> dict[str, str]:
-    """Prepare the task and the dense model, then run `methods` (at `values`, default their knob values)."""
+                    values: list[float] | None, points: list[dict[str, Any]] | None = None,
+                    stop: Any = None) -> dict[str, str]:
+    """Prepare the task and the dense model, then run `methods` (at `values`, default their knob values).
+
+    `stop`: a threading.Event that, once set, stops training with a checkpoint (`lte.study.resume`)."""
     settings = {k: v for k, v in cfg.items() if k in DEFAULTS}
     setup = setup_task(cfg["task"], model if model is not None else cfg["model"], cfg["data"], cfg.get("eval_data"),
                        tokenizer, settings, cfg.get("name", cfg["task"]))
+    setup.stop = stop
     prepare_dense(setup, out)
     collected = points if points is not None else []
     collected.append(dense_point(setup, out))
@@ -348,9 +378,15 @@ def _run_in_process(cfg: dict[str, Any], out: Path, model: Any, tokenizer, metho
     for method in methods:
         if method == "dense":
             continue
+        if stop is not None and stop.is_set():
+            failures[method] = "not started: asked to stop"
+            continue
         t0 = time.perf_counter()
         try:
             collected += run_method(setup, method, values or knob_values(cfg, method), out, shared, cfg)
+        except TrainingStopped as err:  # its checkpoint is on disk: the next run continues it
+            logger.warning("method %s: %s", method, err)
+            failures[method] = f"stopped: {err}"
         except Exception as err:  # one broken method must not lose the others' results
             logger.exception("method %s failed", method)
             failures[method] = f"{type(err).__name__}: {err}"

@@ -48,6 +48,7 @@ class TaskSetup:
     dense_info: dict[str, Any] = field(default_factory=dict)
     data_source: Any = None  # the data / eval data as given (paths make finished points reusable)
     eval_source: Any = None
+    stop: Any = None  # a threading.Event set when the worker is asked to stop (`lte.study.resume`)
 
     @property
     def head_task(self) -> str:

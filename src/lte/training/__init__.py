@@ -19,6 +19,8 @@ _EXPORTS = {
     "NaNGuard": "lte.training.callbacks",
     "NonFiniteLossError": "lte.training.errors",
     "StageInputError": "lte.training.errors",
+    "StopOnRequest": "lte.training.callbacks",
+    "TrainingStopped": "lte.training.errors",
     "TrainArgs": "lte.training.args",
     "finetune": "lte.training.finetune",
     "STAGES": "lte.training.stages",

@@ -19,7 +19,7 @@ from transformers.trainer_callback import ExportableState
 
 from lte.training.errors import NonFiniteLossError
 
-__all__ = ["EtaController", "LamWarmup", "NaNGuard", "JsonlLogger"]
+__all__ = ["EtaController", "LamWarmup", "NaNGuard", "JsonlLogger", "StopOnRequest"]
 
 
 class EtaController(TrainerCallback, ExportableState):
@@ -186,6 +186,39 @@ class LamWarmup(TrainerCallback):
             model.lte_config.lam = self.value(state.global_step, state.max_steps)
 
 
+class StopOnRequest(TrainerCallback):
+    """Stop at the end of the current optimizer step once `event` is set, saving a checkpoint first.
+
+    A worker that is asked to stop (the study's time limit sends SIGTERM; its handler sets the event)
+    keeps what it trained: the Trainer writes `checkpoint-N` (weights, optimizer, schedule, RNG) and
+    `train(resume_from_checkpoint=...)` continues from it later. `stopped_at` is the step it stopped
+    at (None while it has not); the caller must not treat such a run as finished
+    (`raise_if_stopped`).
+    """
+
+    def __init__(self, event) -> None:
+        self.event = event
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.event.is_set():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+def raise_if_stopped(callbacks, out_dir) -> None:
+    """Raise `TrainingStopped` when a `StopOnRequest` among `callbacks` stopped the run early."""
+    from lte.training.errors import TrainingStopped
+
+    for cb in callbacks or []:
+        if isinstance(cb, StopOnRequest) and cb.stopped_at is not None:
+            raise TrainingStopped(f"training stopped on request at step {cb.stopped_at}; checkpoint-{cb.stopped_at} "
+                                  f"in {out_dir} holds it, and a resumed run continues from there",
+                                  step=cb.stopped_at)
+
+
 class NaNGuard(TrainerCallback):
     """Stop training at the first non-finite loss or gradient, before it reaches the weights.
 
@@ -202,7 +235,7 @@ class NaNGuard(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.output_dir = args.output_dir
-        self.last_checkpoint = _newest_checkpoint(args.output_dir)
+        self.last_checkpoint = newest_checkpoint(args.output_dir)
 
     def on_save(self, args, state, control, **kwargs):
         self.last_checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -268,7 +301,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _newest_checkpoint(output_dir: str) -> str | None:
+def newest_checkpoint(output_dir: str) -> str | None:
     """Path of the highest-numbered `checkpoint-N` folder in `output_dir`, or None."""
     if not os.path.isdir(output_dir):
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lte.errors import LTEError
 
-__all__ = ["LTEError", "NonFiniteLossError", "StageInputError"]
+__all__ = ["LTEError", "NonFiniteLossError", "StageInputError", "TrainingStopped"]
 
 
 class StageInputError(LTEError):
@@ -18,3 +18,11 @@ class NonFiniteLossError(LTEError):
         super().__init__(message)
         self.step = step
         self.last_checkpoint = last_checkpoint
+
+
+class TrainingStopped(LTEError):
+    """Training was asked to stop (`StopOnRequest`) and saved a checkpoint at `step`: not finished."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step

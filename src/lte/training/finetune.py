@@ -16,17 +16,21 @@ from torch import nn
 from lte.errors import LTEError
 from lte.sparse_model import SparseFFNModel
 from lte.training.args import TrainArgs, training_arguments
+from lte.training.callbacks import raise_if_stopped
 from lte.training.data import make_collator
 
 __all__ = ["finetune"]
 
 
 def finetune(model: nn.Module, train_data: Any, tokenizer, out_dir: str, teacher: nn.Module | None = None,
-             **train_args: Any) -> dict[str, Any]:
+             callbacks: list | None = None, resume_from: str | None = None, **train_args: Any) -> dict[str, Any]:
     """Fine-tune `model` (its masks on, its predictors/routers frozen) with `LTETrainer`.
 
     `train_data`: a torch Dataset of examples ({input_ids, attention_mask, labels}).
     `teacher`: the dense model, for `distill` > 0 (distillation, as LTE's stages can use it).
+    `callbacks`: more Trainer callbacks (e.g. `StopOnRequest`: then a stopped run raises `TrainingStopped`).
+    `resume_from`: a `checkpoint-N` folder of an interrupted run of the same model and settings: its
+    weights, optimizer, schedule and step are restored and training continues from there.
     `train_args`: `lte.training.TrainArgs` fields (max_steps, lr, batch_size, distill, ...).
     Returns {"steps", "tokens", "epochs", "seconds", "train_loss"}.
     """
@@ -40,9 +44,10 @@ def finetune(model: nn.Module, train_data: Any, tokenizer, out_dir: str, teacher
         raise LTEError("finetune with distill > 0 needs teacher= (the dense model)")
     trainer = LTETrainer(model=model, args=args, train_dataset=train_data, data_collator=make_collator(tokenizer),
                          processing_class=tokenizer, jsonl_log="train_log.jsonl", teacher=teacher,
-                         distill=hp.distill, distill_temperature=hp.distill_temperature)
+                         distill=hp.distill, distill_temperature=hp.distill_temperature, callbacks=callbacks)
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    raise_if_stopped(callbacks, out_dir)
     model.eval()
     return {"steps": trainer.state.global_step, "tokens": int(trainer.state.num_input_tokens_seen or 0),
             "epochs": trainer.state.epoch, "seconds": time.perf_counter() - start,

@@ -14,7 +14,7 @@ from typing import Any
 
 from lte.loading import STAGE_RECORD
 from lte.training.args import TrainArgs
-from lte.training.callbacks import _newest_checkpoint
+from lte.training.callbacks import newest_checkpoint
 from lte.training.errors import StageInputError
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def prepare_output(out: Path, record: dict[str, Any], hp: TrainArgs) -> str | No
     """
     info = stage_info(out)
     finished = is_stage_complete(out)  # a finished run whose model was saved
-    checkpoint = _newest_checkpoint(str(out))
+    checkpoint = newest_checkpoint(str(out))
     label = (info or {}).get("stage", record["stage"])
     if hp.overwrite:
         if finished or checkpoint or _holds_model(out) or info:

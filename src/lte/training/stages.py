@@ -35,7 +35,7 @@ from lte.loading import (
 )
 from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
 from lte.training.args import TrainArgs, training_arguments, use_bf16
-from lte.training.callbacks import EtaController, LamWarmup
+from lte.training.callbacks import EtaController, LamWarmup, raise_if_stopped
 from lte.training.data import first_batch, load_task_data, make_collator, split_holdout
 from lte.training.errors import NonFiniteLossError, StageInputError
 from lte.training.outputs import (
@@ -171,7 +171,7 @@ def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
 # ---------------------------------------------------------------------- the stage
 def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: str | os.PathLike,
                 tokenizer=None, callbacks: list | None = None, teacher: nn.Module | None = None,
-                holdout: float | None = None, **hparams: Any) -> dict[str, Any]:
+                holdout: float | None = None, source_name: str | None = None, **hparams: Any) -> dict[str, Any]:
     """Run one training stage and save its output to `out`; return a summary dict.
 
     Args:
@@ -185,6 +185,9 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
             `hparams["teacher"]`, or the dense model the LTE run started from).
         holdout: causal LM from a path: train on all but this final fraction of the text (kept
             unseen for evaluation; `lte run` sets it).
+        source_name: how the stage's record names a model object (default: its class). A resumed run
+            must name its source as the interrupted one did, e.g. when it passes the model rebuilt
+            from the checkpoint.
         hparams: `TrainArgs` fields (lr, epochs, max_steps, batch_size, eta, target_sparsity, ...).
     """
     stage = _normalise_stage(stage)
@@ -195,7 +198,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     out = Path(out)
     _check_data_path(data)
     if isinstance(model_dir_or_model, nn.Module):
-        source, source_desc = None, type(model_dir_or_model).__name__
+        source, source_desc = None, source_name or type(model_dir_or_model).__name__
     else:
         source = model_source(model_dir_or_model)
         source_desc = str(source)
@@ -286,6 +289,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         if trainer.args.should_save:
             write_stage_info(out, record)
         raise
+    raise_if_stopped(callbacks, out)  # asked to stop: checkpoint saved, the stage is not finished
     if stage == "1" and calibrate:
         record["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
     if stage == "2" and calibrate and hp.recalibrate_tau:  # the trained weights moved the routers' inputs

@@ -383,6 +383,10 @@ class LTETrainer(Trainer):
         """Load an `LTEModel` checkpoint's weights, routers and eta (and the eta controller state)."""
         target = self.lte_model
         if target is None:
+            plain = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+            if isinstance(plain, SparseFFNModel):  # a baseline model (fine-tuned Deja Vu, random top-k): its own save
+                self._load_baseline(resume_from_checkpoint, plain)
+                return
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         wrapped = model if model is not None else self.model_wrapped
         if sharding.is_sharded(wrapped):
@@ -403,6 +407,24 @@ class LTETrainer(Trainer):
         target.lte_config.eta = saved.lte_config.eta
         del saved
         self._restore_controller(resume_from_checkpoint)
+
+    @staticmethod
+    def _load_baseline(checkpoint: str, target: SparseFFNModel) -> None:
+        """Load a baseline model's checkpoint (weights, predictors, thresholds) into the model being trained."""
+        from lte.baselines.model import BaselineModel
+
+        saved = BaselineModel.from_pretrained(checkpoint)
+        if saved.method != getattr(target, "method", None):
+            raise LTEError(f"checkpoint {checkpoint} holds a {saved.method} model, the run trains a "
+                           f"{getattr(target, 'method', type(target).__name__)} model: resume the run that wrote it")
+        want = target.state_dict()
+        state = {k: v for k, v in saved.state_dict().items() if k in want}
+        if set(state) != set(want):
+            missing = sorted(set(want) - set(state))
+            raise LTEError(f"checkpoint {checkpoint} does not match the model being trained (missing {missing[:5]}); "
+                           "resume from the run that wrote it")
+        target.load_state_dict(state)
+        del saved
 
     def _load_sharded(self, checkpoint: str, wrapped: torch.nn.Module, target: LTEModel) -> None:
         """Resume a sharded model: rank 0 reads the LTE save, the tensors are broadcast into every shard."""

@@ -1,0 +1,69 @@
+"""A study unit that is stopped mid-training keeps what it trained, and its next run continues it.
+
+A parallel study stops its workers at the time limit with SIGTERM (`lte.study.parallel`). A worker
+catches it (`install_stop_handler`): its training run ends at the end of the current optimizer
+step with a `checkpoint-N` (`lte.training.StopOnRequest`), and the worker exits without a point.
+When the unit runs again with the same settings, training resumes from that checkpoint (weights,
+optimizer, schedule, RNG, step), so a point that needs more than one call's time still finishes.
+
+Each trained run folder records the fingerprint of the point's settings (`resume.json`); a
+checkpoint is resumed only under the same fingerprint, and a stale one is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..training.callbacks import StopOnRequest, newest_checkpoint
+
+logger = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.json"
+
+
+def install_stop_handler() -> threading.Event:
+    """SIGTERM sets the returned event instead of ending the process (main thread only)."""
+    event = threading.Event()
+
+    def _request_stop(signum, frame) -> None:
+        logger.warning("asked to stop (signal %d): saving a checkpoint at the end of this training step", signum)
+        event.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    return event
+
+
+def stop_callbacks(stop: threading.Event | None) -> list[Any]:
+    """`[StopOnRequest(stop)]` for a worker that can be asked to stop, else `[]`."""
+    return [StopOnRequest(stop)] if stop is not None else []
+
+
+def checkpoint_to_resume(run_dir: Path, key: str) -> str | None:
+    """The newest `checkpoint-N` of `run_dir` when the run that wrote it had settings `key`, else None.
+
+    Checkpoints of a run with other settings are removed. Records `key` for the run about to start.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = run_dir / RESUME_FILE
+    checkpoint = newest_checkpoint(str(run_dir))
+    recorded = None
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            recorded = None
+    if checkpoint is not None and recorded != key:
+        logger.warning("%s: checkpoints of a run with other settings; starting over", run_dir)
+        for path in run_dir.glob("checkpoint-*"):
+            shutil.rmtree(path, ignore_errors=True)
+        checkpoint = None
+    record.write_text(json.dumps({"fingerprint": key}))
+    if checkpoint is not None:
+        logger.info("%s: resuming from %s", run_dir, Path(checkpoint).name)
+    return checkpoint
