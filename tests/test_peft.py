@@ -195,6 +195,16 @@ def lora_runs(tmp_path_factory):
     return {"root": root, "base": base, "text": text, "s1": s1, "s2": s2}
 
 
+def test_stage2_of_adapters_sets_tau_again_after_training_by_default(lora_runs):
+    common = dict(max_steps=2, target_sparsity=0.6, calibration_holdout=4, **FAST)
+    s1, text, root = lora_runs["root"] / "s1", lora_runs["text"], lora_runs["root"]
+    auto = train_stage("2", s1, "causal-lm", text, root / "s2auto", **common)
+    assert auto["tau_final_calibration"]["examples"] == 4  # adapters move the routers' inputs: re-cut at the end
+    assert auto["tau"] == pytest.approx(auto["tau_final_calibration"]["tau"])
+    off = train_stage("2", s1, "causal-lm", text, root / "s2off", recalibrate_tau=False, **common)
+    assert "tau_final_calibration" not in off and off["tau"] == pytest.approx(off["tau_calibration"]["tau"])
+
+
 def _trainable(record):
     trainer = record["trainer"]
     model = trainer.model

@@ -124,9 +124,10 @@ class TrainArgs:
     calibrate_tau: bool | None = field(default=None, metadata=_help(
         "end of stage 1: set tau so the hard-mask sparsity on held-out training examples equals --target-sparsity "
         "(the examples are kept out of training); default: on when --target-sparsity is set"))
-    recalibrate_tau: bool = field(default=False, metadata=_help(
+    recalibrate_tau: bool | None = field(default=None, metadata=_help(
         "stage 2 with --target-sparsity: set tau again after training, on the same held-out examples (training "
-        "the weights moves the routers' inputs, so the sparsity drifts from where stage 2 started)"))
+        "the weights moves the routers' inputs, so the sparsity drifts from where stage 2 started); default: on "
+        "for a model with LoRA adapters (on SST-2 they ended 2-4 points past a 0.7 target without it)"))
     calibration_holdout: int = field(default=64, metadata=_help(
         "examples of the training data held out of stage 1 for --calibrate-tau", at_least=1))
     target_sparsity: float | None = field(default=None, metadata=_help(
