@@ -112,7 +112,7 @@ def time_steps(model, batch, steps: int, warmup: int, device, per_step_stats: bo
     if count_ops:
         counter = OpCounter()
         one_step(model, batch, opt, autocast, per_step_stats, teacher, distill, counter)
-        result.update(ops=counter.ops, host_syncs=counter.syncs)
+        result.update(ops=counter.ops, host_syncs=counter.syncs, ops_by_name=counter.by_name)
     return result
 
 
@@ -135,9 +135,12 @@ def _op_counter_class():
             super().__init__()
             self.ops = 0
             self.syncs = 0
+            self.by_name: dict[str, int] = {}
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.ops += 1
+            name = str(func.overloadpacket.__name__)
+            self.by_name[name] = self.by_name.get(name, 0) + 1
             if func is torch.ops.aten._local_scalar_dense.default:
                 self.syncs += 1
             return func(*args, **(kwargs or {}))
@@ -235,6 +238,10 @@ def main() -> None:
     if args.count_ops:
         print(f"\nops per step (forward, backward, read-out): dense {dense['ops']}, stage 1 {stage1['ops']} (+{stage1['ops'] - dense['ops']}); "
               f"host syncs: dense {dense['host_syncs']}, stage 1 {stage1['host_syncs']}")
+        extra = {k: stage1["ops_by_name"].get(k, 0) - dense["ops_by_name"].get(k, 0)
+                 for k in set(stage1["ops_by_name"]) | set(dense["ops_by_name"])}
+        top = sorted(((n, k) for k, n in extra.items() if n), reverse=True)[:20]
+        print("extra operations of the stage-1 step by name: " + ", ".join(f"{k} {n:+d}" for n, k in top))
     print(f"\nstage-1 step / dense step = {result['ratio_median']:.3f} (fastest steps: {result['ratio_min']:.3f})  "
           f"(dense {1000 * dense['median_s']:.1f} ms, stage 1 {1000 * stage1['median_s']:.1f} ms, "
           f"{result['dense_tokens_per_s']:.0f} dense tokens/s on {result['device']})")
