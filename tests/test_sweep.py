@@ -69,3 +69,18 @@ def test_cli_registers_baseline_commands(capsys):
     args = parser.parse_args(["baseline", "--method", "cats", "--model", "m", "--calib-data", "d"])
     assert args.target_sparsity == 0.5
     assert parser.parse_args(["study", "configs/study/sst2-minilm.yaml", "--tiny"]).tiny
+
+
+@pytest.mark.parametrize("expert_size", [8, 32])
+def test_baseline_command_takes_the_expert_size_it_is_given(tmp_path, expert_size):
+    from lte.baselines.model import BaselineModel
+    from lte.cli.main import main
+    from tiny_models import save_tiny_llama, write_text
+
+    model = save_tiny_llama(tmp_path / "model")
+    text = write_text(tmp_path / "text.txt", lines=40)
+    out = tmp_path / f"oracle{expert_size}"
+    assert main(["baseline", "--method", "moefication-oracle", "--model", str(model), "--task", "causal-lm",
+                 "--calib-data", str(text), "--tiny", "--set", f"expert_size={expert_size}", "--out", str(out)]) == 0
+    sizes = BaselineModel.from_pretrained(out).sparsifiers()[0].unit_sizes.tolist()
+    assert sizes == ([8] * 9 if expert_size == 8 else [32, 32, 8])  # F = 72 neurons

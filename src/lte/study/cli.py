@@ -90,7 +90,7 @@ def add_study_commands(sub) -> None:
 
 def run_baseline(args: argparse.Namespace) -> int:
     from ..baselines.methods import apply_baseline
-    from .config import TINY, merge
+    from .config import TINY, baseline_options, merge
     from .tasks import prepare_dense, setup_task
 
     settings = parse_set(args.set)
@@ -101,7 +101,7 @@ def run_baseline(args: argparse.Namespace) -> int:
     settings.setdefault("dense", {})["max_steps"] = settings.get("dense", {}).get("max_steps", 0)
     setup = setup_task(args.task, args.model, args.calib_data, args.eval_data, settings=settings)
     dense = prepare_dense(setup, args.out or "runs/baseline")
-    options = setup.settings["method_options"].get(args.method, {})
+    options = baseline_options(setup.settings, args.method)  # as a study builds it: --set expert_size=8 applies
     build = "dejavu" if args.method == "dejavu-ft" else args.method  # dejavu-ft: Deja Vu, then fine-tuning
     model = apply_baseline(dense, build, args.target_sparsity, calib_data=setup.calib, **options)
     if args.method == "dejavu-ft":

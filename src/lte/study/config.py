@@ -194,5 +194,14 @@ def knob_values(cfg: dict[str, Any], method: str) -> list[float]:
     return list(cfg["targets"])
 
 
+def baseline_options(settings: dict[str, Any], base: str) -> dict[str, Any]:
+    """The keyword options `apply_baseline` gets for method `base` under resolved study `settings`:
+    the shared expert settings (size, grouping, seed), the calibration budget, then the method's own
+    `method_options` (which win)."""
+    return {"expert_size": settings["expert_size"], "grouping": settings["grouping"], "seed": settings["seed"],
+            "batch_size": settings["calib"]["batch_size"], "calib_tokens": settings["calib"]["tokens"],
+            **(settings["method_options"].get(base) or {})}
+
+
 def study_out(cfg: dict[str, Any], out_dir: str | Path | None = None) -> Path:
     return Path(out_dir or cfg.get("out") or f"runs/study/{cfg.get('name', cfg.get('task', 'study'))}")

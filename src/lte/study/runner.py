@@ -39,7 +39,16 @@ from .cache import (
     settings_fingerprint,
     write_points,
 )
-from .config import DEFAULTS, derived_methods, knob_values, merge, method_plan, study_config, study_out
+from .config import (
+    DEFAULTS,
+    baseline_options,
+    derived_methods,
+    knob_values,
+    merge,
+    method_plan,
+    study_config,
+    study_out,
+)
 from .plots import plot_all
 from .report import study_markdown, summarise
 from .resume import checkpoint_to_resume, install_stop_handler, stop_callbacks
@@ -180,9 +189,7 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
                  shared: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Build/train/evaluate one (method, target): [(method name, point)] (two names with `lte.also_topk`)."""
     s, dense = setup.settings, setup.dense
-    options = {"expert_size": s["expert_size"], "grouping": s["grouping"], "seed": s["seed"],
-               "batch_size": s["calib"]["batch_size"], "calib_tokens": s["calib"]["tokens"],
-               **s["method_options"].get(base, {})}
+    options = baseline_options(s, base)
     run_dir = out / name / f"t{target:g}"
     timings: dict[str, float] = {"train_seconds": 0.0, "build_seconds": 0.0}
     budget: dict[str, Any] = {"train_steps": 0, "train_tokens": 0, "train_epochs": 0.0}
