@@ -6,7 +6,9 @@
 #   RESUME_FROM=benchmarks/results/recipe bash scripts/gpu/device_study.sh ...   # continue a committed study
 #
 # Studies live in $STUDY_ROOT (default: $LTE_DEVICE_DIR/study, outside the repo), so a later call
-# on the same warm machine resumes them: finished points are reused, only missing ones run.
+# on the same warm machine resumes them: finished points are reused, only missing ones run, and a
+# unit stopped at --time-limit continues from the checkpoint it wrote (it gets up to 60 s to write
+# it: give the device call a timeout of at least the time limit + 90 s).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/device_env.sh

@@ -81,7 +81,8 @@ def add_study_commands(sub) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes run at once (units: dense, then one per trained method and target); "
                         "small models leave a GPU idle, so several workers finish sooner")
-    p.add_argument("--time-limit", type=float, help="seconds: stop the workers then and summarise what finished")
+    p.add_argument("--time-limit", type=float, help="seconds: stop the workers then and summarise what finished; "
+                   "a unit still training writes a checkpoint (within 60 s) that the next run resumes")
     p.add_argument("--collect", action="store_true", help="train nothing: summarise and plot the finished points")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one unit of a parallel study
     _add_common(p)
