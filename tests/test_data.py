@@ -85,6 +85,18 @@ def test_jsonl_documents_are_joined_with_eos(tmp_path, tok):
     assert len(load_text_lm(other, tok, block_size=3, text_field="body")) == 2
 
 
+def test_a_list_of_sources_is_a_mix_in_order(tmp_path, tok):
+    a, b = write(tmp_path / "a.txt", "the cat sat"), write(tmp_path / "b.jsonl", '{"text": "a dog"}\n')
+    ds = load_text_lm([a, b], tok, block_size=2)  # each source is a document: joined with the eos token
+    assert ds.token_ids.tolist() == tok("the cat sat [EOS] a dog [EOS]", add_special_tokens=False)["input_ids"]
+    train, held = load_text_lm([b, a], tok, block_size=2, split_ratio=0.3)
+    assert tok.decode(held.token_ids).endswith("sat [EOS]")  # the held-out tail is the last source's
+    with pytest.raises(DataError, match="empty list"):
+        load_text_lm([], tok)
+    with pytest.raises(DataError, match="not found: .*nope.txt"):
+        load_text_lm([a, tmp_path / "nope.txt"], tok)
+
+
 def test_text_errors(tmp_path, tok):
     with pytest.raises(DataError, match="not found: .*nope.txt"):
         load_text_lm(tmp_path / "nope.txt", tok)

@@ -435,3 +435,19 @@ def test_sigterm_asks_a_worker_to_stop_instead_of_ending_it():
         assert event.is_set()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_study_trains_on_a_mix_of_texts_and_reuses_its_points(tiny_task, tmp_path, monkeypatch):
+    from tiny_models import write_text
+
+    other = write_text(tmp_path / "other.txt", lines=40)
+    mixed = {**tiny_task, "data": [str(other), tiny_task["data"]], "methods": ["teal"], "targets": [0.5]}
+    out = tmp_path / "mix"
+    first = run_study(mixed, out, tiny=True)
+    assert not first["failures"] and not first["missing"]
+    assert runner.point_fingerprint(study_config(mixed, tiny=True), "teal", 0.5) is not None  # paths: resumable
+    monkeypatch.setattr(runner, "_build_point", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    assert not run_study(mixed, out, tiny=True)["failures"]  # the same mix: the point is reused
+    single = {**mixed, "data": tiny_task["data"]}  # the same folder, one text less: its dense model is another
+    with pytest.raises(LTEError, match="other settings"):
+        run_study(single, out, tiny=True)

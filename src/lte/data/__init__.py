@@ -16,7 +16,7 @@ from lte.data.tasks import (
     load_xsum,
     mmlu_subjects,
 )
-from lte.data.text import LMDataset, builtin_text, lm_dataset_from_text, load_text_lm
+from lte.data.text import LMDataset, builtin_text, is_text_source, lm_dataset_from_text, load_text_lm
 from lte.data.zoo import cache_dir, embedded_folder, embedded_names, load_embedded, resolve_model
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "embedded_folder",
     "embedded_names",
     "format_prompt",
+    "is_text_source",
     "glue_task",
     "lm_dataset_from_text",
     "load_e2e",

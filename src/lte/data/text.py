@@ -125,11 +125,28 @@ def tokenize_text(text: str, tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def read_documents(path: str | os.PathLike, text_field: str = "text", split: str = "train") -> list[str] | str:
-    """Read text from a file, a folder of text files, ``"builtin"``, or a hub dataset name.
+def is_text_source(source) -> bool:
+    """Whether `source` names text to read (a path, ``"builtin"``, a hub name, or a list of them),
+    as opposed to a dataset object."""
+    if isinstance(source, (list, tuple)):
+        return bool(source) and all(isinstance(s, (str, os.PathLike)) for s in source)
+    return isinstance(source, (str, os.PathLike))
 
-    Returns one string for plain text, or a list of documents for JSON/JSONL or hub data.
+
+def read_documents(path, text_field: str = "text", split: str = "train") -> list[str] | str:
+    """Read text from a file, a folder of text files, ``"builtin"``, a hub dataset name, or a list
+    of these (their documents in the order given: the last source's text ends the mix).
+
+    Returns one string for plain text, or a list of documents for JSON/JSONL, hub data or a list.
     """
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise DataError("an empty list of text sources: name at least one file, folder or 'builtin'.")
+        docs: list[str] = []
+        for source in path:
+            part = read_documents(source, text_field, split)
+            docs.extend([part] if isinstance(part, str) else part)
+        return docs
     if str(path) == BUILTIN:
         return builtin_text()
     p = Path(path).expanduser()
@@ -199,8 +216,9 @@ def load_text_lm(
     """Load plain text / JSON / JSONL (or ``"builtin"``, or a hub name) as causal-LM blocks.
 
     - ``path``: a ``.txt`` file (read whole), a ``.json``/``.jsonl`` file of objects with
-      ``text_field``, a folder of such files, ``"builtin"`` (:func:`builtin_text`), or a hub
-      dataset name (``"name:config"``, needs ``datasets`` and a network).
+      ``text_field``, a folder of such files, ``"builtin"`` (:func:`builtin_text`), a hub
+      dataset name (``"name:config"``, needs ``datasets`` and a network), or a list of these
+      (a mix, in order; each source's text is one document).
     - Tokens are packed into blocks of ``block_size``; JSON documents are joined with the eos token.
       ``pad_to_block=True`` keeps the final short block, padded, with ``attention_mask`` 0 there.
     - ``max_tokens`` keeps only the first tokens.

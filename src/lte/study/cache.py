@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..data.text import is_text_source
 from .config import DEFAULTS, merge, method_plan
 from .tasks import TaskSetup, dense_dir
 
@@ -68,7 +69,7 @@ def settings_fingerprint(setup: TaskSetup, method: str, target: float | None,
                           base: str | None = None) -> str | None:
     """The fingerprint of a point of this task; None when model or data are objects (no resume then)."""
     sources = [setup.model_source, setup.data_source, setup.eval_source]
-    if any(s is not None and not isinstance(s, (str, Path)) for s in sources):
+    if any(s is not None and not is_text_source(s) for s in sources):
         return None
     return fingerprint_of(setup.kind, setup.name, sources, setup.settings, method, target, base)
 
@@ -113,7 +114,7 @@ def point_fingerprint(cfg: dict[str, Any], method: str, target: float | None) ->
         base, extra = method_plan(cfg, owner)
         settings = merge(settings, extra)
     sources = [cfg.get("model"), cfg.get("data"), cfg.get("eval_data")]
-    if any(s is not None and not isinstance(s, (str, Path)) for s in sources):
+    if any(s is not None and not is_text_source(s) for s in sources):
         return None
     return fingerprint_of(cfg["task"], cfg.get("name", cfg["task"]), sources, settings, method, target, base)
 

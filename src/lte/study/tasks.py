@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..baselines.methods import as_batches
+from ..data.text import is_text_source
 from ..errors import LTEError
 from ..evaluation import default_device
 from ..loading import load_tokenizer
@@ -132,7 +133,7 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
             return {**r, "quality": r["score"]}
         metric, higher = dev.metric, True
     elif kind == "causal-lm":
-        if isinstance(data, (str, Path)):
+        if is_text_source(data):  # a path, or a list of them (a mix)
             if eval_data is None:
                 train, held = load_text_lm(data, tokenizer, dcfg["block_size"], dcfg["max_tokens"],
                                            split_ratio=dcfg["holdout"])
@@ -143,7 +144,7 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
         if eval_data is not None:
             held = eval_data if not isinstance(eval_data, (str, Path)) else load_text_lm(
                 eval_data, tokenizer, block_size=2, pad_to_block=True)
-        elif not isinstance(data, (str, Path)):
+        elif not is_text_source(data):
             raise LTEError("pass eval_data with a dataset object for a causal-lm sweep")
         window = ecfg.get("window") or dcfg["block_size"]
         extra = _extra_texts(ecfg.get("extra_text"), tokenizer)
@@ -298,7 +299,7 @@ def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
 def _dense_fingerprint(setup: TaskSetup) -> str | None:
     """What the shared dense model depends on (model, data, preparation, dense training, seed)."""
     sources = [setup.model_source, setup.data_source]
-    if any(not isinstance(src, (str, Path)) for src in sources):
+    if any(not is_text_source(src) for src in sources):
         return None
     s = setup.settings
     keys = ("seed", "glue_task", "generation_format", "prep", "dense")
