@@ -65,6 +65,36 @@ def test_train_and_eval_end_to_end(tiny, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
+def test_interrupted_train_saves_a_checkpoint_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import threading
+
+    import lte.training
+
+    out = tmp_path / "s1"
+    cmd = ["train", "--model", tiny["model"], "--stage", "1", "--out", str(out), "--max-steps", "3",
+           "--target-sparsity", "0.5", "--task", "causal-lm", "--data", tiny["text"], *TINY_FLAGS]
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    real_install = lte.training.install_stop_handler
+
+    def install_and_signal(signals):  # the user's Ctrl-C arrives while the first step runs
+        event = real_install(signals)
+        os.kill(os.getpid(), signal.SIGINT)
+        return event
+
+    monkeypatch.setattr(lte.training, "install_stop_handler", install_and_signal)
+    try:
+        assert main(cmd) == 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert "stopped at step 1" in capsys.readouterr().out and (out / "checkpoint-1").is_dir()
+    monkeypatch.setattr(lte.training, "install_stop_handler", lambda signals: threading.Event())
+    assert main([*cmd, "--resume"]) == 0  # continues from step 1 to the end
+    assert json.loads((out / "lte_stage.json").read_text())["global_step"] == 3
+
+
 def test_stage2_without_stage1_exits_with_clear_message(tiny, tmp_path, capsys):
     code = main(["train", "--model", tiny["model"], "--task", "causal-lm", "--data", tiny["text"], "--stage", "2",
                  "--out", str(tmp_path / "o"), *TINY_FLAGS])

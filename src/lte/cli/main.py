@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,16 @@ def run_train(args: argparse.Namespace) -> int:
     stage, model, task, data, out = (values.pop(k) for k in ("stage", "model", "task", "data", "out"))
     for key in ("name", "eval_data", "holdout", "eval", "dense", "stage1", "stage2", "skip_dense"):
         values.pop(key, None)  # pipeline-only keys a shared YAML file may carry
-    record = train_stage(str(stage), model, task, data, out, **values)
+    from lte.training import StopOnRequest, TrainingStopped, install_stop_handler
+
+    # Ctrl-C or SIGTERM: finish the step, save a checkpoint, stop (twice Ctrl-C: at once)
+    stop = install_stop_handler((signal.SIGTERM, signal.SIGINT))
+    try:
+        record = train_stage(str(stage), model, task, data, out, callbacks=[StopOnRequest(stop)], **values)
+    except TrainingStopped as err:
+        print(f"[lte train] stopped at step {err.step}: checkpoint-{err.step} in {out}. Continue with the same "
+              "command and --resume.", flush=True)
+        return 130
     record.pop("trainer", None)
     summary = {k: record.get(k) for k in ("stage", "global_step", "eta", "train_sparsity", "target_sparsity")}
     print(f"[lte train] done: {out}  " + json.dumps({k: v for k, v in summary.items() if v is not None}))

@@ -15,28 +15,17 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
 import threading
 from pathlib import Path
 from typing import Any
 
-from ..training.callbacks import StopOnRequest, newest_checkpoint
+from ..training.callbacks import StopOnRequest, install_stop_handler, newest_checkpoint
 
 logger = logging.getLogger(__name__)
 
 RESUME_FILE = "resume.json"
 
-
-def install_stop_handler() -> threading.Event:
-    """SIGTERM sets the returned event instead of ending the process (main thread only)."""
-    event = threading.Event()
-
-    def _request_stop(signum, frame) -> None:
-        logger.warning("asked to stop (signal %d): saving a checkpoint at the end of this training step", signum)
-        event.set()
-
-    signal.signal(signal.SIGTERM, _request_stop)
-    return event
+__all__ = ["RESUME_FILE", "checkpoint_to_resume", "install_stop_handler", "stop_callbacks"]
 
 
 def stop_callbacks(stop: threading.Event | None) -> list[Any]:

@@ -20,6 +20,7 @@ _EXPORTS = {
     "NonFiniteLossError": "lte.training.errors",
     "StageInputError": "lte.training.errors",
     "StopOnRequest": "lte.training.callbacks",
+    "install_stop_handler": "lte.training.callbacks",
     "TrainingStopped": "lte.training.errors",
     "TrainArgs": "lte.training.args",
     "finetune": "lte.training.finetune",

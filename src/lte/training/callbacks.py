@@ -8,8 +8,11 @@ measurements (hard-cut sparsity of each step) are fed to `EtaController.update` 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import signal
+import threading
 from typing import Any
 
 import torch
@@ -19,7 +22,9 @@ from transformers.trainer_callback import ExportableState
 
 from lte.training.errors import NonFiniteLossError
 
-__all__ = ["EtaController", "LamWarmup", "NaNGuard", "JsonlLogger", "StopOnRequest"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["EtaController", "LamWarmup", "NaNGuard", "JsonlLogger", "StopOnRequest", "install_stop_handler"]
 
 
 class EtaController(TrainerCallback, ExportableState):
@@ -206,6 +211,23 @@ class StopOnRequest(TrainerCallback):
             control.should_training_stop = True
             self.stopped_at = state.global_step
         return control
+
+
+def install_stop_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> threading.Event:
+    """Make `signals` ask for a stop instead of ending the process (main thread only): the returned
+    event is set, and a `StopOnRequest(event)` ends training with a checkpoint at the end of the step.
+    A second SIGINT (Ctrl-C twice) stops at once."""
+    event = threading.Event()
+
+    def _request_stop(signum, frame) -> None:
+        if event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logger.warning("asked to stop (signal %d): a checkpoint is saved at the end of this training step", signum)
+        event.set()
+
+    for sig in signals:
+        signal.signal(sig, _request_stop)
+    return event
 
 
 def raise_if_stopped(callbacks, out_dir) -> None:
