@@ -128,6 +128,34 @@ def test_run_pipeline_and_resume_by_skipping(tiny, tmp_path, capsys):
     assert second.count("skipped") == 3
 
 
+def test_a_stopped_run_continues_where_it_stopped(tiny, tmp_path, capsys, monkeypatch):
+    import threading
+
+    import lte.training
+
+    class StopInStage1:  # reads as set from the third step on: dense trains 2 steps, stage 1 stops after 1
+        calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls >= 3
+
+    cfg, out = tmp_path / "run.yaml", tmp_path / "run"
+    cfg.write_text(
+        f"name: tiny\nmodel: {tiny['model']}\ntask: causal-lm\ndata: {tiny['text']}\nout: {out}\n"
+        "holdout: 0.2\nblock_size: 24\nbatch_size: 4\nlr: 0.001\nreport_to: none\nlogging_steps: 1\n"
+        "dense: {max_steps: 2}\nstage1: {max_steps: 3, target_sparsity: 0.5}\nstage2: {max_steps: 1}\n"
+        "eval: {max_tokens: 200, max_length: 32, batch_size: 2}\n")
+    monkeypatch.setattr(lte.training, "install_stop_handler", lambda signals: StopInStage1())
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 130
+    assert "stopped at step 1" in capsys.readouterr().out and (out / "stage1" / "checkpoint-1").is_dir()
+    monkeypatch.setattr(lte.training, "install_stop_handler", lambda signals: threading.Event())
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    again = capsys.readouterr().out
+    assert "dense: already complete" in again and "resuming from" in again
+    assert json.loads((out / "stage1" / "lte_stage.json").read_text())["global_step"] == 3
+
+
 def test_run_scores_a_training_free_baseline_at_ltes_sparsity(tiny, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     out = tmp_path / "run"

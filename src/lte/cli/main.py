@@ -234,8 +234,16 @@ def run_run(args: argparse.Namespace) -> int:
 
 def _run_and_report(cfg: dict[str, Any], force_eval: bool, progress: bool) -> int:
     from lte.study.pipeline import format_table, run_pipeline
+    from lte.training import StopOnRequest, TrainingStopped, install_stop_handler
 
-    report = run_pipeline(cfg, force_eval=force_eval, progress=progress)
+    # Ctrl-C or SIGTERM: the stage in training saves a checkpoint; the same command continues it
+    stop = install_stop_handler((signal.SIGTERM, signal.SIGINT))
+    try:
+        report = run_pipeline(cfg, force_eval=force_eval, progress=progress, callbacks=[StopOnRequest(stop)])
+    except TrainingStopped as err:
+        print(f"[lte] stopped at step {err.step} with a checkpoint in {cfg['out']}; run the same command again "
+              "to continue from it.", flush=True)
+        return 130
     out = Path(cfg["out"])
     print()
     print(format_table(report))

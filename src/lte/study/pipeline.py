@@ -80,8 +80,12 @@ def _stage_hparams(cfg: dict[str, Any], section: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the pipeline
-def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline described by `cfg`; return the report dict."""
+def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool = True,
+                 callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline described by `cfg`; return the report dict.
+
+    `callbacks`: more Trainer callbacks for every stage (`StopOnRequest`: a stopped stage keeps its
+    checkpoint and raises `TrainingStopped`; running the pipeline again continues it)."""
     from lte.evaluation.saved import evaluate_model
     from lte.training import is_stage_complete, train_stage
 
@@ -108,7 +112,7 @@ def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool =
             has_ckpt = dirs[key].is_dir() and any(p.name.startswith("checkpoint-") for p in dirs[key].iterdir())
             hp.setdefault("resume", has_ckpt)
             t0 = time.time()
-            train_stage(stage, source, task, train_data, dirs[key], holdout=holdout, **hp)
+            train_stage(stage, source, task, train_data, dirs[key], holdout=holdout, callbacks=callbacks, **hp)
             timings[key] = time.time() - t0
         source = dirs[key]
 
