@@ -404,7 +404,7 @@ def test_a_stopped_unit_resumes_from_its_checkpoint_to_the_same_point(tiny_task,
     # only the steps left were trained: 4 in all (LTE: 2 + 2), 1 done before the stop (stage 1 done too at query 4)
     assert len(steps) == {("lte", 2): 3, ("lte", 4): 1, ("dejavu-ft", 2): 3}[(method, stop_at_query)]
     resumed = json.loads((run_dir / "point.json").read_text())
-    assert resumed["train_steps"] == expected["train_steps"]
+    assert resumed["train_steps"] == expected["train_steps"] and resumed["train_tokens"] == expected["train_tokens"]
     assert resumed["quality"] == pytest.approx(expected["quality"], rel=1e-5)
     assert resumed["ffn_sparsity"] == pytest.approx(expected["ffn_sparsity"], abs=1e-6)
     assert not list(run_dir.rglob("checkpoint-*"))  # a finished point keeps no optimizer state
