@@ -419,6 +419,9 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()
     assert checkpoint_to_resume(tmp_path, "a").endswith("checkpoint-5")
     assert checkpoint_to_resume(tmp_path, "b") is None and not (tmp_path / "checkpoint-5").exists()
+    (tmp_path / "checkpoint-6").mkdir()
+    checkpoint_to_resume(tmp_path, None)  # settings that cannot be fingerprinted: never resumed
+    assert checkpoint_to_resume(tmp_path, None) is None and not (tmp_path / "checkpoint-6").exists()
 
 
 def test_sigterm_asks_a_worker_to_stop_instead_of_ending_it():

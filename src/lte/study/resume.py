@@ -33,10 +33,12 @@ def stop_callbacks(stop: threading.Event | None) -> list[Any]:
     return [StopOnRequest(stop)] if stop is not None else []
 
 
-def checkpoint_to_resume(run_dir: Path, key: str) -> str | None:
+def checkpoint_to_resume(run_dir: Path, key: str | None) -> str | None:
     """The newest `checkpoint-N` of `run_dir` when the run that wrote it had settings `key`, else None.
 
     Checkpoints of a run with other settings are removed. Records `key` for the run about to start.
+    `key` None (a study of model or data objects, whose settings cannot be fingerprinted): nothing
+    is resumed.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / RESUME_FILE
@@ -47,7 +49,7 @@ def checkpoint_to_resume(run_dir: Path, key: str) -> str | None:
             recorded = json.loads(record.read_text()).get("fingerprint")
         except (OSError, ValueError):
             recorded = None
-    if checkpoint is not None and recorded != key:
+    if checkpoint is not None and (key is None or recorded != key):
         logger.warning("%s: checkpoints of a run with other settings; starting over", run_dir)
         for path in run_dir.glob("checkpoint-*"):
             shutil.rmtree(path, ignore_errors=True)
