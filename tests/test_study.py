@@ -419,8 +419,8 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()
     assert checkpoint_to_resume(tmp_path, "a").endswith("checkpoint-5")
     assert checkpoint_to_resume(tmp_path, "b") is None and not (tmp_path / "checkpoint-5").exists()
-    (tmp_path / "checkpoint-6").mkdir()
-    checkpoint_to_resume(tmp_path, None)  # settings that cannot be fingerprinted: never resumed
+    assert checkpoint_to_resume(tmp_path, None) is None  # a run whose settings cannot be fingerprinted ...
+    (tmp_path / "checkpoint-6").mkdir()  # ... stopped; the next such run must not take its checkpoint
     assert checkpoint_to_resume(tmp_path, None) is None and not (tmp_path / "checkpoint-6").exists()
 
 
