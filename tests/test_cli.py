@@ -95,6 +95,20 @@ def test_interrupted_train_saves_a_checkpoint_and_resumes(tiny, tmp_path, capsys
     assert json.loads((out / "lte_stage.json").read_text())["global_step"] == 3
 
 
+def test_train_on_a_mix_of_texts(tiny, tmp_path, capsys):
+    other = write_text(tmp_path / "other.txt", lines=30)
+    out = tmp_path / "mix"
+    assert main(["train", "--model", tiny["model"], "--stage", "dense", "--out", str(out), "--max-steps", "1",
+                 "--task", "causal-lm", "--data", tiny["text"], str(other), *TINY_FLAGS]) == 0
+    assert json.loads((out / "lte_stage.json").read_text())["data"] == str([tiny["text"], str(other)])
+    code = main(["train", "--model", tiny["model"], "--stage", "dense", "--out", str(tmp_path / "cls"),
+                 "--task", "classification", "--glue-task", "sst2", "--data", tiny["text"], str(other), *TINY_FLAGS])
+    assert code == 2 and "a mix) are for --task causal-lm" in capsys.readouterr().err
+    code = main(["train", "--model", tiny["model"], "--stage", "dense", "--out", str(tmp_path / "gone"),
+                 "--task", "causal-lm", "--data", tiny["text"], str(tmp_path / "none.txt"), *TINY_FLAGS])
+    assert code == 2 and "not found" in capsys.readouterr().err
+
+
 def test_stage2_without_stage1_exits_with_clear_message(tiny, tmp_path, capsys):
     code = main(["train", "--model", tiny["model"], "--task", "causal-lm", "--data", tiny["text"], "--stage", "2",
                  "--out", str(tmp_path / "o"), *TINY_FLAGS])

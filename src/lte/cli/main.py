@@ -115,9 +115,10 @@ def _add_train(sub) -> None:
     p.add_argument("--model", default=argparse.SUPPRESS,
                    help="model folder (previous stage's --out), embedded name (smollm2-135m, minilm, mpnet) or hub name")
     p.add_argument("--task", choices=("causal-lm", "classification", "instruction"), default=argparse.SUPPRESS)
-    p.add_argument("--data", default=argparse.SUPPRESS,
+    p.add_argument("--data", nargs="+", default=argparse.SUPPRESS,
                    help="training data: text/JSONL file or folder ('builtin' = text shipped with Python), "
-                        "GLUE folder or TSV, instruction JSON/JSONL")
+                        "GLUE folder or TSV, instruction JSON/JSONL; causal LM: several sources train on "
+                        "their mix (e.g. general text beside your own, so the routers see both)")
     p.add_argument("--stage", choices=("dense", "1", "2"), default=argparse.SUPPRESS)
     p.add_argument("--out", default=argparse.SUPPRESS, help="output directory of the stage")
     p.add_argument("--config", default=None, help="YAML file of settings (keys mirror the flags)")
@@ -140,6 +141,8 @@ def run_train(args: argparse.Namespace) -> int:
     from lte.training import train_stage
 
     stage, model, task, data, out = (values.pop(k) for k in ("stage", "model", "task", "data", "out"))
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]  # one source, as before
     for key in ("name", "eval_data", "holdout", "eval", "dense", "stage1", "stage2", "skip_dense"):
         values.pop(key, None)  # pipeline-only keys a shared YAML file may carry
     from lte.training import StopOnRequest, TrainingStopped, install_stop_handler

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from lte.data.text import is_text_source
 from lte.training.args import TrainArgs
 from lte.training.errors import StageInputError
 
-__all__ = ["first_batch", "load_task_data", "make_collator", "split_holdout"]
+__all__ = ["check_data_sources", "first_batch", "load_task_data", "make_collator", "split_holdout"]
+
+
+def check_data_sources(task: str, data: Any) -> None:
+    """Several sources (a list: a mix) are read only for causal LM; other tasks take one."""
+    if isinstance(data, (list, tuple)) and task != "causal-lm":
+        raise StageInputError(f"several data sources (a mix) are for --task causal-lm; {task} takes one: "
+                              f"got {[str(d) for d in data]}")
 
 
 def load_task_data(task: str, data: Any, tokenizer, hp: TrainArgs, split: str = "train",
@@ -20,7 +27,8 @@ def load_task_data(task: str, data: Any, tokenizer, hp: TrainArgs, split: str = 
     `holdout` (causal LM): train on all but this final fraction of the text, which stays unseen
     for evaluation (`lte run` scores it).
     """
-    if not isinstance(data, (str, os.PathLike)):
+    check_data_sources(task, data)
+    if not is_text_source(data):
         dataset = data
     elif task == "causal-lm":
         from lte.data import load_text_lm

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lte.data.text import is_text_source
 from lte.loading import (
     check_head,
     has_adapters,
@@ -36,7 +37,7 @@ from lte.loading import (
 from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
 from lte.training.args import TrainArgs, training_arguments, use_bf16
 from lte.training.callbacks import EtaController, LamWarmup, raise_if_stopped
-from lte.training.data import first_batch, load_task_data, make_collator, split_holdout
+from lte.training.data import check_data_sources, first_batch, load_task_data, make_collator, split_holdout
 from lte.training.errors import NonFiniteLossError, StageInputError
 from lte.training.outputs import (
     STAGE_LABEL,
@@ -197,12 +198,13 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     _check_stage_settings(stage, hp)
     out = Path(out)
     _check_data_path(data)
+    check_data_sources(task, data)  # before the model loads: the clearer error first
     if isinstance(model_dir_or_model, nn.Module):
         source, source_desc = None, source_name or type(model_dir_or_model).__name__
     else:
         source = model_source(model_dir_or_model)
         source_desc = str(source)
-    data_desc = str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
+    data_desc = str(data) if is_text_source(data) else type(data).__name__
     record: dict[str, Any] = {"stage": STAGE_LABEL[stage], "task": task, "source": source_desc, "data": data_desc,
                               "complete": False, "hparams": hp.to_dict()}
     resume_ckpt = prepare_output(out, record, hp)
@@ -385,6 +387,10 @@ def _normalise_stage(stage: Any) -> str:
 
 
 def _check_data_path(data: Any) -> None:
+    if isinstance(data, (list, tuple)):
+        for source in data:
+            _check_data_path(source)
+        return
     if isinstance(data, (str, os.PathLike)):
         text = str(data)
         looks_local = os.sep in text or text.startswith(".") or Path(text).suffix in (".txt", ".json", ".jsonl",
