@@ -109,6 +109,20 @@ def test_train_on_a_mix_of_texts(tiny, tmp_path, capsys):
     assert code == 2 and "not found" in capsys.readouterr().err
 
 
+def test_run_trains_and_scores_on_a_mix(tiny, tmp_path, capsys):
+    other = write_text(tmp_path / "other.txt", lines=40)
+    cfg, out = tmp_path / "run.yaml", tmp_path / "run"
+    cfg.write_text(
+        f"name: tiny\nmodel: {tiny['model']}\ntask: causal-lm\ndata: [{other}, {tiny['text']}]\nout: {out}\n"
+        "holdout: 0.2\nblock_size: 24\nbatch_size: 4\nlr: 0.001\nreport_to: none\nlogging_steps: 1\n"
+        "dense: {max_steps: 1}\nstage1: {max_steps: 2, target_sparsity: 0.5}\nstage2: {max_steps: 1}\n"
+        "eval: {max_tokens: 200, max_length: 32, batch_size: 2}\n")
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dense"]["score"] > 1 and report["lte"]["score"] > 1
+    assert json.loads((out / "stage1" / "lte_stage.json").read_text())["data"] == str([str(other), tiny["text"]])
+
+
 def test_stage2_without_stage1_exits_with_clear_message(tiny, tmp_path, capsys):
     code = main(["train", "--model", tiny["model"], "--task", "causal-lm", "--data", tiny["text"], "--stage", "2",
                  "--out", str(tmp_path / "o"), *TINY_FLAGS])

@@ -128,9 +128,9 @@ def evaluate_model(model_dir: str | Path, task: str | None, data: Any, glue_task
 def _lm_eval_data(data: Any, tokenizer, holdout: float | None, block_size: int, max_tokens: int | None,
                   text_field: str = "text"):
     """The token stream to score: the whole text, or the tail training did not see."""
-    from lte.data import load_text_lm
+    from lte.data import is_text_source, load_text_lm
 
-    if not isinstance(data, (str, Path)):
+    if not is_text_source(data):  # a path, or a list of them (a mix: its tail is the last source's)
         return data
     if holdout:
         return load_text_lm(data, tokenizer, block_size=block_size, max_tokens=max_tokens, split_ratio=holdout,
