@@ -43,7 +43,7 @@ from bench_util import (
     write_json,
 )
 
-from lte.kernels.reference import sparse_ffn_reference
+from lte.kernels import masked_dense_ffn
 from lte.kernels.triton_ffn import default_config, routed_sparse_ffn_triton, sparse_ffn_triton
 
 DTYPE = torch.bfloat16
@@ -93,16 +93,17 @@ class ShapeBench:
             for x, m, layer in zip(xs, masks, self.layers)])
 
     def prefill_lte(self, num_tokens: int, off: float) -> float:
-        """The masked dense path SparseMLP takes above 64 tokens (router + cuBLAS + mask)."""
+        """The masked dense path SparseMLP takes above 64 tokens on CUDA, as `SparseMLP.forward` runs it:
+        the router as a cuBLAS GEMM (`dense_mask`), then `masked_dense_ffn` (cuBLAS + one masked launch)."""
         xs = self.xs(num_tokens)
         routers = [torch.randn(self.E, self.D, generator=self.gen, device=DEVICE).to(DTYPE) * self.D**-0.5
                    for _ in self.layers]
-        thr = 0.0 if off == 0.5 else math.log(1e-9)
+        tau = 0.5 if off == 0.5 else 1e-9
 
         def call(x, w_router, layer):
-            mask = (x.float() @ w_router.float().t()) > thr
-            return sparse_ffn_reference(x, mask, layer["w_up"], layer["w_down_t"], w_gate=layer["w_gate"],
-                                        expert_size=self.S, upcast=False)
+            mask = torch.sigmoid(F_.linear(x, w_router).float()) > tau  # [T, E]
+            return masked_dense_ffn(x, mask, layer["w_up"], layer["w_down_t"], w_gate=layer["w_gate"],
+                                    expert_size=self.S)
 
         return time_graph([lambda x=x, w=w, layer=layer: call(x, w, layer)
                            for x, w, layer in zip(xs, routers, self.layers)], replays=3)

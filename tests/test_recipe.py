@@ -217,15 +217,15 @@ def test_stage1_calibrates_tau_on_held_out_examples(tiny):
         train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=1, calibrate_tau=True, **FAST)
 
 
-def test_stage2_recalibrates_tau_after_training_when_asked(tiny):
+def test_stage2_recalibrates_tau_after_training_by_default(tiny):
     s1 = tiny["root"] / "s1re"
     train_stage("1", tiny["model"], "causal-lm", tiny["text"], s1, max_steps=2, target_sparsity=0.4,
                 calibration_holdout=4, stage1_routing="ste", lam=0.0, **FAST)
     common = dict(max_steps=3, target_sparsity=0.6, calibration_holdout=4, **{**FAST, "lr": 5e-2})
-    plain = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2plain", **common)
-    assert "tau_final_calibration" not in plain  # off by default: the tau stage 2 started with stays
+    plain = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2plain", recalibrate_tau=False, **common)
+    assert "tau_final_calibration" not in plain  # turned off: the tau stage 2 started with stays
     assert plain["tau"] == pytest.approx(plain["tau_calibration"]["tau"])
-    again = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2re", recalibrate_tau=True, **common)
+    again = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2re", **common)  # on by default
     final = again["tau_final_calibration"]
     assert final["examples"] == 4 and again["tau"] == pytest.approx(final["tau"])
     assert final["sparsity"] == pytest.approx(0.6, abs=0.05)  # on the held-out examples, after training

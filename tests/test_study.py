@@ -14,7 +14,9 @@ from lte.study.parallel import (
     Unit,
     _ran_out_of_memory,
     expected_seconds,
+    forget_stopped,
     plan_units,
+    record_stopped,
     recorded_seconds,
     run_parallel,
 )
@@ -120,6 +122,23 @@ def test_expected_unit_seconds_by_hand(tmp_path):
     assert recorded_seconds(Unit(str(tmp_path / "seed2"), "cats", [0.5], 0.6)) is None
     assert expected_seconds(lte, {"lte": [50.0, 70.0]}) == 60  # this run's own units come first
     assert expected_seconds(teal, {}) == 45
+
+
+def test_a_unit_stopped_with_a_checkpoint_is_expected_to_need_only_the_rest(tmp_path):
+    """A unit that ran 90 of its ~120 s before the time limit stopped it resumes: it needs ~30 s, not 120."""
+    _fake_point(tmp_path, 0, "lte", 0.5, 100, 0, 10)
+    _fake_point(tmp_path, 1, "lte", 0.5, 120, 0, 10)
+    unit = Unit(str(tmp_path / "seed2"), "lte", [0.5], 4.0)
+    (tmp_path / "seed2").mkdir()
+    record_stopped(unit, 60.0)
+    record_stopped(unit, 30.0)  # stopped twice: the seconds add up
+    assert expected_seconds(unit, {}) == 120  # no checkpoint on disk: it starts over
+    (tmp_path / "seed2" / "lte" / "t0.5" / "stage2" / "checkpoint-40").mkdir(parents=True)
+    assert expected_seconds(unit, {}) == 30
+    record_stopped(unit, 100.0)  # ran longer than expected: still counted to need the floor (load, eval)
+    assert expected_seconds(unit, {}) == pytest.approx(0.15 * 120)
+    forget_stopped(unit)
+    assert expected_seconds(unit, {}) == 120
 
 
 def test_time_limit_does_not_start_a_unit_that_cannot_finish(tiny_task, tmp_path):
@@ -268,6 +287,10 @@ def test_aggregate_points_averages_extra_quality_by_hand():
     assert point["extra_quality"] == {"ood": pytest.approx(23.0)}
     assert point["extra_quality_std"] == {"ood": pytest.approx(6 / 2 ** 0.5)}  # sqrt((3^2 + 3^2) / 1)
     assert [s["extra_quality"]["ood"] for s in point["per_seed"]] == [20.0, 26.0]
+    per_seed[0][0]["extra_sparsity"] = {"ood": 0.40}
+    per_seed[1][0]["extra_sparsity"] = {"ood": 0.50}
+    (point,) = aggregate_points(per_seed)
+    assert point["extra_sparsity"] == {"ood": pytest.approx(0.45)}
 
 
 def test_study_scores_extra_text_too(tiny_task, tmp_path):
@@ -283,6 +306,7 @@ def test_study_scores_extra_text_too(tiny_task, tmp_path):
     run_study(cfg, tmp_path / "run", tiny=True)
     points = {p["method"]: p for p in _points(tmp_path / "run")}
     assert set(points["teal"]["extra_quality"]) == {"ood"}
+    assert 0.0 < points["teal"]["extra_sparsity"]["ood"] < 1.0  # the sparsity on that text, kept beside it
     # the dense point's number is the plain perplexity of the dense model on that text
     from transformers import AutoModelForCausalLM
 

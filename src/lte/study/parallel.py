@@ -14,7 +14,8 @@ whose expected duration (`expected_seconds`: units of its method that finished i
 the seconds its method's finished points recorded) no longer fits is not started, so a run ends
 once nothing that can finish is left instead of spending its last minutes on work it will throw away.
 Units still running at the time limit are asked to stop (SIGTERM): their training writes a
-checkpoint within `STOP_GRACE_SECONDS` and the next run resumes it (`lte.study.resume`).
+checkpoint within `STOP_GRACE_SECONDS` and the next run resumes it (`lte.study.resume`); the
+seconds they ran are recorded (`STOPPED_FILE`), so a resumed unit is expected to need only the rest.
 """
 
 from __future__ import annotations
@@ -147,13 +148,60 @@ def recorded_seconds(unit: Unit) -> float | None:
     return statistics.median(per_value) * values + (build if shared else build * values)
 
 
+#: File in a study folder: seconds each stopped unit had trained before its checkpoint (label -> seconds).
+STOPPED_FILE = "stopped_units.json"
+
+
+def _point_dir(unit: Unit) -> Path | None:
+    """The folder of a one-value unit's point (its training runs and checkpoints live below it)."""
+    if unit.values is None or len(unit.values) != 1:
+        return None
+    return Path(unit.study) / unit.method / f"t{unit.values[0]:g}"
+
+
+def _has_checkpoint(unit: Unit) -> bool:
+    folder = _point_dir(unit)
+    return folder is not None and folder.is_dir() and any(folder.glob("**/checkpoint-*"))
+
+
+def _stopped_record(study: str) -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in json.loads((Path(study) / STOPPED_FILE).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def record_stopped(unit: Unit, seconds: float) -> None:
+    """Add `seconds` to the time `unit` ran before it was stopped with a checkpoint (`STOPPED_FILE`)."""
+    record = _stopped_record(unit.study)
+    record[unit.label] = record.get(unit.label, 0.0) + seconds
+    (Path(unit.study) / STOPPED_FILE).write_text(json.dumps(record, indent=1))
+
+
+def forget_stopped(unit: Unit) -> None:
+    """Drop a finished unit from `STOPPED_FILE`."""
+    record = _stopped_record(unit.study)
+    if record.pop(unit.label, None) is not None:
+        (Path(unit.study) / STOPPED_FILE).write_text(json.dumps(record, indent=1))
+
+
+#: Share of a unit's expected time a resumed unit is still counted to need (loading, evaluation).
+RESUME_FLOOR = 0.15
+
+
 def expected_seconds(unit: Unit, finished: dict[str, list[float]]) -> float | None:
     """How long `unit` should take: the median of its method's units finished in this run (per value),
-    else `recorded_seconds`; None when nothing is known."""
+    else `recorded_seconds`; None when nothing is known. A unit that resumes from a checkpoint needs
+    that less the seconds it already ran (`record_stopped`), and at least `RESUME_FLOOR` of it."""
     done = finished.get(unit.method)
     if done:
-        return statistics.median(done) * (1 if unit.values is None else len(unit.values))
-    return recorded_seconds(unit)
+        need = statistics.median(done) * (1 if unit.values is None else len(unit.values))
+    else:
+        need = recorded_seconds(unit)
+    if need is None or not _has_checkpoint(unit):
+        return need
+    ran = _stopped_record(unit.study).get(unit.label, 0.0)
+    return max(need - ran, RESUME_FLOOR * need)
 
 
 def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_limit: float | None = None,
@@ -201,10 +249,12 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
         elapsed = time.perf_counter() - start
         if time_limit is not None and elapsed > time_limit:
             _stop_all([proc for _, proc, _, _ in running])
-            for unit, proc, _, _ in running:  # a unit that finished its point while stopping is done
+            for unit, proc, t0, _ in running:  # a unit that finished its point while stopping is done
                 if proc.returncode != 0:
                     failures[unit.study][unit.label] = (f"stopped at the time limit ({time_limit:.0f} s); "
                                                         "its training resumes from a checkpoint next time")
+                    if _has_checkpoint(unit):
+                        record_stopped(unit, time.perf_counter() - t0)
             for unit in pending:
                 failures[unit.study][unit.label] = "not started: time limit"
             logger.warning("time limit reached: %d unit(s) stopped, %d not started", len(running), len(pending))
@@ -249,7 +299,10 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
                         pending.remove(other)
                         failures[unit.study][other.label] = "not started: the dense unit failed"
             else:
-                finished.setdefault(unit.method, []).append(seconds / (1 if unit.values is None else len(unit.values)))
+                if unit.label in _stopped_record(unit.study):  # resumed: its per-value time is not a full unit's
+                    forget_stopped(unit)
+                else:
+                    finished.setdefault(unit.method, []).append(seconds / (1 if unit.values is None else len(unit.values)))
                 if unit.method == "dense":
                     dense_done.add(unit.study)
             bar.update(1)

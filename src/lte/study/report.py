@@ -186,7 +186,9 @@ def _extra_lines(points: list[dict[str, Any]], methods: list[str], targets: list
         value = (p.get("extra_quality") or {}).get(name) if p else None
         if value is None:
             return ""
-        return _fmt_pm(value, (p.get("extra_quality_std") or {}).get(name), metric) + _fewer_seeds(p, all_seeds)
+        sparsity = (p.get("extra_sparsity") or {}).get(name)
+        at = f" at {sparsity:.0%}" if sparsity is not None and p["method"] != "dense" else ""
+        return _fmt_pm(value, (p.get("extra_quality_std") or {}).get(name), metric) + at + _fewer_seeds(p, all_seeds)
 
     for name in names:
         dense = next(p for p in points if p["method"] == "dense")

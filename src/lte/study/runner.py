@@ -78,7 +78,9 @@ def _point(setup: TaskSetup, method: str, knob: str, target: float, result: dict
         "per_layer": list(result.get("per_layer_sparsity") or []),
         "union_sparsity_16": None, "seed": setup.settings["seed"], "device": _device_name(), **timings,
         **({"extra_quality": dict(result["extra_quality"])} if result.get("extra_quality") else {}),
-        "eval": {k: v for k, v in result.items() if k not in ("per_layer_sparsity", "samples", "extra_quality")},
+        **({"extra_sparsity": dict(result["extra_sparsity"])} if result.get("extra_sparsity") else {}),
+        "eval": {k: v for k, v in result.items()
+                 if k not in ("per_layer_sparsity", "samples", "extra_quality", "extra_sparsity")},
     }
     return point
 

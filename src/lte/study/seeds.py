@@ -84,6 +84,9 @@ def aggregate_points(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str
         extra = _mean_extra([p.get("extra_quality") or {} for _, p in members])
         if extra:
             point["extra_quality"], point["extra_quality_std"] = extra
+        extra_sparsity = _mean_extra([p.get("extra_sparsity") or {} for _, p in members])
+        if extra_sparsity:
+            point["extra_sparsity"] = extra_sparsity[0]
         layers = [p["per_layer"] for _, p in members if p.get("per_layer")]
         if layers and all(len(x) == len(layers[0]) for x in layers):
             point["per_layer"] = [sum(col) / len(col) for col in zip(*layers)]

@@ -151,11 +151,15 @@ def setup_task(kind: str, model: Any, data: Any, eval_data: Any = None, tokenize
 
         def evaluate(m):
             # the extra texts first: the model's accumulated statistics then belong to the main text
-            also = {name: evaluation.perplexity(m, text, max_length=window, stride=window, batch_size=bs,
-                                                progress=False)["perplexity"] for name, text in extra.items()}
+            scored = {name: evaluation.perplexity(m, text, max_length=window, stride=window, batch_size=bs,
+                                                  progress=False) for name, text in extra.items()}
+            also = {name: s["perplexity"] for name, s in scored.items()}
+            # a router's sparsity moves with the text: each extra text's own FFN sparsity is kept beside it
+            also_sparsity = {name: s["ffn_sparsity"] for name, s in scored.items() if s.get("ffn_sparsity") is not None}
             r = evaluation.perplexity(m, held, max_length=window, stride=window, batch_size=bs,
                                       max_tokens=ecfg["max_tokens"], progress=False)
-            return {**r, "quality": r["perplexity"], **({"extra_quality": also} if also else {})}
+            return {**r, "quality": r["perplexity"], **({"extra_quality": also} if also else {}),
+                    **({"extra_sparsity": also_sparsity} if also_sparsity else {})}
         metric, higher = "perplexity", False
     elif kind == "generation":
         pairs, fmt = _generation_pairs(data, cfg.get("generation_format"))

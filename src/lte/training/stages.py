@@ -294,8 +294,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     raise_if_stopped(callbacks, out)  # asked to stop: checkpoint saved, the stage is not finished
     if stage == "1" and calibrate:
         record["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
-    recalibrate = hp.recalibrate_tau if hp.recalibrate_tau is not None else getattr(model, "has_adapters", False)
-    if stage == "2" and calibrate and recalibrate:  # the trained weights moved the routers' inputs
+    recalibrate = hp.recalibrate_tau is not False  # default on: the trained weights moved the routers' inputs
+    if stage == "2" and calibrate and recalibrate:
         record["tau_final_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
     if hp.save_model:
         trainer.save_model(str(out))
