@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from .cache import point_done
+from .cache import point_done, point_path
 from .config import derived_methods, knob_values, method_plan
 from .tasks import dense_weights_missing
 
@@ -156,7 +156,7 @@ def _point_dir(unit: Unit) -> Path | None:
     """The folder of a one-value unit's point (its training runs and checkpoints live below it)."""
     if unit.values is None or len(unit.values) != 1:
         return None
-    return Path(unit.study) / unit.method / f"t{unit.values[0]:g}"
+    return point_path(unit.study, unit.method, unit.values[0]).parent
 
 
 def _has_checkpoint(unit: Unit) -> bool:
