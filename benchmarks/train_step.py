@@ -14,6 +14,13 @@ GPU kernel launches a step costs: on a small model the step is bound by them) an
     PYTHONPATH=src python benchmarks/train_step.py --model runs/x/dense    # a saved model
     PYTHONPATH=src python benchmarks/train_step.py --tiny --steps 2       # CPU smoke test
     PYTHONPATH=src python benchmarks/train_step.py --shape small --count-ops --threads 1   # CPU profile
+    PYTHONPATH=src python benchmarks/train_step.py --routing ste --profile runs/prof   # where the time goes
+
+`--profile DIR` records two steps of each model with `torch.profiler` after the timing and writes
+DIR/{dense,stage1}_ops.txt (operators by self device time, then by self CPU time) and
+DIR/profile.json: per model the device busy time, the host time of the step, and the top
+operators, so the extra time of the stage-1 step can be put on operators (device) or on launch and
+dispatch (host).
 """
 
 from __future__ import annotations
@@ -116,6 +123,57 @@ def time_steps(model, batch, steps: int, warmup: int, device, per_step_stats: bo
     return result
 
 
+def profile_steps(model, batch, device, per_step_stats: bool, teacher=None, distill: float = 0.0,
+                  steps: int = 2) -> dict:
+    """`steps` optimizer steps under torch.profiler: device busy time, host time and operator tables."""
+    from torch.profiler import ProfilerActivity, profile
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    one_step(model, batch, opt, autocast, per_step_stats, teacher, distill)  # AdamW state outside the record
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            one_step(model, batch, opt, autocast, per_step_stats, teacher, distill)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    device_attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+    def top(attr: str, n: int = 25) -> list[dict]:
+        rows = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:n]
+        return [{"name": e.key, "calls": e.count // steps, "self_device_us": getattr(e, device_attr) / steps,
+                 "self_cpu_us": e.self_cpu_time_total / steps} for e in rows]
+
+    return {
+        "step_s_profiled": wall,
+        "device_busy_s": sum(getattr(e, device_attr) for e in events) / steps / 1e6,
+        "host_ops_s": sum(e.self_cpu_time_total for e in events) / steps / 1e6,
+        "top_device": top(device_attr),
+        "top_host": top("self_cpu_time_total"),
+        "table_device": events.table(sort_by=device_attr, row_limit=40),
+        "table_host": events.table(sort_by="self_cpu_time_total", row_limit=40),
+    }
+
+
+def write_profiles(profiles: dict[str, dict], folder: Path) -> None:
+    """DIR/<name>_ops.txt tables and DIR/profile.json; prints device busy time against the step time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, p in profiles.items():
+        (folder / f"{name}_ops.txt").write_text(f"{name}: by self device time\n{p['table_device']}\n\n"
+                                                f"{name}: by self CPU time\n{p['table_host']}\n")
+    summary = {name: {k: v for k, v in p.items() if not k.startswith("table_")} for name, p in profiles.items()}
+    (folder / "profile.json").write_text(json.dumps(summary, indent=2))
+    for name, p in profiles.items():
+        print(f"profile {name}: step {1000 * p['step_s_profiled']:.1f} ms under the profiler, device busy "
+              f"{1000 * p['device_busy_s']:.1f} ms, host operator time {1000 * p['host_ops_s']:.1f} ms")
+
+
 def _summary(runs: list[dict]) -> dict:
     """Mean and median step time over every round's timed steps (and the op counts of the first)."""
     times = sorted(t for run in runs for t in run["times"])
@@ -169,6 +227,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate dense and stage-1 timings this many times (a CPU shared with other work)")
     parser.add_argument("--out", default=None, help="write the JSON result here")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also record two steps of each with torch.profiler; tables and a summary to DIR")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +254,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"dense": [], "stage1": []}
     # The LTE model is converted from `model` in place: one round times the dense model first; more
     # rounds alternate between a copy of it and the LTE model, so that a drifting load hits both alike.
-    dense_model = copy.deepcopy(model) if args.rounds > 1 else model
+    dense_model = copy.deepcopy(model) if args.rounds > 1 or args.profile else model  # --profile: kept dense
     if args.rounds == 1:
         runs["dense"].append(time_steps(model, batch, args.steps, args.warmup, device, per_step_stats=False,
                                         count_ops=args.count_ops))
@@ -245,6 +305,11 @@ def main() -> None:
     print(f"\nstage-1 step / dense step = {result['ratio_median']:.3f} (fastest steps: {result['ratio_min']:.3f})  "
           f"(dense {1000 * dense['median_s']:.1f} ms, stage 1 {1000 * stage1['median_s']:.1f} ms, "
           f"{result['dense_tokens_per_s']:.0f} dense tokens/s on {result['device']})")
+    if args.profile:
+        profiles = {name: profile_steps(m, batch, device, per_step_stats=name == "stage1",
+                                        teacher=teacher if name == "stage1" else None, distill=args.distill)
+                    for name, m in (("dense", dense_model), ("stage1", lmodel))}
+        write_profiles(profiles, Path(args.profile))
 
 
 def _commit() -> str | None:

@@ -3,7 +3,8 @@
 #   1. benchmarks/peft_memory.py: peak memory and tokens/s of full fine-tuning, dense LoRA and LoRA-LTE
 #      (stages 1 and 2) on a LLaMA-2-7B shape, bf16 -> $OUT/peft_memory.json
 #   2. benchmarks/train_step.py: the full-parameter stage-1 step against the dense step, SmolLM2-135M
-#      shapes (soft, then straight-through stage 1) -> $OUT/train_step{,_ste}.json
+#      shapes (soft, then straight-through stage 1) -> $OUT/train_step{,_ste}.json, and where the
+#      straight-through step's time goes (torch.profiler) -> $OUT/profile_ste/
 #
 #   OUT=/path bash scripts/gpu/peft_bench.sh [--tiny]     # --tiny: CPU smoke test of the whole script
 set -uo pipefail
@@ -24,5 +25,6 @@ echo "== LoRA-LTE memory and speed (7B shape) =="
 echo "elapsed: $(( $(date +%s) - start )) s"
 echo "== stage-1 step vs dense step (SmolLM2 shapes) =="
 "$PY" benchmarks/train_step.py "${STEP[@]}" --count-ops --out "$OUT/train_step.json" | tail -4
-"$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --out "$OUT/train_step_ste.json" | tail -1
+"$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --out "$OUT/train_step_ste.json" \
+    --profile "$OUT/profile_ste" | tail -3
 echo "elapsed: $(( $(date +%s) - start )) s"
