@@ -100,6 +100,11 @@ WORKER = textwrap.dedent(
         json.dump(result, fh)
     dist.barrier()
     dist.destroy_process_group()  # a clean teardown: left to interpreter exit, gloo's threads may abort it
+    # Everything this test checks is written above. Under load, a C++ thread of torch's CPU backends was
+    # seen to abort the interpreter's own exit ("terminate called without an active exception") after all
+    # of it had finished: leave without running the C++ destructors.
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
     """
 )
 
