@@ -189,8 +189,11 @@ def routed_inputs(mask: torch.Tensor, model_width: int, dtype: torch.dtype) -> t
 
 
 def ffn_bytes(model_width: int, ffn_width: int, active_fraction: float, num_tokens: int, elem: int = 2,
-              router: bool = True, expert_size: int = EXPERT_SIZE) -> float:
-    """Fewest bytes one FFN call must move: the active slabs of gate, up and down, the router, x and y."""
+              router: bool = True, expert_size: int = EXPERT_SIZE, weight_elem: int | None = None,
+              row_scale_bytes: int = 0) -> float:
+    """Fewest bytes one FFN call must move: the active slabs of gate, up and down, the router, x and y.
+    ``weight_elem``: bytes per FFN weight when it differs from ``elem`` (fp8: 1), with ``row_scale_bytes``
+    per active row of each of the three matrices (fp8's fp32 scales: 4)."""
     num_exp = -(-ffn_width // expert_size)
-    weights = 3 * active_fraction * ffn_width * model_width * elem
+    weights = 3 * active_fraction * ffn_width * (model_width * (weight_elem or elem) + row_scale_bytes)
     return weights + (num_exp * model_width * elem if router else 0) + 2 * num_tokens * model_width * elem

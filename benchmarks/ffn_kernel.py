@@ -10,7 +10,9 @@ random weights) and each token count B, in one process and the same CUDA-graph l
   (each token its own half of the experts: the union grows with B), and the same per-token masks
   under a per-batch budget of half the experts (B >= 8);
 - anchors: the kernels without the router (mask given) at 50%, a dense FFN half as wide at B=1,
-  and prefill (512 tokens: dense vs the masked dense path LTE keeps for prefill).
+  and prefill (512 tokens: dense vs the masked dense path LTE keeps for prefill);
+- with ``--fp8``: ``lte_fp8``, the same fixed masks with the FFN matrices in fp8 (e4m3, one fp32
+  scale per row; ``lte.kernels.quantize_rows_fp8``), against the same bf16 dense cuBLAS FFN.
 Every call sits in a CUDA graph over several weight copies (far more bytes than the L2), replayed;
 the figure is the median over runs of the time per call. Bytes needed = the union's gate/up/down
 slabs + router + x/y; GB/s = bytes needed / time, next to the measured copy bandwidth; the ideal
@@ -43,7 +45,7 @@ from bench_util import (
     write_json,
 )
 
-from lte.kernels import masked_dense_ffn
+from lte.kernels import masked_dense_ffn, quantize_rows_fp8
 from lte.kernels.triton_ffn import default_config, routed_sparse_ffn_triton, sparse_ffn_triton
 
 DTYPE = torch.bfloat16
@@ -86,6 +88,21 @@ class ShapeBench:
                 budget=budget))
         return time_graph(calls), sum(unions) / len(unions)
 
+    def routed_fp8(self, masks: list[torch.Tensor]) -> tuple[float, float]:
+        """``routed`` with the FFN matrices in fp8 (row scales); the router stays bf16."""
+        if not hasattr(self, "fp8_layers"):
+            self.fp8_layers = [{k: quantize_rows_fp8(layer[k]) for k in ("w_gate", "w_up", "w_down_t")}
+                               for layer in self.layers]
+        calls, unions = [], []
+        for mask, q in zip(masks, self.fp8_layers):
+            x, w_router = routed_inputs(mask, self.D, DTYPE)
+            scales = (q["w_up"][1], q["w_gate"][1], q["w_down_t"][1])
+            args = (x, w_router, 0.0, q["w_up"][0], q["w_down_t"][0], q["w_gate"][0], None, None, self.S, "silu")
+            _, used = routed_sparse_ffn_triton(*args, scales=scales)
+            unions.append(float(used.any(0).float().mean()))
+            calls.append(lambda args=args, scales=scales: routed_sparse_ffn_triton(*args, scales=scales))
+        return time_graph(calls), sum(unions) / len(unions)
+
     def kernel_only(self, masks: list[torch.Tensor]) -> float:
         xs = self.xs(masks[0].shape[0])
         return time_graph([lambda x=x, m=m, layer=layer: sparse_ffn_triton(
@@ -114,7 +131,7 @@ class ShapeBench:
 
 
 def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float | None, rows: list, errors: list,
-              deadline: Deadline, save=lambda: None) -> None:
+              deadline: Deadline, save=lambda: None, fp8: bool = False) -> None:
     """Every point of one shape; ``save()`` after each batch size (a killed run keeps what it measured)."""
     labels = [n for n, s in FFN_SHAPES.items() if s == (bench.D, bench.F)]
     base = {"shape": name, "also": labels, "D": bench.D, "F": bench.F, "expert_size": bench.S}
@@ -122,7 +139,9 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
     def add(num_tokens, variant, masks, off, us, dense_us, active, router=True):
         if us is None:
             return
-        need = ffn_bytes(bench.D, bench.F, active, num_tokens, router=router, expert_size=bench.S)
+        quantized = variant.endswith("_fp8")
+        need = ffn_bytes(bench.D, bench.F, active, num_tokens, router=router, expert_size=bench.S,
+                         weight_elem=1 if quantized else None, row_scale_bytes=4 if quantized else 0)
         row = {**base, "B": num_tokens, "variant": variant, "masks": masks, "off": off, "active": active,
                "us": us, "dense_us": dense_us, "speedup": None if dense_us is None else dense_us / us,
                "bytes": need, "GBps": need / (us * 1e-6) / 1e9,
@@ -147,6 +166,13 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
                           bench.masks("fixed", num_tokens, off))
             if res is not None:
                 add(num_tokens, "lte", "fixed", off, res[0], dense_us, res[1])
+        for off in offs if fp8 else ():
+            if deadline.over(3):
+                break
+            res = guarded(errors, f"lte fp8 {name} B={num_tokens} off={off}", bench.routed_fp8,
+                          bench.masks("fixed", num_tokens, off))
+            if res is not None:
+                add(num_tokens, "lte_fp8", "fixed", off, res[0], dense_us, res[1])
         if num_tokens > 1 and not deadline.over(3):
             masks = bench.masks("per_token", num_tokens, 0.5)
             res = guarded(errors, f"lte per-token {name} B={num_tokens}", bench.routed, masks)
@@ -195,6 +221,8 @@ def main() -> None:
                         choices=sorted(FFN_SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--gb", type=float, default=1.2, help="GB of weight copies per shape (>> L2)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time the kernels on fp8 (e4m3) FFN weights with row scales (rows lte_fp8)")
     parser.add_argument("--expert-size", type=int, default=EXPERT_SIZE,
                         help="neurons per expert (the recipe study tries 16 and 8; the paper uses 32)")
     args = parser.parse_args()
@@ -218,7 +246,7 @@ def main() -> None:
         bench = guarded(result["errors"], f"weights {name}", ShapeBench, *shape, args.gb, gen, args.expert_size)
         if bench is not None:
             guarded(result["errors"], f"shape {name}", run_shape, name, bench, args.tokens, result["copy_GBps"],
-                    result["rows"], result["errors"], deadline, lambda: write_json(path, result))
+                    result["rows"], result["errors"], deadline, lambda: write_json(path, result), args.fp8)
             del bench
             (torch.cuda.empty_cache() if DEVICE == "cuda" else None)
         write_json(path, result)

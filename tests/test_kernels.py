@@ -20,8 +20,11 @@ import torch
 import torch.nn.functional as F_
 
 from lte.kernels import (
+    FP8_DTYPE,
+    dequantize_rows,
     kernels_available,
     num_experts,
+    quantize_rows_fp8,
     routed_ffn_in,
     routed_sparse_ffn,
     router_mask,
@@ -183,11 +186,12 @@ def test_import_does_not_import_triton():
 
 @pytest.mark.slow  # ~25-45 s in the Triton interpreter; CI runs it (.ci/run)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split", "act"],
-                                   ["--small-experts", "ffn", "routed", "act"]])
+@pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split", "act", "fp8"],
+                                   ["--small-experts", "ffn", "routed", "act", "fp8"]])
 def test_triton_kernels_in_interpreter(parts):
     """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,5,40}, 0/middle/100% off,
-    default and persistent settings, router (+ budget) + FFN; experts of 8 and 16 neurons too."""
+    default and persistent settings, router (+ budget) + FFN, fp8 weights with row scales; experts of
+    8 and 16 neurons too."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     flags = [p for p in parts if p.startswith("--")]
     parts = [p for p in parts if not p.startswith("--")]
@@ -209,6 +213,84 @@ def test_routed_sparse_ffn_equals_router_then_ffn():
                       b_down=w["b_down"], activation="gelu_tanh")
     assert mask.shape == (2, 3, 3) and torch.equal(mask, want_mask)
     torch.testing.assert_close(y, want)
+
+
+def test_quantize_rows_fp8_by_hand():
+    """Row scale = max |w| / 448; values that are e4m3 numbers after scaling come back exactly."""
+    w = torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.75, -1.5, 6.0]])
+    q, s = quantize_rows_fp8(w)
+    assert q.dtype == FP8_DTYPE and s.dtype == torch.float32
+    torch.testing.assert_close(s, torch.tensor([2.0 / 448, 1.0, 6.0 / 448]), rtol=0, atol=0)
+    assert q[0].float().tolist() == [224.0, -448.0, 112.0, 0.0]  # 1.75 x 2^7, -1.75 x 2^8, 1.75 x 2^6
+    assert q[2].float().tolist() == [224.0, 56.0, -112.0, 448.0]
+    assert not q[1].float().any()  # a zero row: scale 1, all zeros
+    torch.testing.assert_close(dequantize_rows(q, s), w, rtol=0, atol=1e-7)
+    # 1.1 is not an e4m3 number: the nearest one at that scale (1.125 = 1 + 1/8) comes back
+    q2, s2 = quantize_rows_fp8(torch.tensor([[448.0, 1.1]]))
+    assert s2.item() == 1.0 and q2.float().tolist() == [[448.0, 1.125]]
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_rows_fp8(torch.tensor([[1.0, float("nan")]]))
+
+
+def _fp8_layer(gated=True, with_bias=False, D=24, F=80, dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(11)
+    w = make_ffn(D, F, gated, with_bias, dtype, device, gen)
+    q = {k: quantize_rows_fp8(w[k]) if w[k] is not None else (None, None) for k in ("w_up", "w_gate", "w_down_t")}
+    scales = (q["w_up"][1], q["w_gate"][1], q["w_down_t"][1])
+    wq = dict(w, **{k: q[k][0] for k in q})
+    w_router = (torch.randn(num_experts(F, 32), D, generator=gen) * 2 * D**-0.5).to(dtype=dtype, device=device)
+    return w, wq, scales, w_router
+
+
+@pytest.mark.parametrize("gated,with_bias,activation", [(True, False, "silu"), (False, True, "gelu")])
+def test_fp8_routed_sparse_ffn_equals_the_dequantized_weights(gated, with_bias, activation):
+    """The fp8 op is the FFN of the dequantized weights (same router mask), and close to the bf16/fp32 FFN."""
+    w, wq, scales, w_router = _fp8_layer(gated, with_bias)
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(12))
+    y, mask = routed_sparse_ffn(x, w_router, wq["w_up"], wq["w_down_t"], w_gate=wq["w_gate"], b_up=wq["b_up"],
+                                b_down=wq["b_down"], activation=activation, scales=scales)
+    deq = {k: None if wq[k] is None else dequantize_rows(wq[k], s) for k, s in
+           zip(("w_up", "w_gate", "w_down_t"), scales)}
+    y_deq, mask_deq = routed_sparse_ffn(x, w_router, deq["w_up"], deq["w_down_t"], w_gate=deq["w_gate"],
+                                        b_up=w["b_up"], b_down=w["b_down"], activation=activation)
+    assert torch.equal(mask, mask_deq) and 0 < mask.float().mean() < 1
+    torch.testing.assert_close(y, y_deq, rtol=1e-5, atol=1e-6)
+    y_full, _ = routed_sparse_ffn(x, w_router, w["w_up"], w["w_down_t"], w_gate=w["w_gate"], b_up=w["b_up"],
+                                  b_down=w["b_down"], activation=activation)
+    assert 0 < _rel_err(y, y_full) < 0.08  # e4m3 keeps 3 mantissa bits: a few percent, not more
+
+
+@pytest.mark.parametrize("change,message", [
+    ("weights_not_fp8", "must be torch.float8_e4m3fn"), ("scale_shape", "s_down must be a contiguous fp32"),
+    ("scale_dtype", "s_up must be a contiguous fp32"), ("no_gate_scale", "s_gate must be given exactly"),
+    ("not_a_triple", "scales must be a tuple"),
+])
+def test_fp8_bad_arguments_say_what_to_do(change, message):
+    w, wq, scales, w_router = _fp8_layer()
+    x = torch.randn(3, 24)
+    if change == "weights_not_fp8":
+        wq = w
+    elif change == "scale_shape":
+        scales = (scales[0], scales[1], scales[2][:-1])
+    elif change == "scale_dtype":
+        scales = (scales[0].double(), scales[1], scales[2])
+    elif change == "no_gate_scale":
+        scales = (scales[0], None, scales[2])
+    else:
+        scales = list(scales)
+    with pytest.raises(ValueError, match=message):
+        routed_sparse_ffn(x, w_router, wq["w_up"], wq["w_down_t"], w_gate=wq["w_gate"], scales=scales)
+
+
+def test_fp8_op_fake_and_schema_pass_opcheck():
+    """torch.library.opcheck: the fake (meta) implementation and the autograd registration of the fp8 op
+    (its schema check perturbs the inputs with arithmetic that fp8 tensors do not have on a CPU)."""
+    _, wq, scales, w_router = _fp8_layer()
+    x = torch.randn(4, 24)
+    args = (x, w_router, 0.5, wq["w_up"], wq["w_down_t"], wq["w_gate"], None, None, scales[0], scales[2], scales[1],
+            32, "silu", 0)
+    torch.library.opcheck(torch.ops.lte.routed_sparse_ffn_fp8.default, args,
+                          test_utils=("test_faketensor", "test_autograd_registration"))
 
 
 @pytest.mark.parametrize("change,message", [("router_rows", "w_router must have shape"),
@@ -503,6 +585,25 @@ def test_routed_op_on_gpu_matches_reference(num_tokens, dtype):
     assert not ((mask != router_mask_reference(x, w_router, 0.5)) & ~near).any()
     ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
     assert _rel_err(y, ref) < 1.5e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 33, 64, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_routed_op_on_gpu_matches_reference(num_tokens, dtype):
+    """fp8 weights (row scales) on the GPU: the kernels (<= 64 tokens) and the prefill path (80) against
+    the fp32 reference of the dequantized weights, with the mask the kernel used."""
+    w, w_router = _gpu_layer(dtype)
+    q = {k: quantize_rows_fp8(w[k]) for k in ("w_up", "w_gate", "w_down_t")}
+    scales = (q["w_up"][1], q["w_gate"][1], q["w_down_t"][1])
+    x = torch.randn(num_tokens, 256, device="cuda", dtype=dtype)
+    for budget in (0, 7):
+        y, mask = routed_sparse_ffn(x, w_router, q["w_up"][0], q["w_down_t"][0], w_gate=q["w_gate"][0],
+                                    scales=scales, budget=budget if num_tokens <= 64 else 0)
+        ref = sparse_ffn_reference(x, mask, q["w_up"][0], q["w_down_t"][0], w_gate=q["w_gate"][0], s_up=scales[0],
+                                   s_gate=scales[1], s_down=scales[2])
+        assert _rel_err(y, ref) < 1.5e-2
 
 
 @pytest.mark.gpu

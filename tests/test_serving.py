@@ -167,6 +167,44 @@ def test_opt_split_ffn_round_trip_and_dense_swap():
     assert mods[0].num_experts == 4
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gated SwiGLU; plain GELU with biases (Conv1D)
+def test_fp8_weights_serve_the_dequantized_model(family):
+    """weights='fp8': each FFN is the hard-routed FFN of its row-dequantized weights, on the decode
+    path (12 tokens) and the prefill path (27), and the whole model stays close to the native one."""
+    from lte.kernels import dequantize_rows
+
+    ids_decode, ids_prefill = _ids(2, 6), _ids(3, 9)
+    native = prepare_for_inference(_lte(family))
+    with torch.no_grad():
+        ref = [native(input_ids=ids).logits for ids in (ids_decode, ids_prefill)]
+    model = prepare_for_inference(_lte(family), weights="fp8")
+    mlp = sparse_modules(model)[0]
+    assert mlp.fp8 and mlp.w_up.dtype == torch.float8_e4m3fn and mlp.s_up.dtype == torch.float32
+    assert "weights=fp8" in repr(mlp)
+    x = torch.randn(3, 4, tm.D)
+    deq = SparseMLP(None if mlp.w_gate is None else dequantize_rows(mlp.w_gate, mlp.s_gate), dequantize_rows(
+        mlp.w_up, mlp.s_up), dequantize_rows(mlp.w_down_t, mlp.s_down), mlp.w_router, mlp.tau, mlp.expert_size,
+        mlp.activation, b_up=mlp.b_up, b_down=mlp.b_down)
+    with torch.no_grad():
+        want = deq(x)
+        torch.testing.assert_close(mlp(x), want, atol=1e-5, rtol=1e-4)  # decode path: the fp8 op
+        mlp.decode_max_tokens = 4
+        torch.testing.assert_close(mlp(x), want, atol=1e-5, rtol=1e-4)  # prefill: dequantized masked dense
+        mlp.decode_max_tokens = 64
+        for ids, r in zip((ids_decode, ids_prefill), ref):
+            out = model(input_ids=ids).logits
+            assert 0 < float((out - r).norm() / r.norm()) < 0.05  # e4m3 rounding: small, not zero
+    with pytest.raises(lte.LTEError, match="sparse path only"):
+        mlp.ffn_path = "dense"
+
+
+def test_fp8_weights_errors():
+    with pytest.raises(lte.LTEError, match="weights must be one of"):
+        prepare_for_inference(_lte(), weights="int4")
+    with pytest.raises(lte.LTEError, match="not for 'opt'"):
+        prepare_for_inference(_lte("opt"), weights="fp8")
+
+
 def test_prepare_errors():
     with pytest.raises(lte.LTEError, match="prepare_dense"):
         prepare_for_inference(tm.build("llama"))
@@ -340,6 +378,28 @@ def test_cuda_graph_decode_matches_eager(batch):
     torch.testing.assert_close(graph, eager)
     ref = _hf_greedy(lmodel.base_model, ids, 10)  # prepared model under plain HF generate
     torch.testing.assert_close(graph, ref)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_graph_decode_with_fp8_weights(batch):
+    """fp8 FFN weights under the CUDA-graph decode loop: the same tokens as eager decoding, and each FFN
+    (the fp8 kernels) equal to the masked dense path on its dequantized weights."""
+    lmodel = _lte()
+    lmodel.base_model.to("cuda", torch.bfloat16)
+    model = prepare_for_inference(lmodel, weights="fp8")
+    ids = _ids(batch, 6).cuda()
+    eager = StaticDecoder(model, batch, 32, use_graph=False).generate_ids(ids, 10)
+    graph = StaticDecoder(model, batch, 32, use_graph=True).generate_ids(ids, 10)
+    torch.testing.assert_close(graph, eager)
+    mlp = sparse_modules(model)[0]
+    x = torch.randn(batch, tm.D, device="cuda", dtype=torch.bfloat16)
+    mlp.record_mask = True
+    with torch.no_grad():
+        y = mlp(x)
+        want = mlp.masked_dense(x.float(), mlp.last_mask)  # fp32 on the dequantized weights
+    assert float((y.float() - want).norm() / want.norm()) < 1.5e-2
 
 
 @pytest.mark.gpu

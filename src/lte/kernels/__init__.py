@@ -6,7 +6,9 @@ Public API:
   activation="silu")``: one LTE FFN for x ``[..., D]`` and a per-token expert mask ``[..., E]``.
 - ``router_mask(x, w_router, tau=0.5)``: the hard expert mask ``sigmoid(x Wr^T) > tau``.
 - ``routed_sparse_ffn(x, w_router, w_up, w_down_t, *, tau=0.5, budget=0, ...)``: both in one op,
-  with an optional per-batch expert budget; returns ``(y, mask)``.
+  with an optional per-batch expert budget; returns ``(y, mask)``. With ``scales=(s_up, s_gate,
+  s_down)`` the three FFN matrices are fp8 (e4m3) with one fp32 scale per row
+  (``quantize_rows_fp8``), so the kernels read half the bytes of bf16.
 - ``routed_ffn_in(x, w_router, w_up, ...)`` and ``sparse_ffn_out(h, mask, union, w_down_t, ...)``: a
   plain FFN in two halves, for models that apply the activation between the two projections
   themselves (OPT): the router and ``x W1^T + b1`` for the union's experts, then the down projection.
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F_
 
 from . import ops
+from .quant import FP8_DTYPE, dequantize_rows, quantize_rows_fp8
 from .reference import (
     ACTIVATIONS,
     budget_keep,
@@ -39,12 +42,15 @@ from .tuning import KernelConfig, load_table
 
 __all__ = [
     "ACTIVATIONS",
+    "FP8_DTYPE",
     "KernelConfig",
     "budget_keep",
+    "dequantize_rows",
     "kernels_available",
     "load_table",
     "masked_dense_ffn",
     "num_experts",
+    "quantize_rows_fp8",
     "router_mask",
     "routed_ffn_in",
     "routed_mask_reference",
@@ -67,13 +73,17 @@ def kernels_available() -> bool:
     )
 
 
-def _check_matrix(name: str, w: torch.Tensor, x: torch.Tensor, rows: int | None) -> None:
-    """A weight must be a contiguous [rows, D] matrix with x's dtype and device."""
+def _check_matrix(name: str, w: torch.Tensor, x: torch.Tensor, rows: int | None, fp8: bool = False) -> None:
+    """A weight must be a contiguous [rows, D] matrix with x's dtype (fp8: float8_e4m3fn) and device."""
     model_width = x.shape[-1]
     if w.dim() != 2 or w.shape[1] != model_width or (rows is not None and w.shape[0] != rows):
         want = f"[{rows if rows is not None else 'F'}, {model_width}]"
         raise ValueError(f"{name} must have shape {want} (row-major [F, D]), got {list(w.shape)}")
-    if w.dtype != x.dtype or w.device != x.device:
+    if fp8:
+        if w.dtype != FP8_DTYPE or w.device != x.device:
+            raise ValueError(f"with scales, {name} must be {FP8_DTYPE} on {x.device} (lte.kernels.quantize_rows_fp8), "
+                             f"got {w.dtype} on {w.device}")
+    elif w.dtype != x.dtype or w.device != x.device:
         raise ValueError(
             f"{name} is {w.dtype} on {w.device} but x is {x.dtype} on {x.device}; "
             "cast the weights once when the model is prepared for inference"
@@ -92,8 +102,24 @@ def _check_bias(name: str, b: torch.Tensor | None, size: int, x: torch.Tensor) -
         )
 
 
-def _validate_ffn(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation) -> int:
-    """Check every argument of ``sparse_ffn`` (the mask only when given); returns the number of experts E."""
+def _check_scales(scales, w_gate, ffn_width: int, x: torch.Tensor) -> None:
+    """(s_up, s_gate, s_down): contiguous fp32 [F] on x's device; s_gate given exactly when w_gate is."""
+    if not isinstance(scales, tuple) or len(scales) != 3:
+        raise ValueError("scales must be a tuple (s_up, s_gate, s_down) of fp32 [F] row scales (s_gate None "
+                         "for a plain FFN), as lte.kernels.quantize_rows_fp8 returns them")
+    if (scales[1] is None) != (w_gate is None):
+        raise ValueError("s_gate must be given exactly when w_gate is (a gated FFN has three fp8 matrices)")
+    for name, s in zip(("s_up", "s_gate", "s_down"), scales):
+        if s is None:
+            continue
+        if s.shape != (ffn_width,) or s.dtype != torch.float32 or s.device != x.device or not s.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous fp32 [{ffn_width}] tensor on {x.device}, "
+                             f"got {s.dtype} {list(s.shape)} on {s.device}")
+
+
+def _validate_ffn(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, fp8: bool = False) -> int:
+    """Check every argument of ``sparse_ffn`` (the mask only when given); returns the number of experts E.
+    ``fp8``: the three FFN matrices are float8_e4m3fn (their scales are checked by ``_check_scales``)."""
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1:
@@ -102,11 +128,11 @@ def _validate_ffn(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, ac
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if not isinstance(expert_size, int) or expert_size < 1:
         raise ValueError(f"expert_size must be a positive int, got {expert_size!r}")
-    _check_matrix("w_up", w_up, x, None)
+    _check_matrix("w_up", w_up, x, None, fp8)
     ffn_width = w_up.shape[0]
-    _check_matrix("w_down_t", w_down_t, x, ffn_width)
+    _check_matrix("w_down_t", w_down_t, x, ffn_width, fp8)
     if w_gate is not None:
-        _check_matrix("w_gate", w_gate, x, ffn_width)
+        _check_matrix("w_gate", w_gate, x, ffn_width, fp8)
     _check_bias("b_up", b_up, ffn_width, x)
     _check_bias("b_down", b_down, x.shape[-1], x)
     num_exp = num_experts(ffn_width, expert_size)
@@ -197,6 +223,7 @@ def routed_sparse_ffn(
     expert_size: int = 32,
     activation: str = "silu",
     budget: int = 0,
+    scales: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``router_mask`` and ``sparse_ffn`` in one op: returns ``(y [..., D], mask [..., E] bool)``.
 
@@ -207,17 +234,28 @@ def routed_sparse_ffn(
     w_router ``[E, D]`` with E = ceil(F / expert_size); other arguments as in ``sparse_ffn``.
     On CUDA up to 64 tokens run the router, budget and FFN kernels; more tokens (prefill) the
     masked dense path through cuBLAS.
+    ``scales`` = (s_up, s_gate, s_down): w_up, w_gate and w_down_t are float8_e4m3fn with one fp32
+    scale per row, W = Q * s[:, None] (``quantize_rows_fp8``; s_gate None for a plain FFN). The
+    router and biases stay in x's dtype. Prefill then dequantizes the weights for the call.
     """
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
     if not isinstance(budget, int) or budget < 0:
         raise ValueError(f"budget must be an int >= 0 (0 = no budget), got {budget!r}")
-    num_exp = _validate_ffn(x, None, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
+    fp8 = scales is not None
+    num_exp = _validate_ffn(x, None, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, fp8)
+    if fp8:
+        _check_scales(scales, w_gate, w_up.shape[0], x)
     _check_matrix("w_router", w_router, x, num_exp)
     model_width = x.shape[-1]
     x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
-    y, mask = torch.ops.lte.routed_sparse_ffn(x2, w_router, float(tau), w_up, w_down_t, w_gate, b_up, b_down,
-                                              expert_size, activation, budget)
+    if fp8:
+        s_up, s_gate, s_down = scales
+        y, mask = torch.ops.lte.routed_sparse_ffn_fp8(x2, w_router, float(tau), w_up, w_down_t, w_gate, b_up,
+                                                      b_down, s_up, s_down, s_gate, expert_size, activation, budget)
+    else:
+        y, mask = torch.ops.lte.routed_sparse_ffn(x2, w_router, float(tau), w_up, w_down_t, w_gate, b_up, b_down,
+                                                  expert_size, activation, budget)
     return y.reshape(x.shape), mask.reshape(*x.shape[:-1], num_exp)  # [..., D], [..., E]
 
 

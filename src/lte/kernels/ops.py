@@ -1,4 +1,5 @@
-"""``torch.library`` custom ops ``lte::sparse_ffn``, ``lte::routed_sparse_ffn``, ``lte::router_mask``,
+"""``torch.library`` custom ops ``lte::sparse_ffn``, ``lte::routed_sparse_ffn`` (and its fp8-weight form
+``lte::routed_sparse_ffn_fp8``), ``lte::router_mask``,
 the two halves ``lte::routed_ffn_in`` / ``lte::sparse_ffn_out`` (for FFNs whose model applies the
 activation between them, e.g. OPT's decoder layer) and ``lte::masked_activation`` (the elementwise
 middle of the masked dense FFN).
@@ -144,6 +145,59 @@ def _routed_sparse_ffn_cuda(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_do
 @routed_sparse_ffn_op.register_fake
 def _routed_sparse_ffn_fake(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
                             budget):
+    y = x.new_empty(x.shape[0], w_down_t.shape[1])  # [T, D]
+    mask = x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]
+    return y, mask
+
+
+@torch.library.custom_op("lte::routed_sparse_ffn_fp8", mutates_args=())
+def routed_sparse_ffn_fp8_op(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    tau: float,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    s_up: torch.Tensor,
+    s_down: torch.Tensor,
+    s_gate: torch.Tensor | None,
+    expert_size: int,
+    activation: str,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lte::routed_sparse_ffn`` with fp8 (e4m3) gate/up/down weights and one fp32 scale per row
+    (``lte.kernels.quant``); the router in x's dtype. Any device: the fp32 reference of the
+    dequantized weights."""
+    mask = routed_mask_reference(x, w_router, tau, budget)
+    y = sparse_ffn_reference(x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
+                             expert_size=expert_size, activation=activation, s_up=s_up, s_gate=s_gate,
+                             s_down=s_down)
+    return y, mask
+
+
+@routed_sparse_ffn_fp8_op.register_kernel("cuda")
+def _routed_sparse_ffn_fp8_cuda(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, s_up, s_down, s_gate,
+                                expert_size, activation, budget):
+    """CUDA: the router (+ budget) and FFN kernels reading fp8 rows for T <= MAX_DECODE_TOKENS; above
+    (prefill), the masked dense path on weights dequantized to x's dtype for the call."""
+    num_tokens = x.shape[0]
+    if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
+        mask = routed_mask_reference(x, w_router, tau, budget)
+        y = sparse_ffn_reference(x, mask, w_up, w_down_t, w_gate=w_gate, b_up=b_up, b_down=b_down,
+                                 expert_size=expert_size, activation=activation, upcast=reference_forced(),
+                                 s_up=s_up, s_gate=s_gate, s_down=s_down)
+        return y, mask
+    from .triton_ffn import routed_sparse_ffn_triton
+
+    return routed_sparse_ffn_triton(x, w_router, logit_threshold(tau), w_up, w_down_t, w_gate, b_up, b_down,
+                                    expert_size, activation, budget=budget, scales=(s_up, s_gate, s_down))
+
+
+@routed_sparse_ffn_fp8_op.register_fake
+def _routed_sparse_ffn_fp8_fake(x, w_router, tau, w_up, w_down_t, w_gate, b_up, b_down, s_up, s_down, s_gate,
+                                expert_size, activation, budget):
     y = x.new_empty(x.shape[0], w_down_t.shape[1])  # [T, D]
     mask = x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]
     return y, mask

@@ -58,29 +58,36 @@ def sparse_ffn_reference(
     expert_size: int = 32,
     activation: str = "silu",
     upcast: bool = True,
+    s_up: torch.Tensor | None = None,
+    s_gate: torch.Tensor | None = None,
+    s_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked dense FFN for x [B, D] and a per-token expert mask [B, E]; returns [B, D] in x's dtype.
 
     ``upcast=True`` computes everything in fp32 (the exact reference used by tests and the CPU
     fallback). ``upcast=False`` keeps the weights in their own dtype (cuBLAS still accumulates in
     fp32) so that a large-token (prefill) call does not copy the weights.
+    ``s_up`` / ``s_gate`` / ``s_down`` [F]: row scales of fp8 weights (``lte.kernels.quant``); a
+    matrix with a scale is dequantized (W = Q * s[:, None]) into the compute dtype first.
     """
     compute_dtype = torch.float32 if upcast else x.dtype
 
-    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(compute_dtype)
+    def cast(t: torch.Tensor | None, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t.to(compute_dtype) if scale is None else (t.float() * scale.float()[:, None]).to(compute_dtype)
 
     xc = x.to(compute_dtype)
     ffn_width = w_up.shape[0]
     neuron_mask = expand_mask(mask, ffn_width, expert_size).to(compute_dtype)  # [B, F]
     if w_gate is not None:
-        gate = F_.linear(xc, cast(w_gate))  # [B, F]
-        up = F_.linear(xc, cast(w_up), cast(b_up))  # [B, F]
+        gate = F_.linear(xc, cast(w_gate, s_gate))  # [B, F]
+        up = F_.linear(xc, cast(w_up, s_up), cast(b_up))  # [B, F]
         h = apply_activation(gate, activation) * up
     else:
-        h = apply_activation(F_.linear(xc, cast(w_up), cast(b_up)), activation)  # [B, F]
+        h = apply_activation(F_.linear(xc, cast(w_up, s_up), cast(b_up)), activation)  # [B, F]
     h = h * neuron_mask
-    y = h @ cast(w_down_t)  # [B, D]
+    y = h @ cast(w_down_t, s_down)  # [B, D]
     if b_down is not None:
         y = y + cast(b_down)
     return y.to(x.dtype)

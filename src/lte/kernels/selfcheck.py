@@ -95,6 +95,39 @@ def check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config=None) 
     return CaseResult(case, err, ok)
 
 
+def check_fp8_case(D, F, S, B, sparsity, kind, dtype, device, gen, config=None, routed=False) -> CaseResult:
+    """fp8 weights with row scales (``lte.kernels.quant``) against the reference on the same weights
+    dequantized; mask given (0% / middle / 100% off) or, ``routed``, from the router kernel."""
+    from .quant import quantize_rows_fp8
+    from .triton_ffn import routed_sparse_ffn_triton, sparse_ffn_triton
+
+    activation, gated, with_bias = kind
+    w = make_ffn(D, F, gated, with_bias, dtype, device, gen)
+    q = {k: quantize_rows_fp8(w[k]) if w[k] is not None else (None, None) for k in ("w_up", "w_gate", "w_down_t")}
+    scales = (q["w_up"][1], q["w_gate"][1], q["w_down_t"][1])
+    wq = dict(w, **{k: q[k][0] for k in q})
+    x = torch.randn(B, D, generator=gen).to(dtype=dtype, device=device)  # [B, D]
+    num_exp = num_experts(F, S)
+    if routed:
+        w_router = (torch.randn(num_exp, D, generator=gen) * 2 * D**-0.5).to(dtype=dtype, device=device)
+        y, mask = routed_sparse_ffn_triton(x, w_router, 0.0, wq["w_up"], wq["w_down_t"], wq["w_gate"], wq["b_up"],
+                                           wq["b_down"], S, activation, config, scales=scales)
+    else:
+        mask = _make_mask(B, num_exp, sparsity, gen).to(device)  # [B, E]
+        y = sparse_ffn_triton(x, mask, wq["w_up"], wq["w_down_t"], wq["w_gate"], wq["b_up"], wq["b_down"], S,
+                              activation, config, scales=scales)
+    ref = sparse_ffn_reference(x, mask, expert_size=S, activation=activation, s_up=scales[0], s_gate=scales[1],
+                               s_down=scales[2], **wq)
+    case = (f"fp8 D={D} F={F} S={S} B={B} {'routed' if routed else sparsity} {activation} gated={gated} "
+            f"bias={with_bias} {dtype} {'default' if config is None else 'persistent'}")
+    if sparsity == "all" and not routed:
+        want = torch.zeros_like(ref) if w["b_down"] is None else w["b_down"].expand_as(ref)
+        exact = torch.equal(y, want)
+        return CaseResult(case, 0.0 if exact else float("inf"), exact)
+    err = ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    return CaseResult(case, err, bool(torch.isfinite(y).all()) and err <= TOLERANCE[dtype])
+
+
 def check_router_case(D, E, B, dtype, device, gen) -> CaseResult:
     """Fused router kernel vs reference; only logits within rounding of the threshold may differ."""
     from .reference import logit_threshold
@@ -180,7 +213,7 @@ def check_act_case(F, S, B, sparsity, activation, gated, dtype, device, gen) -> 
 
 
 def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0,
-               parts=("ffn", "router", "routed", "split", "act"), shapes=SHAPES) -> list[CaseResult]:
+               parts=("ffn", "router", "routed", "split", "act", "fp8"), shapes=SHAPES) -> list[CaseResult]:
     """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
     the cases so that every value appears while keeping the count small (the CPU interpreter is slow).
     `shapes`: (D, F, S) cases (default `SHAPES`)."""
@@ -210,6 +243,12 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
             break
         kind, dtype, config = combos[i % len(combos)]
         results.append(check_split_case(D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen, config))
+    for i, ((D, F, S), B, sparsity) in enumerate(itertools.product(shapes, BATCHES, (*SPARSITIES, "routed"))):
+        if "fp8" not in parts:
+            break
+        kind, dtype, config = combos[i % len(combos)]
+        results.append(check_fp8_case(D, F, S, B, "random" if sparsity == "routed" else sparsity, kind, dtype,
+                                      device, gen, config, routed=sparsity == "routed"))
     for i, ((_, F, S), B, sparsity) in enumerate(itertools.product(shapes, (1, 7), SPARSITIES)):
         if "act" not in parts:
             break
@@ -222,8 +261,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="every kind x dtype for every case")
-    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split", "act"],
-                        choices=["ffn", "router", "routed", "split", "act"], help="which groups of cases to run")
+    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split", "act", "fp8"],
+                        choices=["ffn", "router", "routed", "split", "act", "fp8"],
+                        help="which groups of cases to run (fp8: weights in e4m3 with row scales)")
     parser.add_argument("--small-experts", action="store_true", help="experts of 8 and 16 neurons instead")
     args = parser.parse_args()
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())

@@ -96,6 +96,14 @@ class FFNLaunch:
     h: torch.Tensor  # [B, F] scratch (fp32, or x's dtype for the identity activation)
     part: torch.Tensor  # [SPLIT, B, D] fp32 partial sums
     y: torch.Tensor  # [B, D] output
+    # fp8 weights (lte.kernels.quant): one fp32 scale per row of w_up / w_gate / w_down_t, [F] each
+    s_up: torch.Tensor | None = None
+    s_gate: torch.Tensor | None = None
+    s_down: torch.Tensor | None = None
+
+    @property
+    def scaled(self) -> bool:
+        return self.s_up is not None
 
 
 def _out_chunk(num_exp: int, split: int) -> int:
@@ -113,11 +121,13 @@ def _slots_for(max_share: int, row_blocks: int) -> int:
 
 def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
                 config: KernelConfig | None = None, h_dtype: torch.dtype | None = None,
-                h: torch.Tensor | None = None, need_out: bool = True) -> FFNLaunch:
+                h: torch.Tensor | None = None, need_out: bool = True,
+                scales: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None) -> FFNLaunch:
     """Pick tiles and allocate the scratch for one call (no kernel runs here).
 
     mask [B, E] bool (or uint8); ``h_dtype`` defaults to fp32; ``h`` [B, F]: use this tensor as h
-    (the down half alone); ``need_out=False``: no down-projection buffers (the gate/up half alone)."""
+    (the down half alone); ``need_out=False``: no down-projection buffers (the gate/up half alone);
+    ``scales`` = (s_up, s_gate or None, s_down), [F] fp32 each: the weights are fp8 with row scales."""
     num_tokens, model_width = x.shape  # B, D
     ffn_width = w_up.shape[0]  # F
     if not 1 <= num_tokens <= MAX_TOKENS:
@@ -141,6 +151,7 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
     split = max(1, min(cfg.out_split, num_exp))
     device = x.device
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    s_up, s_gate, s_down = scales if scales is not None else (None, None, None)
     return FFNLaunch(
         x, mask_u8, torch.empty(num_exp, device=device, dtype=torch.int8),
         w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
@@ -150,6 +161,7 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
         h=h if h is not None else torch.empty(num_tokens, ffn_width, device=device, dtype=h_dtype or torch.float32),
         part=torch.empty(split if need_out else 0, num_tokens, model_width, device=device, dtype=torch.float32),
         y=torch.empty(num_tokens, model_width if need_out else 0, device=device, dtype=x.dtype),
+        s_up=s_up, s_gate=s_gate, s_down=s_down,
     )
 
 
@@ -170,6 +182,10 @@ def _pdl_kwargs(on: bool) -> dict:
 
 def _dot_precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+#: the DOT_DTYPE code of the down kernel (the dtype fp8 rows widen to for tl.dot): x's dtype
+_DOT_DTYPE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 # --------------------------------------------------------------------------- launches
@@ -228,15 +244,17 @@ def launch_in(p: FFNLaunch) -> None:
     num_tokens, model_width = p.x.shape
     ffn_width = p.w_up.shape[0]
     cfg = p.cfg
+    scale_dummy = p.union  # never read when the weights carry no scales
     _ffn_in_kernel[(p.in_grid,)](
         p.x, p.mask_u8, p.union, p.w_gate if p.w_gate is not None else p.w_up, p.w_up,
-        p.b_up if p.b_up is not None else p.w_up, p.h,
+        p.b_up if p.b_up is not None else p.w_up,
+        p.s_gate if p.s_gate is not None else scale_dummy, p.s_up if p.s_up is not None else scale_dummy, p.h,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0], p.row_blocks,
         p.x.stride(0), p.mask_u8.stride(0), p.h.stride(0),
         GATED=p.w_gate is not None, HAS_BIAS=p.b_up is not None, ACT=_ACT_CODE[p.activation],
         B_PAD=p.b_pad, BLOCK_F=p.block_f,
         BLOCK_K=cfg.in_block_k, E_PAD=p.e_pad, SLOTS=p.in_slots, PERSISTENT=p.in_grid < p.max_items,
-        USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl,
+        USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl, SCALED=p.scaled,
         num_warps=cfg.in_warps, num_stages=cfg.in_stages, **_pdl_kwargs(p.pdl),
     )
 
@@ -248,12 +266,12 @@ def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
     ffn_width = p.w_up.shape[0]
     cfg = p.cfg
     _ffn_out_kernel[(triton.cdiv(model_width, cfg.out_block_d), p.split)](
-        p.h, p.union, p.mask_u8, p.w_down_t, p.part,
+        p.h, p.union, p.mask_u8, p.w_down_t, p.s_down if p.s_down is not None else p.union, p.part,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0],
         p.h.stride(0), p.mask_u8.stride(0),
         B_PAD=p.b_pad, S_PAD=max(16, _next_pow2(p.expert_size)), E_PAD=p.e_pad, CHUNK=p.out_chunk,
         BLOCK_D=cfg.out_block_d, TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x),
-        PDL=p.pdl,
+        PDL=p.pdl, SCALED=p.s_down is not None, DOT_DTYPE=_DOT_DTYPE[p.x.dtype],
         num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),
     )
 
@@ -289,13 +307,15 @@ def sparse_ffn_triton(
     expert_size: int,
     activation: str,
     config: KernelConfig | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Union launch + the three FFN launches for x [B, D] (B <= 64) and mask [B, E] (bool); y [B, D].
 
     Inputs must already be validated (see ``lte.kernels.sparse_ffn``): contiguous, same device
-    and dtype for x and the weights.
+    and dtype for x and the weights (or fp8 weights with ``scales`` = (s_up, s_gate, s_down)).
     """
-    p = plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, config)
+    p = plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, config,
+                    scales=scales)
     launch_union(p)
     return run_ffn(p)
 
@@ -327,18 +347,21 @@ def routed_sparse_ffn_triton(
     activation: str,
     config: KernelConfig | None = None,
     budget: int = 0,
+    scales: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router (+ budget) then the FFN launches: mask = (x Wr^T > threshold) on the GPU.
 
     x [B, D] (B <= 64), w_router [E, D]; ``budget > 0`` keeps at most that many experts for the
     whole batch (those with the largest summed sigmoid score among the experts some token wants).
     Returns (y [B, D], mask [B, E] bool: the experts each token used). Validated inputs only (see
-    ``lte.kernels.routed_sparse_ffn``).
+    ``lte.kernels.routed_sparse_ffn``). ``scales`` = (s_up, s_gate, s_down): fp8 weights with row
+    scales (``lte.kernels.quant``); the router stays in x's dtype.
     """
     num_tokens = x.shape[0]
     num_exp = w_router.shape[0]
     mask = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
-    p = plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, config)
+    p = plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, config,
+                    scales=scales)
     _route(p, x, w_router, threshold, budget)
     return run_ffn(p), mask
 

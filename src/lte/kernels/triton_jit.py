@@ -215,13 +215,16 @@ def _budget_kernel(
 
 @triton.jit
 def _ffn_in_item(
-    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, h_ptr, expert, block,
+    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, block,
     B, D, F, S, stride_xb, stride_mb, stride_hb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr,
 ):
-    """One work item: h[b, rows] for row block ``block`` of ``expert``, all B tokens."""
+    """One work item: h[b, rows] for row block ``block`` of ``expert``, all B tokens.
+
+    SCALED: fp8 weights with one fp32 scale per row (``lte.kernels.quant``): a row's dot product is
+    multiplied by its scale (before the bias); for ``tl.dot`` the fp8 tile is widened to x's dtype."""
     toks = tl.arange(0, B_PAD)  # [B_PAD]
     tok_ok = toks < B
     local = block * BLOCK_F + tl.arange(0, BLOCK_F)  # [BLOCK_F] rows within the expert
@@ -243,12 +246,16 @@ def _ffn_in_item(
         w_off = w_rows[:, None] + ks[None, :]  # [BLOCK_F, BLOCK_K]
         w_ok = row_ok[:, None] & k_ok[None, :]
         wu = tl.load(wu_ptr + w_off, mask=w_ok, other=0.0)
+        if SCALED:
+            wu = wu.to(xt.dtype)  # e4m3 values are exact in fp16, bf16 and fp32
         if USE_DOT:
             acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision=DOT_PREC)
         else:
             acc_u3 += xt.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :]
         if GATED:
             wg = tl.load(wg_ptr + w_off, mask=w_ok, other=0.0)
+            if SCALED:
+                wg = wg.to(xt.dtype)
             if USE_DOT:
                 acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision=DOT_PREC)
             else:
@@ -256,6 +263,10 @@ def _ffn_in_item(
     if not USE_DOT:
         acc_u = tl.sum(acc_u3, axis=2)  # [B_PAD, BLOCK_F]
         acc_g = tl.sum(acc_g3, axis=2)
+    if SCALED:
+        acc_u = acc_u * tl.load(su_ptr + rows, mask=row_ok, other=0.0)[None, :]
+        if GATED:
+            acc_g = acc_g * tl.load(sg_ptr + rows, mask=row_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc_u += tl.load(bu_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     if GATED:
@@ -269,13 +280,13 @@ def _ffn_in_item(
 
 @triton.jit
 def _ffn_in_kernel(
-    x_ptr, mask_ptr, union_ptr, wg_ptr, wu_ptr, bu_ptr, h_ptr,
+    x_ptr, mask_ptr, union_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
     B, D, F, S, E, RB,
     stride_xb, stride_mb, stride_hb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     SLOTS: tl.constexpr, PERSISTENT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr,
 ):
     """h for the (active expert, row block) items: an item is BLOCK_F rows of one expert
     (RB = ceil(S / BLOCK_F) items per expert); a token whose mask is off for the expert gets h = 0.
@@ -296,26 +307,26 @@ def _ffn_in_kernel(
         ids = _nth_active(csum, j_first, SLOTS)  # the experts this share can touch
         for item in range(i0, i1):
             j = item // RB
-            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, h_ptr, _pick(ids, j - j_first, SLOTS),
-                         item - j * RB, B, D, F, S, stride_xb, stride_mb, stride_hb,
-                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC)
+            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
+                         _pick(ids, j - j_first, SLOTS), item - j * RB, B, D, F, S, stride_xb, stride_mb,
+                         stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
     else:
         if pid < n_items:
             j = pid // RB
             expert = tl.sum((csum <= j).to(tl.int32), axis=0)  # the j-th active expert
-            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, h_ptr, expert, pid - j * RB,
+            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, pid - j * RB,
                          B, D, F, S, stride_xb, stride_mb, stride_hb,
-                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC)
+                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
 
 
 @triton.jit
 def _ffn_out_kernel(
-    h_ptr, union_ptr, mask_ptr, wd_ptr, part_ptr,
+    h_ptr, union_ptr, mask_ptr, wd_ptr, sd_ptr, part_ptr,
     B, D, F, S, E,
     stride_hb, stride_mb,
     B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
 
@@ -327,7 +338,8 @@ def _ffn_out_kernel(
     each other closely, as in a CUDA graph). The share's expert ids are found CHUNK at a time (a
     [CHUNK, E_PAD] comparison).
     TOKEN_MASK applies each token's mask to h (when h comes from elsewhere than the gate/up
-    kernel, which zeroes it)."""
+    kernel, which zeroes it). SCALED: fp8 rows with one fp32 scale each, applied to h (the down
+    projection's rows are neurons); ``tl.dot`` then runs in DOT_DTYPE (0 bf16, 1 fp16, 2 fp32: x's)."""
     if PDL:
         gdc_launch_dependents()
     pid_d = tl.program_id(0)
@@ -360,6 +372,14 @@ def _ffn_out_kernel(
                 h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
             h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :],
                         mask=h_ok[:, None] & row_ok[None, :], other=0.0)  # [B_PAD, S_PAD]
+            if SCALED:
+                h = h.to(tl.float32) * tl.load(sd_ptr + rows, mask=row_ok, other=0.0)[None, :]
+                if DOT_DTYPE == 0:
+                    w = w.to(tl.bfloat16)
+                elif DOT_DTYPE == 1:
+                    w = w.to(tl.float16)
+                else:
+                    w = w.to(tl.float32)
             if USE_DOT:
                 acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
             else:

@@ -73,7 +73,8 @@ def choose_ffn_paths(model: nn.Module, num_tokens: int,
     """Set `ffn_path` of every `SparseMLP` in `model` from the mask its last recorded forward kept
     (`record_mask = True` during one eager decode step of `num_tokens` tokens); returns the choices.
 
-    A module with a per-batch budget stays on the sparse path (the budget bounds its union). A
+    A module with a per-batch budget, or with fp8 weights, stays on the sparse path (the budget bounds
+    its union; fp8 is read by the kernels only). A
     module with no recorded mask is an error: run one eager step with `record_mask` on first.
     """
     threshold = dense_threshold(num_tokens, table)
@@ -84,7 +85,7 @@ def choose_ffn_paths(model: nn.Module, num_tokens: int,
         if module.last_mask is None:
             raise LTEError(f"{name}: no recorded mask; run one eager decode step with record_mask = True first")
         frac = union_fraction(module.last_mask, module.w_up.shape[0], module.expert_size)
-        path = "dense" if (module.budget == 0 and frac > threshold) else "sparse"
+        path = "dense" if (module.budget == 0 and not module.fp8 and frac > threshold) else "sparse"
         module.ffn_path = path
         choices.append(PathChoice(name, frac, threshold, path))
     return choices

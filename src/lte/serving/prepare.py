@@ -27,6 +27,8 @@ from ..routing.layers import LTEInput
 
 #: Token counts up to this take the decode kernels; more tokens (prefill) take the masked dense path.
 DECODE_MAX_TOKENS = 64
+#: How `SparseMLP` stores its FFN matrices: as given, or fp8 (e4m3) with one scale per row.
+WEIGHT_FORMATS = ("native", "fp8")
 
 #: Families whose FFN container module is the whole FFN (what SparseMLP / DenseMLP replace).
 SERVED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
@@ -86,13 +88,20 @@ class SparseMLP(nn.Module):
     `lte.kernels.masked_dense_ffn`: every neuron through cuBLAS, the mask applied in one launch; the
     same function, cheaper when the batch's union of masks is nearly full). `lte.serving.dispatch`
     sets it per FFN from a measured union (`StaticDecoder` does so before it captures a step).
+
+    `weights="fp8"` stores the three FFN matrices in float8_e4m3fn with one fp32 scale per row
+    (`lte.kernels.quantize_rows_fp8`; the router and biases keep their dtype): decode steps read
+    half the bytes of bf16 through the same kernels, always on the sparse path (reading fp8 beats
+    cuBLAS on bf16 at any union); prefill dequantizes the weights for the call.
     """
 
     def __init__(self, w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down_t: torch.Tensor,
                  w_router: torch.Tensor, tau: float, expert_size: int, activation: str, use_kernels: bool = True,
                  decode_max_tokens: int = DECODE_MAX_TOKENS, b_up: torch.Tensor | None = None,
-                 b_down: torch.Tensor | None = None, budget: int = 0) -> None:
+                 b_down: torch.Tensor | None = None, budget: int = 0, weights: str = "native") -> None:
         super().__init__()
+        if weights not in WEIGHT_FORMATS:
+            raise LTEError(f"SparseMLP: weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
         ffn_width, model_width = w_up.shape
         num_exp = -(-ffn_width // expert_size)
         for name, w, rows in (("w_gate", w_gate, ffn_width), ("w_down_t", w_down_t, ffn_width),
@@ -105,6 +114,16 @@ class SparseMLP(nn.Module):
         if not 0.0 < tau < 1.0:
             raise LTEError(f"SparseMLP: tau must lie in (0, 1), got {tau}")
         _check_activation(activation)
+        self.fp8 = weights == "fp8"
+        scales: list[torch.Tensor | None] = [None, None, None]  # s_gate, s_up, s_down
+        if self.fp8:
+            from ..kernels.quant import quantize_rows_fp8
+
+            (w_up, scales[1]), (w_down_t, scales[2]) = quantize_rows_fp8(w_up), quantize_rows_fp8(w_down_t)
+            if w_gate is not None:
+                w_gate, scales[0] = quantize_rows_fp8(w_gate)
+        for name, scale in zip(("s_gate", "s_up", "s_down"), scales):
+            self.register_buffer(name, scale)
         self.w_gate = None if w_gate is None else _frozen(w_gate.contiguous())
         self.w_up = _frozen(w_up.contiguous())
         self.w_down_t = _frozen(w_down_t.contiguous())
@@ -148,6 +167,9 @@ class SparseMLP(nn.Module):
     def ffn_path(self, value: str) -> None:
         if value not in ("sparse", "dense"):
             raise LTEError(f"SparseMLP: ffn_path must be 'sparse' or 'dense', got {value!r}")
+        if value == "dense" and self.fp8:
+            raise LTEError("SparseMLP: fp8 weights are served on the sparse path only (the kernels read fp8; "
+                           "cuBLAS would need the weights dequantized at every step)")
         if value == "dense" and self.budget > 0:
             raise LTEError("SparseMLP: the dense path has no per-batch budget (the budget exists to keep the union "
                            "small for the sparse kernels); set budget = 0 first")
@@ -158,15 +180,25 @@ class SparseMLP(nn.Module):
         logits = F_.linear(x.to(self.w_router.dtype), self.w_router)  # [..., E]
         return torch.sigmoid(logits.float()) > self.tau
 
+    def matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(w_gate, w_up, w_down_t) in `dtype`: fp8 weights dequantized for the call, others as stored."""
+        if not self.fp8:
+            return self.w_gate, self.w_up, self.w_down_t
+        from ..kernels.quant import dequantize_rows
+
+        gate = None if self.w_gate is None else dequantize_rows(self.w_gate, self.s_gate, dtype)
+        return gate, dequantize_rows(self.w_up, self.s_up, dtype), dequantize_rows(self.w_down_t, self.s_down, dtype)
+
     def masked_dense(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The FFN with every neuron computed and the per-token mask [..., E] applied (cuBLAS)."""
-        up = F_.linear(x, self.w_up, self.b_up)  # [..., F]
-        if self.w_gate is not None:
-            h = _activation(F_.linear(x, self.w_gate), self.activation) * up
+        w_gate, w_up, w_down_t = self.matrices(x.dtype)
+        up = F_.linear(x, w_up, self.b_up)  # [..., F]
+        if w_gate is not None:
+            h = _activation(F_.linear(x, w_gate), self.activation) * up
         else:
             h = _activation(up, self.activation)
         neuron_mask = mask.repeat_interleave(self.expert_size, dim=-1)[..., : h.shape[-1]]  # [..., E*S] -> [..., F]
-        y = (h * neuron_mask.to(h.dtype)) @ self.w_down_t  # [..., D]
+        y = (h * neuron_mask.to(h.dtype)) @ w_down_t  # [..., D]
         return y if self.b_down is None else y + self.b_down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +208,11 @@ class SparseMLP(nn.Module):
 
             ffn = dict(w_gate=self.w_gate, b_up=self.b_up, b_down=self.b_down, expert_size=self.expert_size,
                        activation=self.activation)
-            if self.ffn_path == "dense":  # every neuron through cuBLAS, the same masked function
+            if self.fp8:  # one op: router (+ budget) and the kernels reading fp8 rows
+                y, mask = kernels.routed_sparse_ffn(x, self.w_router, self.w_up, self.w_down_t, tau=self.tau,
+                                                    budget=self.budget, scales=(self.s_up, self.s_gate, self.s_down),
+                                                    **ffn)
+            elif self.ffn_path == "dense":  # every neuron through cuBLAS, the same masked function
                 mask = kernels.router_mask(x, self.w_router, self.tau)  # [..., E] bool, on the device
                 y = kernels.masked_dense_ffn(x, mask, self.w_up, self.w_down_t, **ffn)
             elif self.fuse_router or self.budget:
@@ -187,7 +223,7 @@ class SparseMLP(nn.Module):
                 y = kernels.sparse_ffn(x, mask, self.w_up, self.w_down_t, **ffn)
         else:
             mask = self.dense_mask(x)  # [..., E]
-            if self.use_kernels and x.is_cuda:
+            if self.use_kernels and x.is_cuda and not self.fp8:
                 from .. import kernels
 
                 y = kernels.masked_dense_ffn(x, mask, self.w_up, self.w_down_t, w_gate=self.w_gate, b_up=self.b_up,
@@ -204,7 +240,8 @@ class SparseMLP(nn.Module):
         kind = "gated" if self.w_gate is not None else "plain"
         return (f"D={d}, F={f}, experts={self.num_experts}, S={self.expert_size}, tau={self.tau}, {kind}, "
                 f"activation={self.activation}, biases={self.b_up is not None or self.b_down is not None}, "
-                f"budget={self.budget}, kernels={self.use_kernels}, path={self.ffn_path}")
+                f"budget={self.budget}, kernels={self.use_kernels}, path={self.ffn_path}"
+                + (", weights=fp8" if self.fp8 else ""))
 
 
 class SparseFFNIn(nn.Module):
@@ -353,7 +390,7 @@ def _check_expert_sizes(sizes: list[int], expert_size: int, where: str) -> None:
 
 
 @torch.no_grad()
-def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0) -> nn.Module:
+def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0, weights: str = "native") -> nn.Module:
     """Replace each FFN of a converted `LTEModel` by a `SparseMLP`; return the HF model.
 
     Routing is hard (`sigmoid(x Wr^T) > tau`, each layer's own tau) whatever the LTEModel's mode
@@ -362,8 +399,11 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
     device *before* calling this. `use_kernels=False` keeps the masked dense path for every shape.
     `budget > 0` caps the experts one decode step uses per layer for the whole batch (see
     `SparseMLP`); 0 keeps every expert some token wants (the LTEModel's function). LoRA adapters
-    are merged into the (permuted) weights first (`LTEModel.merge_adapters`).
+    are merged into the (permuted) weights first (`LTEModel.merge_adapters`). `weights="fp8"` stores
+    the FFN matrices in fp8 with row scales (`SparseMLP`; not for split FFNs such as OPT's).
     """
+    if weights not in WEIGHT_FORMATS:
+        raise LTEError(f"prepare_for_inference: weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     if not _is_lte_model(lmodel):
         raise LTEError(
             f"prepare_for_inference expects an lte.LTEModel (from lte.get_lte_model or LTEModel.from_pretrained), "
@@ -375,6 +415,9 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
     lmodel.merge_adapters()
     hf_model = lmodel.base_model
     split = _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES
+    if split and weights != "native":
+        raise LTEError(f"prepare_for_inference: weights={weights!r} is served for FFNs in their own module "
+                       f"({', '.join(SERVED_FAMILIES)}), not for {hf_model.config.model_type!r}; use weights='native'")
     expert_size = lmodel.lte_config.expert_size
     names = {id(m): n for n, m in hf_model.named_modules()}
     for layer in lmodel.lte_layers():
@@ -398,6 +441,7 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
             b_up=None if up_bias is None else up_bias.detach(),
             b_down=None if down_bias is None else down_bias.detach(),
             budget=budget,
+            weights=weights,
         )
         _replace(hf_model, name, sparse)
     return hf_model
