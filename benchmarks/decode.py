@@ -111,6 +111,8 @@ def _point(model: torch.nn.Module, args: argparse.Namespace, batch: int, decoder
     res = bench(model, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                 cache_len=args.cache_len, runs=args.runs, decoder=decoder)
     row = {**labels, **res, "ffn_dispatch": decoder.ffn_dispatch}
+    if labels.get("variant") != "dense":
+        row["weights"] = args.weights  # how the LTE FFN matrices were stored (dense is the model's dtype)
     if decoder.ffn_paths:  # "auto": how many FFNs the decision put on the masked dense path
         row["dense_path_ffns"] = sum(c.path == "dense" for c in decoder.ffn_paths)
         row["ffns"] = len(decoder.ffn_paths)
@@ -167,7 +169,7 @@ def synthetic_table(args: argparse.Namespace, shape: str) -> None:
     pin_router_channel(hf)
     lmodel = lte.get_lte_model(hf, lte.LTEConfig(grouping="contiguous"), progress=False)
     dense = dense_modules(lmodel)
-    model = prepare_for_inference(lmodel)
+    model = prepare_for_inference(lmodel, weights=args.weights)
     del lmodel
     _free()
     print(f"built {shape} in {time.time() - t0:.1f} s", flush=True)
@@ -217,7 +219,7 @@ def real_model_rows(args: argparse.Namespace) -> None:
     if not is_lte:
         raise SystemExit(f"--model {args.model} is not an LTE model directory")
     dense = dense_modules(lmodel)
-    model = prepare_for_inference(lmodel)
+    model = prepare_for_inference(lmodel, weights=args.weights)
     for batch in args.batch_sizes:
         sparse = swap_modules(model, dense)
         _point(model, args, batch, variant="dense", mask="-", model_dir=str(args.model))
@@ -293,6 +295,8 @@ def main() -> None:
     p.add_argument("--ffn-dispatch", default="auto", choices=["sparse", "auto"],
                    help="LTE decode path: the sparse kernels everywhere, or auto (per FFN, the masked dense path "
                         "where the measured union is too full; lte.serving.dispatch)")
+    p.add_argument("--weights", default="native", choices=["native", "fp8"],
+                   help="LTE FFN matrices as the model's dtype or fp8 (e4m3, row scales); dense stays bf16 cuBLAS")
     p.add_argument("--cache-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)

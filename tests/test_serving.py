@@ -19,7 +19,13 @@ from lte.serving.prepare import (
     ffn_weights,
     sparse_modules,
 )
-from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sparsity, set_random_sparsity
+from lte.serving.synthetic import (
+    SHAPES,
+    pin_router_channel,
+    random_llama,
+    set_fixed_sparsity,
+    set_random_sparsity,
+)
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
             "opt"]
@@ -199,8 +205,12 @@ def test_fp8_weights_serve_the_dequantized_model(family):
 
 
 def test_fp8_weights_errors():
+    from lte.serving.cli import _prepared
+
     with pytest.raises(lte.LTEError, match="weights must be one of"):
         prepare_for_inference(_lte(), weights="int4")
+    with pytest.raises(lte.LTEError, match="--weights fp8 applies to the LTE FFNs"):
+        _prepared(_lte(), True, dense=True, weights="fp8")
     with pytest.raises(lte.LTEError, match="not for 'opt'"):
         prepare_for_inference(_lte("opt"), weights="fp8")
 
@@ -343,6 +353,29 @@ def test_cli_bench_shape(tmp_path, capsys):
     assert [r["variant"] for r in rows] == ["dense", "lte"]
     assert rows[1]["ffn_active_fraction"] < 0.5
     assert '"variant": "lte"' in capsys.readouterr().out
+
+
+def test_cli_bench_fp8_weights_read_fewer_bytes(tmp_path):
+    """`lte bench --weights fp8`: the same masks, and the LTE step reads the FFN slabs at one byte a weight."""
+    from lte.serving.cli import add_serving_commands
+
+    parser = argparse.ArgumentParser()
+    add_serving_commands(parser.add_subparsers())
+    rows = {}
+    for weights in ("native", "fp8"):
+        out = tmp_path / f"{weights}.json"
+        args = parser.parse_args(["bench", "--shape", "tiny", "--sparsity", "0.5", "--new-tokens", "2", "--runs", "1",
+                                  "--cache-len", "32", "--dtype", "bfloat16", "--weights", weights, "--json", str(out)])
+        assert args.func(args) == 0
+        rows[weights] = json.loads(out.read_text())
+    native, fp8 = rows["native"][1], rows["fp8"][1]
+    active = native["ffn_active_fraction"]
+    assert fp8["ffn_active_fraction"] == active and 0.3 < active < 0.7
+    assert rows["fp8"][0]["weight_bytes_per_step"] == rows["native"][0]["weight_bytes_per_step"]  # dense: bf16
+    tiny = SHAPES["tiny"]
+    d, f, layers = tiny["hidden_size"], tiny["intermediate_size"], tiny["num_hidden_layers"]
+    saved = layers * 3 * f * (d * (2 - 1) - 4)  # per layer and matrix: one byte less a weight, 4 bytes of scale a row
+    assert native["weight_bytes_per_step"] - fp8["weight_bytes_per_step"] == pytest.approx(active * saved)
 
 
 def test_cli_generate_saved_lte_model(tmp_path, capsys):

@@ -455,8 +455,9 @@ def sparse_modules(model: nn.Module) -> list[SparseMLP | SparseFFNIn]:
 
 def ffn_weights(module: nn.Module) -> list[torch.Tensor]:
     """The FFN weight matrices a served FFN module reads (empty for other modules)."""
-    if isinstance(module, SparseMLP):
-        return [w for w in (module.w_gate, module.w_up, module.w_down_t) if w is not None]
+    if isinstance(module, SparseMLP):  # with fp8 weights, their row scales too
+        return [w for w in (module.w_gate, module.w_up, module.w_down_t, module.s_gate, module.s_up, module.s_down)
+                if w is not None]
     if isinstance(module, SparseFFNIn):
         return [module.w_up]
     if isinstance(module, SparseFFNOut):
