@@ -225,6 +225,50 @@ def test_interpolation_and_comparison_with_baselines():
     assert tie[0]["ties"] == ["teal"] and not tie[0]["beats"] and not tie[0]["loses_to"]
 
 
+def test_declared_lte_method_is_compared_and_scored_on_the_scoreboard(tmp_path, capsys):
+    """`lte_method` picks the LTE variant the summary compares; the scoreboard keeps the best baseline per
+    point, the margin in the metric's sense and whether it lies within one std (hand-computed values)."""
+    from lte.cli.main import main as lte_main
+    from lte.study.scoreboard import scoreboard_rows
+
+    def pt(method, sparsity, quality, std=None, target=None):
+        return dict(_pt(method, sparsity, quality, target), gflops_per_token=1.0 - sparsity, quality_std=std)
+
+    points = [pt("dense", 0.0, 20.0), pt("lte", 0.5, 40.0, 1.0), pt("lte-s8", 0.5, 36.0, 2.0), pt("lte-s8", 0.7, 50.0, 3.0),
+              pt("teal", 0.3, 25.0, 0.0), pt("teal", 0.7, 45.0, 0.0), pt("dejavu-ft", 0.5, 41.0, 0.5),
+              pt("dejavu-ft", 0.7, 60.0, 1.0)]
+    summary = dict(report.summarise(points, "perplexity", False, lte_method="lte-s8"), name="toy")
+    assert summary["lte_method"] == "lte-s8" and len(summary["lte_vs_others"]) == 2
+    rows = scoreboard_rows(summary)
+    # at 50%: teal interpolates to 35.0 (best, lower is better): LTE 36 loses by 1.0, inside its std 2.0
+    assert rows[0]["best_baseline"] == "teal" and rows[0]["baseline"] == pytest.approx(35.0)
+    assert rows[0]["margin"] == pytest.approx(-1.0) and rows[0]["verdict"] == "loss" and rows[0]["within_one_std"]
+    # at 70%: teal 45 beats dejavu-ft 60; LTE 50 loses by 5, outside both stds (3.0, 0.0)
+    assert rows[1]["best_baseline"] == "teal" and rows[1]["margin"] == pytest.approx(-5.0)
+    assert not rows[1]["within_one_std"]
+    higher = dict(report.summarise([dict(p, quality=-p["quality"]) for p in points], "accuracy", True,
+                                   lte_method="lte-s8"), name="toy")
+    assert [r["margin"] for r in scoreboard_rows(higher)] == pytest.approx([-1.0, -5.0])  # same sense, other sign
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert lte_main(["scoreboard", str(folder), "--out", str(tmp_path / "board")]) == 0
+    assert "0 wins, 2 losses, 0 ties over 2 LTE points" in (tmp_path / "board.md").read_text()
+    assert json.loads((tmp_path / "board.json").read_text())[0]["best_baseline"] == "teal"
+    assert "| toy (perplexity, 20) | `lte-s8` | 50% |" in capsys.readouterr().out
+    assert lte_main(["scoreboard", str(tmp_path / "missing")]) != 0
+    assert "no study summary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,message", [("lte-x", "neither `lte` nor a variant"),
+                                          ("teal-s8", "variant of a baseline")])
+def test_lte_method_must_name_an_lte_variant(name, message):
+    cfg = {"task": "causal-lm", "data": "x.txt", "methods": ["lte", "teal"], "lte_method": name,
+           "variants": {"teal-s8": {"base": "moefication", "set": {"expert_size": 8}}}}
+    with pytest.raises(LTEError, match=message):
+        study_config(cfg)
+
+
 def test_markdown_report_lists_every_method():
     points = [dict(_pt("dense", 0.0, 10.0), gflops_per_token=1.0), dict(_pt("lte", 0.5, 11.0), gflops_per_token=0.6),
               dict(_pt("teal", 0.5, 12.0), gflops_per_token=0.5)]

@@ -1,4 +1,4 @@
-"""The `lte` command: train, eval, run, demo, generate, bench, baseline, sweep, study.
+"""The `lte` command: train, eval, run, demo, generate, bench, baseline, sweep, study, scoreboard.
 
 Every subcommand stores its handler in `func` (called with the parsed arguments, returns an
 exit code). Settings of `train` and `eval` may come from `--config FILE.yaml` whose keys mirror
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lte.study.cli import add_study_commands
 
     add_serving_commands(sub)  # generate, bench
-    add_study_commands(sub)  # baseline, sweep, study
+    add_study_commands(sub)  # baseline, sweep, study, scoreboard
     return parser
 
 

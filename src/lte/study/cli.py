@@ -38,7 +38,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_study_commands(sub) -> None:
-    """Register `baseline`, `sweep` and `study` on the `lte` command's subparsers."""
+    """Register `baseline`, `sweep`, `study` and `scoreboard` on the `lte` command's subparsers."""
     from ..baselines.methods import METHODS
     from .config import KINDS
 
@@ -87,6 +87,14 @@ def add_study_commands(sub) -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one unit of a parallel study
     _add_common(p)
     p.set_defaults(func=run_study_command)
+
+    p = sub.add_parser("scoreboard", help="LTE against the best baseline over finished studies (wins and losses)",
+                       description="Read the summary.json of finished studies (`lte study`, `--collect`) and list, "
+                                   "at each point of each study's declared LTE method (`lte_method`) of >= 50% "
+                                   "sparsity, the best baseline there, the margin and whether it is within one std.")
+    p.add_argument("summaries", nargs="+", help="summary.json files or study folders, e.g. runs/study/*/")
+    p.add_argument("--out", help="also write OUT.md and OUT.json")
+    p.set_defaults(func=run_scoreboard_command)
 
 
 def run_baseline(args: argparse.Namespace) -> int:
@@ -193,6 +201,28 @@ def run_study_command(args: argparse.Namespace) -> int:
     return code
 
 
+def run_scoreboard_command(args: argparse.Namespace) -> int:
+    from ..errors import LTEError
+
+    summaries = []
+    for name in args.summaries:
+        path = Path(name) / "summary.json" if Path(name).is_dir() else Path(name)
+        if not path.is_file():
+            raise LTEError(f"no study summary at '{path}': run `lte study CONFIG` (or `--collect`) first")
+        summaries.append(json.loads(path.read_text()))
+    from .scoreboard import scoreboard_markdown, scoreboard_rows
+
+    rows = [row for summary in summaries for row in scoreboard_rows(summary)]
+    text = scoreboard_markdown(rows)
+    print(text)
+    if args.out:
+        md = Path(args.out).with_suffix(".md")
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text)
+        md.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def _report(summary: dict[str, Any]) -> int:
     """Print a short table: per method, the (sparsity, quality) points and GFLOPs within tolerance."""
     print(f"{summary['name']}: {summary['metric']} ({'higher' if summary['higher_is_better'] else 'lower'} "
@@ -203,9 +233,10 @@ def _report(summary: dict[str, Any]) -> int:
         pts = "  ".join(f"{100 * s:.0f}%:{q:.4g}" + (f"±{sd:.2g}" if sd else "") for (s, q), sd in zip(row["points"], stds))
         tol = row["gflops_within_tolerance"]
         print(f"  {method:18s} {pts}   within tolerance: {'-' if tol is None else f'{tol:.4g} GFLOPs/token'}")
+    name = summary.get("lte_method") or "lte"
     for row in summary.get("lte_vs_others", []):
         ties = f"; ties with {', '.join(row['ties'])}" if row.get("ties") else ""
-        print(f"  LTE at {100 * row['ffn_sparsity']:.0f}%: beats {', '.join(row['beats']) or '-'}; "
+        print(f"  LTE ({name}) at {100 * row['ffn_sparsity']:.0f}%: beats {', '.join(row['beats']) or '-'}; "
               f"loses to {', '.join(row['loses_to']) or '-'}{ties}")
     for method, err in summary.get("failures", {}).items():
         print(f"  {method:18s} FAILED: {err}")

@@ -173,11 +173,24 @@ def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, method
     cfg["targets"] = [float(t) for t in (targets or cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])]
     for method in cfg["methods"]:
         method_plan(cfg, method)  # unknown names fail here, before any work
+    lte_method(cfg)  # so does a bad lte_method
     middle = sorted(cfg["targets"])[len(cfg["targets"]) // 2]
     options = cfg.setdefault("method_options", {})
     for method in ("dejavu", "dejavu-ft"):
         options[method] = {"label_sparsity": middle, **(options.get(method) or {})}
     return cfg
+
+
+def lte_method(cfg: dict[str, Any]) -> str:
+    """The LTE method the study's summary compares with the baselines: the config's `lte_method` (the
+    recipe a recipe study chose before this run, e.g. a variant `lte-s8`), else `lte`. Not a setting of
+    any point (it is outside `DEFAULTS`, so no fingerprint changes with it)."""
+    name = cfg.get("lte_method") or "lte"
+    if name != "lte" and name not in (cfg.get("variants") or {}):
+        raise LTEError(f"lte_method: {name!r} is neither `lte` nor a variant of this config")
+    if name != "lte" and method_plan(cfg, name)[0] != "lte":
+        raise LTEError(f"lte_method: {name!r} is a variant of a baseline, not of lte")
+    return name
 
 
 def knob_values(cfg: dict[str, Any], method: str) -> list[float]:

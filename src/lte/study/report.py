@@ -69,9 +69,11 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
     return rows
 
 
-def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool) -> dict[str, Any]:
+def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool,
+              lte_method: str = "lte") -> dict[str, Any]:
     """Per method: its points, and the fewest GFLOPs/token among points within tolerance of dense;
-    and LTE against every other method at each LTE point of >= 50% sparsity."""
+    and LTE (`lte_method`: the config's declared LTE recipe) against every baseline at each of its
+    points of >= 50% sparsity."""
     dense = next(p for p in points if p["method"] == "dense")
     table = {}
     for method in dict.fromkeys(p["method"] for p in points if p["method"] != "dense"):
@@ -86,7 +88,7 @@ def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool)
         }
     return {"metric": metric, "higher_is_better": higher_is_better, "dense_quality": dense["quality"],
             "dense_gflops_per_token": dense["gflops_per_token"], "methods": table,
-            "lte_vs_others": compare_to_baselines(points, higher_is_better)}
+            "lte_method": lte_method, "lte_vs_others": compare_to_baselines(points, higher_is_better, lte_method)}
 
 
 def _fmt_quality(value: float, metric: str) -> str:
@@ -99,7 +101,7 @@ def _fmt_quality(value: float, metric: str) -> str:
     return f"{value:.3f}" if abs(value) < 2 else f"{value:.2f}"
 
 
-def _fmt_pm(value: float | None, std: float | None, metric: str) -> str:
+def fmt_pm(value: float | None, std: float | None, metric: str) -> str:
     """`quality ± std` (the std only when it was measured over several seeds)."""
     if value is None:
         return "n/a"
@@ -108,14 +110,14 @@ def _fmt_pm(value: float | None, std: float | None, metric: str) -> str:
     return f"{_fmt_quality(value, metric)} ± {_fmt_quality(std, metric)}"
 
 
-def _fmt_margin(value: float, metric: str) -> str:
+def fmt_margin(value: float, metric: str) -> str:
     return ("+" if value >= 0 else "-") + _fmt_quality(abs(value), metric)
 
 
 def _fmt_cell(p: dict[str, Any], metric: str, all_seeds: list[int] | None = None) -> str:
     sd = p.get("ffn_sparsity_std")
     spread = f" ± {100 * sd:.0f}" if sd else ""
-    return (f"{_fmt_pm(p['quality'], p.get('quality_std'), metric)} ({100 * p['ffn_sparsity']:.0f}%{spread})"
+    return (f"{fmt_pm(p['quality'], p.get('quality_std'), metric)} ({100 * p['ffn_sparsity']:.0f}%{spread})"
             + _fewer_seeds(p, all_seeds))
 
 
@@ -159,12 +161,13 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
     lines += _extra_lines(points, methods, targets, metric, summary.get("seeds"))
     rows = summary.get("lte_vs_others") or []
     if rows:
-        lines += ["| LTE point | LTE | better than | worse than (theirs, margin) |", "|---|---|---|---|"]
+        name = summary.get("lte_method") or "lte"
+        lines += [f"| LTE point (`{name}`) | LTE | better than | worse than (theirs, margin) |", "|---|---|---|---|"]
         for row in rows:
             tied = f" (equal: {', '.join(row['ties'])})" if row.get("ties") else ""
-            worse = ", ".join(f"{o} ({_fmt_pm(row['others'][o], row.get('others_std', {}).get(o), metric)}, "
-                              f"{_fmt_margin(row['margin'][o], metric)})" for o in row["loses_to"])
-            lines.append(f"| {100 * row['ffn_sparsity']:.0f}% | {_fmt_pm(row['quality'], row.get('quality_std'), metric)}"
+            worse = ", ".join(f"{o} ({fmt_pm(row['others'][o], row.get('others_std', {}).get(o), metric)}, "
+                              f"{fmt_margin(row['margin'][o], metric)})" for o in row["loses_to"])
+            lines.append(f"| {100 * row['ffn_sparsity']:.0f}% | {fmt_pm(row['quality'], row.get('quality_std'), metric)}"
                          f" | {', '.join(row['beats']) or '-'}{tied} | {worse or '-'} |")
         lines += ["", "LTE against the baselines (not its own ablations): each baseline is interpolated between "
                   "its measured points at LTE's sparsity; one whose points do not reach it is left out.", ""]
@@ -188,7 +191,7 @@ def _extra_lines(points: list[dict[str, Any]], methods: list[str], targets: list
             return ""
         sparsity = (p.get("extra_sparsity") or {}).get(name)
         at = f" at {sparsity:.0%}" if sparsity is not None and p["method"] != "dense" else ""
-        return _fmt_pm(value, (p.get("extra_quality_std") or {}).get(name), metric) + at + _fewer_seeds(p, all_seeds)
+        return fmt_pm(value, (p.get("extra_quality_std") or {}).get(name), metric) + at + _fewer_seeds(p, all_seeds)
 
     for name in names:
         dense = next(p for p in points if p["method"] == "dense")

@@ -44,6 +44,7 @@ from .config import (
     baseline_options,
     derived_methods,
     knob_values,
+    lte_method,
     merge,
     method_plan,
     study_config,
@@ -452,7 +453,7 @@ def _summarise_points(cfg: dict[str, Any], out: Path, points: list[dict[str, Any
     """Write `results.*`, `summary.json`, `report.md` and the plots of a study's points."""
     write_points(points, out, "results")
     dense = next(p for p in points if p["method"] == "dense")
-    summary = summarise(points, dense["metric"], bool(dense["higher_is_better"]))
+    summary = summarise(points, dense["metric"], bool(dense["higher_is_better"]), lte_method(cfg))
     summary.update(name=cfg.get("name"), config=cfg, failures=failures, missing=missing, seeds=cfg.get("seeds"),
                    seconds=seconds, device=dense.get("device") or _device_name(), torch=torch.__version__)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))

@@ -1,0 +1,59 @@
+"""LTE against the best baseline across studies: one row per task and LTE point, wins and losses.
+
+Each study's summary compares its declared LTE method (`lte_method`, see `lte.study.config`) with
+every baseline at each LTE point of >= 50% sparsity (`report.compare_to_baselines`: a baseline's
+quality is interpolated at LTE's measured sparsity). The scoreboard keeps, per point, the best
+baseline there, the margin (positive: LTE better, in the metric's own units) and whether the margin
+is inside one standard deviation over seeds of either side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .report import fmt_margin, fmt_pm
+
+__all__ = ["scoreboard_markdown", "scoreboard_rows"]
+
+
+def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per LTE point of a study summary that some baseline reaches."""
+    better = 1.0 if summary["higher_is_better"] else -1.0
+    rows = []
+    for point in summary.get("lte_vs_others") or []:
+        reached = {name: q for name, q in point["others"].items() if q is not None}
+        if not reached:
+            continue
+        best = max(reached, key=lambda name: better * reached[name])
+        margin = better * (point["quality"] - reached[best])
+        stds = [s for s in (point.get("quality_std"), (point.get("others_std") or {}).get(best)) if s is not None]
+        rows.append({
+            "study": summary.get("name"), "metric": summary["metric"], "dense": summary["dense_quality"],
+            "lte_method": summary.get("lte_method") or "lte", "ffn_sparsity": point["ffn_sparsity"],
+            "lte": point["quality"], "lte_std": point.get("quality_std"),
+            "best_baseline": best, "baseline": reached[best], "baseline_std": (point.get("others_std") or {}).get(best),
+            "margin": margin, "verdict": "win" if margin > 0 else "loss" if margin < 0 else "tie",
+            "within_one_std": bool(stds) and abs(margin) <= max(stds),
+        })
+    return rows
+
+
+def scoreboard_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table, then the count of wins and losses."""
+    lines = ["| study (metric, dense) | LTE method | sparsity | LTE | best baseline there | margin | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        metric = r["metric"]
+        verdict = r["verdict"] + (" (within one std)" if r["within_one_std"] else "")
+        lines.append(f"| {r['study']} ({metric}, {fmt_pm(r['dense'], None, metric)}) | `{r['lte_method']}` | "
+                     f"{100 * r['ffn_sparsity']:.0f}% | {fmt_pm(r['lte'], r['lte_std'], metric)} | "
+                     f"{r['best_baseline']} {fmt_pm(r['baseline'], r['baseline_std'], metric)} | "
+                     f"{fmt_margin(r['margin'], metric)} | {verdict} |")
+    wins = sum(r["verdict"] == "win" for r in rows)
+    losses = sum(r["verdict"] == "loss" for r in rows)
+    close = sum(r["within_one_std"] for r in rows)
+    lines += ["", f"{wins} wins, {losses} losses, {len(rows) - wins - losses} ties over {len(rows)} LTE points "
+              f"(>= 50% sparsity); {close} of them within one std over seeds. Margin: positive when LTE is "
+              "better (the metric's units; perplexity: lower is better). Baselines are interpolated at LTE's "
+              "measured sparsity; a baseline whose points do not reach it is not compared.", ""]
+    return "\n".join(lines)
