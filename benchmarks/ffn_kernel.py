@@ -10,7 +10,8 @@ random weights) and each token count B, in one process and the same CUDA-graph l
   (each token its own half of the experts: the union grows with B), and the same per-token masks
   under a per-batch budget of half the experts (B >= 8);
 - anchors: the kernels without the router (mask given) at 50%, a dense FFN half as wide at B=1,
-  and prefill (512 tokens: dense vs the masked dense path LTE keeps for prefill);
+  and prefill (512 tokens: dense vs the masked dense path LTE keeps for prefill, with the router's
+  threshold inside the masked activation launch, and with separate sigmoid / compare launches);
 - with ``--fp8``: ``lte_fp8``, the same fixed masks with the FFN matrices in fp8 (e4m3, one fp32
   scale per row; ``lte.kernels.quantize_rows_fp8``), against the same bf16 dense cuBLAS FFN.
 Every call sits in a CUDA graph over several weight copies (far more bytes than the L2), replayed;
@@ -45,7 +46,7 @@ from bench_util import (
     write_json,
 )
 
-from lte.kernels import masked_dense_ffn, quantize_rows_fp8
+from lte.kernels import masked_dense_ffn, quantize_rows_fp8, routed_masked_dense_ffn
 from lte.kernels.triton_ffn import default_config, routed_sparse_ffn_triton, sparse_ffn_triton
 
 DTYPE = torch.bfloat16
@@ -109,15 +110,20 @@ class ShapeBench:
             x, m, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, self.S, "silu")
             for x, m, layer in zip(xs, masks, self.layers)])
 
-    def prefill_lte(self, num_tokens: int, off: float) -> float:
+    def prefill_lte(self, num_tokens: int, off: float, separate_router: bool = False) -> float:
         """The masked dense path SparseMLP takes above 64 tokens on CUDA, as `SparseMLP.forward` runs it:
-        the router as a cuBLAS GEMM (`dense_mask`), then `masked_dense_ffn` (cuBLAS + one masked launch)."""
+        `routed_masked_dense_ffn` (router GEMM, projections, one launch that thresholds the logits and
+        applies the mask). `separate_router`: the earlier path, a mask from sigmoid and compare launches
+        over [T, E], then `masked_dense_ffn`."""
         xs = self.xs(num_tokens)
         routers = [torch.randn(self.E, self.D, generator=self.gen, device=DEVICE).to(DTYPE) * self.D**-0.5
                    for _ in self.layers]
         tau = 0.5 if off == 0.5 else 1e-9
 
         def call(x, w_router, layer):
+            if not separate_router:
+                return routed_masked_dense_ffn(x, w_router, layer["w_up"], layer["w_down_t"], tau=tau,
+                                               w_gate=layer["w_gate"], expert_size=self.S)
             mask = torch.sigmoid(F_.linear(x, w_router).float()) > tau  # [T, E]
             return masked_dense_ffn(x, mask, layer["w_up"], layer["w_down_t"], w_gate=layer["w_gate"],
                                     expert_size=self.S)
@@ -199,6 +205,8 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
         add(PREFILL_TOKENS, "prefill_dense", "-", 0.0, dense_pf, dense_pf, 1.0, router=False)
         us = guarded(errors, f"prefill lte {name}", bench.prefill_lte, PREFILL_TOKENS, 0.5)
         add(PREFILL_TOKENS, "prefill_lte", "per_token", 0.5, us, dense_pf, 1.0)
+        us = guarded(errors, f"prefill lte, separate router {name}", bench.prefill_lte, PREFILL_TOKENS, 0.5, True)
+        add(PREFILL_TOKENS, "prefill_lte_separate", "per_token", 0.5, us, dense_pf, 1.0)
 
 
 def print_table(result: dict) -> None:

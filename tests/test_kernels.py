@@ -23,9 +23,11 @@ from lte.kernels import (
     FP8_DTYPE,
     dequantize_rows,
     kernels_available,
+    masked_dense_ffn,
     num_experts,
     quantize_rows_fp8,
     routed_ffn_in,
+    routed_masked_dense_ffn,
     routed_sparse_ffn,
     router_mask,
     sparse_ffn,
@@ -213,6 +215,28 @@ def test_routed_sparse_ffn_equals_router_then_ffn():
                       b_down=w["b_down"], activation="gelu_tanh")
     assert mask.shape == (2, 3, 3) and torch.equal(mask, want_mask)
     torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("gated,with_bias,activation", [(True, False, "silu"), (False, True, "relu")])
+def test_routed_masked_dense_ffn_is_masked_dense_of_the_router_mask(gated, with_bias, activation):
+    """The prefill path (router logits thresholded inside the masked activation) equals masked_dense_ffn
+    with router_mask's mask, and the sparse FFN; logits kept away from the threshold."""
+    gen = torch.Generator().manual_seed(13)
+    w = make_ffn(24, 80, gated, with_bias, torch.float32, "cpu", gen)
+    x = torch.randn(2, 7, 24, generator=gen)
+    w_router = torch.randn(3, 24, generator=gen)
+    w_router[0] = 0.0  # expert 0: logit 0 < log(0.3 / 0.7) is false: always on at tau 0.3
+    mask = router_mask(x, w_router, 0.3)
+    assert mask[..., 0].all() and 0 < mask.float().mean() < 1
+    args = dict(w_gate=w["w_gate"], b_up=w["b_up"], b_down=w["b_down"], activation=activation)
+    y = routed_masked_dense_ffn(x, w_router, w["w_up"], w["w_down_t"], tau=0.3, **args)
+    torch.testing.assert_close(y, masked_dense_ffn(x, mask, w["w_up"], w["w_down_t"], **args))
+    torch.testing.assert_close(y, sparse_ffn(x, mask, w["w_up"], w["w_down_t"], **args), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="w_router must have shape"):
+        routed_masked_dense_ffn(x, w_router[:2], w["w_up"], w["w_down_t"], **args)
+    torch.library.opcheck(torch.ops.lte.masked_activation_logits.default,
+                          (None if not gated else torch.randn(4, 80), torch.randn(4, 80), torch.randn(4, 3), 0.4, 32,
+                           activation))
 
 
 def test_quantize_rows_fp8_by_hand():
@@ -583,6 +607,21 @@ def test_routed_op_on_gpu_matches_reference(num_tokens, dtype):
     logits = x.float() @ w_router.float().T
     near = logits.abs() < 1e-2  # tau 0.5: logit threshold 0
     assert not ((mask != router_mask_reference(x, w_router, 0.5)) & ~near).any()
+    ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
+    assert _rel_err(y, ref) < 1.5e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens", [65, 512])
+def test_routed_masked_dense_on_gpu_matches_reference(num_tokens):
+    """The prefill path on the GPU (router logits thresholded inside the masked activation kernel) against
+    the fp32 reference with the mask of the same bf16 logits."""
+    w, w_router = _gpu_layer()
+    x = torch.randn(num_tokens, 256, device="cuda", dtype=torch.bfloat16)
+    y = routed_masked_dense_ffn(x, w_router, w["w_up"], w["w_down_t"], w_gate=w["w_gate"], tau=0.5)
+    mask = F_.linear(x, w_router).float() > 0.0  # tau 0.5: logit threshold 0
+    assert 0 < mask.float().mean() < 1
     ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
     assert _rel_err(y, ref) < 1.5e-2
 

@@ -15,6 +15,8 @@ Public API:
 - ``masked_dense_ffn(x, mask, w_up, w_down_t, ...)``: the same function as ``sparse_ffn`` with every
   neuron computed by cuBLAS and the mask applied in one elementwise launch: the path for a batch
   whose union of masks is too full for skipping to pay (``lte.serving`` picks it per FFN).
+- ``routed_masked_dense_ffn(x, w_router, w_up, w_down_t, *, tau=0.5, ...)``: the same with the router
+  too (a cuBLAS GEMM whose logits the elementwise launch thresholds itself): the prefill path.
 - ``kernels_available()``: whether the Triton kernels will run (CUDA + triton, not forced off).
 
 Importing this package does not import triton; the kernels load on the first CUDA call.
@@ -49,6 +51,7 @@ __all__ = [
     "kernels_available",
     "load_table",
     "masked_dense_ffn",
+    "routed_masked_dense_ffn",
     "num_experts",
     "quantize_rows_fp8",
     "router_mask",
@@ -195,6 +198,38 @@ def masked_dense_ffn(
     up = F_.linear(x2, w_up, b_up)  # [T, F]
     gate = None if w_gate is None else F_.linear(x2, w_gate)  # [T, F]
     h = torch.ops.lte.masked_activation(gate, up, mask.reshape(-1, num_exp).contiguous(), expert_size, activation)
+    y = torch.mm(h, w_down_t) if b_down is None else torch.addmm(b_down, h, w_down_t)  # [T, D]
+    return y.reshape(x.shape)
+
+
+def routed_masked_dense_ffn(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    tau: float = 0.5,
+    w_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    expert_size: int = 32,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """``masked_dense_ffn(x, router_mask(x, w_router, tau), ...)`` in fewer launches, for prefill: the
+    router logits come from one cuBLAS GEMM (in x's dtype, as ``LTEModel``'s hard routing computes
+    them) and the elementwise launch of ``act(g) * u * m`` compares them with the threshold itself.
+    The mask is ``logit > log(tau / (1 - tau))`` (``sigmoid(logit) > tau`` up to rounding at the
+    threshold). Returns y ``[..., D]``; arguments as ``routed_sparse_ffn``."""
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    num_exp = _validate_ffn(x, None, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
+    _check_matrix("w_router", w_router, x, num_exp)
+    model_width = x.shape[-1]
+    x2 = x.reshape(-1, model_width)  # [T, D]
+    logits = F_.linear(x2, w_router)  # [T, E]
+    up = F_.linear(x2, w_up, b_up)  # [T, F]
+    gate = None if w_gate is None else F_.linear(x2, w_gate)  # [T, F]
+    h = torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)
     y = torch.mm(h, w_down_t) if b_down is None else torch.addmm(b_down, h, w_down_t)  # [T, D]
     return y.reshape(x.shape)
 

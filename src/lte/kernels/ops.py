@@ -225,6 +225,29 @@ def _masked_activation_fake(gate, up, mask, expert_size, activation):
     return torch.empty_like(up)  # [T, F]
 
 
+@torch.library.custom_op("lte::masked_activation_logits", mutates_args=())
+def masked_activation_logits_op(gate: torch.Tensor | None, up: torch.Tensor, logits: torch.Tensor, tau: float,
+                                expert_size: int, activation: str) -> torch.Tensor:
+    """``lte::masked_activation`` with the mask taken from router logits [T, E]: m = logit > log(tau / (1 - tau))
+    (in fp32; the same as sigmoid(logit) > tau up to rounding at the threshold). Any device: the reference."""
+    return masked_activation_reference(gate, up, logits.float() > logit_threshold(tau), expert_size, activation)
+
+
+@masked_activation_logits_op.register_kernel("cuda")
+def _masked_activation_logits_cuda(gate, up, logits, tau, expert_size, activation):
+    """CUDA: one Triton elementwise launch that reads the logits (no sigmoid / compare launches)."""
+    if reference_forced():
+        return masked_activation_reference(gate, up, logits.float() > logit_threshold(tau), expert_size, activation)
+    from .triton_ffn import masked_activation_triton
+
+    return masked_activation_triton(gate, up, logits, expert_size, activation, threshold=logit_threshold(tau))
+
+
+@masked_activation_logits_op.register_fake
+def _masked_activation_logits_fake(gate, up, logits, tau, expert_size, activation):
+    return torch.empty_like(up)  # [T, F]
+
+
 # --------------------------------------------------------------------------- FFNs in two halves
 def _ffn_in_reference(x, w_router, tau, w_up, b_up, expert_size, budget, upcast=True):
     """(z = x W1^T + b1, zero where the token's expert is off (upcast) or not masked (prefill), mask, union)."""

@@ -195,16 +195,23 @@ def check_split_case(D, F, S, B, budget, activation, dtype, device, gen, config=
     return CaseResult(case, err if union_ok else float("inf"), ok)
 
 
-def check_act_case(F, S, B, sparsity, activation, gated, dtype, device, gen) -> CaseResult:
-    """The masked dense path's elementwise kernel against the reference; 100% off must give exact zeros."""
+def check_act_case(F, S, B, sparsity, activation, gated, dtype, device, gen, from_logits=False) -> CaseResult:
+    """The masked dense path's elementwise kernel against the reference; 100% off must give exact zeros.
+    ``from_logits``: the kernel thresholds router logits itself (the prefill path)."""
     from .triton_ffn import masked_activation_triton
 
     up = torch.randn(B, F, generator=gen).to(dtype=dtype, device=device)  # [B, F]
     gate = torch.randn(B, F, generator=gen).to(dtype=dtype, device=device) if gated else None
     mask = _make_mask(B, num_experts(F, S), sparsity, gen).to(device)  # [B, E]
-    h = masked_activation_triton(gate, up, mask, S, activation, block=64)  # several blocks per row
+    if from_logits:  # logits on the right side of 0.3 by at least 0.5 wherever the mask says so
+        threshold = 0.3
+        size = torch.rand(mask.shape, generator=gen).to(device) + 0.5
+        logits = (threshold + torch.where(mask, size, -size)).to(dtype)  # [B, E]
+        h = masked_activation_triton(gate, up, logits, S, activation, block=64, threshold=threshold)
+    else:
+        h = masked_activation_triton(gate, up, mask, S, activation, block=64)  # several blocks per row
     ref = masked_activation_reference(gate, up, mask, S, activation)
-    case = f"act F={F} S={S} B={B} {sparsity} {activation} gated={gated} {dtype}"
+    case = f"act{' logits' if from_logits else ''} F={F} S={S} B={B} {sparsity} {activation} gated={gated} {dtype}"
     if sparsity == "all":
         exact = not bool(h.any())
         return CaseResult(case, 0.0 if exact else float("inf"), exact)
@@ -253,7 +260,9 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
         if "act" not in parts:
             break
         activation, gated, _ = FFN_KINDS[i % len(FFN_KINDS)]
-        results.append(check_act_case(F, S, B, sparsity, activation, gated, dtypes[i % len(dtypes)], device, gen))
+        for from_logits in (False, True):
+            results.append(check_act_case(F, S, B, sparsity, activation, gated, dtypes[i % len(dtypes)], device, gen,
+                                          from_logits))
     return results
 
 

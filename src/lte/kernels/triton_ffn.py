@@ -427,17 +427,21 @@ def sparse_ffn_out_triton(
 
 
 def masked_activation_triton(gate: torch.Tensor | None, up: torch.Tensor, mask: torch.Tensor, expert_size: int,
-                             activation: str, block: int = 1024) -> torch.Tensor:
+                             activation: str, block: int = 1024, threshold: float | None = None) -> torch.Tensor:
     """h [B, F] = act(gate) * up * m (gated) or act(up) * m (gate None), m the mask [B, E] (bool) expanded
-    to neurons, in one launch; in up's dtype. Inputs: contiguous rows, gate and up the same shape."""
+    to neurons, in one launch; in up's dtype. Inputs: contiguous rows, gate and up the same shape.
+    With ``threshold``, ``mask`` holds router logits [B, E] (any float dtype) and m = logit > threshold."""
     num_tokens, ffn_width = up.shape
     out = torch.empty_like(up)
     if num_tokens == 0:
         return out
-    mask_u8 = mask.contiguous().view(torch.uint8)
+    from_logits = threshold is not None
+    mask_arg = mask.contiguous() if from_logits else mask.contiguous().view(torch.uint8)
     gate_arg = up if gate is None else gate
     grid = (num_tokens, triton.cdiv(ffn_width, block))
-    _masked_act_kernel[grid](gate_arg, up, mask_u8, out, ffn_width, mask.shape[1],
-                             gate_arg.stride(0), up.stride(0), mask_u8.stride(0), out.stride(0),
-                             S=expert_size, GATED=gate is not None, ACT=_ACT_CODE[activation], BLOCK=block)
+    _masked_act_kernel[grid](gate_arg, up, mask_arg, out, ffn_width, mask.shape[1],
+                             float(threshold) if from_logits else 0.0,
+                             gate_arg.stride(0), up.stride(0), mask_arg.stride(0), out.stride(0),
+                             S=expert_size, GATED=gate is not None, ACT=_ACT_CODE[activation], BLOCK=block,
+                             FROM_LOGITS=from_logits)
     return out

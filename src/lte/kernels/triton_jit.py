@@ -414,15 +414,22 @@ def _ffn_finish_kernel(
 
 @triton.jit
 def _masked_act_kernel(
-    gate_ptr, up_ptr, mask_ptr, out_ptr, F, E,
+    gate_ptr, up_ptr, mask_ptr, out_ptr, F, E, threshold,
     stride_g, stride_u, stride_m, stride_o,
-    S: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+    S: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, FROM_LOGITS: tl.constexpr,
 ):
-    """Program (b, f-block): h[b, f] = act(g[b, f]) * u[b, f] * m[b, f // S] (gated) or act(u) * m (plain), in fp32."""
+    """Program (b, f-block): h[b, f] = act(g[b, f]) * u[b, f] * m[b, f // S] (gated) or act(u) * m (plain), in fp32.
+
+    FROM_LOGITS: mask_ptr holds the router logits [B, E] and m = logit > threshold (in fp32), so the
+    prefill path needs no separate sigmoid / compare launches over [B, E]."""
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < F
-    on = tl.load(mask_ptr + b * stride_m + offs // S, mask=inside & (offs // S < E), other=0)
+    if FROM_LOGITS:
+        logit = tl.load(mask_ptr + b * stride_m + offs // S, mask=inside & (offs // S < E), other=0.0)
+        on = (logit.to(tl.float32) > threshold) & inside & (offs // S < E)
+    else:
+        on = tl.load(mask_ptr + b * stride_m + offs // S, mask=inside & (offs // S < E), other=0)
     u = tl.load(up_ptr + b * stride_u + offs, mask=inside, other=0.0).to(tl.float32)
     if GATED:
         g = tl.load(gate_ptr + b * stride_g + offs, mask=inside, other=0.0).to(tl.float32)

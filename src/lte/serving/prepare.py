@@ -71,8 +71,9 @@ class SparseMLP(nn.Module):
         stays on the GPU. `fuse_router = False` launches `router_mask` and `sparse_ffn` separately.
       - more tokens (prefill): the masked dense path, the same arithmetic as the LTEModel in hard
         routing: y = (act(x Wg^T) * (x Wu^T + b1) * m) Wd_t + b2 (gated), (act(x W1^T + b1) * m) Wd_t + b2 (plain).
-        The router is a cuBLAS GEMM; on CUDA `act(g) * u * m` is one launch (`lte.kernels.masked_dense_ffn`)
-        instead of PyTorch's four passes over [T, F] (activation, product, mask expansion, masking).
+        The router is a cuBLAS GEMM; on CUDA `act(g) * u * m` is one launch that thresholds the router
+        logits itself (`lte.kernels.routed_masked_dense_ffn`) instead of PyTorch's sigmoid and compare
+        over [T, E] and four passes over [T, F] (activation, product, mask expansion, masking).
     Both paths compute the same function (tests check it); a budget applies to decode steps only.
 
     Args:
@@ -222,14 +223,15 @@ class SparseMLP(nn.Module):
                 mask = kernels.router_mask(x, self.w_router, self.tau)  # [..., E] bool, on the device
                 y = kernels.sparse_ffn(x, mask, self.w_up, self.w_down_t, **ffn)
         else:
-            mask = self.dense_mask(x)  # [..., E]
-            if self.use_kernels and x.is_cuda and not self.fp8:
+            mask = self.dense_mask(x) if self.record_mask or not (self.use_kernels and x.is_cuda) else None
+            if self.use_kernels and x.is_cuda and not self.fp8:  # router, projections and one masked launch
                 from .. import kernels
 
-                y = kernels.masked_dense_ffn(x, mask, self.w_up, self.w_down_t, w_gate=self.w_gate, b_up=self.b_up,
-                                             b_down=self.b_down, expert_size=self.expert_size,
-                                             activation=self.activation)
+                y = kernels.routed_masked_dense_ffn(x, self.w_router, self.w_up, self.w_down_t, tau=self.tau,
+                                                    w_gate=self.w_gate, b_up=self.b_up, b_down=self.b_down,
+                                                    expert_size=self.expert_size, activation=self.activation)
             else:
+                mask = self.dense_mask(x) if mask is None else mask
                 y = self.masked_dense(x, mask)
         if self.record_mask:
             self.last_mask = mask.detach()
