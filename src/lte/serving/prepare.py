@@ -181,25 +181,28 @@ class SparseMLP(nn.Module):
         logits = F_.linear(x.to(self.w_router.dtype), self.w_router)  # [..., E]
         return torch.sigmoid(logits.float()) > self.tau
 
-    def matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(w_gate, w_up, w_down_t) in `dtype`: fp8 weights dequantized for the call, others as stored."""
-        if not self.fp8:
-            return self.w_gate, self.w_up, self.w_down_t
-        from ..kernels.quant import dequantize_rows
-
-        gate = None if self.w_gate is None else dequantize_rows(self.w_gate, self.s_gate, dtype)
-        return gate, dequantize_rows(self.w_up, self.s_up, dtype), dequantize_rows(self.w_down_t, self.s_down, dtype)
+    @staticmethod
+    def _project(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + b [..., F]; fp8 rows are widened to x's dtype for the call and their scales multiply the
+        products (W = Q * s[:, None], so x W^T = (x Q^T) * s), with no dequantized copy of W."""
+        if scale is None:
+            return F_.linear(x, w, bias)
+        y = F_.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
+        return y if bias is None else y + bias
 
     def masked_dense(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The FFN with every neuron computed and the per-token mask [..., E] applied (cuBLAS)."""
-        w_gate, w_up, w_down_t = self.matrices(x.dtype)
-        up = F_.linear(x, w_up, self.b_up)  # [..., F]
-        if w_gate is not None:
-            h = _activation(F_.linear(x, w_gate), self.activation) * up
+        up = self._project(x, self.w_up, self.s_up, self.b_up)  # [..., F]
+        if self.w_gate is not None:
+            h = _activation(self._project(x, self.w_gate, self.s_gate), self.activation) * up
         else:
             h = _activation(up, self.activation)
         neuron_mask = mask.repeat_interleave(self.expert_size, dim=-1)[..., : h.shape[-1]]  # [..., E*S] -> [..., F]
-        y = (h * neuron_mask.to(h.dtype)) @ w_down_t  # [..., D]
+        h = h * neuron_mask.to(h.dtype)
+        if self.s_down is not None:  # rows of the down projection are neurons: their scales multiply h
+            h = h * self.s_down.to(h.dtype)
+        y = h @ self.w_down_t.to(h.dtype)  # [..., D]
         return y if self.b_down is None else y + self.b_down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
