@@ -215,6 +215,49 @@ def test_fp8_weights_errors():
         prepare_for_inference(_lte("opt"), weights="fp8")
 
 
+def test_batch_budget_keep_by_hand():
+    """Two sequences at one position, tau 0.5: masks {0, 1, 3} and {1, 2}; summed scores 1.2, 1.4, 0.75, 0.8;
+    a budget of 2 keeps experts 1 and 0 for both."""
+    from lte.routing.layers import batch_budget_keep
+
+    scores = torch.tensor([[[0.9, 0.6, 0.2, 0.7]], [[0.3, 0.8, 0.55, 0.1]]])  # [B=2, T=1, E=4]
+    keep = batch_budget_keep(scores, scores > 0.5, 2)
+    assert keep[0, 0].tolist() == [True, True, False, False] == keep[1, 0].tolist()
+    gated = (scores > 0.5) & keep
+    assert gated[0, 0].tolist() == [True, True, False, False] and gated[1, 0].tolist() == [False, True, False, False]
+    ties = torch.tensor([[0.6, 0.6, 0.6]])  # [T=1, E=3] one group; equal sums: the lower index wins
+    assert batch_budget_keep(ties, ties > 0.5, 2).tolist() == [[True, True, False]]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_budgeted_lte_model_decodes_like_the_served_budget(batch):
+    """LTEModel in hard routing with a per-batch budget (per position over the batch's sequences) gives the
+    tokens the served model with the same budget decodes (the budget applies per decode step there)."""
+    lmodel = _lte("llama", router_scale=1.0)
+    num_exp = lmodel.lte_layers()[0].input.num_experts
+    fraction = 0.4
+    k = max(1, round(fraction * num_exp))
+    lmodel.set_routing("hard", budget=fraction)
+    ids = _ids(batch, 1)  # a one-token prompt: the served prefill is a decode-sized step, with the budget
+    ref = _hf_greedy(lmodel, ids, 6)
+    with torch.no_grad():
+        lmodel(input_ids=ids)
+    assert all(int((layer.input.gate != 0).any(0).sum(-1).max()) <= k for layer in lmodel.lte_layers())
+    if batch > 1:  # the budget binds here: without it the union is larger, and the logits differ
+        seqs = _ids(batch, 5)
+        with torch.no_grad():
+            budgeted = lmodel(input_ids=seqs).logits
+            lmodel.set_routing("hard")
+            free = lmodel(input_ids=seqs).logits
+        assert max(int((layer.input.gate != 0).any(0).sum(-1).max()) for layer in lmodel.lte_layers()) > k
+        assert not torch.allclose(budgeted, free)
+    lmodel.set_routing("hard")
+    served = StaticDecoder(prepare_for_inference(lmodel, budget=k), batch, cache_len=16).generate_ids(ids, 6)
+    torch.testing.assert_close(served, ref)
+    with pytest.raises(lte.LTEError, match="budget is a fraction"):
+        lmodel.set_routing("soft", budget=0.5)
+
+
 def test_prepare_errors():
     with pytest.raises(lte.LTEError, match="prepare_dense"):
         prepare_for_inference(tm.build("llama"))

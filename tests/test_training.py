@@ -106,6 +106,25 @@ def test_stage2_freezes_routers_and_trains_the_rest(stage1_dir, tiny, tmp_path):
     assert "lte_eff" not in read_log(tmp_path / "s2")[0]  # task loss only
 
 
+def test_stage2_trains_under_a_batch_budget(stage1_dir, tiny, tmp_path):
+    """--batch-budget: stage 2's forwards keep at most that share of each layer's experts per position for
+    the batch's sequences together (the served decode step's budget); stage 1 refuses it."""
+    rec = train_stage("2", stage1_dir, "causal-lm", tiny["text"], tmp_path / "s2", max_steps=2, batch_budget=0.3,
+                      **FAST)
+    model = rec["trainer"].model
+    assert all(layer.input.budget == 0.3 for layer in model.lte_layers())
+    ids = torch.randint(3, 90, (4, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.eval()(input_ids=ids)
+    for layer in model.lte_layers():
+        union = (layer.input.gate != 0).any(dim=0)  # [T, E]: the experts position t used over the 4 sequences
+        assert int(union.sum(-1).max()) <= max(1, round(0.3 * layer.input.num_experts))
+    assert rec["hparams"]["batch_budget"] == 0.3
+    with pytest.raises(StageInputError, match="stage 2"):
+        train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "s1", max_steps=1, batch_budget=0.3,
+                    **FAST)
+
+
 # ---------------------------------------------------------------------- resume
 class _StopAfterSave(TrainerCallback):
     def __init__(self, step):

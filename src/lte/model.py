@@ -99,16 +99,23 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
     def lte_layers(self) -> list[LTELayer]:
         return list(self._layers)
 
-    def set_routing(self, mode: str, tau: float | None = None, k: int | Sequence[int] | None = None) -> LTEModel:
+    def set_routing(self, mode: str, tau: float | None = None, k: int | Sequence[int] | None = None,
+                    budget: float = 0.0) -> LTEModel:
         """Switch every FFN to "dense", "soft" (stage 1, the paper), "ste" (stage 1, ours: the hard
         mask in the forward, the sigmoid's gradient in the backward), "hard" (stage 2, inference) or "topk".
 
         `tau`: a new routing threshold. It becomes `lte_config.tau`, the one value that routing, the
         losses, the statistics and the save use. `k` (topk): experts kept per token, one int for
-        every layer or one per layer.
+        every layer or one per layer. `budget` (hard): a per-batch expert budget, the fraction of each
+        layer's experts the sequences of a batch may use together at each position
+        (`lte.routing.layers.batch_budget_keep`; what a served decode step of that batch with
+        `prepare_for_inference(budget=round(budget x E))` computes); 0 = off. Not saved with the model.
         """
         if mode not in MODES:
             raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
+        if not 0.0 <= budget < 1.0 or (budget and mode != "hard"):
+            raise LTEError(f"budget is a fraction of the experts in [0, 1) for hard routing; got {budget} with "
+                           f"{mode!r} routing")
         if tau is not None:
             if not 0.0 < tau < 1.0:
                 raise LTEError(f"tau is a threshold on sigmoid scores and must lie in (0, 1), got {tau}")
@@ -123,6 +130,7 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
                            "pass one int or one per layer")
         for layer, k_layer in zip(self._layers, ks):
             layer.input.mode, layer.input.tau, layer.input.k = mode, tau, k_layer
+            layer.input.budget = float(budget)
             layer.input.loss_to_model = self.lte_config.loss_to_model
         self.routing = mode
         return self
@@ -260,7 +268,8 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
         """The computed-expert masks of the last forward: [L, T, E] (one op) when the layers share one
         shape and one tau, else a list of [T, E]. `scores`: the stacked scores a training forward made."""
         taus = {layer.input.tau for layer in self._layers}
-        if self.routing != "topk" and len(taus) == 1:
+        budgeted = any(layer.input.budget for layer in self._layers)  # gates are then not 1[G > tau] alone
+        if self.routing != "topk" and len(taus) == 1 and not budgeted:
             stacked = scores if isinstance(scores, torch.Tensor) else self._scores("scores")
             if isinstance(stacked, torch.Tensor):  # hard / ste gates are exactly 1[G > tau]
                 return stacked.detach() > taus.pop()

@@ -102,6 +102,23 @@ def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None) -> t
     raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
+def batch_budget_keep(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Experts a per-batch budget keeps: [..., E] bool, for scores and hard mask [B, T, E] (or [T, E]).
+
+    The B sequences of a batch at one position are a decode step's batch: of the experts some of them
+    switched on, the k with the largest summed score stay on for all of them (ties: the lower expert
+    index), as `lte.kernels.routed_sparse_ffn(budget=k)` serves that step. A [T, E] input is one group.
+    """
+    grouped = scores if scores.dim() == 3 else scores.unsqueeze(1)  # [B, T, E]
+    on = mask if mask.dim() == 3 else mask.unsqueeze(1)
+    union = on.any(dim=0)  # [T, E]
+    summed = torch.where(union, grouped.float().sum(dim=0), torch.full_like(union, -1.0, dtype=torch.float32))
+    order = torch.sort(summed, dim=-1, descending=True, stable=True).indices[..., :k]  # [T, k]
+    keep = torch.zeros_like(union).scatter_(-1, order, True) & union  # [T, E]
+    keep = keep.unsqueeze(0).expand_as(on)
+    return keep if scores.dim() == 3 else keep.squeeze(1)
+
+
 def gate_neurons(h: torch.Tensor, gate: torch.Tensor, block: int) -> torch.Tensor:
     """h [..., F] times the per-expert gate [..., E] broadcast over each expert's neurons.
 
@@ -165,6 +182,9 @@ class LTEInput(WrappedLayer):
         self.loss_to_model = False
         self.loss_scores: torch.Tensor | None = None
         self.k: int | None = None
+        # Hard routing: keep at most this fraction of the experts for the sequences of a batch at each
+        # position (`batch_budget_keep`; 0 = off), as a served decode step with a per-batch budget does.
+        self.budget = 0.0
         # Set by forward, read by LTEOutput, the losses and the statistics (not module state).
         self.scores: torch.Tensor | None = None
         self.gate: torch.Tensor | None = None
@@ -189,10 +209,19 @@ class LTEInput(WrappedLayer):
             logits = F.linear(_router_input(x, weight), weight)  # [..., E]
             self.scores = self.loss_scores = torch.sigmoid(logits.float())
         self.gate = expert_gate(self.scores, self.mode, self.tau, self.k)
+        if self.budget and self.mode == "hard":
+            keep = batch_budget_keep(self.scores, self.gate != 0, self.budget_experts)
+            self.gate = self.gate * keep.to(self.gate.dtype)
         return y
 
+    @property
+    def budget_experts(self) -> int:
+        """k of the per-batch budget: round(budget x E), at least 1."""
+        return max(1, round(self.budget * self.num_experts))
+
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, F={self.ffn_width}, mode={self.mode}, tau={self.tau}"
+        budget = f", budget={self.budget}" if self.budget else ""
+        return f"experts={self.num_experts}, F={self.ffn_width}, mode={self.mode}, tau={self.tau}{budget}"
 
 
 class LTEOutput(WrappedLayer):

@@ -128,6 +128,11 @@ class TrainArgs:
         "stage 2 with --target-sparsity: set tau again after training, on the same held-out examples (training "
         "the weights moves the routers' inputs, so the sparsity drifts from where stage 2 started); default: on "
         "(without it WikiText-2 ended 4.5-4.8 points past a 0.9 target, LoRA on SST-2 2-4 points past 0.7)"))
+    batch_budget: float = field(default=0.0, metadata=_help(
+        "stage 2: a per-batch expert budget in training. At each position the sequences of a batch together keep at "
+        "most this fraction of each layer's experts (those with the largest summed router score), as a served "
+        "decode step of that batch does with `lte generate --expert-budget round(fraction x experts)`; train "
+        "with --batch-size set to the decode batch size. 0 = off", at_least=0, below=1))
     calibration_holdout: int = field(default=64, metadata=_help(
         "examples of the training data held out of stage 1 for --calibrate-tau", at_least=1))
     target_sparsity: float | None = field(default=None, metadata=_help(

@@ -156,6 +156,9 @@ def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
             raise StageInputError("--peft at stage 2 continues the adapters of a stage-1 output, and this one has "
                                   "none: run stage 1 with --peft lora, or drop --peft for full fine-tuning")
         model.add_adapters(_lora(hp))
+    if hp.batch_budget and stage != "2":
+        raise StageInputError("--batch-budget trains stage 2 under a per-batch expert budget; stage 1 trains the "
+                              "routers without one: drop it here and pass it to stage 2")
     if stage == "1":
         model.lte_config.lam = hp.lte.lam
         if model.stage != "stage1" or not hp.resume:
@@ -165,7 +168,7 @@ def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
         model.stage = "stage1"
     elif stage == "2":
         model.freeze_routers(True)
-        model.set_routing("hard")
+        model.set_routing("hard", budget=hp.batch_budget)
         model.stage = "stage2"
 
 
