@@ -34,6 +34,7 @@ import torch.nn.functional as F_
 from lte.data.text import load_text_lm
 from lte.errors import LTEError
 from lte.loading import load_model, load_tokenizer, model_kind
+from lte.routing.layers import budget_experts
 from lte.serving.prepare import prepare_for_inference, sparse_modules
 
 
@@ -79,7 +80,7 @@ def served(model_dir: str, budget_frac: float) -> tuple[Any, int]:
     """The model readied for serving with a per-batch budget of `budget_frac` of each layer's experts."""
     lmodel = load_model(model_dir, routing="hard").eval()
     experts = lmodel.lte_layers()[0].router.out_features
-    budget = 0 if budget_frac <= 0 else max(1, math.ceil(budget_frac * experts))
+    budget = 0 if budget_frac <= 0 else budget_experts(budget_frac, experts)
     return prepare_for_inference(lmodel, budget=budget).eval(), budget
 
 

@@ -33,6 +33,7 @@ import torch
 
 import lte
 import lte.kernels
+from lte.routing.layers import budget_experts
 from lte.serving.cli import load_for_serving
 from lte.serving.decode import StaticDecoder, bench
 from lte.serving.dense import dense_modules, swap_modules
@@ -158,7 +159,7 @@ def _set_budget(model: torch.nn.Module, fraction: float) -> None:
     for m in sparse_modules(model):
         if fraction > 0:
             m.ffn_path = "sparse"
-        m.budget = 0 if fraction <= 0 else max(1, round(fraction * m.num_experts))
+        m.budget = 0 if fraction <= 0 else budget_experts(fraction, m.num_experts)
 
 
 def synthetic_table(args: argparse.Namespace, shape: str) -> None:

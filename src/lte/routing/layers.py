@@ -102,6 +102,11 @@ def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None) -> t
     raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
+def budget_experts(fraction: float, num_experts: int) -> int:
+    """Experts a per-batch budget of `fraction` keeps in a layer of `num_experts`: round(fraction x E), >= 1."""
+    return max(1, round(fraction * num_experts))
+
+
 def batch_budget_keep(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
     """Experts a per-batch budget keeps: [..., E] bool, for scores and hard mask [B, T, E] (or [T, E]).
 
@@ -216,8 +221,8 @@ class LTEInput(WrappedLayer):
 
     @property
     def budget_experts(self) -> int:
-        """k of the per-batch budget: round(budget x E), at least 1."""
-        return max(1, round(self.budget * self.num_experts))
+        """k of the per-batch budget (`budget_experts`)."""
+        return budget_experts(self.budget, self.num_experts)
 
     def extra_repr(self) -> str:
         budget = f", budget={self.budget}" if self.budget else ""
