@@ -23,6 +23,7 @@ is bytes needed / copy bandwidth. Writes ffn_kernel.json to --out after every sh
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 
@@ -165,20 +166,14 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
         dense_us = guarded(errors, f"dense {name} B={num_tokens}", bench.dense, num_tokens)
         add(num_tokens, "dense", "-", 0.0, dense_us, dense_us, 1.0, router=False)
         offs = (0.0, 0.5, 0.7, 0.9, 0.95) if num_tokens == 1 else (0.0, 0.5, 0.7, 0.9)
-        for off in offs:
+        timers = [("lte", bench.routed)] + ([("lte_fp8", bench.routed_fp8)] if fp8 else [])
+        for (variant, timer), off in itertools.product(timers, offs):
             if deadline.over(3):
                 break
-            res = guarded(errors, f"lte {name} B={num_tokens} off={off}", bench.routed,
+            res = guarded(errors, f"{variant} {name} B={num_tokens} off={off}", timer,
                           bench.masks("fixed", num_tokens, off))
             if res is not None:
-                add(num_tokens, "lte", "fixed", off, res[0], dense_us, res[1])
-        for off in offs if fp8 else ():
-            if deadline.over(3):
-                break
-            res = guarded(errors, f"lte fp8 {name} B={num_tokens} off={off}", bench.routed_fp8,
-                          bench.masks("fixed", num_tokens, off))
-            if res is not None:
-                add(num_tokens, "lte_fp8", "fixed", off, res[0], dense_us, res[1])
+                add(num_tokens, variant, "fixed", off, res[0], dense_us, res[1])
         if num_tokens > 1 and not deadline.over(3):
             masks = bench.masks("per_token", num_tokens, 0.5)
             res = guarded(errors, f"lte per-token {name} B={num_tokens}", bench.routed, masks)

@@ -193,11 +193,18 @@ def masked_dense_ffn(
     """``sparse_ffn``'s function with every neuron computed: cuBLAS for the projections, one launch for
     ``act(g) * u * m`` (``lte::masked_activation``). Arguments and result as ``sparse_ffn``."""
     num_exp = _validate_ffn(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
-    model_width = x.shape[-1]
-    x2 = x.reshape(-1, model_width)  # [T, D]
+    m2 = mask.reshape(-1, num_exp).contiguous()  # [T, E]
+    return _dense_projections(x, w_up, w_down_t, w_gate, b_up, b_down, lambda gate, up: torch.ops.lte.masked_activation(
+        gate, up, m2, expert_size, activation))
+
+
+def _dense_projections(x, w_up, w_down_t, w_gate, b_up, b_down, middle) -> torch.Tensor:
+    """The masked dense FFN around its elementwise middle: cuBLAS gate/up [T, F], ``h = middle(gate, up)``,
+    cuBLAS down projection; y ``[..., D]``."""
+    x2 = x.reshape(-1, x.shape[-1])  # [T, D]
     up = F_.linear(x2, w_up, b_up)  # [T, F]
     gate = None if w_gate is None else F_.linear(x2, w_gate)  # [T, F]
-    h = torch.ops.lte.masked_activation(gate, up, mask.reshape(-1, num_exp).contiguous(), expert_size, activation)
+    h = middle(gate, up)
     y = torch.mm(h, w_down_t) if b_down is None else torch.addmm(b_down, h, w_down_t)  # [T, D]
     return y.reshape(x.shape)
 
@@ -220,18 +227,22 @@ def routed_masked_dense_ffn(
     them) and the elementwise launch of ``act(g) * u * m`` compares them with the threshold itself.
     The mask is ``logit > log(tau / (1 - tau))`` (``sigmoid(logit) > tau`` up to rounding at the
     threshold). Returns y ``[..., D]``; arguments as ``routed_sparse_ffn``."""
+    _validate_routed(x, w_router, tau, 0, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
+    logits = F_.linear(x.reshape(-1, x.shape[-1]), w_router)  # [T, E]
+    return _dense_projections(x, w_up, w_down_t, w_gate, b_up, b_down, lambda gate, up: (
+        torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)))
+
+
+def _validate_routed(x, w_router, tau, budget, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
+                     fp8: bool = False) -> int:
+    """The checks of an FFN with its router (tau, budget, the FFN, w_router [E, D]); returns E."""
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
-    num_exp = _validate_ffn(x, None, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation)
+    if not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget must be an int >= 0 (0 = no budget), got {budget!r}")
+    num_exp = _validate_ffn(x, None, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, fp8)
     _check_matrix("w_router", w_router, x, num_exp)
-    model_width = x.shape[-1]
-    x2 = x.reshape(-1, model_width)  # [T, D]
-    logits = F_.linear(x2, w_router)  # [T, E]
-    up = F_.linear(x2, w_up, b_up)  # [T, F]
-    gate = None if w_gate is None else F_.linear(x2, w_gate)  # [T, F]
-    h = torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)
-    y = torch.mm(h, w_down_t) if b_down is None else torch.addmm(b_down, h, w_down_t)  # [T, D]
-    return y.reshape(x.shape)
+    return num_exp
 
 
 def router_mask(x: torch.Tensor, w_router: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
@@ -273,15 +284,11 @@ def routed_sparse_ffn(
     scale per row, W = Q * s[:, None] (``quantize_rows_fp8``; s_gate None for a plain FFN). The
     router and biases stay in x's dtype. Prefill then dequantizes the weights for the call.
     """
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must lie in [0, 1], got {tau}")
-    if not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"budget must be an int >= 0 (0 = no budget), got {budget!r}")
     fp8 = scales is not None
-    num_exp = _validate_ffn(x, None, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, fp8)
+    num_exp = _validate_routed(x, w_router, tau, budget, w_up, w_down_t, w_gate, b_up, b_down, expert_size,
+                               activation, fp8)
     if fp8:
         _check_scales(scales, w_gate, w_up.shape[0], x)
-    _check_matrix("w_router", w_router, x, num_exp)
     model_width = x.shape[-1]
     x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
     if fp8:
@@ -310,12 +317,7 @@ def routed_ffn_in(
     [..., E] bool, union [E] int8)``; z is 0 where a token's expert is off, and undefined for experts
     no token uses (``sparse_ffn_out`` never reads them). Apply the activation to z, then call
     ``sparse_ffn_out(act(z), mask, union, ...)``."""
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must lie in [0, 1], got {tau}")
-    if not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"budget must be an int >= 0 (0 = no budget), got {budget!r}")
-    num_exp = _validate_ffn(x, None, w_up, w_up, None, b_up, None, expert_size, "relu")
-    _check_matrix("w_router", w_router, x, num_exp)
+    num_exp = _validate_routed(x, w_router, tau, budget, w_up, w_up, None, b_up, None, expert_size, "relu")
     model_width = x.shape[-1]
     x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
     z, mask, union = torch.ops.lte.routed_ffn_in(x2, w_router, float(tau), w_up, b_up, expert_size, budget)
