@@ -113,6 +113,7 @@ def batch_budget_keep(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch
     The B sequences of a batch at one position are a decode step's batch: of the experts some of them
     switched on, the k with the largest summed score stay on for all of them (ties: the lower expert
     index), as `lte.kernels.routed_sparse_ffn(budget=k)` serves that step. A [T, E] input is one group.
+    Padding tokens of a padded batch count like the others (packed causal-LM blocks have none).
     """
     grouped = scores if scores.dim() == 3 else scores.unsqueeze(1)  # [B, T, E]
     on = mask if mask.dim() == 3 else mask.unsqueeze(1)
