@@ -14,6 +14,7 @@
 #      the kernels everywhere)
 #   5. summary: short tables and the goals, printed last -> summary.json
 # Default total: 450 s (7.5 min); --quick: 240 s. Later sections get the time earlier ones did not use.
+# LTE_SUITE_FP8=1: the FFN benchmark also times the kernels on fp8 weights (rows lte_fp8).
 # Smoke run on a CPU (no GPU; tiny shapes, Triton's interpreter): LTE_SUITE_SMOKE=1.
 set -u
 
@@ -93,6 +94,8 @@ else
     CAP_TESTS=100; CAP_TUNE=85; CAP_FFN=85
   fi
 fi
+
+[ "${LTE_SUITE_FP8:-0}" = 1 ] && FFN_ARGS+=(--fp8)
 
 # ---------------------------------------------------------------- 1. GPU tests
 PYTEST_EXTRA=()
