@@ -9,6 +9,7 @@ import torch
 
 from lte import LTEError
 from lte.study import report, runner
+from lte.study.config import lte_method as lte_method_name
 from lte.study.config import study_config
 from lte.study.parallel import (
     Unit,
@@ -258,6 +259,31 @@ def test_declared_lte_method_is_compared_and_scored_on_the_scoreboard(tmp_path, 
     assert "| toy (perplexity, 20) | `lte-s8` | 50% |" in capsys.readouterr().out
     assert lte_main(["scoreboard", str(tmp_path / "missing")]) != 0
     assert "no study summary" in capsys.readouterr().err
+
+
+def test_declared_lte_method_may_join_variants_at_different_targets():
+    """A list `lte_method` compares each target with the variant that ran there; overlapping targets fail."""
+    from lte.study.scoreboard import scoreboard_rows
+
+    cfg = {"task": "causal-lm", "data": "x.txt", "methods": ["lte", "teal"], "targets": [0.5, 0.9],
+           "lte_method": ["lte-a", "lte-b"],
+           "variants": {"lte-a": {"base": "lte", "set": {"expert_size": 8}, "targets": [0.5]},
+                        "lte-b": {"base": "lte", "set": {"expert_size": 8}, "targets": [0.9]}}}
+    assert study_config(dict(cfg)) and lte_method_name(study_config(dict(cfg))) == "lte-a+lte-b"
+    with pytest.raises(LTEError, match="both run at 0.5"):
+        study_config(dict(cfg, variants={**cfg["variants"], "lte-b": {"base": "lte", "targets": [0.5, 0.9]}}))
+    with pytest.raises(LTEError, match="one method name or a list"):
+        study_config(dict(cfg, lte_method=["lte-a", 3]))
+
+    def pt(method, sparsity, quality):
+        return dict(_pt(method, sparsity, quality), gflops_per_token=1.0 - sparsity, quality_std=None)
+
+    points = [pt("dense", 0.0, 20.0), pt("lte", 0.5, 40.0), pt("lte-a", 0.5, 30.0), pt("lte-b", 0.9, 90.0),
+              pt("teal", 0.5, 35.0), pt("teal", 0.9, 80.0)]
+    summary = dict(report.summarise(points, "perplexity", False, lte_method="lte-a+lte-b"), name="toy")
+    rows = scoreboard_rows(summary)  # lte (40) is an ablation here: neither compared nor counted
+    assert [(r["lte_method"], r["margin"], r["verdict"]) for r in rows] == [("lte-a", 5.0, "win"),
+                                                                           ("lte-b", -10.0, "loss")]
 
 
 @pytest.mark.parametrize("name,message", [("lte-x", "neither `lte` nor a variant"),

@@ -184,13 +184,30 @@ def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, method
 def lte_method(cfg: dict[str, Any]) -> str:
     """The LTE method the study's summary compares with the baselines: the config's `lte_method` (the
     recipe a recipe study chose before this run, e.g. a variant `lte-s8`), else `lte`. Not a setting of
-    any point (it is outside `DEFAULTS`, so no fingerprint changes with it)."""
-    name = cfg.get("lte_method") or "lte"
-    if name != "lte" and name not in (cfg.get("variants") or {}):
-        raise LTEError(f"lte_method: {name!r} is neither `lte` nor a variant of this config")
-    if name != "lte" and method_plan(cfg, name)[0] != "lte":
-        raise LTEError(f"lte_method: {name!r} is a variant of a baseline, not of lte")
-    return name
+    any point (it is outside `DEFAULTS`, so no fingerprint changes with it).
+
+    A list names one recipe run at different targets by several variants whose targets do not overlap
+    (e.g. `[lte-kd1-s8, lte-kd1-s8-retau]`: the recipe at 0.5 / 0.7, and with tau set again after stage 2
+    at 0.9); it comes back joined by "+" (`lte-kd1-s8+lte-kd1-s8-retau`), the form `summarise` takes."""
+    declared = cfg.get("lte_method") or "lte"
+    names = [declared] if isinstance(declared, str) else list(declared)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise LTEError(f"lte_method: give one method name or a list of names; got {declared!r}")
+    for name in names:
+        if name != "lte" and name not in (cfg.get("variants") or {}):
+            raise LTEError(f"lte_method: {name!r} is neither `lte` nor a variant of this config")
+        if name != "lte" and method_plan(cfg, name)[0] != "lte":
+            raise LTEError(f"lte_method: {name!r} is a variant of a baseline, not of lte")
+    if len(names) > 1:
+        seen: dict[float, str] = {}
+        for name in names:
+            for value in knob_values(cfg, name):
+                if value in seen:
+                    raise LTEError(f"lte_method: {seen[value]!r} and {name!r} both run at {value:g}; the methods "
+                                   "of one declared recipe must cover different targets (set each variant's "
+                                   "`targets`)")
+                seen[value] = name
+    return "+".join(names)
 
 
 def knob_values(cfg: dict[str, Any], method: str) -> list[float]:

@@ -36,6 +36,8 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
                          min_sparsity: float = 0.5) -> list[dict[str, Any]]:
     """At each point of `method` with sparsity (or target) >= `min_sparsity`: every baseline's quality there.
 
+    `method` may join several LTE variants by "+" (one declared recipe run at different targets by
+    each, see `config.lte_method`): their points are taken together, each row naming its own method.
     Baselines are the methods other than dense and LTE's own variants (names starting with "lte").
     They are interpolated between their measured points; a method whose points do not
     span that sparsity is reported as None (not compared). `beats` / `loses_to` / `ties` list them by name.
@@ -44,12 +46,13 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
         target = p["target"] if p.get("knob") == "target" else 0.0
         return max(p["ffn_sparsity"], target) >= min_sparsity - 1e-9
 
-    mine = sorted((p for p in points if p["method"] == method and counts(p)), key=lambda p: p["ffn_sparsity"])
+    names = set(method.split("+"))
+    mine = sorted((p for p in points if p["method"] in names and counts(p)), key=lambda p: p["ffn_sparsity"])
     others = [m for m in dict.fromkeys(p["method"] for p in points)  # baselines only: not dense, not LTE's ablations
               if m != "dense" and not m.startswith("lte")]
     rows = []
     for p in mine:
-        row = {"ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "quality_std": p.get("quality_std"),
+        row = {"method": p["method"], "ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "quality_std": p.get("quality_std"),
                "others": {}, "others_std": {}, "margin": {}, "beats": [], "loses_to": [], "ties": []}
         for other in others:
             theirs = [o for o in points if o["method"] == other]

@@ -29,7 +29,7 @@ def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         stds = [s for s in (point.get("quality_std"), (point.get("others_std") or {}).get(best)) if s is not None]
         rows.append({
             "study": summary.get("name"), "metric": summary["metric"], "dense": summary["dense_quality"],
-            "lte_method": summary.get("lte_method") or "lte", "ffn_sparsity": point["ffn_sparsity"],
+            "lte_method": point.get("method") or summary.get("lte_method") or "lte", "ffn_sparsity": point["ffn_sparsity"],
             "lte": point["quality"], "lte_std": point.get("quality_std"),
             "best_baseline": best, "baseline": reached[best], "baseline_std": (point.get("others_std") or {}).get(best),
             "margin": margin, "verdict": "win" if margin > 0 else "loss" if margin < 0 else "tie",
