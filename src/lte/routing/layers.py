@@ -23,15 +23,17 @@ TRAINING_MODES = ("soft", "ste")
 
 
 class _HardThreshold(torch.autograd.Function):
-    """Forward: the 0/1 mask 1[G > tau]; backward: the gradient passes to G unchanged (straight-through)."""
+    """Forward: the 0/1 mask 1[G > tau] in `dtype`; backward: the gradient passes to G unchanged
+    (straight-through), in G's dtype."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, tau: float) -> torch.Tensor:
-        return (scores > tau).to(scores.dtype)
+    def forward(ctx, scores: torch.Tensor, tau: float, dtype: torch.dtype) -> torch.Tensor:
+        ctx.scores_dtype = scores.dtype
+        return (scores > tau).to(dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad.to(ctx.scores_dtype), None, None
 
 
 def _router_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -39,6 +41,16 @@ def _router_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(x.device.type):
         return x
     return x.to(weight.dtype)
+
+
+def _router_operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and the router weight in the dtype the router matmul runs in: the autocast dtype under
+    autocast (cast here once, so a training backward reuses them instead of casting again), else the
+    router's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype)
+    return x.to(weight.dtype), weight
 
 
 class _TrainingScores(torch.autograd.Function):
@@ -52,44 +64,47 @@ class _TrainingScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xr = _router_input(x, weight)
-        logits = F.linear(xr, weight)  # [..., E], in the autocast dtype under autocast
+        xr, wr = _router_operands(x, weight)  # [..., D], [E, D] in the matmul's dtype
+        logits = F.linear(xr, wr)  # [..., E]
         scores = torch.sigmoid(logits.float())
-        ctx.save_for_backward(xr, weight, scores)
+        ctx.save_for_backward(xr, wr, scores)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero gradients made up
-        ctx.compute_dtype = logits.dtype
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         return scores, scores.clone()
 
     @staticmethod
     def backward(ctx, grad_scores: torch.Tensor, grad_loss_scores: torch.Tensor):
-        xr, weight, scores = ctx.saved_tensors
-        dtype = ctx.compute_dtype
+        xr, wr, scores = ctx.saved_tensors  # x and the weight already in the matmul's dtype
+        dtype = wr.dtype
         # d/dlogits of each use, fp32 [..., E] (None: that output got no gradient)
         grad_model = None if grad_scores is None else torch.ops.aten.sigmoid_backward(grad_scores, scores)
         grad_loss = None if grad_loss_scores is None else torch.ops.aten.sigmoid_backward(grad_loss_scores, scores)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0] and grad_model is not None:
-            grad_x = (grad_model.to(dtype) @ weight.to(dtype)).to(ctx.x_dtype)  # [..., D]
+            grad_x = (grad_model.to(dtype) @ wr).to(ctx.x_dtype)  # [..., D]
         both = grad_model if grad_loss is None else (grad_loss if grad_model is None else grad_model + grad_loss)
         if ctx.needs_input_grad[1] and both is not None:
             both = both.to(dtype).reshape(-1, both.shape[-1])  # [T, E]
-            grad_w = (both.t() @ xr.to(dtype).reshape(-1, xr.shape[-1])).to(weight.dtype)  # [E, D]
+            grad_w = (both.t() @ xr.reshape(-1, xr.shape[-1])).to(ctx.weight_dtype)  # [E, D]
         return grad_x, grad_w
 
 
-def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None) -> torch.Tensor | None:
-    """Per-expert multiplier [..., E] for a routing mode (None = every expert fully on)."""
+def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None,
+                dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """Per-expert multiplier [..., E] for a routing mode (None = every expert fully on).
+
+    `dtype`: the 0/1 masks of "hard" and "ste" in this dtype (default: the scores'), e.g. that of the
+    FFN's hidden activations, so that gating them needs no further cast."""
     if mode == "dense":
         return None
     if mode == "soft":
         return scores
     if mode == "hard":
-        return (scores > tau).to(scores.dtype)
+        return (scores > tau).to(dtype or scores.dtype)
     if mode == "ste":
         # Stage 1, ours: the model sees exactly the hard mask it is served with, while the
         # routers learn through the sigmoid as in soft routing (straight-through estimator).
-        return _HardThreshold.apply(scores, tau)
+        return _HardThreshold.apply(scores, tau, dtype or scores.dtype)
     if mode == "topk":
         if k is None:
             raise LTEError("topk routing needs k: set_routing('topk', k=...) or LTEConfig(topk=...)")
@@ -204,17 +219,23 @@ class LTEInput(WrappedLayer):
         return self.perm.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if self.mode == "dense":
             self.scores, self.gate, self.loss_scores = None, None, None
-            return y
+            return self.base_layer(x)
         weight = self.router.weight
-        if self.mode in TRAINING_MODES and torch.is_grad_enabled() and not self.loss_to_model:
+        training = self.mode in TRAINING_MODES and torch.is_grad_enabled() and not self.loss_to_model
+        if training and torch.is_autocast_enabled(x.device.type):
+            # cast once for the projection and its router (autocast would cast x for each), so the
+            # backward also adds their gradients before one cast back
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = self.base_layer(x)
+        if training:
             self.scores, self.loss_scores = _TrainingScores.apply(x, weight)
         else:
             logits = F.linear(_router_input(x, weight), weight)  # [..., E]
             self.scores = self.loss_scores = torch.sigmoid(logits.float())
-        self.gate = expert_gate(self.scores, self.mode, self.tau, self.k)
+        # 0/1 masks in y's dtype (that of the hidden activations they gate: one cast fewer per step)
+        self.gate = expert_gate(self.scores, self.mode, self.tau, self.k, dtype=y.dtype)
         if self.budget and self.mode == "hard":
             keep = batch_budget_keep(self.scores, self.gate != 0, self.budget_experts)
             self.gate = self.gate * keep.to(self.gate.dtype)
