@@ -14,7 +14,7 @@
 #      the kernels everywhere)
 #   5. summary: short tables and the goals, printed last -> summary.json
 # Default total: 450 s (7.5 min); --quick: 240 s. Later sections get the time earlier ones did not use.
-# LTE_SUITE_FP8=1: the FFN benchmark also times the kernels on fp8 weights (rows lte_fp8).
+# LTE_SUITE_FP8=1: the FFN benchmark also times the kernels on fp8 weights (rows lte_fp8, lte_fp8_wide).
 # Smoke run on a CPU (no GPU; tiny shapes, Triton's interpreter): LTE_SUITE_SMOKE=1.
 set -u
 
