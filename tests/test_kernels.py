@@ -193,7 +193,7 @@ def test_import_does_not_import_triton():
 def test_triton_kernels_in_interpreter(parts):
     """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,5,40}, 0/middle/100% off,
     default and persistent settings, router (+ budget) + FFN, fp8 weights with row scales; experts of
-    8 and 16 neurons too."""
+    4, 8 and 16 neurons too."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     flags = [p for p in parts if p.startswith("--")]
     parts = [p for p in parts if not p.startswith("--")]

@@ -28,7 +28,7 @@ from .tuning import KernelConfig
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 SHAPES = ((72, 100, 32), (100, 160, 32), (33, 200, 48))  # (D, F, S): odd D and S, smaller last expert
 #: Experts of 8 and 16 neurons (finer than the paper's 32; the recipe study tries them): `--small-experts`
-SMALL_EXPERT_SHAPES = ((40, 64, 8), (36, 80, 16), (20, 72, 8))
+SMALL_EXPERT_SHAPES = ((40, 64, 8), (36, 80, 16), (20, 72, 8), (24, 42, 4))
 BATCHES = (1, 5, 40)
 #: None = the default settings (one program per work item); the other a persistent grid with
 #: several items per program, 8-row items (B = 1), uneven expert shares in the down kernel found
@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split", "act", "fp8"],
                         choices=["ffn", "router", "routed", "split", "act", "fp8"],
                         help="which groups of cases to run (fp8: weights in e4m3 with row scales)")
-    parser.add_argument("--small-experts", action="store_true", help="experts of 8 and 16 neurons instead")
+    parser.add_argument("--small-experts", action="store_true", help="experts of 4, 8 and 16 neurons instead")
     args = parser.parse_args()
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())
     results = run_checks(args.device, dtypes, full=args.full, parts=tuple(args.parts),
