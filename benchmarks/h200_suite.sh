@@ -14,6 +14,7 @@
 #      the kernels everywhere)
 #   5. summary: short tables and the goals, printed last -> summary.json
 # Default total: 450 s (7.5 min); --quick: 240 s. Later sections get the time earlier ones did not use.
+# LTE_SUITE_EXPERT_SIZES="8 4": tuning and the FFN benchmark again at those expert sizes (section 3b).
 # LTE_SUITE_FP8=1: the FFN benchmark also times the kernels on fp8 weights (rows lte_fp8, lte_fp8_wide).
 # Smoke run on a CPU (no GPU; tiny shapes, Triton's interpreter): LTE_SUITE_SMOKE=1.
 set -u
@@ -80,7 +81,9 @@ if [ "$SMOKE" = 1 ]; then
   DECODE_ARGS=(--shapes tiny --batch-sizes 1 3 --new-tokens 2 --runs 1 --batch-budget 0.5 --random-sparsities 0.5
                --device cpu --dtype float32 --cache-len 32)
   CAP_TESTS=60; CAP_TUNE=60; CAP_FFN=120
+  S_TUNE_ARGS=(--shapes tiny --tokens 1 --gb 0.0001); S_FFN_ARGS=(--shapes tiny --tokens 1 --gb 0.0001)
 else
+  S_TUNE_ARGS=(--shapes llama3-8b --tokens 1 8); S_FFN_ARGS=(--shapes llama3-8b llama2-7b --tokens 1 8 32)
   TEST_ARGS=(-m "gpu and not slow")
   TUNE_ARGS=()
   FFN_ARGS=()
@@ -117,6 +120,20 @@ fi
 
 # ---------------------------------------------------------------- 3. FFN benchmark
 run ffn "$CAP_FFN" "$PY" benchmarks/ffn_kernel.py --budget $(( CAP_FFN - 20 )) --out "$OUT" ${FFN_ARGS[@]+"${FFN_ARGS[@]}"}
+
+# ---------------------------------------------------------------- 3b. smaller experts
+# LTE_SUITE_EXPERT_SIZES="8 4": for each size, tiles tuned for it (Llama-3-8B, B = 1 and 8) and the FFN
+# benchmark at that size -> $OUT/s<S>/{kernel_configs,ffn_kernel}.json (the study's recipes use 8-neuron
+# experts; the 32-neuron timings above do not carry over).
+for S in ${LTE_SUITE_EXPERT_SIZES:-}; do
+  mkdir -p "$OUT/s$S"
+  run "tune_s$S" 40 "$PY" benchmarks/tune_kernels.py --budget 20 --expert-size "$S" "${S_TUNE_ARGS[@]}" \
+    --out "$OUT/s$S/kernel_configs.json"
+  CFG_S="$OUT/s$S/kernel_configs.json"
+  [ -f "$CFG_S" ] || CFG_S="${LTE_KERNEL_CONFIGS:-}"
+  LTE_KERNEL_CONFIGS="$CFG_S" run "ffn_s$S" 45 "$PY" benchmarks/ffn_kernel.py --budget 30 --expert-size "$S" \
+    "${S_FFN_ARGS[@]}" --out "$OUT/s$S"
+done
 
 # ---------------------------------------------------------------- 4. decode-step benchmark (takes the rest)
 CAP_DECODE=$(( $(left) - 15 ))

@@ -17,7 +17,7 @@ PY=${PYTHON:-python3}
 if [[ "${1:-}" == "--tiny" ]]; then
     MEM=(--shape tiny --steps 2 --warmup 1); STEP=(--tiny --steps 2 --warmup 1)
 else
-    MEM=(); STEP=(--steps 20 --warmup 5)
+    MEM=(); STEP=(--steps 20 --warmup 5 --rounds 3)  # 3 rounds alternating dense and stage 1: steadier ratios
 fi
 start=$(date +%s)
 echo "== LoRA-LTE memory and speed (7B shape) =="
