@@ -15,6 +15,7 @@ GPU kernel launches a step costs: on a small model the step is bound by them) an
     PYTHONPATH=src python benchmarks/train_step.py --tiny --steps 2       # CPU smoke test
     PYTHONPATH=src python benchmarks/train_step.py --shape small --count-ops --threads 1   # CPU profile
     PYTHONPATH=src python benchmarks/train_step.py --routing ste --profile runs/prof   # where the time goes
+    PYTHONPATH=src python benchmarks/train_step.py --shape llama2-7b-4l --batch-size 4 --routing ste   # 7B layers
 
 `--profile DIR` records two steps of each model with `torch.profiler` after the timing and writes
 DIR/{dense,stage1}_ops.txt (operators by self device time, then by self CPU time) and
@@ -40,6 +41,9 @@ import torch
 #: per-operation costs, as a GPU step of SmolLM2 is by kernel launches.
 SHAPES = {
     "smollm2": (49152, 576, 1536, 30, 9, 3),
+    # LLaMA-2-7B's layers, 4 of its 32 (full fine-tuning of all 32 needs ~110 GB of optimizer state):
+    # the per-layer cost of stage 1 against dense at the 7B width, which issue 12 asks about
+    "llama2-7b-4l": (32000, 4096, 11008, 4, 32, 32),
     "small": (2048, 128, 352, 16, 4, 2),
     "tiny": (512, 64, 176, 2, 4, 2),
 }
