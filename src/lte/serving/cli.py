@@ -56,7 +56,8 @@ def _budget_arg(parser: argparse.ArgumentParser) -> None:
                              "whole batch (the largest summed router scores); 0 = none")
     parser.add_argument("--weights", default="native", choices=WEIGHT_FORMATS,
                         help="how the LTE FFN matrices are stored for serving: native (the model's dtype) or fp8 "
-                             "(e4m3, one scale per row: half the bytes of bf16; about 1%% perplexity on the demo)")
+                             "(e4m3, one scale per row: half the bytes of bf16; about 1%% perplexity on the demo; it saves "
+                             "memory, but its kernels are slower than bf16's so far: docs/benchmarks.md)")
 
 
 def _device_args(parser: argparse.ArgumentParser) -> None:

@@ -92,8 +92,10 @@ class SparseMLP(nn.Module):
 
     `weights="fp8"` stores the three FFN matrices in float8_e4m3fn with one fp32 scale per row
     (`lte.kernels.quantize_rows_fp8`; the router and biases keep their dtype): decode steps read
-    half the bytes of bf16 through the same kernels, always on the sparse path (reading fp8 beats
-    cuBLAS on bf16 at any union); prefill dequantizes the weights for the call.
+    half the bytes of bf16 through the same kernels, always on the sparse path; prefill dequantizes
+    the weights for the call. It saves memory, not time yet: on an H200 (docs/benchmarks.md) the fp8
+    kernels ran slower than the bf16 ones at every batch size, and at B = 32 with a full union at
+    0.39x of the dense bf16 FFN.
     """
 
     def __init__(self, w_gate: torch.Tensor | None, w_up: torch.Tensor, w_down_t: torch.Tensor,
