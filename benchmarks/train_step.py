@@ -231,6 +231,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate dense and stage-1 timings this many times (a CPU shared with other work)")
     parser.add_argument("--out", default=None, help="write the JSON result here")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models (as `lte train --torch-compile`); warm-up steps include the compile")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also record two steps of each with torch.profiler; tables and a summary to DIR")
     args = parser.parse_args()
@@ -259,19 +261,21 @@ def main() -> None:
     # The LTE model is converted from `model` in place: one round times the dense model first; more
     # rounds alternate between a copy of it and the LTE model, so that a drifting load hits both alike.
     dense_model = copy.deepcopy(model) if args.rounds > 1 or args.profile else model  # --profile: kept dense
+    maybe_compile = torch.compile if args.compile else (lambda m: m)
     if args.rounds == 1:
-        runs["dense"].append(time_steps(model, batch, args.steps, args.warmup, device, per_step_stats=False,
-                                        count_ops=args.count_ops))
+        runs["dense"].append(time_steps(maybe_compile(model), batch, args.steps, args.warmup, device,
+                                        per_step_stats=False, count_ops=args.count_ops))
     # Grouping does not change the step cost; contiguous skips k-means for a quick benchmark.
     lmodel = lte.get_lte_model(model, lte.LTEConfig(grouping="contiguous", eta=0.5), progress=False)
     lmodel.set_routing(args.routing)
     lmodel.train()
+    timed_dense, timed_lte = maybe_compile(dense_model), maybe_compile(lmodel)
     for r in range(args.rounds):
         count = args.count_ops and r == 0
         if args.rounds > 1:
-            runs["dense"].append(time_steps(dense_model, batch, args.steps, args.warmup, device,
+            runs["dense"].append(time_steps(timed_dense, batch, args.steps, args.warmup, device,
                                             per_step_stats=False, count_ops=count))
-        runs["stage1"].append(time_steps(lmodel, batch, args.steps, args.warmup, device, per_step_stats=True,
+        runs["stage1"].append(time_steps(timed_lte, batch, args.steps, args.warmup, device, per_step_stats=True,
                                          teacher=teacher, distill=args.distill, count_ops=count))
     dense, stage1 = (_summary(runs[k]) for k in ("dense", "stage1"))
 
@@ -284,6 +288,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "tokens_per_step": args.batch_size * args.seq_len,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "compiled": args.compile,
         "dense": dense,
         "stage1": stage1,
         "ratio_median": stage1["median_s"] / dense["median_s"],

@@ -92,6 +92,29 @@ def test_routers_get_gradients_in_stage1(tiny, tmp_path):
     assert probe.router_grad_norms and all(n > 0 for step in probe.router_grad_norms for n in step)
 
 
+@pytest.mark.slow  # the CPU compile takes about a minute
+def test_stage1_under_torch_compile_trains_the_same_as_eager(tiny, tmp_path):
+    """`torch_compile=True` (the Trainer's torch.compile): the LTE model traces in one graph, and two
+    steps give the routers gradients and log the same losses and sparsity as the eager run (to float
+    rounding)."""
+    from torch._dynamo.utils import counters
+
+    logs = {}
+    for compiled in (False, True):
+        counters.clear()
+        probe = _GradProbe()
+        out = tmp_path / f"s1_{compiled}"
+        train_stage("1", tiny["model"], "causal-lm", tiny["text"], out, max_steps=2, callbacks=[probe],
+                    torch_compile=compiled, **FAST)
+        assert probe.router_grad_norms and all(n > 0 for step in probe.router_grad_norms for n in step)
+        logs[compiled] = [r for r in read_log(out) if "loss" in r]
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled  # compiled only when asked for
+    assert len(logs[True]) == len(logs[False]) == 2
+    for eager, comp in zip(logs[False], logs[True]):
+        assert comp["loss"] == pytest.approx(eager["loss"], rel=1e-3)
+        assert comp["ffn_sparsity"] == pytest.approx(eager["ffn_sparsity"], abs=1e-6)
+
+
 def test_stage2_freezes_routers_and_trains_the_rest(stage1_dir, tiny, tmp_path):
     before = lte.LTEModel.from_pretrained(stage1_dir)
     rec = train_stage("2", stage1_dir, "causal-lm", tiny["text"], tmp_path / "s2", max_steps=3, **FAST)

@@ -5,7 +5,8 @@
 #   2. benchmarks/train_step.py: the full-parameter stage-1 step against the dense step, SmolLM2-135M
 #      shapes (soft, then straight-through stage 1) -> $OUT/train_step{,_ste}.json, and where the
 #      straight-through step's time goes (torch.profiler) -> $OUT/profile_ste/; and the straight-through
-#      step on 4 of LLaMA-2-7B's layers (full fine-tuning) -> $OUT/train_step_7b.json
+#      step under torch.compile -> $OUT/train_step_ste_compiled.json; and the straight-through step on 4 of
+#      LLaMA-2-7B's layers (full fine-tuning) -> $OUT/train_step_7b.json
 #
 #   OUT=/path bash scripts/gpu/peft_bench.sh [--tiny]     # --tiny: CPU smoke test of the whole script
 set -uo pipefail
@@ -21,13 +22,17 @@ else
     MEM=(); STEP=(--steps 20 --warmup 5 --rounds 3)  # 3 rounds alternating dense and stage 1: steadier ratios
 fi
 start=$(date +%s)
-echo "== LoRA-LTE memory and speed (7B shape) =="
-"$PY" benchmarks/peft_memory.py "${MEM[@]}" --budget-s 300 --out "$OUT/peft_memory.json"
+if [[ "${PEFT_MEMORY:-1}" != 0 ]]; then  # PEFT_MEMORY=0: the step-time parts only
+    echo "== LoRA-LTE memory and speed (7B shape) =="
+    "$PY" benchmarks/peft_memory.py "${MEM[@]}" --budget-s 300 --out "$OUT/peft_memory.json"
+fi
 echo "elapsed: $(( $(date +%s) - start )) s"
 echo "== stage-1 step vs dense step (SmolLM2 shapes) =="
 "$PY" benchmarks/train_step.py "${STEP[@]}" --count-ops --out "$OUT/train_step.json" | tail -4
 "$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --out "$OUT/train_step_ste.json" \
     --profile "$OUT/profile_ste" | tail -3
+echo "== the same under torch.compile (lte train --torch-compile) =="
+"$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --compile --out "$OUT/train_step_ste_compiled.json" | tail -1
 echo "== stage-1 step vs dense step (LLaMA-2-7B layers, 4 of 32) =="
 if [[ "${1:-}" == "--tiny" ]]; then BIG=(--tiny); else BIG=(--shape llama2-7b-4l --batch-size 4); fi
 "$PY" benchmarks/train_step.py "${STEP[@]}" "${BIG[@]}" --routing ste --out "$OUT/train_step_7b.json" | tail -1

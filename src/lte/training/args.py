@@ -168,6 +168,9 @@ class TrainArgs:
         "a model folder with adapters (light save): its base model (default: the path the folder records)"))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "recompute activations in the backward pass: less memory, slower steps"))
+    torch_compile: bool = field(default=False, metadata=_help(
+        "compile the model with torch.compile (the Trainer's torch_compile): fewer kernel launches per step, "
+        "which is what bounds the steps of small models on a GPU; the first step pays the compile"))
 
     def __post_init__(self) -> None:
         if isinstance(self.lte, dict):
@@ -339,6 +342,7 @@ def training_arguments(out: Path, hp: TrainArgs):
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",  # the budget a study reports (tokens, not only steps)
+        torch_compile=hp.torch_compile,
         **_checkpointing(hp, TrainingArguments),
     )
 
