@@ -12,6 +12,8 @@ random weights) and each token count B, in one process and the same CUDA-graph l
 - anchors: the kernels without the router (mask given) at 50%, a dense FFN half as wide at B=1,
   and prefill (512 tokens: dense vs the masked dense path LTE keeps for prefill, with the router's
   threshold inside the masked activation launch, and with separate sigmoid / compare launches);
+- ``lte_dense_path``: at each B, that masked dense path with every expert on: what the decoder's
+  dispatch (``lte.serving.dispatch``) runs when the batch's union is (nearly) full;
 - with ``--fp8``: ``lte_fp8``, the same fixed masks with the FFN matrices in fp8 (e4m3, one fp32
   scale per row; ``lte.kernels.quantize_rows_fp8``), against the same bf16 dense cuBLAS FFN; and
   ``lte_fp8_wide``, the same with tiles twice as wide along D (the bf16-tuned tiles' bytes per load).
@@ -203,6 +205,9 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
                 res = guarded(errors, f"lte budget {name} B={num_tokens}", bench.routed, masks, bench.E // 2)
                 if res is not None:
                     add(num_tokens, "lte_budget", "per_token", 0.5, res[0], dense_us, res[1])
+        if not deadline.over(3):  # what the decoder's dispatch runs at a full union (lte.serving.dispatch)
+            us = guarded(errors, f"dense path {name} B={num_tokens}", bench.prefill_lte, num_tokens, 0.0)
+            add(num_tokens, "lte_dense_path", "fixed", 0.0, us, dense_us, 1.0)
         if num_tokens == 1 and not deadline.over(3):
             us = guarded(errors, f"kernel only {name}", bench.kernel_only, bench.masks("fixed", 1, 0.5))
             add(1, "kernel_only", "fixed", 0.5, us, dense_us, 0.5, router=False)
