@@ -70,7 +70,7 @@ except ImportError:
     print("triton missing")
 import transformers; print("transformers", transformers.__version__)
 EOF
-  git rev-parse --short HEAD 2>/dev/null || echo "commit: ${LTE_COMMIT:-unknown}"
+  if [ -n "${LTE_COMMIT:-}" ]; then echo "commit: $LTE_COMMIT"; else git rev-parse --short HEAD 2>/dev/null || echo "commit: unknown"; fi
 } 2>&1 | tee "$OUT/env.txt"
 
 if [ "$SMOKE" = 1 ]; then

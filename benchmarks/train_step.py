@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import platform
 import subprocess
 import time
@@ -322,6 +323,9 @@ def main() -> None:
 
 
 def _commit() -> str | None:
+    """LTE_COMMIT when set (a copy of the tree whose .git may be older, as on a remote GPU machine), else git's."""
+    if os.environ.get("LTE_COMMIT"):
+        return os.environ["LTE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
