@@ -63,23 +63,33 @@ def test_statistics_of_all_layers_at_once_equal_the_per_layer_ones(mode, one_tau
     assert lmodel.accumulated_sparsity().tolist() == pytest.approx(want, rel=1e-12)
 
 
-def test_stage1_step_costs_few_extra_ops_and_no_host_read():
-    """Before issue 12 a stage-1 forward + backward of this 8-layer model cost ~100 extra ops per layer
-    and the read-out one host read per layer; now ~60, and no read until the numbers are asked for."""
+LAYERS = 8
+
+
+def _llama_and_op_counter(autocast: bool = False):
+    """An 8-layer tiny LLaMA in training mode, and a function that counts the aten operations of one
+    forward + backward of a model on a fixed batch (under CPU bf16 autocast when asked)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    layers = 8
     model = LlamaForCausalLM(LlamaConfig(vocab_size=tm.VOCAB, hidden_size=32, intermediate_size=96,
-                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
+                                         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2))
     model.train()
     inputs = {**tm.batch(), "labels": tm.batch()["input_ids"]}
 
     def ops(m) -> collections.Counter:
-        with _Ops() as counter:
+        with _Ops() as counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             m(**inputs).loss.backward()
         return counter.counts
 
+    return model, ops
+
+
+def test_stage1_step_costs_few_extra_ops_and_no_host_read():
+    """Before issue 12 a stage-1 forward + backward of this 8-layer model cost ~100 extra ops per layer
+    and the read-out one host read per layer; now ~60, and no read until the numbers are asked for."""
+    model, ops = _llama_and_op_counter()
+    layers = LAYERS
     dense = ops(model)
     lmodel = lte.get_lte_model(model, lte.LTEConfig(grouping="contiguous"), progress=False).set_routing("soft")
     lmodel.reset_lte_stats()
@@ -128,22 +138,11 @@ def test_stage1_under_autocast_casts_once_per_use():
     router, reuses the cast operands in the backward and makes the mask in the activations' dtype:
     9 extra casts per layer (14 before), and the same gradients as plain autograd ops."""
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from lte.routing.layers import LTEInput, LTEOutput, gate_neurons
 
-    torch.manual_seed(0)
-    layers = 8
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tm.VOCAB, hidden_size=32, intermediate_size=96,
-                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
-    model.train()
-    inputs = {**tm.batch(), "labels": tm.batch()["input_ids"]}
-
-    def ops(m) -> collections.Counter:
-        with _Ops() as counter, torch.autocast("cpu", dtype=torch.bfloat16):
-            m(**inputs).loss.backward()
-        return counter.counts
-
+    model, ops = _llama_and_op_counter(autocast=True)
+    layers = LAYERS
     dense = ops(model)
     lmodel = lte.get_lte_model(model, lte.LTEConfig(grouping="contiguous"), progress=False).set_routing("ste")
     lmodel.reset_lte_stats()
