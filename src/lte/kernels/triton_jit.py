@@ -215,29 +215,22 @@ def _budget_kernel(
 
 @triton.jit
 def _ffn_in_item(
-    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, experts, g_ok, block,
+    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, block,
     B, D, F, S, stride_xb, stride_mb, stride_hb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr,
 ):
-    """One work item: h[b, rows] for row block ``block`` of each of the G ``experts`` [G] (those
-    with ``g_ok``), all B tokens. G > 1 (experts smaller than BLOCK_F, e.g. 8 neurons under
-    ``tl.dot``'s 16 rows): the item is the G experts' rows, BLOCK_F / G each, and block is 0.
+    """One work item: h[b, rows] for row block ``block`` of ``expert``, all B tokens.
 
     SCALED: fp8 weights with one fp32 scale per row (``lte.kernels.quant``): a row's dot product is
     multiplied by its scale (before the bias); for ``tl.dot`` the fp8 tile is widened to x's dtype."""
-    R: tl.constexpr = BLOCK_F // G  # rows of each expert
     toks = tl.arange(0, B_PAD)  # [B_PAD]
     tok_ok = toks < B
-    local = block * R + tl.arange(0, R)  # [R] rows within an expert
-    rows2 = experts[:, None] * S + local[None, :]  # [G, R]
-    ok2 = g_ok[:, None] & (local[None, :] < S) & (rows2 < F)
-    rows = tl.reshape(rows2, (BLOCK_F,))
-    row_ok = tl.reshape(ok2, (BLOCK_F,))
-    m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
-                mask=tok_ok[:, None] & g_ok[None, :], other=0)  # [B_PAD, G]
-    m = tl.reshape(tl.broadcast_to(m[:, :, None], (B_PAD, G, R)), (B_PAD, BLOCK_F))
+    local = block * BLOCK_F + tl.arange(0, BLOCK_F)  # [BLOCK_F] rows within the expert
+    rows = expert * S + local
+    row_ok = (local < S) & (rows < F)
+    m = tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0)  # [B_PAD]
     w_rows = rows.to(tl.int64) * D  # [BLOCK_F] row offsets into [F, D]
     if USE_DOT:
         acc_u = tl.zeros([B_PAD, BLOCK_F], dtype=tl.float32)
@@ -280,7 +273,7 @@ def _ffn_in_item(
         h = _activation(acc_g, ACT) * acc_u
     else:
         h = _activation(acc_u, ACT)
-    h = tl.where(m != 0, h, 0.0)  # a token only uses its own experts
+    h = tl.where(m[:, None] != 0, h, 0.0)  # a token only uses its own experts
     tl.store(h_ptr + toks[:, None] * stride_hb + rows[None, :], h.to(h_ptr.dtype.element_ty),
              mask=tok_ok[:, None] & row_ok[None, :])
 
@@ -293,11 +286,10 @@ def _ffn_in_kernel(
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     SLOTS: tl.constexpr, PERSISTENT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr,
 ):
     """h for the (active expert, row block) items: an item is BLOCK_F rows of one expert
-    (RB = ceil(S / BLOCK_F) items per expert), or with G > 1 (then RB = 1) the rows of G consecutive
-    active experts; a token whose mask is off for an expert gets h = 0 there.
+    (RB = ceil(S / BLOCK_F) items per expert); a token whose mask is off for the expert gets h = 0.
 
     PERSISTENT: each program takes a contiguous equal share of the items (SLOTS bounds the experts
     a share can span); otherwise program i does item i, if there is one."""
@@ -306,28 +298,25 @@ def _ffn_in_kernel(
         gdc_launch_dependents()  # only now: the down kernel reads the union before it waits
     pid = tl.program_id(0)
     csum, n_active = _active_list(union_ptr, E, E_PAD)
-    offs_g = tl.arange(0, G)
-    n_items = tl.cdiv(n_active, G) * RB
+    n_items = n_active * RB
     if PERSISTENT:
         share = tl.cdiv(n_items, tl.num_programs(0))
         i0 = pid * share
         i1 = tl.minimum(i0 + share, n_items)
-        j_first = (i0 // RB) * G
+        j_first = i0 // RB
         ids = _nth_active(csum, j_first, SLOTS)  # the experts this share can touch
-        slots = tl.arange(0, SLOTS)
         for item in range(i0, i1):
-            j = (item // RB) * G + offs_g  # [G] the item's active-expert indices
-            experts = tl.sum(tl.where(slots[None, :] == (j - j_first)[:, None], ids[None, :], 0), axis=1)
+            j = item // RB
             _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
-                         experts, j < n_active, item - (item // RB) * RB, B, D, F, S, stride_xb, stride_mb,
-                         stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
+                         _pick(ids, j - j_first, SLOTS), item - j * RB, B, D, F, S, stride_xb, stride_mb,
+                         stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
     else:
         if pid < n_items:
-            j = (pid // RB) * G + offs_g  # [G]
-            experts = tl.sum((csum[None, :] <= j[:, None]).to(tl.int32), axis=1)  # the j-th active experts
-            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, experts, j < n_active,
-                         pid - (pid // RB) * RB, B, D, F, S, stride_xb, stride_mb, stride_hb,
-                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
+            j = pid // RB
+            expert = tl.sum((csum <= j).to(tl.int32), axis=0)  # the j-th active expert
+            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, pid - j * RB,
+                         B, D, F, S, stride_xb, stride_mb, stride_hb,
+                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
 
 
 @triton.jit
@@ -337,12 +326,9 @@ def _ffn_out_kernel(
     stride_hb, stride_mb,
     B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, G: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
-
-    Each step takes G experts (S_PAD rows: S_PAD // G per expert, the expert size padded when G = 1),
-    so that small experts (8 neurons: G = 4) still give a step 32 rows to load and multiply.
 
     With PDL the kernel starts while the gate/up kernel runs: it reads the union (complete before
     that kernel triggered this launch) and finds its share, then waits (gdc_wait) before its loop.
@@ -366,10 +352,7 @@ def _ffn_out_kernel(
     csum, n_active = _active_list(union_ptr, E, E_PAD)
     j0 = (n_active * pid_s) // nsplit
     j1 = (n_active * (pid_s + 1)) // nsplit
-    R: tl.constexpr = S_PAD // G  # rows per expert in a step
-    offs_g = tl.arange(0, G)
-    offs_r = tl.arange(0, R)
-    slots = tl.arange(0, CHUNK)
+    offs_s = tl.arange(0, S_PAD)
     if USE_DOT:
         acc = tl.zeros([B_PAD, BLOCK_D], dtype=tl.float32)
     else:
@@ -377,24 +360,18 @@ def _ffn_out_kernel(
     if PDL:
         gdc_wait()  # h comes from the gate/up kernel; also: never complete before it
     for c0 in range(j0, j1, CHUNK):
-        ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts (CHUNK: a multiple of G)
-        c1 = tl.minimum(c0 + CHUNK, j1)
-        for j in range(c0, c1, G):
-            g_ok = (j + offs_g) < c1  # [G] the step's experts that are in this share
-            experts = tl.sum(tl.where(slots[None, :] == (j - c0 + offs_g)[:, None], ids[None, :], 0), axis=1)
-            rows2 = experts[:, None] * S + offs_r[None, :]  # [G, R] their neuron rows
-            ok2 = g_ok[:, None] & (offs_r[None, :] < S) & (rows2 < F)
-            rows = tl.reshape(rows2, (S_PAD,))
-            row_ok = tl.reshape(ok2, (S_PAD,))
+        ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts
+        for j in range(c0, tl.minimum(c0 + CHUNK, j1)):
+            expert = _pick(ids, j - c0, CHUNK)
+            rows = expert * S + offs_s  # [S_PAD] the expert's neuron rows
+            row_ok = (offs_s < S) & (rows < F)
             w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [S_PAD, BLOCK_D]
-            h_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, S_PAD]
+            h_ok = tok_ok
             if TOKEN_MASK:
-                on = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
-                             mask=tok_ok[:, None] & g_ok[None, :], other=0) != 0  # [B_PAD, G]
-                on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R)), (B_PAD, S_PAD))
-                h_ok = h_ok & on
-            h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :], mask=h_ok, other=0.0)  # [B_PAD, S_PAD]
+                h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
+            h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :],
+                        mask=h_ok[:, None] & row_ok[None, :], other=0.0)  # [B_PAD, S_PAD]
             if SCALED:
                 h = h.to(tl.float32) * tl.load(sd_ptr + rows, mask=row_ok, other=0.0)[None, :]
                 if DOT_DTYPE == 0:
