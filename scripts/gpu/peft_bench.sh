@@ -9,6 +9,8 @@
 #      LLaMA-2-7B's layers (full fine-tuning) -> $OUT/train_step_7b.json
 #
 #   OUT=/path bash scripts/gpu/peft_bench.sh [--tiny]     # --tiny: CPU smoke test of the whole script
+#   PEFT_PARTS="compile 7b" ...: only those parts (memory, eager, compile, 7b; default all four), e.g. to
+#   time the compiled step in a call of its own (compiling both models took most of a 280 s call)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
@@ -21,19 +23,31 @@ if [[ "${1:-}" == "--tiny" ]]; then
 else
     MEM=(); STEP=(--steps 20 --warmup 5 --rounds 3)  # 3 rounds alternating dense and stage 1: steadier ratios
 fi
+PARTS=" ${PEFT_PARTS:-memory eager compile 7b} "
+if [[ "${PEFT_MEMORY:-1}" == 0 ]]; then PARTS=${PARTS/ memory / }; fi  # older spelling: PEFT_MEMORY=0
+want() { [[ "$PARTS" == *" $1 "* ]]; }
+for part in $PARTS; do
+    case "$part" in memory|eager|compile|7b) ;; *) echo "peft_bench.sh: unknown part '$part' in PEFT_PARTS (parts: memory eager compile 7b)" >&2; exit 2 ;; esac
+done
 start=$(date +%s)
-if [[ "${PEFT_MEMORY:-1}" != 0 ]]; then  # PEFT_MEMORY=0: the step-time parts only
+if want memory; then
     echo "== LoRA-LTE memory and speed (7B shape) =="
     "$PY" benchmarks/peft_memory.py "${MEM[@]}" --budget-s 300 --out "$OUT/peft_memory.json"
+    echo "elapsed: $(( $(date +%s) - start )) s"
 fi
-echo "elapsed: $(( $(date +%s) - start )) s"
-echo "== stage-1 step vs dense step (SmolLM2 shapes) =="
-"$PY" benchmarks/train_step.py "${STEP[@]}" --count-ops --out "$OUT/train_step.json" | tail -4
-"$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --out "$OUT/train_step_ste.json" \
-    --profile "$OUT/profile_ste" | tail -3
-echo "== the same under torch.compile (lte train --torch-compile) =="
-"$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --compile --out "$OUT/train_step_ste_compiled.json" | tail -1
-echo "== stage-1 step vs dense step (LLaMA-2-7B layers, 4 of 32) =="
-if [[ "${1:-}" == "--tiny" ]]; then BIG=(--tiny); else BIG=(--shape llama2-7b-4l --batch-size 4); fi
-"$PY" benchmarks/train_step.py "${STEP[@]}" "${BIG[@]}" --routing ste --out "$OUT/train_step_7b.json" | tail -1
+if want eager; then
+    echo "== stage-1 step vs dense step (SmolLM2 shapes) =="
+    "$PY" benchmarks/train_step.py "${STEP[@]}" --count-ops --out "$OUT/train_step.json" | tail -4
+    "$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --out "$OUT/train_step_ste.json" \
+        --profile "$OUT/profile_ste" | tail -3
+fi
+if want compile; then
+    echo "== the same under torch.compile (lte train --torch-compile) =="
+    "$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --compile --out "$OUT/train_step_ste_compiled.json" | tail -1
+fi
+if want 7b; then
+    echo "== stage-1 step vs dense step (LLaMA-2-7B layers, 4 of 32) =="
+    if [[ "${1:-}" == "--tiny" ]]; then BIG=(--tiny); else BIG=(--shape llama2-7b-4l --batch-size 4); fi
+    "$PY" benchmarks/train_step.py "${STEP[@]}" "${BIG[@]}" --routing ste --out "$OUT/train_step_7b.json" | tail -1
+fi
 echo "elapsed: $(( $(date +%s) - start )) s"
