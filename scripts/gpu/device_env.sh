@@ -19,32 +19,32 @@ fi
 if [ -d carry/wheels ] && [ ! -f "$LTE_DEVICE_DIR/py/.done" ]; then
     python3 -m pip install -q --no-index --no-deps --target "$LTE_DEVICE_DIR/py" carry/wheels/*.whl && touch "$LTE_DEVICE_DIR/py/.done"
 fi
-# MiniLM: two parts carried by two calls (carry/minilm1, minilm2, any order); joined once both are here
-mkdir -p "$LTE_DEVICE_DIR/minilmparts"
-for part in carry/minilm?/*; do
-    [ -f "$part" ] && cp -n "$part" "$LTE_DEVICE_DIR/minilmparts/"
-done
-if [ ! -f "$LTE_DEVICE_DIR/minilm/model.safetensors" ] && [ -f "$LTE_DEVICE_DIR/minilmparts/config.json" ] \
-    && [ "$(ls "$LTE_DEVICE_DIR"/minilmparts/minilmpart0? 2>/dev/null | wc -l)" = 2 ]; then
-    mkdir -p "$LTE_DEVICE_DIR/minilm"
-    cat "$LTE_DEVICE_DIR"/minilmparts/minilmpart0? > "$LTE_DEVICE_DIR/minilm/model.safetensors"
-    cp "$LTE_DEVICE_DIR"/minilmparts/*.json "$LTE_DEVICE_DIR/minilm/"
-    cp "$LTE_DEVICE_DIR"/minilmparts/vocab.txt "$LTE_DEVICE_DIR/minilm/" 2>/dev/null || true
-fi
-# MPNet: five parts carried by five calls (carry/mpnet1 .. mpnet5, any order); joined once all are here
-mkdir -p "$LTE_DEVICE_DIR/mpnetparts"
-for part in carry/mpnet?/*; do
-    [ -f "$part" ] && cp -n "$part" "$LTE_DEVICE_DIR/mpnetparts/"
-done
-if [ ! -f "$LTE_DEVICE_DIR/mpnet/model.safetensors" ] && [ -f "$LTE_DEVICE_DIR/mpnetparts/config.json" ] \
-    && [ "$(ls "$LTE_DEVICE_DIR"/mpnetparts/mpnetpart0? 2>/dev/null | wc -l)" = 5 ]; then
-    mkdir -p "$LTE_DEVICE_DIR/mpnet"
-    cat "$LTE_DEVICE_DIR"/mpnetparts/mpnetpart0? > "$LTE_DEVICE_DIR/mpnet/model.safetensors"
-    cp "$LTE_DEVICE_DIR"/mpnetparts/*.json "$LTE_DEVICE_DIR"/mpnetparts/vocab.txt "$LTE_DEVICE_DIR/mpnet/"
-fi
+# join_model NAME PARTS: a safetensors model carried in PARTS pieces by as many calls (carry/NAME1 ..
+# carry/NAMEn, any order; piece 1 also holds the config and tokenizer files) becomes $LTE_DEVICE_DIR/NAME
+# once every piece is here.
+join_model() {
+    local name=$1 parts=$2 store="$LTE_DEVICE_DIR/$1parts" part
+    mkdir -p "$store"
+    for part in carry/"$name"?/*; do
+        [ -f "$part" ] && cp -n "$part" "$store/"
+    done
+    if [ ! -f "$LTE_DEVICE_DIR/$name/model.safetensors" ] && [ -f "$store/config.json" ] \
+        && [ "$(ls "$store"/"$name"part0? 2>/dev/null | wc -l)" = "$parts" ]; then
+        mkdir -p "$LTE_DEVICE_DIR/$name"
+        cat "$store"/"$name"part0? > "$LTE_DEVICE_DIR/$name/model.safetensors"
+        cp "$store"/*.json "$store"/vocab.txt "$LTE_DEVICE_DIR/$name/"
+    fi
+}
+# model_status NAME PARTS: "ready" or how many pieces are here
+model_status() {
+    if [ -f "$LTE_DEVICE_DIR/$1/model.safetensors" ]; then echo ready
+    else echo "$(ls "$LTE_DEVICE_DIR/$1parts"/"$1"part0? 2>/dev/null | wc -l)/$2 parts"; fi
+}
+join_model minilm 2
+join_model mpnet 5
 export PYTHONPATH="$PWD/src:$LTE_DEVICE_DIR/pk:$LTE_DEVICE_DIR/py${PYTHONPATH:+:$PYTHONPATH}"
 export LTE_CACHE="$LTE_DEVICE_DIR/cache" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $( [ -f "$LTE_DEVICE_DIR/minilm/model.safetensors" ] && echo ready || echo "$(ls "$LTE_DEVICE_DIR"/minilmparts/minilmpart0? 2>/dev/null | wc -l)/2 parts" ), mpnet $( [ -f "$LTE_DEVICE_DIR/mpnet/model.safetensors" ] && echo ready || echo "$(ls "$LTE_DEVICE_DIR"/mpnetparts/mpnetpart0? 2>/dev/null | wc -l)/5 parts" )"
+echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $(model_status minilm 2), mpnet $(model_status mpnet 5)"
 # Experiment data: the carried archive of ../shared/data, unpacked next to the repo as ../shared/data.
 if [ -f carry/data/shared_data.tar.xz ] && [ ! -d "$LTE_DEVICE_DIR/shared/data" ]; then
     mkdir -p "$LTE_DEVICE_DIR/shared" && tar -C "$LTE_DEVICE_DIR/shared" -xJf carry/data/shared_data.tar.xz
