@@ -14,7 +14,8 @@
 #      the kernels everywhere)
 #   5. summary: short tables and the goals, printed last -> summary.json
 # Default total: 450 s (7.5 min); --quick: 240 s. Later sections get the time earlier ones did not use.
-# LTE_SUITE_EXPERT_SIZES="8 4": tuning and the FFN benchmark again at those expert sizes (section 3b).
+# LTE_SUITE_EXPERT_SIZES="8 4": tuning and the FFN benchmark again at those expert sizes (section 3b);
+#   LTE_SUITE_SMALL_TUNE_S: tuning seconds per size (default 20).
 # LTE_SUITE_FP8=1: the FFN benchmark also times the kernels on fp8 weights (rows lte_fp8, lte_fp8_wide).
 # Smoke run on a CPU (no GPU; tiny shapes, Triton's interpreter): LTE_SUITE_SMOKE=1.
 set -u
@@ -124,10 +125,12 @@ run ffn "$CAP_FFN" "$PY" benchmarks/ffn_kernel.py --budget $(( CAP_FFN - 20 )) -
 # ---------------------------------------------------------------- 3b. smaller experts
 # LTE_SUITE_EXPERT_SIZES="8 4": for each size, tiles tuned for it (Llama-3-8B, B = 1 and 8) and the FFN
 # benchmark at that size -> $OUT/s<S>/{kernel_configs,ffn_kernel}.json (the study's recipes use 8-neuron
-# experts; the 32-neuron timings above do not carry over).
+# experts; the 32-neuron timings above do not carry over). LTE_SUITE_SMALL_TUNE_S: tuning seconds per
+# size (default 20: on an H200 on 2026-12-03 that tuned B = 1 only).
+SMALL_TUNE=${LTE_SUITE_SMALL_TUNE_S:-20}
 for S in ${LTE_SUITE_EXPERT_SIZES:-}; do
   mkdir -p "$OUT/s$S"
-  run "tune_s$S" 40 "$PY" benchmarks/tune_kernels.py --budget 20 --expert-size "$S" "${S_TUNE_ARGS[@]}" \
+  run "tune_s$S" $(( SMALL_TUNE + 20 )) "$PY" benchmarks/tune_kernels.py --budget "$SMALL_TUNE" --expert-size "$S" "${S_TUNE_ARGS[@]}" \
     --out "$OUT/s$S/kernel_configs.json"
   CFG_S="$OUT/s$S/kernel_configs.json"
   [ -f "$CFG_S" ] || CFG_S="${LTE_KERNEL_CONFIGS:-}"
