@@ -91,8 +91,10 @@ class FFNLaunch:
     in_grid: int
     in_slots: int
     split: int
-    out_chunk: int  # expert ids the down kernel finds at a time
+    out_chunk: int  # expert ids the down kernel finds at a time (a multiple of out_group)
     pdl: bool
+    out_group: int  # G: experts per step of the down kernel
+    out_rows: int  # S_PAD: rows per step of the down kernel (G x the expert size, padded when G = 1)
     h: torch.Tensor  # [B, F] scratch (fp32, or x's dtype for the identity activation)
     part: torch.Tensor  # [SPLIT, B, D] fp32 partial sums
     y: torch.Tensor  # [B, D] output
@@ -111,6 +113,14 @@ def _out_chunk(num_exp: int, split: int) -> int:
     [CHUNK, E_PAD] comparison near 8K elements."""
     share = _next_pow2(triton.cdiv(num_exp, split))
     return max(2, min(share, max(4, 8192 // _next_pow2(num_exp))))
+
+
+def _out_group(expert_size: int) -> int:
+    """Experts per step of the down kernel: 32 rows per step for power-of-two experts under 32
+    neurons (8-neuron experts: 4 at a time), else 1 (the expert's rows padded to a power of two)."""
+    if expert_size < 32 and expert_size & (expert_size - 1) == 0:
+        return 32 // expert_size
+    return 1
 
 
 def _slots_for(max_share: int, row_blocks: int) -> int:
@@ -149,6 +159,11 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
     in_grid = max_items if cfg.in_progs_per_sm <= 0 else max(1, min(max_items, num_sms * cfg.in_progs_per_sm))
     in_grid = max(in_grid, triton.cdiv(max_items, 16 * row_blocks))  # a share spans at most ~16 experts
     split = max(1, min(cfg.out_split, num_exp))
+    group = cfg.out_group or _out_group(expert_size)
+    if group > 1 and expert_size & (expert_size - 1):
+        raise ValueError(f"out_group {group} needs a power-of-two expert size, got {expert_size}")
+    out_rows = group * expert_size if group > 1 else max(16, _next_pow2(expert_size))
+    out_chunk = _next_pow2(max(cfg.out_chunk or _out_chunk(num_exp, split), group))
     device = x.device
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     s_up, s_gate, s_down = scales if scales is not None else (None, None, None)
@@ -157,7 +172,7 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
         w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
         cfg, use_dot, b_pad, _next_pow2(num_exp), block_f, row_blocks, max_items, in_grid,
         _slots_for(triton.cdiv(max_items, in_grid), row_blocks), split,
-        cfg.out_chunk or _out_chunk(num_exp, split), cfg.pdl and _pdl_supported(device),
+        out_chunk, cfg.pdl and _pdl_supported(device), group, out_rows,
         h=h if h is not None else torch.empty(num_tokens, ffn_width, device=device, dtype=h_dtype or torch.float32),
         part=torch.empty(split if need_out else 0, num_tokens, model_width, device=device, dtype=torch.float32),
         y=torch.empty(num_tokens, model_width if need_out else 0, device=device, dtype=x.dtype),
@@ -269,9 +284,9 @@ def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
         p.h, p.union, p.mask_u8, p.w_down_t, p.s_down if p.s_down is not None else p.union, p.part,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0],
         p.h.stride(0), p.mask_u8.stride(0),
-        B_PAD=p.b_pad, S_PAD=max(16, _next_pow2(p.expert_size)), E_PAD=p.e_pad, CHUNK=p.out_chunk,
+        B_PAD=p.b_pad, S_PAD=p.out_rows, E_PAD=p.e_pad, CHUNK=p.out_chunk,
         BLOCK_D=cfg.out_block_d, TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x),
-        PDL=p.pdl, SCALED=p.s_down is not None, DOT_DTYPE=_DOT_DTYPE[p.x.dtype],
+        PDL=p.pdl, SCALED=p.s_down is not None, DOT_DTYPE=_DOT_DTYPE[p.x.dtype], G=p.out_group,
         num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),
     )
 

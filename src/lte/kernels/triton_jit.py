@@ -326,9 +326,12 @@ def _ffn_out_kernel(
     stride_hb, stride_mb,
     B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, G: tl.constexpr,
 ):
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
+
+    Each step takes G experts (S_PAD rows: S_PAD // G per expert, the expert size padded when G = 1),
+    so that small experts (8 neurons: G = 4) still give a step 32 rows to load and multiply.
 
     With PDL the kernel starts while the gate/up kernel runs: it reads the union (complete before
     that kernel triggered this launch) and finds its share, then waits (gdc_wait) before its loop.
@@ -352,7 +355,10 @@ def _ffn_out_kernel(
     csum, n_active = _active_list(union_ptr, E, E_PAD)
     j0 = (n_active * pid_s) // nsplit
     j1 = (n_active * (pid_s + 1)) // nsplit
-    offs_s = tl.arange(0, S_PAD)
+    R: tl.constexpr = S_PAD // G  # rows per expert in a step
+    offs_g = tl.arange(0, G)
+    offs_r = tl.arange(0, R)
+    slots = tl.arange(0, CHUNK)
     if USE_DOT:
         acc = tl.zeros([B_PAD, BLOCK_D], dtype=tl.float32)
     else:
@@ -360,18 +366,24 @@ def _ffn_out_kernel(
     if PDL:
         gdc_wait()  # h comes from the gate/up kernel; also: never complete before it
     for c0 in range(j0, j1, CHUNK):
-        ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts
-        for j in range(c0, tl.minimum(c0 + CHUNK, j1)):
-            expert = _pick(ids, j - c0, CHUNK)
-            rows = expert * S + offs_s  # [S_PAD] the expert's neuron rows
-            row_ok = (offs_s < S) & (rows < F)
+        ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts (CHUNK: a multiple of G)
+        c1 = tl.minimum(c0 + CHUNK, j1)
+        for j in range(c0, c1, G):
+            g_ok = (j + offs_g) < c1  # [G] the step's experts that are in this share
+            experts = tl.sum(tl.where(slots[None, :] == (j - c0 + offs_g)[:, None], ids[None, :], 0), axis=1)
+            rows2 = experts[:, None] * S + offs_r[None, :]  # [G, R] their neuron rows
+            ok2 = g_ok[:, None] & (offs_r[None, :] < S) & (rows2 < F)
+            rows = tl.reshape(rows2, (S_PAD,))
+            row_ok = tl.reshape(ok2, (S_PAD,))
             w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [S_PAD, BLOCK_D]
-            h_ok = tok_ok
+            h_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, S_PAD]
             if TOKEN_MASK:
-                h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
-            h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :],
-                        mask=h_ok[:, None] & row_ok[None, :], other=0.0)  # [B_PAD, S_PAD]
+                on = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
+                             mask=tok_ok[:, None] & g_ok[None, :], other=0) != 0  # [B_PAD, G]
+                on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R)), (B_PAD, S_PAD))
+                h_ok = h_ok & on
+            h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :], mask=h_ok, other=0.0)  # [B_PAD, S_PAD]
             if SCALED:
                 h = h.to(tl.float32) * tl.load(sd_ptr + rows, mask=row_ok, other=0.0)[None, :]
                 if DOT_DTYPE == 0:
