@@ -86,13 +86,14 @@ class FFNLaunch:
     b_pad: int
     e_pad: int
     block_f: int  # rows per gate/up work item
-    row_blocks: int  # RB: items per expert in the gate/up kernel
+    row_blocks: int  # RB: items per expert in the gate/up kernel (1 when in_group > 1)
     max_items: int  # E x RB
     in_grid: int
     in_slots: int
     split: int
     out_chunk: int  # expert ids the down kernel finds at a time (a multiple of out_group)
     pdl: bool
+    in_group: int  # experts per gate/up item (> 1 when tl.dot's 16 rows exceed a power-of-two expert)
     out_group: int  # G: experts per step of the down kernel
     out_rows: int  # S_PAD: rows per step of the down kernel (G x the expert size, padded when G = 1)
     h: torch.Tensor  # [B, F] scratch (fp32, or x's dtype for the identity activation)
@@ -123,8 +124,11 @@ def _out_group(expert_size: int) -> int:
     return 1
 
 
-def _slots_for(max_share: int, row_blocks: int) -> int:
-    """Experts one contiguous share of at most max_share items can span (power of two, >= 2)."""
+def _slots_for(max_share: int, row_blocks: int, group: int = 1) -> int:
+    """Experts one contiguous share of at most max_share items can span (power of two, >= 2); with
+    `group` experts per item (row_blocks is then 1), max_share x group."""
+    if group > 1:
+        return max(2, _next_pow2(max(max_share, 1) * group))
     span = (max(max_share, 1) + row_blocks - 2) // row_blocks + 1
     return max(2, _next_pow2(span))
 
@@ -153,11 +157,13 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
     block_f = min(cfg.in_block_f, _next_pow2(expert_size))
     if use_dot:
         block_f = max(16, block_f)  # tl.dot needs 16+ on every side
-    row_blocks = triton.cdiv(expert_size, block_f)
-    max_items = num_exp * row_blocks
+    pow2 = expert_size & (expert_size - 1) == 0
+    in_group = block_f // expert_size if pow2 and block_f > expert_size else 1  # small experts: several per item
+    row_blocks = 1 if in_group > 1 else triton.cdiv(expert_size, block_f)
+    max_items = triton.cdiv(num_exp, in_group) * row_blocks
     _, num_sms = _device_info(x.device)
     in_grid = max_items if cfg.in_progs_per_sm <= 0 else max(1, min(max_items, num_sms * cfg.in_progs_per_sm))
-    in_grid = max(in_grid, triton.cdiv(max_items, 16 * row_blocks))  # a share spans at most ~16 experts
+    in_grid = max(in_grid, triton.cdiv(max_items * in_group, 16 * row_blocks))  # a share spans ~16 experts
     split = max(1, min(cfg.out_split, num_exp))
     group = cfg.out_group or _out_group(expert_size)
     if group > 1 and expert_size & (expert_size - 1):
@@ -171,8 +177,8 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
         x, mask_u8, torch.empty(num_exp, device=device, dtype=torch.int8),
         w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
         cfg, use_dot, b_pad, _next_pow2(num_exp), block_f, row_blocks, max_items, in_grid,
-        _slots_for(triton.cdiv(max_items, in_grid), row_blocks), split,
-        out_chunk, cfg.pdl and _pdl_supported(device), group, out_rows,
+        _slots_for(triton.cdiv(max_items, in_grid), row_blocks, in_group), split,
+        out_chunk, cfg.pdl and _pdl_supported(device), in_group, group, out_rows,
         h=h if h is not None else torch.empty(num_tokens, ffn_width, device=device, dtype=h_dtype or torch.float32),
         part=torch.empty(split if need_out else 0, num_tokens, model_width, device=device, dtype=torch.float32),
         y=torch.empty(num_tokens, model_width if need_out else 0, device=device, dtype=x.dtype),
@@ -269,7 +275,7 @@ def launch_in(p: FFNLaunch) -> None:
         GATED=p.w_gate is not None, HAS_BIAS=p.b_up is not None, ACT=_ACT_CODE[p.activation],
         B_PAD=p.b_pad, BLOCK_F=p.block_f,
         BLOCK_K=cfg.in_block_k, E_PAD=p.e_pad, SLOTS=p.in_slots, PERSISTENT=p.in_grid < p.max_items,
-        USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl, SCALED=p.scaled,
+        USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl, SCALED=p.scaled, G=p.in_group,
         num_warps=cfg.in_warps, num_stages=cfg.in_stages, **_pdl_kwargs(p.pdl),
     )
 

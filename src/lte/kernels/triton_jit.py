@@ -215,22 +215,29 @@ def _budget_kernel(
 
 @triton.jit
 def _ffn_in_item(
-    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, block,
+    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, experts, g_ok, block,
     B, D, F, S, stride_xb, stride_mb, stride_hb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr,
 ):
-    """One work item: h[b, rows] for row block ``block`` of ``expert``, all B tokens.
+    """One work item: h[b, rows] for row block ``block`` of each of the G ``experts`` [G] (those
+    with ``g_ok``), all B tokens. G > 1 (experts smaller than BLOCK_F, e.g. 8 neurons under
+    ``tl.dot``'s 16 rows): the item is the G experts' rows, BLOCK_F / G each, and block is 0.
 
     SCALED: fp8 weights with one fp32 scale per row (``lte.kernels.quant``): a row's dot product is
     multiplied by its scale (before the bias); for ``tl.dot`` the fp8 tile is widened to x's dtype."""
+    R: tl.constexpr = BLOCK_F // G  # rows of each expert
     toks = tl.arange(0, B_PAD)  # [B_PAD]
     tok_ok = toks < B
-    local = block * BLOCK_F + tl.arange(0, BLOCK_F)  # [BLOCK_F] rows within the expert
-    rows = expert * S + local
-    row_ok = (local < S) & (rows < F)
-    m = tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0)  # [B_PAD]
+    local = block * R + tl.arange(0, R)  # [R] rows within an expert
+    rows2 = experts[:, None] * S + local[None, :]  # [G, R]
+    ok2 = g_ok[:, None] & (local[None, :] < S) & (rows2 < F)
+    rows = tl.reshape(rows2, (BLOCK_F,))
+    row_ok = tl.reshape(ok2, (BLOCK_F,))
+    m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
+                mask=tok_ok[:, None] & g_ok[None, :], other=0)  # [B_PAD, G]
+    m = tl.reshape(tl.broadcast_to(m[:, :, None], (B_PAD, G, R)), (B_PAD, BLOCK_F))
     w_rows = rows.to(tl.int64) * D  # [BLOCK_F] row offsets into [F, D]
     if USE_DOT:
         acc_u = tl.zeros([B_PAD, BLOCK_F], dtype=tl.float32)
@@ -273,7 +280,7 @@ def _ffn_in_item(
         h = _activation(acc_g, ACT) * acc_u
     else:
         h = _activation(acc_u, ACT)
-    h = tl.where(m[:, None] != 0, h, 0.0)  # a token only uses its own experts
+    h = tl.where(m != 0, h, 0.0)  # a token only uses its own experts
     tl.store(h_ptr + toks[:, None] * stride_hb + rows[None, :], h.to(h_ptr.dtype.element_ty),
              mask=tok_ok[:, None] & row_ok[None, :])
 
@@ -286,10 +293,11 @@ def _ffn_in_kernel(
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     SLOTS: tl.constexpr, PERSISTENT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, SCALED: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr,
 ):
     """h for the (active expert, row block) items: an item is BLOCK_F rows of one expert
-    (RB = ceil(S / BLOCK_F) items per expert); a token whose mask is off for the expert gets h = 0.
+    (RB = ceil(S / BLOCK_F) items per expert), or with G > 1 (then RB = 1) the rows of G consecutive
+    active experts; a token whose mask is off for an expert gets h = 0 there.
 
     PERSISTENT: each program takes a contiguous equal share of the items (SLOTS bounds the experts
     a share can span); otherwise program i does item i, if there is one."""
@@ -298,25 +306,28 @@ def _ffn_in_kernel(
         gdc_launch_dependents()  # only now: the down kernel reads the union before it waits
     pid = tl.program_id(0)
     csum, n_active = _active_list(union_ptr, E, E_PAD)
-    n_items = n_active * RB
+    offs_g = tl.arange(0, G)
+    n_items = tl.cdiv(n_active, G) * RB
     if PERSISTENT:
         share = tl.cdiv(n_items, tl.num_programs(0))
         i0 = pid * share
         i1 = tl.minimum(i0 + share, n_items)
-        j_first = i0 // RB
+        j_first = (i0 // RB) * G
         ids = _nth_active(csum, j_first, SLOTS)  # the experts this share can touch
+        slots = tl.arange(0, SLOTS)
         for item in range(i0, i1):
-            j = item // RB
+            j = (item // RB) * G + offs_g  # [G] the item's active-expert indices
+            experts = tl.sum(tl.where(slots[None, :] == (j - j_first)[:, None], ids[None, :], 0), axis=1)
             _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
-                         _pick(ids, j - j_first, SLOTS), item - j * RB, B, D, F, S, stride_xb, stride_mb,
-                         stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
+                         experts, j < n_active, item - (item // RB) * RB, B, D, F, S, stride_xb, stride_mb,
+                         stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
     else:
         if pid < n_items:
-            j = pid // RB
-            expert = tl.sum((csum <= j).to(tl.int32), axis=0)  # the j-th active expert
-            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, pid - j * RB,
-                         B, D, F, S, stride_xb, stride_mb, stride_hb,
-                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
+            j = (pid // RB) * G + offs_g  # [G]
+            experts = tl.sum((csum[None, :] <= j[:, None]).to(tl.int32), axis=1)  # the j-th active experts
+            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, experts, j < n_active,
+                         pid - (pid // RB) * RB, B, D, F, S, stride_xb, stride_mb, stride_hb,
+                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
 
 
 @triton.jit
