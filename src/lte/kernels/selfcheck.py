@@ -30,11 +30,13 @@ SHAPES = ((72, 100, 32), (100, 160, 32), (33, 200, 48))  # (D, F, S): odd D and 
 #: Experts of 8 and 16 neurons (finer than the paper's 32; the recipe study tries them): `--small-experts`
 SMALL_EXPERT_SHAPES = ((40, 64, 8), (36, 80, 16), (20, 72, 8), (24, 42, 4))
 BATCHES = (1, 5, 40)
-#: None = the default settings (one program per work item); the other a persistent grid with
+#: None = the default settings (one program per work item); the second a persistent grid with
 #: several items per program, 8-row items (B = 1), uneven expert shares in the down kernel found
-#: two ids at a time.
+#: two ids at a time; the third 32-row items under tl.dot (four 8-neuron experts per item) and
+#: two experts per down-kernel step.
 CONFIGS = (None, KernelConfig(in_block_f=8, in_block_k=64, in_progs_per_sm=1, out_block_d=32, out_split=3,
-                              out_chunk=2, router_block_e=4, router_block_k=32))
+                              out_chunk=2, router_block_e=4, router_block_k=32),
+           KernelConfig(in_block_f=32, in_block_k=32, in_progs_per_sm=2, out_block_d=16, out_split=2, out_group=2))
 SPARSITIES = ("none", "random", "all")  # 0% off, a random middle fraction, 100% off
 FFN_KINDS = (("silu", True, False), ("gelu_tanh", True, True), ("gelu", False, True), ("relu", False, False))
 # (activation, gated, with biases)

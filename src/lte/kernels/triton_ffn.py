@@ -154,10 +154,12 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
     if use_dot and x.element_size() == 4:  # fp32: same shared-memory bytes per pipeline stage as 16-bit
         cfg = replace(cfg, in_block_k=max(16, cfg.in_block_k // 2))
     b_pad = max(16, _next_pow2(num_tokens)) if use_dot else _next_pow2(num_tokens)
-    block_f = min(cfg.in_block_f, _next_pow2(expert_size))
+    pow2 = expert_size & (expert_size - 1) == 0
+    # an item is at most one expert, except under tl.dot for power-of-two experts under 16 rows: then
+    # the setting's row count (several experts per item)
+    block_f = min(cfg.in_block_f, 64 if use_dot and pow2 and expert_size < 16 else _next_pow2(expert_size))
     if use_dot:
         block_f = max(16, block_f)  # tl.dot needs 16+ on every side
-    pow2 = expert_size & (expert_size - 1) == 0
     in_group = block_f // expert_size if pow2 and block_f > expert_size else 1  # small experts: several per item
     row_blocks = 1 if in_group > 1 else triton.cdiv(expert_size, block_f)
     max_items = triton.cdiv(num_exp, in_group) * row_blocks
@@ -165,9 +167,7 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
     in_grid = max_items if cfg.in_progs_per_sm <= 0 else max(1, min(max_items, num_sms * cfg.in_progs_per_sm))
     in_grid = max(in_grid, triton.cdiv(max_items * in_group, 16 * row_blocks))  # a share spans ~16 experts
     split = max(1, min(cfg.out_split, num_exp))
-    group = cfg.out_group or _out_group(expert_size)
-    if group > 1 and expert_size & (expert_size - 1):
-        raise ValueError(f"out_group {group} needs a power-of-two expert size, got {expert_size}")
+    group = (cfg.out_group or _out_group(expert_size)) if pow2 else 1  # grouping needs power-of-two experts
     out_rows = group * expert_size if group > 1 else max(16, _next_pow2(expert_size))
     out_chunk = _next_pow2(max(cfg.out_chunk or _out_chunk(num_exp, split), group))
     device = x.device

@@ -51,7 +51,7 @@ class KernelConfig:
     out_warps: int = 4
     out_stages: int = 3
     out_chunk: int = 0  # expert ids the down kernel finds per step (0: automatic)
-    out_group: int = 0  # experts per step of the down kernel (0: automatic, 32 rows for power-of-two experts)
+    out_group: int = 0  # experts per down-kernel step, power-of-two experts only (0: automatic, 32 rows a step)
     finish_block: int = 128
     router_block_e: int = 2  # experts per router program
     router_block_k: int = 0  # model-width chunk of the router (0: all of D in one step when it fits)
