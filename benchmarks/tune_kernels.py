@@ -175,6 +175,20 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
         rows.append({**point, "what": "down+finish", "candidate": cand, "us": dict(zip(map(str, SPARSITIES), times))})
         if geo(times) < best_out_score:
             best_out, best_out_score = cand, geo(times)
+    best_group = None  # small power-of-two experts: the down kernel's experts per step, half and twice the automatic
+    if best_out is not None and bench.S < 32 and bench.S & (bench.S - 1) == 0:
+        auto = 32 // bench.S
+        for group in (max(1, auto // 2), auto * 2):
+            if deadline.over(4):
+                break
+            cfg = replace(with_out(base, best_out), out_group=group)
+            times = [guarded(errors, f"out group {group} {point} off={off}", bench.time_out, off, cfg)
+                     for off in SPARSITIES]
+            if any(t is None for t in times):
+                continue
+            rows.append({**point, "what": "down group", "candidate": group, "us": dict(zip(map(str, SPARSITIES), times))})
+            if geo(times) < best_out_score:
+                best_group, best_out_score = group, geo(times)
     best_router, best_router_us = None, math.inf
     for cand in ROUTER_CANDIDATES[fam]:
         if deadline.over(3):
@@ -190,6 +204,8 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
         cfg = with_in(cfg, best_in)
     if best_out is not None:
         cfg = with_out(cfg, best_out)
+    if best_group is not None:
+        cfg = replace(cfg, out_group=best_group)
     if best_router is not None:
         cfg = with_router(cfg, best_router)
     best, best_score = None, geo(default_times)
