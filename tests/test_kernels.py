@@ -439,6 +439,9 @@ def test_config_table_lookup_and_precedence(tmp_path, monkeypatch):
     assert tuning.lookup("gpu-x", 4096, 11008, 8, expert_size=16).out_split == 2  # its own row, over every 32 one
     assert tuning.lookup("gpu-x", 4096, 11008, 8).in_block_f == 8
     assert tuning.lookup("gpu-x", 4096, 11008, 8, expert_size=8).in_block_f == 8  # no s8 rows: the 32-neuron row
+    assert tuning.lookup("gpu-x", 4096, 11008, 4, expert_size=16).out_split == 2  # B = 8 row serves B = 4
+    # B = 32 is above the s16 rows: the 32-neuron row at that batch, not the s16 B = 8 tiles
+    assert tuning.lookup("gpu-x", 4096, 11008, 32, expert_size=16).in_block_f == 8
     tuning.clear_tables()
     monkeypatch.delenv(tuning.CONFIGS_ENV)
     tuning.lookup.cache_clear()

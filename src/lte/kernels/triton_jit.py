@@ -214,30 +214,17 @@ def _budget_kernel(
 
 
 @triton.jit
-def _ffn_in_item(
-    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, experts, g_ok, block,
-    B, D, F, S, stride_xb, stride_mb, stride_hb,
+def _ffn_in_rows(
+    x_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, rows, row_ok, toks, tok_ok, D, stride_xb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr,
 ):
-    """One work item: h[b, rows] for row block ``block`` of each of the G ``experts`` [G] (those
-    with ``g_ok``), all B tokens. G > 1 (experts smaller than BLOCK_F, e.g. 8 neurons under
-    ``tl.dot``'s 16 rows): the item is the G experts' rows, BLOCK_F / G each, and block is 0.
+    """act(x @ W_gate[rows].T) * (x @ W_up[rows].T + b) for BLOCK_F rows, all B tokens: [B_PAD, BLOCK_F],
+    fp32, before any token's mask.
 
     SCALED: fp8 weights with one fp32 scale per row (``lte.kernels.quant``): a row's dot product is
     multiplied by its scale (before the bias); for ``tl.dot`` the fp8 tile is widened to x's dtype."""
-    R: tl.constexpr = BLOCK_F // G  # rows of each expert
-    toks = tl.arange(0, B_PAD)  # [B_PAD]
-    tok_ok = toks < B
-    local = block * R + tl.arange(0, R)  # [R] rows within an expert
-    rows2 = experts[:, None] * S + local[None, :]  # [G, R]
-    ok2 = g_ok[:, None] & (local[None, :] < S) & (rows2 < F)
-    rows = tl.reshape(rows2, (BLOCK_F,))
-    row_ok = tl.reshape(ok2, (BLOCK_F,))
-    m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
-                mask=tok_ok[:, None] & g_ok[None, :], other=0)  # [B_PAD, G]
-    m = tl.reshape(tl.broadcast_to(m[:, :, None], (B_PAD, G, R)), (B_PAD, BLOCK_F))
     w_rows = rows.to(tl.int64) * D  # [BLOCK_F] row offsets into [F, D]
     if USE_DOT:
         acc_u = tl.zeros([B_PAD, BLOCK_F], dtype=tl.float32)
@@ -280,6 +267,56 @@ def _ffn_in_item(
         h = _activation(acc_g, ACT) * acc_u
     else:
         h = _activation(acc_u, ACT)
+    return h
+
+
+@triton.jit
+def _ffn_in_item(
+    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, block,
+    B, D, F, S, stride_xb, stride_mb, stride_hb,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr,
+):
+    """One work item: h[b, rows] for row block ``block`` of ``expert``, all B tokens."""
+    toks = tl.arange(0, B_PAD)  # [B_PAD]
+    tok_ok = toks < B
+    local = block * BLOCK_F + tl.arange(0, BLOCK_F)  # [BLOCK_F] rows within the expert
+    rows = expert * S + local
+    row_ok = (local < S) & (rows < F)
+    m = tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0)  # [B_PAD]
+    h = _ffn_in_rows(x_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, rows, row_ok, toks, tok_ok, D, stride_xb,
+                     GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
+    h = tl.where(m[:, None] != 0, h, 0.0)  # a token only uses its own experts
+    tl.store(h_ptr + toks[:, None] * stride_hb + rows[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=tok_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _ffn_in_group_item(
+    x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, experts, g_ok,
+    B, D, F, S, stride_xb, stride_mb, stride_hb,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr,
+):
+    """One work item of G small experts ``experts`` [G] (those with ``g_ok``): all rows of each,
+    BLOCK_F / G per expert, all B tokens (experts smaller than BLOCK_F, e.g. 8 neurons under
+    ``tl.dot``'s 16 rows). 32-neuron experts never come here: the index grid below compiles to
+    slower loads than ``_ffn_in_item``'s (measured on an H200, docs/benchmarks.md)."""
+    R: tl.constexpr = BLOCK_F // G  # rows of each expert
+    toks = tl.arange(0, B_PAD)  # [B_PAD]
+    tok_ok = toks < B
+    local = tl.arange(0, R)  # [R] rows within an expert
+    rows2 = experts[:, None] * S + local[None, :]  # [G, R]
+    ok2 = g_ok[:, None] & (local[None, :] < S) & (rows2 < F)
+    rows = tl.reshape(rows2, (BLOCK_F,))
+    row_ok = tl.reshape(ok2, (BLOCK_F,))
+    m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
+                mask=tok_ok[:, None] & g_ok[None, :], other=0)  # [B_PAD, G]
+    m = tl.reshape(tl.broadcast_to(m[:, :, None], (B_PAD, G, R)), (B_PAD, BLOCK_F))
+    h = _ffn_in_rows(x_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, rows, row_ok, toks, tok_ok, D, stride_xb,
+                     GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
     h = tl.where(m != 0, h, 0.0)  # a token only uses its own experts
     tl.store(h_ptr + toks[:, None] * stride_hb + rows[None, :], h.to(h_ptr.dtype.element_ty),
              mask=tok_ok[:, None] & row_ok[None, :])
@@ -306,28 +343,68 @@ def _ffn_in_kernel(
         gdc_launch_dependents()  # only now: the down kernel reads the union before it waits
     pid = tl.program_id(0)
     csum, n_active = _active_list(union_ptr, E, E_PAD)
-    offs_g = tl.arange(0, G)
-    n_items = tl.cdiv(n_active, G) * RB
-    if PERSISTENT:
-        share = tl.cdiv(n_items, tl.num_programs(0))
-        i0 = pid * share
-        i1 = tl.minimum(i0 + share, n_items)
-        j_first = (i0 // RB) * G
-        ids = _nth_active(csum, j_first, SLOTS)  # the experts this share can touch
-        slots = tl.arange(0, SLOTS)
-        for item in range(i0, i1):
-            j = (item // RB) * G + offs_g  # [G] the item's active-expert indices
-            experts = tl.sum(tl.where(slots[None, :] == (j - j_first)[:, None], ids[None, :], 0), axis=1)
-            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
-                         experts, j < n_active, item - (item // RB) * RB, B, D, F, S, stride_xb, stride_mb,
-                         stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
+    if G == 1:
+        n_items = n_active * RB
+        if PERSISTENT:
+            share = tl.cdiv(n_items, tl.num_programs(0))
+            i0 = pid * share
+            i1 = tl.minimum(i0 + share, n_items)
+            j_first = i0 // RB
+            ids = _nth_active(csum, j_first, SLOTS)  # the experts this share can touch
+            for item in range(i0, i1):
+                j = item // RB
+                _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
+                             _pick(ids, j - j_first, SLOTS), item - j * RB, B, D, F, S, stride_xb, stride_mb,
+                             stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
+        else:
+            if pid < n_items:
+                j = pid // RB
+                expert = tl.sum((csum <= j).to(tl.int32), axis=0)  # the j-th active expert
+                _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, pid - j * RB,
+                             B, D, F, S, stride_xb, stride_mb, stride_hb,
+                             GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
     else:
-        if pid < n_items:
-            j = (pid // RB) * G + offs_g  # [G]
-            experts = tl.sum((csum[None, :] <= j[:, None]).to(tl.int32), axis=1)  # the j-th active experts
-            _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, experts, j < n_active,
-                         pid - (pid // RB) * RB, B, D, F, S, stride_xb, stride_mb, stride_hb,
-                         GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
+        offs_g = tl.arange(0, G)
+        n_items = tl.cdiv(n_active, G)  # RB is 1
+        if PERSISTENT:
+            share = tl.cdiv(n_items, tl.num_programs(0))
+            i0 = pid * share
+            i1 = tl.minimum(i0 + share, n_items)
+            j_first = i0 * G
+            ids = _nth_active(csum, j_first, SLOTS)  # the experts this share can touch
+            slots = tl.arange(0, SLOTS)
+            for item in range(i0, i1):
+                j = item * G + offs_g  # [G] the item's active-expert indices
+                experts = tl.sum(tl.where(slots[None, :] == (j - j_first)[:, None], ids[None, :], 0), axis=1)
+                _ffn_in_group_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
+                                   experts, j < n_active, B, D, F, S, stride_xb, stride_mb, stride_hb,
+                                   GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
+        else:
+            if pid < n_items:
+                j = pid * G + offs_g  # [G]
+                experts = tl.sum((csum[None, :] <= j[:, None]).to(tl.int32), axis=1)  # the j-th active experts
+                _ffn_in_group_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
+                                   experts, j < n_active, B, D, F, S, stride_xb, stride_mb, stride_hb,
+                                   GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
+
+
+@triton.jit
+def _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_mask, toks, cols, col_ok, D, stride_hb,
+                   SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The down projection's operands for one step: h [B_PAD, rows] (masked by h_mask) and
+    W_down^T[rows] [rows, BLOCK_D]; fp8 rows are scaled into h and widened for ``tl.dot``."""
+    w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [rows, BLOCK_D]
+    h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :], mask=h_mask, other=0.0)  # [B_PAD, rows]
+    if SCALED:
+        h = h.to(tl.float32) * tl.load(sd_ptr + rows, mask=row_ok, other=0.0)[None, :]
+        if DOT_DTYPE == 0:
+            w = w.to(tl.bfloat16)
+        elif DOT_DTYPE == 1:
+            w = w.to(tl.float16)
+        else:
+            w = w.to(tl.float32)
+    return h, w
 
 
 @triton.jit
@@ -341,8 +418,8 @@ def _ffn_out_kernel(
 ):
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
 
-    Each step takes G experts (S_PAD rows: S_PAD // G per expert, the expert size padded when G = 1),
-    so that small experts (8 neurons: G = 4) still give a step 32 rows to load and multiply.
+    Each step takes one expert (G = 1: S_PAD rows, the expert size padded), or G small experts
+    (S_PAD rows, S_PAD // G per expert; e.g. four 8-neuron experts for 32 rows a step).
 
     With PDL the kernel starts while the gate/up kernel runs: it reads the union (complete before
     that kernel triggered this launch) and finds its share, then waits (gdc_wait) before its loop.
@@ -366,47 +443,56 @@ def _ffn_out_kernel(
     csum, n_active = _active_list(union_ptr, E, E_PAD)
     j0 = (n_active * pid_s) // nsplit
     j1 = (n_active * (pid_s + 1)) // nsplit
-    R: tl.constexpr = S_PAD // G  # rows per expert in a step
-    offs_g = tl.arange(0, G)
-    offs_r = tl.arange(0, R)
-    slots = tl.arange(0, CHUNK)
     if USE_DOT:
         acc = tl.zeros([B_PAD, BLOCK_D], dtype=tl.float32)
     else:
         acc3 = tl.zeros([B_PAD, S_PAD, BLOCK_D], dtype=tl.float32)
     if PDL:
         gdc_wait()  # h comes from the gate/up kernel; also: never complete before it
-    for c0 in range(j0, j1, CHUNK):
-        ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts (CHUNK: a multiple of G)
-        c1 = tl.minimum(c0 + CHUNK, j1)
-        for j in range(c0, c1, G):
-            g_ok = (j + offs_g) < c1  # [G] the step's experts that are in this share
-            experts = tl.sum(tl.where(slots[None, :] == (j - c0 + offs_g)[:, None], ids[None, :], 0), axis=1)
-            rows2 = experts[:, None] * S + offs_r[None, :]  # [G, R] their neuron rows
-            ok2 = g_ok[:, None] & (offs_r[None, :] < S) & (rows2 < F)
-            rows = tl.reshape(rows2, (S_PAD,))
-            row_ok = tl.reshape(ok2, (S_PAD,))
-            w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [S_PAD, BLOCK_D]
-            h_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, S_PAD]
-            if TOKEN_MASK:
-                on = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
-                             mask=tok_ok[:, None] & g_ok[None, :], other=0) != 0  # [B_PAD, G]
-                on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R)), (B_PAD, S_PAD))
-                h_ok = h_ok & on
-            h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :], mask=h_ok, other=0.0)  # [B_PAD, S_PAD]
-            if SCALED:
-                h = h.to(tl.float32) * tl.load(sd_ptr + rows, mask=row_ok, other=0.0)[None, :]
-                if DOT_DTYPE == 0:
-                    w = w.to(tl.bfloat16)
-                elif DOT_DTYPE == 1:
-                    w = w.to(tl.float16)
+    if G == 1:
+        offs_s = tl.arange(0, S_PAD)
+        for c0 in range(j0, j1, CHUNK):
+            ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts
+            for j in range(c0, tl.minimum(c0 + CHUNK, j1)):
+                expert = _pick(ids, j - c0, CHUNK)
+                rows = expert * S + offs_s  # [S_PAD] the expert's neuron rows
+                row_ok = (offs_s < S) & (rows < F)
+                h_ok = tok_ok
+                if TOKEN_MASK:
+                    h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
+                h, w = _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_ok[:, None] & row_ok[None, :],
+                                      toks, cols, col_ok, D, stride_hb, SCALED, DOT_DTYPE)
+                if USE_DOT:
+                    acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
                 else:
-                    w = w.to(tl.float32)
-            if USE_DOT:
-                acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
-            else:
-                acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+                    acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+    else:
+        R: tl.constexpr = S_PAD // G  # rows per expert in a step
+        offs_g = tl.arange(0, G)
+        offs_r = tl.arange(0, R)
+        slots = tl.arange(0, CHUNK)
+        for c0 in range(j0, j1, CHUNK):
+            ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts (CHUNK: a multiple of G)
+            c1 = tl.minimum(c0 + CHUNK, j1)
+            for j in range(c0, c1, G):
+                g_ok = (j + offs_g) < c1  # [G] the step's experts that are in this share
+                experts = tl.sum(tl.where(slots[None, :] == (j - c0 + offs_g)[:, None], ids[None, :], 0), axis=1)
+                rows2 = experts[:, None] * S + offs_r[None, :]  # [G, R] their neuron rows
+                ok2 = g_ok[:, None] & (offs_r[None, :] < S) & (rows2 < F)
+                rows = tl.reshape(rows2, (S_PAD,))
+                row_ok = tl.reshape(ok2, (S_PAD,))
+                h_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, S_PAD]
+                if TOKEN_MASK:
+                    on = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
+                                 mask=tok_ok[:, None] & g_ok[None, :], other=0) != 0  # [B_PAD, G]
+                    on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R)), (B_PAD, S_PAD))
+                    h_ok = h_ok & on
+                h, w = _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_ok,
+                                      toks, cols, col_ok, D, stride_hb, SCALED, DOT_DTYPE)
+                if USE_DOT:
+                    acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
+                else:
+                    acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
         acc = tl.sum(acc3, axis=1)  # [B_PAD, BLOCK_D]
     out_off = pid_s * B * D + toks[:, None] * D + cols[None, :]

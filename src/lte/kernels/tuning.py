@@ -202,7 +202,9 @@ def lookup(gpu: str, model_width: int, ffn_width: int, num_tokens: int,
         shape = shape_key(model_width, ffn_width, size)
         for table in _tables():
             rows = table.get(gpu, {}).get(shape)
-            if rows:
+            # rows of another expert size only where they reach this batch: an 8-neuron table tuned at
+            # B = 1 alone must not lend its B = 1 tiles to B = 32 (on an H200 they did not even launch)
+            if rows and (size == sizes[-1] or max(int(b) for b in rows) >= num_tokens):
                 return KernelConfig.from_dict(_pick_row(rows, num_tokens))
     return None
 
