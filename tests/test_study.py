@@ -103,6 +103,8 @@ def test_dense_carried_without_weights_gets_one_dense_unit_before_the_methods(ti
         f.unlink()
     assert [u.method for u in plan_units(lte, tmp_path)] == ["dense", "lte"]
     assert plan_units(study_config(teal, tiny=True), tmp_path) == []  # nothing to run: no dense unit either
+    (tmp_path / "dense" / "study_dense.json").unlink()  # copied with the points only, as the docs' recipe does
+    assert [u.method for u in plan_units(lte, tmp_path)] == ["dense", "lte"]
 
 
 def _fake_point(root, seed, method, target, train, build, evaluation):

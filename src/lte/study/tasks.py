@@ -248,10 +248,19 @@ def dense_dir(out_dir: str | Path) -> Path:
 
 
 def dense_weights_missing(out_dir: str | Path) -> bool:
-    """The dense model was fine-tuned here (its record is kept) but its weights are not: results
-    carried without weights. It must be fine-tuned again, once, before any method starts from it."""
+    """The dense model was fine-tuned here (its record, or its point with training steps, is kept)
+    but its weights are not: results carried without weights. It must be fine-tuned again, once,
+    before any method starts from it."""
     out = dense_dir(out_dir)
-    return (out / DENSE_RECORD).is_file() and not _has_weights(out)
+    if _has_weights(out):
+        return False
+    if (out / DENSE_RECORD).is_file():
+        return True
+    point = out / "point.json"  # results copied with their points only (no record)
+    try:
+        return point.is_file() and int(json.loads(point.read_text()).get("train_steps") or 0) > 0
+    except (ValueError, TypeError):
+        return False  # an unreadable point is not finished: the dense unit runs anyway
 
 
 def prepare_dense(setup: TaskSetup, out_dir: str | Path) -> nn.Module:
