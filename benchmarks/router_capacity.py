@@ -11,6 +11,16 @@ cross-entropy, AdamW); each then keeps its own top half per token.
 Reported per layer, text and router: the relative error of the FFN output with the kept experts,
 mean over tokens of |y - y_kept| / |y|; the oracle's error is the floor any router can reach.
 
+`--sketches` adds predictors that learn nothing from text: each scores the experts from a cheap copy
+of the FFN's own weights, so what it knows cannot be specific to a domain.
+- `gate-q<b>`: the gate projection rounded to b bits (groups of 64 input channels, symmetric, b = 1:
+  signs times the group's mean magnitude); score = sum over the expert of act(x Wg~^T)^2 c_j, with
+  c_j = |W_down[:, j]|^2 times the mean of the up projection's u_j^2 on the training blocks.
+- `gateup-q<b>`: gate and up both rounded; score = sum of (act(g~) u~)^2 |W_down[:, j]|^2.
+- `gate-r<r>`: the gate projection's best rank-r approximation (SVD), scored as `gate-q`.
+- `gate-exact`: the exact gate, scored as `gate-q` (what the rounding costs).
+`bytes` is what a predictor reads per token as a fraction of the dense FFN's bf16 weights.
+
     PYTHONPATH=src python benchmarks/router_capacity.py --model runs/demo/dense --train-text builtin \\
         --other-text ../shared/data/lm/wikitext2_raw_test.txt --out router_capacity.json
 """
@@ -26,6 +36,7 @@ import torch
 from torch import nn
 
 import lte
+from lte.baselines.wrappers import activation_fn
 from lte.data import load_text_lm
 from lte.loading import load_tokenizer
 
@@ -75,6 +86,57 @@ def output_error(h: torch.Tensor, keep: torch.Tensor, w_down: torch.Tensor, expe
     return float(((y - kept).norm(dim=1) / y.norm(dim=1).clamp_min(1e-6)).mean())
 
 
+def rounded(w: torch.Tensor, bits: int, group: int = 64) -> torch.Tensor:
+    """What a `bits`-bit copy of w [F, D] holds: symmetric rounding per group of `group` input channels."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group, group)
+    if bits == 1:
+        return (g.sign() * g.abs().mean(-1, keepdim=True)).reshape(rows, cols)
+    top = 2 ** (bits - 1) - 1
+    scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
+    return ((g / scale).round().clamp(-top, top) * scale).reshape(rows, cols)
+
+
+def low_rank(w: torch.Tensor, rank: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+class Sketch:
+    """A training-free expert scorer built from a cheap copy of one FFN's weights (see the module doc)."""
+
+    def __init__(self, kind: str, layer, x_train: torch.Tensor, expert_size: int):
+        act = activation_fn(layer.activation)
+        gate, up = layer.gate_weight().detach().float(), layer.up_weight().detach().float()
+        down_sq = layer.down_weight().detach().float().square().sum(0)  # [F]
+        rows, cols = gate.shape
+        self.kind, self.size, self.act = kind, expert_size, act
+        if kind.startswith("gateup-q"):
+            bits = int(kind.removeprefix("gateup-q"))
+            self.gate, self.up, self.weight = rounded(gate, bits), rounded(up, bits), down_sq
+            self.bytes = 2 * rows * cols * bits / 8 / (3 * rows * cols * 2)
+            return
+        if kind == "gate-exact":
+            self.gate, self.bytes = gate, 1 / 3
+        elif kind.startswith("gate-q"):
+            bits = int(kind.removeprefix("gate-q"))
+            self.gate, self.bytes = rounded(gate, bits), rows * cols * bits / 8 / (3 * rows * cols * 2)
+        elif kind.startswith("gate-r"):
+            rank = int(kind.removeprefix("gate-r"))
+            self.gate, self.bytes = low_rank(gate, rank), rank * (rows + cols) / (3 * rows * cols)
+        else:
+            raise ValueError(f"unknown sketch {kind!r}")
+        self.up = None
+        self.weight = down_sq * (x_train @ up.t()).square().mean(0)  # c_j
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(x @ self.gate.t())
+        if self.up is not None:
+            h = h * (x @ self.up.t())
+        energy = h.square() * self.weight
+        return energy.reshape(x.shape[0], -1, self.size).sum(-1)
+
+
 def make_router(kind: str, width: int, experts: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(width, experts)
@@ -100,7 +162,8 @@ def main() -> None:
     parser.add_argument("--other-text", required=True, help="text of another domain")
     parser.add_argument("--expert-size", type=int, default=8)
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 12, 24])
-    parser.add_argument("--routers", nargs="+", default=["linear", "mlp128", "mlp512"])
+    parser.add_argument("--routers", nargs="*", default=["linear", "mlp128", "mlp512"])
+    parser.add_argument("--sketches", nargs="*", default=[], help="training-free predictors, e.g. gate-q4 gateup-q4 gate-r64")
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--train-blocks", type=int, default=200)
     parser.add_argument("--eval-blocks", type=int, default=32)
@@ -140,6 +203,18 @@ def main() -> None:
                              "oracle_error": output_error(he, oracle, w_down, args.expert_size)})
                 print(f"layer {i:2d} {name:8s} {kind:7s} error {rows[-1]['error']:.3f} "
                       f"(oracle {rows[-1]['oracle_error']:.3f})", flush=True)
+        for kind in args.sketches:
+            sketch = Sketch(kind, lmodel.lte_layers()[i], x, args.expert_size)
+            for name, per_layer in texts.items():
+                xe, he = per_layer[i]
+                with torch.no_grad():
+                    keep = top_half(sketch(xe))
+                oracle = top_half(expert_energy(he, w_down, args.expert_size))
+                rows.append({"layer": i, "text": name, "router": kind, "bytes": sketch.bytes,
+                             "error": output_error(he, keep, w_down, args.expert_size),
+                             "oracle_error": output_error(he, oracle, w_down, args.expert_size)})
+                print(f"layer {i:2d} {name:8s} {kind:10s} error {rows[-1]['error']:.3f} "
+                      f"(oracle {rows[-1]['oracle_error']:.3f}) bytes {sketch.bytes:.3f}", flush=True)
     result = {"args": vars(args), "seconds": time.time() - start, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "rows": rows}
     if args.out:

@@ -90,6 +90,19 @@ def test_parallel_study_uses_worker_processes(tiny_task, tmp_path):
     assert plan_units(study_config(cfg, tiny=True), tmp_path) == []  # all finished: nothing to launch
 
 
+def test_sketch_and_sketch_ft_in_a_study(tiny_task, tmp_path):
+    """sketch: built once, k moves per target; sketch-ft: the LTE budget of fine-tuning with its masks on."""
+    cfg = {**tiny_task, "methods": ["sketch", "sketch-ft"], "targets": [0.5, 0.7]}
+    summary = run_study(cfg, tmp_path, tiny=True)
+    assert not summary["failures"] and not summary["missing"], summary
+    points = {(p["method"], p["target"]): p for p in _points(tmp_path) if p["method"] != "dense"}
+    assert set(points) == {("sketch", 0.5), ("sketch", 0.7), ("sketch-ft", 0.5), ("sketch-ft", 0.7)}
+    assert points[("sketch", 0.5)]["train_steps"] == 0
+    assert points[("sketch-ft", 0.5)]["train_steps"] == 2 * 2  # TINY train.max_steps 2, doubled as for dejavu-ft
+    for method in ("sketch", "sketch-ft"):
+        assert points[(method, 0.7)]["ffn_sparsity"] > points[(method, 0.5)]["ffn_sparsity"]
+
+
 def test_dense_carried_without_weights_gets_one_dense_unit_before_the_methods(tiny_task, tmp_path):
     """Results copied without weights (RESUME_FROM on the GPU machine): one dense unit fine-tunes the
     dense model again before the method units, instead of every method worker doing it at once."""

@@ -84,3 +84,22 @@ def test_baseline_command_takes_the_expert_size_it_is_given(tmp_path, expert_siz
                  "--calib-data", str(text), "--tiny", "--set", f"expert_size={expert_size}", "--out", str(out)]) == 0
     sizes = BaselineModel.from_pretrained(out).sparsifiers()[0].unit_sizes.tolist()
     assert sizes == ([8] * 9 if expert_size == 8 else [32, 32, 8])  # F = 72 neurons
+
+
+def test_baseline_command_fine_tunes_with_distillation_from_the_dense_model(tmp_path):
+    """`lte baseline --method sketch-ft` with train.distill > 0: the dense model is the teacher (it was
+    missing, and the command stopped with "needs teacher=")."""
+    from lte.baselines.model import BaselineModel
+    from lte.cli.main import main
+    from tiny_models import save_tiny_llama, write_text
+
+    model = save_tiny_llama(tmp_path / "model")
+    text = write_text(tmp_path / "text.txt", lines=40)
+    out = tmp_path / "sketch-ft"
+    assert main(["baseline", "--method", "sketch-ft", "--model", str(model), "--task", "causal-lm",
+                 "--calib-data", str(text), "--tiny", "--set", "train.distill=0.5", "--set", "expert_size=8",
+                 "--out", str(out)]) == 0
+    again = BaselineModel.from_pretrained(out)
+    assert again.method == "sketch-ft" and again.options["predictor"]["kind"] == "sketch"
+    log = [json.loads(line) for line in (out / "finetune" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 4  # the tiny budget, 2 x train.max_steps, as for Deja Vu + FT

@@ -4,7 +4,8 @@
     model = apply_baseline(hf_model, "teal", target_sparsity=0.5, calib_data=batches)
     model(**batch); print(model.lte_stats())
 
-Methods: teal, cats, moefication (MLP router), moefication-oracle, dejavu, dejavu-ft, random-topk.
+Methods: teal, cats, moefication (MLP router), moefication-oracle, sketch (experts picked from 4-bit
+copies of the FFN's own weights; ours), sketch-ft, dejavu, dejavu-ft, random-topk.
 Sweeps and studies over these methods and LTE: `lte.study` (`run_sweep`, `run_study`).
 """
 

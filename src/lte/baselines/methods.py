@@ -9,6 +9,8 @@
 | cats | |act(gate)| threshold per layer; neurons under it skip up and down | calib_data |
 | moefication | k-means experts (as LTE), a trained MLP router, top-k experts | calib_data |
 | moefication-oracle | k-means experts, top-k by true expert mass sum |h| | nothing |
+| sketch | k-means experts, top-k by expert energy from 4-bit copies of gate/up (`sketch.py`) | nothing |
+| sketch-ft | sketch, then fine-tuning the model with its masks on | train_data |
 | dejavu | a low-rank predictor per layer, top-k neurons | calib_data |
 | dejavu-ft | dejavu, then fine-tuning the model with its masks on | calib_data, train_data |
 | random-topk | LTE conversion with frozen random routers, top-k experts, fine-tuning | train_data (optional) |
@@ -24,12 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LTEError
-from .model import BaselineModel, _check_target, group_ffn, make_predictor, spec_of, wrap_ffns
+from .model import BaselineModel, _check_target, attach_sketches, group_ffn, make_predictor, spec_of, wrap_ffns
 from .wrappers import SparseOutput, quantile
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("teal", "cats", "moefication", "moefication-oracle", "dejavu", "dejavu-ft", "random-topk")
+METHODS = ("teal", "cats", "moefication", "moefication-oracle", "sketch", "sketch-ft", "dejavu", "dejavu-ft",
+           "random-topk")
+#: Methods that are another method, then fine-tuned with its masks on (built as the first, trained by the caller).
+FINETUNED = {"dejavu-ft": "dejavu", "sketch-ft": "sketch"}
 #: Methods that pick single neurons (thresholds, Deja Vu's per-neuron top-k): experts and their grouping do not apply.
 NEURON_METHODS = ("teal", "cats", "dejavu", "dejavu-ft")
 _ALIASES = {"moefication-mlp": "moefication", "deja-vu": "dejavu", "dejavu+ft": "dejavu-ft",
@@ -287,6 +292,29 @@ def build_moefication(hf_model: nn.Module, target_sparsity: float, calib_data: A
     return model
 
 
+def build_sketch(hf_model: nn.Module, target_sparsity: float, expert_size: int = 32, grouping: str = "kmeans",
+                 grouping_iters: int = 15, bits: int = 4, group: int = 64, seed: int = 0,
+                 ffn_spec: dict | None = None, **_: Any) -> BaselineModel:
+    """LTE's expert grouping, top-k experts by the energy a `bits`-bit copy of the FFN predicts.
+
+    Learns nothing and needs no data (k-means grouping works on the weights): what it knows of a
+    token comes from the model's own weights, so it does not depend on the domain of any text.
+    """
+    spec = spec_of(hf_model, ffn_spec)
+    from ..conversion.locate import find_ffns
+
+    sizes = [group_ffn(ffn, expert_size, grouping, seed + i, grouping_iters)
+             for i, ffn in enumerate(find_ffns(hf_model, spec))]
+    layers, ctx = wrap_ffns(hf_model, "predictor-topk", spec, unit_sizes=sizes)
+    options = {"expert_size": expert_size, "grouping": grouping, "seed": seed,
+               "predictor": {"kind": "sketch", "size": bits, "group": group}}
+    model = BaselineModel(hf_model, layers, ctx, "sketch", options)
+    attach_sketches(model, bits, group)
+    model.set_topk(target_sparsity)
+    model.set_state("on")
+    return model
+
+
 def build_dejavu(hf_model: nn.Module, target_sparsity: float, calib_data: Any, rank: int | None = None,
                  label_sparsity: float | None = None, predictor_steps: int = 300, predictor_lr: float = 1e-3,
                  calib_tokens: int = 16384, batch_size: int = 8, seed: int = 0, ffn_spec: dict | None = None,
@@ -338,6 +366,7 @@ _BUILDERS = {
     "cats": build_cats,
     "moefication": build_moefication,
     "moefication-oracle": lambda m, t, **o: build_moefication(m, t, oracle=True, **o),
+    "sketch": build_sketch,
     "dejavu": build_dejavu,
     "random-topk": build_random_topk,
 }
@@ -362,9 +391,9 @@ def apply_baseline(hf_model: nn.Module, method: str, target_sparsity: float = 0.
     """
     key = canonical_method(method)
     _check_target(target_sparsity)
-    if key == "dejavu-ft":
-        raise LTEError("dejavu-ft is Deja Vu, then fine-tuning: apply_baseline(model, 'dejavu', ...), then "
-                       "lte.training.finetune(model, train_data, tokenizer, out_dir, ...)")
+    if key in FINETUNED:
+        raise LTEError(f"{key} is {FINETUNED[key]}, then fine-tuning: apply_baseline(model, '{FINETUNED[key]}', ...), "
+                       "then lte.training.finetune(model, train_data, tokenizer, out_dir, ...)")
     model = _BUILDERS[key](hf_model, target_sparsity, calib_data=calib_data, **options)
     model.eval()
     return model
@@ -395,6 +424,6 @@ def expected_topk_sparsity(target: float, units: int) -> float:
     return 1.0 - int(round((1.0 - target) * units)) / units
 
 
-__all__ = ["METHODS", "apply_baseline", "as_batches", "calibrate_thresholds", "canonical_method",
+__all__ = ["FINETUNED", "METHODS", "apply_baseline", "as_batches", "calibrate_thresholds", "canonical_method",
            "expected_topk_sparsity", "record_activations", "set_sparsity", "topk_labels",
            "train_predictor"]

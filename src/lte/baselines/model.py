@@ -25,7 +25,9 @@ from ..errors import LTEError
 from ..sparse_model import SparseFFNModel
 from ..stats import linear_flops_per_token
 from ..version import __version__
-from .wrappers import Context, LowRankPredictor, MLPRouter, SparseInput, SparseOutput, SparseUp, Sparsifier
+from .sketch import WeightSketch
+from .wrappers import (Context, LowRankPredictor, MLPRouter, SparseInput, SparseOutput, SparseUp, Sparsifier,
+                       activation_fn)
 
 CONFIG_NAME = "baseline_config.json"
 STATE_NAME = "baseline_state.safetensors"
@@ -93,6 +95,15 @@ def make_predictor(kind: str, hidden: int, width: int, units: int, size: int) ->
     if kind == "mlp":
         return MLPRouter(hidden, size, units)
     raise LTEError(f"unknown predictor kind {kind!r}")
+
+
+def attach_sketches(model: BaselineModel, bits: int, group: int = 64) -> None:
+    """Give every layer of a top-k baseline a `WeightSketch` predictor (the `sketch` method)."""
+    for layer in model.baseline_layers():
+        s = layer.sparsifier
+        s.predictor = WeightSketch(layer.input.base_layer, None if layer.up is None else layer.up.base_layer,
+                                   layer.output.base_layer, activation_fn(s.activation), s.gated, s.unit_sizes,
+                                   bits, group)
 
 
 # --------------------------------------------------------------------------- the model
@@ -340,7 +351,7 @@ class BaselineModel(SparseFFNModel):
         pred = meta.get("predictor")
         for layer in layers:
             s = layer.sparsifier
-            if pred:
+            if pred and pred["kind"] != "sketch":  # a sketch is rebuilt from the weights below
                 s.predictor = make_predictor(pred["kind"], s.hidden, s.width, s.num_units, pred["size"]).to(
                     s.unit_sizes.device)
         state = load_file(str(d / STATE_NAME))
@@ -350,6 +361,8 @@ class BaselineModel(SparseFFNModel):
             layer.sparsifier.load_state_dict(sub)
             layer.sparsifier.k = meta["k"][i]
         model = cls(base, layers, context, meta["method"], meta.get("options", {}))
+        if pred and pred["kind"] == "sketch":
+            attach_sketches(model, int(pred["size"]), int(pred.get("group", 64)))
         model.target_sparsity = meta.get("target_sparsity")
         model._recorded_origin = meta.get("tokenizer_source")
         model.set_state("on")

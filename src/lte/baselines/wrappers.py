@@ -247,6 +247,9 @@ class SparseInput(WrappedLayer):
                 s.neuron_keep = keep.float()
         elif s.rule == "predictor-topk" and s.active:
             s.neuron_keep = s.keep_topk(s.predictor(x).float())
+            extra = getattr(s.predictor, "read_share", None)  # a sketch reads its own low-bit weights
+            if extra is not None:  # counted as reads not skipped: a part that every token "skips" negatively
+                s.add_part(torch.zeros(*x.shape[:-1], 1, dtype=torch.bool, device=x.device), -extra())
         return y
 
 

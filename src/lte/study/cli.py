@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ def add_study_commands(sub) -> None:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    from ..baselines.methods import apply_baseline
+    from ..baselines.methods import FINETUNED, apply_baseline
     from .config import TINY, baseline_options, merge
     from .tasks import prepare_dense, setup_task
 
@@ -111,16 +112,22 @@ def run_baseline(args: argparse.Namespace) -> int:
     setup = setup_task(args.task, args.model, args.calib_data, args.eval_data, settings=settings)
     dense = prepare_dense(setup, args.out or "runs/baseline")
     options = baseline_options(setup.settings, args.method)  # as a study builds it: --set expert_size=8 applies
-    build = "dejavu" if args.method == "dejavu-ft" else args.method  # dejavu-ft: Deja Vu, then fine-tuning
-    model = apply_baseline(dense, build, args.target_sparsity, calib_data=setup.calib, **options)
-    if args.method == "dejavu-ft":
-        model.method = "dejavu-ft"
-    if args.method in ("dejavu-ft", "random-topk"):  # the two that train the model: fine-tuned here
-        from ..training.finetune import finetune
+    build = FINETUNED.get(args.method, args.method)  # dejavu-ft, sketch-ft: the method, then fine-tuning
+    trains = args.method in (*FINETUNED, "random-topk")  # the methods that train the model: fine-tuned here
+    if trains:
         from .runner import finetune_args
 
+        hp = finetune_args(setup)
+        # distillation learns from the dense model as it is now (apply_baseline changes `dense` in place)
+        teacher = copy.deepcopy(dense).eval() if any(hp.get(k) for k in ("distill", "distill_hidden")) else None
+    model = apply_baseline(dense, build, args.target_sparsity, calib_data=setup.calib, **options)
+    if args.method in FINETUNED:
+        model.method = args.method
+    if trains:
+        from ..training.finetune import finetune
+
         model.finetune_result = finetune(model, setup.train_data, setup.tokenizer,
-                                         str(Path(args.out or "runs/baseline") / "finetune"), **finetune_args(setup))
+                                         str(Path(args.out or "runs/baseline") / "finetune"), teacher=teacher, **hp)
     report: dict[str, Any] = {"method": args.method, "target_sparsity": args.target_sparsity}
     if args.eval_data:
         result = setup.evaluate(model)

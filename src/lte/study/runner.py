@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..baselines.methods import apply_baseline, set_sparsity
+from ..baselines.methods import FINETUNED, apply_baseline, set_sparsity
 from ..errors import LTEError
 from ..training.errors import TrainingStopped
 from ..training.finetune import finetune
@@ -204,17 +204,17 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
         model, t, budget = _train_lte(setup, target, run_dir, key)
         timings.update(t)
         eta = float(model.lte_config.eta)
-    elif base in ("moefication", "moefication-oracle", "dejavu"):
+    elif base in ("moefication", "moefication-oracle", "sketch", "dejavu"):
         model = shared.get(name)
         if model is None:  # one router / predictor for every target of the sweep; only k moves
             model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
             shared[name] = model
         set_sparsity(model, target)
         timings["build_seconds"] = time.perf_counter() - start
-    elif base == "dejavu-ft":
-        model = apply_baseline(copy.deepcopy(dense), "dejavu", target, calib_data=setup.calib, **options)
+    elif base in FINETUNED:  # dejavu-ft, sketch-ft: the method, then fine-tuned with its masks on
+        model = apply_baseline(copy.deepcopy(dense), FINETUNED[base], target, calib_data=setup.calib, **options)
         set_sparsity(model, target)
-        model.method = "dejavu-ft"
+        model.method = base
         timings["build_seconds"] = time.perf_counter() - start
         info = _finetune(setup, model, run_dir, key, teacher)
         timings["train_seconds"] = info["seconds"]
