@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LTEError
-from .model import BaselineModel, _check_target, attach_sketches, group_ffn, make_predictor, spec_of, wrap_ffns
+from .model import (
+    BaselineModel,
+    _check_target,
+    attach_sketches,
+    group_ffn,
+    make_predictor,
+    spec_of,
+    wrap_ffns,
+)
 from .wrappers import SparseOutput, quantile
 
 logger = logging.getLogger(__name__)

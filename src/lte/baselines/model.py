@@ -26,8 +26,16 @@ from ..sparse_model import SparseFFNModel
 from ..stats import linear_flops_per_token
 from ..version import __version__
 from .sketch import WeightSketch
-from .wrappers import (Context, LowRankPredictor, MLPRouter, SparseInput, SparseOutput, SparseUp, Sparsifier,
-                       activation_fn)
+from .wrappers import (
+    Context,
+    LowRankPredictor,
+    MLPRouter,
+    SparseInput,
+    SparseOutput,
+    SparseUp,
+    Sparsifier,
+    activation_fn,
+)
 
 CONFIG_NAME = "baseline_config.json"
 STATE_NAME = "baseline_state.safetensors"

@@ -18,7 +18,7 @@ weight changes (fine-tuning), so the masks always follow the weights being serve
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
