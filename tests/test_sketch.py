@@ -52,7 +52,7 @@ def test_sketch_scores_are_the_expert_energies_when_the_rounding_is_exact():
             g = float(gate.weight[j].detach() @ x[0])
             u = float(up.weight[j].detach() @ x[0])
             h = g / (1 + torch.exp(torch.tensor(-g))).item() * u
-            total += h * h * float(down.weight[:, j].square().sum())
+            total += h * h * float(down.weight[:, j].detach().square().sum())
         want.append(total)
     assert torch.allclose(sketch(x), torch.tensor([want]), rtol=1e-5)
 
@@ -107,3 +107,15 @@ def test_sketch_save_and_load_rebuilds_the_sketch(tmp_path):
 def test_sketch_ft_is_built_as_sketch_then_fine_tuned():
     with pytest.raises(Exception, match="sketch-ft is sketch, then fine-tuning"):
         apply_baseline(build("llama"), "sketch-ft", 0.5)
+
+
+def test_sketch_in_bf16_keeps_its_copies_in_bf16_and_scores_like_fp32():
+    gate, up, down = _gated_ffn(2, hidden=64, width=8)
+    x = torch.randn(5, 64)
+    want = WeightSketch(gate, up, down, torch.nn.functional.silu, True, torch.tensor([4, 4]), bits=4)(x)
+    for lin in (gate, up, down):
+        lin.to(torch.bfloat16)
+    sketch = WeightSketch(gate, up, down, torch.nn.functional.silu, True, torch.tensor([4, 4]), bits=4)
+    got = sketch(x.to(torch.bfloat16))
+    assert sketch._rounded()[0].dtype == torch.bfloat16 and got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=0.05, atol=1e-3)

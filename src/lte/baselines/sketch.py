@@ -104,19 +104,21 @@ class WeightSketch(nn.Module):
             b = getattr(first, "bias", None)
             bias = None if b is None else b.detach().float()
         down_sq = out_cols(down).detach().float().square().sum(0)
+        dtype = rows.dtype  # the rounded values kept in the weights' dtype (bf16 on a GPU: half the memory)
+        g, u = g.to(dtype), None if u is None else u.to(dtype)
         self._cache, self._key = (g, u, bias, down_sq), key
         return self._cache
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u, bias, down_sq = self._rounded()
-        xf = x.float()
-        z = xf @ g.t()
+        xg = x.to(g.dtype)
+        z = (xg @ g.t()).float()
         if bias is not None:
             z = z + bias
         h = self.activation(z)
         if u is not None:
-            h = h * (xf @ u.t())
+            h = h * (xg @ u.t()).float()
         return unit_sums(h.square() * down_sq, self.unit_sizes)
 
     def flops(self) -> int:
