@@ -123,7 +123,7 @@ class WeightSketch(nn.Module):
 
     def flops(self) -> int:
         """Multiply-adds x 2 per token: the rounded gate and up (or W1) products."""
-        width, hidden = self._rounded()[0].shape
+        hidden, width = out_cols(self._projections[2]).shape  # W_down [D, F]
         return 2 * hidden * width * (2 if self.gated else 1)
 
     def read_share(self) -> float:

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import LTEError
 from ..routing.layers import WrappedLayer
+from .sketch import unit_sums
 
 RULES = ("input-threshold", "gate-threshold", "predictor-topk", "oracle-topk")
 STATES = ("off", "on", "collect", "record")
@@ -174,13 +175,7 @@ class Sparsifier(nn.Module):
 
     def unit_mass(self, h: torch.Tensor) -> torch.Tensor:
         """Sum of |h| over each unit's neurons: [.., F] -> [.., U]."""
-        a = h.detach().abs().float()
-        if self.by_neuron:
-            return a
-        ends = torch.cumsum(self.unit_sizes.to(a.device), 0)  # [U]
-        csum = torch.cumsum(a, dim=-1)  # [.., F]
-        upto = csum.index_select(-1, ends - 1)  # [.., U] cumulative sum at each unit's last neuron
-        return torch.diff(upto, dim=-1, prepend=torch.zeros_like(upto[..., :1]))
+        return unit_sums(h.detach().abs().float(), self.unit_sizes)
 
     def keep_topk(self, scores: torch.Tensor) -> torch.Tensor:
         """Neuron mask [.., F] (float 0/1) of the top-k units by score [.., U]."""
