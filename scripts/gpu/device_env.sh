@@ -3,7 +3,7 @@
 #   source scripts/gpu/device_env.sh
 # Carried folders (git-ignored, built by scripts/gpu/make_carry.sh, named in the device call's `carry`): carry/smol1 .. smol3 (the
 # three parts of SmolLM2's GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm1, minilm2 (the two parts of MiniLM in fp16),
-# carry/mpnet1 .. mpnet5 (the five parts of all-mpnet-base-v2 in fp16).
+# carry/mpnet1 .. mpnet6 (the six parts of all-mpnet-base-v2 in fp16).
 # Files are kept in $LTE_DEVICE_DIR outside the repo, so halves carried by separate calls join up
 # while the machine stays warm.
 LTE_DEVICE_DIR=${LTE_DEVICE_DIR:-/root/lte_device}
@@ -41,10 +41,10 @@ model_status() {
     else echo "$(ls "$LTE_DEVICE_DIR/$1parts"/"$1"part0? 2>/dev/null | wc -l)/$2 parts"; fi
 }
 join_model minilm 2
-join_model mpnet 5
+join_model mpnet 6
 export PYTHONPATH="$PWD/src:$LTE_DEVICE_DIR/pk:$LTE_DEVICE_DIR/py${PYTHONPATH:+:$PYTHONPATH}"
 export LTE_CACHE="$LTE_DEVICE_DIR/cache" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $(model_status minilm 2), mpnet $(model_status mpnet 5)"
+echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $(model_status minilm 2), mpnet $(model_status mpnet 6)"
 # Experiment data: the carried archive of ../shared/data, unpacked next to the repo as ../shared/data.
 if [ -f carry/data/shared_data.tar.xz ] && [ ! -d "$LTE_DEVICE_DIR/shared/data" ]; then
     mkdir -p "$LTE_DEVICE_DIR/shared" && tar -C "$LTE_DEVICE_DIR/shared" -xJf carry/data/shared_data.tar.xz

