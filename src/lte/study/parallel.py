@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -293,7 +294,7 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
                 pending.append(dataclasses.replace(unit, solo=True))
                 continue
             if proc.returncode != 0:
-                failures[unit.study][unit.label] = f"exit code {proc.returncode} (see {unit.study}/logs)"
+                failures[unit.study][unit.label] = _failure_reason(unit, proc.returncode)
                 if unit.method == "dense":  # nothing else of this study can run
                     for other in [u for u in pending if u.study == unit.study]:
                         pending.remove(other)
@@ -318,15 +319,31 @@ def _log_path(unit: Unit) -> Path:
     return Path(unit.study) / "logs" / (unit.label.split("/", 1)[1] + ".log")
 
 
-def _ran_out_of_memory(unit: Unit, tail_bytes: int = 20000) -> bool:
-    """Whether the unit's log ends with a CUDA out-of-memory error."""
+def _log_tail(unit: Unit, tail_bytes: int = 20000) -> bytes:
+    """The last `tail_bytes` of the unit's log (empty if it has none)."""
     try:
         with open(_log_path(unit), "rb") as fh:
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - tail_bytes))
-            tail = fh.read()
+            return fh.read()
     except OSError:
-        return False
+        return b""
+
+
+_ERROR_LINE = re.compile(r"^(lte: error: .*|[\w.]*(Error|Exception)(: .*)?)$")
+
+
+def _failure_reason(unit: Unit, returncode: int) -> str:
+    """Why a unit failed: its exit code, the last error line of its log (the CLI's `lte: error:` or a
+    Python exception), and where the log is."""
+    lines = _log_tail(unit).decode("utf-8", "replace").replace("\r", "\n").splitlines()
+    error = next((line.strip() for line in reversed(lines) if _ERROR_LINE.match(line.strip())), None)
+    return f"exit code {returncode}" + (f": {error}" if error else "") + f" (log: {_log_path(unit)})"
+
+
+def _ran_out_of_memory(unit: Unit, tail_bytes: int = 20000) -> bool:
+    """Whether the unit's log ends with a CUDA out-of-memory error."""
+    tail = _log_tail(unit, tail_bytes)
     return b"OutOfMemoryError" in tail or b"CUDA out of memory" in tail
 
 

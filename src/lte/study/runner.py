@@ -427,7 +427,7 @@ def collect_study(cfg: dict[str, Any], out: Path, points: dict[str, list[dict[st
             missing += [f"seed {one['seed']}: {m}" for m in sub["missing"]]
             failed.update({f"seed{one['seed']}/{k}": v for k, v in sub["failures"].items()})
         if not per_seed:
-            raise LTEError(f"no seed of '{out}' has a finished dense point: run the study first")
+            raise LTEError(f"no seed of '{out}' has a finished dense point:\n  " + "\n  ".join(missing))
         return _summarise_points(cfg, out, aggregate_points(per_seed), failed, missing, seconds)
     missing = []
     points = (points or {}).get(str(out))
@@ -435,6 +435,9 @@ def collect_study(cfg: dict[str, Any], out: Path, points: dict[str, list[dict[st
         points = []
         dense = load_point(point_path(out, "dense"), point_fingerprint(cfg, "dense", None))
         if dense is None:
+            reason = failures.get(str(out), {}).get(f"{Path(out).name}/dense")
+            if reason:
+                raise LTEError(f"the dense unit of '{out}' failed, so nothing else ran: {reason}")
             raise LTEError(f"no finished dense point in '{out}': run the study (without --collect) first")
         points.append(dense)
         for method in derived_methods(cfg, cfg["methods"]):
