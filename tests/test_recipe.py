@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 
 import lte
-from lte.routing.fit import _expert_log_mass, _weighted_quantile, calibrate_tau, fit_routers, hard_sparsity
+from lte.routing.fit import (
+    _expert_log_mass,
+    _search_threshold,
+    _weighted_quantile,
+    calibrate_tau,
+    fit_routers,
+    hard_sparsity,
+)
 from lte.routing.layers import expert_gate
 from lte.training import train_stage
 from lte.training.distill import distillation_loss, hidden_state_loss
@@ -204,6 +211,57 @@ def test_calibrate_tau_hits_the_target_on_its_batches(target):
     assert sum(measured) / len(measured) == pytest.approx(target, abs=0.01)
     assert result["tau"] == model.lte_config.tau == model.lte_layers()[0].input.tau
     assert (result["tau"] > 0.5) == (target > 0.5)  # the fit put the model at 0.5: more sparsity, higher tau
+
+
+def _toy_measure(gain: float, curve: str = "logistic", start: float = 0.0):
+    """A threshold search problem with a known answer: sparsity(theta) = sigmoid(theta - 2) (0.9 at
+    theta = 2 + ln 9), or with curve "square" (theta / 10)^2 clipped to [0, 1] (0.9 at 10 sqrt(0.9)); the
+    quantile proposal lands at root + gain x (theta - root) (gain 0: exact; gain < -1: the masks' feedback
+    makes plain fixed-point rounds overshoot further every time)."""
+    root = 2.0 + math.log(9.0) if curve == "logistic" else 10.0 * math.sqrt(0.9)
+    calls = []
+
+    def sparsity(t):
+        return 1.0 / (1.0 + math.exp(-(t - 2.0))) if curve == "logistic" else min(max(t / 10.0, 0.0), 1.0) ** 2
+
+    def measure(theta):
+        t = start if theta is None else theta  # None: the threshold the model has (`start`)
+        calls.append(t)
+        return sparsity(t), [sparsity(t)], root + gain * (t - root)
+
+    return measure, calls, sparsity, root
+
+
+def test_threshold_search_takes_the_exact_proposal_in_one_round():
+    measure, calls, _, root = _toy_measure(gain=0.0)
+    theta, achieved, per_layer, rounds = _search_threshold(measure, 0.0, 0.9, tol=1e-9, max_rounds=12)
+    assert rounds == 1 and theta == pytest.approx(root) and achieved == pytest.approx(0.9)
+    assert calls == [0.0, pytest.approx(root)]  # no extra pass: the last one is the best
+
+
+@pytest.mark.parametrize("curve", ["logistic", "square"])
+def test_threshold_search_brackets_a_proposal_that_overshoots(curve):
+    """With gain -1.5 the plain rounds overshoot further every time (error x -1.5) and never settle; once
+    the target is bracketed the secant steps converge to the root."""
+    measure, _, sparsity, root = _toy_measure(gain=-1.5, curve=curve)
+    theta, achieved, per_layer, rounds = _search_threshold(measure, 0.0, 0.9, tol=0.002, max_rounds=12)
+    assert abs(achieved - 0.9) <= 0.002 and per_layer == [achieved] and achieved == sparsity(theta)
+    assert rounds <= 12 and theta == pytest.approx(root, abs=0.05)
+    plain, t = [], 0.0
+    for _ in range(6):  # what 6 unguarded rounds reach: still far off
+        t = root - 1.5 * (t - root)
+        plain.append(sparsity(t))
+    assert abs(plain[-1] - 0.9) > 0.05
+
+
+def test_threshold_search_returns_the_best_threshold_it_measured():
+    """Out of rounds: the model is left at the closest threshold seen, not at the last one."""
+    measure, calls, sparsity, _ = _toy_measure(gain=-1.5, curve="square")
+    theta, achieved, _, rounds = _search_threshold(measure, 0.0, 0.9, tol=1e-12, max_rounds=2)
+    seen = calls[:3]  # theta0 and the two rounds
+    errors = [abs(sparsity(t) - 0.9) for t in seen]
+    assert rounds == 2 and theta == pytest.approx(seen[errors.index(min(errors))])
+    assert achieved == pytest.approx(sparsity(theta)) and calls[-1] == pytest.approx(theta)  # set back to it
 
 
 def test_stage1_calibrates_tau_on_held_out_examples(tiny):

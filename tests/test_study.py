@@ -288,7 +288,7 @@ def test_declared_lte_method_may_join_variants_at_different_targets():
     assert study_config(dict(cfg)) and lte_method_name(study_config(dict(cfg))) == "lte-a+lte-b"
     with pytest.raises(LTEError, match="both run at 0.5"):
         study_config(dict(cfg, variants={**cfg["variants"], "lte-b": {"base": "lte", "targets": [0.5, 0.9]}}))
-    with pytest.raises(LTEError, match="one method name or a list"):
+    with pytest.raises(LTEError, match="one method name, a list"):
         study_config(dict(cfg, lte_method=["lte-a", 3]))
 
     def pt(method, sparsity, quality):
@@ -300,6 +300,34 @@ def test_declared_lte_method_may_join_variants_at_different_targets():
     rows = scoreboard_rows(summary)  # lte (40) is an ablation here: neither compared nor counted
     assert [(r["lte_method"], r["margin"], r["verdict"]) for r in rows] == [("lte-a", 5.0, "win"),
                                                                            ("lte-b", -10.0, "loss")]
+
+
+def test_declared_lte_method_may_map_targets_to_variants_that_overlap():
+    """A mapping `lte_method` picks one variant per target even where both ran there; the other variant's
+    point stays in the report as an ablation, neither compared nor counted."""
+    from lte.study.scoreboard import scoreboard_rows
+
+    cfg = {"task": "causal-lm", "data": "x.txt", "methods": ["lte", "teal", "lte-a", "lte-b"], "targets": [0.5, 0.7],
+           "lte_method": {0.5: "lte-a", 0.7: "lte-b"},
+           "variants": {"lte-a": {"base": "lte", "set": {"expert_size": 8}},
+                        "lte-b": {"base": "lte", "set": {"expert_size": 8}}}}
+    assert lte_method_name(study_config(dict(cfg))) == "lte-a@0.5+lte-b@0.7"
+    with pytest.raises(LTEError, match="'lte-b' does not run at 0.9"):
+        study_config(dict(cfg, lte_method={0.5: "lte-a", 0.9: "lte-b"}))
+    with pytest.raises(LTEError, match="keys of a mapping are targets"):
+        study_config(dict(cfg, lte_method={"half": "lte-a"}))
+    with pytest.raises(LTEError, match="neither `lte` nor a variant"):
+        study_config(dict(cfg, lte_method={0.5: "lte-c"}))
+
+    def pt(method, sparsity, quality):
+        return dict(_pt(method, sparsity, quality), gflops_per_token=1.0 - sparsity, quality_std=None)
+
+    points = [pt("dense", 0.0, 20.0), pt("lte-a", 0.5, 30.0), pt("lte-a", 0.7, 99.0), pt("lte-b", 0.5, 1.0),
+              pt("lte-b", 0.7, 40.0), pt("teal", 0.5, 35.0), pt("teal", 0.7, 45.0)]
+    summary = dict(report.summarise(points, "perplexity", False, lte_method="lte-a@0.5+lte-b@0.7"), name="toy")
+    rows = scoreboard_rows(summary)  # lte-a at 0.7 (99) and lte-b at 0.5 (1) are not the declared recipe there
+    assert [(r["lte_method"], r["ffn_sparsity"], r["margin"], r["verdict"]) for r in rows] == [
+        ("lte-a", 0.5, 5.0, "win"), ("lte-b", 0.7, 5.0, "win")]
 
 
 @pytest.mark.parametrize("name,message", [("lte-x", "neither `lte` nor a variant"),

@@ -188,16 +188,18 @@ def lte_method(cfg: dict[str, Any]) -> str:
 
     A list names one recipe run at different targets by several variants whose targets do not overlap
     (e.g. `[lte-kd1-s8, lte-kd1-s8-retau]`: the recipe at 0.5 / 0.7, and with tau set again after stage 2
-    at 0.9); it comes back joined by "+" (`lte-kd1-s8+lte-kd1-s8-retau`), the form `summarise` takes."""
+    at 0.9); it comes back joined by "+" (`lte-kd1-s8+lte-kd1-s8-retau`), the form `summarise` takes.
+    A mapping `{target: method}` picks the method per target where variants run at the same targets
+    (a recipe changed after some points ran keeps them in the report as an ablation); it comes back as
+    `name@t1,t2+name2@t3` (`declared_points` reads it)."""
     declared = cfg.get("lte_method") or "lte"
+    if isinstance(declared, dict):
+        return _lte_method_by_target(cfg, declared)
     names = [declared] if isinstance(declared, str) else list(declared)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise LTEError(f"lte_method: give one method name or a list of names; got {declared!r}")
+        raise LTEError(f"lte_method: give one method name, a list of names or a mapping target: name; got {declared!r}")
     for name in names:
-        if name != "lte" and name not in (cfg.get("variants") or {}):
-            raise LTEError(f"lte_method: {name!r} is neither `lte` nor a variant of this config")
-        if name != "lte" and method_plan(cfg, name)[0] != "lte":
-            raise LTEError(f"lte_method: {name!r} is a variant of a baseline, not of lte")
+        _check_lte_variant(cfg, name)
     if len(names) > 1:
         seen: dict[float, str] = {}
         for name in names:
@@ -205,9 +207,44 @@ def lte_method(cfg: dict[str, Any]) -> str:
                 if value in seen:
                     raise LTEError(f"lte_method: {seen[value]!r} and {name!r} both run at {value:g}; the methods "
                                    "of one declared recipe must cover different targets (set each variant's "
-                                   "`targets`)")
+                                   "`targets`, or map each target to its method: {0.5: name, 0.9: other})")
                 seen[value] = name
     return "+".join(names)
+
+
+def _check_lte_variant(cfg: dict[str, Any], name: str) -> None:
+    if name != "lte" and name not in (cfg.get("variants") or {}):
+        raise LTEError(f"lte_method: {name!r} is neither `lte` nor a variant of this config")
+    if name != "lte" and method_plan(cfg, name)[0] != "lte":
+        raise LTEError(f"lte_method: {name!r} is a variant of a baseline, not of lte")
+
+
+def _lte_method_by_target(cfg: dict[str, Any], declared: dict[Any, Any]) -> str:
+    by_name: dict[str, list[float]] = {}
+    for key, name in declared.items():
+        try:
+            target = float(key)
+        except (TypeError, ValueError):
+            raise LTEError(f"lte_method: the keys of a mapping are targets (numbers); got {key!r}") from None
+        if not isinstance(name, str) or not name:
+            raise LTEError(f"lte_method: map each target to one method name; got {name!r} at {target:g}")
+        _check_lte_variant(cfg, name)
+        if not any(abs(target - v) < 1e-9 for v in knob_values(cfg, name)):
+            raise LTEError(f"lte_method: {name!r} does not run at {target:g} (its targets: "
+                           f"{', '.join(f'{v:g}' for v in knob_values(cfg, name))})")
+        by_name.setdefault(name, []).append(target)
+    if not by_name:
+        raise LTEError("lte_method: the mapping is empty; map each target to the LTE method compared there")
+    return "+".join(f"{name}@{','.join(f'{t:g}' for t in sorted(ts))}" for name, ts in by_name.items())
+
+
+def declared_points(method: str) -> dict[str, set[float] | None]:
+    """`lte_method`'s joined form read back: method name -> the targets it is compared at (None: all)."""
+    spec: dict[str, set[float] | None] = {}
+    for part in method.split("+"):
+        name, _, targets = part.partition("@")
+        spec[name] = {float(t) for t in targets.split(",")} if targets else None
+    return spec
 
 
 def knob_values(cfg: dict[str, Any], method: str) -> list[float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .config import declared_points
+
 
 def tolerance_ok(quality: float, dense: float, metric: str, higher_is_better: bool) -> bool:
     """Within the paper's tolerance of the dense model: perplexity +0.5; other metrics 5% relative."""
@@ -37,7 +39,8 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
     """At each point of `method` with sparsity (or target) >= `min_sparsity`: every baseline's quality there.
 
     `method` may join several LTE variants by "+" (one declared recipe run at different targets by
-    each, see `config.lte_method`): their points are taken together, each row naming its own method.
+    each, see `config.lte_method`), each optionally limited to targets (`name@0.5,0.7`): their points
+    are taken together, each row naming its own method.
     Baselines are the methods other than dense and LTE's own variants (names starting with "lte").
     They are interpolated between their measured points; a method whose points do not
     span that sparsity is reported as None (not compared). `beats` / `loses_to` / `ties` list them by name.
@@ -46,8 +49,13 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
         target = p["target"] if p.get("knob") == "target" else 0.0
         return max(p["ffn_sparsity"], target) >= min_sparsity - 1e-9
 
-    names = set(method.split("+"))
-    mine = sorted((p for p in points if p["method"] in names and counts(p)), key=lambda p: p["ffn_sparsity"])
+    spec = declared_points(method)
+
+    def declared(p: dict[str, Any]) -> bool:
+        targets = spec.get(p["method"], set())
+        return p["method"] in spec and (targets is None or any(abs(p["target"] - t) < 1e-9 for t in targets))
+
+    mine = sorted((p for p in points if declared(p) and counts(p)), key=lambda p: p["ffn_sparsity"])
     others = [m for m in dict.fromkeys(p["method"] for p in points)  # baselines only: not dense, not LTE's ablations
               if m != "dense" and not m.startswith("lte")]
     rows = []
