@@ -21,6 +21,18 @@ def tiny(tmp_path_factory):
     return {"root": root, "model": str(root / "llama"), "text": str(text)}
 
 
+def test_every_command_prints_its_help(capsys):
+    """Each subcommand's --help renders (a stray '%' in a setting's help text breaks argparse's formatting)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"train", "run", "study", "generate"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args([name, "--help"])
+        assert stop.value.code == 0, name
+        assert "usage: lte " + name in capsys.readouterr().out
+
+
 def test_parse_train_flags():
     args = build_parser().parse_args(["train", "--model", "m", "--task", "causal-lm", "--data", "d", "--stage", "1",
                                       "--out", "o", "--eta", "0.7", "--target-sparsity", "0.6", "--resume",

@@ -294,6 +294,59 @@ def test_stage2_recalibrates_tau_after_training_by_default(tiny):
                     **FAST)
 
 
+def test_tau_hold_recuts_every_n_steps_but_not_at_the_last():
+    from types import SimpleNamespace
+
+    from lte.training.callbacks import TauHold
+
+    seen = []
+
+    def recut(model):
+        seen.append(model)
+        return {"initial_sparsity": 0.95, "sparsity": 0.9, "tau": 0.7}
+
+    hold = TauHold(3, recut)
+    for step in range(1, 10):  # 9 steps: re-cuts after steps 3 and 6; step 9 is the last (the final re-cut's)
+        hold.on_step_end(None, SimpleNamespace(global_step=step, max_steps=9), None, model="m")
+    assert [h["step"] for h in hold.history] == [3, 6] and seen == ["m", "m"]
+    assert hold.history[0] == {"step": 3, "found": 0.95, "left": 0.9, "tau": 0.7}
+    with pytest.raises(ValueError, match=">= 1"):
+        TauHold(0, recut)
+
+
+def test_a_calibration_pass_leaves_a_steps_statistics_alone():
+    """`hard_sparsity` in the middle of a training step (stage 2's TauHold) must not change what the step
+    has accumulated: the same per-layer numbers before and after, and the pass's own are its own."""
+    model = _wide_llama()
+    batches = _calibration_batches(2)
+    fit_routers(model, batches[0], sparsity=0.5)
+    model.set_routing("hard")
+    model.reset_lte_stats()
+    model(**{k: v for k, v in batches[0].items() if k != "labels"})
+    before = model.lte_stats(accumulated=True)["per_layer"]
+    other = hard_sparsity(model, batches[1:])
+    assert model.lte_stats(accumulated=True)["per_layer"] == before
+    assert other == hard_sparsity(model, batches[1:]) and other != before  # another batch, other numbers
+
+
+def test_stage2_holds_the_target_during_training(tiny):
+    s1 = tiny["root"] / "s1hold"
+    train_stage("1", tiny["model"], "causal-lm", tiny["text"], s1, max_steps=2, target_sparsity=0.4,
+                calibration_holdout=4, stage1_routing="ste", lam=0.0, **FAST)
+    common = dict(max_steps=4, target_sparsity=0.6, calibration_holdout=4, **{**FAST, "lr": 5e-2})
+    held = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2hold", hold_target_every=2, **common)
+    holds = held["tau_holds"]
+    assert [h["step"] for h in holds] == [2]  # step 4 is the last: the final re-cut follows training
+    assert holds[0]["left"] == pytest.approx(0.6, abs=0.05)  # on the held-out examples, mid-training
+    assert json.loads((tiny["root"] / "s2hold" / "lte_stage.json").read_text())["tau_holds"] == holds
+    with pytest.raises(lte.LTEError, match="target_sparsity"):
+        train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2x", max_steps=1, hold_target_every=2,
+                    **FAST)
+    with pytest.raises(lte.LTEError, match="applies to stage 2"):
+        train_stage("1", tiny["model"], "causal-lm", tiny["text"], tiny["root"] / "s1x", max_steps=1,
+                    target_sparsity=0.4, hold_target_every=2, **FAST)
+
+
 # ---------------------------------------------------------------------- grouping by activation profiles
 def test_activation_grouping_needs_calibration_and_keeps_the_function():
     model = build("llama")

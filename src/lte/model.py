@@ -7,7 +7,8 @@ does: routing modes, the LTE losses of a forward, statistics (`lte.sparse_model`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +264,17 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
         # Created on the device of the first recorded forward: no host-to-device copy inside a step.
         self._acc_active: torch.Tensor | None = None  # [L] float64: active neurons summed over real tokens
         self._acc_tokens: torch.Tensor | None = None  # float64: real tokens
+
+    @contextlib.contextmanager
+    def separate_lte_stats(self) -> Iterator[None]:
+        """Inside the block statistics accumulate afresh; those from before it are back afterwards, so a
+        calibration pass in the middle of a training step leaves the step's numbers as they were."""
+        saved = (self._acc_active, self._acc_tokens, self._last_masks, self._last_token_mask)
+        self.reset_lte_stats()
+        try:
+            yield
+        finally:
+            self._acc_active, self._acc_tokens, self._last_masks, self._last_token_mask = saved
 
     def _masks(self, scores: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor]:
         """The computed-expert masks of the last forward: [L, T, E] (one op) when the layers share one

@@ -185,21 +185,20 @@ def _hard_pass(lmodel, batches: list[dict[str, torch.Tensor]], collect_logits: b
     lmodel.set_routing("hard")
     lmodel.eval()
     lmodel.track_stats = True
-    lmodel.reset_lte_stats()
     try:
-        device = next(lmodel.parameters()).device
-        for batch in batches:
-            mask = batch.get("attention_mask")
-            current["mask"] = None if mask is None else mask.reshape(-1).to(device).bool()
-            lmodel(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-        per_layer = lmodel.lte_stats(accumulated=True)["per_layer"]
+        with lmodel.separate_lte_stats():  # a training step's statistics (stage 2's TauHold) stay as they were
+            device = next(lmodel.parameters()).device
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                current["mask"] = None if mask is None else mask.reshape(-1).to(device).bool()
+                lmodel(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+            per_layer = lmodel.lte_stats(accumulated=True)["per_layer"]
     finally:
         for hook in hooks:
             hook.remove()
         lmodel.set_routing(routing)
         lmodel.train(was_training)
         lmodel.track_stats = tracking
-        lmodel.reset_lte_stats()
     collected = (torch.cat(logits), torch.cat(weights)) if collect_logits else None
     return per_layer, collected
 
@@ -220,23 +219,28 @@ def calibrate_tau(lmodel, batches: list[dict[str, torch.Tensor]], target: float,
     round records every router logit in one hard-routing pass and proposes logit(tau) = the
     neuron-weighted `target`-quantile of all of them; rounds repeat because a layer's inputs depend
     on the masks of the layers before it (`_search_threshold` keeps them from oscillating). Returns
-    {"tau", "sparsity", "per_layer", "rounds"}: the best threshold seen.
+    {"tau", "sparsity", "per_layer", "rounds"} of the best threshold seen, and "initial_sparsity" (at
+    the tau the model came with).
     """
     if not 0.0 <= target < 1.0:
         raise LTEError(f"target sparsity must lie in [0, 1), got {target}")
+
+    found: list[float] = []  # the sparsity at the tau the model came with
 
     def measure(theta: float | None) -> tuple[float, list[float], float]:
         if theta is not None:
             lmodel.set_routing(lmodel.routing, tau=float(torch.sigmoid(torch.tensor(theta, dtype=torch.float64))))
         per_layer, (logits, weights) = _hard_pass(lmodel, batches, collect_logits=True)
-        return sum(per_layer) / len(per_layer), per_layer, _weighted_quantile(logits, weights, target)
+        found.append(sum(per_layer) / len(per_layer))
+        return found[-1], per_layer, _weighted_quantile(logits, weights, target)
 
     tau0 = min(max(float(lmodel.lte_config.tau), 1e-6), 1 - 1e-6)
     _, achieved, per_layer, rounds = _search_threshold(measure, math.log(tau0 / (1 - tau0)), target, tol,
                                                            max_rounds)
     logger.info("calibrated tau = %.6g: hard-routing sparsity %.4f on %d held-out batches (target %.3f, %d rounds)",
                 lmodel.lte_config.tau, achieved, len(batches), target, rounds)
-    return {"tau": float(lmodel.lte_config.tau), "sparsity": achieved, "per_layer": per_layer, "rounds": rounds}
+    return {"tau": float(lmodel.lte_config.tau), "sparsity": achieved, "per_layer": per_layer, "rounds": rounds,
+            "initial_sparsity": found[0]}
 
 
 _LOGIT_LIMIT = math.log((1 - 1e-6) / 1e-6)  # tau kept in [1e-6, 1 - 1e-6]

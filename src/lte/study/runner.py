@@ -125,8 +125,8 @@ def _train_lte(setup: TaskSetup, target: float, out: Path, key: str) -> tuple[nn
     else:
         hp1["target_sparsity"] = target
     hp2 = {**hp, **lcfg.get("stage2", {})}
-    if hp2.get("recalibrate_tau") and lcfg["knob"] != "eta":
-        hp2["target_sparsity"] = target  # stage 2 re-cuts to the target before and after its training
+    if (hp2.get("recalibrate_tau") or hp2.get("hold_target_every")) and lcfg["knob"] != "eta":
+        hp2["target_sparsity"] = target  # stage 2 re-cuts to the target before, during (hold) and after training
     distilled = any(stage_hp.get(k) for stage_hp in (hp1, hp2) for k in ("distill", "distill_hidden"))
     teacher = setup.dense if distilled else None  # frozen, shared, never trained
     start = time.perf_counter()

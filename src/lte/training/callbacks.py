@@ -191,6 +191,34 @@ class LamWarmup(TrainerCallback):
             model.lte_config.lam = self.value(state.global_step, state.max_steps)
 
 
+class TauHold(TrainerCallback):
+    """Stage 2: set tau again every `every` optimizer steps, so the model trains at its target sparsity (ours).
+
+    Stage 2 trains the weights under frozen routers; the routers' inputs move with them and the
+    sparsity of a fixed tau drifts (WikiText-2 at a 0.9 target: 94-95% by the end of stage 2). Setting
+    tau again only at the end brings the served model back to its target, but it then runs with
+    experts on that training learned to do without. `recut(model)` is the calibration on held-out
+    examples (`stages._calibrate_on`); `history` keeps, per re-cut, the step, the sparsity it found
+    and the one it left (the drift it corrected). Not at the last step: stage 2's final re-cut
+    (`recalibrate_tau`) comes after training.
+    """
+
+    def __init__(self, every: int, recut) -> None:
+        if every < 1:
+            raise ValueError(f"hold_target_every must be >= 1 optimizer steps, got {every}")
+        self.every = int(every)
+        self.recut = recut
+        self.history: list[dict[str, float]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if model is None or step % self.every or step >= state.max_steps:
+            return
+        result = self.recut(model)
+        self.history.append({"step": step, "found": result["initial_sparsity"], "left": result["sparsity"],
+                             "tau": result["tau"]})
+
+
 class StopOnRequest(TrainerCallback):
     """Stop at the end of the current optimizer step once `event` is set, saving a checkpoint first.
 

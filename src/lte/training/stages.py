@@ -36,7 +36,7 @@ from lte.loading import (
 )
 from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
 from lte.training.args import TrainArgs, training_arguments, use_bf16
-from lte.training.callbacks import EtaController, LamWarmup, raise_if_stopped
+from lte.training.callbacks import EtaController, LamWarmup, TauHold, raise_if_stopped
 from lte.training.data import check_data_sources, first_batch, load_task_data, make_collator, split_holdout
 from lte.training.errors import NonFiniteLossError, StageInputError
 from lte.training.outputs import (
@@ -252,6 +252,10 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         record_extra["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
 
     callbacks = list(callbacks or [])
+    holder = None
+    if stage == "2" and calibrate and hp.hold_target_every:
+        holder = TauHold(hp.hold_target_every, lambda m: _calibrate_on(m, held_out, tokenizer, hp))
+        callbacks.append(holder)
     if stage == "1" and hp.lam_warmup > 0:
         callbacks.append(LamWarmup(hp.lte.lam, hp.lam_warmup))
     controller = None
@@ -297,6 +301,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     raise_if_stopped(callbacks, out)  # asked to stop: checkpoint saved, the stage is not finished
     if stage == "1" and calibrate:
         record["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
+    if holder is not None:
+        record["tau_holds"] = holder.history
     recalibrate = hp.recalibrate_tau is not False  # default on: the trained weights moved the routers' inputs
     if stage == "2" and calibrate and recalibrate:
         record["tau_final_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
@@ -377,6 +383,9 @@ def _check_stage_settings(stage: str, hp: TrainArgs) -> None:
     if stage == "dense" and (hp.distill > 0 or hp.distill_hidden > 0):
         raise StageInputError("distill / distill_hidden apply to stages 1 and 2 (the dense model is the teacher); "
                               "drop --distill and --distill-hidden for --stage dense")
+    if stage != "2" and hp.hold_target_every:
+        raise StageInputError("--hold-target-every applies to stage 2 (stage 1 steers eta to the target); drop it "
+                              f"for --stage {stage}")
     if stage == "dense" and hp.target_sparsity is not None:
         raise StageInputError("--target-sparsity applies to stages 1 and 2 (the dense stage skips no neuron); "
                               "drop it for --stage dense")
