@@ -330,6 +330,20 @@ def test_declared_lte_method_may_map_targets_to_variants_that_overlap():
         ("lte-a", 0.5, 5.0, "win"), ("lte-b", 0.7, 5.0, "win")]
 
 
+def test_several_configs_each_run_the_named_methods_they_declare():
+    from lte.study.cli import _methods_per_config
+
+    a = {"name": "a", "methods": ["lte", "lte-x"], "variants": {"lte-x": {"base": "lte"}}}
+    b = {"name": "b", "methods": ["lte"], "variants": {"lte-y": {"base": "lte"}}}
+    c = {"name": "c", "methods": ["dejavu"]}
+    assert _methods_per_config([a, b, c], ["lte-x", "lte-y", "teal"]) == [["lte-x", "teal"], ["lte-y", "teal"],
+                                                                         ["teal"]]  # teal is built in: every config
+    assert _methods_per_config([a, b], None) == [None, None]  # no --methods: each config's own list
+    assert _methods_per_config([a, c], ["lte-x"]) == [["lte-x"], []]  # c declares none: skipped
+    with pytest.raises(LTEError, match="lte-z is declared in none of the configs"):
+        _methods_per_config([a, b], ["lte-x", "lte-z"])
+
+
 @pytest.mark.parametrize("name,message", [("lte-x", "neither `lte` nor a variant"),
                                           ("teal-s8", "variant of a baseline")])
 def test_lte_method_must_name_an_lte_variant(name, message):

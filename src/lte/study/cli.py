@@ -190,8 +190,11 @@ def run_study_command(args: argparse.Namespace) -> int:
     from .parallel import run_parallel
 
     studies = []
-    for cfg in configs:
-        full = study_config(cfg, args.tiny, args.methods, args.targets)
+    for cfg, methods in zip(configs, _methods_per_config(configs, args.methods)):
+        if methods == []:
+            print(f"{cfg.get('name')}: none of --methods is declared here; skipped")
+            continue
+        full = study_config(cfg, args.tiny, methods, args.targets)
         studies.append((full, study_out(full, Path(args.root) / full.get("name", full["task"]))))
     start = time.perf_counter()
     failures: dict[str, dict[str, str]] = {}
@@ -206,6 +209,32 @@ def run_study_command(args: argparse.Namespace) -> int:
             print(f"{cfg.get('name')}: {err}")
             code = 1
     return code
+
+
+def _methods_per_config(configs: list[dict[str, Any]], methods: list[str] | None) -> list[list[str] | None]:
+    """With several configs, `--methods` names methods of any of them: each config runs those it declares
+    (its `methods:` list or `variants`) or that are built in (`lte`, `teal`, ...); a name that no config
+    knows is an error, so a typo does not silently run nothing."""
+    from ..baselines.methods import canonical_method
+    from ..errors import LTEError
+
+    if not methods:
+        return [None] * len(configs)
+
+    def builtin(name: str) -> bool:
+        try:
+            return name == "lte" or bool(canonical_method(name))
+        except LTEError:
+            return False
+
+    picked = [[m for m in methods if m in set(cfg.get("methods") or []) | set(cfg.get("variants") or {})
+               or builtin(m)] for cfg in configs]
+    unknown = [m for m in methods if not any(m in p for p in picked)]
+    if unknown:
+        names = ", ".join(str(cfg.get("name")) for cfg in configs)
+        raise LTEError(f"--methods: {', '.join(unknown)} is declared in none of the configs ({names}); check the "
+                       "spelling against their `methods:` lists and `variants`")
+    return picked
 
 
 def run_scoreboard_command(args: argparse.Namespace) -> int:
