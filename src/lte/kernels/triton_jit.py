@@ -415,6 +415,26 @@ def _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_mask, toks, cols, col_
 
 
 @triton.jit
+def _ffn_out_group_tiles(h_ptr, wd_ptr, sd_ptr, mask_ptr, experts, g_ok, offs_r, toks, tok_ok, cols, col_ok,
+                         S, F, D, stride_hb, stride_mb, B_PAD: tl.constexpr, S_PAD: tl.constexpr, G: tl.constexpr,
+                         R: tl.constexpr, TOKEN_MASK: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The operands of one down-kernel step over G small experts ``experts`` [G] (those with ``g_ok``),
+    R rows each: h [B_PAD, S_PAD] (masked) and W_down^T of their rows [S_PAD, BLOCK_D]."""
+    rows2 = experts[:, None] * S + offs_r[None, :]  # [G, R] their neuron rows
+    ok2 = g_ok[:, None] & (offs_r[None, :] < S) & (rows2 < F)
+    rows = tl.reshape(rows2, (S_PAD,))
+    row_ok = tl.reshape(ok2, (S_PAD,))
+    h_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, S_PAD]
+    if TOKEN_MASK:
+        on = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
+                     mask=tok_ok[:, None] & g_ok[None, :], other=0) != 0  # [B_PAD, G]
+        on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R)), (B_PAD, S_PAD))
+        h_ok = h_ok & on
+    return _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_ok, toks, cols, col_ok, D, stride_hb, SCALED,
+                          DOT_DTYPE)
+
+
+@triton.jit
 def _ffn_out_kernel(
     h_ptr, union_ptr, mask_ptr, wd_ptr, sd_ptr, part_ptr, ids_ptr,
     B, D, F, S, E,
@@ -484,18 +504,9 @@ def _ffn_out_kernel(
         for j in range(j0, j1, G):
             g_ok = (j + offs_gl) < j1  # [G] the step's experts that are in this share
             experts = tl.load(ids_ptr + j + offs_gl, mask=g_ok, other=0)  # [G]
-            rows2 = experts[:, None] * S + offs_rl[None, :]  # [G, R] their neuron rows
-            ok2 = g_ok[:, None] & (offs_rl[None, :] < S) & (rows2 < F)
-            rows = tl.reshape(rows2, (S_PAD,))
-            row_ok = tl.reshape(ok2, (S_PAD,))
-            h_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, S_PAD]
-            if TOKEN_MASK:
-                on = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
-                             mask=tok_ok[:, None] & g_ok[None, :], other=0) != 0  # [B_PAD, G]
-                on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R_L)), (B_PAD, S_PAD))
-                h_ok = h_ok & on
-            h, w = _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_ok,
-                                  toks, cols, col_ok, D, stride_hb, SCALED, DOT_DTYPE)
+            h, w = _ffn_out_group_tiles(h_ptr, wd_ptr, sd_ptr, mask_ptr, experts, g_ok, offs_rl, toks, tok_ok, cols,
+                                        col_ok, S, F, D, stride_hb, stride_mb, B_PAD, S_PAD, G, R_L, TOKEN_MASK,
+                                        SCALED, DOT_DTYPE)
             if USE_DOT:
                 acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
             else:
@@ -511,18 +522,9 @@ def _ffn_out_kernel(
             for j in range(c0, c1, G):
                 g_ok = (j + offs_g) < c1  # [G] the step's experts that are in this share
                 experts = tl.sum(tl.where(slots[None, :] == (j - c0 + offs_g)[:, None], ids[None, :], 0), axis=1)
-                rows2 = experts[:, None] * S + offs_r[None, :]  # [G, R] their neuron rows
-                ok2 = g_ok[:, None] & (offs_r[None, :] < S) & (rows2 < F)
-                rows = tl.reshape(rows2, (S_PAD,))
-                row_ok = tl.reshape(ok2, (S_PAD,))
-                h_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, S_PAD]
-                if TOKEN_MASK:
-                    on = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
-                                 mask=tok_ok[:, None] & g_ok[None, :], other=0) != 0  # [B_PAD, G]
-                    on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R)), (B_PAD, S_PAD))
-                    h_ok = h_ok & on
-                h, w = _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_ok,
-                                      toks, cols, col_ok, D, stride_hb, SCALED, DOT_DTYPE)
+                h, w = _ffn_out_group_tiles(h_ptr, wd_ptr, sd_ptr, mask_ptr, experts, g_ok, offs_r, toks, tok_ok,
+                                            cols, col_ok, S, F, D, stride_hb, stride_mb, B_PAD, S_PAD, G, R,
+                                            TOKEN_MASK, SCALED, DOT_DTYPE)
                 if USE_DOT:
                     acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
                 else:
