@@ -263,7 +263,7 @@ def _search_threshold(measure, theta0: float, target: float, tol: float,
     `measure(theta)` sets the threshold (None: keep the current one, `theta0`) and returns (sparsity,
     per-layer sparsity, the quantile proposal for the next theta). Sparsity grows with theta. The
     proposal alone is a fixed-point step that can overshoot back and forth when the masks of early
-    layers move the inputs of later ones (E2E at 0.9 ended 1-9 points off after 6 such rounds). So it
+    layers move the inputs of later ones (E2E at 0.9 ended up to 9 points off after 6 such rounds). So it
     is used only until the target is bracketed; from then on every step is the secant of
     logit(sparsity) between the bracket's ends (sparsity against a logit threshold is close to a
     logistic curve), kept inside the bracket's middle 80% so the bracket shrinks every round, and

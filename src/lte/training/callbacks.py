@@ -199,7 +199,8 @@ class TauHold(TrainerCallback):
     tau again only at the end brings the served model back to its target, but it then runs with
     experts on that training learned to do without. `recut(model)` is the calibration on held-out
     examples (`stages._calibrate_on`); `history` keeps, per re-cut, the step, the sparsity it found
-    and the one it left (the drift it corrected). Not at the last step: stage 2's final re-cut
+    and the one it left (the drift it corrected); after a resume, those since the resume (the tau of
+    the last re-cut before it is in the checkpoint). Not at the last step: stage 2's final re-cut
     (`recalibrate_tau`) comes after training.
     """
 
