@@ -5,7 +5,8 @@
 #   2. benchmarks/train_step.py: the full-parameter stage-1 step against the dense step, SmolLM2-135M
 #      shapes (soft, then straight-through stage 1) -> $OUT/train_step{,_ste}.json, and where the
 #      straight-through step's time goes (torch.profiler) -> $OUT/profile_ste/; and the straight-through
-#      step under torch.compile -> $OUT/train_step_ste_compiled.json; and the straight-through step on 4 of
+#      step under torch.compile -> $OUT/train_step_ste_compiled.json (and its profile -> $OUT/profile_ste_compiled/);
+#      and the straight-through step on 4 of
 #      LLaMA-2-7B's layers (full fine-tuning) -> $OUT/train_step_7b.json
 #
 #   OUT=/path bash scripts/gpu/peft_bench.sh [--tiny]     # --tiny: CPU smoke test of the whole script
@@ -43,7 +44,8 @@ if want eager; then
 fi
 if want compile; then
     echo "== the same under torch.compile (lte train --torch-compile) =="
-    "$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --compile --out "$OUT/train_step_ste_compiled.json" | tail -1
+    "$PY" benchmarks/train_step.py "${STEP[@]}" --routing ste --compile --out "$OUT/train_step_ste_compiled.json" \
+        --profile "$OUT/profile_ste_compiled" | tail -1
 fi
 if want 7b; then
     echo "== stage-1 step vs dense step (LLaMA-2-7B layers, 4 of 32) =="
