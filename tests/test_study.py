@@ -401,6 +401,28 @@ def test_collect_says_why_the_dense_unit_failed(tiny_task, tmp_path):
         collect_study(seeded, tmp_path, failures=failures)
 
 
+def test_collect_names_the_setting_a_stale_dense_point_was_made_with(tiny_task, tmp_path):
+    """A dense point made with another model path (the GPU machine's folder) is not this study's; the error
+    says which setting differs and how to collect it, instead of asking to run the study first."""
+    import yaml
+
+    from lte.study.cache import point_path
+
+    cfg = study_config(tiny_task, tiny=True)
+    with pytest.raises(LTEError, match="no finished dense point"):  # nothing there at all
+        collect_study(cfg, tmp_path)
+    path = point_path(tmp_path, "dense", None)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"method": "dense", "fingerprint": "made-elsewhere"}))
+    (tmp_path / "study_config.yaml").write_text(yaml.safe_dump({**cfg, "model": "/root/lte_device/m"}))
+    with pytest.raises(LTEError, match=r"does not match this study: .*model: '/root/lte_device/m' there, "
+                                       r"'.*' now\); pass the same values \(e.g. `--set model=...`\)"):
+        collect_study(cfg, tmp_path)
+    (tmp_path / "study_config.yaml").unlink()  # no record of the settings: still says the point is stale
+    with pytest.raises(LTEError, match="made with other settings; run the study again"):
+        collect_study(cfg, tmp_path)
+
+
 def test_set_routing_takes_one_k_per_layer():
     import lte
     from tiny_models import batch, build

@@ -99,6 +99,28 @@ def load_point(path: Path, fingerprint: str | None) -> dict[str, Any] | None:
     return point if point.get("fingerprint") == fingerprint else None
 
 
+def stale_point_reason(cfg: dict[str, Any], out: Path, method: str, value: float | None) -> str | None:
+    """Why the point file at `out` does not count, when one exists: the top-level settings in which this
+    study differs from the config recorded there (`study_config.yaml`), else that its settings changed."""
+    if not point_path(out, method, value).is_file():
+        return None
+    recorded_file = Path(out) / "study_config.yaml"
+    try:
+        import yaml
+
+        recorded = yaml.safe_load(recorded_file.read_text()) if recorded_file.is_file() else None
+    except yaml.YAMLError:
+        recorded = None
+    keys = [k for k in ("task", "name", "model", "data", "eval_data", *DEFAULTS)  # what the fingerprint reads
+            if k in cfg or k in (recorded or {})]
+    changed = [k for k in keys if isinstance(recorded, dict) and recorded.get(k) != cfg.get(k)]
+    if changed:
+        shown = ", ".join(f"{k}: {recorded.get(k)!r} there, {cfg.get(k)!r} now" for k in changed[:3])
+        return (f"its point was made with other settings ({shown}); pass the same values (e.g. `--set "
+                f"{changed[0]}=...`) to collect it, or run the study again to remake it")
+    return "its point was made with other settings; run the study again to remake it"
+
+
 def point_done(cfg: dict[str, Any], out: Path, method: str, value: float | None) -> bool:
     """Whether a finished point of this study exists on disk (same settings)."""
     return load_point(point_path(out, method, value), point_fingerprint(cfg, method, value)) is not None

@@ -37,6 +37,7 @@ from .cache import (
     point_path,
     save_point,
     settings_fingerprint,
+    stale_point_reason,
     write_points,
 )
 from .config import (
@@ -438,6 +439,9 @@ def collect_study(cfg: dict[str, Any], out: Path, points: dict[str, list[dict[st
             reason = failures.get(str(out), {}).get(f"{Path(out).name}/dense")
             if reason:
                 raise LTEError(f"the dense unit of '{out}' failed, so nothing else ran: {reason}")
+            stale = stale_point_reason(cfg, out, "dense", None)
+            if stale:
+                raise LTEError(f"the dense point in '{out}' does not match this study: {stale}")
             raise LTEError(f"no finished dense point in '{out}': run the study (without --collect) first")
         points.append(dense)
         for method in derived_methods(cfg, cfg["methods"]):
