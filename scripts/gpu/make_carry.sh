@@ -10,8 +10,8 @@
 #   carry/wheels              gguf, rouge-score, nltk wheels
 # Carry per call, e.g.: [carry/minilm1, carry/data, carry/wheels], then [carry/minilm2], then [carry/smol1], then [carry/smol2], then [carry/smol3],
 # back to back (the machine keeps files outside the repo only while it stays warm).
-# An MPNet part leaves no room for carry/data and carry/wheels (64 MiB with the ~24 MB of tracked files):
-# carry those in a call of their own.
+# An MPNet or SmolLM2 part leaves no room for carry/data and carry/wheels (64 MiB with the ~24 MB of tracked
+# files; smol3 + data + wheels was refused on 2026-12-04): carry those with minilm1, or in a call of their own.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source .venv/bin/activate
