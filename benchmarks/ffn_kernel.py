@@ -16,9 +16,7 @@ random weights) and each token count B, in one process and the same CUDA-graph l
   dispatch (``lte.serving.dispatch``) runs when the batch's union is (nearly) full;
 - with ``--fp8``: ``lte_fp8``, the same fixed masks with the FFN matrices in fp8 (e4m3, one fp32
   scale per row; ``lte.kernels.quantize_rows_fp8``), against the same bf16 dense cuBLAS FFN; and
-  ``lte_fp8_wide``, the same with tiles twice as wide along D (the bf16-tuned tiles' bytes per load);
-- ``lte_list`` (power-of-two experts under 32 neurons whose tiles do not already set it): the same
-  fixed masks with ``out_list`` on, the down kernel reading the active ids from the gate/up kernel's list.
+  ``lte_fp8_wide``, the same with tiles twice as wide along D (the bf16-tuned tiles' bytes per load).
 Every call sits in a CUDA graph over several weight copies (far more bytes than the L2), replayed;
 the figure is the median over runs of the time per call. Bytes needed = the union's gate/up/down
 slabs + router + x/y; GB/s = bytes needed / time, next to the measured copy bandwidth; the ideal
@@ -91,22 +89,17 @@ class ShapeBench:
         return time_graph([lambda x=x, layer=layer: dense_ffn(x, layer) for x, layer in zip(self.xs(num_tokens),
                                                                                            self.layers)])
 
-    def routed(self, masks: list[torch.Tensor], budget: int = 0, id_list: bool = False) -> tuple[float, float]:
-        """(us per call, mean union fraction actually computed) of router + FFN for per-layer masks.
-        ``id_list``: the table's tiles with ``out_list`` on (small experts: the down kernel reads the
-        active ids from the gate/up kernel's list), checked against the tiles as they are."""
+    def routed(self, masks: list[torch.Tensor], budget: int = 0) -> tuple[float, float]:
+        """(us per call, mean union fraction actually computed) of router + FFN for per-layer masks."""
         calls, unions = [], []
         for mask, layer in zip(masks, self.layers):
             x, w_router = routed_inputs(mask, self.D, DTYPE)
-            args = (x, w_router, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, self.S, "silu")
-            cfg = dataclasses.replace(default_config(x.shape[0], self.D, self.F, expert_size=self.S), out_list=True) \
-                if id_list else None
-            y, used = routed_sparse_ffn_triton(*args, config=cfg, budget=budget)
-            if id_list:
-                y_ref, _ = routed_sparse_ffn_triton(*args, budget=budget)
-                torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2 * float(y_ref.abs().max()))
+            _, used = routed_sparse_ffn_triton(x, w_router, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"],
+                                               None, None, self.S, "silu", budget=budget)
             unions.append(float(used.any(0).float().mean()))
-            calls.append(lambda args=args, cfg=cfg: routed_sparse_ffn_triton(*args, config=cfg, budget=budget))
+            calls.append(lambda x=x, w=w_router, layer=layer: routed_sparse_ffn_triton(
+                x, w, 0.0, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, self.S, "silu",
+                budget=budget))
         return time_graph(calls), sum(unions) / len(unions)
 
     def routed_fp8(self, masks: list[torch.Tensor], widen: bool = False) -> tuple[float, float]:
@@ -193,11 +186,9 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
         dense_us = guarded(errors, f"dense {name} B={num_tokens}", bench.dense, num_tokens)
         add(num_tokens, "dense", "-", 0.0, dense_us, dense_us, 1.0, router=False)
         offs = (0.0, 0.5, 0.7, 0.9, 0.95) if num_tokens == 1 else (0.0, 0.5, 0.7, 0.9)
-        small = bench.S < 32 and bench.S & (bench.S - 1) == 0 and not cfg.out_list
         timers = [("lte", bench.routed)] + ([("lte_fp8", bench.routed_fp8),
                                              ("lte_fp8_wide", functools.partial(bench.routed_fp8, widen=True))]
-                                            if fp8 else []) \
-            + ([("lte_list", functools.partial(bench.routed, id_list=True))] if small else [])
+                                            if fp8 else [])
         for (variant, timer), off in itertools.product(timers, offs):
             if deadline.over(3):
                 break

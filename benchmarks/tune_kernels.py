@@ -189,14 +189,6 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
             rows.append({**point, "what": "down group", "candidate": group, "us": dict(zip(map(str, SPARSITIES), times))})
             if geo(times) < best_out_score:
                 best_group, best_out_score = group, geo(times)
-    best_list = False  # small experts: the down kernel reading the active ids from the gate/up kernel's list
-    if best_out is not None and bench.S < 32 and bench.S & (bench.S - 1) == 0 and not deadline.over(4):
-        cfg = replace(with_out(base, best_out), out_group=best_group or 0, out_list=True)
-        times = [guarded(errors, f"out list {point} off={off}", bench.time_out, off, cfg) for off in SPARSITIES]
-        if not any(t is None for t in times):
-            rows.append({**point, "what": "down list", "candidate": True, "us": dict(zip(map(str, SPARSITIES), times))})
-            if geo(times) < best_out_score:
-                best_list, best_out_score = True, geo(times)
     best_router, best_router_us = None, math.inf
     for cand in ROUTER_CANDIDATES[fam]:
         if deadline.over(3):
@@ -214,8 +206,6 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
         cfg = with_out(cfg, best_out)
     if best_group is not None:
         cfg = replace(cfg, out_group=best_group)
-    if best_list:
-        cfg = replace(cfg, out_list=True)
     if best_router is not None:
         cfg = with_router(cfg, best_router)
     best, best_score = None, geo(default_times)

@@ -404,29 +404,6 @@ def test_ffn_halves_equal_the_plain_ffn():
 
 
 # --------------------------------------------------------------------------- the config table
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_the_id_list_is_planned_only_where_the_down_kernel_steps_over_small_experts():
-    """`out_list` takes effect for power-of-two experts under 32 neurons (several per down-kernel step) when
-    the gate/up kernel runs before the down kernel; 32-neuron experts and the down half alone keep the
-    ids found in registers. The list holds one int32 per expert."""
-    from lte.kernels.triton_ffn import KernelConfig, plan_launch
-
-    def plan(S, cfg, **kw):
-        D, F, B = 16, 64, 3
-        x = torch.zeros(B, D)
-        mask = torch.ones(B, -(-F // S), dtype=torch.bool)
-        w = torch.zeros(F, D)
-        return plan_launch(x, mask, w, w, w, None, None, S, "silu", cfg, **kw)
-
-    on = KernelConfig(out_list=True)
-    small = plan(8, on)
-    assert small.use_list and small.out_group == 4 and small.ids.shape == (8,) and small.ids.dtype == torch.int32
-    assert not plan(32, on).use_list  # one expert per step: nothing to gain
-    assert not plan(8, KernelConfig()).use_list  # off by default until a tuned row turns it on
-    assert not plan(8, on, h=torch.zeros(3, 64)).use_list  # the down half alone: no gate/up kernel writes it
-    assert not plan(8, on, need_out=False).use_list
-
-
 def test_gpu_key_names():
     assert gpu_key("NVIDIA H200") == "h200"
     assert gpu_key("NVIDIA H100 80GB HBM3") == "h100"

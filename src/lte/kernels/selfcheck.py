@@ -33,12 +33,10 @@ BATCHES = (1, 5, 40)
 #: None = the default settings (one program per work item); the second a persistent grid with
 #: several items per program, 8-row items (B = 1), uneven expert shares in the down kernel found
 #: two ids at a time; the third 32-row items under tl.dot (four 8-neuron experts per item) and
-#: two experts per down-kernel step; the fourth the down kernel reading the active experts' ids from the
-#: list the gate/up kernel writes (small experts), over three uneven shares.
+#: two experts per down-kernel step.
 CONFIGS = (None, KernelConfig(in_block_f=8, in_block_k=64, in_progs_per_sm=1, out_block_d=32, out_split=3,
                               out_chunk=2, router_block_e=4, router_block_k=32),
-           KernelConfig(in_block_f=32, in_block_k=32, in_progs_per_sm=2, out_block_d=16, out_split=2, out_group=2),
-           KernelConfig(in_block_f=16, in_block_k=32, out_block_d=16, out_split=3, out_list=True))
+           KernelConfig(in_block_f=32, in_block_k=32, in_progs_per_sm=2, out_block_d=16, out_split=2, out_group=2))
 SPARSITIES = ("none", "random", "all")  # 0% off, a random middle fraction, 100% off
 FFN_KINDS = (("silu", True, False), ("gelu_tanh", True, True), ("gelu", False, True), ("relu", False, False))
 # (activation, gated, with biases)

@@ -96,8 +96,6 @@ class FFNLaunch:
     in_group: int  # experts per gate/up item (> 1 when tl.dot's 16 rows exceed a power-of-two expert)
     out_group: int  # G: experts per step of the down kernel
     out_rows: int  # S_PAD: rows per step of the down kernel (G x the expert size, padded when G = 1)
-    use_list: bool  # the gate/up kernel writes the active experts' ids, the down kernel reads them (G > 1)
-    ids: torch.Tensor  # [E] int32: ids[j] = the j-th active expert (written when use_list)
     h: torch.Tensor  # [B, F] scratch (fp32, or x's dtype for the identity activation)
     part: torch.Tensor  # [SPLIT, B, D] fp32 partial sums
     y: torch.Tensor  # [B, D] output
@@ -173,7 +171,6 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
     out_rows = group * expert_size if group > 1 else max(16, _next_pow2(expert_size))
     out_chunk = _next_pow2(max(cfg.out_chunk or _out_chunk(num_exp, split), group))
     device = x.device
-    use_list = bool(cfg.out_list) and group > 1 and need_out and h is None  # the down half alone: no gate/up launch
     mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     s_up, s_gate, s_down = scales if scales is not None else (None, None, None)
     return FFNLaunch(
@@ -181,8 +178,7 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
         w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,
         cfg, use_dot, b_pad, _next_pow2(num_exp), block_f, row_blocks, max_items, in_grid,
         _slots_for(triton.cdiv(max_items, in_grid), row_blocks, in_group), split,
-        out_chunk, cfg.pdl and _pdl_supported(device), in_group, group, out_rows, use_list,
-        ids=torch.empty(num_exp if use_list else 1, device=device, dtype=torch.int32),
+        out_chunk, cfg.pdl and _pdl_supported(device), in_group, group, out_rows,
         h=h if h is not None else torch.empty(num_tokens, ffn_width, device=device, dtype=h_dtype or torch.float32),
         part=torch.empty(split if need_out else 0, num_tokens, model_width, device=device, dtype=torch.float32),
         y=torch.empty(num_tokens, model_width if need_out else 0, device=device, dtype=x.dtype),
@@ -273,14 +269,14 @@ def launch_in(p: FFNLaunch) -> None:
     _ffn_in_kernel[(p.in_grid,)](
         p.x, p.mask_u8, p.union, p.w_gate if p.w_gate is not None else p.w_up, p.w_up,
         p.b_up if p.b_up is not None else p.w_up,
-        p.s_gate if p.s_gate is not None else scale_dummy, p.s_up if p.s_up is not None else scale_dummy, p.h, p.ids,
+        p.s_gate if p.s_gate is not None else scale_dummy, p.s_up if p.s_up is not None else scale_dummy, p.h,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0], p.row_blocks,
         p.x.stride(0), p.mask_u8.stride(0), p.h.stride(0),
         GATED=p.w_gate is not None, HAS_BIAS=p.b_up is not None, ACT=_ACT_CODE[p.activation],
         B_PAD=p.b_pad, BLOCK_F=p.block_f,
         BLOCK_K=cfg.in_block_k, E_PAD=p.e_pad, SLOTS=p.in_slots, PERSISTENT=p.in_grid < p.max_items,
         USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl, SCALED=p.scaled, G=p.in_group,
-        WRITE_LIST=p.use_list, num_warps=cfg.in_warps, num_stages=cfg.in_stages, **_pdl_kwargs(p.pdl),
+        num_warps=cfg.in_warps, num_stages=cfg.in_stages, **_pdl_kwargs(p.pdl),
     )
 
 
@@ -291,13 +287,13 @@ def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
     ffn_width = p.w_up.shape[0]
     cfg = p.cfg
     _ffn_out_kernel[(triton.cdiv(model_width, cfg.out_block_d), p.split)](
-        p.h, p.union, p.mask_u8, p.w_down_t, p.s_down if p.s_down is not None else p.union, p.part, p.ids,
+        p.h, p.union, p.mask_u8, p.w_down_t, p.s_down if p.s_down is not None else p.union, p.part,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0],
         p.h.stride(0), p.mask_u8.stride(0),
         B_PAD=p.b_pad, S_PAD=p.out_rows, E_PAD=p.e_pad, CHUNK=p.out_chunk,
         BLOCK_D=cfg.out_block_d, TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x),
         PDL=p.pdl, SCALED=p.s_down is not None, DOT_DTYPE=_DOT_DTYPE[p.x.dtype], G=p.out_group,
-        USE_LIST=p.use_list and not token_mask, num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),
+        num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),
     )
 
 

@@ -324,32 +324,25 @@ def _ffn_in_group_item(
 
 @triton.jit
 def _ffn_in_kernel(
-    x_ptr, mask_ptr, union_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, ids_ptr,
+    x_ptr, mask_ptr, union_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
     B, D, F, S, E, RB,
     stride_xb, stride_mb, stride_hb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     SLOTS: tl.constexpr, PERSISTENT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr, WRITE_LIST: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr,
 ):
     """h for the (active expert, row block) items: an item is BLOCK_F rows of one expert
     (RB = ceil(S / BLOCK_F) items per expert), or with G > 1 (then RB = 1) the rows of G consecutive
     active experts; a token whose mask is off for an expert gets h = 0 there.
 
     PERSISTENT: each program takes a contiguous equal share of the items (SLOTS bounds the experts
-    a share can span); otherwise program i does item i, if there is one.
-    WRITE_LIST: program 0 also writes the active experts' ids in order, ``ids[j]`` = the j-th active
-    expert, for a down kernel that reads them there (``USE_LIST``; it waits for this whole kernel)."""
+    a share can span); otherwise program i does item i, if there is one."""
     if PDL:
         gdc_wait()  # the union and the masks come from the previous launch
         gdc_launch_dependents()  # only now: the down kernel reads the union before it waits
     pid = tl.program_id(0)
     csum, n_active = _active_list(union_ptr, E, E_PAD)
-    if WRITE_LIST:
-        if pid == 0:
-            e_idx = tl.arange(0, E_PAD)
-            on = tl.load(union_ptr + e_idx, mask=e_idx < E, other=0) != 0
-            tl.store(ids_ptr + csum - 1, e_idx, mask=on)  # the j-th active expert sits where csum = j + 1
     if G == 1:
         n_items = n_active * RB
         if PERSISTENT:
@@ -415,34 +408,13 @@ def _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_mask, toks, cols, col_
 
 
 @triton.jit
-def _ffn_out_group_tiles(h_ptr, wd_ptr, sd_ptr, mask_ptr, experts, g_ok, offs_r, toks, tok_ok, cols, col_ok,
-                         S, F, D, stride_hb, stride_mb, B_PAD: tl.constexpr, S_PAD: tl.constexpr, G: tl.constexpr,
-                         R: tl.constexpr, TOKEN_MASK: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """The operands of one down-kernel step over G small experts ``experts`` [G] (those with ``g_ok``),
-    R rows each: h [B_PAD, S_PAD] (masked) and W_down^T of their rows [S_PAD, BLOCK_D]."""
-    rows2 = experts[:, None] * S + offs_r[None, :]  # [G, R] their neuron rows
-    ok2 = g_ok[:, None] & (offs_r[None, :] < S) & (rows2 < F)
-    rows = tl.reshape(rows2, (S_PAD,))
-    row_ok = tl.reshape(ok2, (S_PAD,))
-    h_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, S_PAD]
-    if TOKEN_MASK:
-        on = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
-                     mask=tok_ok[:, None] & g_ok[None, :], other=0) != 0  # [B_PAD, G]
-        on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R)), (B_PAD, S_PAD))
-        h_ok = h_ok & on
-    return _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_ok, toks, cols, col_ok, D, stride_hb, SCALED,
-                          DOT_DTYPE)
-
-
-@triton.jit
 def _ffn_out_kernel(
-    h_ptr, union_ptr, mask_ptr, wd_ptr, sd_ptr, part_ptr, ids_ptr,
+    h_ptr, union_ptr, mask_ptr, wd_ptr, sd_ptr, part_ptr,
     B, D, F, S, E,
     stride_hb, stride_mb,
     B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
     PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, G: tl.constexpr,
-    USE_LIST: tl.constexpr,
 ):
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
 
@@ -458,10 +430,7 @@ def _ffn_out_kernel(
     [CHUNK, E_PAD] comparison).
     TOKEN_MASK applies each token's mask to h (when h comes from elsewhere than the gate/up
     kernel, which zeroes it). SCALED: fp8 rows with one fp32 scale each, applied to h (the down
-    projection's rows are neurons); ``tl.dot`` then runs in DOT_DTYPE (0 bf16, 1 fp16, 2 fp32: x's).
-    USE_LIST (G > 1): the step's expert ids are G loads from the list the gate/up kernel wrote
-    (``WRITE_LIST``) instead of a [CHUNK, E_PAD] comparison and a reduction every CHUNK experts, which
-    for small experts (CHUNK = G: 8192 / E_PAD is small) came at every step and stalled the loads."""
+    projection's rows are neurons); ``tl.dot`` then runs in DOT_DTYPE (0 bf16, 1 fp16, 2 fp32: x's)."""
     if PDL:
         gdc_launch_dependents()
     pid_d = tl.program_id(0)
@@ -497,20 +466,6 @@ def _ffn_out_kernel(
                     acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
                 else:
                     acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
-    elif USE_LIST:
-        R_L: tl.constexpr = S_PAD // G  # rows per expert in a step
-        offs_gl = tl.arange(0, G)
-        offs_rl = tl.arange(0, R_L)
-        for j in range(j0, j1, G):
-            g_ok = (j + offs_gl) < j1  # [G] the step's experts that are in this share
-            experts = tl.load(ids_ptr + j + offs_gl, mask=g_ok, other=0)  # [G]
-            h, w = _ffn_out_group_tiles(h_ptr, wd_ptr, sd_ptr, mask_ptr, experts, g_ok, offs_rl, toks, tok_ok, cols,
-                                        col_ok, S, F, D, stride_hb, stride_mb, B_PAD, S_PAD, G, R_L, TOKEN_MASK,
-                                        SCALED, DOT_DTYPE)
-            if USE_DOT:
-                acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
-            else:
-                acc3 += h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
     else:
         R: tl.constexpr = S_PAD // G  # rows per expert in a step
         offs_g = tl.arange(0, G)
@@ -522,9 +477,18 @@ def _ffn_out_kernel(
             for j in range(c0, c1, G):
                 g_ok = (j + offs_g) < c1  # [G] the step's experts that are in this share
                 experts = tl.sum(tl.where(slots[None, :] == (j - c0 + offs_g)[:, None], ids[None, :], 0), axis=1)
-                h, w = _ffn_out_group_tiles(h_ptr, wd_ptr, sd_ptr, mask_ptr, experts, g_ok, offs_r, toks, tok_ok,
-                                            cols, col_ok, S, F, D, stride_hb, stride_mb, B_PAD, S_PAD, G, R,
-                                            TOKEN_MASK, SCALED, DOT_DTYPE)
+                rows2 = experts[:, None] * S + offs_r[None, :]  # [G, R] their neuron rows
+                ok2 = g_ok[:, None] & (offs_r[None, :] < S) & (rows2 < F)
+                rows = tl.reshape(rows2, (S_PAD,))
+                row_ok = tl.reshape(ok2, (S_PAD,))
+                h_ok = tok_ok[:, None] & row_ok[None, :]  # [B_PAD, S_PAD]
+                if TOKEN_MASK:
+                    on = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
+                                 mask=tok_ok[:, None] & g_ok[None, :], other=0) != 0  # [B_PAD, G]
+                    on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R)), (B_PAD, S_PAD))
+                    h_ok = h_ok & on
+                h, w = _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_ok,
+                                      toks, cols, col_ok, D, stride_hb, SCALED, DOT_DTYPE)
                 if USE_DOT:
                     acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
                 else:

@@ -52,8 +52,6 @@ class KernelConfig:
     out_stages: int = 3
     out_chunk: int = 0  # expert ids the down kernel finds per step (0: automatic)
     out_group: int = 0  # experts per down-kernel step, power-of-two experts only (0: automatic, 32 rows a step)
-    out_list: bool = False  # out_group > 1: the down kernel reads the active experts' ids from a list the gate/up
-    # kernel writes, instead of finding them out_chunk at a time (a reduction over every expert each time)
     finish_block: int = 128
     router_block_e: int = 2  # experts per router program
     router_block_k: int = 0  # model-width chunk of the router (0: all of D in one step when it fits)
