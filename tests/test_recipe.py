@@ -213,6 +213,60 @@ def test_calibrate_tau_hits_the_target_on_its_batches(target):
     assert (result["tau"] > 0.5) == (target > 0.5)  # the fit put the model at 0.5: more sparsity, higher tau
 
 
+def test_layer_scope_calibration_puts_every_layer_at_the_target(tmp_path):
+    """One global tau keeps the profile training learned, however uneven; scope "layer" gives every layer
+    its own threshold so each skips the target share (the E2E failure: layer 0 at 99.99% for a 0.9 target)."""
+    model = _wide_llama()
+    batches = _calibration_batches(2)
+    with torch.no_grad():  # layer 0's output is carried by its first 2 experts: a global cut takes the rest first
+        model.lte_layers()[0].output.base_layer.weight[:, 64:] *= 0.02
+    fit_routers(model, batches[0], sparsity=0.5, threshold="global")
+    glob = calibrate_tau(model, batches, 0.6, tol=0.01)
+    assert glob["scope"] == "global" and model.lte_config.layer_tau is None
+    assert glob["per_layer"][0] - min(glob["per_layer"][1:]) > 0.2  # uneven: layer 0 far sparser
+    result = calibrate_tau(model, batches, 0.6, tol=0.02, scope="layer")
+    measured = hard_sparsity(model, batches)
+    assert max(abs(x - 0.6) for x in measured) <= 0.02 and measured == pytest.approx(result["per_layer"])
+    taus = [layer.input.tau for layer in model.lte_layers()]
+    assert taus == result["layer_tau"] == model.lte_config.layer_tau and len(set(taus)) == 3
+    assert result["initial_sparsity"] == pytest.approx(glob["sparsity"])
+    model.save_pretrained(tmp_path / "m")  # saved with the model; hard routing after loading uses them
+    loaded = lte.LTEModel.from_pretrained(tmp_path / "m").set_routing("hard")
+    assert [layer.input.tau for layer in loaded.lte_layers()] == pytest.approx(taus)
+    assert hard_sparsity(loaded, batches) == pytest.approx(measured)
+    model.set_routing("hard", tau=0.5)  # one tau again: the per-layer ones are dropped
+    assert model.lte_config.layer_tau is None and {layer.input.tau for layer in model.lte_layers()} == {0.5}
+    assert "layer_tau" not in model.lte_config.to_dict()  # unset: files stay as older lte wrote them
+    with pytest.raises(lte.LTEError, match="tau scope"):
+        calibrate_tau(model, batches, 0.6, scope="expert")
+
+
+def test_layer_tau_is_checked():
+    model = _wide_llama()
+    with pytest.raises(lte.LTEError, match="one threshold in \\(0, 1\\) per LTE layer \\(3\\)"):
+        model.set_routing("hard", layer_tau=[0.5, 0.5])
+    with pytest.raises(lte.LTEError, match="not both"):
+        model.set_routing("hard", tau=0.5, layer_tau=[0.5] * 3)
+    with pytest.raises(lte.LTEError, match="layer_tau must be"):
+        lte.LTEConfig(layer_tau=[0.5, 1.0])
+    model.lte_config.layer_tau = [0.5] * 4  # e.g. a config from a deeper model
+    with pytest.raises(lte.LTEError, match="4 thresholds for 3 LTE layers"):
+        model.set_routing("hard")
+
+
+def test_calibration_keeps_the_batch_budget():
+    """A calibration inside a budgeted stage 2 measures and leaves the model with the budget it serves with."""
+    model = _wide_llama()
+    batches = _calibration_batches(3, 2)
+    fit_routers(model, batches[0], sparsity=0.3)
+    model.set_routing("hard", budget=0.2)  # 2 of 10 experts per position: sparsity >= 0.8 whatever tau
+    result = calibrate_tau(model, batches, 0.5, tol=0.01)
+    assert {layer.input.budget for layer in model.lte_layers()} == {0.2}
+    assert min(result["per_layer"]) >= 0.8 - 1e-9
+    model.set_routing("soft")  # another mode: no budget
+    assert {layer.input.budget for layer in model.lte_layers()} == {0.0}
+
+
 def _toy_measure(gain: float, curve: str = "logistic", start: float = 0.0):
     """A threshold search problem with a known answer: sparsity(theta) = sigmoid(theta - 2) (0.9 at
     theta = 2 + ln 9), or with curve "square" (theta / 10)^2 clipped to [0, 1] (0.9 at 10 sqrt(0.9)); the
@@ -292,6 +346,21 @@ def test_stage2_recalibrates_tau_after_training_by_default(tiny):
     with pytest.raises(lte.LTEError, match="target_sparsity"):
         train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2x", max_steps=1, recalibrate_tau=True,
                     **FAST)
+
+
+def test_stage2_with_layer_scope_saves_per_layer_thresholds(tiny):
+    s1 = tiny["root"] / "s1layer"
+    train_stage("1", tiny["model"], "causal-lm", tiny["text"], s1, max_steps=2, target_sparsity=0.4,
+                calibration_holdout=4, stage1_routing="ste", lam=0.0, **FAST)
+    r = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2layer", max_steps=2, target_sparsity=0.6,
+                    calibration_holdout=4, tau_scope="layer", **FAST)
+    final = r["tau_final_calibration"]
+    assert final["scope"] == "layer" and r["layer_tau"] == final["layer_tau"]
+    assert max(abs(x - 0.6) for x in final["per_layer"]) < 0.1  # tiny held-out set: coarse steps
+    model = lte.LTEModel.from_pretrained(tiny["root"] / "s2layer")
+    assert model.lte_config.layer_tau == pytest.approx(final["layer_tau"])
+    with pytest.raises(lte.LTEError, match="tau_scope 'layer' needs target_sparsity"):
+        train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2y", max_steps=1, tau_scope="layer", **FAST)
 
 
 def test_tau_hold_recuts_every_n_steps_but_not_at_the_last():

@@ -597,6 +597,9 @@ def test_a_stopped_unit_resumes_from_its_checkpoint_to_the_same_point(tiny_task,
     assert not (run_dir / "point.json").exists()
     stage = {2: "stage1", 4: "stage2"}[stop_at_query] if method == "lte" else ""
     assert (run_dir / stage / "checkpoint-1").is_dir()  # what was trained is on disk
+    legs = json.loads((run_dir / "elapsed.json").read_text())
+    assert legs["seconds"] > 0
+    (run_dir / "elapsed.json").write_text(json.dumps({**legs, "seconds": 1000.0}))  # as if the first leg ran 1000 s
 
     steps = []
     original = LTETrainer.training_step
@@ -608,7 +611,30 @@ def test_a_stopped_unit_resumes_from_its_checkpoint_to_the_same_point(tiny_task,
     assert resumed["train_steps"] == expected["train_steps"] and resumed["train_tokens"] == expected["train_tokens"]
     assert resumed["quality"] == pytest.approx(expected["quality"], rel=1e-5)
     assert resumed["ffn_sparsity"] == pytest.approx(expected["ffn_sparsity"], abs=1e-6)
+    assert 1000.0 < resumed["train_seconds"] < 1000.0 + 120  # every leg's training time counts
     assert not list(run_dir.rglob("checkpoint-*"))  # a finished point keeps no optimizer state
+
+
+def test_earlier_legs_count_only_with_their_settings_and_a_checkpoint(tmp_path):
+    from lte.study.resume import earlier_legs
+    from lte.training.errors import TrainingStopped
+
+    with pytest.raises(TrainingStopped), earlier_legs(tmp_path, "a") as earlier:
+        assert earlier == 0.0  # nothing ran before
+        raise TrainingStopped("stop", step=1)
+    first = json.loads((tmp_path / "elapsed.json").read_text())
+    assert first["fingerprint"] == "a" and first["seconds"] >= 0
+    with earlier_legs(tmp_path, "a") as earlier:
+        assert earlier == 0.0  # no checkpoint to go on from: the run starts over, its earlier time does not count
+    (tmp_path / "stage2" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "elapsed.json").write_text(json.dumps({"fingerprint": "a", "seconds": 42.5}))
+    with earlier_legs(tmp_path, "a") as earlier:
+        assert earlier == 42.5
+    with earlier_legs(tmp_path, "b") as earlier:
+        assert earlier == 0.0  # a leg with other settings
+    with pytest.raises(TrainingStopped), earlier_legs(tmp_path, "a") as earlier:
+        raise TrainingStopped("stop", step=4)  # stopped again: the seconds add up
+    assert json.loads((tmp_path / "elapsed.json").read_text())["seconds"] >= 42.5
 
 
 def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):

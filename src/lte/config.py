@@ -27,7 +27,8 @@ class LTEConfig:
 
     Each field's `help` (`dataclasses.fields(LTEConfig)`, `lte train --help`) says what it does.
     `tau` lives here only: routing, the losses, the statistics and the save all read this value
-    (`LTEModel.set_routing(mode, tau=...)` changes it).
+    (`LTEModel.set_routing(mode, tau=...)` changes it). `layer_tau`, when set, gives each layer its
+    own routing threshold instead (`calibrate_tau(scope="layer")`); the losses keep reading `tau`.
     """
 
     expert_size: int = field(default=32, metadata=_help(
@@ -45,6 +46,9 @@ class LTEConfig:
         "weight of the separability loss (the paper: 0.5; 0 by default: lam 0.5 pinned eta at its clamp and kept "
         "less quality on SST-2, 3 seeds, and WikiText-2, 1 seed; docs/results.md)"))
     tau: float = field(default=0.5, metadata=_help("routing threshold on the sigmoid router scores, in (0, 1)"))
+    layer_tau: list[float] | None = field(default=None, metadata=_help(
+        "one routing threshold per LTE layer, in (0, 1), used instead of tau by routing, the statistics and "
+        "serving (set by a per-layer tau calibration; None: every layer routes at tau)"))
     eps: float = field(default=1e-3, metadata=_help(
         "added to the separability loss denominator so it stays finite at G == tau"))
     topk: int | None = field(default=None, metadata=_help("experts per token in topk routing (baselines)"))
@@ -70,6 +74,11 @@ class LTEConfig:
             raise LTEError(f"unknown grouping {self.grouping!r}; choose one of {', '.join(GROUPINGS)}")
         if not 0.0 < self.tau < 1.0:
             raise LTEError(f"tau is a threshold on sigmoid scores and must lie in (0, 1), got {self.tau}")
+        if self.layer_tau is not None:
+            taus = list(self.layer_tau)
+            if not taus or not all(isinstance(t, (int, float)) and 0.0 < t < 1.0 for t in taus):
+                raise LTEError(f"layer_tau must be a non-empty list of thresholds in (0, 1), got {self.layer_tau!r}")
+            self.layer_tau = [float(t) for t in taus]
         if self.eta < 0 or self.lam < 0:
             raise LTEError(f"eta and lam must be >= 0, got eta={self.eta}, lam={self.lam}")
         if self.eps <= 0:
@@ -78,7 +87,10 @@ class LTEConfig:
             raise LTEError(f"topk must be >= 0, got {self.topk}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["layer_tau"] is None:  # left out when unset, so such files stay readable by older lte
+            del data["layer_tau"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LTEConfig:

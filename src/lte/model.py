@@ -101,12 +101,14 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
         return list(self._layers)
 
     def set_routing(self, mode: str, tau: float | None = None, k: int | Sequence[int] | None = None,
-                    budget: float = 0.0) -> LTEModel:
+                    budget: float = 0.0, layer_tau: Sequence[float] | None = None) -> LTEModel:
         """Switch every FFN to "dense", "soft" (stage 1, the paper), "ste" (stage 1, ours: the hard
         mask in the forward, the sigmoid's gradient in the backward), "hard" (stage 2, inference) or "topk".
 
         `tau`: a new routing threshold. It becomes `lte_config.tau`, the one value that routing, the
-        losses, the statistics and the save use. `k` (topk): experts kept per token, one int for
+        losses, the statistics and the save use (and drops per-layer thresholds). `layer_tau`: one
+        threshold per layer instead, kept as `lte_config.layer_tau` (saved; the losses keep `tau`).
+        Without either, the thresholds the config holds stay. `k` (topk): experts kept per token, one int for
         every layer or one per layer. `budget` (hard): a per-batch expert budget, the fraction of each
         layer's experts the sequences of a batch may use together at each position
         (`lte.routing.layers.batch_budget_keep`; what a served decode step of that batch with
@@ -117,11 +119,23 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
         if not 0.0 <= budget < 1.0 or (budget and mode != "hard"):
             raise LTEError(f"budget is a fraction of the experts in [0, 1) for hard routing; got {budget} with "
                            f"{mode!r} routing")
+        if tau is not None and layer_tau is not None:
+            raise LTEError("set_routing takes tau (one threshold) or layer_tau (one per layer), not both")
         if tau is not None:
             if not 0.0 < tau < 1.0:
                 raise LTEError(f"tau is a threshold on sigmoid scores and must lie in (0, 1), got {tau}")
             self.lte_config.tau = float(tau)
-        tau = self.lte_config.tau
+            self.lte_config.layer_tau = None
+        if layer_tau is not None:
+            taus = [float(t) for t in layer_tau]
+            if len(taus) != len(self._layers) or not all(0.0 < t < 1.0 for t in taus):
+                raise LTEError(f"layer_tau needs one threshold in (0, 1) per LTE layer ({len(self._layers)}); "
+                               f"got {len(taus)} value(s): {taus}")
+            self.lte_config.layer_tau = taus
+        taus = self.lte_config.layer_tau or [self.lte_config.tau] * len(self._layers)
+        if len(taus) != len(self._layers):
+            raise LTEError(f"the config's layer_tau has {len(taus)} thresholds for {len(self._layers)} LTE layers: "
+                           "it belongs to another model; calibrate tau again or drop layer_tau")
         k = self.lte_config.topk if k is None else k
         if mode == "topk" and k is None:
             raise LTEError("topk routing needs k: set_routing('topk', k=...) or LTEConfig(topk=...)")
@@ -129,8 +143,8 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
         if len(ks) != len(self._layers):
             raise LTEError(f"set_routing got {len(ks)} values of k for {len(self._layers)} LTE layers; "
                            "pass one int or one per layer")
-        for layer, k_layer in zip(self._layers, ks):
-            layer.input.mode, layer.input.tau, layer.input.k = mode, tau, k_layer
+        for layer, k_layer, tau_layer in zip(self._layers, ks, taus):
+            layer.input.mode, layer.input.tau, layer.input.k = mode, tau_layer, k_layer
             layer.input.budget = float(budget)
             layer.input.loss_to_model = self.lte_config.loss_to_model
         self.routing = mode

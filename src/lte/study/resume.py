@@ -16,16 +16,23 @@ import json
 import logging
 import shutil
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..training.callbacks import StopOnRequest, install_stop_handler, newest_checkpoint
+from ..training.errors import TrainingStopped
 
 logger = logging.getLogger(__name__)
 
 RESUME_FILE = "resume.json"
+#: Seconds a unit trained in its earlier, stopped runs (one call's time limit can cut a unit in legs).
+ELAPSED_FILE = "elapsed.json"
 
-__all__ = ["RESUME_FILE", "checkpoint_to_resume", "install_stop_handler", "stop_callbacks"]
+__all__ = ["ELAPSED_FILE", "RESUME_FILE", "checkpoint_to_resume", "earlier_legs", "install_stop_handler",
+           "stop_callbacks"]
 
 
 def stop_callbacks(stop: threading.Event | None) -> list[Any]:
@@ -58,3 +65,29 @@ def checkpoint_to_resume(run_dir: Path, key: str | None) -> str | None:
     if checkpoint is not None:
         logger.info("%s: resuming from %s", run_dir, Path(checkpoint).name)
     return checkpoint
+
+
+@contextmanager
+def earlier_legs(run_dir: Path, key: str | None) -> Iterator[float]:
+    """The seconds this unit spent in earlier runs that were stopped, so a resumed point's
+    `train_seconds` counts every leg, not only the last.
+
+    Yields them (0 when no earlier leg with settings `key` left a checkpoint under `run_dir` to go
+    on from); a run stopped inside the block adds its own seconds to `ELAPSED_FILE` before the stop
+    goes on.
+    """
+    record = run_dir / ELAPSED_FILE
+    earlier = 0.0
+    if record.is_file() and key is not None and any(run_dir.rglob("checkpoint-*")):
+        try:
+            data = json.loads(record.read_text())
+            earlier = float(data["seconds"]) if data.get("fingerprint") == key else 0.0
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = 0.0
+    start = time.perf_counter()
+    try:
+        yield earlier
+    except TrainingStopped:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"fingerprint": key, "seconds": earlier + time.perf_counter() - start}))
+        raise

@@ -53,7 +53,7 @@ from .config import (
 )
 from .plots import plot_all
 from .report import study_markdown, summarise
-from .resume import checkpoint_to_resume, install_stop_handler, stop_callbacks
+from .resume import checkpoint_to_resume, earlier_legs, install_stop_handler, stop_callbacks
 from .seeds import aggregate_points, seed_studies
 from .tasks import TaskSetup, prepare_dense, setup_task, train_hp
 
@@ -126,7 +126,8 @@ def _train_lte(setup: TaskSetup, target: float, out: Path, key: str) -> tuple[nn
     else:
         hp1["target_sparsity"] = target
     hp2 = {**hp, **lcfg.get("stage2", {})}
-    if (hp2.get("recalibrate_tau") or hp2.get("hold_target_every")) and lcfg["knob"] != "eta":
+    if (hp2.get("recalibrate_tau") or hp2.get("hold_target_every") or hp2.get("tau_scope", "global") != "global") \
+            and lcfg["knob"] != "eta":
         hp2["target_sparsity"] = target  # stage 2 re-cuts to the target before, during (hold) and after training
     distilled = any(stage_hp.get(k) for stage_hp in (hp1, hp2) for k in ("distill", "distill_hidden"))
     teacher = setup.dense if distilled else None  # frozen, shared, never trained
@@ -153,6 +154,8 @@ def _train_lte(setup: TaskSetup, target: float, out: Path, key: str) -> tuple[nn
               "train_tokens": r1["train_tokens"] + r2["train_tokens"],
               "train_epochs": float(r1["train_epochs"] or 0) + float(r2["train_epochs"] or 0),
               "tau": float(model.lte_config.tau)}
+    if model.lte_config.layer_tau is not None:
+        budget["layer_tau"] = list(model.lte_config.layer_tau)
     if "tau_calibration" in r1:
         budget["tau_calibration_sparsity"] = r1["tau_calibration"]["sparsity"]
     if "tau_final_calibration" in r2:
@@ -201,35 +204,37 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
     start = time.perf_counter()
     teacher = setup.dense if any(finetune_args(setup).get(k) for k in ("distill", "distill_hidden")) else None
     key = settings_fingerprint(setup, name, target, base)  # what a stopped training run resumes under
-    if base == "lte":
-        model, t, budget = _train_lte(setup, target, run_dir, key)
-        timings.update(t)
-        eta = float(model.lte_config.eta)
-    elif base in ("moefication", "moefication-oracle", "sketch", "dejavu"):
-        model = shared.get(name)
-        if model is None:  # one router / predictor for every target of the sweep; only k moves
+    with earlier_legs(run_dir, key) as earlier:  # a unit stopped at a time limit trained in several legs
+        if base == "lte":
+            model, t, budget = _train_lte(setup, target, run_dir, key)
+            timings.update(t)
+            eta = float(model.lte_config.eta)
+        elif base in ("moefication", "moefication-oracle", "sketch", "dejavu"):
+            model = shared.get(name)
+            if model is None:  # one router / predictor for every target of the sweep; only k moves
+                model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
+                shared[name] = model
+            set_sparsity(model, target)
+            timings["build_seconds"] = time.perf_counter() - start
+        elif base in FINETUNED:  # dejavu-ft, sketch-ft: the method, then fine-tuned with its masks on
+            model = apply_baseline(copy.deepcopy(dense), FINETUNED[base], target, calib_data=setup.calib, **options)
+            set_sparsity(model, target)
+            model.method = base
+            timings["build_seconds"] = time.perf_counter() - start
+            info = _finetune(setup, model, run_dir, key, teacher)
+            timings["train_seconds"] = info["seconds"]
+            budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
+        elif base == "random-topk":
             model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
-            shared[name] = model
-        set_sparsity(model, target)
-        timings["build_seconds"] = time.perf_counter() - start
-    elif base in FINETUNED:  # dejavu-ft, sketch-ft: the method, then fine-tuned with its masks on
-        model = apply_baseline(copy.deepcopy(dense), FINETUNED[base], target, calib_data=setup.calib, **options)
-        set_sparsity(model, target)
-        model.method = base
-        timings["build_seconds"] = time.perf_counter() - start
-        info = _finetune(setup, model, run_dir, key, teacher)
-        timings["train_seconds"] = info["seconds"]
-        budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
-    elif base == "random-topk":
-        model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
-        timings["build_seconds"] = time.perf_counter() - start
-        info = _finetune(setup, model, run_dir, key, teacher)
-        timings["train_seconds"] = info["seconds"]
-        budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
-        model.set_routing("topk")
-    else:  # teal, cats: calibrated per target
-        model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
-        timings["build_seconds"] = time.perf_counter() - start
+            timings["build_seconds"] = time.perf_counter() - start
+            info = _finetune(setup, model, run_dir, key, teacher)
+            timings["train_seconds"] = info["seconds"]
+            budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
+            model.set_routing("topk")
+        else:  # teal, cats: calibrated per target
+            model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
+            timings["build_seconds"] = time.perf_counter() - start
+    timings["train_seconds"] += earlier
     result, timings["eval_seconds"] = _evaluate(setup, model)
     point = _point(setup, name, knob, target, result, model, timings, eta)
     point.update(budget)

@@ -128,6 +128,11 @@ class TrainArgs:
         "stage 2 with --target-sparsity: set tau again after training, on the same held-out examples (training "
         "the weights moves the routers' inputs, so the sparsity drifts from where stage 2 started); default: on "
         "(without it WikiText-2 ended 4.5-4.8 points past a 0.9 target, LoRA on SST-2 2-4 points past 0.7)"))
+    tau_scope: str = field(default="global", metadata=_help(
+        "what the tau calibrations (--calibrate-tau, --recalibrate-tau, --hold-target-every) set: 'global' (one "
+        "threshold for every layer; the per-layer profile training learned stays) or 'layer' (one per layer, "
+        "each layer skipping the target share: no layer can end far sparser than the rest)",
+        choices=("global", "layer")))
     hold_target_every: int = field(default=0, metadata=_help(
         "stage 2 with --target-sparsity: set tau again every N optimizer steps on the held-out examples, so the "
         "model trains at the target sparsity instead of where the drift takes it (WikiText-2 at 0.9 drifted to "
@@ -188,6 +193,8 @@ class TrainArgs:
             self.calibrate_tau = self.target_sparsity is not None
         if self.hold_target_every and self.target_sparsity is None:
             raise StageInputError("hold_target_every needs target_sparsity (the sparsity tau is held at)")
+        if self.tau_scope != "global" and self.target_sparsity is None:
+            raise StageInputError("tau_scope 'layer' needs target_sparsity (the sparsity each layer is calibrated to)")
         if self.recalibrate_tau and self.target_sparsity is None:
             raise StageInputError("recalibrate_tau needs target_sparsity (the sparsity tau is calibrated to)")
         if self.calibrate_tau and self.target_sparsity is None:

@@ -319,6 +319,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         record["eta"] = float(model.lte_config.eta)
         record["tau"] = float(model.lte_config.tau)
+        if model.lte_config.layer_tau is not None:
+            record["layer_tau"] = list(model.lte_config.layer_tau)
         record["train_sparsity"] = (trainer.last_step_stats or {}).get("ffn_sparsity")
         record["train_sparsity_per_layer"] = (trainer.last_step_stats or {}).get("per_layer")
     if hp.target_sparsity is not None:
@@ -336,7 +338,7 @@ def _calibrate_on(model, held_out, tokenizer, hp: TrainArgs) -> dict[str, Any]:
     collate = make_collator(tokenizer)
     items = [held_out[i] for i in range(len(held_out))]
     batches = [collate(items[i:i + hp.batch_size]) for i in range(0, len(items), hp.batch_size)]
-    result = calibrate_tau(model, batches, hp.target_sparsity)
+    result = calibrate_tau(model, batches, hp.target_sparsity, scope=hp.tau_scope)
     result["examples"] = len(items)
     return result
 
