@@ -75,6 +75,23 @@ def test_sparse_mlp_matches_lte_hard_mode(family, shape):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_per_layer_thresholds_are_served_per_layer():
+    """A model calibrated per layer (`LTEConfig.layer_tau`) is served with each layer's own threshold: the
+    served logits match the LTEModel's, and differ from those of one threshold for all."""
+    lmodel = _lte("llama")
+    ids = _ids(2, 5)
+    taus = [0.1, 0.9] + [0.5] * (tm.LAYERS - 2)
+    one, _ = _hard_logits(lmodel, ids)  # tau 0.5 everywhere
+    lmodel.set_routing("hard", layer_tau=taus)
+    ref, _ = _hard_logits(lmodel, ids)
+    assert [layer.tau for layer in lmodel.lte_layers()] == taus and not torch.allclose(one, ref)
+    model = prepare_for_inference(lmodel)  # swaps the FFNs in place
+    assert [m.tau for m in sparse_modules(model)] == taus
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
 def test_sparse_mlp_decode_and_prefill_paths_agree():
     model = prepare_for_inference(_lte())
     x = torch.randn(3, 4, tm.D)
