@@ -340,6 +340,8 @@ def test_several_configs_each_run_the_named_methods_they_declare():
                                                                          ["teal"]]  # teal is built in: every config
     assert _methods_per_config([a, b], None) == [None, None]  # no --methods: each config's own list
     assert _methods_per_config([a, c], ["lte-x"]) == [["lte-x"], []]  # c declares none: skipped
+    # a built-in that some config declares runs only there: dejavu in c, lte in a and b
+    assert _methods_per_config([a, b, c], ["dejavu", "lte"]) == [["lte"], ["lte"], ["dejavu"]]
     with pytest.raises(LTEError, match="lte-z is declared in none of the configs"):
         _methods_per_config([a, b], ["lte-x", "lte-z"])
 

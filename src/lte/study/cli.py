@@ -213,8 +213,10 @@ def run_study_command(args: argparse.Namespace) -> int:
 
 def _methods_per_config(configs: list[dict[str, Any]], methods: list[str] | None) -> list[list[str] | None]:
     """With several configs, `--methods` names methods of any of them: each config runs those it declares
-    (its `methods:` list or `variants`) or that are built in (`lte`, `teal`, ...); a name that no config
-    knows is an error, so a typo does not silently run nothing."""
+    (its `methods:` list or `variants`). A built-in method (`lte`, `teal`, ...) that no config declares
+    runs in every config; one that some declare runs only there (`--methods dejavu-ft,lte-x` does not add
+    Deja Vu + FT to a config that does not list it). A name that no config knows is an error, so a typo
+    does not silently run nothing."""
     from ..baselines.methods import canonical_method
     from ..errors import LTEError
 
@@ -227,8 +229,9 @@ def _methods_per_config(configs: list[dict[str, Any]], methods: list[str] | None
         except LTEError:
             return False
 
-    picked = [[m for m in methods if m in set(cfg.get("methods") or []) | set(cfg.get("variants") or {})
-               or builtin(m)] for cfg in configs]
+    declared = [set(cfg.get("methods") or []) | set(cfg.get("variants") or {}) for cfg in configs]
+    nowhere = {m for m in methods if not any(m in names for names in declared) and builtin(m)}
+    picked = [[m for m in methods if m in names or m in nowhere] for names in declared]
     unknown = [m for m in methods if not any(m in p for p in picked)]
     if unknown:
         names = ", ".join(str(cfg.get("name")) for cfg in configs)
