@@ -251,7 +251,7 @@ def test_declared_lte_method_is_compared_and_scored_on_the_scoreboard(tmp_path, 
     def pt(method, sparsity, quality, std=None, target=None):
         return dict(_pt(method, sparsity, quality, target), gflops_per_token=1.0 - sparsity, quality_std=std)
 
-    points = [pt("dense", 0.0, 20.0), pt("lte", 0.5, 40.0, 1.0), pt("lte-s8", 0.5, 36.0, 2.0), pt("lte-s8", 0.7, 50.0, 3.0),
+    points = [pt("dense", 0.0, 20.0), pt("lte", 0.5, 40.0, 1.0), pt("lte-s8", 0.5, 36.0, 2.0), pt("lte-s8", 0.7, 50.0, 3.0, target=0.66),
               pt("teal", 0.3, 25.0, 0.0), pt("teal", 0.7, 45.0, 0.0), pt("dejavu-ft", 0.5, 41.0, 0.5),
               pt("dejavu-ft", 0.7, 60.0, 1.0)]
     summary = dict(report.summarise(points, "perplexity", False, lte_method="lte-s8"), name="toy")
@@ -270,9 +270,12 @@ def test_declared_lte_method_is_compared_and_scored_on_the_scoreboard(tmp_path, 
     folder.mkdir()
     (folder / "summary.json").write_text(json.dumps(summary))
     assert lte_main(["scoreboard", str(folder), "--out", str(tmp_path / "board")]) == 0
-    assert "0 wins, 2 losses, 0 ties over 2 LTE points" in (tmp_path / "board.md").read_text()
+    board = (tmp_path / "board.md").read_text()
+    assert "0 wins, 2 losses, 0 ties over 2 LTE points" in board
+    # the 70% point asked for 66%: 4 points off, the 50% one on target
+    assert "within 3 points at 1 of 2 points; the largest 4.0 points (toy, target 66%)" in board
     assert json.loads((tmp_path / "board.json").read_text())[0]["best_baseline"] == "teal"
-    assert "| toy (perplexity, 20) | `lte-s8` | 50% |" in capsys.readouterr().out
+    assert "| toy (perplexity, 20) | `lte-s8` | 50% (target 50%) |" in capsys.readouterr().out
     assert lte_main(["scoreboard", str(tmp_path / "missing")]) != 0
     assert "no study summary" in capsys.readouterr().err
 

@@ -60,7 +60,9 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
               if m != "dense" and not m.startswith("lte")]
     rows = []
     for p in mine:
-        row = {"method": p["method"], "ffn_sparsity": p["ffn_sparsity"], "quality": p["quality"], "quality_std": p.get("quality_std"),
+        row = {"method": p["method"], "ffn_sparsity": p["ffn_sparsity"], "ffn_sparsity_std": p.get("ffn_sparsity_std"),
+               "target": p["target"] if p.get("knob") == "target" else None,
+               "quality": p["quality"], "quality_std": p.get("quality_std"),
                "others": {}, "others_std": {}, "margin": {}, "beats": [], "loses_to": [], "ties": []}
         for other in others:
             theirs = [o for o in points if o["method"] == other]

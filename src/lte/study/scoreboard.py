@@ -13,7 +13,7 @@ from typing import Any
 
 from .report import fmt_margin, fmt_pm
 
-__all__ = ["scoreboard_markdown", "scoreboard_rows"]
+__all__ = ["scoreboard_markdown", "scoreboard_rows", "target_error_line"]
 
 
 def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -30,6 +30,7 @@ def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "study": summary.get("name"), "metric": summary["metric"], "dense": summary["dense_quality"],
             "lte_method": point.get("method") or summary.get("lte_method") or "lte", "ffn_sparsity": point["ffn_sparsity"],
+            "ffn_sparsity_std": point.get("ffn_sparsity_std"), "target": point.get("target"),
             "lte": point["quality"], "lte_std": point.get("quality_std"),
             "best_baseline": best, "baseline": reached[best], "baseline_std": (point.get("others_std") or {}).get(best),
             "margin": margin, "verdict": "win" if margin > 0 else "loss" if margin < 0 else "tie",
@@ -38,15 +39,38 @@ def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _sparsity_cell(r: dict[str, Any]) -> str:
+    """"75% ± 5 (target 70%)": the measured FFN sparsity, its std over seeds and the target asked for."""
+    cell = f"{100 * r['ffn_sparsity']:.0f}%"
+    if (r.get("ffn_sparsity_std") or 0.0) >= 0.005:  # a spread over seeds of half a point or more
+        cell += f" ± {100 * r['ffn_sparsity_std']:.0f}"
+    if r.get("target") is not None:
+        cell += f" (target {100 * r['target']:.0f}%)"
+    return cell
+
+
+def target_error_line(rows: list[dict[str, Any]], allowed: float = 0.03) -> str:
+    """How far the measured sparsity (mean over seeds) lies from its target, over the rows that have one."""
+    aimed = [r for r in rows if r.get("target") is not None]
+    if not aimed:
+        return ""
+    errors = [abs(r["ffn_sparsity"] - r["target"]) for r in aimed]
+    worst = aimed[errors.index(max(errors))]
+    inside = sum(e <= allowed + 1e-9 for e in errors)
+    return (f"Target error (|mean measured sparsity - target|): within {100 * allowed:.0f} points at {inside} of "
+            f"{len(aimed)} points; the largest {100 * max(errors):.1f} points ({worst['study']}, target "
+            f"{100 * worst['target']:.0f}%).")
+
+
 def scoreboard_markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table, then the count of wins and losses."""
+    """The rows as a Markdown table, then the count of wins and losses and the target error."""
     lines = ["| study (metric, dense) | LTE method | sparsity | LTE | best baseline there | margin | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         metric = r["metric"]
         verdict = r["verdict"] + (" (within one std)" if r["within_one_std"] else "")
         lines.append(f"| {r['study']} ({metric}, {fmt_pm(r['dense'], None, metric)}) | `{r['lte_method']}` | "
-                     f"{100 * r['ffn_sparsity']:.0f}% | {fmt_pm(r['lte'], r['lte_std'], metric)} | "
+                     f"{_sparsity_cell(r)} | {fmt_pm(r['lte'], r['lte_std'], metric)} | "
                      f"{r['best_baseline']} {fmt_pm(r['baseline'], r['baseline_std'], metric)} | "
                      f"{fmt_margin(r['margin'], metric)} | {verdict} |")
     wins = sum(r["verdict"] == "win" for r in rows)
@@ -55,5 +79,7 @@ def scoreboard_markdown(rows: list[dict[str, Any]]) -> str:
     lines += ["", f"{wins} wins, {losses} losses, {len(rows) - wins - losses} ties over {len(rows)} LTE points "
               f"(>= 50% sparsity); {close} of them within one std over seeds. Margin: positive when LTE is "
               "better (the metric's units; perplexity: lower is better). Baselines are interpolated at LTE's "
-              "measured sparsity; a baseline whose points do not reach it is not compared.", ""]
+              "measured sparsity; a baseline whose points do not reach it is not compared."]
+    target = target_error_line(rows)
+    lines += ["", target, ""] if target else [""]
     return "\n".join(lines)
