@@ -102,6 +102,10 @@ class TrainArgs:
         "sparsities) | none | scale | open", choices=("auto", "fit", "fit-global", "none", "scale", "open")))
     calibration_examples: int = field(default=32, metadata=_help(
         "examples in the router-init calibration batch", at_least=1))
+    calibration_sample: str = field(default="first", metadata=_help(
+        "which examples make the stage-1 calibration batch (expert grouping, router fit): first (the data's first "
+        "examples) | spread (evenly spaced over the training part, the tau hold-out left out)",
+        choices=("first", "spread")))
     router_open_logit: float = field(default=3.0, metadata=_help(
         "router init open: mean starting logit (sigmoid(3) = 0.95: every expert about on); fit: the logit scale"))
     router_logit_std: float = field(default=0.5, metadata=_help(

@@ -10,7 +10,8 @@ from lte.data.text import is_text_source
 from lte.training.args import TrainArgs
 from lte.training.errors import StageInputError
 
-__all__ = ["check_data_sources", "first_batch", "load_task_data", "make_collator", "split_holdout"]
+__all__ = ["calibration_batch", "check_data_sources", "first_batch", "load_task_data", "make_collator", "split_holdout",
+           "spread_indices"]
 
 
 def check_data_sources(task: str, data: Any) -> None:
@@ -63,6 +64,31 @@ def first_batch(dataset, tokenizer, batch_size: int) -> dict[str, torch.Tensor] 
     """The first `batch_size` examples, collated (for router calibration); None if unavailable."""
     try:
         items = [dataset[i] for i in range(min(batch_size, len(dataset)))]
+    except (TypeError, IndexError, KeyError):
+        return None
+    return make_collator(tokenizer)(items) if items else None
+
+
+def spread_indices(total: int, count: int) -> list[int]:
+    """`count` indices evenly spaced over range(total) (all of them when count >= total), first one 0."""
+    if count >= total:
+        return list(range(total))
+    return [i * total // count for i in range(count)]
+
+
+def calibration_batch(dataset, tokenizer, batch_size: int, sample: str = "first",
+                      holdout: int = 0) -> dict[str, torch.Tensor] | None:
+    """The stage-1 calibration batch: `first_batch`, or with `sample` "spread" `batch_size` examples evenly
+    spaced over the data, leaving out the last `holdout` examples (`split_holdout`'s tau hold-out).
+    None if the dataset cannot be indexed."""
+    if sample == "first":
+        return first_batch(dataset, tokenizer, batch_size)
+    if sample != "spread":
+        raise StageInputError(f"calibration_sample must be 'first' or 'spread', got {sample!r}")
+    try:
+        total = len(dataset)
+        held = max(1, min(holdout, total // 5)) if holdout > 0 and total > 1 else 0
+        items = [dataset[i] for i in spread_indices(total - held, batch_size)]
     except (TypeError, IndexError, KeyError):
         return None
     return make_collator(tokenizer)(items) if items else None

@@ -37,7 +37,13 @@ from lte.loading import (
 from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
 from lte.training.args import TrainArgs, training_arguments, use_bf16
 from lte.training.callbacks import EtaController, LamWarmup, TauHold, raise_if_stopped
-from lte.training.data import check_data_sources, first_batch, load_task_data, make_collator, split_holdout
+from lte.training.data import (
+    calibration_batch,
+    check_data_sources,
+    load_task_data,
+    make_collator,
+    split_holdout,
+)
 from lte.training.errors import NonFiniteLossError, StageInputError
 from lte.training.outputs import (
     STAGE_LABEL,
@@ -222,7 +228,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
                 import copy
 
                 teacher = copy.deepcopy(model)  # the dense model, before conversion
-            model = _convert(model, hp, first_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples)))
+            model = _convert(model, hp, _calibration_batch(dataset, tokenizer, hp))
         elif stage == "2" and getattr(model, "stage", None) not in ("stage1", "stage2"):
             raise StageInputError("stage 2 needs a model that went through stage 1 (LTEModel with stage 'stage1')")
     else:
@@ -237,8 +243,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         num_labels = getattr(dataset, "num_labels", 2)
         model = load_stage_model(stage, build_from, task, num_labels, tokenizer, hp,
                                  converted_from_checkpoint=bool(resume_ckpt),
-                                 calibration_batch=first_batch(dataset, tokenizer,
-                                                               max(hp.batch_size, hp.calibration_examples)))
+                                 calibration_batch=_calibration_batch(dataset, tokenizer, hp))
         _check_labels(model, dataset, task)
     teacher, teacher_desc = _resolve_teacher(stage, hp, teacher, source, task, tokenizer, dataset)
     if stage != "dense":
@@ -331,6 +336,13 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
             drop_checkpoints(out)
     record["trainer"] = trainer
     return record
+
+
+def _calibration_batch(dataset, tokenizer, hp: TrainArgs) -> dict[str, torch.Tensor] | None:
+    """The stage-1 calibration batch (grouping, router init) as `--calibration-sample` asks; "spread"
+    leaves the tau hold-out's examples out."""
+    return calibration_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples),
+                             hp.calibration_sample, hp.calibration_holdout)
 
 
 def _calibrate_on(model, held_out, tokenizer, hp: TrainArgs) -> dict[str, Any]:
