@@ -211,6 +211,21 @@ def test_pad_collate(tok):
     assert scalars["labels"].dtype == torch.float32 and scalars["labels"].tolist() == [0.5, 1.0]
 
 
+def test_calibration_batch_first_or_spread_over_the_training_part(tok):
+    """Example i is [i + 3]: the batch's first column says which examples were picked."""
+    from lte.training.data import calibration_batch, spread_indices
+
+    ds = [{"input_ids": [i + 3], "attention_mask": [1], "labels": [i + 3]} for i in range(25)]
+    first = calibration_batch(ds, tok, 4)
+    assert (first["input_ids"][:, 0] - 3).tolist() == [0, 1, 2, 3]
+    # 25 examples, the last 5 held out (at most a fifth): 4 picked from the first 20, every 5th
+    spread = calibration_batch(ds, tok, 4, sample="spread", holdout=8)
+    assert (spread["input_ids"][:, 0] - 3).tolist() == [0, 5, 10, 15]
+    assert spread_indices(20, 3) == [0, 6, 13] and spread_indices(3, 8) == [0, 1, 2]
+    with pytest.raises(LTEError, match="calibration_sample"):
+        calibration_batch(ds, tok, 4, sample="random")
+
+
 # ---------------------------------------------------------------- generation and multiple-choice data
 def test_xsum_e2e(tmp_path):
     xsum = write(tmp_path / "x.jsonl", '{"id": 1, "document": " An article. ", "summary": "Short."}\n')
