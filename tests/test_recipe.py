@@ -86,6 +86,10 @@ def test_distillation_matches_plain_autograd_and_ignores_padding(temperature):
     (ref_grad,) = torch.autograd.grad(ref, s)
     assert torch.allclose(grad, ref_grad, atol=1e-12)
     assert grad[0, 3:].abs().sum() == 0  # padded positions get no gradient
+    (scaled,) = torch.autograd.grad(0.3 * distillation_loss(s, t, mask, temperature, chunk_rows=3), s)
+    assert torch.allclose(scaled, 0.3 * ref_grad, atol=1e-12)  # the incoming gradient scales it
+    with torch.no_grad():  # no gradient wanted: the same value
+        assert distillation_loss(s, t, mask, temperature).item() == pytest.approx(ref.item(), rel=1e-10)
 
 
 def test_distillation_rejects_mismatched_teacher():

@@ -12,7 +12,7 @@ real tokens of |h_s - h_t|^2 / |h_t|^2, a far denser signal per example than the
 `distillation_loss` is T^2 * KL(teacher || student) at temperature T, averaged over real
 positions, for any logits whose last dimension is a distribution (V vocabulary entries, or C
 classes); one output (a regression head, e.g. STS-B) uses the squared error instead. The KL is
-computed in chunks of positions and its gradient recomputed chunk by chunk, so a large
+computed in chunks of positions, its gradient written chunk by chunk in the same pass, so a large
 vocabulary never materialises fp32 copies of the whole [N, V] logits.
 """
 
@@ -25,33 +25,35 @@ __all__ = ["distillation_loss", "hidden_state_loss"]
 
 
 class _ChunkedKL(torch.autograd.Function):
-    """Mean over rows of T^2 KL(softmax(t/T) || softmax(s/T)), rows [N, V], memory O(chunk * V)."""
+    """Mean over rows of T^2 KL(softmax(t/T) || softmax(s/T)), rows [N, V], fp32 work memory O(chunk * V).
+
+    The forward pass already holds both softmaxes of each chunk, so it writes the gradient
+    T (p_s - p_t) / N there (in the student's dtype, [N, V], the size of the gradient backward must
+    return anyway) instead of keeping the teacher's logits for a backward that would compute both
+    softmaxes again.
+    """
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
         n = student.shape[0]
         dtype = torch.promote_types(student.dtype, torch.float32)  # bf16/fp16 logits are summed in fp32
         total = torch.zeros((), dtype=dtype, device=student.device)
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        scale = temperature / max(n, 1)  # d/ds of T^2 KL / n = T (p_s - p_t) / n
         for i in range(0, n, chunk):
             log_s = F.log_softmax(student[i:i + chunk].to(dtype) / temperature, dim=-1)  # [c, V]
             log_t = F.log_softmax(teacher[i:i + chunk].to(dtype) / temperature, dim=-1)
-            total = total + (log_t.exp() * (log_t - log_s)).sum()
-        ctx.save_for_backward(student, teacher)
-        ctx.temperature, ctx.chunk = temperature, chunk
+            p_t = log_t.exp()
+            total = total + (p_t * (log_t - log_s)).sum()
+            if grad is not None:
+                grad[i:i + chunk] = ((log_s.exp() - p_t) * scale).to(grad.dtype)
+        ctx.save_for_backward(grad if grad is not None else student.new_empty(0))
         return total * (temperature ** 2) / max(n, 1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        student, teacher = ctx.saved_tensors
-        t, chunk, n = ctx.temperature, ctx.chunk, student.shape[0]
-        grad = torch.empty_like(student)
-        scale = grad_out * t / max(n, 1)  # d/ds of T^2 KL / n = T (p_s - p_t) / n
-        dtype = torch.promote_types(student.dtype, torch.float32)
-        for i in range(0, n, chunk):
-            p_s = F.softmax(student[i:i + chunk].to(dtype) / t, dim=-1)
-            p_t = F.softmax(teacher[i:i + chunk].to(dtype) / t, dim=-1)
-            grad[i:i + chunk] = ((p_s - p_t) * scale).to(grad.dtype)
-        return grad, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
