@@ -413,3 +413,18 @@ def test_stage1_with_tau_gain_moves_the_models_tau_and_resumes_it(tiny, tmp_path
         train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "y", tau=0.99, tau_gain=0.5, **common)
     with pytest.raises(StageInputError, match="tau_gain needs target_sparsity"):
         train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "x", max_steps=1, tau_gain=0.5, **FAST)
+
+
+def test_a_record_from_before_a_setting_existed_resumes_at_its_default():
+    """An older lte wrote no `calibration_sample`: it reads as the default, and only a real change is named."""
+    from lte.training.args import TrainArgs
+    from lte.training.outputs import _setting_changes
+
+    def record(**hp):
+        return {"stage": "stage1", "task": "causal-lm", "source": "m", "data": "d", "hparams": TrainArgs(**hp).to_dict()}
+
+    older = record(lr=1e-3)
+    del older["hparams"]["calibration_sample"]
+    assert _setting_changes(older, record(lr=1e-3)) == []
+    assert _setting_changes(older, record(lr=1e-3, calibration_sample="spread")) == ["calibration_sample first -> spread"]
+    assert _setting_changes(record(lr=1e-3), record(lr=5e-3)) == ["lr 0.001 -> 0.005"]

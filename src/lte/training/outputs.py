@@ -67,8 +67,14 @@ def _flat_settings(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _setting_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`name old -> new` for every setting that differs between a recorded run and this one."""
+    """`name old -> new` for every setting that differs between a recorded run and this one.
+
+    A setting the record does not name (an older lte wrote it, before the setting existed) counts as
+    its default, so a newer lte resumes such a run when the new setting is left at its default.
+    """
     old, new = _flat_settings(recorded), _flat_settings(now)
+    defaults = _flat_settings({"hparams": TrainArgs().to_dict()})
+    old.update({k: defaults[k] for k in set(new) - set(old) if k in defaults})
     return [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
             if k not in _FREE_ON_RESUME and old.get(k) != new.get(k)]
 
