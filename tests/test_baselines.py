@@ -58,7 +58,7 @@ def test_sequential_calibration_stops_after_its_layer_and_keeps_the_thresholds(m
     fast_base.get_output_embeddings().register_forward_hook(lambda *a: heads.append(1))
     fast = apply_baseline(fast_base, method, 0.6, calib_data=data)
     assert heads == []  # every calibration pass stopped before the LM head
-    monkeypatch.setattr(methods, "_output_of", lambda model, sparsifier: None)  # whole forwards
+    monkeypatch.setattr(methods, "_outputs_of", lambda model, sparsifiers: [])  # whole forwards
     slow = apply_baseline(build(family), method, 0.6, calib_data=data)
     assert thresholds(fast) == thresholds(slow)
     assert torch.equal(logits(fast, batch()), logits(slow, batch()))

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lte"
 
 #: Lowest first. A unit is a top-level module (`model`) or subpackage (`training`) of `lte`.
 LAYERS = [
-    {"errors", "version", "losses", "sparse_model", "kernels"},
+    {"errors", "version", "losses", "sparse_model", "passes", "kernels"},
     {"hub"},
     {"config", "routing", "data"},
     {"conversion"},

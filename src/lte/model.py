@@ -21,6 +21,7 @@ from .conversion.architectures import spec_for
 from .conversion.convert import LTELayer, convert, weights_digest
 from .errors import LTEError
 from .losses import lte_losses
+from .passes import forward_until
 from .routing.layers import MODES, TRAINING_MODES
 from .sparse_model import SparseFFNModel
 from .stats import active_neurons, linear_flops_per_token, union_sparsity
@@ -271,6 +272,15 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
         if self.track_stats:
             self._record_stats(attention_mask, scores)
         return out
+
+    @torch.no_grad()
+    def forward_layers(self, **inputs: Any) -> None:
+        """A no-grad forward for calibration passes that read the layers through hooks: it stops once
+        every LTE layer has run (the final norm and the head never run, nothing is returned) and
+        records statistics as `forward` does."""
+        forward_until(self.base_model, [layer.output for layer in self._layers], inputs)
+        if self.routing != "dense" and self.track_stats:
+            self._record_stats(inputs.get("attention_mask"))
 
     # ---------------------------------------------------------------- statistics
     def reset_lte_stats(self) -> None:

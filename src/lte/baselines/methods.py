@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LTEError
+from ..passes import forward_until
 from .model import (
     BaselineModel,
     _check_target,
@@ -102,38 +103,25 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the layers a calibration pass needs have run (the rest is skipped)."""
-
-
-def _stop_after(module: nn.Module, *_: Any) -> None:
-    raise _StopForward
-
-
 @torch.no_grad()
-def _run(model: BaselineModel, batches: list[dict], stop_after: nn.Module | None = None) -> None:
-    """Forward `batches` in eval mode; with `stop_after`, each forward ends once that module has run."""
+def _run(model: BaselineModel, batches: list[dict], watched: list[nn.Module]) -> None:
+    """Forward `batches` in eval mode, each forward ended once every `watched` module has run."""
     device = _device(model)
     was_training = model.training
     model.eval()
     tracking, model.track_stats = model.track_stats, False
-    hook = None if stop_after is None else stop_after.register_forward_hook(_stop_after)
     try:
         for batch in batches:
-            try:
-                model(**{k: v.to(device) for k, v in batch.items()})
-            except _StopForward:
-                pass
+            forward_until(model, watched, {k: v.to(device) for k, v in batch.items()})
     finally:
-        if hook is not None:
-            hook.remove()
         model.track_stats = tracking
         model.train(was_training)
 
 
-def _output_of(model: BaselineModel, sparsifier: nn.Module) -> nn.Module | None:
-    """The output projection wrapper of `sparsifier`'s FFN: the last module of that FFN to run."""
-    return next((m for m in model.modules() if isinstance(m, SparseOutput) and m._sparsifier is sparsifier), None)
+def _outputs_of(model: BaselineModel, sparsifiers: list[nn.Module]) -> list[nn.Module]:
+    """The output projection wrappers of `sparsifiers`' FFNs: the last module of each FFN to run."""
+    wanted = {id(s) for s in sparsifiers}
+    return [m for m in model.modules() if isinstance(m, SparseOutput) and id(m._sparsifier) in wanted]
 
 
 # --------------------------------------------------------------------------- thresholds (TEAL, CATS)
@@ -153,7 +141,7 @@ def calibrate_thresholds(model: BaselineModel, batches: list[dict], target: floa
             s.reset_runtime()
         for s in group:
             s.state = "collect"
-        _run(model, batches, stop_after=_output_of(model, group[-1]) if sequential else None)
+        _run(model, batches, _outputs_of(model, group))
         for s in group:
             if s.rule == "input-threshold":
                 s.x_threshold.fill_(quantile(s.samples["x"], target))
@@ -172,7 +160,7 @@ def record_activations(model: BaselineModel, batches: list[dict]) -> list[tuple[
     """(x [N, D], target [N, U]) per layer from the dense model: FFN inputs and |h| (neurons) or
     expert mass sum |h| (experts), real tokens only."""
     model.set_state("record")
-    _run(model, batches)
+    _run(model, batches, _outputs_of(model, model.sparsifiers()))
     data = []
     for s in model.sparsifiers():
         x = torch.cat(s.records["x"]).float()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import LTEError
+from ..passes import forward_until, pieces
 from .locate import FFNHandle
 
 __all__ = ["activation_profiles", "SKETCH_DIM"]
@@ -43,7 +44,8 @@ def activation_profiles(model: nn.Module, ffns: list[FFNHandle], calibration, sk
     """Per FFN, the sketched |h| profile of each neuron over the calibration tokens, [F, k] (fp32).
 
     `calibration`: a batch dict {input_ids, attention_mask, ...} or a list of them; padding
-    tokens are left out. The model runs unchanged (dense) in eval mode on its own device.
+    tokens are left out. The model runs unchanged (dense) in eval mode on its own device, in
+    pieces of at most `lte.passes.CALIBRATION_TOKENS` tokens, each stopped after the last FFN.
     """
     batches = _as_batches(calibration)
     device = next(model.parameters()).device
@@ -65,13 +67,14 @@ def activation_profiles(model: nn.Module, ffns: list[FFNHandle], calibration, sk
     model.eval()
     tokens = 0
     try:
-        for batch in batches:
-            mask = batch.get("attention_mask")
+        for piece in (p for batch in batches for p in pieces(batch)):
+            mask = piece.get("attention_mask")
             keep = None if mask is None else mask.reshape(-1).to(device).bool()
-            n = int(keep.sum()) if keep is not None else batch["input_ids"].numel()
+            n = int(keep.sum()) if keep is not None else piece["input_ids"].numel()
             state["keep"] = keep
             state["r"] = (torch.randn(n, sketch_dim, generator=gen) / sketch_dim ** 0.5).to(device)  # [T, k]
-            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+            forward_until(model, [ffn.down for ffn in ffns],
+                          {k: v.to(device) for k, v in piece.items() if k != "labels"})
             tokens += n
     finally:
         for hook in hooks:

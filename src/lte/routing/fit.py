@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import LTEError
+from ..passes import pieces
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +30,32 @@ ROUTER_INITS = ("auto", "fit", "fit-global", "open", "scale", "none")
 
 
 @torch.no_grad()
-def _calibration_forward(lmodel, batch: dict[str, torch.Tensor], mode: str, hooks: list) -> None:
-    """One eval-mode forward of `batch` in routing `mode`; removes `hooks` and restores the model after."""
+def _calibration_forward(lmodel, batch: dict[str, torch.Tensor], mode: str, hooks: list,
+                         state: dict[str, Any] | None = None) -> None:
+    """An eval-mode pass of `batch` in routing `mode`, in pieces of at most `CALIBRATION_TOKENS` tokens,
+    each stopped after the last FFN; `state["keep"]` holds the piece's real-token mask [T] (None without
+    an attention mask) while it runs. Removes `hooks` and restores the model after."""
     routing, was_training = lmodel.routing, lmodel.training
     lmodel.set_routing(mode)
     lmodel.eval()
+    state = {} if state is None else state
     try:
         device = next(lmodel.parameters()).device  # the model may already be on the GPU
-        lmodel(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        for piece in pieces(batch):
+            mask = piece.get("attention_mask")
+            state["keep"] = None if mask is None else mask.reshape(-1).to(device).bool()
+            lmodel.forward_layers(**{k: v.to(device) for k, v in piece.items() if k != "labels"})
     finally:
         for hook in hooks:
             hook.remove()
         lmodel.set_routing(routing)
         lmodel.train(was_training)
+
+
+def _real_rows(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """[..., C] -> [T, C] in fp32, only the real tokens where `keep` [T] is given."""
+    t = t.reshape(-1, t.shape[-1]).float()
+    return t if keep is None or keep.numel() != t.shape[0] else t[keep.to(t.device)]
 
 
 def _expert_log_mass(h: torch.Tensor, sizes: torch.Tensor, col_energy: torch.Tensor | None) -> torch.Tensor:
@@ -89,26 +103,21 @@ def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_s
 
         z[t, e] = logit_scale * clamp((m[t, e] - q) / s, -1, 1)
 
-    (s: the layer's spread of the centred log-masses), so stage 1 starts with scores already
+    (s: the layer's spread of the centred log-masses, median |m - q| over each calibration piece), so stage 1 starts with scores already
     polarised (|logit| ~ logit_scale), near the wanted sparsity and with the experts that carry
     the most activation on. This avoids both failure modes of a blind init: scores all near tau
     (soft routing halves the FFN and L_sep's gradient swamps the task loss) and scores all on
-    (L_sep's barrier at tau then keeps every expert on). Returns the hard-cut sparsity per layer
-    on the calibration batch.
+    (L_sep's barrier at tau then keeps every expert on). The batch runs in pieces of at most
+    `CALIBRATION_TOKENS` tokens. Returns the hard-cut sparsity per layer on the batch's first piece.
     """
     if threshold not in ("token", "global"):
         raise LTEError(f"fit_routers threshold must be 'token' or 'global', got {threshold!r}")
     if not 0.0 <= sparsity < 1.0:
         raise LTEError(f"the router-fit sparsity must lie in [0, 1), got {sparsity}")
     layers = lmodel.lte_layers()
-    mask = batch.get("attention_mask")
-    keep = None if mask is None else mask.reshape(-1).bool()
     energy = [layer.down_weight().detach().float().square().sum(0) if threshold == "global" else None
               for layer in layers]  # [F] per layer: |column j of the down projection|^2
-
-    def real_rows(t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1, t.shape[-1]).float()  # [T, .]
-        return t if keep is None or keep.numel() != t.shape[0] else t[keep.to(t.device)]
+    state: dict[str, Any] = {}  # the current piece's real-token mask
 
     global_q = None
     if threshold == "global":  # pass 1: one quantile of the log-shares over all layers and tokens
@@ -117,14 +126,14 @@ def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_s
 
         def collect(i, sizes):
             def hook(mod, args):
-                m = _expert_log_mass(real_rows(args[0]), sizes, energy[i]).float()  # [T, E]
+                m = _expert_log_mass(_real_rows(args[0], state["keep"]), sizes, energy[i]).float()  # [T, E]
                 masses.append(m.reshape(-1).cpu())
                 weights.append(sizes.float().repeat(m.shape[0]).cpu())
             return hook
 
         hooks = [layer.output.register_forward_pre_hook(collect(i, layer.input.expert_sizes))
                  for i, layer in enumerate(layers)]
-        _calibration_forward(lmodel, batch, "dense", hooks)
+        _calibration_forward(lmodel, batch, "dense", hooks, state)
         global_q = _weighted_quantile(torch.cat(masses), torch.cat(weights), sparsity)
 
     xs: dict[int, torch.Tensor] = {}
@@ -132,12 +141,12 @@ def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_s
 
     def grab_x(i):
         def hook(mod, args):
-            xs[i] = real_rows(args[0])  # [T, D]
+            xs[i] = _real_rows(args[0], state["keep"])  # [T, D]
         return hook
 
     def fit_h(i, sizes):
         def hook(mod, args):
-            logm = _expert_log_mass(real_rows(args[0]), sizes, energy[i])  # [T, E]
+            logm = _expert_log_mass(_real_rows(args[0], state["keep"]), sizes, energy[i])  # [T, E]
             x = xs.pop(i).double()
             q = torch.quantile(logm, sparsity, dim=1, keepdim=True) if global_q is None else global_q  # [T, 1]
             centred = logm - q
@@ -151,14 +160,14 @@ def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_s
     for i, layer in enumerate(layers):
         hooks.append(layer.input.register_forward_pre_hook(grab_x(i)))
         hooks.append(layer.output.register_forward_pre_hook(fit_h(i, layer.input.expert_sizes)))
-    _calibration_forward(lmodel, batch, "dense", hooks)
+    _calibration_forward(lmodel, batch, "dense", hooks, state)
     for i, layer in enumerate(layers):
         xtx, xtz = acc[i]
         d = xtx.shape[0]
         reg = ridge * torch.trace(xtx) / d
         w = torch.linalg.solve(xtx + reg * torch.eye(d, dtype=xtx.dtype, device=xtx.device), xtz)  # [D, E]
         layer.router.weight.copy_(w.T.to(layer.router.weight.dtype))
-    achieved = hard_sparsity(lmodel, [batch])
+    achieved = hard_sparsity(lmodel, [next(pieces(batch))])  # a check on the first piece only: it is only logged
     logger.info("router init 'fit' (%s threshold, target %.2f): calibration sparsity %.3f", threshold, sparsity,
                 sum(achieved) / len(achieved))
     return achieved
@@ -193,10 +202,10 @@ def _hard_pass(lmodel, batches: list[dict[str, torch.Tensor]], collect_logits: b
     try:
         with lmodel.separate_lte_stats():  # a training step's statistics (stage 2's TauHold) stay as they were
             device = next(lmodel.parameters()).device
-            for batch in batches:
+            for batch in batches:  # whole: a per-batch expert budget picks experts over the batch
                 mask = batch.get("attention_mask")
                 current["mask"] = None if mask is None else mask.reshape(-1).to(device).bool()
-                lmodel(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+                lmodel.forward_layers(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
             per_layer = lmodel.lte_stats(accumulated=True)["per_layer"]
     finally:
         for hook in hooks:
@@ -388,15 +397,14 @@ def calibrate_routers(lmodel, batch: dict[str, torch.Tensor], mode: str = "open"
     if mode in ("none", "auto", "fit", "fit-global"):
         return
     layers = lmodel.lte_layers()
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [layer.input.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0].detach()))
-             for i, layer in enumerate(layers)]
-    _calibration_forward(lmodel, batch, "soft", hooks)
-    mask = batch.get("attention_mask")
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    state: dict[str, Any] = {}  # the current piece's real-token mask
+    hooks = [layer.input.register_forward_pre_hook(
+        lambda mod, args, i=i: captured[i].append(_real_rows(args[0].detach(), state["keep"])))
+        for i, layer in enumerate(layers)]
+    _calibration_forward(lmodel, batch, "soft", hooks, state)
     for i, layer in enumerate(layers):
-        x = captured[i].reshape(-1, captured[i].shape[-1]).float()  # [T, D] FFN inputs
-        if mask is not None and mask.numel() == x.shape[0]:
-            x = x[mask.reshape(-1).to(x.device).bool()]
+        x = torch.cat(captured[i])  # [T, D] FFN inputs of the real tokens
         w = layer.router.weight  # [E, D]
         noise = w.float()
         spread = (x @ noise.T).std().clamp_min(1e-12)  # std of the current logits
