@@ -1,10 +1,11 @@
 """Launchers of the Triton kernels for one LTE FFN at decode time (B = 1..64 tokens).
 
 The kernels themselves, and the schedule of their launches (0: router / union / budget,
-1: gate/up, 2: down projection, 3: finish; PDL on Hopper), are in ``triton_jit``. Here: the
-tile settings of a call (``default_config``; tables and heuristics in ``lte.kernels.tuning``),
-its plan and scratch buffers (``plan_launch`` -> ``FFNLaunch``), one function per launch
-(``launch_*``) and the entry points the ``torch.library`` ops of ``ops`` call (``*_triton``).
+1: gate/up, 2: down projection, 3: finish; PDL on Hopper), are in ``triton_jit`` (launch 0's
+kernels in ``triton_masks``). Here: the tile settings of a call (``default_config``; tables and
+heuristics in ``lte.kernels.tuning``), its plan and scratch buffers (``plan_launch`` ->
+``FFNLaunch``), one function per launch (``launch_*``) and the entry points the
+``torch.library`` ops of ``ops`` call (``*_triton``).
 Dimensions: B tokens, D model width, F FFN width, S expert size, E = ceil(F / S) experts.
 This module imports triton at import time: import it lazily.
 """
@@ -19,16 +20,8 @@ import torch
 import triton
 
 from .reference import ACTIVATIONS
-from .triton_jit import (
-    HAS_GDC,
-    _budget_kernel,
-    _ffn_finish_kernel,
-    _ffn_in_kernel,
-    _ffn_out_kernel,
-    _masked_act_kernel,
-    _router_kernel,
-    _union_kernel,
-)
+from .triton_jit import HAS_GDC, _ffn_finish_kernel, _ffn_in_kernel, _ffn_out_kernel, _masked_act_kernel
+from .triton_masks import _budget_kernel, _router_kernel, _union_kernel
 from .tuning import TABLE_EXPERT_SIZE, KernelConfig, gpu_key, heuristic_config, lookup
 
 __all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "masked_activation_triton", "plan_launch",

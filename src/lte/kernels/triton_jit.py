@@ -1,6 +1,7 @@
 """The Triton kernels (``@triton.jit``) of one LTE FFN at decode time (B = 1..64 tokens).
 
-The launch side (tile choice, scratch buffers, grids, the entry points) is ``triton_ffn``.
+The launch side (tile choice, scratch buffers, grids, the entry points) is ``triton_ffn``; the
+kernels of launch 0 (router, union, budget) are in ``triton_masks``.
 Dimensions: B tokens, D model width, F FFN width, S expert size, E = ceil(F / S) experts.
 Weights are ``[F, D]`` row-major (gate/up/W1 as PyTorch stores them, the down projection
 transposed), so expert ``e`` is the contiguous row slab ``[e*S, min((e+1)*S, F))`` of each matrix.
@@ -87,130 +88,6 @@ def _nth_active(csum, first, SLOTS: tl.constexpr):
 def _pick(ids, slot, SLOTS: tl.constexpr):
     """ids[slot] for a run-time slot (a masked reduction: registers cannot be indexed at run time)."""
     return tl.sum(tl.where(tl.arange(0, SLOTS) == slot, ids, 0), axis=0)
-
-
-@triton.jit
-def _router_kernel(
-    x_ptr, wr_ptr, mask_ptr, union_ptr, score_ptr,
-    B, D, E, threshold,
-    stride_xb, stride_mb,
-    B_PAD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, ONE_STEP: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, WITH_SCORE: tl.constexpr, PDL: tl.constexpr,
-    TRIGGER: tl.constexpr,
-):
-    """mask[b, e] = x[b] . Wr[e] > threshold, union[e] = any_b mask[b, e] (and the summed sigmoid
-    scores when WITH_SCORE) for one block of BLOCK_E experts; fp32 accumulation.
-
-    With PDL the kernel may start before the previous kernel (which wrote x) has finished: in one
-    step (ONE_STEP, all of D at once) it reads its router rows first and waits only before x.
-    TRIGGER lets the next (PDL-launched) kernel start early; it waits for this one before reading."""
-    if TRIGGER:
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    experts = pid * BLOCK_E + tl.arange(0, BLOCK_E)  # [BLOCK_E]
-    e_ok = experts < E
-    toks = tl.arange(0, B_PAD)
-    tok_ok = toks < B
-    w_rows = experts.to(tl.int64) * D
-    if ONE_STEP:
-        ks = tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        w = tl.load(wr_ptr + w_rows[:, None] + ks[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
-        if PDL:
-            gdc_wait()
-        xt = tl.load(x_ptr + toks[:, None] * stride_xb + ks[None, :], mask=tok_ok[:, None] & k_ok[None, :],
-                     other=0.0)  # [B_PAD, BLOCK_K]
-        if USE_DOT:
-            logits = tl.dot(xt, tl.trans(w), input_precision=DOT_PREC)  # [B_PAD, BLOCK_E]
-        else:
-            logits = tl.sum(xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    else:
-        if PDL:
-            gdc_wait()
-        if USE_DOT:
-            logits = tl.zeros([B_PAD, BLOCK_E], dtype=tl.float32)
-        else:
-            acc3 = tl.zeros([B_PAD, BLOCK_E, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            xt = tl.load(x_ptr + toks[:, None] * stride_xb + ks[None, :], mask=tok_ok[:, None] & k_ok[None, :],
-                         other=0.0)  # [B_PAD, BLOCK_K]
-            w = tl.load(wr_ptr + w_rows[:, None] + ks[None, :], mask=e_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # [BLOCK_E, BLOCK_K]
-            if USE_DOT:
-                logits = tl.dot(xt, tl.trans(w), logits, input_precision=DOT_PREC)
-            else:
-                acc3 += xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        if not USE_DOT:
-            logits = tl.sum(acc3, axis=2)  # [B_PAD, BLOCK_E]
-    valid = tok_ok[:, None] & e_ok[None, :]
-    hit = (logits > threshold) & valid
-    tl.store(mask_ptr + toks[:, None] * stride_mb + experts[None, :], hit.to(tl.int8), mask=valid)
-    tl.store(union_ptr + experts, tl.max(hit.to(tl.int32), axis=0).to(tl.int8), mask=e_ok)
-    if WITH_SCORE:
-        score = tl.where(valid, tl.sigmoid(logits), 0.0)
-        tl.store(score_ptr + experts, tl.sum(score, axis=0), mask=e_ok)
-
-
-@triton.jit
-def _union_kernel(mask_ptr, union_ptr, B, E, stride_mb, B_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-                  TRIGGER: tl.constexpr):
-    """union[e] = any_b mask[b, e] for one block of BLOCK_E experts."""
-    if TRIGGER:
-        gdc_launch_dependents()
-    experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = experts < E
-    toks = tl.arange(0, B_PAD)
-    m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
-                mask=(toks < B)[:, None] & e_ok[None, :], other=0).to(tl.int32)  # [B_PAD, BLOCK_E]
-    tl.store(union_ptr + experts, tl.max(m, axis=0).to(tl.int8), mask=e_ok)
-
-
-@triton.jit
-def _budget_kernel(
-    union_in_ptr, score_ptr, union_ptr, mask_ptr,
-    B, E, budget, stride_mb,
-    E_PAD: tl.constexpr, B_PAD: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
-):
-    """Keep the ``budget`` union experts with the largest summed score; write the new union and
-    clear dropped experts from every token's mask (this program's block of BLOCK_E experts).
-
-    Every program finds the same cut: the budget-th largest score by bisection on the fp32 bit
-    patterns (scores are sums of sigmoids, >= 0, so their bits order like the values); ties at the
-    cut go to the lower expert index."""
-    if PDL:
-        gdc_wait()  # the union and the scores come from the router
-        gdc_launch_dependents()
-    e_idx = tl.arange(0, E_PAD)
-    e_ok = e_idx < E
-    on = tl.load(union_in_ptr + e_idx, mask=e_ok, other=0) != 0
-    score = tl.load(score_ptr + e_idx, mask=e_ok, other=0.0)
-    bits = tl.where(on, score.to(tl.int32, bitcast=True), -1)  # [E_PAD]; -1: not in the union
-    lo = tl.zeros([], dtype=tl.int32)
-    hi = tl.full([], 0x7F800000, dtype=tl.int32)
-    for _ in range(31):  # largest t with count(bits >= t) >= budget
-        mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    above = tl.sum((bits > lo).to(tl.int32), axis=0)  # kept for sure; ties at lo fill up to budget
-    pid = tl.program_id(0)
-    start = pid * BLOCK_E
-    ties_before = tl.sum(((bits == lo) & (e_idx < start)).to(tl.int32), axis=0)
-    blk = start + tl.arange(0, BLOCK_E)
-    blk_ok = blk < E
-    on_b = tl.load(union_in_ptr + blk, mask=blk_ok, other=0) != 0
-    bits_b = tl.where(on_b, tl.load(score_ptr + blk, mask=blk_ok, other=0.0).to(tl.int32, bitcast=True), -1)
-    tie_b = bits_b == lo
-    tie_rank = ties_before + tl.cumsum(tie_b.to(tl.int32), axis=0)  # 1-based rank among the ties
-    keep = on_b & ((bits_b > lo) | (tie_b & (tie_rank <= budget - above)))
-    tl.store(union_ptr + blk, keep.to(tl.int8), mask=blk_ok)
-    toks = tl.arange(0, B_PAD)
-    mb_ok = (toks < B)[:, None] & blk_ok[None, :]
-    m_ptrs = mask_ptr + toks[:, None] * stride_mb + blk[None, :]
-    m = tl.load(m_ptrs, mask=mb_ok, other=0)
-    tl.store(m_ptrs, tl.where(keep[None, :], m, 0).to(tl.int8), mask=mb_ok)
 
 
 @triton.jit
