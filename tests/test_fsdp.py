@@ -242,6 +242,10 @@ BENCH_WORKER = textwrap.dedent(
     sys.argv = [sys.argv[1], *sys.argv[2:]]
     sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python benchmarks/X.py` does: bench_util
     runpy.run_path(sys.argv[0], run_name="__main__")
+    # The benchmark has written everything and torn its process group down; as in WORKER, leave without the
+    # C++ destructors, one of whose threads was seen to abort the exit under load (CI, 2026-12-05).
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
     """
 )
 
