@@ -103,9 +103,9 @@ def fit_routers(lmodel, batch: dict[str, torch.Tensor], sparsity: float, logit_s
 
         z[t, e] = logit_scale * clamp((m[t, e] - q) / s, -1, 1)
 
-    (s: the layer's spread of the centred log-masses, median |m - q| over each calibration piece), so stage 1 starts with scores already
-    polarised (|logit| ~ logit_scale), near the wanted sparsity and with the experts that carry
-    the most activation on. This avoids both failure modes of a blind init: scores all near tau
+    (s: the layer's spread of the centred log-masses, median |m - q| over each calibration piece), so
+    stage 1 starts with scores already polarised (|logit| ~ logit_scale), near the wanted sparsity and
+    with the experts that carry the most activation on. This avoids both failure modes of a blind init: scores all near tau
     (soft routing halves the FFN and L_sep's gradient swamps the task loss) and scores all on
     (L_sep's barrier at tau then keeps every expert on). The batch runs in pieces of at most
     `CALIBRATION_TOKENS` tokens. Returns the hard-cut sparsity per layer on the batch's first piece.
