@@ -8,7 +8,9 @@
 # Studies live in $STUDY_ROOT (default: $LTE_DEVICE_DIR/study, outside the repo), so a later call
 # on the same warm machine resumes them: finished points are reused, only missing ones run, and a
 # unit stopped at --time-limit continues from the checkpoint it wrote (it gets up to 60 s to write
-# it: give the device call a timeout of at least the time limit + 90 s).
+# it). Give the device call a timeout of at least the time limit + 120 s: loading, the last
+# evaluations and the reports took 87 s past a 480 s limit on the H200. If the call is stopped anyway
+# (SIGTERM), whatever finished is still packed into $OUT before the script exits.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/device_env.sh
@@ -22,12 +24,19 @@ for old in ${RESUME_FROM:-}; do
 done
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 PY=${PYTHON:-python3}
-"$PY" -m lte.cli.main -v study "$@" --root "$ROOT" 2> >(grep -v "study units" >&2)
-status=$?
-if [ -n "${OUT:-}" ]; then
+pack() {
+    [ -n "${OUT:-}" ] || return 0
     tar -C "$ROOT" -czf "$OUT/study_results.tar.gz" \
         --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='checkpoint-*' \
         --exclude='tokenizer*' --exclude='events.out.*' .
     ls -la "$OUT"
-fi
+}
+study=""
+trap '[ -n "$study" ] && { kill -TERM "$study" 2>/dev/null; wait "$study"; }; pack; exit 143' TERM
+"$PY" -m lte.cli.main -v study "$@" --root "$ROOT" 2> >(grep -v "study units" >&2) &
+study=$!
+wait "$study"
+status=$?
+trap - TERM
+pack
 exit $status
