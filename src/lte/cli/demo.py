@@ -31,12 +31,12 @@ def demo_config() -> dict[str, Any]:
         # separability loss, distillation from the dense model, tau calibrated to the target; for this
         # small budget, experts grouped by activation profile, a model lr of 3e-4 in both stages and
         # 5 + 55 steps: routers fitted to the experts' activations, then the model trained on their
-        # masks; grouping and the router fit read the first 64 training examples, the routers train at
+        # masks; grouping and the router fit read the first 128 training examples, the routers train at
         # lr 3e-3, and experts hold 8 neurons (all chosen on held-out *training* text: docs/results.md,
         # "The offline demo").
         "stage1": {"max_steps": 5, "target_sparsity": 0.5, "eta": 0.5, "router_lr": 3e-3, "lam": 0.0,
                    "stage1_routing": "ste", "distill": 0.5, "calibrate_tau": True, "grouping": "activation",
-                   "lr": 3e-4, "calibration_examples": 64, "expert_size": 8},
+                   "lr": 3e-4, "calibration_examples": 128, "expert_size": 8},
         "stage2": {"max_steps": 55, "distill": 0.5, "lr": 3e-4},
         "eval": {"max_tokens": 4096, "max_length": 256, "stride": 256, "batch_size": 4},
         "baselines": ["teal"],  # training-free, at the sparsity LTE reaches
