@@ -54,7 +54,7 @@ def _weights(d: int, f: int, dev: str, dtype: torch.dtype, g: torch.Generator) -
 def _row(w: dict[str, torch.Tensor], t: int, reps: int, g: torch.Generator) -> dict[str, float]:
     """Microseconds of each variant at T = t tokens."""
     from lte import kernels
-    from lte.serving.prepare import SparseMLP
+    from lte.serving.sparse_mlp import SparseMLP
 
     f, d = w["w_up"].shape
     dev, dtype = w["w_up"].device, w["w_up"].dtype

@@ -12,13 +12,8 @@ import lte
 import tiny_models as tm
 from lte.serving import StaticDecoder, bench, generate, prepare_dense, prepare_for_inference
 from lte.serving.dense import DenseMLP, dense_modules, swap_modules
-from lte.serving.prepare import (
-    SparseFFNIn,
-    SparseFFNOut,
-    SparseMLP,
-    ffn_weights,
-    sparse_modules,
-)
+from lte.serving.prepare import SparseFFNIn, SparseFFNOut, ffn_weights, sparse_modules
+from lte.serving.sparse_mlp import SparseMLP
 from lte.serving.synthetic import (
     SHAPES,
     pin_router_channel,

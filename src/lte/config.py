@@ -51,7 +51,9 @@ class LTEConfig:
         "serving (set by a per-layer tau calibration; None: every layer routes at tau)"))
     eps: float = field(default=1e-3, metadata=_help(
         "added to the separability loss denominator so it stays finite at G == tau"))
-    topk: int | None = field(default=None, metadata=_help("experts per token in topk routing (baselines)"))
+    topk: int | list[int] | None = field(default=None, metadata=_help(
+        "experts per token in topk routing: one count for every layer or one per LTE layer (set by a stage 2 "
+        "trained with stage2_routing topk)"))
     router_init_std: float | None = field(default=None, metadata=_help(
         "std of the random router init; None: 1/sqrt(D), which spreads the initial scores around 0.5 instead "
         "of putting them all at exactly 0.5"))
@@ -83,8 +85,12 @@ class LTEConfig:
             raise LTEError(f"eta and lam must be >= 0, got eta={self.eta}, lam={self.lam}")
         if self.eps <= 0:
             raise LTEError(f"eps must be > 0, got {self.eps}")
-        if self.topk is not None and self.topk < 0:
-            raise LTEError(f"topk must be >= 0, got {self.topk}")
+        if isinstance(self.topk, (list, tuple)):
+            if not self.topk or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.topk):
+                raise LTEError(f"topk per layer must be a non-empty list of counts >= 0, got {self.topk!r}")
+            self.topk = list(self.topk)
+        elif self.topk is not None and (not isinstance(self.topk, int) or self.topk < 0):
+            raise LTEError(f"topk must be a count >= 0 or one per layer, got {self.topk!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -2,6 +2,7 @@
 
     model = lte.load_model("runs/s2")                       # an LTE save -> LTEModel, routing as saved
     model = lte.load_model("runs/s2", routing="hard")       # ... switched to hard routing
+    model = lte.load_model("runs/s2", routing="served")     # ... as trained: topk if saved so, else hard
     model = lte.load_model("runs/teal50")                   # a baseline save -> BaselineModel
     model = lte.load_model("runs/dense", task="classification", num_labels=2)   # a plain HF folder
     model = lte.load_model("smollm2-135m")                  # an embedded model, or a hub name
@@ -213,7 +214,9 @@ def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int
         task: a plain HF model gets the head the task needs (classification: a sequence-classification
             head with `num_labels` outputs, 1 = regression; any other task: the causal-LM head); with
             `check`, a folder whose head does not fit the task is refused first (`check_head`).
-        routing: LTE saves only: switch to this routing mode (default: the mode it was saved in).
+        routing: LTE saves only: switch to this routing mode (default: the mode it was saved in);
+            "served": the mode it runs in once trained, topk for a model saved in topk routing (a stage 2
+            trained with `stage2_routing="topk"`), else hard.
         base: a light LTE save (adapters): its base model folder (default: the path the save records);
             a base whose fingerprint differs from the one the save records is refused.
         hf_kwargs: passed to `from_pretrained` (dtype, device_map, ...). A plain HF model loads in
@@ -231,6 +234,8 @@ def load_model(path: str | os.PathLike, task: str | None = None, num_labels: int
             from .model import LTEModel
 
             model = LTEModel.from_pretrained(source, base=base, **hf_kwargs)
+            if routing == "served":
+                routing = "topk" if model.routing == "topk" else "hard"
             if routing is not None:
                 model.set_routing(routing)
             return model

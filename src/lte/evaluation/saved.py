@@ -1,6 +1,6 @@
 """Evaluating a saved model: `evaluate_model(folder, task, data)` for `lte eval` and `lte run`.
 
-The model is loaded with `lte.load_model` (an LTE save in hard routing unless told otherwise, a
+The model is loaded with `lte.load_model` (an LTE save in the routing it is served in unless told otherwise, a
 baseline save, or a plain HF model) and scored by the task's evaluator; the result holds the
 quality, the FFN sparsity (overall and per layer) and the GFLOPs/token measured while scoring.
 """
@@ -68,14 +68,15 @@ def result_path(model_dir: str | Path, task: str, data: Any, **settings: Any) ->
 
 
 def load_eval_model(model_dir: str | Path, task: str, num_labels: int = 2, routing: str | None = None):
-    """(model, tokenizer, is_lte) for evaluation (`lte.load_model`); LTE models default to hard routing."""
+    """(model, tokenizer, is_lte) for evaluation (`lte.load_model`); LTE models default to the routing they are
+    served in (hard; topk for a model saved in topk routing)."""
     from lte.data.zoo import ensure_pad_token
     from lte.loading import load_model, load_tokenizer, model_kind, model_source
 
     source = model_source(model_dir)
     is_lte = isinstance(source, Path) and model_kind(source) == "lte"
     tokenizer = load_tokenizer(source)  # a missing or foreign tokenizer is refused before the model loads
-    model = load_model(source, task=task, num_labels=num_labels, routing=(routing or "hard") if is_lte else None)
+    model = load_model(source, task=task, num_labels=num_labels, routing=(routing or "served") if is_lte else None)
     ensure_pad_token(model, tokenizer)
     return model, tokenizer, is_lte
 

@@ -7,6 +7,7 @@
 - `calibrate_tau`: after stage 1 (or before stage 2), set the routing threshold so hard routing
   skips exactly the target fraction of FFN neurons on held-out examples.
 - `hard_sparsity`: per-layer sparsity of hard routing over a list of batches.
+- `topk_for_sparsity`: the per-layer expert counts of top-k routing that match per-layer sparsities.
 
 Every function takes an `LTEModel` and batches of {input_ids, attention_mask, ...} on any device.
 """
@@ -24,7 +25,8 @@ from ..passes import pieces
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROUTER_INITS", "TAU_SCOPES", "fit_routers", "calibrate_routers", "calibrate_tau", "hard_sparsity"]
+__all__ = ["ROUTER_INITS", "TAU_SCOPES", "fit_routers", "calibrate_routers", "calibrate_tau", "hard_sparsity",
+           "topk_for_sparsity"]
 
 ROUTER_INITS = ("auto", "fit", "fit-global", "open", "scale", "none")
 
@@ -220,6 +222,16 @@ def _hard_pass(lmodel, batches: list[dict[str, torch.Tensor]], collect_logits: b
 def hard_sparsity(lmodel, batches: list[dict[str, torch.Tensor]]) -> list[float]:
     """Per-layer FFN sparsity of hard routing (at the model's tau) over `batches`' real tokens."""
     return _hard_pass(lmodel, batches)[0]
+
+
+def topk_for_sparsity(lmodel, per_layer: list[float]) -> list[int]:
+    """Experts per token, one count per layer, that top-k routing keeps to skip `per_layer`'s share of each
+    layer's experts: round((1 - s_l) x E_l), within [0, E_l]."""
+    layers = lmodel.lte_layers()
+    if len(per_layer) != len(layers):
+        raise LTEError(f"one sparsity per LTE layer is needed ({len(layers)}), got {len(per_layer)}")
+    counts = [layer.router.out_features for layer in layers]
+    return [max(0, min(e, int(round((1.0 - s) * e)))) for e, s in zip(counts, per_layer)]
 
 
 TAU_SCOPES = ("global", "layer")

@@ -8,6 +8,7 @@
 
 from .decode import StaticDecoder, bench, generate
 from .dense import DenseMLP, prepare_dense
-from .prepare import SparseMLP, prepare_for_inference
+from .prepare import prepare_for_inference
+from .sparse_mlp import SparseMLP
 
 __all__ = ["DenseMLP", "SparseMLP", "StaticDecoder", "bench", "generate", "prepare_dense", "prepare_for_inference"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LTEError
-from .prepare import WEIGHT_FORMATS
+from .sparse_mlp import WEIGHT_FORMATS
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -80,7 +80,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def load_for_serving(directory: str, device: Any, dtype: Any) -> tuple[Any, bool]:
-    """Load an LTE model directory (-> LTEModel in hard routing) or a plain HF causal LM with
+    """Load an LTE model directory (-> LTEModel in the routing it was trained for) or a plain HF causal LM with
     `lte.load_model`; returns (model, is_lte)."""
     from ..loading import load_model, model_kind
 
@@ -88,7 +88,7 @@ def load_for_serving(directory: str, device: Any, dtype: Any) -> tuple[Any, bool
     if not d.is_dir():
         raise LTEError(f"--model {directory}: no such directory")
     is_lte = model_kind(d) == "lte"
-    model = load_model(d, routing="hard" if is_lte else None, dtype=dtype).to(device)
+    model = load_model(d, routing="served" if is_lte else None, dtype=dtype).to(device)
     return model.eval(), is_lte
 
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import LTEError
 from .dispatch import choose_ffn_paths, set_ffn_path, union_fraction
-from .prepare import SparseMLP, sparse_modules
+from .prepare import sparse_modules
+from .sparse_mlp import SparseMLP
 
 
 # --------------------------------------------------------------------------- transformers compat

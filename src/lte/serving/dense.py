@@ -15,15 +15,8 @@ import torch.nn.functional as F_
 from torch import nn
 
 from ..errors import LTEError
-from .prepare import (
-    SPLIT_FAMILIES,
-    _activation,
-    _check_activation,
-    _check_family,
-    _frozen,
-    _is_lte_model,
-    _replace,
-)
+from .prepare import SPLIT_FAMILIES, _check_family, _is_lte_model, _replace
+from .sparse_mlp import _activation, _check_activation, _frozen
 
 __all__ = ["DenseMLP", "dense_modules", "prepare_dense", "swap_modules"]
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import LTEError
-from .prepare import SparseMLP
+from .sparse_mlp import SparseMLP
 
 __all__ = ["DENSE_ABOVE", "PathChoice", "choose_ffn_paths", "dense_threshold", "set_ffn_path", "union_fraction"]
 

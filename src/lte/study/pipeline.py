@@ -120,7 +120,7 @@ def run_pipeline(cfg: dict[str, Any], force_eval: bool = False, progress: bool =
     ev = dict(cfg.get("eval") or {})
     ev.setdefault("progress", progress)
     evals = {}
-    for label, model_dir, routing in (("dense", dense_ref, None), ("lte", dirs["stage2"], "hard")):
+    for label, model_dir, routing in (("dense", dense_ref, None), ("lte", dirs["stage2"], "served")):
         cache = out / f"eval_{label}.json"
         if cache.is_file() and not force_eval:
             evals[label] = json.loads(cache.read_text())

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..baselines.methods import FINETUNED, apply_baseline, set_sparsity
 from ..errors import LTEError
+from ..routing.fit import topk_for_sparsity
 from ..training.errors import TrainingStopped
 from ..training.finetune import finetune
 from .cache import (
@@ -126,8 +127,8 @@ def _train_lte(setup: TaskSetup, target: float, out: Path, key: str) -> tuple[nn
     else:
         hp1["target_sparsity"] = target
     hp2 = {**hp, **lcfg.get("stage2", {})}
-    if (hp2.get("recalibrate_tau") or hp2.get("hold_target_every") or hp2.get("tau_scope", "global") != "global") \
-            and lcfg["knob"] != "eta":
+    if (hp2.get("recalibrate_tau") or hp2.get("hold_target_every") or hp2.get("tau_scope", "global") != "global"
+            or hp2.get("stage2_routing", "hard") != "hard") and lcfg["knob"] != "eta":
         hp2["target_sparsity"] = target  # stage 2 re-cuts to the target before, during (hold) and after training
     distilled = any(stage_hp.get(k) for stage_hp in (hp1, hp2) for k in ("distill", "distill_hidden"))
     teacher = setup.dense if distilled else None  # frozen, shared, never trained
@@ -149,13 +150,15 @@ def _train_lte(setup: TaskSetup, target: float, out: Path, key: str) -> tuple[nn
     r2 = train_stage("2", model, setup.stage_task, setup.train_data, out / "stage2", **common,
                      **{**hp2, "resume": stage2_ckpt is not None, "overwrite": stage2_ckpt is None})
     model = r2["trainer"].model
-    model.set_routing("hard")
+    model.set_routing("topk" if hp2.get("stage2_routing") == "topk" else "hard")  # served as it trained
     budget = {"train_steps": r1["global_step"] + r2["global_step"],
               "train_tokens": r1["train_tokens"] + r2["train_tokens"],
               "train_epochs": float(r1["train_epochs"] or 0) + float(r2["train_epochs"] or 0),
               "tau": float(model.lte_config.tau)}
     if model.lte_config.layer_tau is not None:
         budget["layer_tau"] = list(model.lte_config.layer_tau)
+    if model.routing == "topk":
+        budget["topk"] = model.lte_config.topk
     if "tau_calibration" in r1:
         budget["tau_calibration_sparsity"] = r1["tau_calibration"]["sparsity"]
     if "tau_final_calibration" in r2:
@@ -182,14 +185,6 @@ def _finetune(setup: TaskSetup, model: nn.Module, run_dir: Path, key: str, teach
 def _with_overrides(setup: TaskSetup, extra: dict[str, Any]) -> TaskSetup:
     """The task with a variant's settings (training / method settings only; the data stay as they are)."""
     return dataclasses.replace(setup, settings=merge(setup.settings, extra)) if extra else setup
-
-
-def _matched_topk(model: nn.Module, per_layer: list[float]) -> list[int]:
-    """Experts per layer that top-k routing keeps to match the measured per-layer sparsity of hard routing."""
-    ks = []
-    for layer, sparsity in zip(model.lte_layers(), per_layer):
-        ks.append(max(0, min(layer.router.out_features, int(round((1.0 - sparsity) * layer.router.out_features)))))
-    return ks
 
 
 def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: float, out: Path,
@@ -243,7 +238,7 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
     if base == "lte" and s["lte"].get("also_topk"):
         # The threshold-vs-top-k ablation: the same trained model, top-k experts per token with k per
         # layer matched to the sparsity the threshold gave (no extra training).
-        model.set_routing("topk", k=_matched_topk(model, point["per_layer"]))
+        model.set_routing("topk", k=topk_for_sparsity(model, point["per_layer"]))
         result, seconds = _evaluate(setup, model)
         topk = _point(setup, f"{name}-topk", knob, target, result, model,
                       {"train_seconds": timings["train_seconds"], "build_seconds": 0.0, "eval_seconds": seconds}, eta)

@@ -146,6 +146,11 @@ class TrainArgs:
         "most this fraction of each layer's experts (those with the largest summed router score), as a served "
         "decode step of that batch does with `lte generate --expert-budget round(fraction x experts)`; train "
         "with --batch-size set to the decode batch size. 0 = off", at_least=0, below=1))
+    stage2_routing: str = field(default="hard", metadata=_help(
+        "stage 2: 'hard' (default, the paper: each token keeps the experts whose score passes tau) or 'topk' (ours: "
+        "after the re-cut at --target-sparsity each layer keeps a fixed number of experts per token, as many as its "
+        "thresholds kept on the held-out examples; the masks cannot drift as the weights move, and the model is "
+        "saved in topk routing; the fast decode path serves hard routing only)", choices=("hard", "topk")))
     calibration_holdout: int = field(default=64, metadata=_help(
         "examples of the training data held out of stage 1 for --calibrate-tau", at_least=1))
     target_sparsity: float | None = field(default=None, metadata=_help(
@@ -199,6 +204,12 @@ class TrainArgs:
             raise StageInputError("hold_target_every needs target_sparsity (the sparsity tau is held at)")
         if self.tau_scope != "global" and self.target_sparsity is None:
             raise StageInputError("tau_scope 'layer' needs target_sparsity (the sparsity each layer is calibrated to)")
+        if self.stage2_routing == "topk" and self.target_sparsity is None:
+            raise StageInputError("stage2_routing 'topk' needs target_sparsity (the sparsity each layer's expert count "
+                                  "is set from)")
+        if self.stage2_routing == "topk" and (self.batch_budget or self.hold_target_every):
+            raise StageInputError("stage2_routing 'topk' keeps a fixed number of experts per token: a per-batch budget "
+                                  "(batch_budget) or a held tau (hold_target_every) does not apply; drop them")
         if self.recalibrate_tau and self.target_sparsity is None:
             raise StageInputError("recalibrate_tau needs target_sparsity (the sparsity tau is calibrated to)")
         if self.calibrate_tau and self.target_sparsity is None:

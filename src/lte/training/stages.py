@@ -34,7 +34,7 @@ from lte.loading import (
     model_source,
     saved_stage,
 )
-from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers
+from lte.routing.fit import calibrate_routers, calibrate_tau, fit_routers, topk_for_sparsity
 from lte.training.args import TrainArgs, training_arguments, use_bf16
 from lte.training.callbacks import EtaController, LamWarmup, TauHold, raise_if_stopped
 from lte.training.data import (
@@ -174,7 +174,7 @@ def _prepare_for_stage(model: nn.Module, stage: str, hp: TrainArgs) -> None:
         model.stage = "stage1"
     elif stage == "2":
         model.freeze_routers(True)
-        model.set_routing("hard", budget=hp.batch_budget)
+        model.set_routing("hard", budget=hp.batch_budget)  # a topk stage 2 switches after the re-cut (`_route_topk`)
         model.stage = "stage2"
 
 
@@ -255,6 +255,9 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     record_extra: dict[str, Any] = {}
     if stage == "2" and calibrate:  # stage 2 honours --target-sparsity: re-cut the frozen routers first
         record_extra["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
+        if hp.stage2_routing == "topk":
+            record_extra["topk"] = _route_topk(model, record_extra["tau_calibration"]["per_layer"], resumed=bool(
+                resume_ckpt))
 
     callbacks = list(callbacks or [])
     holder = None
@@ -309,7 +312,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     if holder is not None:
         record["tau_holds"] = holder.history
     recalibrate = hp.recalibrate_tau is not False  # default on: the trained weights moved the routers' inputs
-    if stage == "2" and calibrate and recalibrate:
+    if stage == "2" and calibrate and recalibrate and hp.stage2_routing == "hard":  # top-k's counts cannot drift
         record["tau_final_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
     if hp.save_model:
         trainer.save_model(str(out))
@@ -343,6 +346,17 @@ def _calibration_batch(dataset, tokenizer, hp: TrainArgs) -> dict[str, torch.Ten
     leaves the tau hold-out's examples out."""
     return calibration_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples),
                              hp.calibration_sample, hp.calibration_holdout)
+
+
+def _route_topk(model, per_layer: list[float], resumed: bool) -> list[int]:
+    """Switch a stage-2 model to top-k routing, each layer keeping per token as many experts as the re-cut
+    thresholds kept on the held-out examples (`per_layer`); a resumed run keeps the counts it saved."""
+    saved = model.lte_config.topk
+    ks = list(saved) if resumed and isinstance(saved, list) else topk_for_sparsity(model, per_layer)
+    model.lte_config.topk = ks  # saved with the model, which loads in topk routing
+    model.set_routing("topk", k=ks)
+    logger.info("stage 2 in top-k routing: %d .. %d experts per token and layer", min(ks), max(ks))
+    return ks
 
 
 def _calibrate_on(model, held_out, tokenizer, hp: TrainArgs) -> dict[str, Any]:
