@@ -150,7 +150,7 @@ class TrainArgs:
         "stage 2: 'hard' (default, the paper: each token keeps the experts whose score passes tau) or 'topk' (ours: "
         "after the re-cut at --target-sparsity each layer keeps a fixed number of experts per token, as many as its "
         "thresholds kept on the held-out examples; the masks cannot drift as the weights move, and the model is "
-        "saved in topk routing; the fast decode path serves hard routing only)", choices=("hard", "topk")))
+        "saved, evaluated and served in topk routing)", choices=("hard", "topk")))
     calibration_holdout: int = field(default=64, metadata=_help(
         "examples of the training data held out of stage 1 for --calibrate-tau", at_least=1))
     target_sparsity: float | None = field(default=None, metadata=_help(
