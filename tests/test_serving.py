@@ -492,6 +492,30 @@ def test_cuda_graph_decode_with_fp8_weights(batch):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_decode_in_topk_routing(batch):
+    """A model in top-k routing (a top-k stage 2) served: the CUDA-graph loop gives eager decoding's tokens and
+    plain HF generate's on the LTEModel, with every token keeping exactly k experts per FFN."""
+    lmodel = _lte()
+    lmodel.set_routing("topk", k=[2] * len(lmodel.lte_layers()))
+    lmodel.base_model.to("cuda")
+    ids = _ids(batch, 6).cuda()
+    ref = _hf_greedy(lmodel.base_model, ids, 10)  # the LTEModel's own top-k routing
+    model = prepare_for_inference(lmodel)
+    assert {m.topk for m in sparse_modules(model)} == {2}
+    eager = StaticDecoder(model, batch, 32, use_graph=False).generate_ids(ids, 10)
+    graph = StaticDecoder(model, batch, 32, use_graph=True).generate_ids(ids, 10)
+    torch.testing.assert_close(graph, eager)
+    torch.testing.assert_close(graph, ref)
+    mlp = sparse_modules(model)[0]
+    mlp.record_mask = True
+    with torch.no_grad():
+        mlp(torch.randn(batch, tm.D, device="cuda"))
+    assert mlp.last_mask.sum(-1).tolist() == [2] * batch
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kernels_match_masked_dense_on_gpu_every_family(family):
     lmodel = _lte(family)
