@@ -38,7 +38,13 @@ from lte.serving.cli import load_for_serving
 from lte.serving.decode import StaticDecoder, bench
 from lte.serving.dense import dense_modules, swap_modules
 from lte.serving.prepare import prepare_for_inference, sparse_modules
-from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sparsity, set_random_sparsity
+from lte.serving.synthetic import (
+    pin_router_channel,
+    random_llama,
+    set_fixed_sparsity,
+    set_random_sparsity,
+    set_topk_sparsity,
+)
 
 
 def environment() -> dict[str, Any]:
@@ -209,6 +215,14 @@ def synthetic_table(args: argparse.Namespace, shape: str) -> None:
                            variant="lte_budget", mask="random", sparsity=s, budget_fraction=args.batch_budget,
                            shape=shape)
                     _set_budget(model, 0.0)
+        if "topk" in args.mask_modes:  # top-k routing (a top-k stage 2): torch.topk's mask, then the FFN kernels
+            for s in [s for s in args.random_sparsities if 0 < s < 1]:
+                if args.deadline.over(4):
+                    break
+                set_topk_sparsity(model, s)
+                _guard(f"lte topk {shape} B={batch} s={s}", _point, model, args, batch, variant="lte", mask="topk",
+                       sparsity=s, shape=shape)
+            set_topk_sparsity(model, None)
     del model, dense
     _free()
 
@@ -286,7 +300,7 @@ def main() -> None:
     p.add_argument("--random-sparsities", type=float, nargs="+", default=None,
                    help="sparsities of the random-mask points (default: --sparsities)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--mask-modes", nargs="+", default=["fixed", "random"], choices=["fixed", "random"])
+    p.add_argument("--mask-modes", nargs="+", default=["fixed", "random"], choices=["fixed", "random", "topk"])
     p.add_argument("--batch-budget", type=float, default=0.0,
                    help="also time random masks under a per-batch budget of this fraction of the experts")
     p.add_argument("--budget", type=float, default=None, help="seconds; points not started by then are skipped")

@@ -20,6 +20,7 @@ from lte.serving.synthetic import (
     random_llama,
     set_fixed_sparsity,
     set_random_sparsity,
+    set_topk_sparsity,
 )
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
@@ -374,7 +375,7 @@ def test_bench_reports_active_fraction_of_fixed_masks():
         p.numel() * p.element_size() for p in model.parameters())
 
 
-def test_synthetic_fixed_masks_are_exact_for_every_token():
+def test_synthetic_masks_fixed_random_and_topk():
     hf = random_llama("tiny", seed=1)
     pin_router_channel(hf)
     model = prepare_for_inference(lte.get_lte_model(hf, lte.LTEConfig(grouping="contiguous"), progress=False))
@@ -393,6 +394,15 @@ def test_synthetic_fixed_masks_are_exact_for_every_token():
         model(input_ids=torch.randint(0, 128, (4, 8)))
     frac_off = 1 - torch.cat([m.last_mask.reshape(-1).float() for m in mods]).mean()
     assert 0.3 < float(frac_off) < 0.7
+    set_topk_sparsity(model, 0.7)  # every token keeps exactly E - round(0.7 E) experts, not the same ones
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (4, 8)))
+    for m in mods:
+        per_token = m.last_mask.reshape(-1, m.num_experts)
+        assert per_token.sum(-1).tolist() == [m.num_experts - round(0.7 * m.num_experts)] * per_token.shape[0]
+        assert not (per_token == per_token[0]).all()
+    set_topk_sparsity(model, None)
+    assert {m.topk for m in mods} == {0}
 
 
 def test_cli_bench_shape(tmp_path, capsys):

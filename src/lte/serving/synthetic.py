@@ -139,3 +139,18 @@ def set_random_sparsity(model: nn.Module, sparsity: float, seed: int = 0, calib_
         logits = (x.float() @ m.w_router.float().t()).reshape(-1)  # [T*E]
         cut = float(torch.quantile(logits[:1_000_000], sparsity))
         m.tau = 1.0 / (1.0 + math.exp(-cut))
+
+
+@torch.no_grad()
+def set_topk_sparsity(model: nn.Module, sparsity: float | None, seed: int = 0) -> None:
+    """Top-k routing at a sparsity: random router rows (`set_random_sparsity`), then every SparseMLP keeps its
+    E - round(s x E) highest-scoring experts for each token (`SparseMLP.topk`); None: back to threshold routing."""
+    mods = sparse_modules(model)
+    if sparsity is None:
+        for m in mods:
+            m.topk = 0
+        return
+    set_random_sparsity(model, sparsity, seed=seed)
+    for m in mods:
+        m.topk = max(1, m.num_experts - _off_count(sparsity, m.num_experts))
+
