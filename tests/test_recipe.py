@@ -26,7 +26,7 @@ from lte.routing.layers import expert_gate
 from lte.training import train_stage
 from lte.training.distill import distillation_loss, hidden_state_loss
 from tiny_models import batch as tiny_batch
-from tiny_models import build, save_tiny_llama, write_text
+from tiny_models import build, save_tiny_llama, wide_llama_lte, write_text
 
 FAST = dict(block_size=24, batch_size=4, logging_steps=1, save_steps=1000, report_to="none", progress=False,
             lr=1e-3, seed=0)
@@ -182,18 +182,9 @@ def _calibration_batches(seed: int, n: int = 3):
     return out
 
 
-def _wide_llama():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=320, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return lte.get_lte_model(tf.LlamaForCausalLM(cfg).eval(), lte.LTEConfig(expert_size=32))  # E = 10 per layer
-
-
 def test_global_fit_keeps_overall_target_and_lets_layers_differ():
     batches = _calibration_batches(0, 1)
-    model = _wide_llama()
+    model = wide_llama_lte()
     with torch.no_grad():  # layer 0's output is carried by its first 2 experts: the other 8 barely count
         model.lte_layers()[0].output.base_layer.weight[:, 64:] *= 0.02
     per_layer = fit_routers(model, batches[0], sparsity=0.5, threshold="global")
@@ -207,7 +198,7 @@ def test_global_fit_keeps_overall_target_and_lets_layers_differ():
 
 @pytest.mark.parametrize("target", [0.3, 0.7])
 def test_calibrate_tau_hits_the_target_on_its_batches(target):
-    model = _wide_llama()
+    model = wide_llama_lte()
     batches = _calibration_batches(1)
     fit_routers(model, batches[0], sparsity=0.5)
     result = calibrate_tau(model, batches, target, tol=0.01)
@@ -220,7 +211,7 @@ def test_calibrate_tau_hits_the_target_on_its_batches(target):
 def test_layer_scope_calibration_puts_every_layer_at_the_target(tmp_path):
     """One global tau keeps the profile training learned, however uneven; scope "layer" gives every layer
     its own threshold so each skips the target share (the E2E failure: layer 0 at 99.99% for a 0.9 target)."""
-    model = _wide_llama()
+    model = wide_llama_lte()
     batches = _calibration_batches(2)
     with torch.no_grad():  # layer 0's output is carried by its first 2 experts: a global cut takes the rest first
         model.lte_layers()[0].output.base_layer.weight[:, 64:] *= 0.02
@@ -246,7 +237,7 @@ def test_layer_scope_calibration_puts_every_layer_at_the_target(tmp_path):
 
 
 def test_layer_tau_is_checked():
-    model = _wide_llama()
+    model = wide_llama_lte()
     with pytest.raises(lte.LTEError, match="one threshold in \\(0, 1\\) per LTE layer \\(3\\)"):
         model.set_routing("hard", layer_tau=[0.5, 0.5])
     with pytest.raises(lte.LTEError, match="not both"):
@@ -260,7 +251,7 @@ def test_layer_tau_is_checked():
 
 def test_calibration_keeps_the_batch_budget():
     """A calibration inside a budgeted stage 2 measures and leaves the model with the budget it serves with."""
-    model = _wide_llama()
+    model = wide_llama_lte()
     batches = _calibration_batches(3, 2)
     fit_routers(model, batches[0], sparsity=0.3)
     model.set_routing("hard", budget=0.2)  # 2 of 10 experts per position: sparsity >= 0.8 whatever tau
@@ -390,7 +381,7 @@ def test_tau_hold_recuts_every_n_steps_but_not_at_the_last():
 def test_a_calibration_pass_leaves_a_steps_statistics_alone():
     """`hard_sparsity` in the middle of a training step (stage 2's TauHold) must not change what the step
     has accumulated: the same per-layer numbers before and after, and the pass's own are its own."""
-    model = _wide_llama()
+    model = wide_llama_lte()
     batches = _calibration_batches(2)
     fit_routers(model, batches[0], sparsity=0.5)
     model.set_routing("hard")

@@ -11,23 +11,14 @@ from lte.routing.fit import topk_for_sparsity
 from lte.serving import prepare_for_inference
 from lte.serving.prepare import sparse_modules
 from lte.training import train_stage
-from tiny_models import save_tiny_llama, write_text
+from tiny_models import save_tiny_llama, wide_llama_lte, write_text
 
 FAST = dict(block_size=24, batch_size=4, logging_steps=1, save_steps=1000, report_to="none", progress=False,
             lr=1e-3, seed=0)
 
 
-def _three_layer_model():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=320, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return lte.get_lte_model(tf.LlamaForCausalLM(cfg).eval(), lte.LTEConfig(expert_size=32))  # E = 10 per layer
-
-
 def test_topk_counts_from_per_layer_sparsity_by_hand():
-    model = _three_layer_model()
+    model = wide_llama_lte()  # E = 10 per layer
     # E = 10: (1 - 0) * 10 = 10, (1 - 0.62) * 10 = 3.8 -> 4, (1 - 1) * 10 = 0
     assert topk_for_sparsity(model, [0.0, 0.62, 1.0]) == [10, 4, 0]
     assert topk_for_sparsity(model, [0.26, 0.5, 0.94]) == [7, 5, 1]

@@ -117,3 +117,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wide_llama_lte():
+    """A converted 3-layer Llama (D 48, F 320) with 10 experts of 32 neurons per layer, in eval mode."""
+    import lte
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=320, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return lte.get_lte_model(tf.LlamaForCausalLM(cfg).eval(), lte.LTEConfig(expert_size=32))
+
