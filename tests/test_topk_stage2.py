@@ -119,3 +119,5 @@ def test_served_topk_mask_keeps_the_highest_scores_by_hand():
         SparseMLP(w, w.clone(), w.clone(), router, tau=0.5, expert_size=s, activation="silu", topk=5)
     with pytest.raises(lte.LTEError, match="no per-batch budget"):
         SparseMLP(w, w.clone(), w.clone(), router, tau=0.5, expert_size=s, activation="silu", topk=2, budget=1)
+    with pytest.raises(lte.LTEError, match="takes no per-batch budget"):
+        mlp.budget = 1  # set later, it would be ignored by the top-k path: refused instead

@@ -45,7 +45,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class SparseMLP(nn.Module):
-    """An LTE FFN for inference: hard router + sparse-expert FFN, gated or plain.
+    """An LTE FFN for inference: hard (or top-k) router + sparse-expert FFN, gated or plain.
 
     forward(x [..., D]) with T = x.numel() / D tokens:
       - T <= `decode_max_tokens` (decode): `lte.kernels.routed_sparse_ffn` (router, optional
@@ -150,6 +150,9 @@ class SparseMLP(nn.Module):
     def budget(self, value: int) -> None:
         if not isinstance(value, int) or value < 0:
             raise LTEError(f"SparseMLP: budget must be an int >= 0 (0 = no budget), got {value!r}")
+        if value > 0 and getattr(self, "topk", 0):
+            raise LTEError("SparseMLP: topk routing keeps a fixed number of experts per token; it takes no per-batch "
+                           "budget")
         if value > 0 and getattr(self, "_ffn_path", "sparse") == "dense":
             raise LTEError("SparseMLP: a per-batch budget runs on the sparse path; set ffn_path = 'sparse' first")
         self._budget = value
