@@ -178,6 +178,10 @@ def test_opt_split_ffn_round_trip_and_dense_swap():
         out = model(input_ids=ids).logits
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(plain, ref)  # dense differs from the sparse function
+    for m in sparse_modules(model):  # the prefill path: router mask, then every neuron through cuBLAS
+        m.use_kernels = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, atol=2e-5, rtol=1e-4)
     with pytest.raises(lte.LTEError, match="twice"):
         prepare_for_inference(lmodel)
     mods = sparse_modules(model)

@@ -66,6 +66,7 @@ class SparseFFNIn(nn.Module):
         self.use_kernels = use_kernels
         self.decode_max_tokens = decode_max_tokens
         self.budget = budget
+        self.topk = 0  # threshold routing only: `dense_mask` (shared with SparseMLP) reads it
         self.record_mask = False
         self.last_mask: torch.Tensor | None = None
         self.state: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None  # (mask, union, kernel path)
