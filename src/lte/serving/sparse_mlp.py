@@ -175,12 +175,13 @@ class SparseMLP(nn.Module):
 
     def dense_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Expert mask [..., E] exactly as the LTEModel's routing computes it (hard, or top-k)."""
+        from ..kernels.reference import topk_keep
+
         logits = F_.linear(x.to(self.w_router.dtype), self.w_router)  # [..., E]
         scores = torch.sigmoid(logits.float())
         if not self.topk:
             return scores > self.tau
-        keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        return keep.scatter_(-1, scores.topk(self.topk, dim=-1).indices, True)  # ties as the LTEModel breaks them
+        return topk_keep(scores, self.topk)  # the LTEModel's scores and rule: ties to the lower expert index
 
     @staticmethod
     def _project(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
