@@ -139,10 +139,19 @@ def test_topk_gate_breaks_ties_to_the_lower_expert_and_passes_no_gradient():
         expert_gate(scores, "topk", 0.5, None)
 
 
-def test_served_topk_ties_match_the_lte_gate_on_both_paths():
+def test_served_topk_ties_match_the_lte_gate_on_both_paths(monkeypatch):
     """Equal router logits (repeated router rows): the decode path (`router_topk_mask`), the prefill path
     (`dense_mask`) and the LTEModel's gate all keep the lower expert index."""
+    from lte import kernels
     from lte.serving.sparse_mlp import SparseMLP
+
+    calls, op = [], kernels.router_topk_mask
+
+    def counted(x, w_router, k):
+        calls.append(k)
+        return op(x, w_router, k)
+
+    monkeypatch.setattr(kernels, "router_topk_mask", counted)
 
     d, f, s = 2, 8, 2  # E = 4 experts of 2 neurons
     gen = torch.Generator().manual_seed(0)
@@ -160,6 +169,7 @@ def test_served_topk_ties_match_the_lte_gate_on_both_paths():
         with torch.no_grad():
             outs.append(mlp(x))
         assert mlp.last_mask.tolist() == want, use_kernels
+        assert calls == [2], use_kernels  # the decode path's mask comes from the op, prefill's does not
         assert mlp.dense_mask(x).tolist() == want
     torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(outs[1], mlp.masked_dense(x, torch.tensor(want)))
