@@ -176,14 +176,18 @@ class SparseMLP(nn.Module):
         self._ffn_path = value
 
     def dense_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Expert mask [..., E] exactly as the LTEModel's routing computes it (hard, or top-k)."""
-        from ..kernels.reference import topk_keep
+        """Expert mask [..., E] as the LTEModel's routing computes it (hard, or top-k).
 
+        Top-k ranks the fp32 logits with the decode kernels' rule (`router_topk_mask_reference`: ties to
+        the lower expert index), so prefill and decode pick the same experts; the LTEModel ranks the
+        sigmoid of its logits, the same order except where bf16 rounding or sigmoid saturation ties them."""
+        if self.topk:
+            from ..kernels.reference import router_topk_mask_reference
+
+            flat = router_topk_mask_reference(x.reshape(-1, x.shape[-1]), self.w_router, self.topk)  # [T, E]
+            return flat.reshape(*x.shape[:-1], flat.shape[-1])
         logits = F_.linear(x.to(self.w_router.dtype), self.w_router)  # [..., E]
-        scores = torch.sigmoid(logits.float())
-        if not self.topk:
-            return scores > self.tau
-        return topk_keep(scores, self.topk)  # the LTEModel's scores and rule: ties to the lower expert index
+        return torch.sigmoid(logits.float()) > self.tau
 
     @staticmethod
     def _project(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
