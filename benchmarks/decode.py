@@ -215,7 +215,7 @@ def synthetic_table(args: argparse.Namespace, shape: str) -> None:
                            variant="lte_budget", mask="random", sparsity=s, budget_fraction=args.batch_budget,
                            shape=shape)
                     _set_budget(model, 0.0)
-        if "topk" in args.mask_modes:  # top-k routing (a top-k stage 2): torch.topk's mask, then the FFN kernels
+        if "topk" in args.mask_modes:  # top-k routing (a top-k stage 2): router_topk_mask, then the FFN kernels
             for s in [s for s in args.random_sparsities if 0 < s < 1]:
                 if args.deadline.over(4):
                     break

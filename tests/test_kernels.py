@@ -30,6 +30,7 @@ from lte.kernels import (
     routed_masked_dense_ffn,
     routed_sparse_ffn,
     router_mask,
+    router_topk_mask,
     sparse_ffn,
     sparse_ffn_out,
     tuning,
@@ -42,7 +43,9 @@ from lte.kernels.reference import (
     logit_threshold,
     routed_mask_reference,
     router_mask_reference,
+    router_topk_mask_reference,
     sparse_ffn_reference,
+    topk_keep,
 )
 from lte.kernels.selfcheck import make_ffn
 from lte.kernels.tuning import gpu_key
@@ -112,6 +115,84 @@ def test_router_mask_reference_and_threshold():
     assert router_mask_reference(x, w_router, 0.0).all()
     assert not router_mask_reference(x, w_router, 1.0).any()
     assert logit_threshold(0.5) == 0.0
+
+
+# experts 0..4 of a 2-wide router: rows 2 and 4 repeat rows 0 and 1 (equal logits: ties)
+TOPK_ROUTER = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 2.0], [0.0, 1.0]]
+TOPK_TOKENS = [[2.0, 1.0], [-1.0, -1.0], [0.0, 3.0]]
+# logits: token 0 (2, 1, 2, 0, 1); token 1 (-1, -1, -1, -1, -1); token 2 (0, 3, 0, 6, 3)
+TOPK_BY_HAND = {  # k -> the experts each token keeps (ties: the lower index)
+    1: [[0], [0], [3]],
+    2: [[0, 2], [0, 1], [1, 3]],
+    3: [[0, 1, 2], [0, 1, 2], [1, 3, 4]],
+    4: [[0, 1, 2, 4], [0, 1, 2, 3], [0, 1, 3, 4]],
+    5: [[0, 1, 2, 3, 4]] * 3,
+    9: [[0, 1, 2, 3, 4]] * 3,  # k > E: every expert
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_router_topk_mask_reference_by_hand(dtype):
+    x, w_router = torch.tensor(TOPK_TOKENS, dtype=dtype), torch.tensor(TOPK_ROUTER, dtype=dtype)
+    for k, experts in TOPK_BY_HAND.items():
+        want = [[e in on for e in range(5)] for on in experts]
+        assert router_topk_mask_reference(x, w_router, k).tolist() == want, k
+        assert router_topk_mask(x, w_router, k).tolist() == want, k  # the op (its CPU reference)
+
+
+def test_router_topk_mask_ranks_fp32_accumulated_logits():
+    """bf16 inputs whose logits differ by 2^-8: equal once rounded to bf16 (the lower index would win),
+    apart in fp32 accumulation (the larger wins)."""
+    x = torch.tensor([[1.0, 2.0**-8]], dtype=torch.bfloat16)
+    w_router = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.bfloat16)
+    assert F_.linear(x, w_router)[0, 0] == F_.linear(x, w_router)[0, 1]  # 1 + 2^-8 rounds to 1 in bf16
+    assert router_topk_mask_reference(x, w_router, 1).tolist() == [[False, True]]
+    assert router_topk_mask(x, w_router, 1).tolist() == [[False, True]]
+
+
+def test_topk_keep_clamps_k_and_keeps_leading_dims():
+    scores = torch.tensor([[[0.5, 0.5, 0.9], [0.1, 0.2, 0.3]], [[-1.0, -0.0, 0.0], [7.0, 7.0, 7.0]]])  # [2, 2, 3]
+    assert topk_keep(scores, 2).tolist() == [[[True, False, True], [False, True, True]],
+                                             [[False, True, True], [True, True, False]]]
+    assert topk_keep(scores, 1).tolist() == [[[False, False, True], [False, False, True]],
+                                             [[False, True, False], [True, False, False]]]  # -0.0 == 0.0: a tie
+    assert topk_keep(scores, 4).all() and topk_keep(scores, 3).all()
+    assert not topk_keep(scores, 0).any() and not topk_keep(scores, -2).any()
+    assert topk_keep(torch.zeros(0, 3), 2).shape == (0, 3)
+
+
+def test_router_topk_mask_flattens_leading_dims_and_checks_arguments():
+    gen = torch.Generator().manual_seed(11)
+    x, w_router = torch.randn(2, 3, 24, generator=gen), torch.randn(7, 24, generator=gen)
+    got = router_topk_mask(x, w_router, 3)
+    assert got.shape == (2, 3, 7) and got.dtype == torch.bool and (got.sum(-1) == 3).all()
+    assert torch.equal(got, router_topk_mask_reference(x.reshape(6, 24), w_router, 3).reshape(2, 3, 7))
+    assert router_topk_mask(x[:0], w_router, 3).shape == (0, 3, 7)
+    for bad_x, bad_w, k, message in [
+        (x.long(), w_router, 3, "x must be float16, bfloat16 or float32"),
+        (x, w_router[:, :8], 3, "w_router must have shape"),
+        (x, w_router.half(), 3, "cast the weights"),
+        (x, torch.randn(24, 7).t(), 3, "contiguous"),
+        (x, w_router, 0, "k must be an int >= 1"),
+        (x, w_router, 2.0, "k must be an int >= 1"),
+        (x, w_router, True, "k must be an int >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            router_topk_mask(bad_x, bad_w, k)
+
+
+def test_router_topk_op_fake_passes_opcheck_and_traces_under_compile():
+    gen = torch.Generator().manual_seed(12)
+    x, w_router = torch.randn(4, 24, generator=gen), torch.randn(9, 24, generator=gen)
+    torch.library.opcheck(torch.ops.lte.router_topk_mask.default, (x, w_router, 3),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    w = make_ffn(24, 9 * 32, True, False, torch.float32, "cpu", gen)
+
+    def layer(x):
+        return sparse_ffn(x, router_topk_mask(x, w_router, 3), w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
 
 
 def test_public_api_flattens_leading_dims_and_matches_reference():
@@ -189,11 +270,13 @@ def test_import_does_not_import_triton():
 @pytest.mark.slow  # ~25-45 s in the Triton interpreter; CI runs it (.ci/run)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split", "act", "fp8"],
-                                   ["--small-experts", "ffn", "routed", "act", "fp8"]])
+                                   ["--small-experts", "ffn", "routed", "act", "fp8"], ["topk"]])
 def test_triton_kernels_in_interpreter(parts):
     """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,5,40}, 0/middle/100% off,
     default and persistent settings, router (+ budget) + FFN, fp8 weights with row scales; experts of
-    4, 8 and 16 neurons too."""
+    4, 8 and 16 neurons too; top-k routing's mask (router logits + top-k kernels: E in {1, 5, 37, 130},
+    D in {8, 67}, k in {1, middle, E, E + 3}, fp32 / fp16 / bf16, constructed ties, +-inf and +-0.0
+    logits), which must equal the reference exactly (``selfcheck.check_topk_case``)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     flags = [p for p in parts if p.startswith("--")]
     parts = [p for p in parts if not p.startswith("--")]
@@ -676,6 +759,52 @@ def test_routed_budget_on_gpu(num_tokens):
         assert (mask != want).float().mean() < 0.05  # only near-ties of logits or scores may differ
         ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
         assert _rel_err(y, ref) < 1.5e-2
+
+
+def _exact_router_inputs(num_tokens, num_exp, model_width, dtype, seed):
+    """x in {-1, -0.5, 0, 0.5, 1} and router rows of multiples of 1/16 in [-1, 1], the second half a copy
+    of the first (ties): every logit is a multiple of 1/32 below 2^12, summed exactly in fp32 in any order."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (num_tokens, model_width), generator=gen) / 2
+    w_router = torch.randint(-16, 17, (num_exp, model_width), generator=gen) / 16
+    w_router[num_exp // 2:] = w_router[: num_exp - num_exp // 2].clone()
+    return x.to(device="cuda", dtype=dtype), w_router.to(device="cuda", dtype=dtype)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_topk_mask_on_gpu(num_tokens, dtype):
+    """Llama-3-8B's router shape (E = 448, D = 4096): the router + top-k kernels equal the reference
+    exactly where logits are exact (with ties), and up to near-ties at the cut on random inputs; then
+    the same call captured in a CUDA graph and replayed on new inputs."""
+    E, D = 448, 4096
+    x, w_router = _exact_router_inputs(num_tokens, E, D, dtype, num_tokens)
+    for k in (1, 17, 224, 447, 448, 500):
+        got = router_topk_mask(x, w_router, k)
+        assert torch.equal(got, router_topk_mask_reference(x, w_router, k)), k
+        assert (got.sum(-1) == min(k, E)).all(), k
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    xr = torch.randn(num_tokens, D, device="cuda", generator=gen).to(dtype)
+    wr = (torch.randn(E, D, device="cuda", generator=gen) * D**-0.5).to(dtype)
+    logits = xr.float() @ wr.float().T  # [B, E]
+    for k in (1, 100, 300):
+        got = router_topk_mask(xr, wr, k)
+        cut = logits.sort(dim=-1, descending=True).values[:, k - 1: k]  # [B, 1] the k-th largest
+        near = (logits - cut).abs() <= 1e-4 * cut.abs().clamp_min(1.0)
+        assert not ((got != router_topk_mask_reference(xr, wr, k)) & ~near).any(), k
+        assert (got.sum(-1) == k).all(), k
+    static_x = x.clone()
+    router_topk_mask(static_x, w_router, 17)  # compile the kernels outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_mask = router_topk_mask(static_x, w_router, 17)
+    for seed in range(3):
+        static_x.copy_(_exact_router_inputs(num_tokens, E, D, dtype, 100 + seed)[0])
+        graph.replay()
+        assert torch.equal(static_mask, router_topk_mask_reference(static_x, w_router, 17)), seed
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ import torch
 import lte
 from lte.evaluation.saved import load_eval_model
 from lte.routing.fit import topk_for_sparsity
+from lte.routing.layers import expert_gate
 from lte.serving import prepare_for_inference
 from lte.serving.prepare import sparse_modules
 from lte.training import train_stage
@@ -121,3 +122,54 @@ def test_served_topk_mask_keeps_the_highest_scores_by_hand():
         SparseMLP(w, w.clone(), w.clone(), router, tau=0.5, expert_size=s, activation="silu", topk=2, budget=1)
     with pytest.raises(lte.LTEError, match="takes no per-batch budget"):
         mlp.budget = 1  # set later, it would be ignored by the top-k path: refused instead
+
+
+def test_topk_gate_breaks_ties_to_the_lower_expert_and_passes_no_gradient():
+    scores = torch.tensor([[[0.7, 0.9, 0.7, 0.7, 0.2], [0.5, 0.5, 0.5, 0.5, 0.5]],
+                           [[0.1, 0.3, 0.3, 0.9, 0.3], [1.0, 1.0, 0.0, 1.0, 1.0]]], requires_grad=True)  # [B, T, E]
+    want = [[[1.0, 1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0]],
+            [[0.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0, 0.0]]]  # k = 3; equal scores: the lower indices
+    gate = expert_gate(scores, "topk", 0.5, 3)
+    assert gate.tolist() == want and gate.dtype == scores.dtype and not gate.requires_grad
+    (scores * gate).sum().backward()  # the gate multiplies like a constant 0/1 mask
+    assert scores.grad.tolist() == want
+    assert expert_gate(scores, "topk", 0.5, 9).tolist() == [[[1.0] * 5] * 2] * 2  # k > E: every expert
+    assert not expert_gate(scores, "topk", 0.5, 0).any()
+    with pytest.raises(lte.LTEError, match="topk routing needs k"):
+        expert_gate(scores, "topk", 0.5, None)
+
+
+def test_served_topk_ties_match_the_lte_gate_on_both_paths(monkeypatch):
+    """Equal router logits (repeated router rows): the decode path (`router_topk_mask`), the prefill path
+    (`dense_mask`) and the LTEModel's gate all keep the lower expert index."""
+    from lte import kernels
+    from lte.serving.sparse_mlp import SparseMLP
+
+    calls, op = [], kernels.router_topk_mask
+
+    def counted(x, w_router, k):
+        calls.append(k)
+        return op(x, w_router, k)
+
+    monkeypatch.setattr(kernels, "router_topk_mask", counted)
+
+    d, f, s = 2, 8, 2  # E = 4 experts of 2 neurons
+    gen = torch.Generator().manual_seed(0)
+    w_gate, w_up, w_down_t = (torch.randn(f, d, generator=gen) for _ in range(3))
+    router = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # experts 2, 3 repeat 0, 1
+    x = torch.tensor([[1.0, 1.0], [2.0, 1.0], [-1.0, 3.0]])
+    want = [[True, True, False, False], [True, False, True, False], [False, True, False, True]]  # k = 2
+    scores = torch.sigmoid(x @ router.t())
+    assert (expert_gate(scores, "topk", 0.5, 2) != 0).tolist() == want
+    outs = []
+    for use_kernels in (True, False):
+        mlp = SparseMLP(w_gate, w_up, w_down_t, router, tau=0.5, expert_size=s, activation="silu",
+                        use_kernels=use_kernels, topk=2)
+        mlp.record_mask = True
+        with torch.no_grad():
+            outs.append(mlp(x))
+        assert mlp.last_mask.tolist() == want, use_kernels
+        assert calls == [2], use_kernels  # the decode path's mask comes from the op, prefill's does not
+        assert mlp.dense_mask(x).tolist() == want
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[1], mlp.masked_dense(x, torch.tensor(want)))

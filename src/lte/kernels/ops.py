@@ -1,5 +1,5 @@
 """``torch.library`` custom ops ``lte::sparse_ffn``, ``lte::routed_sparse_ffn`` (and its fp8-weight form
-``lte::routed_sparse_ffn_fp8``), ``lte::router_mask``,
+``lte::routed_sparse_ffn_fp8``), ``lte::router_mask``, ``lte::router_topk_mask``,
 the two halves ``lte::routed_ffn_in`` / ``lte::sparse_ffn_out`` (for FFNs whose model applies the
 activation between them, e.g. OPT's decoder layer) and ``lte::masked_activation`` (the elementwise
 middle of the masked dense FFN).
@@ -22,6 +22,7 @@ from .reference import (
     masked_activation_reference,
     routed_mask_reference,
     router_mask_reference,
+    router_topk_mask_reference,
     sparse_ffn_reference,
 )
 
@@ -96,6 +97,30 @@ def _router_mask_cuda(x, w_router, tau):
 
 @router_mask_op.register_fake
 def _router_mask_fake(x, w_router, tau):
+    return x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]
+
+
+@torch.library.custom_op("lte::router_topk_mask", mutates_args=())
+def router_topk_mask_op(x: torch.Tensor, w_router: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool expert mask [T, E] of top-k routing: each token's min(k, E) experts of largest logit
+    x Wr^T (fp32 accumulation), ties to the lower expert index (any device: the reference)."""
+    return router_topk_mask_reference(x, w_router, k)
+
+
+@router_topk_mask_op.register_kernel("cuda")
+def _router_topk_mask_cuda(x, w_router, k):
+    """CUDA: router kernel (fp32 logits) + per-token top-k kernel for T <= MAX_DECODE_TOKENS, the
+    reference above (prefill)."""
+    num_tokens = x.shape[0]
+    if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS or w_router.shape[0] == 0:
+        return router_topk_mask_reference(x, w_router, k)
+    from .triton_topk import router_topk_mask_triton
+
+    return router_topk_mask_triton(x, w_router, k)
+
+
+@router_topk_mask_op.register_fake
+def _router_topk_mask_fake(x, w_router, k):
     return x.new_empty(x.shape[0], w_router.shape[0], dtype=torch.bool)  # [T, E]
 
 

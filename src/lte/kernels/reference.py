@@ -117,6 +117,29 @@ def router_mask_reference(x: torch.Tensor, w_router: torch.Tensor, tau: float = 
     return logits > logit_threshold(tau)
 
 
+def topk_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool [..., E]: in every row of ``scores`` [..., E], the ``min(k, E)`` largest entries (none for
+    ``k <= 0``); ties go to the lower expert index (a stable descending sort).
+
+    The one tie-break rule of top-k routing: the LTEModel's ``expert_gate(mode="topk")``, the served
+    mask (``router_topk_mask_reference``, ``SparseMLP.dense_mask``) and ``_topk_kernel`` all keep it.
+    ``-0.0`` and ``0.0`` are equal (a tie); NaN ranks above every number."""
+    num_exp = scores.shape[-1]
+    k = min(int(k), num_exp)
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return keep
+    order = torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices[..., :k]  # ties: lower first
+    return keep.scatter_(-1, order, True)
+
+
+def router_topk_mask_reference(x: torch.Tensor, w_router: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k expert mask [B, E]: for every token the ``min(k, E)`` experts with the largest router
+    logits ``x . Wr[e]`` (fp32 accumulation), ties to the lower expert index (``topk_keep``)."""
+    logits = F_.linear(x.float(), w_router.float())  # [B, E]
+    return topk_keep(logits, k)
+
+
 def budget_keep(mask: torch.Tensor, logits: torch.Tensor, budget: int) -> torch.Tensor:
     """Experts [E] (bool) a per-batch budget keeps: among the experts some token of the batch
     switched on (``mask`` [B, E]), the ``budget`` with the largest summed score ``sum_b

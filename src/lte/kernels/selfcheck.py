@@ -20,6 +20,7 @@ from .reference import (
     num_experts,
     routed_mask_reference,
     router_mask_reference,
+    router_topk_mask_reference,
     sparse_ffn_reference,
 )
 from .tuning import KernelConfig
@@ -37,6 +38,13 @@ BATCHES = (1, 5, 40)
 CONFIGS = (None, KernelConfig(in_block_f=8, in_block_k=64, in_progs_per_sm=1, out_block_d=32, out_split=3,
                               out_chunk=2, router_block_e=4, router_block_k=32),
            KernelConfig(in_block_f=32, in_block_k=32, in_progs_per_sm=2, out_block_d=16, out_split=2, out_group=2))
+#: top-k routing's mask: experts E (one, odd, several router blocks) and widths D (one step, odd)
+TOPK_EXPERTS = (1, 5, 37, 130)
+TOPK_WIDTHS = (8, 67)
+TOPK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: router settings of the top-k cases: default; tl.dot above 8 tokens with 32-wide steps over D;
+#: broadcast multiply-adds (4 experts per program) with 32-wide steps over D
+TOPK_CONFIGS = (None, KernelConfig(router_block_e=16, router_block_k=32), KernelConfig(router_block_e=4, router_block_k=32))
 SPARSITIES = ("none", "random", "all")  # 0% off, a random middle fraction, 100% off
 FFN_KINDS = (("silu", True, False), ("gelu_tanh", True, True), ("gelu", False, True), ("relu", False, False))
 # (activation, gated, with biases)
@@ -146,6 +154,55 @@ def check_router_case(D, E, B, dtype, device, gen) -> CaseResult:
     return CaseResult(f"router D={D} E={E} B={B} {dtype}", float(bad), bad == 0)
 
 
+def check_topk_case(D, E, B, k, dtype, device, gen, ties=False, config=None) -> CaseResult:
+    """Router top-k kernels vs the reference: the masks must be equal, with exactly min(k, E) experts
+    per token. x holds multiples of 1/4 in [-2, 2] and w multiples of 1/8 in [-1, 1], so every logit
+    is a multiple of 1/32 that fp32 sums exactly in any order, from any of the three dtypes: no
+    rounding near-ties, many exact ties. ``ties``: also a second copy of the first router rows (equal
+    logits: the lower index must win) and an all-zero token (every logit 0: the first k experts)."""
+    from .triton_topk import router_topk_mask_triton
+
+    x = torch.randint(-8, 9, (B, D), generator=gen) / 4  # [B, D]
+    w_router = torch.randint(-8, 9, (E, D), generator=gen) / 8  # [E, D]
+    if ties:
+        w_router[E // 2:] = w_router[: E - E // 2].clone()
+        x[0] = 0.0
+    x, w_router = x.to(dtype=dtype, device=device), w_router.to(dtype=dtype, device=device)
+    got = router_topk_mask_triton(x, w_router, k, config)
+    want = router_topk_mask_reference(x, w_router, k)
+    counts_ok = bool((got.sum(-1) == min(k, E)).all())
+    bad = int((got != want).sum())
+    case = (f"topk D={D} E={E} B={B} k={k} {dtype}{' ties' if ties else ''} "
+            f"{'default' if config is None else f'block_e={config.router_block_e}'}")
+    return CaseResult(case, float(bad), bad == 0 and counts_ok)
+
+
+def check_topk_extremes_case(k, device, config=None) -> CaseResult:
+    """Router top-k kernels on fp32 logits over the whole line: +-inf, +-1e30, +-0.0, equal pairs,
+    tiny and negative values. x reads one channel (x[b] = (c_b, 0, ..., 0)) and Wr[e, 0] holds the
+    values, so every logit is c_b * Wr[e, 0] exactly. The top-k kernel also gets such logits directly,
+    with -0.0 before +0.0 (equal values: the lower index wins; a sum in the router rarely gives -0.0)."""
+    from .reference import topk_keep
+    from .triton_topk import launch_topk, router_topk_mask_triton
+
+    values = torch.tensor([-float("inf"), 1e30, -1e30, 1.5, -1.5, 0.0, -0.0, 1.5, float("inf"), -1e-30, 1e-30,
+                           -1.5, -0.0, 3.0e-38, -1.5e38])  # [E = 15]
+    w_router = torch.zeros(values.numel(), 9)
+    w_router[:, 0] = values
+    x = torch.zeros(4, 9)
+    x[:, 0] = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    x, w_router = x.to(device), w_router.to(device)
+    got = router_topk_mask_triton(x, w_router, k, config)
+    want = router_topk_mask_reference(x, w_router, k)
+    direct = torch.stack([values, -values, torch.tensor([-0.0, 0.0] * 7 + [-0.0])]).to(device)  # [3, E]
+    got_direct = torch.empty(direct.shape, dtype=torch.bool, device=device)
+    launch_topk(direct, got_direct.view(torch.uint8), min(k, values.numel()), pdl=False)
+    got, want = torch.cat([got, got_direct]), torch.cat([want, topk_keep(direct, k)])
+    bad = int((got != want).sum())
+    ok = bad == 0 and bool((got.sum(-1) == min(k, values.numel())).all())
+    return CaseResult(f"topk extremes E={values.numel()} k={k}", float(bad), ok)
+
+
 def check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config=None) -> CaseResult:
     """Router (+ budget) + FFN launches vs the reference mask and FFN.
 
@@ -222,7 +279,7 @@ def check_act_case(F, S, B, sparsity, activation, gated, dtype, device, gen, fro
 
 
 def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0,
-               parts=("ffn", "router", "routed", "split", "act", "fp8"), shapes=SHAPES) -> list[CaseResult]:
+               parts=("ffn", "router", "routed", "split", "act", "fp8", "topk"), shapes=SHAPES) -> list[CaseResult]:
     """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
     the cases so that every value appears while keeping the count small (the CPU interpreter is slow).
     `shapes`: (D, F, S) cases (default `SHAPES`)."""
@@ -265,6 +322,19 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
         for from_logits in (False, True):
             results.append(check_act_case(F, S, B, sparsity, activation, gated, dtypes[i % len(dtypes)], device, gen,
                                           from_logits))
+    for i, (E, D, B) in enumerate(itertools.product(TOPK_EXPERTS, TOPK_WIDTHS, BATCHES)):
+        if "topk" not in parts:
+            break
+        for j, k in enumerate(sorted({1, (E + 1) // 2, E} | ({E + 3} if i % 4 == 0 else set()))):
+            for dtype, config in (itertools.product(TOPK_DTYPES, TOPK_CONFIGS) if full else
+                                  [(TOPK_DTYPES[(i + j) % 3], TOPK_CONFIGS[(i + 2 * j) % 3])]):
+                if device == "cpu" and dtype == torch.bfloat16 and B > 8 and config is not TOPK_CONFIGS[2]:
+                    config = TOPK_CONFIGS[2]  # Triton's interpreter gets tl.dot wrong for bf16: broadcast path
+                results.append(check_topk_case(D, E, B, k, dtype, device, gen, ties=(i + j) % 2 == 1,
+                                               config=config))
+    if "topk" in parts:
+        for k in range(1, 16):
+            results.append(check_topk_extremes_case(k, device, TOPK_CONFIGS[k % 3]))
     return results
 
 
@@ -272,9 +342,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="every kind x dtype for every case")
-    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split", "act", "fp8"],
-                        choices=["ffn", "router", "routed", "split", "act", "fp8"],
-                        help="which groups of cases to run (fp8: weights in e4m3 with row scales)")
+    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split", "act", "fp8", "topk"],
+                        choices=["ffn", "router", "routed", "split", "act", "fp8", "topk"],
+                        help="which groups of cases to run (fp8: weights in e4m3 with row scales; topk: top-k "
+                             "routing's mask, fp32 / fp16 / bf16 on any device)")
     parser.add_argument("--small-experts", action="store_true", help="experts of 4, 8 and 16 neurons instead")
     args = parser.parse_args()
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())

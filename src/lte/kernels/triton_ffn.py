@@ -214,10 +214,12 @@ def launch_union(p: FFNLaunch) -> None:
     )
 
 
-def launch_router(x: torch.Tensor, w_router: torch.Tensor, threshold: float, mask_u8: torch.Tensor,
-                  union: torch.Tensor, score: torch.Tensor | None, cfg: KernelConfig, pdl: bool) -> None:
+def launch_router(x: torch.Tensor, w_router: torch.Tensor, threshold: float, mask_u8: torch.Tensor | None,
+                  union: torch.Tensor | None, score: torch.Tensor | None, cfg: KernelConfig, pdl: bool,
+                  logits: torch.Tensor | None = None) -> None:
     """Router logits -> per-token mask (mask_u8 [B, E]), union ([E] int8) and, when ``score`` is
-    given, the summed sigmoid scores ([E] fp32)."""
+    given, the summed sigmoid scores ([E] fp32). With ``logits`` ([B, E] fp32) it writes the logits
+    there instead, and nothing else (mask_u8, union, score and threshold unused)."""
     num_tokens, model_width = x.shape
     num_exp = w_router.shape[0]
     use_dot = num_tokens > 8 and cfg.router_block_e >= 16
@@ -230,13 +232,14 @@ def launch_router(x: torch.Tensor, w_router: torch.Tensor, threshold: float, mas
         fits = full_k * b_pad * block_e <= 16384  # broadcast product held in registers
         block_k = min(cfg.router_block_k or (full_k if fits else max(64, 2048 // b_pad)), full_k)
     wait = cfg.router_pdl and pdl
+    out = logits if logits is not None else mask_u8  # never-read pointers stand in for the outputs not written
     _router_kernel[(triton.cdiv(num_exp, block_e),)](
-        x, w_router, mask_u8, union, score if score is not None else union,
+        x, w_router, out, union if union is not None else out, score if score is not None else out, out,
         num_tokens, model_width, num_exp, threshold,
-        x.stride(0), mask_u8.stride(0),
+        x.stride(0), out.stride(0), out.stride(0),
         B_PAD=b_pad, BLOCK_E=block_e, BLOCK_K=block_k, ONE_STEP=block_k >= model_width,
         USE_DOT=use_dot, DOT_PREC=_dot_precision(x), WITH_SCORE=score is not None, PDL=wait, TRIGGER=pdl,
-        num_warps=cfg.router_warps, **_pdl_kwargs(wait),
+        LOGITS=logits is not None, num_warps=cfg.router_warps, **_pdl_kwargs(wait),
     )
 
 

@@ -1,7 +1,8 @@
 """The Triton kernels (``@triton.jit``) that make an LTE FFN's expert masks on the GPU (launch 0 of
 ``triton_jit``'s list): the router's per-token masks and their union in one pass (``_router_kernel``),
-the union of masks a caller brings (``_union_kernel``) and a per-batch expert budget over the union
-(``_budget_kernel``). Same dimensions and PDL conventions as ``triton_jit``.
+the union of masks a caller brings (``_union_kernel``), a per-batch expert budget over the union
+(``_budget_kernel``) and top-k routing's per-token masks from the router's fp32 logits
+(``_router_kernel`` with LOGITS, then ``_topk_kernel``). Same dimensions and PDL conventions as ``triton_jit``.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from .triton_jit import gdc_launch_dependents, gdc_wait
 
 @triton.jit
 def _router_kernel(
-    x_ptr, wr_ptr, mask_ptr, union_ptr, score_ptr,
+    x_ptr, wr_ptr, mask_ptr, union_ptr, score_ptr, logits_ptr,
     B, D, E, threshold,
-    stride_xb, stride_mb,
+    stride_xb, stride_mb, stride_lb,
     B_PAD: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, ONE_STEP: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, WITH_SCORE: tl.constexpr, PDL: tl.constexpr,
-    TRIGGER: tl.constexpr,
+    TRIGGER: tl.constexpr, LOGITS: tl.constexpr,
 ):
     """mask[b, e] = x[b] . Wr[e] > threshold, union[e] = any_b mask[b, e] (and the summed sigmoid
-    scores when WITH_SCORE) for one block of BLOCK_E experts; fp32 accumulation.
+    scores when WITH_SCORE) for one block of BLOCK_E experts; fp32 accumulation. With LOGITS it
+    writes the fp32 logits [B, E] instead (top-k routing: ``_topk_kernel`` reads them) and nothing else.
 
     With PDL the kernel may start before the previous kernel (which wrote x) has finished: in one
     step (ONE_STEP, all of D at once) it reads its router rows first and waits only before x.
@@ -68,12 +70,15 @@ def _router_kernel(
         if not USE_DOT:
             logits = tl.sum(acc3, axis=2)  # [B_PAD, BLOCK_E]
     valid = tok_ok[:, None] & e_ok[None, :]
-    hit = (logits > threshold) & valid
-    tl.store(mask_ptr + toks[:, None] * stride_mb + experts[None, :], hit.to(tl.int8), mask=valid)
-    tl.store(union_ptr + experts, tl.max(hit.to(tl.int32), axis=0).to(tl.int8), mask=e_ok)
-    if WITH_SCORE:
-        score = tl.where(valid, tl.sigmoid(logits), 0.0)
-        tl.store(score_ptr + experts, tl.sum(score, axis=0), mask=e_ok)
+    if LOGITS:
+        tl.store(logits_ptr + toks[:, None] * stride_lb + experts[None, :], logits.to(tl.float32), mask=valid)
+    else:
+        hit = (logits > threshold) & valid
+        tl.store(mask_ptr + toks[:, None] * stride_mb + experts[None, :], hit.to(tl.int8), mask=valid)
+        tl.store(union_ptr + experts, tl.max(hit.to(tl.int32), axis=0).to(tl.int8), mask=e_ok)
+        if WITH_SCORE:
+            score = tl.where(valid, tl.sigmoid(logits), 0.0)
+            tl.store(score_ptr + experts, tl.sum(score, axis=0), mask=e_ok)
 
 
 @triton.jit
@@ -134,3 +139,36 @@ def _budget_kernel(
     m_ptrs = mask_ptr + toks[:, None] * stride_mb + blk[None, :]
     m = tl.load(m_ptrs, mask=mb_ok, other=0)
     tl.store(m_ptrs, tl.where(keep[None, :], m, 0).to(tl.int8), mask=mb_ok)
+
+
+@triton.jit
+def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.constexpr, PDL: tl.constexpr):
+    """mask[b, e] = 1 for the k experts of largest fp32 logit of token b (1 <= k <= E), one program
+    per token; ties at the cut go to the lower expert index (``reference.topk_keep``'s rule).
+
+    The cut is the k-th largest logit, found by bisection on order-preserving integer keys of the fp32
+    bit patterns (negative values have their magnitude bits flipped, so the keys order like the
+    values over the whole line; -0.0 is made +0.0 first, as the two are equal). Experts above the
+    cut are kept; of those at the cut, the lowest-indexed ones fill up to k (rank by prefix sum)."""
+    if PDL:
+        gdc_wait()  # the logits come from the router
+        gdc_launch_dependents()
+    row = tl.program_id(0)
+    e_idx = tl.arange(0, E_PAD)
+    e_ok = e_idx < E
+    v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
+    v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0
+    bits = v.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # [E_PAD], ordered like v
+    lo = tl.full([], -2147483648, dtype=tl.int64)
+    hi = tl.full([], 2147483647, dtype=tl.int64)
+    for _ in range(32):  # largest t with count(key >= t) >= k: the k-th largest key
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((e_ok & (key >= mid)).to(tl.int32), axis=0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = e_ok & (key > lo)  # kept for sure (fewer than k)
+    tie = e_ok & (key == lo)
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among the ties, in expert order
+    keep = above | (tie & (tie_rank <= k - tl.sum(above.to(tl.int32), axis=0)))
+    tl.store(mask_ptr + row * stride_mb + e_idx, keep.to(tl.int8), mask=e_ok)

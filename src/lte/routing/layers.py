@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LTEError
+from ..kernels.reference import topk_keep
 
 MODES = ("dense", "soft", "ste", "hard", "topk")
 #: Modes whose forward trains the routers (scores feed L_eff / L_sep and get the task gradient).
@@ -108,12 +109,9 @@ def expert_gate(scores: torch.Tensor, mode: str, tau: float, k: int | None,
     if mode == "topk":
         if k is None:
             raise LTEError("topk routing needs k: set_routing('topk', k=...) or LTEConfig(topk=...)")
-        e = scores.shape[-1]
-        k = min(k, e)
-        gate = torch.zeros_like(scores)
-        if k > 0:
-            gate.scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
-        return gate
+        # the min(k, E) largest scores, ties to the lower expert index: the rule of the served mask and
+        # its kernel (`lte.kernels.reference.topk_keep`); a 0/1 gate, no gradient to the scores
+        return topk_keep(scores, k).to(scores.dtype)
     raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
 
 

@@ -67,8 +67,10 @@ class SparseMLP(nn.Module):
         budget: 0, or the most experts one decode step may use for the whole batch (the ones with
             the largest summed router score; see `lte.kernels.routed_sparse_ffn`).
         topk: 0 (threshold routing), or the experts every token keeps, those with the largest router
-            scores (a model trained with `stage2_routing="topk"`); the mask comes from `torch.topk` and
-            the FFN from `lte.kernels.sparse_ffn` (decode) or the masked dense path. No budget, no fp8.
+            scores (a model trained with `stage2_routing="topk"`), ties to the lower expert index. Decode:
+            the mask from `lte.kernels.router_topk_mask` (router and top-k kernels on CUDA, ranking the
+            fp32 logits), then `lte.kernels.sparse_ffn`; prefill: `dense_mask` and the masked dense path.
+            No budget, no fp8.
 
     `ffn_path` picks the decode path: "sparse" (the kernels, default) or "dense" (router kernel +
     `lte.kernels.masked_dense_ffn`: every neuron through cuBLAS, the mask applied in one launch; the
@@ -174,13 +176,18 @@ class SparseMLP(nn.Module):
         self._ffn_path = value
 
     def dense_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Expert mask [..., E] exactly as the LTEModel's routing computes it (hard, or top-k)."""
+        """Expert mask [..., E] as the LTEModel's routing computes it (hard, or top-k).
+
+        Top-k ranks the fp32 logits with the decode kernels' rule (`router_topk_mask_reference`: ties to
+        the lower expert index), so prefill and decode pick the same experts; the LTEModel ranks the
+        sigmoid of its logits, the same order except where bf16 rounding or sigmoid saturation ties them."""
+        if self.topk:
+            from ..kernels.reference import router_topk_mask_reference
+
+            flat = router_topk_mask_reference(x.reshape(-1, x.shape[-1]), self.w_router, self.topk)  # [T, E]
+            return flat.reshape(*x.shape[:-1], flat.shape[-1])
         logits = F_.linear(x.to(self.w_router.dtype), self.w_router)  # [..., E]
-        scores = torch.sigmoid(logits.float())
-        if not self.topk:
-            return scores > self.tau
-        keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        return keep.scatter_(-1, scores.topk(self.topk, dim=-1).indices, True)  # ties as the LTEModel breaks them
+        return torch.sigmoid(logits.float()) > self.tau
 
     @staticmethod
     def _project(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
@@ -244,16 +251,18 @@ class SparseMLP(nn.Module):
         return y
 
     def _forward_topk(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Top-k routing: the mask from `dense_mask`, then the kernels (decode) or the masked dense path."""
-        mask = self.dense_mask(x)  # [..., E] bool, on the device
+        """Top-k routing. Decode: the mask from `router_topk_mask` (the router and top-k kernels on CUDA,
+        no host sync), then the FFN kernels; prefill: `dense_mask` and the masked dense path."""
         if self.use_kernels and num_tokens <= self.decode_max_tokens:
             from .. import kernels
 
+            mask = kernels.router_topk_mask(x, self.w_router, self.topk)  # [..., E] bool, on the device
             ffn = dict(w_gate=self.w_gate, b_up=self.b_up, b_down=self.b_down, expert_size=self.expert_size,
                        activation=self.activation)
             run = kernels.masked_dense_ffn if self.ffn_path == "dense" else kernels.sparse_ffn
             y = run(x, mask, self.w_up, self.w_down_t, **ffn)
         else:
+            mask = self.dense_mask(x)  # [..., E] bool
             y = self.masked_dense(x, mask)
         if self.record_mask:
             self.last_mask = mask.detach()
