@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 
 from lte import LTEError
-from lte.study import report, runner
+from lte.study import parallel, report, runner
 from lte.study.config import lte_method as lte_method_name
 from lte.study.config import study_config
 from lte.study.parallel import (
     Unit,
+    WorkerLimit,
     _failure_reason,
     _ran_out_of_memory,
     expected_seconds,
@@ -377,6 +379,60 @@ def test_out_of_memory_retry_detection(tmp_path):
     assert _ran_out_of_memory(unit)
     (tmp_path / "logs" / "lte_t0.5.log").write_text("ValueError: something else\n")
     assert not _ran_out_of_memory(unit)
+
+
+def test_worker_limit_drops_below_the_units_that_ran_out_of_memory_together():
+    limit = WorkerLimit(10)
+    unit = Unit("s", "lte", [0.9], 4.0)
+    again = limit.out_of_memory(unit, peers=6)  # 6 at once were too many: at most 5 from now
+    assert limit.jobs == 5 and again.retries == 1 and again.label == unit.label
+    limit.out_of_memory(unit, peers=6)  # a unit that ran out beside the first: no second drop
+    assert limit.jobs == 5
+    limit.out_of_memory(unit, peers=9)  # never up again
+    assert limit.jobs == 5
+    assert limit.out_of_memory(unit, peers=1) is None and limit.jobs == 5  # alone: a real failure
+    tired = Unit("s", "lte", [0.9], 4.0, retries=WorkerLimit.MAX_RETRIES)
+    assert limit.out_of_memory(tired, peers=3) is None
+
+
+# A stand-in worker: "runs out of GPU memory" when more than 2 run at once (each holds a file in a
+# shared folder while it runs), else finishes; it appends how many ran beside it to a record.
+_FAKE_WORKER = """
+import os, sys, time
+room, record, me = sys.argv[1], sys.argv[2], sys.argv[3]
+mine = os.path.join(room, me)
+open(mine, "w").close()
+time.sleep(0.35)
+crowd = len(os.listdir(room))
+if crowd > 2:  # hold the place a little, as a real worker does before its allocation fails
+    time.sleep(0.6)
+    os.remove(mine)
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB")
+    sys.exit(1)
+time.sleep(0.35)
+os.remove(mine)
+with open(record, "a") as fh:
+    fh.write(f"{me} {crowd}\\n")
+"""
+
+
+def test_run_parallel_lowers_the_worker_count_on_out_of_memory_and_finishes_every_unit(tmp_path, monkeypatch, caplog):
+    """4 units, --jobs 3, a GPU that holds 2: every unit ends done (none lost), the finished ones ran
+    with at most 2 at once, and the limit fell to the 2 that fit (not to one unit at a time)."""
+    room, record = tmp_path / "room", tmp_path / "record.txt"
+    room.mkdir()
+    study = tmp_path / "seed0"
+    units = [Unit(str(study), "lte", [t], 4.0) for t in (0.1, 0.2, 0.3, 0.4)]
+    monkeypatch.setattr(parallel, "plan_units", lambda cfg, out: list(units))
+    monkeypatch.setattr(parallel, "_command", lambda unit: [sys.executable, "-c", _FAKE_WORKER, str(room),
+                                                            str(record), unit.label.replace("/", "_")])
+    with caplog.at_level("WARNING", logger="lte.study.parallel"):
+        failures = run_parallel([({"name": "fake"}, study)], jobs=3, time_limit=None, progress=False)
+    assert failures == {str(study): {}}
+    assert "at most 2 unit(s) run at once" in caplog.records[-1].getMessage()
+    done = record.read_text().split("\n")[:-1]
+    assert sorted(line.split()[0] for line in done) == sorted(u.label.replace("/", "_") for u in units)
+    assert max(int(line.split()[1]) for line in done) <= 2
 
 
 def test_failure_reason_names_the_logs_last_error(tmp_path):

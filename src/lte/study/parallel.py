@@ -16,6 +16,8 @@ once nothing that can finish is left instead of spending its last minutes on wor
 Units still running at the time limit are asked to stop (SIGTERM): their training writes a
 checkpoint within `STOP_GRACE_SECONDS` and the next run resumes it (`lte.study.resume`); the
 seconds they ran are recorded (`STOPPED_FILE`), so a resumed unit is expected to need only the rest.
+A unit that runs out of GPU memory beside others lowers how many run at once (`WorkerLimit`) and runs
+again, so too many --jobs for a GPU's memory costs one failed start, not the rest of the run.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Unit:
     method: str  # a method name, or "dense"
     values: list[float] | None  # knob values to run (None: the method's own list)
     cost: float
-    solo: bool = False  # a retry after running out of GPU memory: starts only when no other unit runs
+    retries: int = 0  # times it ran out of GPU memory beside other units and was queued again
 
     @property
     def label(self) -> str:
@@ -205,6 +207,28 @@ def expected_seconds(unit: Unit, finished: dict[str, list[float]]) -> float | No
     return max(need - ran, RESUME_FLOOR * need)
 
 
+@dataclass
+class WorkerLimit:
+    """How many units may run at once: --jobs, lowered when a unit runs out of GPU memory.
+
+    A unit that ran out of memory while at most `peers` units ran (itself included) shows that
+    `peers` units at once were too many: the limit drops to `peers - 1` (never below 1, never up
+    again) and the unit runs again. Units that run out together all saw the same `peers`, so they
+    lower the limit once, not once each. A unit fails for good when it ran out alone or after
+    `MAX_RETRIES` retries."""
+
+    jobs: int
+    MAX_RETRIES = 5
+
+    def out_of_memory(self, unit: Unit, peers: int) -> Unit | None:
+        """The unit to queue again (None: it fails) after `unit` ran out of GPU memory with `peers`
+        units running at most while it ran (itself included)."""
+        if peers <= 1 or unit.retries >= self.MAX_RETRIES:
+            return None
+        self.jobs = max(1, min(self.jobs, peers - 1))
+        return dataclasses.replace(unit, retries=unit.retries + 1)
+
+
 def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_limit: float | None = None,
                  threads_per_job: int | None = None, progress: bool = True) -> dict[str, dict[str, str]]:
     """Run every unit of `studies` ((config, out folder) pairs) with at most `jobs` workers at once.
@@ -232,11 +256,11 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
     total = len(pending)
     bar = _progress(total, progress)
     free_slots = list(range(jobs))
+    limit = WorkerLimit(jobs)
+    peers: dict[int, int] = {}  # worker pid -> most units running at once while it ran
     finished: dict[str, list[float]] = {}  # method -> seconds per value of its units that finished here
 
     def ready(unit: Unit) -> bool:
-        if unit.solo and running:
-            return False
         return unit.method == "dense" or unit.study in dense_done
 
     def cannot_finish(unit: Unit, elapsed: float) -> float | None:
@@ -267,7 +291,7 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
                 failures[unit.study][unit.label] = (f"not started: it takes about {need:.0f} s and "
                                                     f"{time_limit - elapsed:.0f} s were left")
                 bar.update(1)
-        while free_slots and any(ready(u) for u in pending):
+        while free_slots and len(running) < limit.jobs and any(ready(u) for u in pending):
             unit = next(u for u in pending if ready(u))
             pending.remove(unit)
             slot = free_slots.pop(0)
@@ -275,12 +299,14 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
                        TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
             if gpus > 1:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-            log = open(_log_path(unit), "a" if unit.solo else "w")
+            log = open(_log_path(unit), "a" if unit.retries else "w")
             proc = subprocess.Popen(_command(unit), stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
             log.close()
             running.append((unit, proc, time.perf_counter(), slot))
         time.sleep(0.5)
+        for _, proc, _, _ in running:
+            peers[proc.pid] = max(peers.get(proc.pid, 0), len(running))
         for item in list(running):
             unit, proc, t0, slot = item
             if proc.poll() is None:
@@ -288,10 +314,13 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
             running.remove(item)
             free_slots.append(slot)
             seconds = time.perf_counter() - t0
-            if proc.returncode != 0 and not unit.solo and _ran_out_of_memory(unit):
-                # Too many workers for the GPU's memory: run it again later, alone (finished points are kept).
-                logger.warning("%s ran out of GPU memory; it will run again alone", unit.label)
-                pending.append(dataclasses.replace(unit, solo=True))
+            ran_with = peers.pop(proc.pid, 1)
+            again = (limit.out_of_memory(unit, ran_with)
+                     if proc.returncode != 0 and _ran_out_of_memory(unit) else None)
+            if again is not None:  # too many workers for the GPU's memory (finished points are kept)
+                logger.warning("%s ran out of GPU memory with %d unit(s) running; it runs again, and at most "
+                               "%d unit(s) run at once from now", unit.label, ran_with, limit.jobs)
+                pending.insert(0, again)
                 continue
             if proc.returncode != 0:
                 failures[unit.study][unit.label] = _failure_reason(unit, proc.returncode)
