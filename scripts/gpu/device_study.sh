@@ -24,7 +24,38 @@ for old in ${RESUME_FROM:-}; do
 done
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 PY=${PYTHON:-python3}
+# GPU load while the study runs (is the GPU or the CPU side the limit at this many workers?):
+# nvidia-smi dmon's utilisation and memory every 5 s into $OUT/gpu_load.txt.
+dmon=""
+if [ -n "${OUT:-}" ] && command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi dmon -s um -d 5 > "$OUT/gpu_load.txt" 2>&1 &
+    dmon=$!
+fi
+# LTE_MPS=1: run the workers under CUDA MPS, so their kernels share the GPU at once instead of taking
+# turns (worker processes of a small model each leave it mostly idle). Tried only if the control
+# binary exists and a CUDA call then works within 60 s; otherwise the daemon is stopped and the
+# study runs without it. Experimental: not yet seen working on these machines.
+mps=""
+if [ "${LTE_MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+    export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-$LTE_DEVICE_DIR/mps/pipe}
+    export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-$LTE_DEVICE_DIR/mps/log}
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if nvidia-cuda-mps-control -d && timeout 60 "$PY" -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+        mps=1
+        echo "device_study: CUDA MPS on"
+    else
+        echo quit | nvidia-cuda-mps-control 2>/dev/null
+        unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+        echo "device_study: CUDA MPS did not start; running without it"
+    fi
+fi
+stop_helpers() {
+    [ -n "$dmon" ] && kill "$dmon" 2>/dev/null
+    [ -n "$mps" ] && echo quit | nvidia-cuda-mps-control 2>/dev/null
+    dmon="" mps=""
+}
 pack() {
+    stop_helpers
     [ -n "${OUT:-}" ] || return 0
     tar -C "$ROOT" -czf "$OUT/study_results.tar.gz" \
         --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='checkpoint-*' \
