@@ -139,6 +139,12 @@ def test_expected_unit_seconds_by_hand(tmp_path):
     teal = Unit(str(tmp_path / "seed2"), "teal", [0.5, 0.7, 0.9], 0.8)
     assert recorded_seconds(teal) == 3 * 5 + 30  # eval per value, the shared build once
     assert recorded_seconds(Unit(str(tmp_path / "seed2"), "cats", [0.5], 0.6)) is None
+    # a new variant with no point yet is counted like its kin (same base), its own points once it has some
+    new = Unit(str(tmp_path / "seed2"), "lte-new", [0.9], 4.0, kin=("lte", "lte-other"))
+    assert recorded_seconds(new) == 120
+    _fake_point(tmp_path, 0, "lte-new", 0.9, 300, 0, 10)
+    assert recorded_seconds(new) == 310
+    assert recorded_seconds(Unit(str(tmp_path / "seed2"), "cats", [0.5], 0.6, kin=("cats-b",))) is None
     assert expected_seconds(lte, {"lte": [50.0, 70.0]}) == 60  # this run's own units come first
     assert expected_seconds(teal, {}) == 45
 

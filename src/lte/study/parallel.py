@@ -58,6 +58,7 @@ class Unit:
     values: list[float] | None  # knob values to run (None: the method's own list)
     cost: float
     retries: int = 0  # times it ran out of GPU memory beside other units and was queued again
+    kin: tuple[str, ...] = ()  # the study's other methods of the same base (timing fallback for a new method)
 
     @property
     def label(self) -> str:
@@ -69,18 +70,20 @@ def plan_units(cfg: dict[str, Any], out: Path) -> list[Unit]:
     """The dense unit and the method units of one study, longest first."""
     units = []
     methods = derived_methods(cfg, cfg["methods"])
+    bases = {m: method_plan(cfg, m)[0] for m in cfg["methods"] if m != "dense"}
     for method in cfg["methods"]:
         if method == "dense":
             continue
-        base, _ = method_plan(cfg, method)
+        base = bases[method]
+        kin = tuple(m for m, b in bases.items() if b == base and m != method)
         names = [m for m in methods if m == method or m == f"{method}-topk"]
         todo = [v for v in knob_values(cfg, method) if not all(point_done(cfg, out, n, v) for n in names)]
         if not todo:
             continue  # finished earlier: nothing to launch
         if base in ("lte", "dejavu-ft", "sketch-ft", "random-topk"):  # trained per target: one unit each
-            units += [Unit(str(out), method, [v], _COST[base]) for v in todo]
+            units += [Unit(str(out), method, [v], _COST[base], kin=kin) for v in todo]
         else:  # one router / predictor / calibration pass shared over the targets
-            units.append(Unit(str(out), method, todo, _COST[base]))
+            units.append(Unit(str(out), method, todo, _COST[base], kin=kin))
     units.sort(key=lambda u: -u.cost)
     # One dense unit first when its point is missing, or when methods will start from a dense model
     # whose weights were not carried along (else every method worker would fine-tune it at once,
@@ -134,16 +137,22 @@ def _stop_all(procs: list[subprocess.Popen], grace: float = STOP_GRACE_SECONDS) 
 def recorded_seconds(unit: Unit) -> float | None:
     """Seconds a unit of this method took before, from the finished points of its study and of its
     sibling studies (other seeds): per point train + build + eval seconds, the median; a unit
-    that shares its build over several values counts the build once. None when none is recorded."""
-    per_value, builds = [], []
-    for path in Path(unit.study).parent.glob(f"*/{unit.method}/t*/point.json"):
-        try:
-            point = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        per_value.append(float(point.get("train_seconds") or 0) + float(point.get("eval_seconds") or 0))
-        builds.append(float(point.get("build_seconds") or 0))
-    if not per_value:
+    that shares its build over several values counts the build once. A method with no finished
+    point yet is counted like its kin (`Unit.kin`: the study's methods of the same base). None when
+    none is recorded."""
+    for methods in ((unit.method,), unit.kin):
+        per_value, builds = [], []
+        for method in methods:
+            for path in Path(unit.study).parent.glob(f"*/{method}/t*/point.json"):
+                try:
+                    point = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                per_value.append(float(point.get("train_seconds") or 0) + float(point.get("eval_seconds") or 0))
+                builds.append(float(point.get("build_seconds") or 0))
+        if per_value:
+            break
+    else:
         return None
     values = 1 if unit.values is None else len(unit.values)
     shared = unit.method != "dense" and values > 1
