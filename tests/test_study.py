@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lte import LTEError
-from lte.study import parallel, report, runner
+from lte.study import cache, parallel, report, runner
 from lte.study.config import lte_method as lte_method_name
 from lte.study.config import study_config
 from lte.study.parallel import (
@@ -62,6 +62,10 @@ def test_study_with_variants_topk_and_resume(tiny_task, tmp_path, monkeypatch):
         for a, b in zip(p["per_layer"], lte[p["target"]]["per_layer"]):
             assert abs(a - b) <= 0.5 + 1e-6 / experts  # k per layer matched to the threshold's sparsity
     assert (out / "report.md").read_text().count("| lte") >= 3
+    for p in lte.values():  # stage 2's last training step's sparsity, beside the served one (drift)
+        record = json.loads((out / "lte" / f"t{p['target']:g}" / "stage2" / "lte_stage.json").read_text())
+        assert p["stage2_train_sparsity"] == pytest.approx(record["train_sparsity"])
+    assert "Stage 2's masks" in (out / "report.md").read_text()
     # A rerun with the same settings trains nothing: every point is reused from disk.
     monkeypatch.setattr(runner, "_build_point", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = run_study(tiny_task, out, tiny=True)
@@ -439,6 +443,27 @@ def test_run_parallel_lowers_the_worker_count_on_out_of_memory_and_finishes_ever
     done = record.read_text().split("\n")[:-1]
     assert sorted(line.split()[0] for line in done) == sorted(u.label.replace("/", "_") for u in units)
     assert max(int(line.split()[1]) for line in done) <= 2
+
+
+def test_load_point_reads_stage_twos_training_sparsity_for_older_points(tmp_path):
+    path = tmp_path / "lte" / "t0.9" / "point.json"
+    (path.parent / "stage2").mkdir(parents=True)
+    path.write_text(json.dumps({"method": "lte", "ffn_sparsity": 0.884, "fingerprint": "f"}))
+    assert "stage2_train_sparsity" not in cache.load_point(path, "f")  # no stage-2 record: nothing made up
+    (path.parent / "stage2" / "lte_stage.json").write_text(json.dumps({"train_sparsity": 0.9466}))
+    assert cache.load_point(path, "f")["stage2_train_sparsity"] == 0.9466
+    assert cache.load_point(path, "other") is None
+    path.write_text(json.dumps({"ffn_sparsity": 0.9, "stage2_train_sparsity": 0.91, "fingerprint": "f"}))
+    assert cache.load_point(path, "f")["stage2_train_sparsity"] == 0.91  # a recorded value wins
+
+
+def test_drift_lines_by_hand():
+    points = [{"method": "lte", "target": 0.9, "ffn_sparsity": 0.886, "stage2_train_sparsity": 0.938},
+              {"method": "lte", "target": 0.5, "ffn_sparsity": 0.5},
+              {"method": "teal", "target": 0.9, "ffn_sparsity": 0.9}]
+    lines = report.drift_lines(points, ["lte", "teal"], [0.5, 0.9])
+    assert lines[2:5] == ["| method | target 0.5 | target 0.9 |", "|---|---|---|", "| lte |  | 93.8% / 88.6% |"]
+    assert report.drift_lines(points[1:], ["lte", "teal"], [0.5, 0.9]) == []
 
 
 def test_failure_reason_names_the_logs_last_error(tmp_path):

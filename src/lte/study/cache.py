@@ -96,7 +96,17 @@ def load_point(path: Path, fingerprint: str | None) -> dict[str, Any] | None:
         point = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return point if point.get("fingerprint") == fingerprint else None
+    if point.get("fingerprint") != fingerprint:
+        return None
+    if "stage2_train_sparsity" not in point:  # points made before it was recorded: from the stage-2 record
+        stage = path.parent / "stage2" / "lte_stage.json"
+        try:
+            trained = json.loads(stage.read_text()).get("train_sparsity") if stage.is_file() else None
+        except json.JSONDecodeError:
+            trained = None
+        if trained is not None:
+            point["stage2_train_sparsity"] = float(trained)
+    return point
 
 
 def stale_point_reason(cfg: dict[str, Any], out: Path, method: str, value: float | None) -> str | None:

@@ -172,6 +172,7 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
     lines += ["", f"Cells: quality (measured FFN sparsity){spread}. Tolerance: " +
               ("perplexity within +0.5 of dense." if metric == "perplexity" else "within 5% (relative) of dense."), ""]
     lines += _extra_lines(points, methods, targets, metric, summary.get("seeds"))
+    lines += drift_lines(points, methods, targets)
     rows = summary.get("lte_vs_others") or []
     if rows:
         name = summary.get("lte_method") or "lte"
@@ -215,6 +216,25 @@ def _extra_lines(points: list[dict[str, Any]], methods: list[str], targets: list
             lines.append(f"| {method} | " + " | ".join(cell(p, name) for p in found) + " |")
         lines.append("")
     return lines
+
+
+def drift_lines(points: list[dict[str, Any]], methods: list[str], targets: list[float]) -> list[str]:
+    """Markdown: for LTE points, the FFN sparsity stage 2 trained with at its last step against the one
+    the model is served and scored at (they differ where hard masks drift while the weights move and a
+    re-cut follows); nothing when no point recorded it."""
+    def cell(p: dict[str, Any] | None) -> str:
+        if p is None or p.get("stage2_train_sparsity") is None:
+            return ""
+        return f"{p['stage2_train_sparsity']:.1%} / {p['ffn_sparsity']:.1%}"
+
+    found = {m: [next((q for q in points if q["method"] == m and q["target"] == t), None) for t in targets]
+             for m in methods}
+    rows = [f"| {m} | " + " | ".join(cell(p) for p in ps) + " |" for m, ps in found.items() if any(map(cell, ps))]
+    if not rows:
+        return []
+    return ["Stage 2's masks: FFN sparsity at its last training step / as served and scored:", "",
+            "| method | " + " | ".join(f"target {t:g}" for t in targets) + " |", "|---" * (len(targets) + 1) + "|",
+            *rows, ""]
 
 
 def _span(values: list[float], fmt: str) -> str:

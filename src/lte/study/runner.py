@@ -163,6 +163,8 @@ def _train_lte(setup: TaskSetup, target: float, out: Path, key: str) -> tuple[nn
         budget["tau_calibration_sparsity"] = r1["tau_calibration"]["sparsity"]
     if "tau_final_calibration" in r2:
         budget["tau_final_calibration_sparsity"] = r2["tau_final_calibration"]["sparsity"]
+    if r2.get("train_sparsity") is not None:  # the masks stage 2 trained with at its end (drift: vs ffn_sparsity)
+        budget["stage2_train_sparsity"] = float(r2["train_sparsity"])
     return model, {"train_seconds": time.perf_counter() - start}, budget
 
 

@@ -18,7 +18,7 @@ __all__ = ["seed_studies", "aggregate_points", "MEAN_KEYS"]
 #: Numeric point fields averaged over seeds (quality and ffn_sparsity also get a `_std`).
 MEAN_KEYS = ("quality", "ffn_sparsity", "activation_sparsity", "gflops_per_token", "dense_gflops_per_token",
              "union_sparsity_16", "eta", "tau", "train_seconds", "build_seconds", "eval_seconds", "train_steps",
-             "train_tokens", "train_epochs")
+             "train_tokens", "train_epochs", "stage2_train_sparsity")
 
 
 def seed_studies(cfg: dict[str, Any], out: Path) -> list[tuple[dict[str, Any], Path]]:
