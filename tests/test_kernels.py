@@ -195,6 +195,26 @@ def test_router_topk_op_fake_passes_opcheck_and_traces_under_compile():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_router_tiles_suit_tl_dot_for_any_width():
+    """On the GPU tl.dot needs tiles of at least 16 a side (the interpreter does not check): a model
+    width of 8 once compiled BLOCK_K = 8 on the dot path and failed only on the H100."""
+    from lte.kernels.triton_ffn import router_blocks
+    from lte.kernels.tuning import KernelConfig
+
+    dot16 = KernelConfig(router_block_e=16, router_block_k=32)
+    assert router_blocks(40, 8, dot16) == (True, 64, 16, 16)  # D = 8 < 16: the tile is padded to 16
+    assert router_blocks(40, 67, dot16) == (True, 64, 16, 32)
+    assert router_blocks(5, 8, dot16) == (False, 8, 16, 8)  # B <= 8: broadcast path, no tl.dot
+    for cfg in (dot16, KernelConfig(router_block_e=4, router_block_k=32), KernelConfig(router_block_e=64)):
+        for num_tokens in (1, 5, 9, 16, 40, 64):
+            for width in (1, 5, 8, 15, 16, 67, 4096):
+                use_dot, b_pad, block_e, block_k = router_blocks(num_tokens, width, cfg)
+                assert b_pad >= num_tokens and block_k & (block_k - 1) == 0
+                if use_dot:
+                    assert min(b_pad, block_e, block_k) >= 16
+
+
 def test_public_api_flattens_leading_dims_and_matches_reference():
     gen = torch.Generator().manual_seed(3)
     w = make_ffn(24, 80, True, True, torch.float32, "cpu", gen)

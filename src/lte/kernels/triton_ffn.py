@@ -214,6 +214,22 @@ def launch_union(p: FFNLaunch) -> None:
     )
 
 
+def router_blocks(num_tokens: int, model_width: int, cfg: KernelConfig) -> tuple[bool, int, int, int]:
+    """The router kernel's tiling for B tokens of width D: (use tl.dot, B_PAD, BLOCK_E, BLOCK_K).
+    tl.dot needs every tile side >= 16 on the GPU (Triton's interpreter does not check), so on the dot
+    path B_PAD and BLOCK_K are at least 16 even where B or D is smaller (the loads mask the rest)."""
+    use_dot = num_tokens > 8 and cfg.router_block_e >= 16
+    b_pad = max(16, _next_pow2(num_tokens)) if use_dot else _next_pow2(num_tokens)
+    block_e = cfg.router_block_e if use_dot else max(1, cfg.router_block_e)
+    full_k = _next_pow2(model_width)
+    if use_dot:
+        block_k = min(max(16, cfg.router_block_k or 128), 256, max(16, full_k))
+    else:
+        fits = full_k * b_pad * block_e <= 16384  # broadcast product held in registers
+        block_k = min(cfg.router_block_k or (full_k if fits else max(64, 2048 // b_pad)), full_k)
+    return use_dot, b_pad, block_e, block_k
+
+
 def launch_router(x: torch.Tensor, w_router: torch.Tensor, threshold: float, mask_u8: torch.Tensor | None,
                   union: torch.Tensor | None, score: torch.Tensor | None, cfg: KernelConfig, pdl: bool,
                   logits: torch.Tensor | None = None) -> None:
@@ -222,15 +238,7 @@ def launch_router(x: torch.Tensor, w_router: torch.Tensor, threshold: float, mas
     there instead, and nothing else (mask_u8, union, score and threshold unused)."""
     num_tokens, model_width = x.shape
     num_exp = w_router.shape[0]
-    use_dot = num_tokens > 8 and cfg.router_block_e >= 16
-    b_pad = max(16, _next_pow2(num_tokens)) if use_dot else _next_pow2(num_tokens)
-    block_e = cfg.router_block_e if use_dot else max(1, cfg.router_block_e)
-    full_k = _next_pow2(model_width)
-    if use_dot:
-        block_k = min(max(16, cfg.router_block_k or 128), 256, full_k)
-    else:
-        fits = full_k * b_pad * block_e <= 16384  # broadcast product held in registers
-        block_k = min(cfg.router_block_k or (full_k if fits else max(64, 2048 // b_pad)), full_k)
+    use_dot, b_pad, block_e, block_k = router_blocks(num_tokens, model_width, cfg)
     wait = cfg.router_pdl and pdl
     out = logits if logits is not None else mask_u8  # never-read pointers stand in for the outputs not written
     _router_kernel[(triton.cdiv(num_exp, block_e),)](
