@@ -260,16 +260,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def plot(result_file: Path) -> Path:
     """Decode-step latency vs sparsity (fixed masks) per batch size, with the dense and ideal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lte.evaluation.plots import new_figure, save_figure
 
     data = json.loads(result_file.read_text())
     rows = [r for r in data["rows"] if not r.get("model_dir") and "ms_per_step" in r]
     first = rows[0].get("shape") if rows else None
     rows = [r for r in rows if r.get("shape") == first]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
     for batch in sorted({r["batch_size"] for r in rows}):
         dense = next((r for r in rows if r["variant"] == "dense" and r["batch_size"] == batch), None)
         if dense is None:
@@ -286,10 +284,7 @@ def plot(result_file: Path) -> Path:
     ax.set_ylabel("ms per decode step")
     ax.set_title(f"decode step, {first}, {data['env']['device']}, bf16", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out = result_file.with_suffix(".png")
-    fig.savefig(out, dpi=120)
-    return out
+    return Path(save_figure(fig, result_file.with_suffix(".png")))
 
 
 def main() -> None:

