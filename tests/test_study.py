@@ -445,6 +445,20 @@ def test_run_parallel_lowers_the_worker_count_on_out_of_memory_and_finishes_ever
     assert max(int(line.split()[1]) for line in done) <= 2
 
 
+def test_start_order_finishes_whole_methods_first():
+    """Dense first, then the costlier base, then --methods order across the seeds, so that a run cut
+    short leaves every seed of the first-named method done."""
+    def unit(seed: int, method: str, cost: float) -> Unit:
+        return Unit(f"/s/seed{seed}", method, None if method == "dense" else [0.9], cost)
+
+    units = [unit(s, m, c) for s in (0, 1, 2) for m, c in (("dense", 1.0), ("b", 4.0), ("a", 4.0), ("teal", 0.8))]
+    methods = {f"/s/seed{s}": ["b", "teal", "a"] for s in (0, 1, 2)}
+    order = [(u.method, u.study[-1]) for u in parallel.start_order(units, methods)]
+    assert order == [("dense", "0"), ("dense", "1"), ("dense", "2"),
+                     ("b", "0"), ("b", "1"), ("b", "2"), ("a", "0"), ("a", "1"), ("a", "2"),
+                     ("teal", "0"), ("teal", "1"), ("teal", "2")]
+
+
 def test_load_point_reads_stage_twos_training_sparsity_for_older_points(tmp_path):
     path = tmp_path / "lte" / "t0.9" / "point.json"
     (path.parent / "stage2").mkdir(parents=True)

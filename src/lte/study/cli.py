@@ -77,7 +77,8 @@ def add_study_commands(sub) -> None:
     p.add_argument("config", nargs="+", help="study YAML(s), e.g. configs/study/sst2-minilm.yaml")
     p.add_argument("--out", help="output folder of a single study (default: the config's `out` or runs/study/<name>)")
     p.add_argument("--root", default="runs/study", help="with several configs: each study goes to ROOT/<name>")
-    p.add_argument("--methods", type=_names, help="only these methods (comma list)")
+    p.add_argument("--methods", type=_names, help="only these methods (comma list); in parallel runs every seed of the first-named "
+                   "starts before the next (so a run cut by --time-limit leaves whole methods done)")
     p.add_argument("--targets", type=_floats, help="override the targets (comma list)")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes run at once (units: dense, then one per trained method and target); "

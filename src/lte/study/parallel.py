@@ -18,6 +18,8 @@ checkpoint within `STOP_GRACE_SECONDS` and the next run resumes it (`lte.study.r
 seconds they ran are recorded (`STOPPED_FILE`), so a resumed unit is expected to need only the rest.
 A unit that runs out of GPU memory beside others lowers how many run at once (`WorkerLimit`) and runs
 again, so too many --jobs for a GPU's memory costs one failed start, not the rest of the run.
+Units start in `start_order`: all seeds of the first method named before the next method's, so a
+run cut short by its time limit leaves whole methods done.
 """
 
 from __future__ import annotations
@@ -84,13 +86,27 @@ def plan_units(cfg: dict[str, Any], out: Path) -> list[Unit]:
             units += [Unit(str(out), method, [v], _COST[base], kin=kin) for v in todo]
         else:  # one router / predictor / calibration pass shared over the targets
             units.append(Unit(str(out), method, todo, _COST[base], kin=kin))
-    units.sort(key=lambda u: -u.cost)
+    units.sort(key=lambda u: -u.cost)  # run_parallel's `start_order` orders all studies' units together
     # One dense unit first when its point is missing, or when methods will start from a dense model
     # whose weights were not carried along (else every method worker would fine-tune it at once,
     # into the same folder).
     need_dense = not point_done(cfg, out, "dense", None) or (bool(units) and dense_weights_missing(out))
     dense = [Unit(str(out), "dense", None, 1.0)] if need_dense else []
     return dense + units
+
+
+def start_order(units: list[Unit], methods: dict[str, list[str]]) -> list[Unit]:
+    """The order units start in: dense units first (the others wait for them), then the costliest
+    kind of method first (load balance), and among equals the study's `methods` order (the order
+    `--methods` gave) before the seed. So when the time limit cuts a run short, the first-named
+    methods have all their seeds done, and a round can be decided on them, instead of every method
+    holding one seed. ``methods``: study folder -> its methods."""
+    def key(unit: Unit) -> tuple:
+        names = methods.get(unit.study, [])
+        rank = names.index(unit.method) if unit.method in names else len(names)
+        return (unit.method != "dense", -unit.cost, rank)
+
+    return sorted(units, key=key)  # stable: seeds (and targets) keep their order
 
 
 def _command(unit: Unit) -> list[str]:
@@ -258,6 +274,7 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
         if not any(u.method == "dense" for u in units):
             dense_done.add(str(out))  # its dense model and point exist already
         pending += units
+    pending = start_order(pending, {str(out): cfg.get("methods") or [] for cfg, out in studies})
     gpus = _gpu_count()
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
     running: list[tuple[Unit, subprocess.Popen, float, int]] = []
