@@ -163,6 +163,7 @@ def main() -> None:
                     down_sq = layer.down_weight().detach().float().square().sum(0)
                     labels = top_k(expert_energy(h, down_sq, sizes), k).float()
                     routers["ridge+bce"].append(train_bce(layer.router, x, labels, args.bce_steps, args.seed))
+                del seen
             data = record(lmodel, held)
             for i, (layer, (x, h)) in enumerate(zip(lmodel.lte_layers(), data)):
                 sizes = layer.input.expert_sizes.cpu()
@@ -181,12 +182,13 @@ def main() -> None:
                     for key in rows[-1] if key.endswith(("_error", "_recall"))}
             print(f"S={size} {spec:>10s} ({tokens} tokens): " + "  ".join(f"{k} {v:.3f}" for k, v in mean.items()),
                   flush=True)
-    result = {"args": vars(args), "held_out_tokens": int(held["attention_mask"].sum()),
-              "seconds": time.time() - start, "torch": torch.__version__,
-              "machine": platform.processor() or platform.machine(), "rows": rows}
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+            del lmodel, routers, data  # the recorded activations take gigabytes: free them before the next model
+            if args.out:  # after every model, so a stopped run keeps what it measured
+                result = {"args": vars(args), "held_out_tokens": int(held["attention_mask"].sum()),
+                          "seconds": time.time() - start, "torch": torch.__version__,
+                          "machine": platform.processor() or platform.machine(), "rows": rows}
+                with open(args.out, "w") as fh:
+                    json.dump(result, fh, indent=1)
 
 
 if __name__ == "__main__":
