@@ -145,7 +145,9 @@ def main() -> None:
     rows = []
     for size in args.expert_sizes:
         for spec in args.calibration:
-            sample, count = spec.split(":")
+            sample, _, count = spec.partition(":")
+            if sample not in ("first", "spread") or not count.isdigit() or int(count) < 1:
+                raise SystemExit(f"--calibration {spec!r}: write SAMPLE:COUNT, e.g. first:32 or spread:256")
             calib = calibration_batch(train, tokenizer, int(count), sample)
             tokens = int(calib["attention_mask"].sum())
             lmodel = lte.get_lte_model(lte.load_model(args.model).float().eval(),
