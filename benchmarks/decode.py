@@ -4,8 +4,9 @@ Models of the shape table (`lte.serving.synthetic.SHAPES`: LLaMA-2-7B, Llama-3-8
 Mistral-7B, ...) with random bf16 weights are built on the GPU, converted by
 `lte.get_lte_model(grouping="contiguous")` and readied with `prepare_for_inference`. Router masks
 switch off a chosen fraction of experts through the real router path (see `lte.serving.synthetic`):
-"fixed" (same experts for every token) and "random" (each token its own), the latter also under a
-per-batch expert budget (`--batch-budget`: at most that fraction of each layer's experts per step).
+"fixed" (same experts for every token), "random" (each token its own) and "topk" (each token its
+own, a fixed count: top-k routing), the last two also under a per-batch expert budget
+(`--batch-budget`: at most that fraction of each layer's experts per step).
 Dense = the same weights through `DenseMLP` (cuBLAS) in the same loop. Each point: median over
 --runs runs of --new-tokens graph replays; "ideal" scales the dense step by the bytes the LTE step
 must read (weights at the measured union + KV cache).
@@ -222,6 +223,12 @@ def synthetic_table(args: argparse.Namespace, shape: str) -> None:
                 set_topk_sparsity(model, s)
                 _guard(f"lte topk {shape} B={batch} s={s}", _point, model, args, batch, variant="lte", mask="topk",
                        sparsity=s, shape=shape)
+                if args.batch_budget and batch > 1 and not args.deadline.over(4):
+                    _set_budget(model, args.batch_budget)
+                    _guard(f"lte topk+budget {shape} B={batch} s={s}", _point, model, args, batch,
+                           variant="lte_budget", mask="topk", sparsity=s, budget_fraction=args.batch_budget,
+                           shape=shape)
+                    _set_budget(model, 0.0)
             set_topk_sparsity(model, None)
     del model, dense
     _free()
@@ -297,7 +304,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--mask-modes", nargs="+", default=["fixed", "random"], choices=["fixed", "random", "topk"])
     p.add_argument("--batch-budget", type=float, default=0.0,
-                   help="also time random masks under a per-batch budget of this fraction of the experts")
+                   help="also time random (and topk) masks under a per-batch budget of this fraction of the experts")
     p.add_argument("--budget", type=float, default=None, help="seconds; points not started by then are skipped")
     p.add_argument("--suite", action="store_true",
                    help="the issue's table: llama3-8b, llama2-7b, qwen2.5-7b, mistral-7b at B = 1 8 32, "

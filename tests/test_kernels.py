@@ -140,6 +140,21 @@ def test_router_topk_mask_reference_by_hand(dtype):
         assert router_topk_mask(x, w_router, k).tolist() == want, k  # the op (its CPU reference)
 
 
+def test_router_topk_mask_with_a_batch_budget_by_hand():
+    """k = 2 keeps {0, 2}, {0, 1}, {1, 3}: union {0, 1, 2, 3}. Summed sigmoid scores over the three
+    tokens: e1 = s(1) + s(-1) + s(3) = 1.953, e3 = s(0) + s(-1) + s(6) = 1.766, e0 = e2 = s(2) + s(-1) +
+    s(0) = 1.650 (a tie: the lower index first); e4 (1.953) is in no token's top 2."""
+    x, w_router = torch.tensor(TOPK_TOKENS), torch.tensor(TOPK_ROUTER)
+    by_budget = {2: [[], [1], [1, 3]], 3: [[0], [0, 1], [1, 3]], 4: [[0, 2], [0, 1], [1, 3]],
+                 0: [[0, 2], [0, 1], [1, 3]]}
+    for budget, experts in by_budget.items():
+        want = [[e in on for e in range(5)] for on in experts]
+        assert router_topk_mask_reference(x, w_router, 2, budget).tolist() == want, budget
+        assert router_topk_mask(x, w_router, 2, budget=budget).tolist() == want, budget
+    with pytest.raises(ValueError, match="budget must be an int >= 0"):
+        router_topk_mask(x, w_router, 2, budget=-1)
+
+
 def test_router_topk_mask_ranks_fp32_accumulated_logits():
     """bf16 inputs whose logits differ by 2^-8: equal once rounded to bf16 (the lower index would win),
     apart in fp32 accumulation (the larger wins)."""
@@ -184,7 +199,7 @@ def test_router_topk_mask_flattens_leading_dims_and_checks_arguments():
 def test_router_topk_op_fake_passes_opcheck_and_traces_under_compile():
     gen = torch.Generator().manual_seed(12)
     x, w_router = torch.randn(4, 24, generator=gen), torch.randn(9, 24, generator=gen)
-    torch.library.opcheck(torch.ops.lte.router_topk_mask.default, (x, w_router, 3),
+    torch.library.opcheck(torch.ops.lte.router_topk_mask.default, (x, w_router, 3, 4),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     w = make_ffn(24, 9 * 32, True, False, torch.float32, "cpu", gen)
 
@@ -825,6 +840,35 @@ def test_router_topk_mask_on_gpu(num_tokens, dtype):
         static_x.copy_(_exact_router_inputs(num_tokens, E, D, dtype, 100 + seed)[0])
         graph.replay()
         assert torch.equal(static_mask, router_topk_mask_reference(static_x, w_router, 17)), seed
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 64])
+def test_router_topk_mask_with_budget_on_gpu(num_tokens):
+    """Top-k with a per-batch budget on Llama-3-8B's router shape: router, top-k, union and budget
+    kernels against the reference (``selfcheck.check_topk_case``: exact logits, summed scores up to
+    near-ties at the cut), then the four launches captured in a CUDA graph and replayed on new inputs."""
+    from lte.kernels.selfcheck import check_topk_case
+
+    E, D = 448, 4096
+    gen = torch.Generator().manual_seed(num_tokens)
+    for k, budget, ties in ((17, 100, False), (17, 100, True), (224, 300, False), (1, 1, True), (100, 447, False)):
+        result = check_topk_case(D, E, num_tokens, k, torch.bfloat16, "cuda", gen, ties=ties, budget=budget)
+        assert result.ok, result
+    x, w_router = _exact_router_inputs(num_tokens, E, D, torch.bfloat16, num_tokens)
+    static_x = x.clone()
+    router_topk_mask(static_x, w_router, 17, budget=40)  # compile the kernels outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_mask = router_topk_mask(static_x, w_router, 17, budget=40)
+    for seed in range(3):
+        static_x.copy_(torch.randn(num_tokens, D, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        fresh = router_topk_mask(static_x, w_router, 17, budget=40)
+        assert torch.equal(static_mask, fresh), seed  # the replay computes what a fresh call does
+        assert int(static_mask.any(0).sum()) <= 40 and (static_mask.sum(-1) <= 17).all(), seed
 
 
 @pytest.mark.gpu

@@ -246,15 +246,17 @@ def test_batch_budget_keep_by_hand():
     assert batch_budget_keep(ties, ties > 0.5, 2).tolist() == [[True, True, False]]
 
 
+@pytest.mark.parametrize("routing", ["hard", "topk"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_budgeted_lte_model_decodes_like_the_served_budget(batch):
-    """LTEModel in hard routing with a per-batch budget (per position over the batch's sequences) gives the
-    tokens the served model with the same budget decodes (the budget applies per decode step there)."""
+def test_budgeted_lte_model_decodes_like_the_served_budget(batch, routing):
+    """LTEModel in hard (or top-k) routing with a per-batch budget (per position over the batch's sequences)
+    gives the tokens the served model with the same budget decodes (the budget applies per decode step there)."""
     lmodel = _lte("llama", router_scale=1.0)
     num_exp = lmodel.lte_layers()[0].input.num_experts
     fraction = 0.4
     k = max(1, round(fraction * num_exp))
-    lmodel.set_routing("hard", budget=fraction)
+    top = {"k": max(1, num_exp // 2)} if routing == "topk" else {}  # top-k: each token's half of the experts
+    lmodel.set_routing(routing, budget=fraction, **top)
     ids = _ids(batch, 1)  # a one-token prompt: the served prefill is a decode-sized step, with the budget
     ref = _hf_greedy(lmodel, ids, 6)
     with torch.no_grad():
@@ -264,12 +266,14 @@ def test_budgeted_lte_model_decodes_like_the_served_budget(batch):
         seqs = _ids(batch, 5)
         with torch.no_grad():
             budgeted = lmodel(input_ids=seqs).logits
-            lmodel.set_routing("hard")
+            lmodel.set_routing(routing, **top)
             free = lmodel(input_ids=seqs).logits
         assert max(int((layer.input.gate != 0).any(0).sum(-1).max()) for layer in lmodel.lte_layers()) > k
         assert not torch.allclose(budgeted, free)
-    lmodel.set_routing("hard")
-    served = StaticDecoder(prepare_for_inference(lmodel, budget=k), batch, cache_len=16).generate_ids(ids, 6)
+    lmodel.set_routing(routing, **top)
+    served_model = prepare_for_inference(lmodel, budget=k)
+    assert all(m.topk == top.get("k", 0) and m.budget == k for m in sparse_modules(served_model))
+    served = StaticDecoder(served_model, batch, cache_len=16).generate_ids(ids, 6)
     torch.testing.assert_close(served, ref)
     with pytest.raises(lte.LTEError, match="budget is a fraction"):
         lmodel.set_routing("soft", budget=0.5)

@@ -72,8 +72,8 @@ def test_stage2_in_topk_keeps_the_recut_counts_for_every_token(stage1):
     assert is_lte and evaluated.routing == "topk" and [layer.input.k for layer in evaluated.lte_layers()] == ks
     with torch.no_grad():
         assert [c.tolist() for c in _experts_per_token(loaded.eval(), ids)] == [c.tolist() for c in counts]
-    with pytest.raises(lte.LTEError, match="topk routing.*no budget"):
-        prepare_for_inference(lte.load_model(root / "s2topk"), budget=2)
+    with pytest.raises(lte.LTEError, match="topk routing.*native weights"):
+        prepare_for_inference(lte.load_model(root / "s2topk"), weights="fp8")
     with torch.no_grad():
         want = loaded(input_ids=ids).logits
         for use_kernels in (False, True):  # the masked dense path; the decode ops (references on the CPU)
@@ -97,9 +97,17 @@ def test_topk_stage2_settings_are_checked(stage1):
     root, s1, text = stage1["root"], stage1["s1"], stage1["text"]
     with pytest.raises(lte.LTEError, match="stage2_routing 'topk' needs target_sparsity"):
         train_stage("2", s1, "causal-lm", text, root / "x1", max_steps=1, stage2_routing="topk", **FAST)
-    with pytest.raises(lte.LTEError, match="batch_budget"):
+    with pytest.raises(lte.LTEError, match="hold_target_every"):
         train_stage("2", s1, "causal-lm", text, root / "x2", max_steps=1, target_sparsity=0.6, stage2_routing="topk",
-                    batch_budget=0.5, **FAST)
+                    hold_target_every=1, **FAST)
+    r = train_stage("2", s1, "causal-lm", text, root / "x4", max_steps=1, target_sparsity=0.6, stage2_routing="topk",
+                    calibration_holdout=4, batch_budget=0.5, **FAST)  # top-k under a per-batch budget of half
+    layers = r["trainer"].model.lte_layers()
+    assert all(layer.input.mode == "topk" and layer.input.budget == 0.5 for layer in layers)
+    with torch.no_grad():
+        r["trainer"].model.eval()(input_ids=torch.randint(2, 20, (4, 8)))
+    for layer in layers:  # at each position the 4 sequences share at most half of the 9 experts
+        assert int((layer.input.gate != 0).any(0).sum(-1).max()) <= 4
     with pytest.raises(lte.LTEError, match="stage2_routing must be one of hard, topk"):
         train_stage("2", s1, "causal-lm", text, root / "x3", max_steps=1, target_sparsity=0.6,
                     stage2_routing="threshold", **FAST)
@@ -118,10 +126,26 @@ def test_served_topk_mask_keeps_the_highest_scores_by_hand():
     assert mlp.dense_mask(x).tolist() == [[True, False, True, False], [False, True, False, True]]
     with pytest.raises(lte.LTEError, match="topk must be an int in \\[0, 4\\]"):
         SparseMLP(w, w.clone(), w.clone(), router, tau=0.5, expert_size=s, activation="silu", topk=5)
-    with pytest.raises(lte.LTEError, match="no per-batch budget"):
-        SparseMLP(w, w.clone(), w.clone(), router, tau=0.5, expert_size=s, activation="silu", topk=2, budget=1)
-    with pytest.raises(lte.LTEError, match="takes no per-batch budget"):
-        mlp.budget = 1  # set later, it would be ignored by the top-k path: refused instead
+    with pytest.raises(lte.LTEError, match="native weights"):
+        SparseMLP(w, w.clone(), w.clone(), router, tau=0.5, expert_size=s, activation="silu", topk=2, weights="fp8")
+
+
+def test_served_topk_mask_under_a_batch_budget_by_hand():
+    """Token 0's logits 1, 0.5, 2, -1 keep experts {0, 2}; token 1's -0.5, 3, -1, 0.5 keep {1, 3}. Summed
+    sigmoid scores: e1 = s(0.5) + s(3) = 1.575, e2 = s(2) + s(-1) = 1.150, e0 = s(1) + s(-0.5) = 1.109,
+    e3 = s(-1) + s(0.5) = 0.891. A budget of 2 keeps e1 and e2 for the step, 3 adds e0."""
+    from lte.serving.sparse_mlp import SparseMLP
+
+    d, f, s = 2, 8, 2
+    w = torch.zeros(f, d)
+    router = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [-1.0, 0.0]])
+    x = torch.tensor([[1.0, 0.5], [-0.5, 3.0]])
+    for budget, want in ((0, [[0, 2], [1, 3]]), (2, [[2], [1]]), (3, [[0, 2], [1]]), (4, [[0, 2], [1, 3]])):
+        mlp = SparseMLP(w, w.clone(), w.clone(), router, tau=0.5, expert_size=s, activation="silu", topk=2,
+                        budget=budget)  # kernels on: the decode ops (their references on the CPU)
+        mlp.record_mask = True
+        mlp(x)
+        assert mlp.last_mask.tolist() == [[e in on for e in range(4)] for on in want], budget
 
 
 def test_topk_gate_breaks_ties_to_the_lower_expert_and_passes_no_gradient():
@@ -147,9 +171,9 @@ def test_served_topk_ties_match_the_lte_gate_on_both_paths(monkeypatch):
 
     calls, op = [], kernels.router_topk_mask
 
-    def counted(x, w_router, k):
+    def counted(x, w_router, k, budget=0):
         calls.append(k)
-        return op(x, w_router, k)
+        return op(x, w_router, k, budget=budget)
 
     monkeypatch.setattr(kernels, "router_topk_mask", counted)
 

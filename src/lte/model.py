@@ -110,16 +110,16 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
         losses, the statistics and the save use (and drops per-layer thresholds). `layer_tau`: one
         threshold per layer instead, kept as `lte_config.layer_tau` (saved; the losses keep `tau`).
         Without either, the thresholds the config holds stay. `k` (topk): experts kept per token, one int for
-        every layer or one per layer. `budget` (hard): a per-batch expert budget, the fraction of each
+        every layer or one per layer. `budget` (hard or topk): a per-batch expert budget, the fraction of each
         layer's experts the sequences of a batch may use together at each position
         (`lte.routing.layers.batch_budget_keep`; what a served decode step of that batch with
         `prepare_for_inference(budget=round(budget x E))` computes); 0 = off. Not saved with the model.
         """
         if mode not in MODES:
             raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")
-        if not 0.0 <= budget < 1.0 or (budget and mode != "hard"):
-            raise LTEError(f"budget is a fraction of the experts in [0, 1) for hard routing; got {budget} with "
-                           f"{mode!r} routing")
+        if not 0.0 <= budget < 1.0 or (budget and mode not in ("hard", "topk")):
+            raise LTEError(f"budget is a fraction of the experts in [0, 1) for hard or topk routing; got {budget} "
+                           f"with {mode!r} routing")
         if tau is not None and layer_tau is not None:
             raise LTEError("set_routing takes tau (one threshold) or layer_tau (one per layer), not both")
         if tau is not None:

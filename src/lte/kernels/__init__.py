@@ -5,7 +5,7 @@ Public API:
 - ``sparse_ffn(x, mask, w_up, w_down_t, *, w_gate=None, b_up=None, b_down=None, expert_size=32,
   activation="silu")``: one LTE FFN for x ``[..., D]`` and a per-token expert mask ``[..., E]``.
 - ``router_mask(x, w_router, tau=0.5)``: the hard expert mask ``sigmoid(x Wr^T) > tau``.
-- ``router_topk_mask(x, w_router, k)``: top-k routing's mask, each token's k experts of largest
+- ``router_topk_mask(x, w_router, k, budget=0)``: top-k routing's mask, each token's k experts of largest
   router logit (ties to the lower expert index), for ``sparse_ffn``.
 - ``routed_sparse_ffn(x, w_router, w_up, w_down_t, *, tau=0.5, budget=0, ...)``: both in one op,
   with an optional per-batch expert budget; returns ``(y, mask)``. With ``scales=(s_up, s_gate,
@@ -263,12 +263,14 @@ def router_mask(x: torch.Tensor, w_router: torch.Tensor, tau: float = 0.5) -> to
     return out.reshape(*x.shape[:-1], w_router.shape[0])
 
 
-def router_topk_mask(x: torch.Tensor, w_router: torch.Tensor, k: int) -> torch.Tensor:
+def router_topk_mask(x: torch.Tensor, w_router: torch.Tensor, k: int, budget: int = 0) -> torch.Tensor:
     """Top-k routing's expert mask for x ``[..., D]`` and w_router ``[E, D]``: bool ``[..., E]`` with,
     for every token, exactly ``min(k, E)`` experts on: those of largest router logit ``x . Wr[e]``
-    (fp32 accumulation), ties to the lower expert index (``topk_keep``). On CUDA up to 64 tokens run
-    the router and top-k kernels (no host sync: CUDA-graph safe); elsewhere, and for more tokens,
-    the reference."""
+    (fp32 accumulation), ties to the lower expert index (``topk_keep``). ``budget = n > 0`` is a
+    per-batch expert budget: of the experts some token of the call switched on, the n with the
+    largest summed sigmoid score stay on for every token (``budget_keep``), so a token may keep
+    fewer than k. On CUDA up to 64 tokens run the router, top-k (and union and budget) kernels (no
+    host sync: CUDA-graph safe); elsewhere, and for more tokens, the reference."""
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1:
@@ -276,9 +278,11 @@ def router_topk_mask(x: torch.Tensor, w_router: torch.Tensor, k: int) -> torch.T
     _check_matrix("w_router", w_router, x, None)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an int >= 1 (the experts every token keeps), got {k!r}")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise ValueError(f"budget must be an int >= 0 (0 = no budget), got {budget!r}")
     model_width = x.shape[-1]
     x2 = x.reshape(-1, model_width).contiguous()  # [T, D]
-    out = torch.ops.lte.router_topk_mask(x2, w_router, k)  # [T, E]
+    out = torch.ops.lte.router_topk_mask(x2, w_router, k, budget)  # [T, E]
     return out.reshape(*x.shape[:-1], w_router.shape[0])
 
 

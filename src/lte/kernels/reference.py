@@ -133,11 +133,16 @@ def topk_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.scatter_(-1, order, True)
 
 
-def router_topk_mask_reference(x: torch.Tensor, w_router: torch.Tensor, k: int) -> torch.Tensor:
+def router_topk_mask_reference(x: torch.Tensor, w_router: torch.Tensor, k: int, budget: int = 0) -> torch.Tensor:
     """Top-k expert mask [B, E]: for every token the ``min(k, E)`` experts with the largest router
-    logits ``x . Wr[e]`` (fp32 accumulation), ties to the lower expert index (``topk_keep``)."""
+    logits ``x . Wr[e]`` (fp32 accumulation), ties to the lower expert index (``topk_keep``); with a
+    per-batch ``budget`` > 0 only the union's experts ``budget_keep`` keeps stay on (a token may then
+    keep fewer than k)."""
     logits = F_.linear(x.float(), w_router.float())  # [B, E]
-    return topk_keep(logits, k)
+    mask = topk_keep(logits, k)
+    if budget > 0:
+        mask = mask & budget_keep(mask, logits, budget)[None, :]
+    return mask
 
 
 def budget_keep(mask: torch.Tensor, logits: torch.Tensor, budget: int) -> torch.Tensor:

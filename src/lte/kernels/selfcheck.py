@@ -154,12 +154,16 @@ def check_router_case(D, E, B, dtype, device, gen) -> CaseResult:
     return CaseResult(f"router D={D} E={E} B={B} {dtype}", float(bad), bad == 0)
 
 
-def check_topk_case(D, E, B, k, dtype, device, gen, ties=False, config=None) -> CaseResult:
+def check_topk_case(D, E, B, k, dtype, device, gen, ties=False, config=None, budget=0) -> CaseResult:
     """Router top-k kernels vs the reference: the masks must be equal, with exactly min(k, E) experts
     per token. x holds multiples of 1/4 in [-2, 2] and w multiples of 1/8 in [-1, 1], so every logit
     is a multiple of 1/32 that fp32 sums exactly in any order, from any of the three dtypes: no
     rounding near-ties, many exact ties. ``ties``: also a second copy of the first router rows (equal
-    logits: the lower index must win) and an all-zero token (every logit 0: the first k experts)."""
+    logits: the lower index must win) and an all-zero token (every logit 0: the first k experts).
+    ``budget`` > 0: the union and budget kernels too; each token keeps its top-k experts that are
+    among the union's ``budget`` of largest summed sigmoid score. Summed sigmoids are not exact: where
+    two of them lie within 1e-4 of each other at the cut, any of the tied experts may be the one kept,
+    so the mask must then only be the top-k masks cut to exactly ``budget`` experts."""
     from .triton_topk import router_topk_mask_triton
 
     x = torch.randint(-8, 9, (B, D), generator=gen) / 4  # [B, D]
@@ -168,13 +172,26 @@ def check_topk_case(D, E, B, k, dtype, device, gen, ties=False, config=None) -> 
         w_router[E // 2:] = w_router[: E - E // 2].clone()
         x[0] = 0.0
     x, w_router = x.to(dtype=dtype, device=device), w_router.to(dtype=dtype, device=device)
-    got = router_topk_mask_triton(x, w_router, k, config)
-    want = router_topk_mask_reference(x, w_router, k)
-    counts_ok = bool((got.sum(-1) == min(k, E)).all())
-    bad = int((got != want).sum())
-    case = (f"topk D={D} E={E} B={B} k={k} {dtype}{' ties' if ties else ''} "
+    got = router_topk_mask_triton(x, w_router, k, config, budget=budget)
+    want = router_topk_mask_reference(x, w_router, k, budget)
+    case = (f"topk D={D} E={E} B={B} k={k}{f' budget={budget}' if budget else ''} {dtype}{' ties' if ties else ''} "
             f"{'default' if config is None else f'block_e={config.router_block_e}'}")
-    return CaseResult(case, float(bad), bad == 0 and counts_ok)
+    if not budget:
+        counts_ok = bool((got.sum(-1) == min(k, E)).all())
+        bad = int((got != want).sum())
+        return CaseResult(case, float(bad), bad == 0 and counts_ok)
+    unbudgeted = router_topk_mask_reference(x, w_router, k)  # [B, E]
+    union = unbudgeted.any(0)
+    score = torch.where(union, torch.sigmoid(x.float() @ w_router.float().T).sum(0), -1.0).sort(descending=True).values
+    near_tie = budget < int(union.sum()) and bool((score[budget - 1] - score[budget]).abs() < 1e-4)
+    if near_tie:
+        kept = got.any(0)
+        bad = int((got & ~unbudgeted).sum()) + int((got != (unbudgeted & kept)).sum())
+        ok = bad == 0 and int(kept.sum()) == min(budget, int(union.sum()))
+    else:
+        bad = int((got != want).sum())
+        ok = bad == 0
+    return CaseResult(case + (" near-tie" if near_tie else ""), float(bad), ok)
 
 
 def check_topk_extremes_case(k, device, config=None) -> CaseResult:
@@ -330,8 +347,9 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
                                   [(TOPK_DTYPES[(i + j) % 3], TOPK_CONFIGS[(i + 2 * j) % 3])]):
                 if device == "cpu" and dtype == torch.bfloat16 and B > 8 and config is not TOPK_CONFIGS[2]:
                     config = TOPK_CONFIGS[2]  # Triton's interpreter gets tl.dot wrong for bf16: broadcast path
+                budget = (E + 2) // 3 if (i + j) % 3 == 2 else 0  # a per-batch budget on every third case
                 results.append(check_topk_case(D, E, B, k, dtype, device, gen, ties=(i + j) % 2 == 1,
-                                               config=config))
+                                               config=config, budget=budget))
     if "topk" in parts:
         for k in range(1, 16):
             results.append(check_topk_extremes_case(k, device, TOPK_CONFIGS[k % 3]))

@@ -205,12 +205,22 @@ _DOT_DTYPE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # --------------------------------------------------------------------------- launches
 def launch_union(p: FFNLaunch) -> None:
     """Union of the caller's per-token masks (the mask-given entry point)."""
-    num_tokens = p.x.shape[0]
-    num_exp = p.union.shape[0]
+    launch_mask_union(p.mask_u8, p.union, trigger=p.pdl)
+
+
+def launch_mask_union(mask_u8: torch.Tensor, union: torch.Tensor, trigger: bool, logits: torch.Tensor | None = None,
+                      score: torch.Tensor | None = None, wait: bool = False) -> None:
+    """union [E] int8 = any over tokens of mask_u8 [B, E]; with ``logits`` [B, E] fp32 also
+    score [E] fp32 = the summed sigmoid of the logits. ``wait``: a PDL launch that waits for the
+    kernel that wrote the mask; ``trigger``: let the next launch start early."""
+    num_tokens, num_exp = mask_u8.shape
     block_e = 256
+    with_score = logits is not None
     _union_kernel[(triton.cdiv(num_exp, block_e),)](
-        p.mask_u8, p.union, num_tokens, num_exp, p.mask_u8.stride(0),
-        B_PAD=_next_pow2(num_tokens), BLOCK_E=block_e, TRIGGER=p.pdl, num_warps=4,
+        mask_u8, union, logits if with_score else mask_u8, score if with_score else union,
+        num_tokens, num_exp, mask_u8.stride(0), logits.stride(0) if with_score else 0,
+        B_PAD=_next_pow2(num_tokens), BLOCK_E=block_e, WITH_SCORE=with_score, PDL=wait, TRIGGER=trigger,
+        num_warps=4, **_pdl_kwargs(wait),
     )
 
 
@@ -253,14 +263,20 @@ def launch_router(x: torch.Tensor, w_router: torch.Tensor, threshold: float, mas
 
 def launch_budget(p: FFNLaunch, union_in: torch.Tensor, score: torch.Tensor, budget: int) -> None:
     """Cut the union to its ``budget`` experts of largest summed score (p.union, p.mask_u8 updated)."""
-    num_tokens = p.x.shape[0]
-    num_exp = p.union.shape[0]
+    launch_budget_cut(union_in, score, p.union, p.mask_u8, budget, p.pdl)
+
+
+def launch_budget_cut(union_in: torch.Tensor, score: torch.Tensor, union: torch.Tensor, mask_u8: torch.Tensor,
+                      budget: int, pdl: bool) -> None:
+    """Of the experts on in union_in [E], keep the ``budget`` of largest score [E] (ties: lower index):
+    written to union [E] int8, and cleared from every token's row of mask_u8 [B, E]."""
+    num_tokens, num_exp = mask_u8.shape
     block_e = 128
     _budget_kernel[(triton.cdiv(num_exp, block_e),)](
-        union_in, score, p.union, p.mask_u8,
-        num_tokens, num_exp, budget, p.mask_u8.stride(0),
-        E_PAD=p.e_pad, B_PAD=_next_pow2(num_tokens), BLOCK_E=block_e, PDL=p.pdl,
-        num_warps=4, **_pdl_kwargs(p.pdl),
+        union_in, score, union, mask_u8,
+        num_tokens, num_exp, budget, mask_u8.stride(0),
+        E_PAD=_next_pow2(num_exp), B_PAD=_next_pow2(num_tokens), BLOCK_E=block_e, PDL=pdl,
+        num_warps=4, **_pdl_kwargs(pdl),
     )
 
 

@@ -82,17 +82,26 @@ def _router_kernel(
 
 
 @triton.jit
-def _union_kernel(mask_ptr, union_ptr, B, E, stride_mb, B_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-                  TRIGGER: tl.constexpr):
-    """union[e] = any_b mask[b, e] for one block of BLOCK_E experts."""
+def _union_kernel(mask_ptr, union_ptr, logits_ptr, score_ptr, B, E, stride_mb, stride_lb, B_PAD: tl.constexpr,
+                  BLOCK_E: tl.constexpr, WITH_SCORE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr):
+    """union[e] = any_b mask[b, e] for one block of BLOCK_E experts; with WITH_SCORE also
+    score[e] = sum_b sigmoid(logits[b, e]) (fp32 logits [B, E]: top-k routing's per-batch budget).
+    PDL: wait for the kernel that wrote the mask (top-k routing's chain); the mask-given entry point
+    launches it without (its mask comes from the caller)."""
+    if PDL:
+        gdc_wait()
     if TRIGGER:
         gdc_launch_dependents()
     experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = experts < E
     toks = tl.arange(0, B_PAD)
-    m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :],
-                mask=(toks < B)[:, None] & e_ok[None, :], other=0).to(tl.int32)  # [B_PAD, BLOCK_E]
-    tl.store(union_ptr + experts, tl.max(m, axis=0).to(tl.int8), mask=e_ok)
+    valid = (toks < B)[:, None] & e_ok[None, :]
+    m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :], mask=valid, other=0).to(tl.int32)
+    tl.store(union_ptr + experts, tl.max(m, axis=0).to(tl.int8), mask=e_ok)  # [B_PAD, BLOCK_E] -> [BLOCK_E]
+    if WITH_SCORE:
+        logits = tl.load(logits_ptr + toks[:, None] * stride_lb + experts[None, :], mask=valid, other=0.0)
+        score = tl.where(valid, tl.sigmoid(logits.to(tl.float32)), 0.0)
+        tl.store(score_ptr + experts, tl.sum(score, axis=0), mask=e_ok)
 
 
 @triton.jit

@@ -3,8 +3,11 @@
 Two launches: the router kernel writes the fp32 logits [B, E] (``_router_kernel`` with LOGITS: the
 router weights read in parallel over blocks of experts, as for threshold routing), then
 ``_topk_kernel`` (one program per token) keeps each token's k experts of largest logit, ties to the
-lower expert index. k is a runtime argument (no recompile per k) and nothing waits on the host, so
-the pair can be captured in a CUDA graph. Dimensions: B tokens, D model width, E experts.
+lower expert index. With a per-batch budget two more: ``_union_kernel`` (the union of the tokens'
+masks and each expert's summed sigmoid score) and ``_budget_kernel`` (the union cut to its
+``budget`` experts of largest score, dropped experts cleared from every token). k and the budget
+are runtime arguments (no recompile) and nothing waits on the host, so the launches can be captured
+in a CUDA graph. Dimensions: B tokens, D model width, E experts.
 This module imports triton at import time: import it lazily.
 """
 
@@ -19,6 +22,8 @@ from .triton_ffn import (
     _pdl_kwargs,
     _pdl_supported,
     default_config,
+    launch_budget_cut,
+    launch_mask_union,
     launch_router,
 )
 from .triton_masks import _topk_kernel
@@ -38,10 +43,12 @@ def launch_topk(logits: torch.Tensor, mask_u8: torch.Tensor, k: int, pdl: bool) 
 
 
 def router_topk_mask_triton(x: torch.Tensor, w_router: torch.Tensor, k: int,
-                            config: KernelConfig | None = None) -> torch.Tensor:
+                            config: KernelConfig | None = None, budget: int = 0) -> torch.Tensor:
     """Top-k routing mask for x [B, D] (1 <= B <= 64) and w_router [E, D]: bool [B, E] with the
     min(k, E) experts of largest logit ``x . Wr[e]`` (fp32 accumulation) on for every token; ties to
-    the lower expert index. Validated inputs only (see ``lte.kernels.router_topk_mask``)."""
+    the lower expert index. ``0 < budget < E``: then only the union's ``budget`` experts of largest
+    summed sigmoid score stay on (``reference.budget_keep``). Validated inputs only (see
+    ``lte.kernels.router_topk_mask``)."""
     num_tokens, model_width = x.shape  # B, D
     num_exp = w_router.shape[0]  # E
     if not 1 <= num_tokens <= MAX_TOKENS:
@@ -50,10 +57,18 @@ def router_topk_mask_triton(x: torch.Tensor, w_router: torch.Tensor, k: int,
         raise ValueError(f"the router top-k kernels take 1 to {MAX_EXPERTS} experts, got {num_exp}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0 (0 = no budget), got {budget}")
     cfg = config or default_config(num_tokens, model_width, num_exp * TABLE_EXPERT_SIZE, x.device)  # router rows: any S
     pdl = _pdl_supported(x.device)
     logits = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.float32)  # [B, E]
     out = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
     launch_router(x, w_router, 0.0, None, None, None, cfg, pdl, logits=logits)
-    launch_topk(logits, out.view(torch.uint8), min(int(k), num_exp), pdl)
+    mask_u8 = out.view(torch.uint8)
+    launch_topk(logits, mask_u8, min(int(k), num_exp), pdl)
+    if 0 < budget < num_exp:
+        union = torch.empty(num_exp, device=x.device, dtype=torch.int8)  # [E] the tokens' union
+        score = torch.empty(num_exp, device=x.device, dtype=torch.float32)  # [E] summed sigmoid scores
+        launch_mask_union(mask_u8, union, trigger=pdl, logits=logits, score=score, wait=pdl)
+        launch_budget_cut(union, score, torch.empty_like(union), mask_u8, int(budget), pdl)
     return out

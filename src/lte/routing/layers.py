@@ -201,8 +201,8 @@ class LTEInput(WrappedLayer):
         self.loss_to_model = False
         self.loss_scores: torch.Tensor | None = None
         self.k: int | None = None
-        # Hard routing: keep at most this fraction of the experts for the sequences of a batch at each
-        # position (`batch_budget_keep`; 0 = off), as a served decode step with a per-batch budget does.
+        # Hard or top-k routing: keep at most this fraction of the experts for the sequences of a batch at
+        # each position (`batch_budget_keep`; 0 = off), as a served decode step with a per-batch budget does.
         self.budget = 0.0
         # Set by forward, read by LTEOutput, the losses and the statistics (not module state).
         self.scores: torch.Tensor | None = None
@@ -234,7 +234,7 @@ class LTEInput(WrappedLayer):
             self.scores = self.loss_scores = torch.sigmoid(logits.float())
         # 0/1 masks in y's dtype (that of the hidden activations they gate: one cast fewer per step)
         self.gate = expert_gate(self.scores, self.mode, self.tau, self.k, dtype=y.dtype)
-        if self.budget and self.mode == "hard":
+        if self.budget and self.mode in ("hard", "topk"):
             keep = batch_budget_keep(self.scores, self.gate != 0, self.budget_experts)
             self.gate = self.gate * keep.to(self.gate.dtype)
         return y

@@ -188,7 +188,7 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
 
     Routing is hard (`sigmoid(x Wr^T) > tau`, each layer's own tau) whatever the LTEModel's mode
     was, except for a model in topk routing (a stage 2 trained with `stage2_routing="topk"`): its
-    FFNs keep their per-layer expert counts (`SparseMLP(topk=k)`). The HF model is changed in place and returned; the LTEModel must not be used afterwards
+    FFNs keep their per-layer expert counts (`SparseMLP(topk=k)`, with the budget too). The HF model is changed in place and returned; the LTEModel must not be used afterwards
     (its wrappers are no longer in the module tree). Cast the model to its serving dtype and
     device *before* calling this. `use_kernels=False` keeps the masked dense path for every shape.
     `budget > 0` caps the experts one decode step uses per layer for the whole batch (see
@@ -207,11 +207,11 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
     lmodel.merge_adapters()
     hf_model = lmodel.base_model
     split = _check_family(hf_model, allow_split=True) in SPLIT_FAMILIES
-    if topk and (split or budget or weights != "native"):
+    if topk and (split or weights != "native"):
         raise LTEError("prepare_for_inference serves a model in topk routing (a stage 2 trained with stage2_routing "
-                       f"topk) for FFNs in their own module ({', '.join(SERVED_FAMILIES)}), with native weights and "
-                       "no budget; drop budget / weights='fp8', or call lmodel.set_routing('hard') to serve its "
-                       "thresholds (the experts it trained with may then differ)")
+                       f"topk) for FFNs in their own module ({', '.join(SERVED_FAMILIES)}), with native weights; "
+                       "drop weights='fp8', or call lmodel.set_routing('hard') to serve its thresholds (the experts "
+                       "it trained with may then differ)")
     if split and weights != "native":
         raise LTEError(f"prepare_for_inference: weights={weights!r} is served for FFNs in their own module "
                        f"({', '.join(SERVED_FAMILIES)}), not for {hf_model.config.model_type!r}; use weights='native'")

@@ -69,8 +69,8 @@ class SparseMLP(nn.Module):
         topk: 0 (threshold routing), or the experts every token keeps, those with the largest router
             scores (a model trained with `stage2_routing="topk"`), ties to the lower expert index. Decode:
             the mask from `lte.kernels.router_topk_mask` (router and top-k kernels on CUDA, ranking the
-            fp32 logits), then `lte.kernels.sparse_ffn`; prefill: `dense_mask` and the masked dense path.
-            No budget, no fp8.
+            fp32 logits; with a budget, the union and budget kernels after them), then
+            `lte.kernels.sparse_ffn`; prefill: `dense_mask` and the masked dense path. No fp8.
 
     `ffn_path` picks the decode path: "sparse" (the kernels, default) or "dense" (router kernel +
     `lte.kernels.masked_dense_ffn`: every neuron through cuBLAS, the mask applied in one launch; the
@@ -107,9 +107,8 @@ class SparseMLP(nn.Module):
         _check_activation(activation)
         if not isinstance(topk, int) or isinstance(topk, bool) or not 0 <= topk <= num_exp:
             raise LTEError(f"SparseMLP: topk must be an int in [0, {num_exp}] (0 = threshold routing), got {topk!r}")
-        if topk and (budget or weights != "native"):
-            raise LTEError("SparseMLP: topk routing is served with native weights and no per-batch budget; drop "
-                           "budget / weights='fp8'")
+        if topk and weights != "native":
+            raise LTEError("SparseMLP: topk routing is served with native weights; drop weights='fp8'")
         self.topk = topk
         self.fp8 = weights == "fp8"
         scales: list[torch.Tensor | None] = [None, None, None]  # s_gate, s_up, s_down
@@ -152,9 +151,6 @@ class SparseMLP(nn.Module):
     def budget(self, value: int) -> None:
         if not isinstance(value, int) or value < 0:
             raise LTEError(f"SparseMLP: budget must be an int >= 0 (0 = no budget), got {value!r}")
-        if value > 0 and getattr(self, "topk", 0):
-            raise LTEError("SparseMLP: topk routing keeps a fixed number of experts per token; it takes no per-batch "
-                           "budget")
         if value > 0 and getattr(self, "_ffn_path", "sparse") == "dense":
             raise LTEError("SparseMLP: a per-batch budget runs on the sparse path; set ffn_path = 'sparse' first")
         self._budget = value
@@ -256,7 +252,7 @@ class SparseMLP(nn.Module):
         if self.use_kernels and num_tokens <= self.decode_max_tokens:
             from .. import kernels
 
-            mask = kernels.router_topk_mask(x, self.w_router, self.topk)  # [..., E] bool, on the device
+            mask = kernels.router_topk_mask(x, self.w_router, self.topk, budget=self.budget)  # [..., E] bool
             ffn = dict(w_gate=self.w_gate, b_up=self.b_up, b_down=self.b_down, expert_size=self.expert_size,
                        activation=self.activation)
             run = kernels.masked_dense_ffn if self.ffn_path == "dense" else kernels.sparse_ffn

@@ -207,9 +207,9 @@ class TrainArgs:
         if self.stage2_routing == "topk" and self.target_sparsity is None:
             raise StageInputError("stage2_routing 'topk' needs target_sparsity (the sparsity each layer's expert count "
                                   "is set from)")
-        if self.stage2_routing == "topk" and (self.batch_budget or self.hold_target_every):
-            raise StageInputError("stage2_routing 'topk' keeps a fixed number of experts per token: a per-batch budget "
-                                  "(batch_budget) or a held tau (hold_target_every) does not apply; drop them")
+        if self.stage2_routing == "topk" and self.hold_target_every:
+            raise StageInputError("stage2_routing 'topk' keeps a fixed number of experts per token: a held tau "
+                                  "(hold_target_every) does not apply; drop it")
         if self.recalibrate_tau and self.target_sparsity is None:
             raise StageInputError("recalibrate_tau needs target_sparsity (the sparsity tau is calibrated to)")
         if self.calibrate_tau and self.target_sparsity is None:

@@ -256,8 +256,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     if stage == "2" and calibrate:  # stage 2 honours --target-sparsity: re-cut the frozen routers first
         record_extra["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
         if hp.stage2_routing == "topk":
-            record_extra["topk"] = _route_topk(model, record_extra["tau_calibration"]["per_layer"], resumed=bool(
-                resume_ckpt))
+            record_extra["topk"] = _route_topk(model, record_extra["tau_calibration"]["per_layer"],
+                                               resumed=bool(resume_ckpt), budget=hp.batch_budget)
 
     callbacks = list(callbacks or [])
     holder = None
@@ -348,13 +348,14 @@ def _calibration_batch(dataset, tokenizer, hp: TrainArgs) -> dict[str, torch.Ten
                              hp.calibration_sample, hp.calibration_holdout)
 
 
-def _route_topk(model, per_layer: list[float], resumed: bool) -> list[int]:
+def _route_topk(model, per_layer: list[float], resumed: bool, budget: float) -> list[int]:
     """Switch a stage-2 model to top-k routing, each layer keeping per token as many experts as the re-cut
-    thresholds kept on the held-out examples (`per_layer`); a resumed run keeps the counts it saved."""
+    thresholds kept on the held-out examples (`per_layer`), under the per-batch `budget` (0 = none);
+    a resumed run keeps the counts it saved."""
     saved = model.lte_config.topk
     ks = list(saved) if resumed and isinstance(saved, list) else topk_for_sparsity(model, per_layer)
     model.lte_config.topk = ks  # saved with the model, which loads in topk routing
-    model.set_routing("topk", k=ks)
+    model.set_routing("topk", k=ks, budget=budget)
     logger.info("stage 2 in top-k routing: %d .. %d experts per token and layer", min(ks), max(ks))
     return ks
 
