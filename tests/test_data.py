@@ -226,6 +226,30 @@ def test_calibration_batch_first_or_spread_over_the_training_part(tok):
         calibration_batch(ds, tok, 4, sample="random")
 
 
+def test_examples_for_tokens_by_hand(tok):
+    """Examples of 3, 5, 2, 4, 6, 1, 7, 2 tokens (30 in all; masks say how many are real)."""
+    from lte.training import TrainArgs
+    from lte.training.data import examples_for_tokens
+    from lte.training.stages import _calibration_batch
+
+    lengths = [3, 5, 2, 4, 6, 1, 7, 2]
+    ds = [{"input_ids": [i + 3] * 7, "attention_mask": [1] * n + [0] * (7 - n)} for i, n in enumerate(lengths)]
+    assert [examples_for_tokens(ds, t) for t in (1, 8, 9, 30, 100)] == [1, 2, 3, 8, 8]  # 3+5 = 8; 3+5+2 = 10
+    # spread: ceil(8 / 3.75) = 3 examples [0, 2, 5] hold 3+2+1 = 6 < 8; 4 examples [0, 2, 4, 6] hold 18
+    assert examples_for_tokens(ds, 8, sample="spread") == 4
+    # the tau hold-out takes the last example (a fifth of 8 is 1): 7 usable, 28 tokens; ceil(10 / 4) = 3
+    # examples [0, 2, 4] hold 3+2+6 = 11
+    assert examples_for_tokens(ds, 10, sample="spread", holdout=2) == 3
+    assert examples_for_tokens(ds, 1000, sample="spread", holdout=2) == 7
+    no_mask = [{"input_ids": list(range(n))} for n in lengths]  # lengths of the ids themselves
+    assert examples_for_tokens(no_mask, 9) == 3
+    batch = _calibration_batch(ds, tok, TrainArgs(calibration_tokens=9, batch_size=2))
+    assert (batch["input_ids"][:, 0] - 3).tolist() == [0, 1, 2]
+    batch = _calibration_batch(ds, tok, TrainArgs(calibration_tokens=1, batch_size=2))  # at least a batch
+    assert batch["input_ids"].shape[0] == 2
+    assert _calibration_batch(ds, tok, TrainArgs(batch_size=2))["input_ids"].shape[0] == 8  # 32 examples: all 8
+
+
 # ---------------------------------------------------------------- generation and multiple-choice data
 def test_xsum_e2e(tmp_path):
     xsum = write(tmp_path / "x.jsonl", '{"id": 1, "document": " An article. ", "summary": "Short."}\n')

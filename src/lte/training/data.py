@@ -10,8 +10,8 @@ from lte.data.text import is_text_source
 from lte.training.args import TrainArgs
 from lte.training.errors import StageInputError
 
-__all__ = ["calibration_batch", "check_data_sources", "first_batch", "load_task_data", "make_collator", "split_holdout",
-           "spread_indices"]
+__all__ = ["calibration_batch", "check_data_sources", "examples_for_tokens", "first_batch", "load_task_data",
+           "make_collator", "split_holdout", "spread_indices"]
 
 
 def check_data_sources(task: str, data: Any) -> None:
@@ -76,6 +76,38 @@ def spread_indices(total: int, count: int) -> list[int]:
     return [i * total // count for i in range(count)]
 
 
+def example_tokens(item: dict[str, Any]) -> int:
+    """Tokens of one tokenized example: the ones of its attention mask, else the length of its input ids."""
+    mask = item.get("attention_mask")
+    if mask is not None:
+        return int(torch.as_tensor(mask).sum())
+    return len(item["input_ids"])
+
+
+def examples_for_tokens(dataset, tokens: int, sample: str = "first", holdout: int = 0) -> int:
+    """The fewest examples a calibration batch (`calibration_batch`'s `sample`) needs to hold at least `tokens`
+    tokens (`example_tokens`), or every usable one when the data holds fewer. "first" counts in order; "spread"
+    starts from the mean length of the usable examples and grows the count until its spaced pick is enough."""
+    total = len(dataset)
+    if sample == "first":
+        count, seen = 0, 0
+        while count < total and seen < tokens:
+            seen += example_tokens(dataset[count])
+            count += 1
+        return max(count, 1)
+    usable = total - _held_out(total, holdout)
+    lengths = [example_tokens(dataset[i]) for i in range(usable)]  # [N] tokens per usable example
+    count = min(usable, max(1, -(-tokens * usable // max(1, sum(lengths)))))  # ceil(tokens / mean length)
+    while count < usable and sum(lengths[i] for i in spread_indices(usable, count)) < tokens:
+        count += max(1, count // 16)
+    return min(count, usable)
+
+
+def _held_out(total: int, holdout: int) -> int:
+    """Examples the tau hold-out takes from the end (`split_holdout`'s rule), 0 without one."""
+    return max(1, min(holdout, total // 5)) if holdout > 0 and total > 1 else 0
+
+
 def calibration_batch(dataset, tokenizer, batch_size: int, sample: str = "first",
                       holdout: int = 0) -> dict[str, torch.Tensor] | None:
     """The stage-1 calibration batch: `first_batch`, or with `sample` "spread" `batch_size` examples evenly
@@ -87,8 +119,7 @@ def calibration_batch(dataset, tokenizer, batch_size: int, sample: str = "first"
         raise StageInputError(f"calibration_sample must be 'first' or 'spread', got {sample!r}")
     try:
         total = len(dataset)
-        held = max(1, min(holdout, total // 5)) if holdout > 0 and total > 1 else 0
-        items = [dataset[i] for i in spread_indices(total - held, batch_size)]
+        items = [dataset[i] for i in spread_indices(total - _held_out(total, holdout), batch_size)]
     except (TypeError, IndexError, KeyError):
         return None
     return make_collator(tokenizer)(items) if items else None

@@ -40,6 +40,7 @@ from lte.training.callbacks import EtaController, LamWarmup, TauHold, raise_if_s
 from lte.training.data import (
     calibration_batch,
     check_data_sources,
+    examples_for_tokens,
     load_task_data,
     make_collator,
     split_holdout,
@@ -342,10 +343,17 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
 
 
 def _calibration_batch(dataset, tokenizer, hp: TrainArgs) -> dict[str, torch.Tensor] | None:
-    """The stage-1 calibration batch (grouping, router init) as `--calibration-sample` asks; "spread"
-    leaves the tau hold-out's examples out."""
-    return calibration_batch(dataset, tokenizer, max(hp.batch_size, hp.calibration_examples),
-                             hp.calibration_sample, hp.calibration_holdout)
+    """The stage-1 calibration batch (grouping, router init) as `--calibration-sample` asks ("spread" leaves the
+    tau hold-out's examples out), of `--calibration-examples` or of the examples `--calibration-tokens` needs."""
+    count = hp.calibration_examples
+    if hp.calibration_tokens:
+        try:
+            count = examples_for_tokens(dataset, hp.calibration_tokens, hp.calibration_sample, hp.calibration_holdout)
+        except (TypeError, IndexError, KeyError):
+            return None  # not indexable: no calibration batch, as `calibration_batch` says
+        logger.info("calibration batch: %d examples for %d tokens", max(hp.batch_size, count), hp.calibration_tokens)
+    return calibration_batch(dataset, tokenizer, max(hp.batch_size, count), hp.calibration_sample,
+                             hp.calibration_holdout)
 
 
 def _route_topk(model, per_layer: list[float], resumed: bool, budget: float) -> list[int]:
