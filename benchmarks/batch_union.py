@@ -78,7 +78,7 @@ def lockstep_decode(model: Any, seqs: torch.Tensor) -> tuple[float, int, list[fl
 
 def served(model_dir: str, budget_frac: float) -> tuple[Any, int]:
     """The model readied for serving with a per-batch budget of `budget_frac` of each layer's experts."""
-    lmodel = load_model(model_dir, routing="hard").eval()
+    lmodel = load_model(model_dir, routing="served").eval()  # hard, or top-k for a top-k stage 2
     experts = lmodel.lte_layers()[0].router.out_features
     budget = 0 if budget_frac <= 0 else budget_experts(budget_frac, experts)
     return prepare_for_inference(lmodel, budget=budget).eval(), budget

@@ -143,10 +143,13 @@ def test_router_topk_mask_reference_by_hand(dtype):
 def test_router_topk_mask_with_a_batch_budget_by_hand():
     """k = 2 keeps {0, 2}, {0, 1}, {1, 3}: union {0, 1, 2, 3}. Summed sigmoid scores over the three
     tokens: e1 = s(1) + s(-1) + s(3) = 1.953, e3 = s(0) + s(-1) + s(6) = 1.766, e0 = e2 = s(2) + s(-1) +
-    s(0) = 1.650 (a tie: the lower index first); e4 (1.953) is in no token's top 2."""
+    s(0) = 1.650 (a tie: the lower index first); e4 (1.953) is in no token's top 2. Each token then
+    takes its top 2 among the kept: budget 2 keeps {1, 3}, which every token gets; budget 3 keeps
+    {0, 1, 3}: token 0 (logits 2, 1, 0) takes {0, 1}, token 1 (all -1) {0, 1}, token 2 (0, 3, 6) {1, 3};
+    budget 1 keeps {1}."""
     x, w_router = torch.tensor(TOPK_TOKENS), torch.tensor(TOPK_ROUTER)
-    by_budget = {2: [[], [1], [1, 3]], 3: [[0], [0, 1], [1, 3]], 4: [[0, 2], [0, 1], [1, 3]],
-                 0: [[0, 2], [0, 1], [1, 3]]}
+    by_budget = {1: [[1], [1], [1]], 2: [[1, 3], [1, 3], [1, 3]], 3: [[0, 1], [0, 1], [1, 3]],
+                 4: [[0, 2], [0, 1], [1, 3]], 0: [[0, 2], [0, 1], [1, 3]]}
     for budget, experts in by_budget.items():
         want = [[e in on for e in range(5)] for on in experts]
         assert router_topk_mask_reference(x, w_router, 2, budget).tolist() == want, budget

@@ -133,14 +133,15 @@ def test_served_topk_mask_keeps_the_highest_scores_by_hand():
 def test_served_topk_mask_under_a_batch_budget_by_hand():
     """Token 0's logits 1, 0.5, 2, -1 keep experts {0, 2}; token 1's -0.5, 3, -1, 0.5 keep {1, 3}. Summed
     sigmoid scores: e1 = s(0.5) + s(3) = 1.575, e2 = s(2) + s(-1) = 1.150, e0 = s(1) + s(-0.5) = 1.109,
-    e3 = s(-1) + s(0.5) = 0.891. A budget of 2 keeps e1 and e2 for the step, 3 adds e0."""
+    e3 = s(-1) + s(0.5) = 0.891. A budget of 2 keeps e1 and e2 for the step, which both tokens then take;
+    3 adds e0: token 0 takes {0, 2}, token 1 (logits -0.5, 3, -1 there) {0, 1}."""
     from lte.serving.sparse_mlp import SparseMLP
 
     d, f, s = 2, 8, 2
     w = torch.zeros(f, d)
     router = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [-1.0, 0.0]])
     x = torch.tensor([[1.0, 0.5], [-0.5, 3.0]])
-    for budget, want in ((0, [[0, 2], [1, 3]]), (2, [[2], [1]]), (3, [[0, 2], [1]]), (4, [[0, 2], [1, 3]])):
+    for budget, want in ((0, [[0, 2], [1, 3]]), (2, [[1, 2], [1, 2]]), (3, [[0, 2], [0, 1]]), (4, [[0, 2], [1, 3]])):
         mlp = SparseMLP(w, w.clone(), w.clone(), router, tau=0.5, expert_size=s, activation="silu", topk=2,
                         budget=budget)  # kernels on: the decode ops (their references on the CPU)
         mlp.record_mask = True

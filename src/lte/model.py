@@ -112,8 +112,9 @@ class LTEModel(LTECheckpointMixin, SparseFFNModel):
         Without either, the thresholds the config holds stay. `k` (topk): experts kept per token, one int for
         every layer or one per layer. `budget` (hard or topk): a per-batch expert budget, the fraction of each
         layer's experts the sequences of a batch may use together at each position
-        (`lte.routing.layers.batch_budget_keep`; what a served decode step of that batch with
-        `prepare_for_inference(budget=round(budget x E))` computes); 0 = off. Not saved with the model.
+        (`lte.routing.layers.batch_budget_keep`; in topk routing each token then takes its k best among
+        them; what a served decode step of that batch with `prepare_for_inference(budget=round(budget x E))`
+        computes); 0 = off. Not saved with the model.
         """
         if mode not in MODES:
             raise LTEError(f"unknown routing mode {mode!r}; choose one of {', '.join(MODES)}")

@@ -135,14 +135,21 @@ def topk_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def router_topk_mask_reference(x: torch.Tensor, w_router: torch.Tensor, k: int, budget: int = 0) -> torch.Tensor:
     """Top-k expert mask [B, E]: for every token the ``min(k, E)`` experts with the largest router
-    logits ``x . Wr[e]`` (fp32 accumulation), ties to the lower expert index (``topk_keep``); with a
-    per-batch ``budget`` > 0 only the union's experts ``budget_keep`` keeps stay on (a token may then
-    keep fewer than k)."""
+    logits ``x . Wr[e]`` (fp32 accumulation), ties to the lower expert index (``topk_keep``). With a
+    per-batch ``budget`` > 0 the batch may use only the union's experts ``budget_keep`` keeps, and
+    each token takes its top k among those (``topk_among``): min(k, budget) experts per token."""
     logits = F_.linear(x.float(), w_router.float())  # [B, E]
     mask = topk_keep(logits, k)
     if budget > 0:
-        mask = mask & budget_keep(mask, logits, budget)[None, :]
+        mask = topk_among(logits, k, budget_keep(mask, logits, budget))
     return mask
+
+
+def topk_among(scores: torch.Tensor, k: int, allowed: torch.Tensor) -> torch.Tensor:
+    """Each row's ``k`` largest scores [..., E] among the ``allowed`` experts (bool, [E] or broadcast to
+    the scores), ties to the lower index (``topk_keep``); a row keeps min(k, allowed) experts."""
+    ranked = scores.float().masked_fill(~allowed, float("-inf"))
+    return topk_keep(ranked, k) & allowed
 
 
 def budget_keep(mask: torch.Tensor, logits: torch.Tensor, budget: int) -> torch.Tensor:

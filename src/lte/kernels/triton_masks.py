@@ -151,9 +151,12 @@ def _budget_kernel(
 
 
 @triton.jit
-def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.constexpr, PDL: tl.constexpr):
+def _topk_kernel(logits_ptr, mask_ptr, allowed_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.constexpr,
+                 PDL: tl.constexpr, ALLOWED: tl.constexpr):
     """mask[b, e] = 1 for the k experts of largest fp32 logit of token b (1 <= k <= E), one program
-    per token; ties at the cut go to the lower expert index (``reference.topk_keep``'s rule).
+    per token; ties at the cut go to the lower expert index (``reference.topk_keep``'s rule). With
+    ALLOWED only the experts flagged in allowed [E] (int8) compete: the others rank as -inf and are
+    never kept, so a token keeps min(k, allowed) experts (a per-batch budget's second pass).
 
     The cut is the k-th largest logit, found by bisection on order-preserving integer keys of the fp32
     bit patterns (negative values have their magnitude bits flipped, so the keys order like the
@@ -167,6 +170,9 @@ def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.con
     e_ok = e_idx < E
     v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
     v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0
+    if ALLOWED:
+        allowed = tl.load(allowed_ptr + e_idx, mask=e_ok, other=0) != 0
+        v = tl.where(allowed, v, float("-inf"))
     bits = v.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # [E_PAD], ordered like v
     lo = tl.full([], -2147483648, dtype=tl.int64)
@@ -180,4 +186,6 @@ def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.con
     tie = e_ok & (key == lo)
     tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among the ties, in expert order
     keep = above | (tie & (tie_rank <= k - tl.sum(above.to(tl.int32), axis=0)))
+    if ALLOWED:
+        keep = keep & allowed
     tl.store(mask_ptr + row * stride_mb + e_idx, keep.to(tl.int8), mask=e_ok)

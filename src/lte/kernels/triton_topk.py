@@ -3,9 +3,10 @@
 Two launches: the router kernel writes the fp32 logits [B, E] (``_router_kernel`` with LOGITS: the
 router weights read in parallel over blocks of experts, as for threshold routing), then
 ``_topk_kernel`` (one program per token) keeps each token's k experts of largest logit, ties to the
-lower expert index. With a per-batch budget two more: ``_union_kernel`` (the union of the tokens'
-masks and each expert's summed sigmoid score) and ``_budget_kernel`` (the union cut to its
-``budget`` experts of largest score, dropped experts cleared from every token). k and the budget
+lower expert index. With a per-batch budget three more: ``_union_kernel`` (the union of the tokens'
+masks and each expert's summed sigmoid score), ``_budget_kernel`` (the union cut to its ``budget``
+experts of largest score) and ``_topk_kernel`` again over those experts only, so every token keeps
+min(k, budget) experts, all among the batch's budget. k and the budget
 are runtime arguments (no recompile) and nothing waits on the host, so the launches can be captured
 in a CUDA graph. Dimensions: B tokens, D model width, E experts.
 This module imports triton at import time: import it lazily.
@@ -32,13 +33,16 @@ from .tuning import TABLE_EXPERT_SIZE, KernelConfig
 __all__ = ["launch_topk", "router_topk_mask_triton"]
 
 
-def launch_topk(logits: torch.Tensor, mask_u8: torch.Tensor, k: int, pdl: bool) -> None:
-    """Per-token top-k of fp32 logits [B, E] into mask_u8 [B, E] (1 = on); 1 <= k <= E."""
+def launch_topk(logits: torch.Tensor, mask_u8: torch.Tensor, k: int, pdl: bool,
+                allowed: torch.Tensor | None = None) -> None:
+    """Per-token top-k of fp32 logits [B, E] into mask_u8 [B, E] (1 = on); 1 <= k <= E. ``allowed``
+    ([E] int8): only those experts compete (a token then keeps min(k, allowed) of them)."""
     num_tokens, num_exp = logits.shape
     e_pad = _next_pow2(num_exp)
     _topk_kernel[(num_tokens,)](
-        logits, mask_u8, num_exp, k, logits.stride(0), mask_u8.stride(0),
-        E_PAD=e_pad, PDL=pdl, num_warps=4 if e_pad <= 1024 else 8, **_pdl_kwargs(pdl),
+        logits, mask_u8, allowed if allowed is not None else mask_u8, num_exp, k, logits.stride(0),
+        mask_u8.stride(0), E_PAD=e_pad, PDL=pdl, ALLOWED=allowed is not None,
+        num_warps=4 if e_pad <= 1024 else 8, **_pdl_kwargs(pdl),
     )
 
 
@@ -46,8 +50,9 @@ def router_topk_mask_triton(x: torch.Tensor, w_router: torch.Tensor, k: int,
                             config: KernelConfig | None = None, budget: int = 0) -> torch.Tensor:
     """Top-k routing mask for x [B, D] (1 <= B <= 64) and w_router [E, D]: bool [B, E] with the
     min(k, E) experts of largest logit ``x . Wr[e]`` (fp32 accumulation) on for every token; ties to
-    the lower expert index. ``0 < budget < E``: then only the union's ``budget`` experts of largest
-    summed sigmoid score stay on (``reference.budget_keep``). Validated inputs only (see
+    the lower expert index. ``0 < budget < E``: the union's ``budget`` experts of largest summed
+    sigmoid score (``reference.budget_keep``) are the batch's, and each token keeps its top k among
+    them (``reference.router_topk_mask_reference``). Validated inputs only (see
     ``lte.kernels.router_topk_mask``)."""
     num_tokens, model_width = x.shape  # B, D
     num_exp = w_router.shape[0]  # E
@@ -69,6 +74,8 @@ def router_topk_mask_triton(x: torch.Tensor, w_router: torch.Tensor, k: int,
     if 0 < budget < num_exp:
         union = torch.empty(num_exp, device=x.device, dtype=torch.int8)  # [E] the tokens' union
         score = torch.empty(num_exp, device=x.device, dtype=torch.float32)  # [E] summed sigmoid scores
+        kept = torch.empty_like(union)  # [E] the budget's experts
         launch_mask_union(mask_u8, union, trigger=pdl, logits=logits, score=score, wait=pdl)
-        launch_budget_cut(union, score, torch.empty_like(union), mask_u8, int(budget), pdl)
+        launch_budget_cut(union, score, kept, mask_u8, int(budget), pdl)
+        launch_topk(logits, mask_u8, min(int(k), num_exp), pdl, allowed=kept)  # each token's k among them
     return out

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LTEError
-from ..kernels.reference import topk_keep
+from ..kernels.reference import topk_among, topk_keep
 
 MODES = ("dense", "soft", "ste", "hard", "topk")
 #: Modes whose forward trains the routers (scores feed L_eff / L_sep and get the task gradient).
@@ -236,7 +236,10 @@ class LTEInput(WrappedLayer):
         self.gate = expert_gate(self.scores, self.mode, self.tau, self.k, dtype=y.dtype)
         if self.budget and self.mode in ("hard", "topk"):
             keep = batch_budget_keep(self.scores, self.gate != 0, self.budget_experts)
-            self.gate = self.gate * keep.to(self.gate.dtype)
+            if self.mode == "topk":  # each token its top k among the batch's budget, as the served step
+                self.gate = topk_among(self.scores, self.k, keep).to(self.gate.dtype)
+            else:
+                self.gate = self.gate * keep.to(self.gate.dtype)
         return y
 
     @property
