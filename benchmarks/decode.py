@@ -203,33 +203,23 @@ def synthetic_table(args: argparse.Namespace, shape: str) -> None:
             _guard(f"lte fixed {shape} B={batch} s={s}", _point, model, args, batch, decoder=dec, variant="lte",
                    mask="fixed", sparsity=s, shape=shape)
         del dec
-        if "random" in args.mask_modes:  # tau changes: a new decoder (graph) per point
-            for s in [s for s in args.random_sparsities if 0 < s < 1]:
-                if args.deadline.over(4):
-                    break
-                set_random_sparsity(model, s)
-                _guard(f"lte random {shape} B={batch} s={s}", _point, model, args, batch, variant="lte",
-                       mask="random", sparsity=s, shape=shape)
-                if args.batch_budget and batch > 1 and not args.deadline.over(4):
-                    _set_budget(model, args.batch_budget)
-                    _guard(f"lte random+budget {shape} B={batch} s={s}", _point, model, args, batch,
-                           variant="lte_budget", mask="random", sparsity=s, budget_fraction=args.batch_budget,
-                           shape=shape)
-                    _set_budget(model, 0.0)
+        per_token = [("random", set_random_sparsity)] if "random" in args.mask_modes else []
         if "topk" in args.mask_modes:  # top-k routing (a top-k stage 2): router_topk_mask, then the FFN kernels
+            per_token.append(("topk", set_topk_sparsity))
+        for mask, set_sparsity in per_token:  # each token its own mask: a new decoder (graph) per point
             for s in [s for s in args.random_sparsities if 0 < s < 1]:
                 if args.deadline.over(4):
                     break
-                set_topk_sparsity(model, s)
-                _guard(f"lte topk {shape} B={batch} s={s}", _point, model, args, batch, variant="lte", mask="topk",
-                       sparsity=s, shape=shape)
+                set_sparsity(model, s)
+                _guard(f"lte {mask} {shape} B={batch} s={s}", _point, model, args, batch, variant="lte",
+                       mask=mask, sparsity=s, shape=shape)
                 if args.batch_budget and batch > 1 and not args.deadline.over(4):
                     _set_budget(model, args.batch_budget)
-                    _guard(f"lte topk+budget {shape} B={batch} s={s}", _point, model, args, batch,
-                           variant="lte_budget", mask="topk", sparsity=s, budget_fraction=args.batch_budget,
+                    _guard(f"lte {mask}+budget {shape} B={batch} s={s}", _point, model, args, batch,
+                           variant="lte_budget", mask=mask, sparsity=s, budget_fraction=args.batch_budget,
                            shape=shape)
                     _set_budget(model, 0.0)
-            set_topk_sparsity(model, None)
+        set_topk_sparsity(model, None)
     del model, dense
     _free()
 
