@@ -268,9 +268,10 @@ def router_topk_mask(x: torch.Tensor, w_router: torch.Tensor, k: int, budget: in
     for every token, exactly ``min(k, E)`` experts on: those of largest router logit ``x . Wr[e]``
     (fp32 accumulation), ties to the lower expert index (``topk_keep``). ``budget = n > 0`` is a
     per-batch expert budget: of the experts some token of the call switched on, the n with the
-    largest summed sigmoid score stay on for every token (``budget_keep``), so a token may keep
-    fewer than k. On CUDA up to 64 tokens run the router, top-k (and union and budget) kernels (no
-    host sync: CUDA-graph safe); elsewhere, and for more tokens, the reference."""
+    largest summed sigmoid score are the call's (``budget_keep``), and each token keeps its top k
+    among them (``topk_among``: min(k, n) experts). On CUDA up to 64 tokens run the router and top-k
+    kernels (with a budget also the union, budget and a second top-k kernel; no host sync: CUDA-graph
+    safe); elsewhere, and for more tokens, the reference."""
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1:

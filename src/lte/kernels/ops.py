@@ -104,14 +104,14 @@ def _router_mask_fake(x, w_router, tau):
 def router_topk_mask_op(x: torch.Tensor, w_router: torch.Tensor, k: int, budget: int) -> torch.Tensor:
     """Bool expert mask [T, E] of top-k routing: each token's min(k, E) experts of largest logit
     x Wr^T (fp32 accumulation), ties to the lower expert index; ``budget > 0`` cuts the call's union
-    to that many experts (any device: the reference)."""
+    to that many experts and each token takes its top k among them (any device: the reference)."""
     return router_topk_mask_reference(x, w_router, k, budget)
 
 
 @router_topk_mask_op.register_kernel("cuda")
 def _router_topk_mask_cuda(x, w_router, k, budget):
-    """CUDA: router kernel (fp32 logits) + per-token top-k kernel (+ union and budget kernels) for
-    T <= MAX_DECODE_TOKENS, the reference above (prefill)."""
+    """CUDA: router kernel (fp32 logits) + per-token top-k kernel (+ union, budget and a second top-k
+    kernel) for T <= MAX_DECODE_TOKENS, the reference above (prefill)."""
     num_tokens = x.shape[0]
     if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS or w_router.shape[0] == 0:
         return router_topk_mask_reference(x, w_router, k, budget)
