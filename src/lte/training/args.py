@@ -148,7 +148,8 @@ class TrainArgs:
         "0.94-0.95 during stage 2; --recalibrate-tau only brings the end back). 0 = off", at_least=0))
     batch_budget: float = field(default=0.0, metadata=_help(
         "stage 2: a per-batch expert budget in training. At each position the sequences of a batch together keep at "
-        "most this fraction of each layer's experts (those with the largest summed router score), as a served "
+        "most this fraction of each layer's experts (those with the largest summed router score; with "
+        "--stage2-routing topk each token then takes its k best among them), as a served "
         "decode step of that batch does with `lte generate --expert-budget round(fraction x experts)`; train "
         "with --batch-size set to the decode batch size. 0 = off", at_least=0, below=1))
     stage2_routing: str = field(default="hard", metadata=_help(
