@@ -317,6 +317,26 @@ def test_declared_lte_method_may_join_variants_at_different_targets():
                                                                            ("lte-b", -10.0, "loss")]
 
 
+def test_scoreboard_lists_declared_points_that_have_not_run():
+    """A recipe adopted at 0.9 before its points ran leaves 0.9 out of the count and is named as pending;
+    a point below 50% and a method declared for every target are never pending."""
+    from lte.study.scoreboard import pending_points, scoreboard_markdown, scoreboard_rows
+
+    def pt(method, sparsity, quality):
+        return dict(_pt(method, sparsity, quality), gflops_per_token=1.0 - sparsity, quality_std=None)
+
+    points = [pt("dense", 0.0, 20.0), pt("lte-a", 0.5, 30.0), pt("lte-b", 0.7, 40.0), pt("teal", 0.5, 35.0),
+              pt("teal", 0.9, 80.0)]
+    summary = dict(report.summarise(points, "perplexity", False, lte_method="lte-z@0.3+lte-a@0.5+lte-b@0.7,0.9"),
+                   name="toy")
+    assert pending_points(summary) == ["toy: `lte-b` at 90%"]
+    board = scoreboard_markdown(scoreboard_rows(summary), pending_points(summary))
+    assert "over 2 LTE points" in board and "Declared but not run yet (not counted): toy: `lte-b` at 90%." in board
+    everywhere = dict(report.summarise(points, "perplexity", False, lte_method="lte-a"), name="toy")
+    assert pending_points(everywhere) == []
+    assert "Declared but not run" not in scoreboard_markdown(scoreboard_rows(everywhere), [])
+
+
 def test_declared_lte_method_may_map_targets_to_variants_that_overlap():
     """A mapping `lte_method` picks one variant per target even where both ran there; the other variant's
     point stays in the report as an ablation, neither compared nor counted."""

@@ -270,8 +270,8 @@ def router_topk_mask(x: torch.Tensor, w_router: torch.Tensor, k: int, budget: in
     per-batch expert budget: of the experts some token of the call switched on, the n with the
     largest summed sigmoid score are the call's (``budget_keep``), and each token keeps its top k
     among them (``topk_among``: min(k, n) experts). On CUDA up to 64 tokens run the router and top-k
-    kernels (with a budget also the union, budget and a second top-k kernel; no host sync: CUDA-graph
-    safe); elsewhere, and for more tokens, the reference."""
+    kernels (with a budget also one kernel that cuts the union and re-ranks each token; no host sync:
+    CUDA-graph safe); elsewhere, and for more tokens, the reference."""
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1:

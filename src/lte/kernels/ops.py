@@ -110,8 +110,8 @@ def router_topk_mask_op(x: torch.Tensor, w_router: torch.Tensor, k: int, budget:
 
 @router_topk_mask_op.register_kernel("cuda")
 def _router_topk_mask_cuda(x, w_router, k, budget):
-    """CUDA: router kernel (fp32 logits) + per-token top-k kernel (+ union, budget and a second top-k
-    kernel) for T <= MAX_DECODE_TOKENS, the reference above (prefill)."""
+    """CUDA: router kernel (fp32 logits) + per-token top-k kernel (+ one kernel cutting the union to the
+    budget and re-ranking each token) for T <= MAX_DECODE_TOKENS, the reference above (prefill)."""
     num_tokens = x.shape[0]
     if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS or w_router.shape[0] == 0:
         return router_topk_mask_reference(x, w_router, k, budget)

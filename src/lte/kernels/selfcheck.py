@@ -161,7 +161,7 @@ def check_topk_case(D, E, B, k, dtype, device, gen, ties=False, config=None, bud
     is a multiple of 1/32 that fp32 sums exactly in any order, from any of the three dtypes: no
     rounding near-ties, many exact ties. ``ties``: also a second copy of the first router rows (equal
     logits: the lower index must win) and an all-zero token (every logit 0: the first k experts).
-    ``budget`` > 0: the union, budget and second top-k kernels too; each token keeps its top k among the
+    ``budget`` > 0: the fused union + budget + re-rank kernel too; each token keeps its top k among the
     union's ``budget`` experts of largest summed sigmoid score. Summed sigmoids are not exact: where two
     of them lie within 1e-4 of each other at the cut, any of the tied experts may be the one kept, so the
     mask must then be each token's top k among some ``budget`` experts of the union."""

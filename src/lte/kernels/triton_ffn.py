@@ -208,19 +208,14 @@ def launch_union(p: FFNLaunch) -> None:
     launch_mask_union(p.mask_u8, p.union, trigger=p.pdl)
 
 
-def launch_mask_union(mask_u8: torch.Tensor, union: torch.Tensor, trigger: bool, logits: torch.Tensor | None = None,
-                      score: torch.Tensor | None = None, wait: bool = False) -> None:
-    """union [E] int8 = any over tokens of mask_u8 [B, E]; with ``logits`` [B, E] fp32 also
-    score [E] fp32 = the summed sigmoid of the logits. ``wait``: a PDL launch that waits for the
-    kernel that wrote the mask; ``trigger``: let the next launch start early."""
+def launch_mask_union(mask_u8: torch.Tensor, union: torch.Tensor, trigger: bool) -> None:
+    """union [E] int8 = any over tokens of mask_u8 [B, E] (a mask the caller brings);
+    ``trigger``: let the next launch start early."""
     num_tokens, num_exp = mask_u8.shape
     block_e = 256
-    with_score = logits is not None
     _union_kernel[(triton.cdiv(num_exp, block_e),)](
-        mask_u8, union, logits if with_score else mask_u8, score if with_score else union,
-        num_tokens, num_exp, mask_u8.stride(0), logits.stride(0) if with_score else 0,
-        B_PAD=_next_pow2(num_tokens), BLOCK_E=block_e, WITH_SCORE=with_score, PDL=wait, TRIGGER=trigger,
-        num_warps=4, **_pdl_kwargs(wait),
+        mask_u8, union, num_tokens, num_exp, mask_u8.stride(0),
+        B_PAD=_next_pow2(num_tokens), BLOCK_E=block_e, TRIGGER=trigger, num_warps=4,
     )
 
 

@@ -82,14 +82,10 @@ def _router_kernel(
 
 
 @triton.jit
-def _union_kernel(mask_ptr, union_ptr, logits_ptr, score_ptr, B, E, stride_mb, stride_lb, B_PAD: tl.constexpr,
-                  BLOCK_E: tl.constexpr, WITH_SCORE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr):
-    """union[e] = any_b mask[b, e] for one block of BLOCK_E experts; with WITH_SCORE also
-    score[e] = sum_b sigmoid(logits[b, e]) (fp32 logits [B, E]: top-k routing's per-batch budget).
-    PDL: wait for the kernel that wrote the mask (top-k routing's chain); the mask-given entry point
-    launches it without (its mask comes from the caller)."""
-    if PDL:
-        gdc_wait()
+def _union_kernel(mask_ptr, union_ptr, B, E, stride_mb, B_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+                  TRIGGER: tl.constexpr):
+    """union[e] = any_b mask[b, e] for one block of BLOCK_E experts of a mask the caller brings (so it
+    waits on nothing); TRIGGER lets the next (PDL-launched) kernel start early."""
     if TRIGGER:
         gdc_launch_dependents()
     experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -98,10 +94,21 @@ def _union_kernel(mask_ptr, union_ptr, logits_ptr, score_ptr, B, E, stride_mb, s
     valid = (toks < B)[:, None] & e_ok[None, :]
     m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :], mask=valid, other=0).to(tl.int32)
     tl.store(union_ptr + experts, tl.max(m, axis=0).to(tl.int8), mask=e_ok)  # [B_PAD, BLOCK_E] -> [BLOCK_E]
-    if WITH_SCORE:
-        logits = tl.load(logits_ptr + toks[:, None] * stride_lb + experts[None, :], mask=valid, other=0.0)
-        score = tl.where(valid, tl.sigmoid(logits.to(tl.float32)), 0.0)
-        tl.store(score_ptr + experts, tl.sum(score, axis=0), mask=e_ok)
+
+
+@triton.jit
+def _budget_cut(bits, budget):
+    """The budget-th largest of ``bits`` (non-negative fp32 bit patterns, -1 for experts out of the
+    running), by bisection: returns (cut, count above the cut). Experts above the cut are kept; those
+    at it fill up to ``budget`` in expert order."""
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.full([], 0x7F800000, dtype=tl.int32)
+    for _ in range(31):  # largest t with count(bits >= t) >= budget
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    return lo, tl.sum((bits > lo).to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -124,14 +131,7 @@ def _budget_kernel(
     on = tl.load(union_in_ptr + e_idx, mask=e_ok, other=0) != 0
     score = tl.load(score_ptr + e_idx, mask=e_ok, other=0.0)
     bits = tl.where(on, score.to(tl.int32, bitcast=True), -1)  # [E_PAD]; -1: not in the union
-    lo = tl.zeros([], dtype=tl.int32)
-    hi = tl.full([], 0x7F800000, dtype=tl.int32)
-    for _ in range(31):  # largest t with count(bits >= t) >= budget
-        mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    above = tl.sum((bits > lo).to(tl.int32), axis=0)  # kept for sure; ties at lo fill up to budget
+    lo, above = _budget_cut(bits, budget)  # above: kept for sure; ties at lo fill up to budget
     pid = tl.program_id(0)
     start = pid * BLOCK_E
     ties_before = tl.sum(((bits == lo) & (e_idx < start)).to(tl.int32), axis=0)
@@ -151,28 +151,14 @@ def _budget_kernel(
 
 
 @triton.jit
-def _topk_kernel(logits_ptr, mask_ptr, allowed_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.constexpr,
-                 PDL: tl.constexpr, ALLOWED: tl.constexpr):
-    """mask[b, e] = 1 for the k experts of largest fp32 logit of token b (1 <= k <= E), one program
-    per token; ties at the cut go to the lower expert index (``reference.topk_keep``'s rule). With
-    ALLOWED only the experts flagged in allowed [E] (int8) compete: the others rank as -inf and are
-    never kept, so a token keeps min(k, allowed) experts (a per-batch budget's second pass).
+def _topk_row(v, e_ok, k):
+    """keep [E_PAD]: the k largest of one token's fp32 logits v (ties at the cut to the lower index).
 
     The cut is the k-th largest logit, found by bisection on order-preserving integer keys of the fp32
     bit patterns (negative values have their magnitude bits flipped, so the keys order like the
     values over the whole line; -0.0 is made +0.0 first, as the two are equal). Experts above the
     cut are kept; of those at the cut, the lowest-indexed ones fill up to k (rank by prefix sum)."""
-    if PDL:
-        gdc_wait()  # the logits come from the router
-        gdc_launch_dependents()
-    row = tl.program_id(0)
-    e_idx = tl.arange(0, E_PAD)
-    e_ok = e_idx < E
-    v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
     v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0
-    if ALLOWED:
-        allowed = tl.load(allowed_ptr + e_idx, mask=e_ok, other=0) != 0
-        v = tl.where(allowed, v, float("-inf"))
     bits = v.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # [E_PAD], ordered like v
     lo = tl.full([], -2147483648, dtype=tl.int64)
@@ -185,7 +171,51 @@ def _topk_kernel(logits_ptr, mask_ptr, allowed_ptr, E, k, stride_lb, stride_mb, 
     above = e_ok & (key > lo)  # kept for sure (fewer than k)
     tie = e_ok & (key == lo)
     tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among the ties, in expert order
-    keep = above | (tie & (tie_rank <= k - tl.sum(above.to(tl.int32), axis=0)))
-    if ALLOWED:
-        keep = keep & allowed
+    return above | (tie & (tie_rank <= k - tl.sum(above.to(tl.int32), axis=0)))
+
+
+@triton.jit
+def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.constexpr, PDL: tl.constexpr):
+    """mask[b, e] = 1 for the k experts of largest fp32 logit of token b (1 <= k <= E), one program
+    per token; ties at the cut go to the lower expert index (``reference.topk_keep``'s rule)."""
+    if PDL:
+        gdc_wait()  # the logits come from the router
+        gdc_launch_dependents()
+    row = tl.program_id(0)
+    e_idx = tl.arange(0, E_PAD)
+    e_ok = e_idx < E
+    v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
+    tl.store(mask_ptr + row * stride_mb + e_idx, _topk_row(v, e_ok, k).to(tl.int8), mask=e_ok)
+
+
+@triton.jit
+def _topk_budget_kernel(logits_ptr, first_ptr, mask_ptr, B, E, k, budget, stride_lb, stride_fb, stride_mb,
+                        E_PAD: tl.constexpr, TB: tl.constexpr, PDL: tl.constexpr):
+    """Top-k routing under a per-batch budget, one program per token, after ``_topk_kernel`` wrote
+    every token's own top-k into first [B, E]: each program sums the batch's union and sigmoid scores
+    (the same sums in every program, TB tokens at a time), keeps the union's ``budget`` experts of
+    largest score (``_budget_cut``; ``reference.budget_keep``) and writes its token's top k among
+    them (``reference.topk_among``) to mask [B, E]; a token keeps min(k, budget) experts."""
+    if PDL:
+        gdc_wait()  # first comes from the top-k kernel
+        gdc_launch_dependents()
+    row = tl.program_id(0)
+    e_idx = tl.arange(0, E_PAD)
+    e_ok = e_idx < E
+    union = tl.zeros([E_PAD], dtype=tl.int32)
+    score = tl.zeros([E_PAD], dtype=tl.float32)
+    for b0 in range(0, B, TB):  # [TB, E_PAD] tiles of the batch
+        toks = b0 + tl.arange(0, TB)
+        valid = (toks < B)[:, None] & e_ok[None, :]
+        m = tl.load(first_ptr + toks[:, None] * stride_fb + e_idx[None, :], mask=valid, other=0)
+        lg = tl.load(logits_ptr + toks[:, None] * stride_lb + e_idx[None, :], mask=valid, other=0.0)
+        union = tl.maximum(union, tl.max(m.to(tl.int32), axis=0))
+        score += tl.sum(tl.where(valid, tl.sigmoid(lg), 0.0), axis=0)
+    bits = tl.where(union != 0, score.to(tl.int32, bitcast=True), -1)  # [E_PAD]; -1: not in the union
+    cut, above = _budget_cut(bits, budget)
+    tie = bits == cut
+    kept = (union != 0) & ((bits > cut) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= budget - above)))
+    v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
+    v = tl.where(kept, v, float("-inf"))  # only the budget's experts compete
+    keep = _topk_row(v, e_ok, k) & kept
     tl.store(mask_ptr + row * stride_mb + e_idx, keep.to(tl.int8), mask=e_ok)

@@ -3,12 +3,12 @@
 Two launches: the router kernel writes the fp32 logits [B, E] (``_router_kernel`` with LOGITS: the
 router weights read in parallel over blocks of experts, as for threshold routing), then
 ``_topk_kernel`` (one program per token) keeps each token's k experts of largest logit, ties to the
-lower expert index. With a per-batch budget three more: ``_union_kernel`` (the union of the tokens'
-masks and each expert's summed sigmoid score), ``_budget_kernel`` (the union cut to its ``budget``
-experts of largest score) and ``_topk_kernel`` again over those experts only, so every token keeps
-min(k, budget) experts, all among the batch's budget. k and the budget
-are runtime arguments (no recompile) and nothing waits on the host, so the launches can be captured
-in a CUDA graph. Dimensions: B tokens, D model width, E experts.
+lower expert index. With a per-batch budget, one more: the top-k kernel writes every token's own
+top k to a scratch mask, then ``_topk_budget_kernel`` (one program per token) sums the batch's union
+and sigmoid scores, cuts the union to its ``budget`` experts of largest score and keeps its token's
+top k among them, so every token keeps min(k, budget) experts, all among the batch's budget. k and
+the budget are runtime arguments (no recompile) and nothing waits on the host, so the launches can
+be captured in a CUDA graph. Dimensions: B tokens, D model width, E experts.
 This module imports triton at import time: import it lazily.
 """
 
@@ -23,26 +23,38 @@ from .triton_ffn import (
     _pdl_kwargs,
     _pdl_supported,
     default_config,
-    launch_budget_cut,
-    launch_mask_union,
     launch_router,
 )
-from .triton_masks import _topk_kernel
+from .triton_masks import _topk_budget_kernel, _topk_kernel
 from .tuning import TABLE_EXPERT_SIZE, KernelConfig
 
-__all__ = ["launch_topk", "router_topk_mask_triton"]
+__all__ = ["launch_topk", "launch_topk_budget", "router_topk_mask_triton"]
 
 
-def launch_topk(logits: torch.Tensor, mask_u8: torch.Tensor, k: int, pdl: bool,
-                allowed: torch.Tensor | None = None) -> None:
-    """Per-token top-k of fp32 logits [B, E] into mask_u8 [B, E] (1 = on); 1 <= k <= E. ``allowed``
-    ([E] int8): only those experts compete (a token then keeps min(k, allowed) of them)."""
+def _topk_warps(e_pad: int) -> int:
+    return 4 if e_pad <= 1024 else 8
+
+
+def launch_topk(logits: torch.Tensor, mask_u8: torch.Tensor, k: int, pdl: bool) -> None:
+    """Per-token top-k of fp32 logits [B, E] into mask_u8 [B, E] (1 = on); 1 <= k <= E."""
     num_tokens, num_exp = logits.shape
     e_pad = _next_pow2(num_exp)
     _topk_kernel[(num_tokens,)](
-        logits, mask_u8, allowed if allowed is not None else mask_u8, num_exp, k, logits.stride(0),
-        mask_u8.stride(0), E_PAD=e_pad, PDL=pdl, ALLOWED=allowed is not None,
-        num_warps=4 if e_pad <= 1024 else 8, **_pdl_kwargs(pdl),
+        logits, mask_u8, num_exp, k, logits.stride(0), mask_u8.stride(0), E_PAD=e_pad, PDL=pdl,
+        num_warps=_topk_warps(e_pad), **_pdl_kwargs(pdl),
+    )
+
+
+def launch_topk_budget(logits: torch.Tensor, first_u8: torch.Tensor, mask_u8: torch.Tensor, k: int, budget: int,
+                       pdl: bool) -> None:
+    """Each token's top k among the batch's ``budget`` experts: from fp32 logits [B, E] and the tokens'
+    own top-k masks first_u8 [B, E] (``launch_topk``) into mask_u8 [B, E]; 1 <= k <= E, 0 < budget < E."""
+    num_tokens, num_exp = logits.shape
+    e_pad = _next_pow2(num_exp)
+    tile_tokens = min(_next_pow2(num_tokens), max(1, 8192 // e_pad))  # TB x E_PAD logits per load
+    _topk_budget_kernel[(num_tokens,)](
+        logits, first_u8, mask_u8, num_tokens, num_exp, k, budget, logits.stride(0), first_u8.stride(0),
+        mask_u8.stride(0), E_PAD=e_pad, TB=tile_tokens, PDL=pdl, num_warps=_topk_warps(e_pad), **_pdl_kwargs(pdl),
     )
 
 
@@ -70,12 +82,11 @@ def router_topk_mask_triton(x: torch.Tensor, w_router: torch.Tensor, k: int,
     out = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
     launch_router(x, w_router, 0.0, None, None, None, cfg, pdl, logits=logits)
     mask_u8 = out.view(torch.uint8)
-    launch_topk(logits, mask_u8, min(int(k), num_exp), pdl)
+    k = min(int(k), num_exp)
     if 0 < budget < num_exp:
-        union = torch.empty(num_exp, device=x.device, dtype=torch.int8)  # [E] the tokens' union
-        score = torch.empty(num_exp, device=x.device, dtype=torch.float32)  # [E] summed sigmoid scores
-        kept = torch.empty_like(union)  # [E] the budget's experts
-        launch_mask_union(mask_u8, union, trigger=pdl, logits=logits, score=score, wait=pdl)
-        launch_budget_cut(union, score, kept, mask_u8, int(budget), pdl)
-        launch_topk(logits, mask_u8, min(int(k), num_exp), pdl, allowed=kept)  # each token's k among them
+        first = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.uint8)  # [B, E] own top k
+        launch_topk(logits, first, k, pdl)
+        launch_topk_budget(logits, first, mask_u8, k, int(budget), pdl)  # each token's k among the budget's
+    else:
+        launch_topk(logits, mask_u8, k, pdl)
     return out

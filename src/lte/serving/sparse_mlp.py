@@ -69,7 +69,7 @@ class SparseMLP(nn.Module):
         topk: 0 (threshold routing), or the experts every token keeps, those with the largest router
             scores (a model trained with `stage2_routing="topk"`), ties to the lower expert index. Decode:
             the mask from `lte.kernels.router_topk_mask` (router and top-k kernels on CUDA, ranking the
-            fp32 logits; with a budget, the union, budget and a second top-k over the budget's experts), then
+            fp32 logits; with a budget, each token's top k among the batch's budget experts), then
             `lte.kernels.sparse_ffn`; prefill: `dense_mask` and the masked dense path. No fp8.
 
     `ffn_path` picks the decode path: "sparse" (the kernels, default) or "dense" (router kernel +

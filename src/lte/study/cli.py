@@ -250,10 +250,10 @@ def run_scoreboard_command(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise LTEError(f"no study summary at '{path}': run `lte study CONFIG` (or `--collect`) first")
         summaries.append(json.loads(path.read_text()))
-    from .scoreboard import scoreboard_markdown, scoreboard_rows
+    from .scoreboard import pending_points, scoreboard_markdown, scoreboard_rows
 
     rows = [row for summary in summaries for row in scoreboard_rows(summary)]
-    text = scoreboard_markdown(rows)
+    text = scoreboard_markdown(rows, [p for summary in summaries for p in pending_points(summary)])
     print(text)
     if args.out:
         md = Path(args.out).with_suffix(".md")

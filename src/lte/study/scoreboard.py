@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import declared_points
 from .report import fmt_margin, fmt_pm
 
-__all__ = ["scoreboard_markdown", "scoreboard_rows", "target_error_line"]
+__all__ = ["pending_points", "scoreboard_markdown", "scoreboard_rows", "target_error_line"]
 
 
 def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -39,6 +40,19 @@ def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def pending_points(summary: dict[str, Any], floor: float = 0.5) -> list[str]:
+    """The declared LTE points of >= `floor` target that have no compared point yet ("study: method at 90%"):
+    a recipe adopted before its study points ran. Methods declared for every target are not listed."""
+    done = {(p.get("method"), p.get("target")) for p in summary.get("lte_vs_others") or []}
+    pending = []
+    for method, targets in declared_points(summary.get("lte_method") or "lte").items():
+        for target in sorted(targets or ()):
+            if target >= floor - 1e-9 and not any(m == method and t is not None and abs(t - target) < 1e-9
+                                                 for m, t in done):
+                pending.append(f"{summary.get('name')}: `{method}` at {100 * target:.0f}%")
+    return pending
+
+
 def _sparsity_cell(r: dict[str, Any]) -> str:
     """"75% ± 5 (target 70%)": the measured FFN sparsity, its std over seeds and the target asked for."""
     cell = f"{100 * r['ffn_sparsity']:.0f}%"
@@ -62,8 +76,9 @@ def target_error_line(rows: list[dict[str, Any]], allowed: float = 0.03) -> str:
             f"{100 * worst['target']:.0f}%).")
 
 
-def scoreboard_markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table, then the count of wins and losses and the target error."""
+def scoreboard_markdown(rows: list[dict[str, Any]], pending: list[str] | None = None) -> str:
+    """The rows as a Markdown table, then the count of wins and losses, the declared points not run yet
+    (`pending_points`) and the target error."""
     lines = ["| study (metric, dense) | LTE method | sparsity | LTE | best baseline there | margin | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -80,6 +95,8 @@ def scoreboard_markdown(rows: list[dict[str, Any]]) -> str:
               f"(>= 50% sparsity); {close} of them within one std over seeds. Margin: positive when LTE is "
               "better (the metric's units; perplexity: lower is better). Baselines are interpolated at LTE's "
               "measured sparsity; a baseline whose points do not reach it is not compared."]
+    if pending:
+        lines += ["", f"Declared but not run yet (not counted): {'; '.join(pending)}."]
     target = target_error_line(rows)
     lines += ["", target, ""] if target else [""]
     return "\n".join(lines)
