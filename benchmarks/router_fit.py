@@ -18,8 +18,16 @@ binary cross-entropy on the oracle's top-k labels (Deja Vu's predictor objective
 This is a routing diagnostic on the untrained model (no stage 1 or 2 steps): it says what the fit starts from,
 not what the trained model scores.
 
+`--task causal-lm` does the same on a language-modelling text (blocks of `--block-size` tokens; the last
+`--holdout` share of the text, where recipe rounds score, is never read; the scored blocks are the training
+part's last `--eval-examples`), and `--extra-text` scores the same routers again on other text, e.g. raw news
+where the word-level WikiText-2 recipe rounds look for routers that carry off their training text.
+
     PYTHONPATH=src python benchmarks/router_fit.py --model smollm2-135m --data ../shared/data/e2e/valid.txt \\
         --expert-sizes 1 4 8 --calibration first:32 first:256 spread:256 --out router_fit.json
+    PYTHONPATH=src python benchmarks/router_fit.py --task causal-lm --data ../shared/data/lm/wikitext2_tok_valid.txt \\
+        --holdout 0.1 --sparsity 0.5 --expert-sizes 8 4 --calibration first:32 first:128 spread:128 --eval-examples 24 \\
+        --extra-text ../shared/data/xsum/test.jsonl --extra-field document --extra-tokens 12288 --out router_fit_lm.json
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 import lte
+from lte.data import load_text_lm
 from lte.loading import load_tokenizer
 from lte.routing.fit import fit_routers
 from lte.study.tasks import setup_task
@@ -43,6 +52,22 @@ from lte.training.data import calibration_batch, make_collator
 def task_settings(holdout: float, max_length: int, max_source_tokens: int) -> dict:
     return {"generation_format": "e2e", "prep": {"max_length": max_length, "holdout": holdout},
             "eval": {"max_source_tokens": max_source_tokens}}
+
+
+def training_examples(args, tokenizer):
+    """The task's training split (its held-out part, where recipe rounds score, never read)."""
+    if args.task == "causal-lm":
+        train, _ = load_text_lm(args.data, tokenizer, args.block_size, split_ratio=args.holdout)
+        return train
+    settings = task_settings(args.holdout, args.max_length, args.max_source_tokens)
+    return setup_task("generation", args.model, args.data, tokenizer=tokenizer, settings=settings).train_data
+
+
+def extra_batch(args, tokenizer) -> dict[str, torch.Tensor]:
+    """`--extra-text` as blocks of `--block-size` tokens (its first `--extra-tokens`), collated."""
+    blocks = load_text_lm(args.extra_text, tokenizer, args.block_size, max_tokens=args.extra_tokens,
+                          text_field=args.extra_field)
+    return make_collator(tokenizer)([blocks[i] for i in range(len(blocks))])
 
 
 def held_out_batch(dataset, start: int, count: int, tokenizer) -> dict[str, torch.Tensor]:
@@ -115,11 +140,36 @@ def train_bce(router: nn.Linear, x: torch.Tensor, labels: torch.Tensor, steps: i
     return trained
 
 
+def score_layers(lmodel, data, routers: dict[str, list], sparsity: float, tags: dict) -> list[dict]:
+    """Per layer, the oracle's and each router's FFN output error and recall of the oracle's experts on the
+    recorded (x, h), every router keeping its top k = round((1 - sparsity) E) experts per token."""
+    rows = []
+    for i, (layer, (x, h)) in enumerate(zip(lmodel.lte_layers(), data)):
+        sizes = layer.input.expert_sizes.cpu()
+        k = max(1, round((1 - sparsity) * len(sizes)))
+        w_down = layer.down_weight().detach().float()
+        oracle = top_k(expert_energy(h, w_down.square().sum(0), sizes), k)
+        row = {**tags, "layer": i, "experts": len(sizes), "k": k, "oracle_error": output_error(h, oracle, w_down, sizes)}
+        for name, per_layer in routers.items():
+            with torch.no_grad():
+                keep = top_k(per_layer[i](x.to(per_layer[i].weight.dtype)).float(), k)
+            row[f"{name}_error"] = output_error(h, keep, w_down, sizes)
+            row[f"{name}_recall"] = recall(keep, oracle)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="a dense causal-LM folder or embedded name")
-    parser.add_argument("--data", required=True, help="E2E NLG text (the study's data file)")
-    parser.add_argument("--holdout", type=float, default=0.3, help="share of MRs held out (the recipe study's 0.3)")
+    parser.add_argument("--task", choices=("e2e", "causal-lm"), default="e2e")
+    parser.add_argument("--data", required=True, help="E2E NLG text, or the causal-LM text (the study's data file)")
+    parser.add_argument("--holdout", type=float, default=0.3,
+                        help="share held out, never read (E2E MRs: the recipe study's 0.3; causal-lm: its prep.holdout)")
+    parser.add_argument("--block-size", type=int, default=512, help="causal-lm: tokens per example")
+    parser.add_argument("--extra-text", default=None, help="also score on this text (.txt / .json / .jsonl)")
+    parser.add_argument("--extra-field", default="text", help="the JSON field of --extra-text")
+    parser.add_argument("--extra-tokens", type=int, default=12288, help="the first tokens of --extra-text scored")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--max-source-tokens", type=int, default=96)
     parser.add_argument("--sparsity", type=float, default=0.9)
@@ -135,12 +185,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     start = time.time()
     tokenizer = load_tokenizer(args.model)
-    settings = task_settings(args.holdout, args.max_length, args.max_source_tokens)
-    train = setup_task("generation", args.model, args.data, tokenizer=tokenizer, settings=settings).train_data
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train = training_examples(args, tokenizer)
     if not 0 < args.eval_examples < len(train) // 2:
         raise SystemExit(f"--eval-examples must lie between 1 and half the {len(train)} training examples")
-    cut = len(train) - args.eval_examples  # scored: the training split's last examples, never the task's eval MRs
-    held = held_out_batch(train, cut, args.eval_examples, tokenizer)
+    cut = len(train) - args.eval_examples  # scored: the training split's last examples, never the task's held-out part
+    scored = {"held": held_out_batch(train, cut, args.eval_examples, tokenizer)}
+    if args.extra_text:
+        scored["extra"] = extra_batch(args, tokenizer)
     train = Subset(train, range(cut))
     rows = []
     for size in args.expert_sizes:
@@ -166,27 +219,20 @@ def main() -> None:
                     labels = top_k(expert_energy(h, down_sq, sizes), k).float()
                     routers["ridge+bce"].append(train_bce(layer.router, x, labels, args.bce_steps, args.seed))
                 del seen
-            data = record(lmodel, held)
-            for i, (layer, (x, h)) in enumerate(zip(lmodel.lte_layers(), data)):
-                sizes = layer.input.expert_sizes.cpu()
-                k = max(1, round((1 - args.sparsity) * len(sizes)))
-                w_down = layer.down_weight().detach().float()
-                oracle = top_k(expert_energy(h, w_down.square().sum(0), sizes), k)
-                row = {"expert_size": size, "calibration": spec, "calibration_tokens": tokens, "layer": i,
-                       "experts": len(sizes), "k": k, "oracle_error": output_error(h, oracle, w_down, sizes)}
-                for name, per_layer in routers.items():
-                    with torch.no_grad():
-                        keep = top_k(per_layer[i](x.to(per_layer[i].weight.dtype)).float(), k)
-                    row[f"{name}_error"] = output_error(h, keep, w_down, sizes)
-                    row[f"{name}_recall"] = recall(keep, oracle)
-                rows.append(row)
-            mean = {key: sum(r[key] for r in rows[-len(data):]) / len(data)
-                    for key in rows[-1] if key.endswith(("_error", "_recall"))}
-            print(f"S={size} {spec:>10s} ({tokens} tokens): " + "  ".join(f"{k} {v:.3f}" for k, v in mean.items()),
-                  flush=True)
-            del lmodel, routers, data  # the recorded activations take gigabytes: free them before the next model
+            for where, batch in scored.items():
+                data = record(lmodel, batch)
+                rows += score_layers(lmodel, data, routers, args.sparsity,
+                                     {"expert_size": size, "calibration": spec, "calibration_tokens": tokens,
+                                      "eval": where})
+                mean = {key: sum(r[key] for r in rows[-len(data):]) / len(data)
+                        for key in rows[-1] if key.endswith(("_error", "_recall"))}
+                print(f"S={size} {spec:>10s} ({tokens} tokens) on {where}: "
+                      + "  ".join(f"{k} {v:.3f}" for k, v in mean.items()), flush=True)
+                del data  # the recorded activations take gigabytes: free them before the next batch or model
+            del lmodel, routers
             if args.out:  # after every model, so a stopped run keeps what it measured
-                result = {"args": vars(args), "held_out_tokens": int(held["attention_mask"].sum()),
+                result = {"args": vars(args), "held_out_tokens": int(scored["held"]["attention_mask"].sum()),
+                          "scored_tokens": {k: int(b["attention_mask"].sum()) for k, b in scored.items()},
                           "seconds": time.time() - start, "torch": torch.__version__,
                           "machine": platform.processor() or platform.machine(), "rows": rows}
                 with open(args.out, "w") as fh:
