@@ -97,30 +97,18 @@ def _union_kernel(mask_ptr, union_ptr, B, E, stride_mb, B_PAD: tl.constexpr, BLO
 
 
 @triton.jit
-def _kth_largest(key, ok, k, RADIX_BITS: tl.constexpr):
-    """The largest int32 t with count(ok & key >= t) >= k: the k-th largest of the int32 keys where ok
-    (the lowest int32 when fewer than k are ok). A radix search from the top bit down, RADIX_BITS bits
-    per pass: each pass counts the keys at or above 2**RADIX_BITS - 1 evenly spaced candidates in one
-    reduction and moves to the highest candidate that still has k, so 32 / RADIX_BITS dependent passes
-    instead of a bisection's 32."""
-    R: tl.constexpr = 1 << RADIX_BITS
-    j = tl.arange(0, R).to(tl.int64)  # [R] candidate offsets
-    lo = tl.full([], -2147483648, dtype=tl.int64)
-    for p in tl.static_range(32 // RADIX_BITS):  # the answer lies in [lo, lo + R * step)
-        step: tl.constexpr = 1 << (32 - RADIX_BITS * (p + 1))
-        cand = (lo + j * step).to(tl.int32)  # [R]; in int32 range, as the answer is
-        count = tl.sum((ok[:, None] & (key[:, None] >= cand[None, :])).to(tl.int32), axis=0)  # [R]
-        lo += tl.sum(((count >= k) & (j >= 1)).to(tl.int64), axis=0) * step  # counts fall with j
-    return lo.to(tl.int32)
-
-
-@triton.jit
 def _budget_cut(bits, budget):
     """The budget-th largest of ``bits`` (non-negative fp32 bit patterns, -1 for experts out of the
-    running; 0 when fewer than ``budget`` are in): returns (cut, count above the cut). Experts above
-    the cut are kept; those at it fill up to ``budget`` in expert order."""
-    cut = tl.maximum(_kth_largest(bits, bits >= 0, budget, RADIX_BITS=4), 0)
-    return cut, tl.sum((bits > cut).to(tl.int32), axis=0)
+    running), by bisection: returns (cut, count above the cut). Experts above the cut are kept; those
+    at it fill up to ``budget`` in expert order."""
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.full([], 0x7F800000, dtype=tl.int32)
+    for _ in range(31):  # largest t with count(bits >= t) >= budget
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    return lo, tl.sum((bits > lo).to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -166,14 +154,20 @@ def _budget_kernel(
 def _topk_row(v, e_ok, k):
     """keep [E_PAD]: the k largest of one token's fp32 logits v (ties at the cut to the lower index).
 
-    The cut is the k-th largest logit, found by a radix search (``_kth_largest``) on order-preserving
-    integer keys of the fp32 bit patterns (negative values have their magnitude bits flipped, so the
-    keys order like the values over the whole line; -0.0 is made +0.0 first, as the two are equal). Experts above the
+    The cut is the k-th largest logit, found by bisection on order-preserving integer keys of the fp32
+    bit patterns (negative values have their magnitude bits flipped, so the keys order like the
+    values over the whole line; -0.0 is made +0.0 first, as the two are equal). Experts above the
     cut are kept; of those at the cut, the lowest-indexed ones fill up to k (rank by prefix sum)."""
     v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0
     bits = v.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # [E_PAD] int32, ordered like v
-    lo = _kth_largest(key, e_ok, k, RADIX_BITS=4)  # the k-th largest key
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # [E_PAD], ordered like v
+    lo = tl.full([], -2147483648, dtype=tl.int64)
+    hi = tl.full([], 2147483647, dtype=tl.int64)
+    for _ in range(32):  # largest t with count(key >= t) >= k: the k-th largest key
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((e_ok & (key >= mid)).to(tl.int32), axis=0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
     above = e_ok & (key > lo)  # kept for sure (fewer than k)
     tie = e_ok & (key == lo)
     tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among the ties, in expert order
