@@ -24,7 +24,8 @@ def _router_kernel(
 ):
     """mask[b, e] = x[b] . Wr[e] > threshold, union[e] = any_b mask[b, e] (and the summed sigmoid
     scores when WITH_SCORE) for one block of BLOCK_E experts; fp32 accumulation. With LOGITS it
-    writes the fp32 logits [B, E] instead (top-k routing: ``_topk_kernel`` reads them) and nothing else.
+    writes the fp32 logits [B, E] instead (top-k routing: ``_topk_kernel`` reads them), and with
+    WITH_SCORE too the summed scores and a union of zeros (top-k under a budget) and nothing else.
 
     With PDL the kernel may start before the previous kernel (which wrote x) has finished: in one
     step (ONE_STEP, all of D at once) it reads its router rows first and waits only before x.
@@ -72,6 +73,9 @@ def _router_kernel(
     valid = tok_ok[:, None] & e_ok[None, :]
     if LOGITS:
         tl.store(logits_ptr + toks[:, None] * stride_lb + experts[None, :], logits.to(tl.float32), mask=valid)
+        if WITH_SCORE:  # top-k under a budget: the batch's summed scores, and a cleared union for the top-k kernel
+            tl.store(score_ptr + experts, tl.sum(tl.where(valid, tl.sigmoid(logits), 0.0), axis=0), mask=e_ok)
+            tl.store(union_ptr + experts, tl.zeros([BLOCK_E], dtype=tl.int8), mask=e_ok)
     else:
         hit = (logits > threshold) & valid
         tl.store(mask_ptr + toks[:, None] * stride_mb + experts[None, :], hit.to(tl.int8), mask=valid)
@@ -175,9 +179,12 @@ def _topk_row(v, e_ok, k):
 
 
 @triton.jit
-def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.constexpr, PDL: tl.constexpr):
+def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.constexpr, PDL: tl.constexpr,
+                 UNION: tl.constexpr):
     """mask[b, e] = 1 for the k experts of largest fp32 logit of token b (1 <= k <= E), one program
-    per token; ties at the cut go to the lower expert index (``reference.topk_keep``'s rule)."""
+    per token; ties at the cut go to the lower expert index (``reference.topk_keep``'s rule). With
+    UNION, mask_ptr is the batch's union [E] (cleared by the router): each program sets its token's
+    k experts there and writes no row (every writer stores the same 1, so no atomics are needed)."""
     if PDL:
         gdc_wait()  # the logits come from the router
         gdc_launch_dependents()
@@ -185,36 +192,33 @@ def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.con
     e_idx = tl.arange(0, E_PAD)
     e_ok = e_idx < E
     v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
-    tl.store(mask_ptr + row * stride_mb + e_idx, _topk_row(v, e_ok, k).to(tl.int8), mask=e_ok)
+    keep = _topk_row(v, e_ok, k)
+    if UNION:
+        tl.store(mask_ptr + e_idx, tl.full([E_PAD], 1, dtype=tl.int8), mask=e_ok & keep)
+    else:
+        tl.store(mask_ptr + row * stride_mb + e_idx, keep.to(tl.int8), mask=e_ok)
 
 
 @triton.jit
-def _topk_budget_kernel(logits_ptr, first_ptr, mask_ptr, B, E, k, budget, stride_lb, stride_fb, stride_mb,
-                        E_PAD: tl.constexpr, TB: tl.constexpr, PDL: tl.constexpr):
-    """Top-k routing under a per-batch budget, one program per token, after ``_topk_kernel`` wrote
-    every token's own top-k into first [B, E]: each program sums the batch's union and sigmoid scores
-    (the same sums in every program, TB tokens at a time), keeps the union's ``budget`` experts of
-    largest score (``_budget_cut``; ``reference.budget_keep``) and writes its token's top k among
-    them (``reference.topk_among``) to mask [B, E]; a token keeps min(k, budget) experts."""
+def _topk_budget_kernel(logits_ptr, union_ptr, score_ptr, mask_ptr, E, k, budget, stride_lb, stride_mb,
+                        E_PAD: tl.constexpr, PDL: tl.constexpr):
+    """Top-k routing under a per-batch budget, one program per token, after the router wrote the
+    batch's summed sigmoid scores and ``_topk_kernel`` (UNION) the union of every token's own top k:
+    each program keeps the union's ``budget`` experts of largest score (``_budget_cut``;
+    ``reference.budget_keep``; the same cut in every program, from E values) and writes its token's
+    top k among them (``reference.topk_among``) to mask [B, E]; a token keeps min(k, budget) experts."""
     if PDL:
-        gdc_wait()  # first comes from the top-k kernel
+        gdc_wait()  # the union comes from the top-k kernel
         gdc_launch_dependents()
     row = tl.program_id(0)
     e_idx = tl.arange(0, E_PAD)
     e_ok = e_idx < E
-    union = tl.zeros([E_PAD], dtype=tl.int32)
-    score = tl.zeros([E_PAD], dtype=tl.float32)
-    for b0 in range(0, B, TB):  # [TB, E_PAD] tiles of the batch
-        toks = b0 + tl.arange(0, TB)
-        valid = (toks < B)[:, None] & e_ok[None, :]
-        m = tl.load(first_ptr + toks[:, None] * stride_fb + e_idx[None, :], mask=valid, other=0)
-        lg = tl.load(logits_ptr + toks[:, None] * stride_lb + e_idx[None, :], mask=valid, other=0.0)
-        union = tl.maximum(union, tl.max(m.to(tl.int32), axis=0))
-        score += tl.sum(tl.where(valid, tl.sigmoid(lg), 0.0), axis=0)
-    bits = tl.where(union != 0, score.to(tl.int32, bitcast=True), -1)  # [E_PAD]; -1: not in the union
+    union = tl.load(union_ptr + e_idx, mask=e_ok, other=0) != 0
+    score = tl.load(score_ptr + e_idx, mask=e_ok, other=0.0)
+    bits = tl.where(union, score.to(tl.int32, bitcast=True), -1)  # [E_PAD]; -1: not in the union
     cut, above = _budget_cut(bits, budget)
     tie = bits == cut
-    kept = (union != 0) & ((bits > cut) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= budget - above)))
+    kept = union & ((bits > cut) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= budget - above)))
     v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
     v = tl.where(kept, v, float("-inf"))  # only the budget's experts compete
     keep = _topk_row(v, e_ok, k) & kept

@@ -3,12 +3,14 @@
 Two launches: the router kernel writes the fp32 logits [B, E] (``_router_kernel`` with LOGITS: the
 router weights read in parallel over blocks of experts, as for threshold routing), then
 ``_topk_kernel`` (one program per token) keeps each token's k experts of largest logit, ties to the
-lower expert index. With a per-batch budget, one more: the top-k kernel writes every token's own
-top k to a scratch mask, then ``_topk_budget_kernel`` (one program per token) sums the batch's union
-and sigmoid scores, cuts the union to its ``budget`` experts of largest score and keeps its token's
-top k among them, so every token keeps min(k, budget) experts, all among the batch's budget. k and
-the budget are runtime arguments (no recompile) and nothing waits on the host, so the launches can
-be captured in a CUDA graph. Dimensions: B tokens, D model width, E experts.
+lower expert index. With a per-batch budget, three: the router also writes each expert's sigmoid
+score summed over the batch (its programs hold every token's logit for their experts) and clears a
+union [E]; the top-k kernel sets every token's own top k in that union instead of writing rows; then
+``_topk_budget_kernel`` (one program per token) cuts the union to its ``budget`` experts of largest
+score, from those E values, and keeps its token's top k among them, so every token keeps min(k,
+budget) experts, all among the batch's budget. k and the budget are runtime arguments (no recompile)
+and nothing waits on the host, so the launches can be captured in a CUDA graph. Dimensions: B tokens,
+D model width, E experts.
 This module imports triton at import time: import it lazily.
 """
 
@@ -35,26 +37,28 @@ def _topk_warps(e_pad: int) -> int:
     return 4 if e_pad <= 1024 else 8
 
 
-def launch_topk(logits: torch.Tensor, mask_u8: torch.Tensor, k: int, pdl: bool) -> None:
-    """Per-token top-k of fp32 logits [B, E] into mask_u8 [B, E] (1 = on); 1 <= k <= E."""
+def launch_topk(logits: torch.Tensor, mask_u8: torch.Tensor, k: int, pdl: bool, union: bool = False) -> None:
+    """Per-token top-k of fp32 logits [B, E] into mask_u8 [B, E] (1 = on); 1 <= k <= E. With ``union``,
+    mask_u8 is the batch's union [E] instead, cleared before (``launch_router`` with logits and a
+    score does it): every token's k experts are set there and no per-token row is written."""
     num_tokens, num_exp = logits.shape
     e_pad = _next_pow2(num_exp)
     _topk_kernel[(num_tokens,)](
-        logits, mask_u8, num_exp, k, logits.stride(0), mask_u8.stride(0), E_PAD=e_pad, PDL=pdl,
+        logits, mask_u8, num_exp, k, logits.stride(0), mask_u8.stride(0), E_PAD=e_pad, PDL=pdl, UNION=union,
         num_warps=_topk_warps(e_pad), **_pdl_kwargs(pdl),
     )
 
 
-def launch_topk_budget(logits: torch.Tensor, first_u8: torch.Tensor, mask_u8: torch.Tensor, k: int, budget: int,
-                       pdl: bool) -> None:
-    """Each token's top k among the batch's ``budget`` experts: from fp32 logits [B, E] and the tokens'
-    own top-k masks first_u8 [B, E] (``launch_topk``) into mask_u8 [B, E]; 1 <= k <= E, 0 < budget < E."""
+def launch_topk_budget(logits: torch.Tensor, union: torch.Tensor, score: torch.Tensor, mask_u8: torch.Tensor,
+                       k: int, budget: int, pdl: bool) -> None:
+    """Each token's top k among the batch's ``budget`` experts: from fp32 logits [B, E], the union of the
+    tokens' own top k (union [E] int8, ``launch_topk`` with ``union``) and the summed sigmoid scores
+    (score [E] fp32) into mask_u8 [B, E]; 1 <= k <= E, 0 < budget < E."""
     num_tokens, num_exp = logits.shape
     e_pad = _next_pow2(num_exp)
-    tile_tokens = min(_next_pow2(num_tokens), max(1, 8192 // e_pad))  # TB x E_PAD logits per load
     _topk_budget_kernel[(num_tokens,)](
-        logits, first_u8, mask_u8, num_tokens, num_exp, k, budget, logits.stride(0), first_u8.stride(0),
-        mask_u8.stride(0), E_PAD=e_pad, TB=tile_tokens, PDL=pdl, num_warps=_topk_warps(e_pad), **_pdl_kwargs(pdl),
+        logits, union, score, mask_u8, num_exp, k, budget, logits.stride(0), mask_u8.stride(0),
+        E_PAD=e_pad, PDL=pdl, num_warps=_topk_warps(e_pad), **_pdl_kwargs(pdl),
     )
 
 
@@ -80,13 +84,15 @@ def router_topk_mask_triton(x: torch.Tensor, w_router: torch.Tensor, k: int,
     pdl = _pdl_supported(x.device)
     logits = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.float32)  # [B, E]
     out = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
-    launch_router(x, w_router, 0.0, None, None, None, cfg, pdl, logits=logits)
     mask_u8 = out.view(torch.uint8)
     k = min(int(k), num_exp)
     if 0 < budget < num_exp:
-        first = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.uint8)  # [B, E] own top k
-        launch_topk(logits, first, k, pdl)
-        launch_topk_budget(logits, first, mask_u8, k, int(budget), pdl)  # each token's k among the budget's
+        union = torch.empty(num_exp, device=x.device, dtype=torch.int8)  # [E] the tokens' own top k, any token
+        score = torch.empty(num_exp, device=x.device, dtype=torch.float32)  # [E] summed sigmoid scores
+        launch_router(x, w_router, 0.0, None, union, score, cfg, pdl, logits=logits)  # clears the union too
+        launch_topk(logits, union, k, pdl, union=True)
+        launch_topk_budget(logits, union, score, mask_u8, k, int(budget), pdl)  # each token's k among the budget's
     else:
+        launch_router(x, w_router, 0.0, None, None, None, cfg, pdl, logits=logits)
         launch_topk(logits, mask_u8, k, pdl)
     return out
