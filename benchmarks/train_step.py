@@ -234,6 +234,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the JSON result here")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (as `lte train --torch-compile`); warm-up steps include the compile")
+    parser.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile's mode with --compile (reduce-overhead: forward and backward replayed "
+                             "as CUDA graphs, no per-operator launches from the host)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also record two steps of each with torch.profiler; tables and a summary to DIR")
     args = parser.parse_args()
@@ -262,7 +265,9 @@ def main() -> None:
     # The LTE model is converted from `model` in place: one round times the dense model first; more
     # rounds alternate between a copy of it and the LTE model, so that a drifting load hits both alike.
     dense_model = copy.deepcopy(model) if args.rounds > 1 or args.profile else model  # --profile: kept dense
-    maybe_compile = torch.compile if args.compile else (lambda m: m)
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode needs --compile")
+    maybe_compile = (lambda m: torch.compile(m, mode=args.compile_mode)) if args.compile else (lambda m: m)
     if args.rounds == 1:
         runs["dense"].append(time_steps(maybe_compile(model), batch, args.steps, args.warmup, device,
                                         per_step_stats=False, count_ops=args.count_ops))
@@ -290,6 +295,7 @@ def main() -> None:
         "tokens_per_step": args.batch_size * args.seq_len,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "compiled": args.compile,
+        "compile_mode": args.compile_mode,
         "dense": dense,
         "stage1": stage1,
         "ratio_median": stage1["median_s"] / dense["median_s"],
