@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Speed work of issues 11 and 12 in one GPU call (random weights: no carry needed), a short table last.
+#
+#   1. the top-k / budget kernels' GPU tests (pytest -m gpu tests/test_kernels.py -k "topk or budget")
+#   2. the mask launches alone (benchmarks/mask_kernels.py, Llama-3-8B shape, expert sizes 32 and 8)
+#   3. the decode step with top-k routing under a 0.5 budget at B = 8 (benchmarks/decode.py, against dense)
+#   4. the compiled stage-1 step against the dense step, default mode and reduce-overhead
+#      (benchmarks/train_step.py, SmolLM2 shapes, `ste`)
+#
+# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests masks decode train;
+#         default all; about 5 minutes on an H100). Run from the project root; set LTE_COMMIT first on the
+#         GPU machine (scripts/gpu/README.md).
+set -uo pipefail
+
+OUT=${OUT:-runs/speed_check}
+PARTS=("$@")
+[[ ${#PARTS[@]} == 0 ]] && PARTS=(tests masks decode train)
+export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+want() { [[ " ${PARTS[*]} " == *" $1 "* ]]; }
+summary=()
+
+if want tests; then
+  python -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py -k "topk or budget" 2>&1 | tail -3 \
+    | tee "$OUT/gpu_tests.txt"
+  summary+=("gpu tests (topk, budget): $(tail -1 "$OUT/gpu_tests.txt")")
+fi
+if want masks; then
+  python benchmarks/mask_kernels.py --shapes llama3-8b --out "$OUT/mask_kernels.json" 2>&1 | tail -8
+  summary+=("mask launches: $OUT/mask_kernels.json")
+fi
+if want decode; then
+  python benchmarks/decode.py --shapes llama3-8b --batch-sizes 8 --sparsities 0.5 --mask-modes topk \
+    --batch-budget 0.5 --random-sparsities 0.5 0.9 --budget 90 --runs 3 --out "$OUT/decode_topk_budget.json" \
+    2>&1 | tail -12
+  summary+=("decode B=8 top-k + budget: $OUT/decode_topk_budget.json")
+fi
+if want train; then
+  for mode in default reduce-overhead; do
+    python benchmarks/train_step.py --routing ste --compile --compile-mode "$mode" --rounds 3 \
+      --out "$OUT/train_step_ste_${mode}.json" 2>&1 | tail -1 | tee "$OUT/train_step_${mode}.txt"
+    summary+=("stage-1 step, compiled ($mode): $(cat "$OUT/train_step_${mode}.txt")")
+  done
+fi
+
+echo
+echo "== summary =="
+printf '%s\n' "${summary[@]}"
