@@ -193,7 +193,8 @@ def check_topk_case(D, E, B, k, dtype, device, gen, ties=False, config=None, bud
     else:
         bad = int((got != want).sum())
         ok = bad == 0
-    return CaseResult(case + (" near-tie" if near_tie else ""), float(bad), ok)
+    fits = " (the union fits)" if int(union.sum()) <= budget else ""
+    return CaseResult(case + (" near-tie" if near_tie else "") + fits, float(bad), ok)
 
 
 def check_topk_extremes_case(k, device, config=None) -> CaseResult:
@@ -355,6 +356,9 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
     if "topk" in parts:
         for k in range(1, 16):
             results.append(check_topk_extremes_case(k, device, TOPK_CONFIGS[k % 3]))
+        for B, k, budget in ((3, 2, 20), (1, 7, 8), (5, 20, 39)):  # budgets the union fits (rows stand) or just not
+            results.append(check_topk_case(33, 40, B, k, TOPK_DTYPES[B % 3], device, gen, ties=B == 5,
+                                           config=TOPK_CONFIGS[k % 3], budget=budget))
     return results
 
 

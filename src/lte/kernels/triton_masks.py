@@ -179,12 +179,12 @@ def _topk_row(v, e_ok, k):
 
 
 @triton.jit
-def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.constexpr, PDL: tl.constexpr,
-                 UNION: tl.constexpr):
+def _topk_kernel(logits_ptr, mask_ptr, union_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.constexpr,
+                 PDL: tl.constexpr, UNION: tl.constexpr):
     """mask[b, e] = 1 for the k experts of largest fp32 logit of token b (1 <= k <= E), one program
     per token; ties at the cut go to the lower expert index (``reference.topk_keep``'s rule). With
-    UNION, mask_ptr is the batch's union [E] (cleared by the router): each program sets its token's
-    k experts there and writes no row (every writer stores the same 1, so no atomics are needed)."""
+    UNION each program also sets its token's k experts in the batch's union [E] (cleared by the
+    router; every writer stores the same 1, so no atomics are needed)."""
     if PDL:
         gdc_wait()  # the logits come from the router
         gdc_launch_dependents()
@@ -193,33 +193,35 @@ def _topk_kernel(logits_ptr, mask_ptr, E, k, stride_lb, stride_mb, E_PAD: tl.con
     e_ok = e_idx < E
     v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
     keep = _topk_row(v, e_ok, k)
+    tl.store(mask_ptr + row * stride_mb + e_idx, keep.to(tl.int8), mask=e_ok)
     if UNION:
-        tl.store(mask_ptr + e_idx, tl.full([E_PAD], 1, dtype=tl.int8), mask=e_ok & keep)
-    else:
-        tl.store(mask_ptr + row * stride_mb + e_idx, keep.to(tl.int8), mask=e_ok)
+        tl.store(union_ptr + e_idx, tl.full([E_PAD], 1, dtype=tl.int8), mask=e_ok & keep)
 
 
 @triton.jit
 def _topk_budget_kernel(logits_ptr, union_ptr, score_ptr, mask_ptr, E, k, budget, stride_lb, stride_mb,
                         E_PAD: tl.constexpr, PDL: tl.constexpr):
     """Top-k routing under a per-batch budget, one program per token, after the router wrote the
-    batch's summed sigmoid scores and ``_topk_kernel`` (UNION) the union of every token's own top k:
-    each program keeps the union's ``budget`` experts of largest score (``_budget_cut``;
-    ``reference.budget_keep``; the same cut in every program, from E values) and writes its token's
-    top k among them (``reference.topk_among``) to mask [B, E]; a token keeps min(k, budget) experts."""
+    batch's summed sigmoid scores and ``_topk_kernel`` (UNION) every token's own top k to mask [B, E]
+    and their union: where the union holds at most ``budget`` experts the rows stand (each token's
+    own top k is its top k among the union). Otherwise each program keeps the union's ``budget``
+    experts of largest score (``_budget_cut``; ``reference.budget_keep``; the same cut in every
+    program, from E values) and rewrites its token's row with its top k among them
+    (``reference.topk_among``); a token keeps min(k, budget) experts."""
     if PDL:
-        gdc_wait()  # the union comes from the top-k kernel
+        gdc_wait()  # the rows and the union come from the top-k kernel
         gdc_launch_dependents()
     row = tl.program_id(0)
     e_idx = tl.arange(0, E_PAD)
     e_ok = e_idx < E
     union = tl.load(union_ptr + e_idx, mask=e_ok, other=0) != 0
-    score = tl.load(score_ptr + e_idx, mask=e_ok, other=0.0)
-    bits = tl.where(union, score.to(tl.int32, bitcast=True), -1)  # [E_PAD]; -1: not in the union
-    cut, above = _budget_cut(bits, budget)
-    tie = bits == cut
-    kept = union & ((bits > cut) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= budget - above)))
-    v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
-    v = tl.where(kept, v, float("-inf"))  # only the budget's experts compete
-    keep = _topk_row(v, e_ok, k) & kept
-    tl.store(mask_ptr + row * stride_mb + e_idx, keep.to(tl.int8), mask=e_ok)
+    if tl.sum(union.to(tl.int32), axis=0) > budget:  # the budget binds
+        score = tl.load(score_ptr + e_idx, mask=e_ok, other=0.0)
+        bits = tl.where(union, score.to(tl.int32, bitcast=True), -1)  # [E_PAD]; -1: not in the union
+        cut, above = _budget_cut(bits, budget)
+        tie = bits == cut
+        kept = union & ((bits > cut) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= budget - above)))
+        v = tl.load(logits_ptr + row * stride_lb + e_idx, mask=e_ok, other=0.0)
+        v = tl.where(kept, v, float("-inf"))  # only the budget's experts compete
+        keep = _topk_row(v, e_ok, k) & kept
+        tl.store(mask_ptr + row * stride_mb + e_idx, keep.to(tl.int8), mask=e_ok)

@@ -5,10 +5,11 @@ router weights read in parallel over blocks of experts, as for threshold routing
 ``_topk_kernel`` (one program per token) keeps each token's k experts of largest logit, ties to the
 lower expert index. With a per-batch budget, three: the router also writes each expert's sigmoid
 score summed over the batch (its programs hold every token's logit for their experts) and clears a
-union [E]; the top-k kernel sets every token's own top k in that union instead of writing rows; then
-``_topk_budget_kernel`` (one program per token) cuts the union to its ``budget`` experts of largest
-score, from those E values, and keeps its token's top k among them, so every token keeps min(k,
-budget) experts, all among the batch's budget. k and the budget are runtime arguments (no recompile)
+union [E]; the top-k kernel also sets every token's own top k in that union; then
+``_topk_budget_kernel`` (one program per token) leaves the rows as they are if the union fits the
+budget, else cuts the union to its ``budget`` experts of largest score, from those E values, and
+rewrites its token's row with its top k among them, so every token keeps min(k, budget) experts, all
+among the batch's budget. k and the budget are runtime arguments (no recompile)
 and nothing waits on the host, so the launches can be captured in a CUDA graph. Dimensions: B tokens,
 D model width, E experts.
 This module imports triton at import time: import it lazily.
@@ -37,23 +38,25 @@ def _topk_warps(e_pad: int) -> int:
     return 4 if e_pad <= 1024 else 8
 
 
-def launch_topk(logits: torch.Tensor, mask_u8: torch.Tensor, k: int, pdl: bool, union: bool = False) -> None:
-    """Per-token top-k of fp32 logits [B, E] into mask_u8 [B, E] (1 = on); 1 <= k <= E. With ``union``,
-    mask_u8 is the batch's union [E] instead, cleared before (``launch_router`` with logits and a
-    score does it): every token's k experts are set there and no per-token row is written."""
+def launch_topk(logits: torch.Tensor, mask_u8: torch.Tensor, k: int, pdl: bool,
+                union: torch.Tensor | None = None) -> None:
+    """Per-token top-k of fp32 logits [B, E] into mask_u8 [B, E] (1 = on); 1 <= k <= E. With ``union``
+    ([E] int8, cleared before: ``launch_router`` with logits and a score does it) every token's k
+    experts are also set there."""
     num_tokens, num_exp = logits.shape
     e_pad = _next_pow2(num_exp)
     _topk_kernel[(num_tokens,)](
-        logits, mask_u8, num_exp, k, logits.stride(0), mask_u8.stride(0), E_PAD=e_pad, PDL=pdl, UNION=union,
-        num_warps=_topk_warps(e_pad), **_pdl_kwargs(pdl),
+        logits, mask_u8, union if union is not None else mask_u8, num_exp, k, logits.stride(0), mask_u8.stride(0),
+        E_PAD=e_pad, PDL=pdl, UNION=union is not None, num_warps=_topk_warps(e_pad), **_pdl_kwargs(pdl),
     )
 
 
 def launch_topk_budget(logits: torch.Tensor, union: torch.Tensor, score: torch.Tensor, mask_u8: torch.Tensor,
                        k: int, budget: int, pdl: bool) -> None:
-    """Each token's top k among the batch's ``budget`` experts: from fp32 logits [B, E], the union of the
-    tokens' own top k (union [E] int8, ``launch_topk`` with ``union``) and the summed sigmoid scores
-    (score [E] fp32) into mask_u8 [B, E]; 1 <= k <= E, 0 < budget < E."""
+    """Each token's top k among the batch's ``budget`` experts, in place in mask_u8 [B, E] (which holds
+    each token's own top k: ``launch_topk`` with ``union``), from fp32 logits [B, E], the union of the
+    tokens' own top k (union [E] int8) and the summed sigmoid scores (score [E] fp32); rows stay as they
+    are where the union fits the budget. 1 <= k <= E, 0 < budget < E."""
     num_tokens, num_exp = logits.shape
     e_pad = _next_pow2(num_exp)
     _topk_budget_kernel[(num_tokens,)](
@@ -90,7 +93,7 @@ def router_topk_mask_triton(x: torch.Tensor, w_router: torch.Tensor, k: int,
         union = torch.empty(num_exp, device=x.device, dtype=torch.int8)  # [E] the tokens' own top k, any token
         score = torch.empty(num_exp, device=x.device, dtype=torch.float32)  # [E] summed sigmoid scores
         launch_router(x, w_router, 0.0, None, union, score, cfg, pdl, logits=logits)  # clears the union too
-        launch_topk(logits, union, k, pdl, union=True)
+        launch_topk(logits, mask_u8, k, pdl, union=union)  # own top k, and the union
         launch_topk_budget(logits, union, score, mask_u8, k, int(budget), pdl)  # each token's k among the budget's
     else:
         launch_router(x, w_router, 0.0, None, None, None, cfg, pdl, logits=logits)
