@@ -9,9 +9,9 @@ union [E]; the top-k kernel also sets every token's own top k in that union; the
 ``_topk_budget_kernel`` (one program per token) leaves the rows as they are if the union fits the
 budget, else cuts the union to its ``budget`` experts of largest score, from those E values, and
 rewrites its token's row with its top k among them, so every token keeps min(k, budget) experts, all
-among the batch's budget. k and the budget are runtime arguments (no recompile)
-and nothing waits on the host, so the launches can be captured in a CUDA graph. Dimensions: B tokens,
-D model width, E experts.
+among the batch's budget. k and the budget are runtime arguments (no recompile) and nothing waits on
+the host, so the launches can be captured in a CUDA graph. Dimensions: B tokens, D model width, E
+experts.
 This module imports triton at import time: import it lazily.
 """
 
