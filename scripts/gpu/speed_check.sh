@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Speed work of issues 11 and 12 in one GPU call (random weights: no carry needed), a short table last.
 #
-#   1. the top-k / budget kernels' GPU tests (pytest -m gpu tests/test_kernels.py -k "topk or budget")
+#   1. the top-k / budget kernels' GPU tests (pytest -m gpu tests/test_kernels.py -k "topk or budget", and
+#      python -m lte.kernels.selfcheck --parts topk routed)
 #   2. the mask launches alone (benchmarks/mask_kernels.py, Llama-3-8B shape, expert sizes 32 and 8)
 #   3. the decode step with top-k routing under a 0.5 budget at B = 8 (benchmarks/decode.py, against dense)
 #   4. the compiled stage-1 step against the dense step, default mode and reduce-overhead
@@ -24,6 +25,8 @@ if want tests; then
   python -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py -k "topk or budget" 2>&1 | tail -3 \
     | tee "$OUT/gpu_tests.txt"
   summary+=("gpu tests (topk, budget): $(tail -1 "$OUT/gpu_tests.txt")")
+  python -m lte.kernels.selfcheck --parts topk routed 2>&1 | tail -3 | tee "$OUT/selfcheck.txt"
+  summary+=("selfcheck (topk, routed): $(tail -1 "$OUT/selfcheck.txt")")
 fi
 if want masks; then
   python benchmarks/mask_kernels.py --shapes llama3-8b --out "$OUT/mask_kernels.json" 2>&1 | tail -8
