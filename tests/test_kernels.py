@@ -849,9 +849,11 @@ def test_router_topk_mask_on_gpu(num_tokens, dtype):
 @gpu
 @pytest.mark.parametrize("num_tokens", [1, 8, 64])
 def test_router_topk_mask_with_budget_on_gpu(num_tokens):
-    """Top-k with a per-batch budget on Llama-3-8B's router shape: router, top-k, union and budget
-    kernels against the reference (``selfcheck.check_topk_case``: exact logits, summed scores up to
-    near-ties at the cut), then the four launches captured in a CUDA graph and replayed on new inputs."""
+    """Top-k with a per-batch budget on Llama-3-8B's router shape: the router (logits, summed scores,
+    a cleared union), top-k (rows and union) and budget kernels against the reference
+    (``selfcheck.check_topk_case``: exact logits, summed scores up to near-ties at the cut; budgets
+    that bind and one the union fits), then the three launches captured in a CUDA graph and replayed
+    on new inputs (the union must be cleared on every replay)."""
     from lte.kernels.selfcheck import check_topk_case
 
     E, D = 448, 4096
