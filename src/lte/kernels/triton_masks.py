@@ -102,16 +102,21 @@ def _union_kernel(mask_ptr, union_ptr, B, E, stride_mb, B_PAD: tl.constexpr, BLO
 
 @triton.jit
 def _budget_cut(bits, budget):
-    """The budget-th largest of ``bits`` (non-negative fp32 bit patterns, -1 for experts out of the
-    running), by bisection: returns (cut, count above the cut). Experts above the cut are kept; those
-    at it fill up to ``budget`` in expert order."""
-    lo = tl.zeros([], dtype=tl.int32)
-    hi = tl.full([], 0x7F800000, dtype=tl.int32)
-    for _ in range(31):  # largest t with count(bits >= t) >= budget
+    """A cut for the ``budget`` largest of ``bits`` (non-negative fp32 bit patterns, -1 for experts out
+    of the running; more than ``budget`` in it), by bisection: returns (cut, count above the cut).
+    Experts above the cut are kept; those at it fill up to ``budget`` in expert order.
+
+    The search runs between the smallest and the largest key in the running (count(bits >= lo) >=
+    budget holds from the start) and stops as soon as a probe counts exactly ``budget`` keys at or
+    above it: then those are the budget (none tie at that probe's cut). Otherwise it ends at the
+    budget-th largest key, ties and all. About log2(range / gap at the cut) steps instead of 31."""
+    lo = tl.min(tl.where(bits >= 0, bits, 0x7F800000), axis=0)
+    hi = tl.max(bits, axis=0)
+    while lo < hi:  # invariant: count(bits >= lo) >= budget and the answer lies in [lo, hi]
         mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+        count = tl.sum((bits >= mid).to(tl.int32), axis=0)
+        lo = tl.where(count >= budget, mid, lo)
+        hi = tl.where(count == budget, mid, tl.where(count > budget, hi, mid - 1))
     return lo, tl.sum((bits > lo).to(tl.int32), axis=0)
 
 
@@ -158,20 +163,22 @@ def _budget_kernel(
 def _topk_row(v, e_ok, k):
     """keep [E_PAD]: the k largest of one token's fp32 logits v (ties at the cut to the lower index).
 
-    The cut is the k-th largest logit, found by bisection on order-preserving integer keys of the fp32
-    bit patterns (negative values have their magnitude bits flipped, so the keys order like the
-    values over the whole line; -0.0 is made +0.0 first, as the two are equal). Experts above the
-    cut are kept; of those at the cut, the lowest-indexed ones fill up to k (rank by prefix sum)."""
+    The cut is found by bisection on order-preserving integer keys of the fp32 bit patterns (negative
+    values have their magnitude bits flipped, so the keys order like the values over the whole line;
+    -0.0 is made +0.0 first, as the two are equal), between the row's smallest and largest key. It
+    stops as soon as a probe counts exactly k keys at or above it (those are the k, no tie at the
+    cut), else ends at the k-th largest key. Experts above the cut are kept; of those at the cut, the
+    lowest-indexed ones fill up to k (rank by prefix sum)."""
     v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0
     bits = v.to(tl.int32, bitcast=True)
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # [E_PAD], ordered like v
-    lo = tl.full([], -2147483648, dtype=tl.int64)
-    hi = tl.full([], 2147483647, dtype=tl.int64)
-    for _ in range(32):  # largest t with count(key >= t) >= k: the k-th largest key
+    lo = tl.min(tl.where(e_ok, key, 2147483647), axis=0)
+    hi = tl.max(tl.where(e_ok, key, -2147483648), axis=0)
+    while lo < hi:  # invariant: count(key >= lo) >= k and the k-th largest key lies in [lo, hi]
         mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((e_ok & (key >= mid)).to(tl.int32), axis=0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+        count = tl.sum((e_ok & (key >= mid)).to(tl.int32), axis=0)
+        lo = tl.where(count >= k, mid, lo)
+        hi = tl.where(count == k, mid, tl.where(count > k, hi, mid - 1))
     above = e_ok & (key > lo)  # kept for sure (fewer than k)
     tie = e_ok & (key == lo)
     tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among the ties, in expert order
