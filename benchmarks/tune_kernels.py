@@ -59,10 +59,13 @@ OUT_CANDIDATES = {
     "dot16": [(128, 32, 4, 3), (128, 16, 4, 3), (256, 16, 8, 3), (64, 32, 4, 3)],
     "dot64": [(128, 8, 4, 3), (64, 8, 4, 3), (128, 4, 4, 3), (64, 16, 4, 3)],
 }
-# router: (block_e, block_k (0 = all of D in one step when it fits), warps)
+# router: (block_e, block_k (0 = all of D in one step when it fits), warps). For 2-16 tokens the router runs
+# broadcast multiply-adds over D in block_k chunks, one dependent step each (16 at D = 4096 and 256): the
+# mask launches alone showed it at 12 us for B = 8 against 3.4 for B = 1 on an H100 (docs/benchmarks.md), so
+# the last three try fewer, larger steps (not yet checked for register spills: the timing decides).
 ROUTER_CANDIDATES = {
     "fma": [(2, 0, 8), (1, 0, 4), (4, 0, 8)],
-    "dot16": [(2, 256, 8), (2, 512, 8), (4, 256, 8)],
+    "dot16": [(2, 256, 8), (2, 512, 8), (4, 256, 8), (2, 1024, 8), (1, 1024, 4), (1, 2048, 8)],
     "dot64": [(16, 128, 4), (16, 128, 8), (16, 256, 8)],
 }
 

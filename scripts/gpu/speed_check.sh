@@ -7,10 +7,13 @@
 #   3. the decode step with top-k routing under a 0.5 budget at B = 8 (benchmarks/decode.py, against dense)
 #   4. the compiled stage-1 step against the dense step, default mode and reduce-overhead
 #      (benchmarks/train_step.py, SmolLM2 shapes, `ste`)
+#   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
+#      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
+#      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
 #
-# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests masks decode train;
-#         default all; about 5 minutes on an H100). Run from the project root; set LTE_COMMIT first on the
-#         GPU machine (scripts/gpu/README.md).
+# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode train;
+#         default tests masks decode train; about 5 minutes on an H100, plus the tuning). Run from the project
+#         root; set LTE_COMMIT first on the GPU machine (scripts/gpu/README.md).
 set -uo pipefail
 
 OUT=${OUT:-runs/speed_check}
@@ -27,6 +30,12 @@ if want tests; then
   summary+=("gpu tests (topk, budget): $(tail -1 "$OUT/gpu_tests.txt")")
   python -m lte.kernels.selfcheck --parts topk routed 2>&1 | tail -3 | tee "$OUT/selfcheck.txt"
   summary+=("selfcheck (topk, routed): $(tail -1 "$OUT/selfcheck.txt")")
+fi
+if want tune; then
+  python benchmarks/tune_kernels.py --budget "${TUNE_BUDGET:-150}" --shapes llama3-8b --out "$OUT/kernel_configs.json" \
+    2>&1 | tail -6
+  [[ -f "$OUT/kernel_configs.json" ]] && export LTE_KERNEL_CONFIGS="$OUT/kernel_configs.json"
+  summary+=("tuned tiles: $OUT/kernel_configs.json (used by the parts after it)")
 fi
 if want masks; then
   python benchmarks/mask_kernels.py --shapes llama3-8b --out "$OUT/mask_kernels.json" 2>&1 | tail -8
