@@ -100,6 +100,9 @@ def test_rouge_l_by_hand():
     assert scores["rougeL_precision"] == pytest.approx(100.0)
     assert scores["rougeL_recall"] == pytest.approx(50.0)
     assert scores["rougeL"] == pytest.approx(200 / 3)
+    both = rouge_l(["the cat sat", "a dog"], ["the cat sat on the mat", "a dog"])  # F1 2/3 and 1, in order
+    assert both["rougeL_per_example"] == pytest.approx([200 / 3, 100.0])
+    assert both["rougeL"] == pytest.approx((200 / 3 + 100) / 2)
     assert rouge_l(["dogs run"], [["cats sleep", "dogs run"]])["rougeL"] == pytest.approx(100.0)  # best reference
     with pytest.raises(ValueError, match="references"):
         rouge_l(["a"], [])

@@ -14,7 +14,9 @@ from lte.evaluation._common import finish_stats, is_lte, pad_id_of, prepare_mode
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
-    """Mean ROUGE-L (F1, precision, recall, in percent) with the ``rouge-score`` package (Porter stemming).
+    """Mean ROUGE-L (F1, precision, recall, in percent) with the ``rouge-score`` package (Porter stemming),
+    and each prediction's F1 (``rougeL_per_example``, in order) for paired comparisons between models
+    scored on the same examples.
 
     A reference may be a list of strings (several references): the best-scoring one counts.
     """
@@ -28,15 +30,17 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]
         raise LTEError("no predictions to score.")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     totals = {"f": 0.0, "p": 0.0, "r": 0.0}
+    per_example = []
     for prediction, reference in zip(predictions, references):
         candidates = [reference] if isinstance(reference, str) else list(reference)
         best = max((scorer.score(ref, prediction)["rougeL"] for ref in candidates), key=lambda s: s.fmeasure)
         totals["f"] += best.fmeasure
         totals["p"] += best.precision
         totals["r"] += best.recall
+        per_example.append(100 * best.fmeasure)
     n = len(predictions)
     return {"rougeL": 100 * totals["f"] / n, "rougeL_precision": 100 * totals["p"] / n,
-            "rougeL_recall": 100 * totals["r"] / n, "count": n}
+            "rougeL_recall": 100 * totals["r"] / n, "count": n, "rougeL_per_example": per_example}
 
 
 def truncate_tokens(text: str, tokenizer, max_tokens: int | None) -> str:
