@@ -9,8 +9,10 @@
 # on the same warm machine resumes them: finished points are reused, only missing ones run, and a
 # unit stopped at --time-limit continues from the checkpoint it wrote (it gets up to 60 s to write
 # it). Give the device call a timeout of at least the time limit + 120 s: loading, the last
-# evaluations and the reports took 87 s past a 480 s limit on the H200. If the call is stopped anyway
-# (SIGTERM), whatever finished is still packed into $OUT before the script exits.
+# evaluations and the reports took 87 s past a 480 s limit on the H200. If the call is stopped anyway,
+# whatever finished is still in $OUT: the results are packed every PACK_EVERY seconds (default 60) while the
+# study runs, and on SIGTERM they are packed first, before the workers are asked to write checkpoints (on
+# 2026-12-06 a call stopped at its device limit returned nothing: the old trap waited on the workers first).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/device_env.sh
@@ -54,16 +56,29 @@ stop_helpers() {
     [ -n "$mps" ] && echo quit | nvidia-cuda-mps-control 2>/dev/null
     dmon="" mps=""
 }
-pack() {
-    stop_helpers
+# pack_results: the results so far into $OUT/study_results.tar.gz (written aside, then moved: a call cut
+# while it packs keeps the previous archive). Points are written atomically, so any archive holds whole ones.
+pack_results() {
     [ -n "${OUT:-}" ] || return 0
-    tar -C "$ROOT" -czf "$OUT/study_results.tar.gz" \
+    tar -C "$ROOT" -czf "$OUT/.study_results.tar.gz.part" \
         --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='checkpoint-*' \
-        --exclude='tokenizer*' --exclude='events.out.*' .
-    ls -la "$OUT"
+        --exclude='tokenizer*' --exclude='events.out.*' . 2>/dev/null \
+        && mv "$OUT/.study_results.tar.gz.part" "$OUT/study_results.tar.gz"
+}
+packer=""
+if [ -n "${OUT:-}" ]; then
+    ( while sleep "${PACK_EVERY:-60}"; do pack_results; done ) &
+    packer=$!
+fi
+pack() {
+    [ -n "$packer" ] && kill "$packer" 2>/dev/null
+    packer=""
+    stop_helpers
+    pack_results
+    [ -n "${OUT:-}" ] && ls -la "$OUT"
 }
 study=""
-trap '[ -n "$study" ] && { kill -TERM "$study" 2>/dev/null; wait "$study"; }; pack; exit 143' TERM
+trap 'pack; [ -n "$study" ] && { kill -TERM "$study" 2>/dev/null; wait "$study"; pack_results; }; exit 143' TERM
 "$PY" -m lte.cli.main -v study "$@" --root "$ROOT" 2> >(grep -v "study units" >&2) &
 study=$!
 wait "$study"
