@@ -4,7 +4,8 @@
 #   1. the top-k / budget kernels' GPU tests (pytest -m gpu tests/test_kernels.py -k "topk or budget", and
 #      python -m lte.kernels.selfcheck --parts topk routed)
 #   2. the mask launches alone (benchmarks/mask_kernels.py, Llama-3-8B shape, expert sizes 32 and 8)
-#   3. the decode step with top-k routing under a 0.5 budget at B = 8 (benchmarks/decode.py, against dense)
+#   3. the decode step at B = 8 with per-token threshold masks and with top-k routing, each also under a 0.5
+#      budget (benchmarks/decode.py, against dense)
 #   4. the compiled stage-1 step against the dense step, default mode and reduce-overhead
 #      (benchmarks/train_step.py, SmolLM2 shapes, `ste`)
 #   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
@@ -42,7 +43,7 @@ if want masks; then
   summary+=("mask launches: $OUT/mask_kernels.json")
 fi
 if want decode; then
-  python benchmarks/decode.py --shapes llama3-8b --batch-sizes 8 --sparsities 0.5 --mask-modes topk \
+  python benchmarks/decode.py --shapes llama3-8b --batch-sizes 8 --sparsities 0.5 --mask-modes random topk \
     --batch-budget 0.5 --random-sparsities 0.5 0.9 --budget 90 --runs 3 --out "$OUT/decode_topk_budget.json" \
     2>&1 | tail -12
   summary+=("decode B=8 top-k + budget: $OUT/decode_topk_budget.json")
