@@ -300,6 +300,17 @@ def test_stage2_without_stage1_is_a_clear_error(tiny, tmp_path):
         train_stage("2", tmp_path / "conv", "causal-lm", tiny["text"], tmp_path / "o", **FAST)
 
 
+def test_torch_compile_mode_reaches_the_trainer_and_implies_compile(tmp_path):
+    from lte.training.args import TrainArgs, training_arguments
+
+    plain = training_arguments(tmp_path, TrainArgs())
+    assert plain.torch_compile is False
+    moded = training_arguments(tmp_path, TrainArgs(torch_compile_mode="reduce-overhead"))
+    assert moded.torch_compile is True and moded.torch_compile_mode == "reduce-overhead"
+    with pytest.raises(lte.LTEError, match="torch_compile_mode must be one of"):
+        TrainArgs(torch_compile_mode="fastest")
+
+
 def test_unknown_setting_and_stage(tiny, tmp_path):
     with pytest.raises(lte.LTEError, match="unknown training setting"):
         train_stage("dense", tiny["model"], "causal-lm", tiny["text"], tmp_path / "o", learning_rat=1.0)

@@ -195,6 +195,10 @@ class TrainArgs:
     torch_compile: bool = field(default=False, metadata=_help(
         "compile the model with torch.compile (the Trainer's torch_compile): fewer kernel launches per step, "
         "which is what bounds the steps of small models on a GPU; the first step pays the compile"))
+    torch_compile_mode: str | None = field(default=None, metadata=_help(
+        "torch.compile's mode (implies --torch-compile; default: torch's): reduce-overhead replays forward and "
+        "backward as CUDA graphs, for steps bound by the host's launches", choices=("default", "reduce-overhead",
+                                                                                    "max-autotune")))
 
     def __post_init__(self) -> None:
         if isinstance(self.lte, dict):
@@ -376,7 +380,8 @@ def training_arguments(out: Path, hp: TrainArgs):
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",  # the budget a study reports (tokens, not only steps)
-        torch_compile=hp.torch_compile,
+        torch_compile=hp.torch_compile or hp.torch_compile_mode is not None,
+        **({"torch_compile_mode": hp.torch_compile_mode} if hp.torch_compile_mode else {}),
         **_checkpointing(hp, TrainingArguments),
     )
 
