@@ -807,3 +807,10 @@ def test_a_study_trains_on_a_mix_of_texts_and_reuses_its_points(tiny_task, tmp_p
     single = {**mixed, "data": tiny_task["data"]}  # the same folder, one text less: its dense model is another
     with pytest.raises(LTEError, match="other settings"):
         run_study(single, out, tiny=True)
+
+
+def test_devices_of_names_every_device_of_a_mixed_study():
+    one = [{"device": "NVIDIA H200"}, {"device": "NVIDIA H200"}]
+    assert runner.devices_of(one) == "NVIDIA H200"
+    mixed = one + [{"device": "NVIDIA H100 80GB HBM3"}] * 3 + [{}]
+    assert runner.devices_of(mixed) == "mixed: NVIDIA H100 80GB HBM3 (3 points), NVIDIA H200 (2 points), unknown (1 point)"

@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ logger = logging.getLogger(__name__)
 
 def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def devices_of(points: list[dict[str, Any]]) -> str:
+    """The device that ran a study's points: one name, or each name with its point count when they differ
+    (points resumed on another machine keep the device they ran on)."""
+    counts = Counter(p.get("device") or "unknown" for p in points)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "mixed: " + ", ".join(f"{name} ({n} point{'s' if n > 1 else ''})" for name, n in counts.most_common())
 
 
 def _point(setup: TaskSetup, method: str, knob: str, target: float, result: dict[str, Any], model: nn.Module,
@@ -464,7 +474,7 @@ def _summarise_points(cfg: dict[str, Any], out: Path, points: list[dict[str, Any
     dense = next(p for p in points if p["method"] == "dense")
     summary = summarise(points, dense["metric"], bool(dense["higher_is_better"]), lte_method(cfg))
     summary.update(name=cfg.get("name"), config=cfg, failures=failures, missing=missing, seeds=cfg.get("seeds"),
-                   seconds=seconds, device=dense.get("device") or _device_name(), torch=torch.__version__)
+                   seconds=seconds, device=devices_of(points), torch=torch.__version__)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     (out / "report.md").write_text(study_markdown(points, summary))
     profile = merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS})["profile_target"]
