@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -814,3 +815,23 @@ def test_devices_of_names_every_device_of_a_mixed_study():
     assert runner.devices_of(one) == "NVIDIA H200"
     mixed = one + [{"device": "NVIDIA H100 80GB HBM3"}] * 3 + [{}]
     assert runner.devices_of(mixed) == "mixed: NVIDIA H100 80GB HBM3 (3 points), NVIDIA H200 (2 points), unknown (1 point)"
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for d in ("configs/study", "configs/recipe")
+                                        for p in (Path(__file__).parent.parent / d).glob("*.yaml")))
+def test_every_committed_config_resolves_with_all_its_variants(path):
+    from lte.study.config import load_study_config
+
+    raw = load_study_config(path)
+    methods = list(dict.fromkeys(list(raw.get("methods") or []) + list(raw.get("variants") or {})))
+    cfg = study_config(raw, methods=methods)
+    assert cfg["methods"] == methods
+
+
+def test_a_misspelt_stage_setting_fails_before_any_work():
+    cfg = {"task": "causal-lm", "data": "x.txt", "methods": ["lte-cal"],
+           "variants": {"lte-cal": {"base": "lte", "set": {"lte": {"stage1": {"calibration_token": 4096}}}}}}
+    with pytest.raises(LTEError, match=r"lte-cal: unknown lte.stage1 setting\(s\) \['calibration_token'\]"):
+        study_config(cfg)
+    cfg["variants"]["lte-cal"]["set"]["lte"]["stage1"] = {"calibration-tokens": 4096}  # dashes are fine
+    assert study_config(cfg)["methods"] == ["lte-cal"]

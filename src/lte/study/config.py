@@ -10,11 +10,13 @@ runs at.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ..baselines.methods import METHODS, NEURON_METHODS, canonical_method
 from ..errors import LTEError
+from ..training.args import LTE_KEYS, TrainArgs
 
 ALL_METHODS = ("lte",) + METHODS
 KINDS = ("classification", "causal-lm", "generation", "instruction")
@@ -120,6 +122,21 @@ def method_plan(cfg: dict[str, Any], method: str) -> tuple[str, dict[str, Any]]:
     return ("lte" if method == "lte" else canonical_method(method)), {}
 
 
+def _check_stage_settings(cfg: dict[str, Any], method: str) -> None:
+    """Fail on a stage setting of an LTE method (`lte: {stage1: {...}, stage2: {...}}`, the config's and the
+    variant's) that no training stage knows, before a study trains its dense models."""
+    base, extra = method_plan(cfg, method)
+    if base != "lte":
+        return
+    known = {f.name for f in dataclasses.fields(TrainArgs)} | set(LTE_KEYS)
+    lte = merge(cfg.get("lte") or {}, extra.get("lte"))
+    for stage in ("stage1", "stage2"):
+        unknown = sorted({str(k).replace("-", "_") for k in (lte.get(stage) or {})} - known)
+        if unknown:
+            raise LTEError(f"{method}: unknown lte.{stage} setting(s) {unknown}; a stage takes the fields of "
+                           f"lte.training.TrainArgs (`lte train --help` lists them), e.g. max_steps, distill")
+
+
 def derived_methods(cfg: dict[str, Any], methods: list[str]) -> list[str]:
     """The methods whose points a study holds: its methods plus `<m>-topk` for LTE runs with `lte.also_topk`."""
     out = []
@@ -172,7 +189,7 @@ def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, method
     cfg["methods"] = list(methods or cfg.get("methods") or ALL_METHODS)
     cfg["targets"] = [float(t) for t in (targets or cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])]
     for method in cfg["methods"]:
-        method_plan(cfg, method)  # unknown names fail here, before any work
+        _check_stage_settings(cfg, method)  # unknown names and stage settings fail here, before any work
     lte_method(cfg)  # so does a bad lte_method
     middle = sorted(cfg["targets"])[len(cfg["targets"]) // 2]
     options = cfg.setdefault("method_options", {})
