@@ -105,7 +105,8 @@ def _decoder(model: torch.nn.Module, args: argparse.Namespace, batch: int) -> St
     """One decoder (cache + captured graph) per model variant and batch size, reused across fixed masks."""
     _free()
     return StaticDecoder(model, batch, args.cache_len, compile=args.compile,
-                         ffn_dispatch=args.ffn_dispatch if model_has_sparse(model) else "sparse")
+                         ffn_dispatch=args.ffn_dispatch if model_has_sparse(model) else "sparse",
+                         gqa_decode=args.gqa_decode)
 
 
 def model_has_sparse(model: torch.nn.Module) -> bool:
@@ -118,7 +119,8 @@ def _point(model: torch.nn.Module, args: argparse.Namespace, batch: int, decoder
     decoder = decoder or _decoder(model, args, batch)
     res = bench(model, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                 cache_len=args.cache_len, runs=args.runs, decoder=decoder)
-    row = {**labels, **res, "ffn_dispatch": decoder.ffn_dispatch}
+    row = {**labels, **res, "ffn_dispatch": decoder.ffn_dispatch,
+           "attention": getattr(model.config, "_attn_implementation", None)}
     if labels.get("variant") != "dense":
         row["weights"] = args.weights  # how the LTE FFN matrices were stored (dense is the model's dtype)
     if decoder.ffn_paths:  # "auto": how many FFNs the decision put on the masked dense path
@@ -304,6 +306,9 @@ def main() -> None:
                         "where the measured union is too full; lte.serving.dispatch)")
     p.add_argument("--weights", default="native", choices=["native", "fp8"],
                    help="LTE FFN matrices as the model's dtype or fp8 (e4m3, row scales); dense stays bf16 cuBLAS")
+    p.add_argument("--gqa-decode", action="store_true",
+                   help="decode steps with lte.serving.attention's grouped-query attention (each KV head read "
+                        "once), dense and LTE alike; default: transformers' SDPA")
     p.add_argument("--cache-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)

@@ -466,6 +466,47 @@ def test_run_parallel_lowers_the_worker_count_on_out_of_memory_and_finishes_ever
     assert max(int(line.split()[1]) for line in done) <= 2
 
 
+_SLEEPY_WORKER = """
+import pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    (folder / "stopped").write_text("checkpoint written")
+    sys.exit(1)
+signal.signal(signal.SIGTERM, stop)
+(folder / "started").write_text("")
+time.sleep(60)
+"""
+
+
+def test_a_study_stopped_by_sigterm_stops_its_workers(tmp_path, monkeypatch):
+    """The workers run in sessions of their own, so a SIGTERM (or Ctrl-C) to the study must reach them
+    through it: each is asked to stop (its training writes a checkpoint), none is left running."""
+    import os
+    import signal
+    import threading
+    import time
+
+    study = tmp_path / "seed0"
+    monkeypatch.setattr(parallel, "plan_units", lambda cfg, out: [Unit(str(study), "lte", [0.5], 4.0)])
+    monkeypatch.setattr(parallel, "_command", lambda unit: [sys.executable, "-c", _SLEEPY_WORKER, str(tmp_path)])
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate_once_started():
+        for _ in range(400):
+            if (tmp_path / "started").exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=terminate_once_started, daemon=True).start()
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_parallel([({"name": "fake"}, study)], jobs=1, time_limit=None, progress=False)
+    assert (tmp_path / "stopped").read_text() == "checkpoint written"
+    assert time.perf_counter() - start < 30  # not the worker's 60 s sleep
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_start_order_finishes_whole_methods_first():
     """Dense first, then the costlier base, then --methods order across the seeds, so that a run cut
     short leaves every seed of the first-named method done."""

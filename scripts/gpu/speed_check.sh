@@ -8,12 +8,15 @@
 #      budget (benchmarks/decode.py, against dense)
 #   4. the compiled stage-1 step against the dense step, default mode and reduce-overhead
 #      (benchmarks/train_step.py, SmolLM2 shapes, `ste`)
+#   attn (not in the default list): the decode step, Llama-3-8B shape, B = 1, 8, 32, fixed masks at 50% and 90%,
+#      once with transformers' SDPA and once with lte.serving.attention's grouped-query decode attention
+#      (`benchmarks/decode.py --gqa-decode`), each against its own dense rows
 #   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
 #      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
 #      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
 #
-# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode train;
-#         default tests masks decode train; about 5 minutes on an H100, plus the tuning). Run from the project
+# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn train;
+#         default tests masks decode train, attn and tune when named; about 5 minutes on an H100, plus the tuning). Run from the project
 #         root; set LTE_COMMIT first on the GPU machine (scripts/gpu/README.md).
 set -uo pipefail
 
@@ -47,6 +50,14 @@ if want decode; then
     --batch-budget 0.5 --random-sparsities 0.5 0.9 --budget 90 --runs 3 --out "$OUT/decode_topk_budget.json" \
     2>&1 | tail -12
   summary+=("decode B=8 top-k + budget: $OUT/decode_topk_budget.json")
+fi
+if want attn; then
+  for mode in sdpa gqa; do
+    flag=(); [[ $mode == gqa ]] && flag=(--gqa-decode)
+    python benchmarks/decode.py --shapes llama3-8b --batch-sizes 1 8 32 --sparsities 0.5 0.9 --mask-modes fixed \
+      --runs 3 --budget 150 "${flag[@]}" --out "$OUT/decode_attn_${mode}.json" 2>&1 | tail -10
+    summary+=("decode step, attention $mode: $OUT/decode_attn_${mode}.json")
+  done
 fi
 if want train; then
   for mode in default reduce-overhead; do

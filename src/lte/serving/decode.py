@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import LTEError
+from .attention import use_gqa_decode_attention
 from .dispatch import choose_ffn_paths, set_ffn_path, union_fraction
 from .prepare import sparse_modules
 from .sparse_mlp import SparseMLP
@@ -90,10 +91,14 @@ class StaticDecoder:
             to pay on the masked dense path, the others on the kernels), "sparse" (the kernels
             everywhere) or "dense" (the masked dense path everywhere). Without a CUDA graph "auto"
             leaves each FFN's path as it is.
+        gqa_decode: switch a grouped-query model running "sdpa" to `lte.serving.attention`'s decode
+            attention, which reads each KV head once instead of transformers' repeated copies
+            (the model keeps it after the decoder; prefill is unchanged). Off by default until timed.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
-                 use_graph: bool | None = None, compile: bool = False, ffn_dispatch: str = "auto") -> None:
+                 use_graph: bool | None = None, compile: bool = False, ffn_dispatch: str = "auto",
+                 gqa_decode: bool = False) -> None:
         if batch_size < 1 or cache_len < 2:
             raise LTEError(f"batch_size must be >= 1 and cache_len >= 2, got {batch_size} and {cache_len}")
         if ffn_dispatch not in ("sparse", "dense", "auto"):
@@ -103,6 +108,7 @@ class StaticDecoder:
         if ffn_dispatch != "auto":
             set_ffn_path(model, ffn_dispatch)
         self.model = model.eval()
+        self.gqa_decode = use_gqa_decode_attention(model) if gqa_decode else False
         first = next(iter(model.parameters()))
         self.device = first.device
         self.batch_size, self.cache_len, self.temperature = batch_size, cache_len, temperature

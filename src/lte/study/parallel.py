@@ -33,6 +33,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,18 @@ class WorkerLimit:
         return dataclasses.replace(unit, retries=unit.retries + 1)
 
 
+def _sigterm_as_interrupt() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt in this (main) thread, so that a stopped study stops its workers
+    too; returns the handler it replaced (None off the main thread, where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_limit: float | None = None,
                  threads_per_job: int | None = None, progress: bool = True) -> dict[str, dict[str, str]]:
     """Run every unit of `studies` ((config, out folder) pairs) with at most `jobs` workers at once.
@@ -296,77 +309,88 @@ def run_parallel(studies: list[tuple[dict[str, Any], Path]], jobs: int, time_lim
         need = expected_seconds(unit, finished)
         return need if need is not None and elapsed + need > time_limit else None
 
-    while pending or running:
-        elapsed = time.perf_counter() - start
-        if time_limit is not None and elapsed > time_limit:
-            _stop_all([proc for _, proc, _, _ in running])
-            for unit, proc, t0, _ in running:  # a unit that finished its point while stopping is done
-                if proc.returncode != 0:
-                    failures[unit.study][unit.label] = (f"stopped at the time limit ({time_limit:.0f} s); "
-                                                        "its training resumes from a checkpoint next time")
-                    if _has_checkpoint(unit):
-                        record_stopped(unit, time.perf_counter() - t0)
-            for unit in pending:
-                failures[unit.study][unit.label] = "not started: time limit"
-            logger.warning("time limit reached: %d unit(s) stopped, %d not started", len(running), len(pending))
-            break
-        for unit in [u for u in pending if ready(u)]:
-            need = cannot_finish(unit, elapsed)
-            if need is not None:
+    previous = _sigterm_as_interrupt()
+    try:
+        while pending or running:
+            elapsed = time.perf_counter() - start
+            if time_limit is not None and elapsed > time_limit:
+                _stop_all([proc for _, proc, _, _ in running])
+                for unit, proc, t0, _ in running:  # a unit that finished its point while stopping is done
+                    if proc.returncode != 0:
+                        failures[unit.study][unit.label] = (f"stopped at the time limit ({time_limit:.0f} s); "
+                                                            "its training resumes from a checkpoint next time")
+                        if _has_checkpoint(unit):
+                            record_stopped(unit, time.perf_counter() - t0)
+                for unit in pending:
+                    failures[unit.study][unit.label] = "not started: time limit"
+                logger.warning("time limit reached: %d unit(s) stopped, %d not started", len(running), len(pending))
+                break
+            for unit in [u for u in pending if ready(u)]:
+                need = cannot_finish(unit, elapsed)
+                if need is not None:
+                    pending.remove(unit)
+                    failures[unit.study][unit.label] = (f"not started: it takes about {need:.0f} s and "
+                                                        f"{time_limit - elapsed:.0f} s were left")
+                    bar.update(1)
+            while free_slots and len(running) < limit.jobs and any(ready(u) for u in pending):
+                unit = next(u for u in pending if ready(u))
                 pending.remove(unit)
-                failures[unit.study][unit.label] = (f"not started: it takes about {need:.0f} s and "
-                                                    f"{time_limit - elapsed:.0f} s were left")
-                bar.update(1)
-        while free_slots and len(running) < limit.jobs and any(ready(u) for u in pending):
-            unit = next(u for u in pending if ready(u))
-            pending.remove(unit)
-            slot = free_slots.pop(0)
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                       TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-            if gpus > 1:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-            log = open(_log_path(unit), "a" if unit.retries else "w")
-            proc = subprocess.Popen(_command(unit), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
-            log.close()
-            running.append((unit, proc, time.perf_counter(), slot))
-        time.sleep(0.5)
-        for _, proc, _, _ in running:
-            peers[proc.pid] = max(peers.get(proc.pid, 0), len(running))
-        for item in list(running):
-            unit, proc, t0, slot = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            free_slots.append(slot)
-            seconds = time.perf_counter() - t0
-            ran_with = peers.pop(proc.pid, 1)
-            again = (limit.out_of_memory(unit, ran_with)
-                     if proc.returncode != 0 and _ran_out_of_memory(unit) else None)
-            if again is not None:  # too many workers for the GPU's memory (finished points are kept)
-                logger.warning("%s ran out of GPU memory with %d unit(s) running; it runs again, and at most "
-                               "%d unit(s) run at once from now", unit.label, ran_with, limit.jobs)
-                pending.insert(0, again)
-                continue
-            if proc.returncode != 0:
-                failures[unit.study][unit.label] = _failure_reason(unit, proc.returncode)
-                if unit.method == "dense":  # nothing else of this study can run
-                    for other in [u for u in pending if u.study == unit.study]:
-                        pending.remove(other)
-                        failures[unit.study][other.label] = "not started: the dense unit failed"
-            else:
-                if unit.label in _stopped_record(unit.study):  # resumed: its per-value time is not a full unit's
-                    forget_stopped(unit)
+                slot = free_slots.pop(0)
+                env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                           TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+                if gpus > 1:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+                log = open(_log_path(unit), "a" if unit.retries else "w")
+                proc = subprocess.Popen(_command(unit), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+                log.close()
+                running.append((unit, proc, time.perf_counter(), slot))
+            time.sleep(0.5)
+            for _, proc, _, _ in running:
+                peers[proc.pid] = max(peers.get(proc.pid, 0), len(running))
+            for item in list(running):
+                unit, proc, t0, slot = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                free_slots.append(slot)
+                seconds = time.perf_counter() - t0
+                ran_with = peers.pop(proc.pid, 1)
+                again = (limit.out_of_memory(unit, ran_with)
+                         if proc.returncode != 0 and _ran_out_of_memory(unit) else None)
+                if again is not None:  # too many workers for the GPU's memory (finished points are kept)
+                    logger.warning("%s ran out of GPU memory with %d unit(s) running; it runs again, and at most "
+                                   "%d unit(s) run at once from now", unit.label, ran_with, limit.jobs)
+                    pending.insert(0, again)
+                    continue
+                if proc.returncode != 0:
+                    failures[unit.study][unit.label] = _failure_reason(unit, proc.returncode)
+                    if unit.method == "dense":  # nothing else of this study can run
+                        for other in [u for u in pending if u.study == unit.study]:
+                            pending.remove(other)
+                            failures[unit.study][other.label] = "not started: the dense unit failed"
                 else:
-                    finished.setdefault(unit.method, []).append(seconds / (1 if unit.values is None else len(unit.values)))
-                if unit.method == "dense":
-                    dense_done.add(unit.study)
-            bar.update(1)
-            bar.set_postfix_str(f"{unit.label} {'ok' if proc.returncode == 0 else 'FAILED'} in {seconds:.0f} s")
-            logger.info("%s %s in %.0f s", unit.label, "done" if proc.returncode == 0 else "FAILED", seconds)
-        if not running and pending and not any(ready(u) for u in pending):
-            break  # only units of failed studies are left (already marked)
-    bar.close()
+                    if unit.label in _stopped_record(unit.study):  # resumed: its per-value time is not a full unit's
+                        forget_stopped(unit)
+                    else:
+                        finished.setdefault(unit.method, []).append(seconds / (1 if unit.values is None else len(unit.values)))
+                    if unit.method == "dense":
+                        dense_done.add(unit.study)
+                bar.update(1)
+                bar.set_postfix_str(f"{unit.label} {'ok' if proc.returncode == 0 else 'FAILED'} in {seconds:.0f} s")
+                logger.info("%s %s in %.0f s", unit.label, "done" if proc.returncode == 0 else "FAILED", seconds)
+            if not running and pending and not any(ready(u) for u in pending):
+                break  # only units of failed studies are left (already marked)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers run in sessions of their own, so nothing else
+        # stops them; asked here, each writes a checkpoint that the next run resumes
+        logger.warning("interrupted: asking %d running unit(s) to stop; rerun the same command to resume",
+                       len(running))
+        _stop_all([proc for _, proc, _, _ in running])
+        raise
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return failures
 
 

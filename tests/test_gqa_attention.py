@@ -1,0 +1,113 @@
+"""The decode-step attention that reads each KV head once (lte.serving.attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import tiny_models as tm
+from lte.serving import StaticDecoder
+from lte.serving.attention import NAME, gqa_decode_attention, use_gqa_decode_attention
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = groups, True
+
+
+def _reference(q, k, v, mask):
+    """transformers' way: every KV head repeated for its query heads, then plain SDPA; [B, T, H, d]."""
+    g = q.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def test_hand_computed_average_over_the_unmasked_positions():
+    # one KV head, two query heads, d = 1, three positions; zero queries weight every visible key alike
+    q = torch.zeros(1, 2, 1, 1)
+    k = torch.tensor([1.0, -2.0, 5.0]).view(1, 1, 3, 1)
+    v = torch.tensor([3.0, 6.0, 100.0]).view(1, 1, 3, 1)
+    mask = torch.tensor([True, True, False]).view(1, 1, 1, 3)  # position 2 not written yet
+    out, weights = gqa_decode_attention(_Attn(2), q, k, v, mask)
+    assert weights is None and out.shape == (1, 1, 2, 1)
+    assert torch.allclose(out.flatten(), torch.tensor([4.5, 4.5]))  # (3 + 6) / 2 for both query heads
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 2), (6, 3), (4, 1)])
+@pytest.mark.parametrize("mask_heads", [None, 1, "all"])
+def test_matches_repeated_heads(heads, kv_heads, mask_heads):
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    b, length, d = 3, 11, 8
+    q = torch.randn(b, heads, 1, d, generator=g)
+    k, v = (torch.randn(b, kv_heads, length, d, generator=g) for _ in range(2))
+    mask = None
+    if mask_heads is not None:
+        mask = torch.rand(b, 1 if mask_heads == 1 else heads, 1, length, generator=g) > 0.3
+        mask[..., 0] = True  # every row sees at least one key
+    out, _ = gqa_decode_attention(_Attn(heads // kv_heads), q, k, v, mask)
+    torch.testing.assert_close(out, _reference(q, k, v, mask))
+    # query head i reads KV head i // G: moving KV head 0 changes only the first G heads' outputs
+    k2 = k.clone()
+    k2[:, 0] += 1.0
+    moved = (gqa_decode_attention(_Attn(heads // kv_heads), q, k2, v, mask)[0] - out).abs().amax(dim=(0, 1, 3))
+    g_ = heads // kv_heads
+    assert torch.all(moved[g_:] == 0) and moved[:g_].max() > 0
+
+
+def test_prefill_goes_to_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=g)  # five query tokens: not the packed path
+    k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(2))
+    ours, _ = gqa_decode_attention(_Attn(2), q, k, v, None)
+    theirs, _ = sdpa_attention_forward(_Attn(2), q, k, v, None)
+    assert torch.equal(ours, theirs)
+
+
+def _llama(heads: int, kv_heads: int, attn: str = "sdpa"):
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=tm.VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                         attn_implementation=attn)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def test_static_decoder_gives_the_same_tokens_and_logits_with_it(monkeypatch):
+    ids = torch.randint(2, tm.VOCAB, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: the mask path
+    plain = StaticDecoder(_llama(4, 2), 3, 32).generate_ids(ids, 8, attention_mask=mask)
+    model = _llama(4, 2)
+    dec = StaticDecoder(model, 3, 32, gqa_decode=True)
+    assert dec.gqa_decode and model.config._attn_implementation == NAME
+    sdpa, packed = torch.nn.functional.scaled_dot_product_attention, []
+
+    def counting(q, k, v, **kwargs):  # packed calls: 2 KV heads on both sides, G = 2 query rows
+        packed.append(q.shape[1] == k.shape[1] == 2 and q.shape[2] == 2)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    assert torch.equal(dec.generate_ids(ids, 8, attention_mask=mask), plain)
+    assert sum(packed) == 7 * 2  # every decode step (8 tokens: 1 from prefill), both layers
+    monkeypatch.undo()
+    # the step's logits, not only the argmax
+    ref, ours = StaticDecoder(_llama(4, 2), 3, 32), dec
+    for d in (ref, ours):
+        d.prefill(ids, mask)
+        d.decode(3)
+    a = ref._forward(ref.ids, ref.pos, ref.pad_mask, keep_last=False)
+    b = ours._forward(ours.ids, ours.pos, ours.pad_mask, keep_last=False)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_left_alone_where_it_would_not_help():
+    assert not use_gqa_decode_attention(_llama(4, 4))  # one query head per KV head
+    eager = _llama(4, 2, attn="eager")
+    assert not use_gqa_decode_attention(eager) and eager.config._attn_implementation == "eager"
+    model = _llama(4, 2)
+    assert use_gqa_decode_attention(model) and use_gqa_decode_attention(model)  # idempotent
+    assert StaticDecoder(_llama(4, 2), 1, 16).gqa_decode is False  # off unless asked
