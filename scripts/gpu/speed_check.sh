@@ -8,7 +8,7 @@
 #      budget (benchmarks/decode.py, against dense)
 #   4. the compiled stage-1 step against the dense step, default mode and reduce-overhead
 #      (benchmarks/train_step.py, SmolLM2 shapes, `ste`)
-#   attn (not in the default list): the decode step, Llama-3-8B shape, B = 1, 8, 32, fixed masks at 50% and 90%,
+#   attn (not in the default list): the decode step, Llama-3-8B shape, B = 8 and 32, fixed masks at 50% and 90%,
 #      once with transformers' SDPA and once with lte.serving.attention's grouped-query decode attention
 #      (`benchmarks/decode.py --gqa-decode`), each against its own dense rows
 #   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
@@ -54,7 +54,7 @@ fi
 if want attn; then
   for mode in sdpa gqa; do
     flag=(); [[ $mode == gqa ]] && flag=(--gqa-decode)
-    python benchmarks/decode.py --shapes llama3-8b --batch-sizes 1 8 32 --sparsities 0.5 0.9 --mask-modes fixed \
+    python benchmarks/decode.py --shapes llama3-8b --batch-sizes 8 32 --sparsities 0.5 0.9 --mask-modes fixed \
       --runs 3 --budget 150 "${flag[@]}" --out "$OUT/decode_attn_${mode}.json" 2>&1 | tail -10
     summary+=("decode step, attention $mode: $OUT/decode_attn_${mode}.json")
   done
