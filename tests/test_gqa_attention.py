@@ -111,3 +111,26 @@ def test_left_alone_where_it_would_not_help():
     model = _llama(4, 2)
     assert use_gqa_decode_attention(model) and use_gqa_decode_attention(model)  # idempotent
     assert StaticDecoder(_llama(4, 2), 1, 16).gqa_decode is False  # off unless asked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_the_gpu_it_matches_transformers_sdpa(dtype):
+    """On the GPU: the first decode step's logits as transformers' SDPA gives them (left padding too), and in
+    fp32 the same tokens from captured, replayed steps."""
+    ids = torch.randint(2, tm.VOCAB, (4, 7), generator=torch.Generator().manual_seed(2)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    decoders = [StaticDecoder(_llama(8, 2).to("cuda", dtype), 4, 48, use_graph=True, gqa_decode=flag)
+                for flag in (False, True)]
+    assert decoders[1].gqa_decode and not decoders[0].gqa_decode
+    logits = []
+    for dec in decoders:
+        dec.prefill(ids, mask)  # prefill runs transformers' SDPA in both: the same state after it
+        logits.append(dec._forward(dec.ids, dec.pos, dec.pad_mask, keep_last=False).float())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(logits[1], logits[0], rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        tokens = [dec.generate_ids(ids, 8, attention_mask=mask) for dec in decoders]  # captured steps
+        assert torch.equal(tokens[1], tokens[0])
