@@ -52,6 +52,8 @@ if want decode; then
   summary+=("decode B=8 top-k + budget: $OUT/decode_topk_budget.json")
 fi
 if want attn; then
+  python -m pytest -q -p no:cacheprovider -m gpu tests/test_gqa_attention.py 2>&1 | tail -3 | tee "$OUT/gpu_tests_attn.txt"
+  summary+=("gpu tests (grouped-query decode attention): $(tail -1 "$OUT/gpu_tests_attn.txt")")
   for mode in sdpa gqa; do
     flag=(); [[ $mode == gqa ]] && flag=(--gqa-decode)
     python benchmarks/decode.py --shapes llama3-8b --batch-sizes 8 32 --sparsities 0.5 0.9 --mask-modes fixed \
