@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lte: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lte: interrupted; run the same command with --resume (train) or again (run) to continue",
+        print("lte: interrupted; run the same command with --resume (train) or again (run, study) to continue",
               file=sys.stderr)
         return 130
 
