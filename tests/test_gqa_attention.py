@@ -134,3 +134,16 @@ def test_on_the_gpu_it_matches_transformers_sdpa(dtype):
     if dtype == torch.float32:
         tokens = [dec.generate_ids(ids, 8, attention_mask=mask) for dec in decoders]  # captured steps
         assert torch.equal(tokens[1], tokens[0])
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"])
+def test_every_grouped_query_family_decodes_the_same(family):
+    """Other decoder families with 2 KV heads for 4 query heads (Gemma 2 runs eager attention: left alone)."""
+    ids = torch.randint(2, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    plain = StaticDecoder(tm.build(family), 2, 24).generate_ids(ids, 6, attention_mask=mask)
+    model = tm.build(family)
+    dec = StaticDecoder(model, 2, 24, gqa_decode=True)
+    assert dec.gqa_decode == (model.config._attn_implementation == NAME)
+    assert torch.equal(dec.generate_ids(ids, 6, attention_mask=mask), plain)
