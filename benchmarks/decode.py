@@ -119,8 +119,7 @@ def _point(model: torch.nn.Module, args: argparse.Namespace, batch: int, decoder
     decoder = decoder or _decoder(model, args, batch)
     res = bench(model, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                 cache_len=args.cache_len, runs=args.runs, decoder=decoder)
-    row = {**labels, **res, "ffn_dispatch": decoder.ffn_dispatch,
-           "attention": getattr(model.config, "_attn_implementation", None)}
+    row = {**labels, **res, "ffn_dispatch": decoder.ffn_dispatch}
     if labels.get("variant") != "dense":
         row["weights"] = args.weights  # how the LTE FFN matrices were stored (dense is the model's dtype)
     if decoder.ffn_paths:  # "auto": how many FFNs the decision put on the masked dense path

@@ -147,3 +147,22 @@ def test_every_grouped_query_family_decodes_the_same(family):
     dec = StaticDecoder(model, 2, 24, gqa_decode=True)
     assert dec.gqa_decode == (model.config._attn_implementation == NAME)
     assert torch.equal(dec.generate_ids(ids, 6, attention_mask=mask), plain)
+
+
+def test_lte_bench_takes_the_flag(tmp_path):
+    import argparse
+    import json
+
+    from lte.serving.cli import add_serving_commands
+
+    parser = argparse.ArgumentParser()
+    add_serving_commands(parser.add_subparsers())
+    rows = {}
+    for flag in ([], ["--gqa-decode"]):
+        out = tmp_path / f"b{len(flag)}.json"
+        args = parser.parse_args(["bench", "--shape", "tiny", "--sparsity", "0.5", "--new-tokens", "2", "--runs", "1",
+                                  "--cache-len", "32", "--batch-size", "2", "--json", str(out), *flag])
+        assert args.func(args) == 0
+        rows[bool(flag)] = json.loads(out.read_text())
+    assert {r["attention"] for r in rows[False]} == {"sdpa"}
+    assert {r["attention"] for r in rows[True]} == {NAME}  # dense and LTE rows alike

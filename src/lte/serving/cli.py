@@ -66,6 +66,9 @@ def _device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-graph", action="store_true", help="run decode steps eagerly (no CUDA graph)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before graph capture (faster steps, slow first step)")
+    parser.add_argument("--gqa-decode", action="store_true",
+                        help="decode steps of a grouped-query model read each KV head once (lte.serving.attention) "
+                             "instead of transformers' repeated copies; not yet timed on a GPU")
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -114,7 +117,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model, is_lte = load_for_serving(args.model, device, dtype)
     hf_model = _prepared(model, is_lte, args.dense, args.expert_budget, args.weights)
     outs = generate(hf_model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                    use_graph=False if args.no_graph else None, compile=args.compile)
+                    use_graph=False if args.no_graph else None, compile=args.compile, gqa_decode=args.gqa_decode)
     for prompt, text in zip(args.prompt, outs):
         print(f"{prompt}{text}")
     return 0
@@ -125,7 +128,7 @@ def _bench_one(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     return bench(model, batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                  cache_len=args.cache_len, runs=args.runs, use_graph=False if args.no_graph else None,
-                 compile=args.compile)
+                 compile=args.compile, gqa_decode=args.gqa_decode)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -316,11 +316,13 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, cache_len: int | None = None, use_graph: bool | None = None,
-             decoder: StaticDecoder | None = None, compile: bool = False) -> str | list[str]:
+             decoder: StaticDecoder | None = None, compile: bool = False,
+             gqa_decode: bool = False) -> str | list[str]:
     """Generate text for one prompt (returns str) or several (list, left padded into one batch).
 
     Greedy at temperature 0. Generation runs `max_new_tokens` steps and cuts each text at its first
     end-of-sequence token. `cache_len` defaults to the longest prompt + max_new_tokens (+1).
+    `gqa_decode`: `StaticDecoder`'s option of the same name.
     """
     model = _check_model(model)
     single = isinstance(prompts, str)
@@ -338,7 +340,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new
     input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     need = input_ids.shape[1] + max_new_tokens + 1
     if decoder is None:
-        decoder = StaticDecoder(model, len(texts), max(cache_len or need, need), temperature, use_graph, compile)
+        decoder = StaticDecoder(model, len(texts), max(cache_len or need, need), temperature, use_graph, compile,
+                                gqa_decode=gqa_decode)
     new = decoder.generate_ids(input_ids, max_new_tokens, attention_mask).cpu().tolist()
     eos = _eos_ids(model, tokenizer)
     outs = [tokenizer.decode(_trim(row, eos), skip_special_tokens=True) for row in new]
@@ -402,7 +405,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def bench(model: nn.Module, batch_size: int = 1, prompt_len: int = 16, new_tokens: int = 128,
           cache_len: int = 512, runs: int = 5, use_graph: bool | None = None, seed: int = 0,
-          decoder: StaticDecoder | None = None, compile: bool = False) -> dict[str, Any]:
+          decoder: StaticDecoder | None = None, compile: bool = False, gqa_decode: bool = False) -> dict[str, Any]:
     """Time the decode loop on random prompts: median over `runs` runs of `new_tokens` steps each.
 
     Returns tokens_per_s (B * steps / time), ms_per_step, gb_per_s (weights read per step / time;
@@ -412,7 +415,7 @@ def bench(model: nn.Module, batch_size: int = 1, prompt_len: int = 16, new_token
     model = _check_model(model)
     if prompt_len + new_tokens + 1 > cache_len:
         raise LTEError(f"prompt_len {prompt_len} + new_tokens {new_tokens} must stay below cache_len {cache_len}")
-    dec = decoder or StaticDecoder(model, batch_size, cache_len, 0.0, use_graph, compile)
+    dec = decoder or StaticDecoder(model, batch_size, cache_len, 0.0, use_graph, compile, gqa_decode=gqa_decode)
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen)
@@ -443,6 +446,7 @@ def bench(model: nn.Module, batch_size: int = 1, prompt_len: int = 16, new_token
     return {
         "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": cache_len,
         "runs": runs, "cuda_graph": dec.use_graph, "compiled": dec.compiled,
+        "attention": getattr(model.config, "_attn_implementation", None),
         "ms_per_step": sec * 1e3, "ms_per_step_runs": [t / new_tokens * 1e3 for t in times],
         "tokens_per_s": batch_size / sec,
         "weight_bytes_per_step": wb["read_bytes"], "gb_per_s": wb["read_bytes"] / sec / 1e9,
