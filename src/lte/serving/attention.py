@@ -48,7 +48,7 @@ def gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
         mask = mask[..., : key.shape[2]]  # [B, 1 or H, 1, L]
         if mask.shape[1] != 1:
             mask = mask.reshape(mask.shape[0], hkv, g, mask.shape[-1])
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling)  # [B, Hkv, G, d]
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)  # [B, Hkv, G, d]
     return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
 
 
