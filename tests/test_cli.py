@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,13 @@ def test_demo_config_file_mirrors_the_built_in_demo():
     on_disk = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
     on_disk.pop("out")
     assert on_disk == demo_config()
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_committed_run_config_gives_valid_stage_settings(path):
+    from lte.study.pipeline import _stage_hparams, load_run_config
+    from lte.training.args import TrainArgs
+
+    cfg = load_run_config(path)
+    for section in ("dense", "stage1", "stage2"):
+        TrainArgs.from_dict(_stage_hparams(cfg, section))  # raises on an unknown or out-of-range setting
