@@ -623,6 +623,18 @@ def test_aggregate_points_means_and_sample_std_by_hand():
     assert points["teal"]["seeds"] == [2] and points["teal"]["quality_std"] == 0.0  # one seed: no spread
 
 
+def test_aggregate_points_names_every_device_its_seeds_ran_on():
+    from lte.study.seeds import aggregate_points
+
+    per_seed = {0: [dict(_pt("lte", 0.5, 0.8, target=0.5), device="NVIDIA H200")],
+                1: [dict(_pt("lte", 0.5, 0.8, target=0.5), device="NVIDIA H100 80GB HBM3")],
+                2: [dict(_pt("lte", 0.5, 0.8, target=0.5), device="NVIDIA H200")]}
+    (point,) = aggregate_points(per_seed)
+    assert point["device"] == "NVIDIA H100 80GB HBM3 + NVIDIA H200"
+    (same,) = aggregate_points({0: per_seed[0], 2: per_seed[2]})
+    assert same["device"] == "NVIDIA H200"
+
+
 def test_aggregate_points_averages_extra_quality_by_hand():
     from lte.study.seeds import aggregate_points
 

@@ -90,6 +90,9 @@ def aggregate_points(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str
         layers = [p["per_layer"] for _, p in members if p.get("per_layer")]
         if layers and all(len(x) == len(layers[0]) for x in layers):
             point["per_layer"] = [sum(col) / len(col) for col in zip(*layers)]
+        devices = sorted({str(p.get("device")) for _, p in members if p.get("device")})
+        if devices:  # seeds run on different machines (a study resumed elsewhere) name them all
+            point["device"] = " + ".join(devices)
         point["seeds"] = [seed for seed, _ in members]
         point["seed"] = None
         point["per_seed"] = [{"seed": seed, "quality": p.get("quality"), "ffn_sparsity": p.get("ffn_sparsity"),
