@@ -305,9 +305,9 @@ def main() -> None:
                         "where the measured union is too full; lte.serving.dispatch)")
     p.add_argument("--weights", default="native", choices=["native", "fp8"],
                    help="LTE FFN matrices as the model's dtype or fp8 (e4m3, row scales); dense stays bf16 cuBLAS")
-    p.add_argument("--gqa-decode", action="store_true",
+    p.add_argument("--gqa-decode", action=argparse.BooleanOptionalAction, default=True,
                    help="decode steps with lte.serving.attention's grouped-query attention (each KV head read "
-                        "once), dense and LTE alike; default: transformers' SDPA")
+                        "once), dense and LTE alike (default; --no-gqa-decode: transformers' SDPA)")
     p.add_argument("--cache-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)

@@ -80,7 +80,7 @@ def test_static_decoder_gives_the_same_tokens_and_logits_with_it(monkeypatch):
     ids = torch.randint(2, tm.VOCAB, (3, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding: the mask path
-    plain = StaticDecoder(_llama(4, 2), 3, 32).generate_ids(ids, 8, attention_mask=mask)
+    plain = StaticDecoder(_llama(4, 2), 3, 32, gqa_decode=False).generate_ids(ids, 8, attention_mask=mask)
     model = _llama(4, 2)
     dec = StaticDecoder(model, 3, 32, gqa_decode=True)
     assert dec.gqa_decode and model.config._attn_implementation == NAME
@@ -95,7 +95,7 @@ def test_static_decoder_gives_the_same_tokens_and_logits_with_it(monkeypatch):
     assert sum(packed) == 7 * 2  # every decode step (8 tokens: 1 from prefill), both layers
     monkeypatch.undo()
     # the step's logits, not only the argmax
-    ref, ours = StaticDecoder(_llama(4, 2), 3, 32), dec
+    ref, ours = StaticDecoder(_llama(4, 2), 3, 32, gqa_decode=False), dec
     for d in (ref, ours):
         d.prefill(ids, mask)
         d.decode(3)
@@ -110,7 +110,11 @@ def test_left_alone_where_it_would_not_help():
     assert not use_gqa_decode_attention(eager) and eager.config._attn_implementation == "eager"
     model = _llama(4, 2)
     assert use_gqa_decode_attention(model) and use_gqa_decode_attention(model)  # idempotent
-    assert StaticDecoder(_llama(4, 2), 1, 16).gqa_decode is False  # off unless asked
+    on = _llama(4, 2)
+    assert StaticDecoder(on, 1, 16).gqa_decode is True and on.config._attn_implementation == NAME  # the default
+    off = _llama(4, 2)
+    assert StaticDecoder(off, 1, 16, gqa_decode=False).gqa_decode is False
+    assert off.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.gpu
@@ -142,7 +146,7 @@ def test_every_grouped_query_family_decodes_the_same(family):
     ids = torch.randint(2, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    plain = StaticDecoder(tm.build(family), 2, 24).generate_ids(ids, 6, attention_mask=mask)
+    plain = StaticDecoder(tm.build(family), 2, 24, gqa_decode=False).generate_ids(ids, 6, attention_mask=mask)
     model = tm.build(family)
     dec = StaticDecoder(model, 2, 24, gqa_decode=True)
     assert dec.gqa_decode == (model.config._attn_implementation == NAME)
@@ -158,11 +162,11 @@ def test_lte_bench_takes_the_flag(tmp_path):
     parser = argparse.ArgumentParser()
     add_serving_commands(parser.add_subparsers())
     rows = {}
-    for flag in ([], ["--gqa-decode"]):
+    for flag in (["--no-gqa-decode"], []):  # the default is the grouped-query attention
         out = tmp_path / f"b{len(flag)}.json"
         args = parser.parse_args(["bench", "--shape", "tiny", "--sparsity", "0.5", "--new-tokens", "2", "--runs", "1",
                                   "--cache-len", "32", "--batch-size", "2", "--json", str(out), *flag])
         assert args.func(args) == 0
         rows[bool(flag)] = json.loads(out.read_text())
-    assert {r["attention"] for r in rows[False]} == {"sdpa"}
-    assert {r["attention"] for r in rows[True]} == {NAME}  # dense and LTE rows alike
+    assert {r["attention"] for r in rows[True]} == {"sdpa"}
+    assert {r["attention"] for r in rows[False]} == {NAME}  # dense and LTE rows alike

@@ -10,7 +10,7 @@
 #      (benchmarks/train_step.py, SmolLM2 shapes, `ste`)
 #   attn (not in the default list): the decode step, Llama-3-8B shape, B = 8 and 32, fixed masks at 50% and 90%,
 #      once with transformers' SDPA and once with lte.serving.attention's grouped-query decode attention
-#      (`benchmarks/decode.py --gqa-decode`), each against its own dense rows
+#      (`benchmarks/decode.py --no-gqa-decode` and the default `--gqa-decode`), each against its own dense rows
 #   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
 #      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
 #      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
@@ -55,7 +55,7 @@ if want attn; then
   python -m pytest -q -p no:cacheprovider -m gpu tests/test_gqa_attention.py 2>&1 | tail -3 | tee "$OUT/gpu_tests_attn.txt"
   summary+=("gpu tests (grouped-query decode attention): $(tail -1 "$OUT/gpu_tests_attn.txt")")
   for mode in sdpa gqa; do
-    flag=(); [[ $mode == gqa ]] && flag=(--gqa-decode)
+    flag=(--gqa-decode); [[ $mode == sdpa ]] && flag=(--no-gqa-decode)
     python benchmarks/decode.py --shapes llama3-8b --batch-sizes 8 32 --sparsities 0.5 0.9 --mask-modes fixed \
       --runs 3 --budget 150 "${flag[@]}" --out "$OUT/decode_attn_${mode}.json" 2>&1 | tail -10
     summary+=("decode step, attention $mode: $OUT/decode_attn_${mode}.json")
