@@ -6,7 +6,8 @@
 #   2. the mask launches alone (benchmarks/mask_kernels.py, Llama-3-8B shape, expert sizes 32 and 8)
 #   3. the decode step at B = 8 with per-token threshold masks and with top-k routing, each also under a 0.5
 #      budget (benchmarks/decode.py, against dense)
-#   4. the compiled stage-1 step against the dense step, default mode and reduce-overhead
+#   4. the compiled stage-1 step against the dense step, default mode and reduce-overhead (TRAIN_MODES picks:
+#      e.g. TRAIN_MODES=reduce-overhead)
 #      (benchmarks/train_step.py, SmolLM2 shapes, `ste`)
 #   attn (not in the default list): the decode step, Llama-3-8B shape, B = 8 and 32, fixed masks at 50% and 90%,
 #      once with transformers' SDPA and once with lte.serving.attention's grouped-query decode attention
@@ -62,7 +63,7 @@ if want attn; then
   done
 fi
 if want train; then
-  for mode in default reduce-overhead; do
+  for mode in ${TRAIN_MODES:-default reduce-overhead}; do
     python benchmarks/train_step.py --routing ste --compile --compile-mode "$mode" --rounds 3 \
       --out "$OUT/train_step_ste_${mode}.json" 2>&1 | tail -1 | tee "$OUT/train_step_${mode}.txt"
     summary+=("stage-1 step, compiled ($mode): $(cat "$OUT/train_step_${mode}.txt")")
