@@ -11,8 +11,8 @@ import torch
 
 from lte import LTEError
 from lte.study import cache, parallel, report, runner
+from lte.study.config import knob_values, study_config
 from lte.study.config import lte_method as lte_method_name
-from lte.study.config import study_config
 from lte.study.parallel import (
     Unit,
     WorkerLimit,
@@ -109,6 +109,53 @@ def test_sketch_and_sketch_ft_in_a_study(tiny_task, tmp_path):
     assert points[("sketch-ft", 0.5)]["train_steps"] == 2 * 2  # TINY train.max_steps 2, doubled as for dejavu-ft
     for method in ("sketch", "sketch-ft"):
         assert points[(method, 0.7)]["ffn_sparsity"] > points[(method, 0.5)]["ffn_sparsity"]
+
+
+def test_dense_ft_is_the_dense_model_trained_with_the_same_budget_and_never_a_baseline(tiny_task, tmp_path):
+    """dense-ft: one point at sparsity 0 whatever the targets, the budget of dejavu-ft (2 x train.max_steps), weights
+    that moved (its perplexity is not dense's), listed beside dense in the report and never compared as a baseline."""
+    cfg = {**tiny_task, "methods": ["dejavu-ft", "dense-ft"], "targets": [0.5]}
+    assert knob_values(study_config(cfg), "dense-ft") == [0.0]
+    summary = run_study(cfg, tmp_path, tiny=True)
+    assert not summary["failures"] and not summary["missing"], summary
+    points = {(p["method"], p["target"]): p for p in _points(tmp_path)}
+    assert set(points) == {("dense", 0.0), ("dejavu-ft", 0.5), ("dense-ft", 0.0)}
+    ref, dense = points[("dense-ft", 0.0)], points[("dense", 0.0)]
+    assert ref["ffn_sparsity"] == 0.0 and ref["train_steps"] == points[("dejavu-ft", 0.5)]["train_steps"] == 2 * 2
+    assert ref["quality"] != pytest.approx(dense["quality"], rel=1e-6)  # it trained
+    assert summary["references"]["dense-ft"]["quality"] == pytest.approx(ref["quality"])
+    text = (tmp_path / "report.md").read_text()
+    assert "`dense-ft` (the dense model fine-tuned further with the trained methods' budget, 4 steps" in text
+    assert "| dense-ft | 4 |" in text  # in the budget table beside the trained methods
+    # a reference at LTE's sparsity would still not be a baseline
+    rows = compare_to_baselines([_pt("dense", 0.0, 1.0), _pt("lte", 0.5, 0.8), _pt("dense-ft", 0.5, 0.9),
+                                 _pt("teal", 0.5, 0.7)], higher_is_better=True)
+    assert list(rows[0]["others"]) == ["teal"]
+
+
+def test_targets_override_warns_when_it_moves_deja_vus_label_sparsity(tiny_task, caplog):
+    cfg = {**tiny_task, "methods": ["dejavu-ft", "teal"], "targets": [0.5, 0.7, 0.9]}
+    with caplog.at_level("WARNING", logger="lte.study.config"):
+        assert study_config(cfg)["method_options"]["dejavu-ft"]["label_sparsity"] == 0.7
+        assert not caplog.records
+        assert study_config(cfg, targets=[0.9])["method_options"]["dejavu-ft"]["label_sparsity"] == 0.9
+        assert "follows the middle of --targets (0.9), not of the config's targets (0.7)" in caplog.text
+        caplog.clear()
+        pinned = {**cfg, "method_options": {"dejavu-ft": {"label_sparsity": 0.7}}}
+        assert study_config(pinned, targets=[0.9])["method_options"]["dejavu-ft"]["label_sparsity"] == 0.7
+        assert study_config({**cfg, "methods": ["teal"]}, targets=[0.9]) and not caplog.records
+
+
+def test_scoreboard_shows_the_dense_ft_reference_beside_dense():
+    from lte.study.scoreboard import scoreboard_markdown, scoreboard_rows
+
+    points = [dict(_pt("dense", 0.0, 0.88), gflops_per_token=1.0), dict(_pt("dense-ft", 0.0, 0.91), gflops_per_token=1.0,
+                                                                       quality_std=0.002),
+              dict(_pt("lte", 0.9, 0.87), gflops_per_token=0.2), dict(_pt("teal", 0.9, 0.80), gflops_per_token=0.2)]
+    summary = dict(report.summarise(points, "accuracy", True), name="toy")
+    rows = scoreboard_rows(summary)
+    assert len(rows) == 1 and rows[0]["best_baseline"] == "teal" and rows[0]["margin"] == pytest.approx(0.07)
+    assert "| toy (accuracy, 88.0; dense-ft 91.0 ± 0.2) |" in scoreboard_markdown(rows)
 
 
 def test_dense_carried_without_weights_gets_one_dense_unit_before_the_methods(tiny_task, tmp_path):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..data.text import is_text_source
-from .config import DEFAULTS, merge, method_plan
+from .config import DEFAULTS, TRAINED, merge, method_plan
 from .tasks import TaskSetup, dense_dir
 
 CSV_FIELDS = ("task", "method", "knob", "target", "eta", "ffn_sparsity", "activation_sparsity", "quality", "metric",
@@ -52,7 +52,7 @@ def fingerprint_of(kind: str, name: str, sources: list[Any], settings: dict[str,
     its finished points.
     """
     base = base or method  # the built-in method behind a variant name
-    trained = base == "dense" or base.startswith("lte") or base in ("dejavu-ft", "sketch-ft", "random-topk")
+    trained = base == "dense" or base.startswith("lte") or base in TRAINED
     ignored = {"profile_target", "keep_models"} | (set() if trained else {"train", "lte"})
     relevant = {k: v for k, v in settings.items() if k not in ignored}
     if base.startswith("lte") and isinstance(relevant.get("lte"), dict):

@@ -220,13 +220,14 @@ def _methods_per_config(configs: list[dict[str, Any]], methods: list[str] | None
     does not silently run nothing."""
     from ..baselines.methods import canonical_method
     from ..errors import LTEError
+    from .config import REFERENCES
 
     if not methods:
         return [None] * len(configs)
 
     def builtin(name: str) -> bool:
         try:
-            return name == "lte" or bool(canonical_method(name))
+            return name in ("lte",) + REFERENCES or bool(canonical_method(name))
         except LTEError:
             return False
 

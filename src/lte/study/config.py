@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,15 @@ from ..baselines.methods import METHODS, NEURON_METHODS, canonical_method
 from ..errors import LTEError
 from ..training.args import LTE_KEYS, TrainArgs
 
+logger = logging.getLogger(__name__)
 ALL_METHODS = ("lte",) + METHODS
+#: References that are not baselines: `dense-ft` is the dense model fine-tuned further with the budget every
+#: trained method gets (2 x train.max_steps, the same distillation), no sparsity. It answers whether a trained
+#: method's quality comes from sparsity training or from the extra steps alone; it runs once, at sparsity 0, and
+#: is never compared as a baseline (opt-in: name it in `methods`).
+REFERENCES = ("dense-ft",)
+#: The methods trained with the study's fine-tuning budget (each point trains its own model).
+TRAINED = ("lte", "dejavu-ft", "sketch-ft", "random-topk", "dense-ft")
 KINDS = ("classification", "causal-lm", "generation", "instruction")
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -112,14 +121,16 @@ def method_plan(cfg: dict[str, Any], method: str) -> tuple[str, dict[str, Any]]:
         spec = variants[method]
         if not isinstance(spec, dict) or "base" not in spec:
             raise LTEError(f"variant {method!r} needs a mapping with `base` (a method) and `set` (settings)")
-        base = "lte" if spec["base"] == "lte" else canonical_method(spec["base"])
+        base = spec["base"] if spec["base"] in ("lte",) + REFERENCES else canonical_method(spec["base"])
         extra = dict(spec.get("set") or {})
         moot = sorted(k for k in ("expert_size", "grouping") if k in extra)
         if base in NEURON_METHODS and moot:
             raise LTEError(f"variant {method!r}: {base} picks single neurons, so {' and '.join(moot)} would change "
                            f"nothing; remove it from the variant's `set` (it would only rerun {base})")
         return base, extra
-    return ("lte" if method == "lte" else canonical_method(method)), {}
+    if method == "lte" or method in REFERENCES:
+        return method, {}
+    return canonical_method(method), {}
 
 
 def _check_stage_settings(cfg: dict[str, Any], method: str) -> None:
@@ -187,13 +198,20 @@ def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, method
                 isinstance(x, int) for x in seeds):
             raise LTEError(f"`seeds` must be a list of distinct integers, e.g. [0, 1, 2]; got {seeds!r}")
     cfg["methods"] = list(methods or cfg.get("methods") or ALL_METHODS)
-    cfg["targets"] = [float(t) for t in (targets or cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])]
+    config_targets = [float(t) for t in (cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])]
+    cfg["targets"] = [float(t) for t in (targets or config_targets)]
     for method in cfg["methods"]:
         _check_stage_settings(cfg, method)  # unknown names and stage settings fail here, before any work
     lte_method(cfg)  # so does a bad lte_method
     middle = sorted(cfg["targets"])[len(cfg["targets"]) // 2]
+    usual = sorted(config_targets)[len(config_targets) // 2]
     options = cfg.setdefault("method_options", {})
+    bases = {method_plan(cfg, m)[0] for m in cfg["methods"]}
     for method in ("dejavu", "dejavu-ft"):
+        if method in bases and middle != usual and "label_sparsity" not in (options.get(method) or {}):
+            logger.warning("%s: its label sparsity follows the middle of --targets (%g), not of the config's "
+                           "targets (%g), so its points differ from a full run's; pin it with "
+                           "method_options.%s.label_sparsity", method, middle, usual, method)
         options[method] = {"label_sparsity": middle, **(options.get(method) or {})}
     return cfg
 
@@ -268,6 +286,8 @@ def knob_values(cfg: dict[str, Any], method: str) -> list[float]:
     """The values a method is run at: the targets, or `lte_etas` for LTE runs steered by eta."""
     base, extra = method_plan(cfg, method)
     lte = merge(merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS}), extra)["lte"]
+    if base in REFERENCES:  # no sparsity: one point, whatever the study's targets
+        return [0.0]
     own = (cfg.get("variants") or {}).get(method, {}).get("targets")
     if own:  # a variant (an ablation) may run at fewer values than the study
         return [float(v) for v in own]

@@ -42,13 +42,13 @@ from typing import Any
 import yaml
 
 from .cache import point_done, point_path
-from .config import derived_methods, knob_values, method_plan
+from .config import TRAINED, derived_methods, knob_values, method_plan
 from .tasks import dense_weights_missing
 
 logger = logging.getLogger(__name__)
 
 #: Rough relative cost of a unit, to start the longest first (load balance).
-_COST = {"lte": 4.0, "dejavu-ft": 3.0, "sketch-ft": 3.0, "random-topk": 2.5, "dejavu": 1.5, "moefication": 1.5,
+_COST = {"lte": 4.0, "dejavu-ft": 3.0, "sketch-ft": 3.0, "random-topk": 2.5, "dense-ft": 2.0, "dejavu": 1.5, "moefication": 1.5,
          "moefication-oracle": 0.5, "sketch": 0.5, "teal": 0.8, "cats": 0.6}
 
 
@@ -83,7 +83,7 @@ def plan_units(cfg: dict[str, Any], out: Path) -> list[Unit]:
         todo = [v for v in knob_values(cfg, method) if not all(point_done(cfg, out, n, v) for n in names)]
         if not todo:
             continue  # finished earlier: nothing to launch
-        if base in ("lte", "dejavu-ft", "sketch-ft", "random-topk"):  # trained per target: one unit each
+        if base in TRAINED:  # trained per target: one unit each
             units += [Unit(str(out), method, [v], _COST[base], kin=kin) for v in todo]
         else:  # one router / predictor / calibration pass shared over the targets
             units.append(Unit(str(out), method, todo, _COST[base], kin=kin))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import declared_points
+from .config import REFERENCES, declared_points
 
 
 def tolerance_ok(quality: float, dense: float, metric: str, higher_is_better: bool) -> bool:
@@ -41,7 +41,8 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
     `method` may join several LTE variants by "+" (one declared recipe run at different targets by
     each, see `config.lte_method`), each optionally limited to targets (`name@0.5,0.7`): their points
     are taken together, each row naming its own method.
-    Baselines are the methods other than dense and LTE's own variants (names starting with "lte").
+    Baselines are the methods other than dense, the references (`config.REFERENCES`) and LTE's own variants
+    (names starting with "lte").
     They are interpolated between their measured points; a method whose points do not
     span that sparsity is reported as None (not compared). `beats` / `loses_to` / `ties` list them by name.
     """
@@ -57,7 +58,7 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
 
     mine = sorted((p for p in points if declared(p) and counts(p)), key=lambda p: p["ffn_sparsity"])
     others = [m for m in dict.fromkeys(p["method"] for p in points)  # baselines only: not dense, not LTE's ablations
-              if m != "dense" and not m.startswith("lte")]
+              if m != "dense" and m not in REFERENCES and not m.startswith("lte")]
     rows = []
     for p in mine:
         row = {"method": p["method"], "ffn_sparsity": p["ffn_sparsity"], "ffn_sparsity_std": p.get("ffn_sparsity_std"),
@@ -99,8 +100,10 @@ def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool,
             "gflops_within_tolerance": best["gflops_per_token"] if best else None,
             "sparsity_within_tolerance": best["ffn_sparsity"] if best else None,
         }
+    references = {p["method"]: {"quality": p["quality"], "quality_std": p.get("quality_std"),
+                                "train_steps": p.get("train_steps")} for p in points if p["method"] in REFERENCES}
     return {"metric": metric, "higher_is_better": higher_is_better, "dense_quality": dense["quality"],
-            "dense_gflops_per_token": dense["gflops_per_token"], "methods": table,
+            "dense_gflops_per_token": dense["gflops_per_token"], "methods": table, "references": references,
             "lte_method": lte_method, "lte_vs_others": compare_to_baselines(points, higher_is_better, lte_method)}
 
 
@@ -155,8 +158,12 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
              f"Dense: {_fmt_quality(dense['quality'], metric)} at {dense['gflops_per_token']:.4g} GFLOPs/token"
              f" ({summary.get('device', '?')}).",
              ""]
-    methods = [m for m in dict.fromkeys(p["method"] for p in points) if m != "dense"]
-    targets = sorted({p["target"] for p in points if p["method"] != "dense"})
+    for name, ref in (summary.get("references") or {}).items():
+        steps = f"{ref['train_steps']:.0f}" if finite(ref.get("train_steps")) else "?"
+        lines += [f"`{name}` (the dense model fine-tuned further with the trained methods' budget, {steps} steps, "
+                  f"no sparsity): {fmt_pm(ref['quality'], ref.get('quality_std'), metric)}.", ""]
+    methods = [m for m in dict.fromkeys(p["method"] for p in points) if m != "dense" and m not in REFERENCES]
+    targets = sorted({p["target"] for p in points if p["method"] in methods})
     knob = "target" if all(p.get("knob") != "eta" for p in points) else "target / eta"
     lines += ["| method | " + " | ".join(f"{knob} {t:g}" for t in targets) + " | GFLOPs/token within tolerance |",
               "|---" * (len(targets) + 2) + "|"]
@@ -186,9 +193,10 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
         lines += ["", "LTE against the baselines (not its own ablations): each baseline is interpolated between "
                   "its measured points at LTE's sparsity; one whose points do not reach it is left out.", ""]
     derived = {m for m in methods if m.endswith("-topk") and m != "random-topk"}  # same model as its LTE run
-    lines += budget_lines(points, ["dense"] + [m for m in methods if m not in derived])
+    references = [m for m in dict.fromkeys(p["method"] for p in points) if m in REFERENCES]
+    lines += budget_lines(points, ["dense"] + references + [m for m in methods if m not in derived])
     train = {m: sum(p.get("train_seconds") or 0.0 for p in points if p["method"] == m)
-             for m in methods if m not in derived}
+             for m in references + methods if m not in derived}
     lines += ["Training seconds per method (all targets, one worker each): " +
               ", ".join(f"{m} {s:.0f}" for m, s in train.items() if s > 0) + ".", ""]
     return "\n".join(lines)

@@ -44,6 +44,7 @@ from .cache import (
 )
 from .config import (
     DEFAULTS,
+    REFERENCES,
     baseline_options,
     derived_methods,
     knob_values,
@@ -231,6 +232,11 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
             info = _finetune(setup, model, run_dir, key, teacher)
             timings["train_seconds"] = info["seconds"]
             budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
+        elif base == "dense-ft":  # the reference: the same fine-tuning budget, no sparsity
+            model = copy.deepcopy(dense)
+            info = _finetune(setup, model, run_dir, key, teacher)
+            timings["train_seconds"] = info["seconds"]
+            budget = {"train_steps": info["steps"], "train_tokens": info["tokens"], "train_epochs": info["epochs"]}
         elif base == "random-topk":
             model = apply_baseline(copy.deepcopy(dense), base, target, calib_data=setup.calib, **options)
             timings["build_seconds"] = time.perf_counter() - start
@@ -270,6 +276,8 @@ def run_method(setup: TaskSetup, method: str, targets: list[float], out_dir: str
     in `<out>/<method>/t<target>/point.json`; a rerun with the same settings reuses it.
     """
     base, extra = method_plan(config or {}, method)
+    if base in REFERENCES:
+        targets = [0.0]  # no sparsity to aim at: one point
     setup = _with_overrides(setup, extra)
     shared = shared if shared is not None else {}
     out = Path(out_dir)

@@ -36,6 +36,8 @@ def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "best_baseline": best, "baseline": reached[best], "baseline_std": (point.get("others_std") or {}).get(best),
             "margin": margin, "verdict": "win" if margin > 0 else "loss" if margin < 0 else "tie",
             "within_one_std": bool(stds) and abs(margin) <= max(stds),
+            "references": {name: (ref["quality"], ref.get("quality_std"))
+                           for name, ref in (summary.get("references") or {}).items()},
         })
     return rows
 
@@ -84,7 +86,8 @@ def scoreboard_markdown(rows: list[dict[str, Any]], pending: list[str] | None = 
     for r in rows:
         metric = r["metric"]
         verdict = r["verdict"] + (" (within one std)" if r["within_one_std"] else "")
-        lines.append(f"| {r['study']} ({metric}, {fmt_pm(r['dense'], None, metric)}) | `{r['lte_method']}` | "
+        refs = "".join(f"; {name} {fmt_pm(q, sd, metric)}" for name, (q, sd) in (r.get("references") or {}).items())
+        lines.append(f"| {r['study']} ({metric}, {fmt_pm(r['dense'], None, metric)}{refs}) | `{r['lte_method']}` | "
                      f"{_sparsity_cell(r)} | {fmt_pm(r['lte'], r['lte_std'], metric)} | "
                      f"{r['best_baseline']} {fmt_pm(r['baseline'], r['baseline_std'], metric)} | "
                      f"{fmt_margin(r['margin'], metric)} | {verdict} |")
@@ -95,6 +98,9 @@ def scoreboard_markdown(rows: list[dict[str, Any]], pending: list[str] | None = 
               f"(>= 50% sparsity); {close} of them within one std over seeds. Margin: positive when LTE is "
               "better (the metric's units; perplexity: lower is better). Baselines are interpolated at LTE's "
               "measured sparsity; a baseline whose points do not reach it is not compared."]
+    if any(r.get("references") for r in rows):
+        lines += ["", "dense-ft (beside dense): the dense model fine-tuned further with the trained methods' "
+                  "budget, no sparsity; a reference, never a baseline."]
     if pending:
         lines += ["", f"Declared but not run yet (not counted): {'; '.join(pending)}."]
     target = target_error_line(rows)
