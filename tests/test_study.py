@@ -133,17 +133,17 @@ def test_dense_ft_is_the_dense_model_trained_with_the_same_budget_and_never_a_ba
     assert list(rows[0]["others"]) == ["teal"]
 
 
-def test_targets_override_warns_when_it_moves_deja_vus_label_sparsity(tiny_task, caplog):
+def test_targets_override_keeps_deja_vus_label_sparsity_at_the_configs_middle(tiny_task):
+    """A study run target by target (`--targets 0.9`) labels Deja Vu as a whole run does: the middle of the
+    config's targets (0.7 of 0.5, 0.7, 0.9), unless the config pins it."""
     cfg = {**tiny_task, "methods": ["dejavu-ft", "teal"], "targets": [0.5, 0.7, 0.9]}
-    with caplog.at_level("WARNING", logger="lte.study.config"):
-        assert study_config(cfg)["method_options"]["dejavu-ft"]["label_sparsity"] == 0.7
-        assert not caplog.records
-        assert study_config(cfg, targets=[0.9])["method_options"]["dejavu-ft"]["label_sparsity"] == 0.9
-        assert "follows the middle of --targets (0.9), not of the config's targets (0.7)" in caplog.text
-        caplog.clear()
-        pinned = {**cfg, "method_options": {"dejavu-ft": {"label_sparsity": 0.7}}}
-        assert study_config(pinned, targets=[0.9])["method_options"]["dejavu-ft"]["label_sparsity"] == 0.7
-        assert study_config({**cfg, "methods": ["teal"]}, targets=[0.9]) and not caplog.records
+    for targets in (None, [0.9], [0.5]):
+        assert study_config(cfg, targets=targets)["method_options"]["dejavu-ft"]["label_sparsity"] == 0.7
+    assert study_config(cfg, targets=[0.9])["targets"] == [0.9]
+    even = {**cfg, "targets": [0.3, 0.5, 0.7, 0.9]}  # the upper middle of an even list
+    assert study_config(even, targets=[0.3])["method_options"]["dejavu"]["label_sparsity"] == 0.7
+    pinned = {**cfg, "method_options": {"dejavu-ft": {"label_sparsity": 0.5}}}
+    assert study_config(pinned, targets=[0.9])["method_options"]["dejavu-ft"]["label_sparsity"] == 0.5
 
 
 def test_scoreboard_shows_the_dense_ft_reference_beside_dense():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from ..baselines.methods import METHODS, NEURON_METHODS, canonical_method
 from ..errors import LTEError
 from ..training.args import LTE_KEYS, TrainArgs
 
-logger = logging.getLogger(__name__)
 ALL_METHODS = ("lte",) + METHODS
 #: References that are not baselines: `dense-ft` is the dense model fine-tuned further with the budget every
 #: trained method gets (2 x train.max_steps, the same distillation), no sparsity. It answers whether a trained
@@ -184,7 +182,8 @@ def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, method
                  targets: list[float] | None = None) -> dict[str, Any]:
     """The full settings of a study: the YAML (or dict), tiny budgets if asked, methods and targets resolved.
 
-    Deja Vu's label sparsity defaults to the middle target of the sweep (one predictor per sweep).
+    Deja Vu's label sparsity defaults to the middle of the config's targets (one predictor per sweep; the
+    same when `targets` narrows a run to some of them).
     """
     cfg = load_study_config(config) if isinstance(config, (str, Path)) else dict(config)
     if tiny:
@@ -203,15 +202,11 @@ def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, method
     for method in cfg["methods"]:
         _check_stage_settings(cfg, method)  # unknown names and stage settings fail here, before any work
     lte_method(cfg)  # so does a bad lte_method
-    middle = sorted(cfg["targets"])[len(cfg["targets"]) // 2]
-    usual = sorted(config_targets)[len(config_targets) // 2]
+    # Deja Vu's predictor is labelled at the middle of the config's targets, not of `--targets`: a study run
+    # target by target gets the same points as one run whole
+    middle = sorted(config_targets)[len(config_targets) // 2]
     options = cfg.setdefault("method_options", {})
-    bases = {method_plan(cfg, m)[0] for m in cfg["methods"]}
     for method in ("dejavu", "dejavu-ft"):
-        if method in bases and middle != usual and "label_sparsity" not in (options.get(method) or {}):
-            logger.warning("%s: its label sparsity follows the middle of --targets (%g), not of the config's "
-                           "targets (%g), so its points differ from a full run's; pin it with "
-                           "method_options.%s.label_sparsity", method, middle, usual, method)
         options[method] = {"label_sparsity": middle, **(options.get(method) or {})}
     return cfg
 
