@@ -146,7 +146,19 @@ def test_targets_override_keeps_deja_vus_label_sparsity_at_the_configs_middle(ti
     assert study_config(pinned, targets=[0.9])["method_options"]["dejavu-ft"]["label_sparsity"] == 0.5
 
 
+def test_welch_p_value_by_hand():
+    """Equal stds (1, 3 seeds each), means 2 apart: t = 2 / sqrt(2/3) = 2.449 with 4 degrees of freedom, two-sided
+    p = 0.0705 (t tables); stds 1 and 3: t = 1.095 with Welch's 2.44 degrees of freedom, p = 0.370."""
+    from lte.study.scoreboard import welch_p
+
+    assert welch_p(10.0, 1.0, 3, 12.0, 1.0, 3) == pytest.approx(0.07048, abs=1e-4)
+    assert welch_p(10.0, 1.0, 3, 12.0, 3.0, 3) == pytest.approx(0.3696, abs=1e-3)
+    assert welch_p(10.0, 1.0, 1, 12.0, 1.0, 3) is None and welch_p(10.0, 0.0, 3, 12.0, 0.0, 3) is None
+
+
 def test_scoreboard_shows_the_dense_ft_reference_beside_dense():
+    from scipy.stats import ttest_ind_from_stats
+
     from lte.study.scoreboard import scoreboard_markdown, scoreboard_rows
 
     points = [dict(_pt("dense", 0.0, 0.88), gflops_per_token=1.0), dict(_pt("dense-ft", 0.0, 0.91), gflops_per_token=1.0,
@@ -156,6 +168,12 @@ def test_scoreboard_shows_the_dense_ft_reference_beside_dense():
     rows = scoreboard_rows(summary)
     assert len(rows) == 1 and rows[0]["best_baseline"] == "teal" and rows[0]["margin"] == pytest.approx(0.07)
     assert "| toy (accuracy, 88.0; dense-ft 91.0 ± 0.2) |" in scoreboard_markdown(rows)
+    assert rows[0]["p_value"] is None  # single-seed points: no test
+    seeded = [dict(p, seeds=[0, 1, 2], quality_std=0.01) for p in points]
+    seeded[-1]["seeds"] = [0, 1]  # the baseline has two seeds: the test takes n = 2 for it
+    row = scoreboard_rows(dict(report.summarise(seeded, "accuracy", True), name="toy"))[0]
+    assert row["p_value"] == pytest.approx(ttest_ind_from_stats(0.87, 0.01, 3, 0.80, 0.01, 2, equal_var=False).pvalue)
+    assert "| win | 0.0" in scoreboard_markdown([row])
 
 
 def test_dense_carried_without_weights_gets_one_dense_unit_before_the_methods(tiny_task, tmp_path):

@@ -63,8 +63,9 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
     for p in mine:
         row = {"method": p["method"], "ffn_sparsity": p["ffn_sparsity"], "ffn_sparsity_std": p.get("ffn_sparsity_std"),
                "target": p["target"] if p.get("knob") == "target" else None,
-               "quality": p["quality"], "quality_std": p.get("quality_std"),
-               "others": {}, "others_std": {}, "margin": {}, "beats": [], "loses_to": [], "ties": []}
+               "quality": p["quality"], "quality_std": p.get("quality_std"), "seeds": _seed_count([p]),
+               "others": {}, "others_std": {}, "others_seeds": {}, "margin": {}, "beats": [], "loses_to": [],
+               "ties": []}
         for other in others:
             theirs = [o for o in points if o["method"] == other]
             q = interpolate_quality(theirs, p["ffn_sparsity"])
@@ -72,6 +73,7 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
             if q is None:
                 continue
             row["others_std"][other] = interpolate_quality(theirs, p["ffn_sparsity"], key="quality_std")
+            row["others_seeds"][other] = _seed_count(theirs)
             row["margin"][other] = p["quality"] - q  # LTE minus the baseline (sign: see higher_is_better)
             if abs(p["quality"] - q) <= 1e-9 * max(1.0, abs(q)):
                 row["ties"].append(other)
@@ -81,6 +83,12 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
                 row["loses_to"].append(other)
         rows.append(row)
     return rows
+
+
+def _seed_count(points: list[dict[str, Any]]) -> int | None:
+    """The fewest seeds any of `points` averages (None: single-seed points that do not say)."""
+    counts = [len(p["seeds"]) for p in points if p.get("seeds")]
+    return min(counts) if counts else None
 
 
 def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool,

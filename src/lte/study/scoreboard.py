@@ -14,7 +14,7 @@ from typing import Any
 from .config import declared_points
 from .report import fmt_margin, fmt_pm
 
-__all__ = ["pending_points", "scoreboard_markdown", "scoreboard_rows", "target_error_line"]
+__all__ = ["pending_points", "scoreboard_markdown", "scoreboard_rows", "target_error_line", "welch_p"]
 
 
 def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -36,10 +36,24 @@ def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "best_baseline": best, "baseline": reached[best], "baseline_std": (point.get("others_std") or {}).get(best),
             "margin": margin, "verdict": "win" if margin > 0 else "loss" if margin < 0 else "tie",
             "within_one_std": bool(stds) and abs(margin) <= max(stds),
+            "p_value": welch_p(point["quality"], point.get("quality_std"), point.get("seeds"), reached[best],
+                               (point.get("others_std") or {}).get(best), (point.get("others_seeds") or {}).get(best)),
             "references": {name: (ref["quality"], ref.get("quality_std"))
                            for name, ref in (summary.get("references") or {}).items()},
         })
     return rows
+
+
+def welch_p(mean_a: float, std_a: float | None, n_a: int | None, mean_b: float, std_b: float | None,
+            n_b: int | None) -> float | None:
+    """Two-sided p-value of Welch's t-test on two means over seeds (sample stds), or None when either side has
+    fewer than two seeds or no spread at all. The baseline's mean and std are interpolated at LTE's
+    sparsity, so the test is approximate there."""
+    if not n_a or not n_b or n_a < 2 or n_b < 2 or std_a is None or std_b is None or (std_a == 0 and std_b == 0):
+        return None
+    from scipy.stats import ttest_ind_from_stats
+
+    return float(ttest_ind_from_stats(mean_a, std_a, n_a, mean_b, std_b, n_b, equal_var=False).pvalue)
 
 
 def pending_points(summary: dict[str, Any], floor: float = 0.5) -> list[str]:
@@ -53,6 +67,12 @@ def pending_points(summary: dict[str, Any], floor: float = 0.5) -> list[str]:
                                                  for m, t in done):
                 pending.append(f"{summary.get('name')}: `{method}` at {100 * target:.0f}%")
     return pending
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
 
 
 def _sparsity_cell(r: dict[str, Any]) -> str:
@@ -81,8 +101,8 @@ def target_error_line(rows: list[dict[str, Any]], allowed: float = 0.03) -> str:
 def scoreboard_markdown(rows: list[dict[str, Any]], pending: list[str] | None = None) -> str:
     """The rows as a Markdown table, then the count of wins and losses, the declared points not run yet
     (`pending_points`) and the target error."""
-    lines = ["| study (metric, dense) | LTE method | sparsity | LTE | best baseline there | margin | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| study (metric, dense) | LTE method | sparsity | LTE | best baseline there | margin | verdict | p |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         metric = r["metric"]
         verdict = r["verdict"] + (" (within one std)" if r["within_one_std"] else "")
@@ -90,14 +110,21 @@ def scoreboard_markdown(rows: list[dict[str, Any]], pending: list[str] | None = 
         lines.append(f"| {r['study']} ({metric}, {fmt_pm(r['dense'], None, metric)}{refs}) | `{r['lte_method']}` | "
                      f"{_sparsity_cell(r)} | {fmt_pm(r['lte'], r['lte_std'], metric)} | "
                      f"{r['best_baseline']} {fmt_pm(r['baseline'], r['baseline_std'], metric)} | "
-                     f"{fmt_margin(r['margin'], metric)} | {verdict} |")
+                     f"{fmt_margin(r['margin'], metric)} | {verdict} | {_fmt_p(r.get('p_value'))} |")
     wins = sum(r["verdict"] == "win" for r in rows)
     losses = sum(r["verdict"] == "loss" for r in rows)
     close = sum(r["within_one_std"] for r in rows)
+    tested = [r for r in rows if r.get("p_value") is not None]
+    clear = {v: sum(r["verdict"] == v and r["p_value"] < 0.05 for r in tested) for v in ("win", "loss")}
     lines += ["", f"{wins} wins, {losses} losses, {len(rows) - wins - losses} ties over {len(rows)} LTE points "
               f"(>= 50% sparsity); {close} of them within one std over seeds. Margin: positive when LTE is "
               "better (the metric's units; perplexity: lower is better). Baselines are interpolated at LTE's "
               "measured sparsity; a baseline whose points do not reach it is not compared."]
+    if tested:
+        lines += ["", f"p: two-sided Welch's t-test of LTE's mean against the best baseline's over the seeds (the "
+                  f"baseline interpolated at LTE's sparsity, so approximate; '-' where a side has under two seeds "
+                  f"or no spread). Under 0.05: {clear['win']} of the wins and {clear['loss']} of the losses "
+                  f"({len(tested)} points tested)."]
     if any(r.get("references") for r in rows):
         lines += ["", "dense-ft (beside dense): the dense model fine-tuned further with the trained methods' "
                   "budget, no sparsity; a reference, never a baseline."]
