@@ -794,6 +794,20 @@ def test_configs_read_exponent_numbers_as_numbers(tmp_path):
     assert load_study_config(path)["train"]["lr"] == 2e-5
 
 
+@pytest.mark.parametrize("path", sorted(str(p) for d in ("configs/study", "configs/recipe")
+                                         for p in (Path(__file__).parent.parent / d).glob("*.yaml")),
+                         ids=lambda p: Path(p).stem)
+def test_every_shipped_study_config_resolves(path):
+    """Each committed study / recipe config resolves as `lte study` would before any training: its methods and
+    variants are known, their stage settings exist, its declared `lte_method` runs where it is compared, and every
+    method has values to run at. A typo in a config fails here instead of on the GPU machine."""
+    cfg = study_config(path)
+    assert cfg["methods"] and cfg["targets"]
+    lte_method_name(cfg)
+    for method in cfg["methods"]:
+        assert knob_values(cfg, method), method
+
+
 def test_report_states_each_methods_budget_and_flags_unequal_ones():
     from lte.study.report import budget_lines
 
