@@ -56,6 +56,21 @@ def test_stage1_logs_lte_terms(stage1_dir):
     assert info["complete"] and info["stage"] == "stage1" and info["global_step"] == 4
 
 
+def test_stage_record_times_its_phases(tiny, tmp_path):
+    """`seconds` in the stage record splits the stage's wall time: loading and conversion, preparation, the
+    Trainer's run, and what follows it; together no more than the call took."""
+    import time
+
+    start = time.perf_counter()
+    train_stage("1", tiny["model"], "causal-lm", tiny["text"], tmp_path / "s1", max_steps=2, target_sparsity=0.5,
+                **FAST)
+    took = time.perf_counter() - start
+    seconds = json.loads((tmp_path / "s1" / "lte_stage.json").read_text())["seconds"]
+    assert list(seconds) == ["load", "prepare", "train", "finish"]
+    assert all(v >= 0 for v in seconds.values()) and 0 < sum(seconds.values()) <= took
+    assert seconds["train"] > 0 and seconds["load"] > 0  # two optimizer steps; a model built and converted
+
+
 def test_stage1_defaults_are_the_measured_recipe():
     """Recipe v2 (docs/results.md): lam 0, straight-through stage 1, tau calibrated when there is a target."""
     from lte.training import TrainArgs

@@ -176,6 +176,7 @@ def _train_lte(setup: TaskSetup, target: float, out: Path, key: str) -> tuple[nn
         budget["tau_final_calibration_sparsity"] = r2["tau_final_calibration"]["sparsity"]
     if r2.get("train_sparsity") is not None:  # the masks stage 2 trained with at its end (drift: vs ffn_sparsity)
         budget["stage2_train_sparsity"] = float(r2["train_sparsity"])
+    budget["stage_seconds"] = {"stage1": r1.get("seconds"), "stage2": r2.get("seconds")}  # where the time went
     return model, {"train_seconds": time.perf_counter() - start}, budget
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
             from the checkpoint.
         hparams: `TrainArgs` fields (lr, epochs, max_steps, batch_size, eta, target_sparsity, ...).
     """
+    start = time.perf_counter()  # the record's `seconds`: where a stage's wall time goes
     stage = _normalise_stage(stage)
     if task not in TASKS:
         raise StageInputError(f"unknown task '{task}'; choose one of {list(TASKS)}")
@@ -246,6 +248,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
                                  converted_from_checkpoint=bool(resume_ckpt),
                                  calibration_batch=_calibration_batch(dataset, tokenizer, hp))
         _check_labels(model, dataset, task)
+    loaded = time.perf_counter()  # data, model, conversion (grouping, router fit)
     teacher, teacher_desc = _resolve_teacher(stage, hp, teacher, source, task, tokenizer, dataset)
     if stage != "dense":
         _prepare_for_stage(model, stage, hp)
@@ -300,6 +303,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         model.config.finetuning_task = hp.glue_task  # saved with the model: `lte eval` needs no --glue-task
     if trainer.args.should_save:  # what this run is, before any checkpoint: --resume compares against it
         write_stage_info(out, record)
+    trained_from = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume_ckpt)
     except NonFiniteLossError as err:
@@ -308,6 +312,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
             write_stage_info(out, record)
         raise
     raise_if_stopped(callbacks, out)  # asked to stop: checkpoint saved, the stage is not finished
+    trained_until = time.perf_counter()
     if stage == "1" and calibrate:
         record["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
     if holder is not None:
@@ -334,6 +339,9 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
         record["train_sparsity_per_layer"] = (trainer.last_step_stats or {}).get("per_layer")
     if hp.target_sparsity is not None:
         record["target_sparsity"] = hp.target_sparsity
+    record["seconds"] = {"load": loaded - start, "prepare": trained_from - loaded, "train": trained_until - trained_from,
+                         "finish": time.perf_counter() - trained_until}
+    logger.info("stage %s: %s", STAGE_LABEL[stage], ", ".join(f"{k} {v:.1f} s" for k, v in record["seconds"].items()))
     if trainer.args.should_save:
         write_stage_info(out, record)
         if not hp.keep_checkpoints:  # the final model is in `out`; optimizer state is only needed while running
