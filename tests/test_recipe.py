@@ -161,9 +161,42 @@ def test_stage2_distill_without_a_findable_teacher_says_what_to_pass(tiny, tmp_p
 
 # ---------------------------------------------------------------------- router fit and tau calibration
 def test_weighted_quantile_and_log_shares_by_hand():
-    values = torch.tensor([3.0, 1.0, 2.0])
-    assert _weighted_quantile(values, torch.tensor([1.0, 1.0, 1.0]), 0.5) == 2.0
-    assert _weighted_quantile(values, torch.tensor([1.0, 10.0, 1.0]), 0.5) == 1.0  # weight 10 on the value 1
+    values = [torch.tensor([[3.0, 1.0, 2.0]])]  # one token, three experts
+    assert _weighted_quantile(values, [torch.tensor([1, 1, 1])], 0.5) == 2.0
+    assert _weighted_quantile(values, [torch.tensor([1, 10, 1])], 0.5) == 1.0  # weight 10 on the value 1
+    assert _weighted_quantile(values, [torch.tensor([1, 1, 1])], 0.0) == 1.0
+    assert _weighted_quantile(values, [torch.tensor([1, 1, 1])], 1.0) == 3.0
+    # two layers of different widths, weights per column: layer 0 (weight 2 each) holds 0.5, 4.0 for two tokens,
+    # layer 1 (weight 1) holds 1.0, 2.0, 3.0 for one token
+    two = [torch.tensor([[0.5, 4.0], [0.5, 4.0]]), torch.tensor([[1.0, 2.0, 3.0]])]
+    # entries with weights: 0.5 x2 (w 2 each) = 4, 4.0 x2 = 4, 1.0 / 2.0 / 3.0 (w 1) = 3; total 11
+    # cumulative: 0.5 -> 4, 1.0 -> 5, 2.0 -> 6, 3.0 -> 7, 4.0 -> 11
+    ws = [torch.tensor([2, 2]), torch.tensor([1, 1, 1])]
+    assert _weighted_quantile(two, ws, 4 / 11) == 0.5 and _weighted_quantile(two, ws, 5.5 / 11) == 2.0
+    assert _weighted_quantile(two, ws, 7.01 / 11) == 4.0
+
+
+def test_weighted_quantile_matches_a_sorted_cumulative_sum():
+    """Against the sort-based definition on random layers of different widths, ties included."""
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(50, e, generator=gen).round(decimals=1) for e in (3, 8, 5)]
+    weights = [torch.randint(1, 5, (e,), generator=gen) for e in (3, 8, 5)]
+    flat = torch.cat([v.reshape(-1) for v in values]).double()
+    w = torch.cat([wt.double().repeat(v.shape[0]) for v, wt in zip(values, weights)])
+    order = torch.argsort(flat)
+    cum = torch.cumsum(w[order], 0)
+    for q in (0.0, 0.1, 0.37, 0.5, 0.9, 0.999, 1.0):
+        idx = int(torch.searchsorted(cum, torch.tensor(q * float(cum[-1]), dtype=cum.dtype)))
+        expected = float(flat[order[min(idx, flat.numel() - 1)]])
+        assert _weighted_quantile(values, weights, q) == expected, q
+    # neighbouring fp32 values: the bisection must not step between them and lose the answer
+    base = torch.tensor(1.0)
+    close = [torch.stack([base, torch.nextafter(base, torch.tensor(2.0)),
+                          torch.nextafter(torch.nextafter(base, torch.tensor(2.0)), torch.tensor(2.0))])[None]]
+    for q, k in ((0.2, 0), (0.5, 1), (0.9, 2)):
+        assert _weighted_quantile(close, [torch.tensor([1, 1, 1])], q) == float(close[0][0, k]), q
+    odd_even = [close[0][:, 1:]]  # their midpoint rounds up to the second in fp32: a float64 bisection lost it
+    assert _weighted_quantile(odd_even, [torch.tensor([1, 1])], 0.9) == float(close[0][0, 2])
     h = torch.tensor([[1.0, 1.0, 2.0]])  # one token, experts {0, 1} and {2}
     sizes = torch.tensor([2, 1])
     energy = torch.tensor([1.0, 3.0, 1.0])  # |W_j|^2: expert 0 has 1*1 + 1*3 = 4, expert 1 has 4*1 = 4
