@@ -48,8 +48,8 @@ from .tasks import dense_weights_missing
 logger = logging.getLogger(__name__)
 
 #: Rough relative cost of a unit, to start the longest first (load balance).
-_COST = {"lte": 4.0, "dejavu-ft": 3.0, "sketch-ft": 3.0, "random-topk": 2.5, "dense-ft": 2.0, "dejavu": 1.5, "moefication": 1.5,
-         "moefication-oracle": 0.5, "sketch": 0.5, "teal": 0.8, "cats": 0.6}
+_COST = {"lte": 4.0, "dejavu-ft": 3.0, "sketch-ft": 3.0, "random-topk": 2.5, "dense-ft": 2.0, "dejavu": 1.5,
+         "moefication": 1.5, "moefication-oracle": 0.5, "sketch": 0.5, "teal": 0.8, "cats": 0.6}
 
 
 @dataclass

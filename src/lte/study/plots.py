@@ -104,7 +104,7 @@ def plot_eta(results: list[dict[str, Any]], path: str | Path) -> str | None:
 def plot_profiles(results: list[dict[str, Any]], path: str | Path, target: float = 0.7) -> str | None:
     """Per-layer FFN sparsity of each method at the target closest to `target`."""
     series = {}
-    for method in dict.fromkeys(p["method"] for p in results if p["method"] != "dense" and p["method"] not in REFERENCES):
+    for method in dict.fromkeys(p["method"] for p in results if p["method"] not in ("dense",) + REFERENCES):
         pts = [p for p in results if p["method"] == method and p.get("per_layer")]
         if pts:
             best = min(pts, key=lambda p: abs(p["ffn_sparsity"] - target))
