@@ -176,6 +176,19 @@ def test_weighted_quantile_and_log_shares_by_hand():
     assert _weighted_quantile(two, ws, 7.01 / 11) == 4.0
 
 
+@pytest.mark.gpu
+def test_weighted_quantile_on_the_gpu_matches_the_cpu():
+    """The tau calibration's quantile where it runs in a study: logits on the GPU, one host read per step."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator().manual_seed(1)
+    values = [torch.randn(4096, e, generator=gen) for e in (384, 192, 48)]
+    weights = [torch.full((e,), 1536 // e) for e in (384, 192, 48)]
+    for q in (0.5, 0.7, 0.9):
+        on_gpu = _weighted_quantile([v.cuda() for v in values], [w.cuda() for w in weights], q)
+        assert on_gpu == _weighted_quantile(values, weights, q), q
+
+
 def test_weighted_quantile_matches_a_sorted_cumulative_sum():
     """Against the sort-based definition on random layers of different widths, ties included."""
     gen = torch.Generator().manual_seed(0)
