@@ -116,6 +116,12 @@ def test_dense_ft_is_the_dense_model_trained_with_the_same_budget_and_never_a_ba
     that moved (its perplexity is not dense's), listed beside dense in the report and never compared as a baseline."""
     cfg = {**tiny_task, "methods": ["dejavu-ft", "dense-ft"], "targets": [0.5]}
     assert knob_values(study_config(cfg), "dense-ft") == [0.0]
+    for bad in ({"base": "dense-ft", "set": {"expert_size": 8}}, {"base": "dense-ft", "targets": [0.5]}):
+        with pytest.raises(LTEError, match="has no experts and runs once at sparsity 0"):
+            study_config({**cfg, "methods": ["dense-ft-x"], "variants": {"dense-ft-x": bad}})
+    kd = {**cfg, "methods": ["dense-ft-kd1"], "variants": {"dense-ft-kd1": {"base": "dense-ft",
+                                                                         "set": {"train": {"distill": 1.0}}}}}
+    assert knob_values(study_config(kd), "dense-ft-kd1") == [0.0]
     summary = run_study(cfg, tmp_path, tiny=True)
     assert not summary["failures"] and not summary["missing"], summary
     points = {(p["method"], p["target"]): p for p in _points(tmp_path)}
@@ -129,8 +135,10 @@ def test_dense_ft_is_the_dense_model_trained_with_the_same_budget_and_never_a_ba
     assert "| dense-ft | 4 |" in text  # in the budget table beside the trained methods
     # a reference at LTE's sparsity would still not be a baseline
     rows = compare_to_baselines([_pt("dense", 0.0, 1.0), _pt("lte", 0.5, 0.8), _pt("dense-ft", 0.5, 0.9),
-                                 _pt("teal", 0.5, 0.7)], higher_is_better=True)
-    assert list(rows[0]["others"]) == ["teal"]
+                                 dict(_pt("dense-ft-kd1", 0.5, 0.95), reference=True), _pt("teal", 0.5, 0.7)],
+                                higher_is_better=True)
+    assert list(rows[0]["others"]) == ["teal"]  # by name, and a variant by its points' `reference`
+    assert ref.get("reference") is True
 
 
 def test_targets_override_keeps_deja_vus_label_sparsity_at_the_configs_middle(tiny_task):

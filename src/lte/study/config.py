@@ -125,6 +125,10 @@ def method_plan(cfg: dict[str, Any], method: str) -> tuple[str, dict[str, Any]]:
         if base in NEURON_METHODS and moot:
             raise LTEError(f"variant {method!r}: {base} picks single neurons, so {' and '.join(moot)} would change "
                            f"nothing; remove it from the variant's `set` (it would only rerun {base})")
+        if base in REFERENCES and (moot or spec.get("targets")):
+            raise LTEError(f"variant {method!r}: {base} has no experts and runs once at sparsity 0, so "
+                           f"{' and '.join(moot + (['targets'] if spec.get('targets') else []))} would change nothing; "
+                           "remove it from the variant")
         return base, extra
     if method == "lte" or method in REFERENCES:
         return method, {}

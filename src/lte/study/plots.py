@@ -7,8 +7,7 @@ from typing import Any
 
 from ..errors import LTEError
 from ..evaluation.plots import new_figure, save_figure
-from .config import REFERENCES
-from .report import finite
+from .report import finite, reference_methods
 
 
 def _style(method: str, index: int) -> dict[str, Any]:
@@ -41,11 +40,12 @@ def plot_study(results: list[dict[str, Any]], path: str | Path, quality_name: st
     scale = 100.0 if x == "ffn_sparsity" else 1.0
     dense = [p["quality"] for p in results if p["method"] == "dense" and finite(p.get("quality"))]
     cap = log_cap * dense[0] if quality_name == "perplexity" and dense and dense[0] > 0 else None
-    methods = [m for m in dict.fromkeys(p["method"] for p in results) if m != "dense" and m not in REFERENCES]
+    refs = reference_methods(results)
+    methods = [m for m in dict.fromkeys(p["method"] for p in results) if m != "dense" and m not in refs]
     for q in dense[:1]:
         ax.axhline(q, color="black", linestyle="--", linewidth=1, label="dense")
     for p in results:  # dense-ft: no sparsity, the trained methods' budget: a dotted line
-        if p["method"] in REFERENCES and finite(p.get("quality")):
+        if p["method"] in refs and finite(p.get("quality")):
             q = p["quality"] if cap is None else min(p["quality"], cap)
             ax.axhline(q, color="dimgray", linestyle=":", linewidth=1.2, label=f"{p['method']} (no sparsity)")
     for i, method in enumerate(methods):
@@ -104,7 +104,8 @@ def plot_eta(results: list[dict[str, Any]], path: str | Path) -> str | None:
 def plot_profiles(results: list[dict[str, Any]], path: str | Path, target: float = 0.7) -> str | None:
     """Per-layer FFN sparsity of each method at the target closest to `target`."""
     series = {}
-    for method in dict.fromkeys(p["method"] for p in results if p["method"] not in ("dense",) + REFERENCES):
+    refs = reference_methods(results)
+    for method in dict.fromkeys(p["method"] for p in results if p["method"] != "dense" and p["method"] not in refs):
         pts = [p for p in results if p["method"] == method and p.get("per_layer")]
         if pts:
             best = min(pts, key=lambda p: abs(p["ffn_sparsity"] - target))

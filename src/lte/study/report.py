@@ -8,6 +8,12 @@ from typing import Any
 from .config import REFERENCES, declared_points
 
 
+def reference_methods(points: list[dict[str, Any]]) -> set[str]:
+    """The methods that are references, not baselines: `dense-ft` and its variants (their points say
+    `reference`), and any method named as one of `config.REFERENCES`."""
+    return {p["method"] for p in points if p.get("reference") or p["method"] in REFERENCES}
+
+
 def tolerance_ok(quality: float, dense: float, metric: str, higher_is_better: bool) -> bool:
     """Within the paper's tolerance of the dense model: perplexity +0.5; other metrics 5% relative."""
     if metric == "perplexity":
@@ -41,7 +47,7 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
     `method` may join several LTE variants by "+" (one declared recipe run at different targets by
     each, see `config.lte_method`), each optionally limited to targets (`name@0.5,0.7`): their points
     are taken together, each row naming its own method.
-    Baselines are the methods other than dense, the references (`config.REFERENCES`) and LTE's own variants
+    Baselines are the methods other than dense, the references (`reference_methods`) and LTE's own variants
     (names starting with "lte").
     They are interpolated between their measured points; a method whose points do not
     span that sparsity is reported as None (not compared). `beats` / `loses_to` / `ties` list them by name.
@@ -57,8 +63,9 @@ def compare_to_baselines(points: list[dict[str, Any]], higher_is_better: bool, m
         return p["method"] in spec and (targets is None or any(abs(p["target"] - t) < 1e-9 for t in targets))
 
     mine = sorted((p for p in points if declared(p) and counts(p)), key=lambda p: p["ffn_sparsity"])
+    refs = reference_methods(points)
     others = [m for m in dict.fromkeys(p["method"] for p in points)  # baselines only: not dense, not LTE's ablations
-              if m != "dense" and m not in REFERENCES and not m.startswith("lte")]
+              if m != "dense" and m not in refs and not m.startswith("lte")]
     rows = []
     for p in mine:
         row = {"method": p["method"], "ffn_sparsity": p["ffn_sparsity"], "ffn_sparsity_std": p.get("ffn_sparsity_std"),
@@ -108,8 +115,9 @@ def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool,
             "gflops_within_tolerance": best["gflops_per_token"] if best else None,
             "sparsity_within_tolerance": best["ffn_sparsity"] if best else None,
         }
+    refs = reference_methods(points)
     references = {p["method"]: {"quality": p["quality"], "quality_std": p.get("quality_std"),
-                                "train_steps": p.get("train_steps")} for p in points if p["method"] in REFERENCES}
+                                "train_steps": p.get("train_steps")} for p in points if p["method"] in refs}
     return {"metric": metric, "higher_is_better": higher_is_better, "dense_quality": dense["quality"],
             "dense_gflops_per_token": dense["gflops_per_token"], "methods": table, "references": references,
             "lte_method": lte_method, "lte_vs_others": compare_to_baselines(points, higher_is_better, lte_method)}
@@ -170,7 +178,8 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
         steps = f"{ref['train_steps']:.0f}" if finite(ref.get("train_steps")) else "?"
         lines += [f"`{name}` (the dense model fine-tuned further with the trained methods' budget, {steps} steps, "
                   f"no sparsity): {fmt_pm(ref['quality'], ref.get('quality_std'), metric)}.", ""]
-    methods = [m for m in dict.fromkeys(p["method"] for p in points) if m != "dense" and m not in REFERENCES]
+    refs = reference_methods(points)
+    methods = [m for m in dict.fromkeys(p["method"] for p in points) if m != "dense" and m not in refs]
     targets = sorted({p["target"] for p in points if p["method"] in methods})
     knob = "target" if all(p.get("knob") != "eta" for p in points) else "target / eta"
     lines += ["| method | " + " | ".join(f"{knob} {t:g}" for t in targets) + " | GFLOPs/token within tolerance |",
@@ -201,7 +210,7 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
         lines += ["", "LTE against the baselines (not its own ablations): each baseline is interpolated between "
                   "its measured points at LTE's sparsity; one whose points do not reach it is left out.", ""]
     derived = {m for m in methods if m.endswith("-topk") and m != "random-topk"}  # same model as its LTE run
-    references = [m for m in dict.fromkeys(p["method"] for p in points) if m in REFERENCES]
+    references = [m for m in dict.fromkeys(p["method"] for p in points) if m in refs]
     lines += budget_lines(points, ["dense"] + references + [m for m in methods if m not in derived])
     train = {m: sum(p.get("train_seconds") or 0.0 for p in points if p["method"] == m)
              for m in references + methods if m not in derived}

@@ -252,6 +252,8 @@ def _build_point(setup: TaskSetup, name: str, base: str, knob: str, target: floa
     result, timings["eval_seconds"] = _evaluate(setup, model)
     point = _point(setup, name, knob, target, result, model, timings, eta)
     point.update(budget)
+    if base in REFERENCES:
+        point["reference"] = True  # not a baseline (`report.reference_methods`), whatever the variant's name
     point["union_sparsity_16"] = _measure_union(model, setup.calib[0])
     made = [(name, point)]
     if base == "lte" and s["lte"].get("also_topk"):
