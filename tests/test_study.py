@@ -975,3 +975,31 @@ def test_a_misspelt_stage_setting_fails_before_any_work():
         study_config(cfg)
     cfg["variants"]["lte-cal"]["set"]["lte"]["stage1"] = {"calibration-tokens": 4096}  # dashes are fine
     assert study_config(cfg)["methods"] == ["lte-cal"]
+
+
+def test_collect_results_script_copies_only_new_points(tmp_path):
+    """scripts/gpu/collect_results.py: a device call's archive -> recipe/ or study_v2/ by the study's name, the
+    stage records beside each point, points already committed left as they are."""
+    import runpy
+    import tarfile
+
+    collect = runpy.run_path(str(Path(__file__).parent.parent / "scripts/gpu/collect_results.py"))["collect"]
+    src = tmp_path / "src"
+    for study, method in (("recipe-x", "lte-a"), ("study-y", "teal")):
+        point = src / study / "seed0" / method / "t0.5" / "point.json"
+        point.parent.mkdir(parents=True)
+        point.write_text(json.dumps({"quality": 1.0, "study": study}))
+        (point.parent / "stage1").mkdir()
+        (point.parent / "stage1" / "lte_stage.json").write_text("{}")
+    archive = tmp_path / "study_results.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname=".")
+    dest = tmp_path / "results"
+    kept = dest / "study_v2" / "study-y" / "seed0" / "teal" / "t0.5" / "point.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text('{"quality": 2.0}')
+    new = collect(archive, dest)
+    assert new == [dest / "recipe" / "recipe-x" / "seed0" / "lte-a" / "t0.5" / "point.json"]
+    assert (new[0].parent / "stage1" / "lte_stage.json").is_file()
+    assert json.loads(kept.read_text())["quality"] == 2.0  # the committed point stays
+    assert collect(archive, dest) == []  # a second pass finds nothing new
