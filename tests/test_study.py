@@ -979,7 +979,7 @@ def test_a_misspelt_stage_setting_fails_before_any_work():
 
 def test_collect_results_script_copies_only_new_points(tmp_path):
     """scripts/gpu/collect_results.py: a device call's archive -> recipe/ or study_v2/ by the study's name, the
-    stage records beside each point, points already committed left as they are."""
+    stage records beside each point, each seed's dense point, points already committed left as they are."""
     import runpy
     import tarfile
 
@@ -991,6 +991,10 @@ def test_collect_results_script_copies_only_new_points(tmp_path):
         point.write_text(json.dumps({"quality": 1.0, "study": study}))
         (point.parent / "stage1").mkdir()
         (point.parent / "stage1" / "lte_stage.json").write_text("{}")
+    dense = src / "recipe-x" / "seed0" / "dense"
+    for name in ("point.json", "lte_stage.json", "study_dense.json", "model.safetensors"):
+        (dense / name).parent.mkdir(parents=True, exist_ok=True)
+        (dense / name).write_text("{}")
     archive = tmp_path / "study_results.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src, arcname=".")
@@ -999,7 +1003,10 @@ def test_collect_results_script_copies_only_new_points(tmp_path):
     kept.parent.mkdir(parents=True)
     kept.write_text('{"quality": 2.0}')
     new = collect(archive, dest)
-    assert new == [dest / "recipe" / "recipe-x" / "seed0" / "lte-a" / "t0.5" / "point.json"]
+    dense_point = dest / "recipe" / "recipe-x" / "seed0" / "dense" / "point.json"
+    assert new == [dest / "recipe" / "recipe-x" / "seed0" / "lte-a" / "t0.5" / "point.json", dense_point]
+    # the seed's dense point comes with its records, never with weights
+    assert sorted(p.name for p in dense_point.parent.iterdir()) == ["lte_stage.json", "point.json", "study_dense.json"]
     assert (new[0].parent / "stage1" / "lte_stage.json").is_file()
     assert json.loads(kept.read_text())["quality"] == 2.0  # the committed point stays
     assert collect(archive, dest) == []  # a second pass finds nothing new

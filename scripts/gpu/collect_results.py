@@ -20,6 +20,10 @@ import tempfile
 from pathlib import Path
 
 
+#: what a seed's dense folder keeps in the committed results (as the committed studies hold it)
+DENSE_FILES = ("point.json", "lte_stage.json", "study_dense.json")
+
+
 def destination(dest: Path, study: str) -> Path:
     return dest / ("recipe" if study.startswith("recipe-") else "study_v2") / study
 
@@ -44,6 +48,17 @@ def collect(archive: Path, dest: Path) -> list[Path]:
                 copy = target.parent / record.relative_to(point.parent)
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(record, copy)
+            new.append(target)
+        # each seed's dense model: its point and records (the reference every summary needs; no weights)
+        for point in sorted(root.glob("*/seed*/dense/point.json")):
+            rel = point.relative_to(root)
+            target = destination(dest, rel.parts[0]) / Path(*rel.parts[1:])
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            for name in DENSE_FILES:
+                if (point.parent / name).is_file():
+                    shutil.copy2(point.parent / name, target.parent / name)
             new.append(target)
     return new
 
