@@ -147,11 +147,47 @@ def test_targets_override_keeps_deja_vus_label_sparsity_at_the_configs_middle(ti
     cfg = {**tiny_task, "methods": ["dejavu-ft", "teal"], "targets": [0.5, 0.7, 0.9]}
     for targets in (None, [0.9], [0.5]):
         assert study_config(cfg, targets=targets)["method_options"]["dejavu-ft"]["label_sparsity"] == 0.7
-    assert study_config(cfg, targets=[0.9])["targets"] == [0.9]
+    narrowed = study_config(cfg, targets=[0.9])
+    assert narrowed["targets"] == [0.5, 0.7, 0.9] and narrowed["run_targets"] == [0.9]  # the declaration stays
+    assert knob_values(narrowed, "dejavu-ft") == [0.9] and knob_values(narrowed, "teal") == [0.9]
     even = {**cfg, "targets": [0.3, 0.5, 0.7, 0.9]}  # the upper middle of an even list
     assert study_config(even, targets=[0.3])["method_options"]["dejavu"]["label_sparsity"] == 0.7
     pinned = {**cfg, "method_options": {"dejavu-ft": {"label_sparsity": 0.5}}}
     assert study_config(pinned, targets=[0.9])["method_options"]["dejavu-ft"]["label_sparsity"] == 0.5
+
+
+def test_targets_narrow_a_run_to_declared_points_only(tiny_task):
+    """`--targets` keeps only declared points: the study's targets and a variant's own narrow alike, a per-target
+    `lte_method` is checked against the declaration (a run at 0.9 of a study whose 0.5 recipe has no own targets
+    is fine), and a target the config does not declare is refused, not run."""
+    cfg = {**tiny_task, "methods": ["teal", "lte-a", "lte-b"], "targets": [0.5, 0.9],
+           "lte_method": {0.5: "lte-a", 0.9: "lte-b"},
+           "variants": {"lte-a": {"base": "lte", "set": {}}, "lte-b": {"base": "lte", "targets": [0.9], "set": {}},
+                        "lte-c": {"base": "lte", "targets": [0.6], "set": {}}}}
+    whole = study_config(cfg)
+    assert [knob_values(whole, m) for m in ("teal", "lte-a", "lte-b", "lte-c")] == [[0.5, 0.9], [0.5, 0.9], [0.9], [0.6]]
+    at_05 = study_config(cfg, targets=[0.5])
+    assert [knob_values(at_05, m) for m in ("teal", "lte-a", "lte-b")] == [[0.5], [0.5], []]
+    at_09 = study_config(cfg, targets=[0.9])  # lte-a (the 0.5 recipe) does not run here, and that is no error
+    assert [knob_values(at_09, m) for m in ("teal", "lte-a", "lte-b")] == [[0.9], [0.9], [0.9]]
+    assert knob_values(study_config(cfg, targets=[0.6]), "lte-c") == [0.6]  # a variant's own target is declared
+    with pytest.raises(LTEError, match=r"targets 0\.7: not declared.*0\.5, 0\.6, 0\.9"):
+        study_config(cfg, targets=[0.5, 0.7])
+
+
+def test_targets_of_a_call_over_several_configs_go_where_declared():
+    """`lte study A B --targets 0.9,0.5`: each config runs the values it declares (a study at 0.9, a round at 0.5),
+    a config declaring none is skipped, and a value no config declares is an error."""
+    from lte.study.cli import _targets_per_config
+
+    study = {"name": "s", "targets": [0.5, 0.7, 0.9]}
+    round_ = {"name": "r", "targets": [0.5], "variants": {"x-90": {"base": "lte", "targets": [0.9]}}}
+    other = {"name": "o", "targets": [0.7]}
+    assert _targets_per_config([study, round_, other], [0.9]) == [[0.9], [0.9], []]
+    assert _targets_per_config([study, {"name": "r2", "targets": [0.5]}], [0.9, 0.5]) == [[0.9, 0.5], [0.5]]
+    assert _targets_per_config([study, other], None) == [None, None]
+    with pytest.raises(LTEError, match=r"--targets: 0\.3 is declared in no config"):
+        _targets_per_config([study, other], [0.3, 0.5])
 
 
 def test_welch_p_value_by_hand():

@@ -19,7 +19,6 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-
 #: what a seed's dense folder keeps in the committed results (as the committed studies hold it)
 DENSE_FILES = ("point.json", "lte_stage.json", "study_dense.json")
 

@@ -191,11 +191,15 @@ def run_study_command(args: argparse.Namespace) -> int:
     from .parallel import run_parallel
 
     studies = []
-    for cfg, methods in zip(configs, _methods_per_config(configs, args.methods)):
+    per_config = _methods_per_config(configs, args.methods)
+    for cfg, methods, targets in zip(configs, per_config, _targets_per_config(configs, args.targets)):
         if methods == []:
             print(f"{cfg.get('name')}: none of --methods is declared here; skipped")
             continue
-        full = study_config(cfg, args.tiny, methods, args.targets)
+        if targets == []:
+            print(f"{cfg.get('name')}: none of --targets is declared here; skipped")
+            continue
+        full = study_config(cfg, args.tiny, methods, targets)
         studies.append((full, study_out(full, Path(args.root) / full.get("name", full["task"]))))
     start = time.perf_counter()
     failures: dict[str, dict[str, str]] = {}
@@ -239,6 +243,26 @@ def _methods_per_config(configs: list[dict[str, Any]], methods: list[str] | None
         names = ", ".join(str(cfg.get("name")) for cfg in configs)
         raise LTEError(f"--methods: {', '.join(unknown)} is declared in none of the configs ({names}); check the "
                        "spelling against their `methods:` lists and `variants`")
+    return picked
+
+
+def _targets_per_config(configs: list[dict[str, Any]], targets: list[float] | None) -> list[list[float] | None]:
+    """With several configs, `--targets` names targets of any of them: each config runs those it declares (its
+    `targets:`, its variants' own, `lte_etas`), so one call can run a study declared at 0.9 and a round declared
+    at 0.5 with `--targets 0.9,0.5` and nothing undeclared. A value no config declares is an error."""
+    from ..errors import LTEError
+    from .config import declared_targets
+
+    if not targets:
+        return [None] * len(configs)
+    sets = [declared_targets(cfg) for cfg in configs]
+    picked = [[t for t in targets if any(abs(t - v) < 1e-9 for v in values)] for values in sets]
+    unknown = [t for t in targets if not any(t in p for p in picked)]
+    if unknown:
+        names = ", ".join(f"{cfg.get('name')} ({', '.join(f'{v:g}' for v in sorted(values))})"
+                          for cfg, values in zip(configs, sets))
+        raise LTEError(f"--targets: {', '.join(f'{t:g}' for t in unknown)} is declared in no config ({names}); add "
+                       "it to a config's `targets:` (or a variant's) before running it")
     return picked
 
 

@@ -202,7 +202,16 @@ def study_config(config: dict[str, Any] | str | Path, tiny: bool = False, method
             raise LTEError(f"`seeds` must be a list of distinct integers, e.g. [0, 1, 2]; got {seeds!r}")
     cfg["methods"] = list(methods or cfg.get("methods") or ALL_METHODS)
     config_targets = [float(t) for t in (cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])]
-    cfg["targets"] = [float(t) for t in (targets or config_targets)]
+    cfg["targets"] = config_targets  # the declaration; a run narrowed by `targets` keeps it in `run_targets`
+    cfg.pop("run_targets", None)
+    if targets:
+        undeclared = [float(t) for t in targets if not _declared(float(t), declared_targets(cfg))]
+        if undeclared:
+            raise LTEError(f"targets {', '.join(f'{t:g}' for t in undeclared)}: not declared by study "
+                           f"{cfg.get('name', cfg['task'])!r} (its targets, and its variants' own: "
+                           f"{', '.join(f'{t:g}' for t in sorted(declared_targets(cfg)))}); add them to the config's "
+                           "`targets:` (or a variant's) before running them")
+        cfg["run_targets"] = [float(t) for t in targets]  # `knob_values` narrows every method to these
     for method in cfg["methods"]:
         _check_stage_settings(cfg, method)  # unknown names and stage settings fail here, before any work
     lte_method(cfg)  # so does a bad lte_method
@@ -226,6 +235,7 @@ def lte_method(cfg: dict[str, Any]) -> str:
     A mapping `{target: method}` picks the method per target where variants run at the same targets
     (a recipe changed after some points ran keeps them in the report as an ablation); it comes back as
     `name@t1,t2+name2@t3` (`declared_points` reads it)."""
+    cfg = {k: v for k, v in cfg.items() if k != "run_targets"}  # checked against the declaration, not one run's
     declared = cfg.get("lte_method") or "lte"
     if isinstance(declared, dict):
         return _lte_method_by_target(cfg, declared)
@@ -282,19 +292,37 @@ def declared_points(method: str) -> dict[str, set[float] | None]:
 
 
 def knob_values(cfg: dict[str, Any], method: str) -> list[float]:
-    """The values a method is run at: the targets, or `lte_etas` for LTE runs steered by eta."""
+    """The values a method is run at: the targets (a variant's own, else the study's), or `lte_etas` for LTE
+    runs steered by eta; a run narrowed by `--targets` (`run_targets`) keeps only those of them."""
     base, extra = method_plan(cfg, method)
     lte = merge(merge(DEFAULTS, {k: v for k, v in cfg.items() if k in DEFAULTS}), extra)["lte"]
     if base in REFERENCES:  # no sparsity: one point, whatever the study's targets
         return [0.0]
     own = (cfg.get("variants") or {}).get(method, {}).get("targets")
     if own:  # a variant (an ablation) may run at fewer values than the study
-        return [float(v) for v in own]
-    if base == "lte" and lte["knob"] == "eta":
+        values = [float(v) for v in own]
+    elif base == "lte" and lte["knob"] == "eta":
         if not cfg.get("lte_etas"):
             raise LTEError("lte.knob is 'eta': give the eta values as lte_etas: [...]")
         return [float(v) for v in cfg["lte_etas"]]
-    return list(cfg["targets"])
+    else:
+        values = [float(v) for v in cfg["targets"]]
+    narrowed = cfg.get("run_targets")
+    return values if narrowed is None else [v for v in values if _declared(v, narrowed)]
+
+
+def declared_targets(cfg: dict[str, Any]) -> set[float]:
+    """Every target a study declares: its `targets`, its variants' own `targets` and its `lte_etas`."""
+    values = {float(t) for t in (cfg.get("targets") or [0.3, 0.5, 0.7, 0.9])}
+    values |= {float(v) for v in (cfg.get("lte_etas") or [])}
+    for spec in (cfg.get("variants") or {}).values():
+        if isinstance(spec, dict):
+            values |= {float(t) for t in (spec.get("targets") or [])}
+    return values
+
+
+def _declared(value: float, values: Any) -> bool:
+    return any(abs(value - float(v)) < 1e-9 for v in values)
 
 
 def baseline_options(settings: dict[str, Any], base: str) -> dict[str, Any]:
