@@ -176,7 +176,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         return {n: p.grad.clone() for n, p in lmodel.named_parameters() if p.requires_grad}
 
     want = grads()
-    lmodel.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = lmodel.base_model  # newer transformers name it activation_checkpointing_enable (the old name warns)
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     got = grads()
     assert set(got) == set(want) and len(want) > 0
     for name in want:
