@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -564,3 +565,30 @@ def test_cuda_graph_bf16_kernels_match_masked_dense():
     assert (fast == slow).float().mean() > 0.8  # bf16: rare near-ties may flip
     res = bench(model, batch_size=2, prompt_len=4, new_tokens=8, cache_len=24, runs=2)
     assert res["cuda_graph"] and res["peak_memory_gb"] > 0
+
+
+def test_decode_profile_sums_kernels_by_kind_per_step(monkeypatch):
+    """benchmarks/decode_profile.py's kernel table: names sorted into kinds (cuBLAS, LTE FFN, LTE router, Inductor's
+    fused kernels, attention), summed and divided by the steps traced; hand-computed over 2 steps."""
+    import runpy
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))  # its `bench_util` import
+    mod = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks/decode_profile.py"))
+    kind_of, kernel_table = mod["kind_of"], mod["kernel_table"]
+    assert kind_of("void gemv2T_kernel_val<int, int, __nv_bfloat16>") == "cublas gemm/gemv"
+    assert kind_of("nvjet_hsh_64x8_64x16_2x1_v_bz_TNT") == "cublas gemm/gemv"
+    assert kind_of("_ffn_in_kernel") == "lte ffn" and kind_of("_ffn_out_kernel") == "lte ffn"
+    assert kind_of("_router_kernel") == "lte router/mask"
+    assert kind_of("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "inductor fused"
+    assert kind_of("flash_fwd_splitkv_kernel") == "attention"
+    assert kind_of("something_else") == "other"
+    events = [("_ffn_in_kernel", 30.0), ("_ffn_out_kernel", 20.0), ("_router_kernel", 4.0),
+              ("_ffn_in_kernel", 34.0), ("_ffn_out_kernel", 22.0), ("_router_kernel", 6.0),
+              ("triton_poi_fused_add_0", 2.0), ("triton_poi_fused_add_0", 2.0)]
+    table = kernel_table(events, steps=2)
+    assert table["kinds"]["lte ffn"] == {"us_per_step": 53.0, "kernels_per_step": 2.0}  # (30+20+34+22) / 2
+    assert table["kinds"]["lte router/mask"] == {"us_per_step": 5.0, "kernels_per_step": 1.0}
+    assert table["kinds"]["inductor fused"] == {"us_per_step": 2.0, "kernels_per_step": 1.0}
+    assert list(table["kinds"]) == ["lte ffn", "lte router/mask", "inductor fused"]  # longest first
+    assert table["kernel_us_per_step"] == 60.0 and table["kernels_per_step"] == 4.0
+    assert table["top"][0] == {"name": "_ffn_in_kernel", "us_per_step": 32.0, "per_step": 1.0}

@@ -12,11 +12,14 @@
 #   attn (not in the default list): the decode step, Llama-3-8B shape, B = 8 and 32, fixed masks at 50% and 90%,
 #      once with transformers' SDPA and once with lte.serving.attention's grouped-query decode attention
 #      (`benchmarks/decode.py --no-gqa-decode` and the default `--gqa-decode`), each against its own dense rows
+#   profile (not in the default list): the decode step of a Llama-3-8B shape at B = 1 split into its FFN and the rest
+#      (dense, LTE at 50%, and the same step with no FFN), with each variant's GPU kernels by kind
+#      (benchmarks/decode_profile.py --compile)
 #   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
 #      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
 #      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
 #
-# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn train;
+# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn profile train;
 #         default tests masks decode train, attn and tune when named; about 5 minutes on an H100, plus the tuning). Run from the project
 #         root; set LTE_COMMIT first on the GPU machine (scripts/gpu/README.md).
 set -uo pipefail
@@ -61,6 +64,11 @@ if want attn; then
       --runs 3 --budget 150 "${flag[@]}" --out "$OUT/decode_attn_${mode}.json" 2>&1 | tail -10
     summary+=("decode step, attention $mode: $OUT/decode_attn_${mode}.json")
   done
+fi
+if want profile; then  # where a B = 1 step's time goes: dense, LTE at 50%, no FFN at all, and their kernels
+  python benchmarks/decode_profile.py --shape llama3-8b --batch 1 --sparsity 0.5 --compile \
+    --out "$OUT/decode_profile_b1.json" 2>&1 | tail -6
+  summary+=("decode step profile, B=1: $OUT/decode_profile_b1.json")
 fi
 if want train; then
   for mode in ${TRAIN_MODES:-default reduce-overhead}; do
