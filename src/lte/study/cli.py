@@ -79,7 +79,8 @@ def add_study_commands(sub) -> None:
     p.add_argument("--root", default="runs/study", help="with several configs: each study goes to ROOT/<name>")
     p.add_argument("--methods", type=_names, help="only these methods (comma list); in parallel runs every seed of the first-named "
                    "starts before the next (so a run cut by --time-limit leaves whole methods done)")
-    p.add_argument("--targets", type=_floats, help="override the targets (comma list)")
+    p.add_argument("--targets", type=_floats, help="run only these of the declared targets (comma list; the config's "
+                   "`targets:` or a variant's own); with several configs each runs those it declares")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes run at once (units: dense, then one per trained method and target); "
                         "small models leave a GPU idle, so several workers finish sooner")
