@@ -36,29 +36,19 @@ def collect(archive: Path, dest: Path) -> list[Path]:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
         root = Path(tmp)
-        for point in sorted(root.glob("*/seed*/*/t*/point.json")):
-            rel = point.relative_to(root)
-            target = destination(dest, rel.parts[0]) / Path(*rel.parts[1:])
-            if target.exists():
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(point, target)
-            for record in point.parent.glob("stage*/lte_stage.json"):
-                copy = target.parent / record.relative_to(point.parent)
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(record, copy)
-            new.append(target)
-        # each seed's dense model: its point and records (the reference every summary needs; no weights)
-        for point in sorted(root.glob("*/seed*/dense/point.json")):
-            rel = point.relative_to(root)
-            target = destination(dest, rel.parts[0]) / Path(*rel.parts[1:])
-            if target.exists():
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            for name in DENSE_FILES:
-                if (point.parent / name).is_file():
-                    shutil.copy2(point.parent / name, target.parent / name)
-            new.append(target)
+        # a method's point with its stage records; each seed's dense point with its records (no weights)
+        for pattern, files in (("*/seed*/*/t*/point.json", ("point.json", "stage*/lte_stage.json")),
+                               ("*/seed*/dense/point.json", DENSE_FILES)):
+            for point in sorted(root.glob(pattern)):
+                rel = point.relative_to(root)
+                target = destination(dest, rel.parts[0]) / Path(*rel.parts[1:])
+                if target.exists():
+                    continue
+                for file in (f for name in files for f in point.parent.glob(name)):
+                    copy = target.parent / file.relative_to(point.parent)
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(file, copy)
+                new.append(target)
     return new
 
 
