@@ -36,7 +36,7 @@ import lte
 import lte.kernels
 from lte.routing.layers import budget_experts
 from lte.serving.cli import load_for_serving
-from lte.serving.decode import StaticDecoder, bench
+from lte.serving.decode import COMPILE_MODES, StaticDecoder, bench
 from lte.serving.dense import dense_modules, swap_modules
 from lte.serving.prepare import prepare_for_inference, sparse_modules
 from lte.serving.synthetic import (
@@ -314,8 +314,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode-step forward before graph capture (fuses HF's small kernels)")
+    p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
+                   help="torch.compile the decode-step forward before graph capture (fuses HF's small kernels); "
+                        "an Inductor mode may follow (default: Inductor's default)")
     p.add_argument("--model", default=None, help="a saved LTE model directory to time against its dense self")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--out", default="benchmarks/results/decode.json")

@@ -33,7 +33,7 @@ from bench_util import DEVICE, environment
 from torch import nn
 
 import lte
-from lte.serving.decode import StaticDecoder, bench
+from lte.serving.decode import COMPILE_MODES, StaticDecoder, bench
 from lte.serving.dense import dense_modules, swap_modules
 from lte.serving.prepare import prepare_for_inference
 from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sparsity
@@ -161,7 +161,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--cache-len", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (as decode.py --compile)")
+    p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
+                   help="torch.compile the decode step (as decode.py --compile; an Inductor mode may follow)")
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (the CPU smoke run)")
     p.add_argument("--out", type=Path, default=Path("decode_profile.json"))
     args = p.parse_args()

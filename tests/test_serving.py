@@ -314,6 +314,18 @@ def test_static_decode_matches_hf_generate_lte(family):
     torch.testing.assert_close(dec.generate_ids(ids, 8), ref)  # the decoder is reusable
 
 
+def test_static_decoder_compile_modes():
+    """`compile` takes True/False or a mode of COMPILE_MODES (recorded as the mode's name); anything else,
+    including Inductor's own CUDA-graph modes that would fight the decoder's graph, is refused with the list."""
+    model = prepare_dense(tm.build("llama"))
+    assert StaticDecoder(model, 1, cache_len=8).compiled is False
+    assert StaticDecoder(model, 1, cache_len=8, compile=True).compiled == "default"
+    assert StaticDecoder(model, 1, cache_len=8, compile="max-autotune-no-cudagraphs").compiled == \
+        "max-autotune-no-cudagraphs"
+    with pytest.raises(lte.LTEError, match="max-autotune-no-cudagraphs"):
+        StaticDecoder(model, 1, cache_len=8, compile="reduce-overhead")
+
+
 def test_static_decode_left_padding_matches_single_prompts():
     model = prepare_dense(tm.build("llama"))
     long, short = _ids(1, 7, seed=1), _ids(1, 4, seed=2)

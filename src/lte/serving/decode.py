@@ -25,6 +25,10 @@ from .dispatch import choose_ffn_paths, set_ffn_path, union_fraction
 from .prepare import sparse_modules
 from .sparse_mlp import SparseMLP
 
+#: Inductor modes the decoder may compile with (`StaticDecoder(compile=...)`): those that leave the CUDA
+#: graph to the decoder. "max-autotune-no-cudagraphs" also times Triton GEMM templates against cuBLAS.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
 
 # --------------------------------------------------------------------------- transformers compat
 def _forward_params(model: nn.Module) -> set[str]:
@@ -84,7 +88,9 @@ class StaticDecoder:
         use_graph: capture the decode step in a CUDA graph (default: when the model is on CUDA).
         compile: run the decode-step forward through `torch.compile` (fuses the many small norm /
             rotary / elementwise kernels of the HF layers; compiles on the first decode, which
-            takes a while for big models), then capture it in the CUDA graph as usual.
+            takes a while for big models), then capture it in the CUDA graph as usual. True is
+            Inductor's default mode; a mode name from `COMPILE_MODES` picks another (the decoder
+            captures its own graph, so only modes without Inductor's CUDA graphs).
         ffn_dispatch: the decode path of the served FFNs (`SparseMLP`): "auto" (the default: before
             each capture, one eager step records every FFN's union of masks and
             `lte.serving.dispatch.choose_ffn_paths` puts the FFNs whose union is too full for skipping
@@ -98,8 +104,10 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
-                 use_graph: bool | None = None, compile: bool = False, ffn_dispatch: str = "auto",
+                 use_graph: bool | None = None, compile: bool | str = False, ffn_dispatch: str = "auto",
                  gqa_decode: bool = True) -> None:
+        if compile is not False and compile is not True and compile not in COMPILE_MODES:
+            raise LTEError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
         if batch_size < 1 or cache_len < 2:
             raise LTEError(f"batch_size must be >= 1 and cache_len >= 2, got {batch_size} and {cache_len}")
         if ffn_dispatch not in ("sparse", "dense", "auto"):
@@ -117,8 +125,9 @@ class StaticDecoder:
         if self.use_graph and self.device.type != "cuda":
             raise LTEError("use_graph=True needs the model on a CUDA device")
         self._cache_kw = cache_kwarg(model)
-        self.compiled = compile
-        self._decode_forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        self.compiled = compile if isinstance(compile, str) else ("default" if compile else False)
+        self._decode_forward = (torch.compile(model.forward, dynamic=False, mode=self.compiled) if compile
+                                else model.forward)
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in _forward_params(model) else None
         self.cache = make_static_cache(model, batch_size, cache_len)
         dev, b = self.device, batch_size
@@ -317,7 +326,7 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, cache_len: int | None = None, use_graph: bool | None = None,
-             decoder: StaticDecoder | None = None, compile: bool = False,
+             decoder: StaticDecoder | None = None, compile: bool | str = False,
              gqa_decode: bool = True) -> str | list[str]:
     """Generate text for one prompt (returns str) or several (list, left padded into one batch).
 
@@ -406,7 +415,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def bench(model: nn.Module, batch_size: int = 1, prompt_len: int = 16, new_tokens: int = 128,
           cache_len: int = 512, runs: int = 5, use_graph: bool | None = None, seed: int = 0,
-          decoder: StaticDecoder | None = None, compile: bool = False, gqa_decode: bool = True) -> dict[str, Any]:
+          decoder: StaticDecoder | None = None, compile: bool | str = False, gqa_decode: bool = True) -> dict[str, Any]:
     """Time the decode loop on random prompts: median over `runs` runs of `new_tokens` steps each.
 
     Returns tokens_per_s (B * steps / time), ms_per_step, gb_per_s (weights read per step / time;
