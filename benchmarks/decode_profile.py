@@ -95,18 +95,21 @@ def trace(dec: StaticDecoder, steps: int) -> list[tuple[str, float]]:
 
 
 def profile_variant(model: nn.Module, args: argparse.Namespace, variant: str) -> dict[str, Any]:
-    """Step time (the decode benchmark's timing) and the kernel table of one variant."""
+    """Step time (the decode benchmark's timing) and the kernel table of one variant, one compile for both
+    where the tracer sees the kernels inside the CUDA graph."""
+    dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=not args.no_graph, compile=args.compile)
     timing = bench(model, batch_size=args.batch, prompt_len=16, new_tokens=args.steps, cache_len=args.cache_len,
-                   runs=args.runs, use_graph=not args.no_graph, compile=args.compile)
+                   runs=args.runs, decoder=dec)
     out = {"variant": variant, "ms_per_step": timing["ms_per_step"], "weight_bytes_per_step":
            timing["weight_bytes_per_step"], "graph": timing["cuda_graph"]}
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, 16))
     for use_graph in ([True, False] if not args.no_graph else [False]):
-        dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=use_graph, compile=args.compile)
+        if use_graph != dec.use_graph:  # some tracers do not see the kernels inside a CUDA graph: trace eagerly
+            dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=use_graph, compile=args.compile)
         dec.prefill(prompt)
         dec.decode(2)  # capture / compile outside the trace
         events = trace(dec, args.steps)
-        if events:  # some tracers do not see the kernels inside a CUDA graph: then trace the same step eagerly
+        if events:
             out["kernels"] = kernel_table(events, args.steps)
             out["kernels_traced_in_graph"] = use_graph
             break
