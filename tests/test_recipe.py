@@ -411,15 +411,15 @@ def test_tau_hold_recuts_every_n_steps_but_not_at_the_last():
 
     seen = []
 
-    def recut(model):
-        seen.append(model)
-        return {"initial_sparsity": 0.95, "sparsity": 0.9, "tau": 0.7}
+    def recut(model, step):
+        seen.append((model, step))
+        return {"initial_sparsity": 0.95, "sparsity": 0.9, "tau": 0.7, "target": 0.9}
 
     hold = TauHold(3, recut)
     for step in range(1, 10):  # 9 steps: re-cuts after steps 3 and 6; step 9 is the last (the final re-cut's)
         hold.on_step_end(None, SimpleNamespace(global_step=step, max_steps=9), None, model="m")
-    assert [h["step"] for h in hold.history] == [3, 6] and seen == ["m", "m"]
-    assert hold.history[0] == {"step": 3, "found": 0.95, "left": 0.9, "tau": 0.7}
+    assert [h["step"] for h in hold.history] == [3, 6] and seen == [("m", 3), ("m", 6)]
+    assert hold.history[0] == {"step": 3, "target": 0.9, "found": 0.95, "left": 0.9, "tau": 0.7}
     with pytest.raises(ValueError, match=">= 1"):
         TauHold(0, recut)
 
@@ -455,6 +455,35 @@ def test_stage2_holds_the_target_during_training(tiny):
     with pytest.raises(lte.LTEError, match="applies to stage 2"):
         train_stage("1", tiny["model"], "causal-lm", tiny["text"], tiny["root"] / "s1x", max_steps=1,
                     target_sparsity=0.4, hold_target_every=2, **FAST)
+
+
+def test_sparsity_ramp_targets():
+    """`sparsity_ramp`: the re-cuts' target rises linearly from start x target to the target over N steps."""
+    from lte.training.args import TrainArgs
+
+    hp = TrainArgs(target_sparsity=0.8, hold_target_every=5, sparsity_ramp=20, sparsity_ramp_start=0.25)
+    assert [hp.stage2_target(s) for s in (0, 10, 20, 40)] == pytest.approx([0.2, 0.5, 0.8, 0.8])
+    assert TrainArgs(target_sparsity=0.8).stage2_target(0) == 0.8  # no ramp: the target from the first step
+    with pytest.raises(lte.LTEError, match="hold_target_every"):
+        TrainArgs(target_sparsity=0.8, sparsity_ramp=20)
+    with pytest.raises(lte.LTEError, match="sparsity_ramp_start"):
+        TrainArgs(target_sparsity=0.8, hold_target_every=5, sparsity_ramp=20, sparsity_ramp_start=1.5)
+
+
+def test_stage2_ramps_the_sparsity_up(tiny):
+    """Stage 2 with a ramp: the first cut at half the target, the re-cuts climbing, the final one at the target."""
+    s1 = tiny["root"] / "s1ramp"
+    train_stage("1", tiny["model"], "causal-lm", tiny["text"], s1, max_steps=2, target_sparsity=0.4,
+                calibration_holdout=4, stage1_routing="ste", lam=0.0, **FAST)
+    rec = train_stage("2", s1, "causal-lm", tiny["text"], tiny["root"] / "s2ramp", max_steps=4, target_sparsity=0.6,
+                      calibration_holdout=4, hold_target_every=1, sparsity_ramp=4, **{**FAST, "lr": 5e-2})
+    assert rec["tau_calibration"]["target"] == pytest.approx(0.3)
+    assert rec["tau_calibration"]["sparsity"] == pytest.approx(0.3, abs=0.05)
+    holds = rec["tau_holds"]
+    assert [h["step"] for h in holds] == [1, 2, 3]
+    assert [h["target"] for h in holds] == pytest.approx([0.375, 0.45, 0.525])
+    assert [h["left"] for h in holds] == pytest.approx([0.375, 0.45, 0.525], abs=0.05)
+    assert rec["tau_final_calibration"]["sparsity"] == pytest.approx(0.6, abs=0.05)
 
 
 # ---------------------------------------------------------------------- grouping by activation profiles

@@ -146,6 +146,13 @@ class TrainArgs:
         "stage 2 with --target-sparsity: set tau again every N optimizer steps on the held-out examples, so the "
         "model trains at the target sparsity instead of where the drift takes it (WikiText-2 at 0.9 drifted to "
         "0.94-0.95 during stage 2; --recalibrate-tau only brings the end back). 0 = off", at_least=0))
+    sparsity_ramp: int = field(default=0, metadata=_help(
+        "stage 2 with --hold-target-every: over the first N optimizer steps the sparsity the re-cuts set tau to "
+        "rises linearly from --sparsity-ramp-start times the target to the target (the stage's first cut at the "
+        "start), so the weights meet the target's masks gradually, as gradual pruning does; from step N on the "
+        "target is held. 0 = off (the target from the first step)", at_least=0))
+    sparsity_ramp_start: float = field(default=0.5, metadata=_help(
+        "where --sparsity-ramp starts, as a fraction of the target", at_least=0, at_most=1))
     batch_budget: float = field(default=0.0, metadata=_help(
         "stage 2: a per-batch expert budget in training. At each position the sequences of a batch together keep at "
         "most this fraction of each layer's experts (those with the largest summed router score; with "
@@ -200,6 +207,13 @@ class TrainArgs:
         "backward as CUDA graphs, for steps bound by the host's launches", choices=("default", "reduce-overhead",
                                                                                     "max-autotune")))
 
+    def stage2_target(self, step: int) -> float | None:
+        """The sparsity stage 2's tau cuts aim at after `step` optimizer steps (`sparsity_ramp`)."""
+        if self.target_sparsity is None or not self.sparsity_ramp or step >= self.sparsity_ramp:
+            return self.target_sparsity
+        start = self.sparsity_ramp_start
+        return self.target_sparsity * (start + (1.0 - start) * step / self.sparsity_ramp)
+
     def __post_init__(self) -> None:
         if isinstance(self.lte, dict):
             self.lte = LTEConfig.from_dict(self.lte)
@@ -217,6 +231,9 @@ class TrainArgs:
         if self.stage2_routing == "topk" and self.target_sparsity is None:
             raise StageInputError("stage2_routing 'topk' needs target_sparsity (the sparsity each layer's expert count "
                                   "is set from)")
+        if self.sparsity_ramp and not self.hold_target_every:
+            raise StageInputError("sparsity_ramp raises the target at the re-cuts of hold_target_every: set "
+                                  "hold_target_every too (e.g. every 5-25 steps)")
         if self.stage2_routing == "topk" and self.hold_target_every:
             raise StageInputError("stage2_routing 'topk' keeps a fixed number of experts per token: a held tau "
                                   "(hold_target_every) does not apply; drop it")

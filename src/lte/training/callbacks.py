@@ -197,8 +197,9 @@ class TauHold(TrainerCallback):
     Stage 2 trains the weights under frozen routers; the routers' inputs move with them and the
     sparsity of a fixed tau drifts (WikiText-2 at a 0.9 target: 94-95% by the end of stage 2). Setting
     tau again only at the end brings the served model back to its target, but it then runs with
-    experts on that training learned to do without. `recut(model)` is the calibration on held-out
-    examples (`stages._calibrate_on`); `history` keeps, per re-cut, the step, the sparsity it found
+    experts on that training learned to do without. `recut(model, step)` is the calibration on held-out
+    examples (`stages._calibrate_on`) to the sparsity aimed at after `step` steps (the target, or a
+    point of `sparsity_ramp`); `history` keeps, per re-cut, the step, the sparsity it found
     and the one it left (the drift it corrected); after a resume, those since the resume (the tau of
     the last re-cut before it is in the checkpoint). Not at the last step: stage 2's final re-cut
     (`recalibrate_tau`) comes after training.
@@ -215,9 +216,9 @@ class TauHold(TrainerCallback):
         step = state.global_step
         if model is None or step % self.every or step >= state.max_steps:
             return
-        result = self.recut(model)
-        self.history.append({"step": step, "found": result["initial_sparsity"], "left": result["sparsity"],
-                             "tau": result["tau"]})
+        result = self.recut(model, step)
+        self.history.append({"step": step, "target": result.get("target"), "found": result["initial_sparsity"],
+                             "left": result["sparsity"], "tau": result["tau"]})
 
 
 class StopOnRequest(TrainerCallback):

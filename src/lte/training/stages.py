@@ -258,7 +258,7 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     train_set, held_out = split_holdout(dataset, hp.calibration_holdout) if calibrate else (dataset, None)
     record_extra: dict[str, Any] = {}
     if stage == "2" and calibrate:  # stage 2 honours --target-sparsity: re-cut the frozen routers first
-        record_extra["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp)
+        record_extra["tau_calibration"] = _calibrate_on(model, held_out, tokenizer, hp, hp.stage2_target(0))
         if hp.stage2_routing == "topk":
             record_extra["topk"] = _route_topk(model, record_extra["tau_calibration"]["per_layer"],
                                                resumed=bool(resume_ckpt), budget=hp.batch_budget)
@@ -266,7 +266,8 @@ def train_stage(stage: str, model_dir_or_model: Any, task: str, data: Any, out: 
     callbacks = list(callbacks or [])
     holder = None
     if stage == "2" and calibrate and hp.hold_target_every:
-        holder = TauHold(hp.hold_target_every, lambda m: _calibrate_on(m, held_out, tokenizer, hp))
+        holder = TauHold(hp.hold_target_every,
+                         lambda m, step: _calibrate_on(m, held_out, tokenizer, hp, hp.stage2_target(step)))
         callbacks.append(holder)
     if stage == "1" and hp.lam_warmup > 0:
         callbacks.append(LamWarmup(hp.lte.lam, hp.lam_warmup))
@@ -376,13 +377,14 @@ def _route_topk(model, per_layer: list[float], resumed: bool, budget: float) -> 
     return ks
 
 
-def _calibrate_on(model, held_out, tokenizer, hp: TrainArgs) -> dict[str, Any]:
-    """`calibrate_tau` on the held-out examples, batched like training."""
+def _calibrate_on(model, held_out, tokenizer, hp: TrainArgs, target: float | None = None) -> dict[str, Any]:
+    """`calibrate_tau` on the held-out examples, batched like training, to `target` (default: the target)."""
     collate = make_collator(tokenizer)
     items = [held_out[i] for i in range(len(held_out))]
     batches = [collate(items[i:i + hp.batch_size]) for i in range(0, len(items), hp.batch_size)]
-    result = calibrate_tau(model, batches, hp.target_sparsity, scope=hp.tau_scope)
-    result["examples"] = len(items)
+    target = hp.target_sparsity if target is None else target
+    result = calibrate_tau(model, batches, target, scope=hp.tau_scope)
+    result.update(examples=len(items), target=target)
     return result
 
 
