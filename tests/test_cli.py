@@ -108,6 +108,7 @@ def test_interrupted_train_saves_a_checkpoint_and_resumes(tiny, tmp_path, capsys
     assert json.loads((out / "lte_stage.json").read_text())["global_step"] == 3
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); out of the default suite's 2 minutes
 def test_train_on_a_mix_of_texts(tiny, tmp_path, capsys):
     other = write_text(tmp_path / "other.txt", lines=30)
     out = tmp_path / "mix"
@@ -169,6 +170,7 @@ def test_run_pipeline_and_resume_by_skipping(tiny, tmp_path, capsys):
     assert second.count("skipped") == 3
 
 
+@pytest.mark.slow  # CI runs it (.ci/run); out of the default suite's 2 minutes
 def test_a_stopped_run_continues_where_it_stopped(tiny, tmp_path, capsys, monkeypatch):
     import threading
 
