@@ -283,7 +283,6 @@ def _files(folder):
     return {p.name: p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
-@pytest.mark.slow  # CI runs it (.ci/run); out of the default suite's 2 minutes
 def test_cli_bad_input_is_one_line_and_loses_nothing(lora_runs, tmp_path, capsys):
     from lte.cli.main import main
 

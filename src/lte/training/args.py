@@ -9,6 +9,7 @@ help text in its metadata; `lte train --help` is built from it (`setting_fields`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import types
 import typing
@@ -288,6 +289,19 @@ def _in_bounds(value: float, meta: dict[str, Any]) -> bool:
 _BOUNDS = ("at_least", "above", "at_most", "below")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """`typing.get_type_hints(cls)`, once per class: it evaluates every annotation string each call (1.8 s of
+    every `lte train` start went to it, once per field of every TrainArgs the parser built)."""
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _train_fields() -> dict[str, tuple[Any, Any]]:
+    """TrainArgs' field name -> (metadata, plain type)."""
+    return {f.name: (f.metadata, _plain_type(_hints(TrainArgs)[f.name])) for f in dataclasses.fields(TrainArgs)}
+
+
 def check_setting(name: str, value: Any) -> None:
     """Raise a one-line `StageInputError` when `value` is not a valid value of the stage setting `name`.
 
@@ -303,11 +317,10 @@ def check_setting(name: str, value: Any) -> None:
         except (LTEError, TypeError) as err:
             raise StageInputError(str(err)) from None
         return
-    fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    fields = _train_fields()
     if name not in fields:
         raise StageInputError(f"unknown training setting '{name}'")
-    meta = fields[name].metadata
-    kind = _plain_type(typing.get_type_hints(TrainArgs)[name])
+    meta, kind = fields[name]
     if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
                                  or (kind is int and not float(value).is_integer())):
         raise StageInputError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
@@ -330,16 +343,16 @@ def setting_fields() -> list[tuple[str, Any, Any, str]]:
     `type` is the plain type (`int` for `int | None`). The CLI builds one flag per entry.
     """
     def row(cls: type, f: dataclasses.Field, defaults: Any) -> tuple[str, Any, Any, str]:
-        hint = typing.get_type_hints(cls)[f.name]
-        return f.name, _plain_type(hint), getattr(defaults, f.name), f.metadata.get("help", "")
+        return f.name, _plain_type(_hints(cls)[f.name]), getattr(defaults, f.name), f.metadata.get("help", "")
 
     lte_fields = {f.name: f for f in dataclasses.fields(LTEConfig)}
+    lte_defaults, train_defaults = LTEConfig(), TrainArgs()
     rows = []
     for f in dataclasses.fields(TrainArgs):
         if f.name == "lte":  # the LTE method's settings, by name, where the config sits
-            rows += [row(LTEConfig, lte_fields[name], LTEConfig()) for name in LTE_KEYS]
+            rows += [row(LTEConfig, lte_fields[name], lte_defaults) for name in LTE_KEYS]
         else:
-            rows.append(row(TrainArgs, f, TrainArgs()))
+            rows.append(row(TrainArgs, f, train_defaults))
     return rows
 
 
