@@ -104,7 +104,7 @@ def _save(args: argparse.Namespace, env: dict[str, Any], checks: list[dict[str, 
 def _decoder(model: torch.nn.Module, args: argparse.Namespace, batch: int) -> StaticDecoder:
     """One decoder (cache + captured graph) per model variant and batch size, reused across fixed masks."""
     _free()
-    return StaticDecoder(model, batch, args.cache_len, compile=args.compile,
+    return StaticDecoder(model, batch, args.cache_len, compile=args.compile, freeze=args.freeze,
                          ffn_dispatch=args.ffn_dispatch if model_has_sparse(model) else "sparse",
                          gqa_decode=args.gqa_decode)
 
@@ -317,6 +317,9 @@ def main() -> None:
     p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
                    help="torch.compile the decode-step forward before graph capture (fuses HF's small kernels); "
                         "an Inductor mode may follow (default: Inductor's default)")
+    p.add_argument("--freeze", action="store_true",
+                   help="with --compile: Inductor's freezing (products sharing an input, q/k/v and a dense gate/up, "
+                        "run as one; dense and LTE alike)")
     p.add_argument("--model", default=None, help="a saved LTE model directory to time against its dense self")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--out", default="benchmarks/results/decode.json")
