@@ -135,6 +135,21 @@ def environment() -> dict[str, Any]:
     }
 
 
+#: SDPA backends a decode benchmark may restrict attention to (`--sdpa`): "auto" leaves PyTorch's choice
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def use_sdpa_backend(name: str) -> None:
+    """Let `F.scaled_dot_product_attention` run only the backend `name` in this process (dense and LTE alike;
+    "auto": PyTorch's own order, cuDNN first on Hopper). Where that backend cannot take a call, SDPA raises."""
+    if name == "auto":
+        return
+    switches = {"cudnn": torch.backends.cuda.enable_cudnn_sdp, "flash": torch.backends.cuda.enable_flash_sdp,
+                "efficient": torch.backends.cuda.enable_mem_efficient_sdp, "math": torch.backends.cuda.enable_math_sdp}
+    for backend, enable in switches.items():
+        enable(backend == name)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

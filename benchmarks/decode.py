@@ -104,7 +104,7 @@ def _save(args: argparse.Namespace, env: dict[str, Any], checks: list[dict[str, 
 def _decoder(model: torch.nn.Module, args: argparse.Namespace, batch: int) -> StaticDecoder:
     """One decoder (cache + captured graph) per model variant and batch size, reused across fixed masks."""
     _free()
-    return StaticDecoder(model, batch, args.cache_len, compile=args.compile, freeze=args.freeze,
+    return StaticDecoder(model, batch, args.cache_len, compile=args.compile,
                          ffn_dispatch=args.ffn_dispatch if model_has_sparse(model) else "sparse",
                          gqa_decode=args.gqa_decode)
 
@@ -286,6 +286,8 @@ def plot(result_file: Path) -> Path:
 
 
 def main() -> None:
+    from bench_util import SDPA_BACKENDS, use_sdpa_backend
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=None, help="shapes of lte.serving.synthetic.SHAPES")
     p.add_argument("--shape", default="llama2-7b", help="one shape (when --shapes is not given)")
@@ -314,17 +316,18 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sdpa", default="auto", choices=SDPA_BACKENDS,
+                   help="restrict scaled_dot_product_attention to one backend (dense and LTE alike; auto: PyTorch's "
+                        "choice, cuDNN first on Hopper)")
     p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
                    help="torch.compile the decode-step forward before graph capture (fuses HF's small kernels); "
                         "an Inductor mode may follow (default: Inductor's default)")
-    p.add_argument("--freeze", action="store_true",
-                   help="with --compile: Inductor's freezing (products sharing an input, q/k/v and a dense gate/up, "
-                        "run as one; dense and LTE alike)")
     p.add_argument("--model", default=None, help="a saved LTE model directory to time against its dense self")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--out", default="benchmarks/results/decode.json")
     p.add_argument("--plot-only", default=None, help="only draw the plot of an existing result file")
     args = p.parse_args()
+    use_sdpa_backend(args.sdpa)
     if args.plot_only:
         print(plot(Path(args.plot_only)))
         return

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_util import DEVICE, environment
+from bench_util import DEVICE, SDPA_BACKENDS, environment, use_sdpa_backend
 from torch import nn
 
 import lte
@@ -97,7 +97,7 @@ def trace(dec: StaticDecoder, steps: int) -> list[tuple[str, float]]:
 def profile_variant(model: nn.Module, args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """Step time (the decode benchmark's timing) and the kernel table of one variant, one compile for both
     where the tracer sees the kernels inside the CUDA graph."""
-    dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=not args.no_graph, compile=args.compile, freeze=args.freeze)
+    dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=not args.no_graph, compile=args.compile)
     timing = bench(model, batch_size=args.batch, prompt_len=16, new_tokens=args.steps, cache_len=args.cache_len,
                    runs=args.runs, decoder=dec)
     out = {"variant": variant, "ms_per_step": timing["ms_per_step"], "weight_bytes_per_step":
@@ -105,7 +105,7 @@ def profile_variant(model: nn.Module, args: argparse.Namespace, variant: str) ->
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, 16))
     for use_graph in ([True, False] if not args.no_graph else [False]):
         if use_graph != dec.use_graph:  # some tracers do not see the kernels inside a CUDA graph: trace eagerly
-            dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=use_graph, compile=args.compile, freeze=args.freeze)
+            dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=use_graph, compile=args.compile)
         dec.prefill(prompt)
         dec.decode(2)  # capture / compile outside the trace
         events = trace(dec, args.steps)
@@ -164,12 +164,15 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--cache-len", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--sdpa", default="auto", choices=SDPA_BACKENDS,
+                   help="restrict scaled_dot_product_attention to one backend (dense and LTE alike; auto: PyTorch's "
+                        "choice, cuDNN first on Hopper)")
     p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
                    help="torch.compile the decode step (as decode.py --compile; an Inductor mode may follow)")
-    p.add_argument("--freeze", action="store_true", help="with --compile: Inductor's freezing (as decode.py --freeze)")
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (the CPU smoke run)")
     p.add_argument("--out", type=Path, default=Path("decode_profile.json"))
     args = p.parse_args()
+    use_sdpa_backend(args.sdpa)
     if not 0.0 <= args.sparsity <= 1.0:
         raise SystemExit(f"--sparsity must be in [0, 1], got {args.sparsity}")
     result = run(args)

@@ -30,16 +30,6 @@ from .sparse_mlp import SparseMLP
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
-def _compile(forward: Any, mode: str, freeze: bool) -> Any:
-    """`torch.compile(forward)` in Inductor `mode`; with `freeze` the weights become constants of the graph
-    ("freezing"), which lets Inductor merge the matrix products that share an input (q/k/v, gate/up) into one."""
-    if not freeze:
-        return torch.compile(forward, dynamic=False, mode=mode)
-    from torch._inductor import list_mode_options
-
-    return torch.compile(forward, dynamic=False, options={**list_mode_options(mode), "freezing": True})
-
-
 # --------------------------------------------------------------------------- transformers compat
 def _forward_params(model: nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
@@ -101,9 +91,6 @@ class StaticDecoder:
             takes a while for big models), then capture it in the CUDA graph as usual. True is
             Inductor's default mode; a mode name from `COMPILE_MODES` picks another (the decoder
             captures its own graph, so only modes without Inductor's CUDA graphs).
-        freeze: with `compile`, compile with Inductor's "freezing": the weights become constants, so the
-            products that share an input (q, k, v; a dense FFN's gate and up) run as one, at the cost of a
-            concatenated copy of those weights. Needs `compile`.
         ffn_dispatch: the decode path of the served FFNs (`SparseMLP`): "auto" (the default: before
             each capture, one eager step records every FFN's union of masks and
             `lte.serving.dispatch.choose_ffn_paths` puts the FFNs whose union is too full for skipping
@@ -118,9 +105,7 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
                  use_graph: bool | None = None, compile: bool | str = False, ffn_dispatch: str = "auto",
-                 gqa_decode: bool = True, freeze: bool = False) -> None:
-        if freeze and compile is False:
-            raise LTEError("freeze=True needs compile (the weights are frozen into the compiled graph)")
+                 gqa_decode: bool = True) -> None:
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise LTEError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
         if batch_size < 1 or cache_len < 2:
@@ -141,8 +126,8 @@ class StaticDecoder:
             raise LTEError("use_graph=True needs the model on a CUDA device")
         self._cache_kw = cache_kwarg(model)
         self.compiled = compile if isinstance(compile, str) else ("default" if compile else False)
-        self.frozen = freeze
-        self._decode_forward = _compile(model.forward, self.compiled, freeze) if self.compiled else model.forward
+        self._decode_forward = (torch.compile(model.forward, dynamic=False, mode=self.compiled) if compile
+                                else model.forward)
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in _forward_params(model) else None
         self.cache = make_static_cache(model, batch_size, cache_len)
         dev, b = self.device, batch_size
