@@ -42,7 +42,7 @@ from lte.serving.synthetic import pin_router_channel, random_llama, set_fixed_sp
 KINDS: tuple[tuple[str, str], ...] = (
     ("lte ffn", r"_ffn_in_kernel|_ffn_out_kernel|_ffn_finish_kernel|_masked_act_kernel"),
     ("lte router/mask", r"_router_kernel|_union_kernel|_budget_kernel|_topk"),
-    ("attention", r"attn|attention|flash|sdpa|softmax"),
+    ("attention", r"attn|attention|flash|flex|sdpa|softmax"),
     ("cublas gemm/gemv", r"gemv|gemm|nvjet|xmma|cutlass|cublas|splitk|dot_kernel"),
     ("inductor fused", r"^triton_"),
     ("copy/fill", r"copy|memcpy|memset|fill|cat|index"),
@@ -94,10 +94,16 @@ def trace(dec: StaticDecoder, steps: int) -> list[tuple[str, float]]:
             if DEVICE == "cuda" and e.device_type == device_kind and e.device_time > 0]
 
 
+def _attention(args: argparse.Namespace) -> bool | str:
+    """The decoder's decode attention: the grouped-query SDPA path, or flex_attention with --flex-decode."""
+    return "flex" if args.flex_decode else True
+
+
 def profile_variant(model: nn.Module, args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """Step time (the decode benchmark's timing) and the kernel table of one variant, one compile for both
     where the tracer sees the kernels inside the CUDA graph."""
-    dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=not args.no_graph, compile=args.compile)
+    dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=not args.no_graph, compile=args.compile,
+                        gqa_decode=_attention(args))
     timing = bench(model, batch_size=args.batch, prompt_len=16, new_tokens=args.steps, cache_len=args.cache_len,
                    runs=args.runs, decoder=dec)
     out = {"variant": variant, "ms_per_step": timing["ms_per_step"], "weight_bytes_per_step":
@@ -105,7 +111,8 @@ def profile_variant(model: nn.Module, args: argparse.Namespace, variant: str) ->
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, 16))
     for use_graph in ([True, False] if not args.no_graph else [False]):
         if use_graph != dec.use_graph:  # some tracers do not see the kernels inside a CUDA graph: trace eagerly
-            dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=use_graph, compile=args.compile)
+            dec = StaticDecoder(model, args.batch, args.cache_len, use_graph=use_graph, compile=args.compile,
+                                gqa_decode=_attention(args))
         dec.prefill(prompt)
         dec.decode(2)  # capture / compile outside the trace
         events = trace(dec, args.steps)
@@ -169,6 +176,8 @@ def main() -> None:
                         "choice, cuDNN first on Hopper)")
     p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
                    help="torch.compile the decode step (as decode.py --compile; an Inductor mode may follow)")
+    p.add_argument("--flex-decode", action="store_true",
+                   help="decode attention through flex_attention (as decode.py --flex-decode; needs --compile)")
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (the CPU smoke run)")
     p.add_argument("--out", type=Path, default=Path("decode_profile.json"))
     args = p.parse_args()

@@ -6,9 +6,16 @@ import pytest
 import torch
 import transformers as tf
 
+import lte
 import tiny_models as tm
 from lte.serving import StaticDecoder
-from lte.serving.attention import NAME, gqa_decode_attention, use_gqa_decode_attention
+from lte.serving.attention import (
+    FLEX_NAME,
+    NAME,
+    flex_decode_attention,
+    gqa_decode_attention,
+    use_gqa_decode_attention,
+)
 
 
 class _Attn(torch.nn.Module):
@@ -55,6 +62,57 @@ def test_matches_repeated_heads(heads, kv_heads, mask_heads):
     moved = (gqa_decode_attention(_Attn(heads // kv_heads), q, k2, v, mask)[0] - out).abs().amax(dim=(0, 1, 3))
     g_ = heads // kv_heads
     assert torch.all(moved[g_:] == 0) and moved[:g_].max() > 0
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (3, 3)])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_flex_variant_matches_repeated_heads(heads, kv_heads, mask_kind):
+    """`flex_decode_attention` (flex_attention, its reference without compile here) equals repeated-heads SDPA for
+    one query token, with a bool or an additive mask; a per-head mask or several query tokens go to the SDPA path."""
+    g = torch.Generator().manual_seed(heads + kv_heads)
+    b, length, d = 2, 128, 8  # flex takes caches of a multiple of FLEX_BLOCK slots
+    q = torch.randn(b, heads, 1, d, generator=g)
+    k, v = (torch.randn(b, kv_heads, length, d, generator=g) for _ in range(2))
+    keep = torch.rand(b, 1, 1, length + 3, generator=g) > 0.4  # a cache mask may run past the keys
+    keep[..., 0] = True
+    mask = {None: None, "bool": keep,
+            "additive": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)}[mask_kind]
+    out, weights = flex_decode_attention(_Attn(heads // kv_heads), q, k, v, mask)
+    assert weights is None
+    torch.testing.assert_close(out, _reference(q, k, v, None if mask is None else keep[..., :length]))
+    per_head = keep[..., :length].expand(b, heads, 1, length).clone()
+    torch.testing.assert_close(flex_decode_attention(_Attn(heads // kv_heads), q, k, v, per_head)[0],
+                               gqa_decode_attention(_Attn(heads // kv_heads), q, k, v, per_head)[0])
+    short = keep[..., :length - 1]  # 127 slots: not a multiple of FLEX_BLOCK, the SDPA path
+    odd = flex_decode_attention(_Attn(heads // kv_heads), q, k[:, :, :-1], v[:, :, :-1], short)[0]
+    torch.testing.assert_close(odd, gqa_decode_attention(_Attn(heads // kv_heads), q, k[:, :, :-1], v[:, :, :-1],
+                                                         short)[0])
+
+
+def test_flex_kind_needs_compile_and_switches_the_model():
+    model = _llama(4, 2)
+    with pytest.raises(lte.LTEError, match="needs compile"):
+        StaticDecoder(model, 1, 16, gqa_decode="flex")
+    with pytest.raises(lte.LTEError, match="gqa_decode must be"):
+        StaticDecoder(model, 1, 16, gqa_decode="fast")
+    assert use_gqa_decode_attention(model, "flex") and model.config._attn_implementation == FLEX_NAME
+    assert use_gqa_decode_attention(model) and model.config._attn_implementation == NAME  # and back
+    with pytest.raises(ValueError, match="unknown decode attention"):
+        use_gqa_decode_attention(model, "fast")
+
+
+@pytest.mark.gpu  # Inductor's CPU flex template cannot take the mask the score modification reads (torch 2.13)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_kind_decodes_the_same_tokens_compiled():
+    """Compiled and captured, the flex decode attention gives the tokens of transformers' SDPA (fp32, left padding)."""
+    ids = torch.randint(2, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(4)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    plain = StaticDecoder(_llama(4, 2).cuda(), 2, 128, gqa_decode=False).generate_ids(ids, 6, attention_mask=mask)
+    model = _llama(4, 2).cuda()
+    dec = StaticDecoder(model, 2, 128, gqa_decode="flex", compile=True)  # a cache of FLEX_BLOCK slots
+    assert dec.gqa_decode and model.config._attn_implementation == FLEX_NAME
+    assert torch.equal(dec.generate_ids(ids, 6, attention_mask=mask), plain)
 
 
 def test_prefill_goes_to_transformers_sdpa():

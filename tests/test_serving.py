@@ -593,6 +593,7 @@ def test_decode_profile_sums_kernels_by_kind_per_step(monkeypatch):
     assert kind_of("_router_kernel") == "lte router/mask"
     assert kind_of("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "inductor fused"
     assert kind_of("flash_fwd_splitkv_kernel") == "attention"
+    assert kind_of("triton_tem_fused_flex_decoding_0") == "attention"  # flex_attention's decoding template
     assert kind_of("something_else") == "other"
     events = [("_ffn_in_kernel", 30.0), ("_ffn_out_kernel", 20.0), ("_router_kernel", 4.0),
               ("_ffn_in_kernel", 34.0), ("_ffn_out_kernel", 22.0), ("_router_kernel", 6.0),

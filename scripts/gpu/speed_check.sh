@@ -15,7 +15,8 @@
 #   profile (not in the default list): the decode step of a Llama-3-8B shape at B = 1 split into its FFN and the rest
 #      (dense, LTE at 50%, and the same step with no FFN), with each variant's GPU kernels by kind
 #      (benchmarks/decode_profile.py --compile; PROFILE_MODES picks the Inductor modes, e.g.
-#      PROFILE_MODES="default max-autotune-no-cudagraphs"; PROFILE_SDPA="auto efficient math" compares attention backends)
+#      PROFILE_MODES="default max-autotune-no-cudagraphs"; PROFILE_SDPA="auto efficient math flex" compares attention
+#      backends, flex being lte.serving.attention's flex_attention path)
 #   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
 #      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
 #      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
@@ -68,8 +69,9 @@ if want attn; then
 fi
 if want profile; then  # where a B = 1 step's time goes: dense, LTE at 50%, no FFN at all, and their kernels
   for mode in ${PROFILE_MODES:-default}; do
-    for sdpa in ${PROFILE_SDPA:-auto}; do  # e.g. PROFILE_SDPA="auto efficient math": attention backends to compare
-      python benchmarks/decode_profile.py --shape llama3-8b --batch 1 --sparsity 0.5 --compile "$mode" --sdpa "$sdpa" \
+    for sdpa in ${PROFILE_SDPA:-auto}; do  # e.g. PROFILE_SDPA="auto efficient flex": attention to compare
+      attn=(--sdpa "$sdpa"); [[ $sdpa == flex ]] && attn=(--flex-decode)  # flex: flex_attention's decoding kernel
+      python benchmarks/decode_profile.py --shape llama3-8b --batch 1 --sparsity 0.5 --compile "$mode" "${attn[@]}" \
         --out "$OUT/decode_profile_b1_${mode}_${sdpa}.json" 2>&1 | tail -8
       summary+=("decode step profile, B=1, compile $mode, sdpa $sdpa: $OUT/decode_profile_b1_${mode}_${sdpa}.json")
     done

@@ -11,7 +11,9 @@ transformers' own SDPA function unchanged.
 
 It is registered, on first use, with transformers' `AttentionInterface` (and SDPA's mask function with
 `AttentionMaskInterface`) under `NAME`; `use_gqa_decode_attention(model)` switches a model that runs
-"sdpa" to it. Dimensions: B batch, H query heads, Hkv key/value heads, G = H / Hkv, L cache length,
+"sdpa" to it. `FLEX_NAME` (`use_gqa_decode_attention(model, "flex")`) is the same decode step through
+PyTorch's `flex_attention` over the unrepeated heads, whose split-KV decoding kernel Inductor generates
+when the decode step is compiled (uncompiled, flex_attention runs a slow reference). Dimensions: B batch, H query heads, Hkv key/value heads, G = H / Hkv, L cache length,
 d head width.
 """
 
@@ -52,14 +54,59 @@ def gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
 
 
+FLEX_NAME = "lte_flex_gqa_decode"
+#: the decode attention kinds of `use_gqa_decode_attention`: their names in transformers' AttentionInterface
+KINDS = {"sdpa": NAME, "flex": FLEX_NAME}
+#: cache lengths the flex path takes: multiples of flex_attention's KV block (compiled on a CPU, torch 2.13 gave
+#: wrong outputs for one query token over 24 keys and right ones over 128 or 256); other lengths take the SDPA path
+FLEX_BLOCK = 128
+
+
+def _keep(attention_mask: torch.Tensor, length: int) -> torch.Tensor | None:
+    """[B, L] bool (True = attend) from SDPA's mask [B, 1, 1, >= L] (bool, or additive float); None when the
+    mask has a head or query dimension this path does not take."""
+    mask = attention_mask[..., :length]
+    if mask.shape[1] != 1 or mask.shape[2] != 1:
+        return None
+    mask = mask[:, 0, 0, :]
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def flex_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """As `gqa_decode_attention`, through `flex_attention` with the grouped heads (`enable_gqa`) and the mask
+    as a score modification; anything but one query token per sequence over a cache of a multiple of
+    `FLEX_BLOCK` slots goes to `gqa_decode_attention`."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, h, t, d = query.shape
+    hkv = key.shape[1]
+    keep = _keep(attention_mask, key.shape[2]) if attention_mask is not None else None
+    usable = (t == 1 and not dropout and h % hkv == 0 and key.shape[2] % FLEX_BLOCK == 0
+              and (attention_mask is None or keep is not None) and not any(kwargs.get(k) is not None for k in _UNSUPPORTED))
+    if not usable:
+        return gqa_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    is_causal=is_causal, **kwargs)
+
+    def masked(score, batch, head, q_idx, kv_idx):  # noqa: ARG001 (flex_attention's signature)
+        return torch.where(keep[batch, kv_idx], score, -float("inf"))
+
+    out = flex_attention(query, key, value, score_mod=masked if keep is not None else None, scale=scaling,
+                         enable_gqa=h != hkv)  # [B, H, 1, d]
+    return out.transpose(1, 2).contiguous(), None
+
+
 def register() -> None:
-    """Make `NAME` known to transformers (idempotent): the attention function, and SDPA's mask for it."""
+    """Make `NAME` and `FLEX_NAME` known to transformers (idempotent): the attention functions, and SDPA's mask
+    for them."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, gqa_decode_attention)
-    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(NAME, sdpa_mask)
+    for name, function in ((NAME, gqa_decode_attention), (FLEX_NAME, flex_decode_attention)):
+        AttentionInterface.register(name, function)
+        if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+            AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def _grouped(config: Any) -> bool:
@@ -68,18 +115,22 @@ def _grouped(config: Any) -> bool:
     return bool(heads and kv_heads and heads > kv_heads)
 
 
-def use_gqa_decode_attention(model: nn.Module) -> bool:
-    """Switch `model` from "sdpa" to `NAME` when it has fewer KV heads than query heads; True if it did (or
-    runs it already). Other attention implementations, and models without grouped heads, are left alone."""
+def use_gqa_decode_attention(model: nn.Module, kind: str = "sdpa") -> bool:
+    """Switch `model` from "sdpa" (or the other kind of `KINDS`) to the decode attention `kind` when it has fewer
+    KV heads than query heads; True if it did (or runs it already). Other attention implementations, and models
+    without grouped heads, are left alone."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown decode attention {kind!r}; choose one of {sorted(KINDS)}")
+    name = KINDS[kind]
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
-    if current == NAME:
+    if current == name:
         return True
-    if current != "sdpa" or not _grouped(getattr(config, "text_config", None) or config):
+    if current not in ("sdpa", *KINDS.values()) or not _grouped(getattr(config, "text_config", None) or config):
         return False
     register()
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(NAME)
+        model.set_attn_implementation(name)
     else:
-        config._attn_implementation = NAME
+        config._attn_implementation = name
     return True

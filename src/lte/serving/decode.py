@@ -101,11 +101,17 @@ class StaticDecoder:
             attention, which reads each KV head once instead of transformers' repeated copies
             (the model keeps it after the decoder; prefill is unchanged). On by default: on an H100 it cut
             the dense Llama-3-8B-shaped step by 23% at B = 8 and 52% at B = 32 (docs/benchmarks.md).
+            "flex": the same through `flex_attention` (`lte.serving.attention.FLEX_NAME`; needs `compile`,
+            which turns it into a split-KV decoding kernel).
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
                  use_graph: bool | None = None, compile: bool | str = False, ffn_dispatch: str = "auto",
-                 gqa_decode: bool = True) -> None:
+                 gqa_decode: bool | str = True) -> None:
+        if gqa_decode not in (True, False, "sdpa", "flex"):
+            raise LTEError(f"gqa_decode must be True, False, 'sdpa' or 'flex', got {gqa_decode!r}")
+        if gqa_decode == "flex" and not compile:
+            raise LTEError("gqa_decode='flex' needs compile: uncompiled, flex_attention runs a slow reference")
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise LTEError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
         if batch_size < 1 or cache_len < 2:
@@ -117,7 +123,8 @@ class StaticDecoder:
         if ffn_dispatch != "auto":
             set_ffn_path(model, ffn_dispatch)
         self.model = model.eval()
-        self.gqa_decode = use_gqa_decode_attention(model) if gqa_decode else False
+        kind = "sdpa" if gqa_decode is True else gqa_decode
+        self.gqa_decode = use_gqa_decode_attention(model, kind) if kind else False
         first = next(iter(model.parameters()))
         self.device = first.device
         self.batch_size, self.cache_len, self.temperature = batch_size, cache_len, temperature
@@ -327,7 +334,7 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
 def generate(model: nn.Module, tokenizer: Any, prompts: str | list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, cache_len: int | None = None, use_graph: bool | None = None,
              decoder: StaticDecoder | None = None, compile: bool | str = False,
-             gqa_decode: bool = True) -> str | list[str]:
+             gqa_decode: bool | str = True) -> str | list[str]:
     """Generate text for one prompt (returns str) or several (list, left padded into one batch).
 
     Greedy at temperature 0. Generation runs `max_new_tokens` steps and cuts each text at its first
@@ -415,7 +422,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def bench(model: nn.Module, batch_size: int = 1, prompt_len: int = 16, new_tokens: int = 128,
           cache_len: int = 512, runs: int = 5, use_graph: bool | None = None, seed: int = 0,
-          decoder: StaticDecoder | None = None, compile: bool | str = False, gqa_decode: bool = True) -> dict[str, Any]:
+          decoder: StaticDecoder | None = None, compile: bool | str = False, gqa_decode: bool | str = True) -> dict[str, Any]:
     """Time the decode loop on random prompts: median over `runs` runs of `new_tokens` steps each.
 
     Returns tokens_per_s (B * steps / time), ms_per_step, gb_per_s (weights read per step / time;
