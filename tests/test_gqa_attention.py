@@ -93,6 +93,8 @@ def test_flex_kind_needs_compile_and_switches_the_model():
     model = _llama(4, 2)
     with pytest.raises(lte.LTEError, match="needs compile"):
         StaticDecoder(model, 1, 16, gqa_decode="flex")
+    with pytest.raises(lte.LTEError, match="multiple of 128 slots, got cache_len 200: round it up .e.g. 256"):
+        StaticDecoder(model, 1, 200, gqa_decode="flex", compile=True)
     with pytest.raises(lte.LTEError, match="gqa_decode must be"):
         StaticDecoder(model, 1, 16, gqa_decode="fast")
     assert use_gqa_decode_attention(model, "flex") and model.config._attn_implementation == FLEX_NAME

@@ -13,8 +13,8 @@ It is registered, on first use, with transformers' `AttentionInterface` (and SDP
 `AttentionMaskInterface`) under `NAME`; `use_gqa_decode_attention(model)` switches a model that runs
 "sdpa" to it. `FLEX_NAME` (`use_gqa_decode_attention(model, "flex")`) is the same decode step through
 PyTorch's `flex_attention` over the unrepeated heads, whose split-KV decoding kernel Inductor generates
-when the decode step is compiled (uncompiled, flex_attention runs a slow reference). Dimensions: B batch, H query heads, Hkv key/value heads, G = H / Hkv, L cache length,
-d head width.
+when the decode step is compiled (uncompiled, flex_attention runs a slow reference). Dimensions: B batch,
+H query heads, Hkv key/value heads, G = H / Hkv, L cache length, d head width.
 """
 
 from __future__ import annotations

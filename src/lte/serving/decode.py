@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import LTEError
-from .attention import use_gqa_decode_attention
+from .attention import FLEX_BLOCK, use_gqa_decode_attention
 from .dispatch import choose_ffn_paths, set_ffn_path, union_fraction
 from .prepare import sparse_modules
 from .sparse_mlp import SparseMLP
@@ -102,7 +102,7 @@ class StaticDecoder:
             (the model keeps it after the decoder; prefill is unchanged). On by default: on an H100 it cut
             the dense Llama-3-8B-shaped step by 23% at B = 8 and 52% at B = 32 (docs/benchmarks.md).
             "flex": the same through `flex_attention` (`lte.serving.attention.FLEX_NAME`; needs `compile`,
-            which turns it into a split-KV decoding kernel).
+            which turns it into a split-KV decoding kernel, and a `cache_len` of a multiple of 128).
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
@@ -112,6 +112,9 @@ class StaticDecoder:
             raise LTEError(f"gqa_decode must be True, False, 'sdpa' or 'flex', got {gqa_decode!r}")
         if gqa_decode == "flex" and not compile:
             raise LTEError("gqa_decode='flex' needs compile: uncompiled, flex_attention runs a slow reference")
+        if gqa_decode == "flex" and cache_len % FLEX_BLOCK:
+            raise LTEError(f"gqa_decode='flex' takes caches of a multiple of {FLEX_BLOCK} slots, got cache_len "
+                           f"{cache_len}: round it up (e.g. {-(-cache_len // FLEX_BLOCK) * FLEX_BLOCK})")
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise LTEError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
         if batch_size < 1 or cache_len < 2:
