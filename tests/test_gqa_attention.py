@@ -70,7 +70,7 @@ def test_flex_variant_matches_repeated_heads(heads, kv_heads, mask_kind):
     """`flex_decode_attention` (flex_attention, its reference without compile here) equals repeated-heads SDPA for
     one query token, with a bool or an additive mask; a per-head mask or several query tokens go to the SDPA path."""
     g = torch.Generator().manual_seed(heads + kv_heads)
-    b, length, d = 2, 128, 8  # flex takes caches of a multiple of FLEX_BLOCK slots
+    b, length, d = 2, 128, 16  # flex takes caches of a multiple of FLEX_BLOCK slots and heads of >= 16 dims
     q = torch.randn(b, heads, 1, d, generator=g)
     k, v = (torch.randn(b, kv_heads, length, d, generator=g) for _ in range(2))
     keep = torch.rand(b, 1, 1, length + 3, generator=g) > 0.4  # a cache mask may run past the keys
@@ -89,12 +89,30 @@ def test_flex_variant_matches_repeated_heads(heads, kv_heads, mask_kind):
                                                          short)[0])
 
 
+def test_flex_variant_leaves_narrow_heads_to_sdpa(monkeypatch):
+    """Heads under FLEX_MIN_HEAD_DIM dims (flex_attention's GPU kernels refuse them) take the SDPA path; 16 do not."""
+    import torch.nn.attention.flex_attention as fa
+
+    calls = []
+    real = fa.flex_attention
+    monkeypatch.setattr(fa, "flex_attention", lambda *a, **k: calls.append(a[0].shape[-1]) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    for d in (12, 16):
+        q = torch.randn(1, 4, 1, d, generator=g)
+        k, v = (torch.randn(1, 2, 128, d, generator=g) for _ in range(2))
+        out, _ = flex_decode_attention(_Attn(2), q, k, v, None)
+        torch.testing.assert_close(out, _reference(q, k, v, None))
+    assert calls == [16]
+
+
 def test_flex_kind_needs_compile_and_switches_the_model():
     model = _llama(4, 2)
     with pytest.raises(lte.LTEError, match="needs compile"):
         StaticDecoder(model, 1, 16, gqa_decode="flex")
     with pytest.raises(lte.LTEError, match="multiple of 128 slots, got cache_len 200: round it up .e.g. 256"):
         StaticDecoder(model, 1, 200, gqa_decode="flex", compile=True)
+    with pytest.raises(lte.LTEError, match="heads of at least 16 dims .* this model's have 12: use gqa_decode=True"):
+        StaticDecoder(model, 1, 128, gqa_decode="flex", compile=True)
     with pytest.raises(lte.LTEError, match="gqa_decode must be"):
         StaticDecoder(model, 1, 16, gqa_decode="fast")
     assert use_gqa_decode_attention(model, "flex") and model.config._attn_implementation == FLEX_NAME
@@ -110,8 +128,9 @@ def test_flex_kind_decodes_the_same_tokens_compiled():
     ids = torch.randint(2, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(4)).cuda()
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    plain = StaticDecoder(_llama(4, 2).cuda(), 2, 128, gqa_decode=False).generate_ids(ids, 6, attention_mask=mask)
-    model = _llama(4, 2).cuda()
+    plain = StaticDecoder(_llama(4, 2, hidden=64).cuda(), 2, 128, gqa_decode=False).generate_ids(
+        ids, 6, attention_mask=mask)
+    model = _llama(4, 2, hidden=64).cuda()  # heads of 16 dims: the narrowest flex_attention's GPU kernels take
     dec = StaticDecoder(model, 2, 128, gqa_decode="flex", compile=True)  # a cache of FLEX_BLOCK slots
     assert dec.gqa_decode and model.config._attn_implementation == FLEX_NAME
     assert torch.equal(dec.generate_ids(ids, 6, attention_mask=mask), plain)
@@ -128,9 +147,9 @@ def test_prefill_goes_to_transformers_sdpa():
     assert torch.equal(ours, theirs)
 
 
-def _llama(heads: int, kv_heads: int, attn: str = "sdpa"):
+def _llama(heads: int, kv_heads: int, attn: str = "sdpa", hidden: int = 48):
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=tm.VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+    cfg = tf.LlamaConfig(vocab_size=tm.VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
                          attn_implementation=attn)
     return tf.LlamaForCausalLM(cfg).eval()

@@ -60,6 +60,9 @@ KINDS = {"sdpa": NAME, "flex": FLEX_NAME}
 #: cache lengths the flex path takes: multiples of flex_attention's KV block (compiled on a CPU, torch 2.13 gave
 #: wrong outputs for one query token over 24 keys and right ones over 128 or 256); other lengths take the SDPA path
 FLEX_BLOCK = 128
+#: the smallest head dimension flex_attention's GPU kernels take (Inductor raises NotImplementedError below it:
+#: the GPU test's first run, 2026-12-07, had 12); smaller heads take the SDPA path
+FLEX_MIN_HEAD_DIM = 16
 
 
 def _keep(attention_mask: torch.Tensor, length: int) -> torch.Tensor | None:
@@ -77,13 +80,14 @@ def flex_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                           is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """As `gqa_decode_attention`, through `flex_attention` with the grouped heads (`enable_gqa`) and the mask
     as a score modification; anything but one query token per sequence over a cache of a multiple of
-    `FLEX_BLOCK` slots goes to `gqa_decode_attention`."""
+    `FLEX_BLOCK` slots, with heads of at least `FLEX_MIN_HEAD_DIM`, goes to `gqa_decode_attention`."""
     from torch.nn.attention.flex_attention import flex_attention
 
     b, h, t, d = query.shape
     hkv = key.shape[1]
     keep = _keep(attention_mask, key.shape[2]) if attention_mask is not None else None
     usable = (t == 1 and not dropout and h % hkv == 0 and key.shape[2] % FLEX_BLOCK == 0
+              and min(d, value.shape[-1]) >= FLEX_MIN_HEAD_DIM
               and (attention_mask is None or keep is not None) and not any(kwargs.get(k) is not None for k in _UNSUPPORTED))
     if not usable:
         return gqa_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -107,6 +111,11 @@ def register() -> None:
         AttentionInterface.register(name, function)
         if name not in ALL_MASK_ATTENTION_FUNCTIONS:
             AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def head_dim(config: Any) -> int:
+    """d, the width of one attention head of a (text) config: its `head_dim`, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _grouped(config: Any) -> bool:

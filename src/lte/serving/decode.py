@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import LTEError
-from .attention import FLEX_BLOCK, use_gqa_decode_attention
+from .attention import FLEX_BLOCK, FLEX_MIN_HEAD_DIM, head_dim, use_gqa_decode_attention
 from .dispatch import choose_ffn_paths, set_ffn_path, union_fraction
 from .prepare import sparse_modules
 from .sparse_mlp import SparseMLP
@@ -115,6 +115,9 @@ class StaticDecoder:
         if gqa_decode == "flex" and cache_len % FLEX_BLOCK:
             raise LTEError(f"gqa_decode='flex' takes caches of a multiple of {FLEX_BLOCK} slots, got cache_len "
                            f"{cache_len}: round it up (e.g. {-(-cache_len // FLEX_BLOCK) * FLEX_BLOCK})")
+        if gqa_decode == "flex" and (d := head_dim(_text_config(model))) < FLEX_MIN_HEAD_DIM:
+            raise LTEError(f"gqa_decode='flex' needs heads of at least {FLEX_MIN_HEAD_DIM} dims (flex_attention's GPU "
+                           f"kernels), this model's have {d}: use gqa_decode=True")
         if compile is not False and compile is not True and compile not in COMPILE_MODES:
             raise LTEError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
         if batch_size < 1 or cache_len < 2:
@@ -390,13 +393,16 @@ def weight_bytes(model: nn.Module, ffn_active_fraction: float | None = None) -> 
     return {"ffn_bytes": float(ffn_bytes), "other_bytes": float(other), "read_bytes": other + frac * ffn_bytes}
 
 
+def _text_config(model: nn.Module) -> Any:
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def _kv_bytes(model: nn.Module, batch_size: int, cache_len: int) -> float:
     """Bytes of KV cache one decode step reads (attention spans the whole static cache)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model)
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     elem = next(iter(model.parameters())).element_size()
-    return 2.0 * cfg.num_hidden_layers * batch_size * heads * cache_len * head_dim * elem
+    return 2.0 * cfg.num_hidden_layers * batch_size * heads * cache_len * head_dim(cfg) * elem
 
 
 @torch.no_grad()
