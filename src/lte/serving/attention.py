@@ -60,8 +60,8 @@ KINDS = {"sdpa": NAME, "flex": FLEX_NAME}
 #: cache lengths the flex path takes: multiples of flex_attention's KV block (compiled on a CPU, torch 2.13 gave
 #: wrong outputs for one query token over 24 keys and right ones over 128 or 256); other lengths take the SDPA path
 FLEX_BLOCK = 128
-#: the smallest head dimension flex_attention's GPU kernels take (Inductor raises NotImplementedError below it:
-#: the GPU test's first run, 2026-12-07, had 12); smaller heads take the SDPA path
+#: the smallest head dimension flex_attention's GPU kernels take (Inductor's CUDA lowering raises
+#: NotImplementedError below it; the GPU test's first run, 2026-12-07, had 12 and failed); smaller heads take SDPA
 FLEX_MIN_HEAD_DIM = 16
 
 
