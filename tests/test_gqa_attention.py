@@ -121,6 +121,32 @@ def test_flex_kind_needs_compile_and_switches_the_model():
         use_gqa_decode_attention(model, "fast")
 
 
+def test_flex_kind_traces_under_compile():
+    """torch.compile's graph capture (Dynamo + AOTAutograd, the `aot_eager` backend: everything but Inductor's code)
+    takes the flex decode with a captured padding mask, and its logits equal SDPA's over six decode steps."""
+    from lte.serving.decode import make_static_cache
+
+    model = _llama(4, 2, hidden=64)
+    ids = torch.randint(2, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    pad = torch.ones(2, 128, dtype=torch.long)
+    pad[0, :2] = 0  # left padding: the score modification reads the mask
+
+    def decode(forward):
+        cache, logits = make_static_cache(model, 2, 128), []
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=pad[:, :6], past_key_values=cache, cache_position=torch.arange(6))
+            for step in range(6, 12):
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = forward(input_ids=nxt, attention_mask=pad, past_key_values=cache,
+                              cache_position=torch.tensor([step]))
+                logits.append(out.logits[:, -1])
+        return torch.stack(logits)
+
+    expected = decode(model.forward)
+    assert use_gqa_decode_attention(model, "flex")
+    torch.testing.assert_close(decode(torch.compile(model.forward, backend="aot_eager", dynamic=False)), expected)
+
+
 @pytest.mark.gpu  # Inductor's CPU flex template cannot take the mask the score modification reads (torch 2.13)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flex_kind_decodes_the_same_tokens_compiled():
