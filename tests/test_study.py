@@ -220,6 +220,31 @@ def test_scoreboard_shows_the_dense_ft_reference_beside_dense():
     assert "| win | 0.0" in scoreboard_markdown([row])
 
 
+def test_scoreboard_counts_a_task_once_at_its_largest_budget():
+    """Two studies of the same model and data (1x and 4x the steps) each score a point at 0.5; the once-per-task
+    count keeps the 4x one (a loss at 1x, a win at 4x), another task's point and a point without a config stay."""
+    from lte.study.scoreboard import once_per_task, scoreboard_markdown, scoreboard_rows
+
+    def study(name, lte_q, steps, data="glue"):
+        points = [dict(_pt("dense", 0.0, 0.88), gflops_per_token=1.0), dict(_pt("lte", 0.5, lte_q), gflops_per_token=0.5),
+                  dict(_pt("teal", 0.5, 0.85), gflops_per_token=0.5)]
+        config = {"model": "m", "task": "classification", "glue_task": "sst2", "data": data, "train": {"max_steps": steps}}
+        return dict(report.summarise(points, "accuracy", True), name=name, config=config)
+
+    rows = [row for s in (study("x1", 0.84, 300), study("x4", 0.87, 1200), study("other", 0.80, 300, data="elsewhere"))
+            for row in scoreboard_rows(s)]
+    bare = scoreboard_rows(dict(report.summarise([dict(_pt("dense", 0.0, 0.9), gflops_per_token=1.0),
+                                                 dict(_pt("lte", 0.5, 0.9), gflops_per_token=0.5),
+                                                 dict(_pt("teal", 0.5, 0.8), gflops_per_token=0.5)], "accuracy", True),
+                                 name="bare"))
+    assert [r["target"] for r in rows] == [0.5, 0.5, 0.5]
+    assert [r["study"] for r in once_per_task(rows + bare)] == ["x4", "other", "bare"]
+    board = scoreboard_markdown(rows)
+    assert "1 wins, 2 losses, 0 ties over 3 LTE points" in board
+    assert "the one with the most training steps): 1 wins, 1 losses over 2 points." in board
+    assert "Once per task" not in scoreboard_markdown(rows[1:])  # nothing counted twice: no such line
+
+
 def test_dense_carried_without_weights_gets_one_dense_unit_before_the_methods(tiny_task, tmp_path):
     """Results copied without weights (RESUME_FROM on the GPU machine): one dense unit fine-tunes the
     dense model again before the method units, instead of every method worker doing it at once."""

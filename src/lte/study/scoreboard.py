@@ -4,22 +4,30 @@ Each study's summary compares its declared LTE method (`lte_method`, see `lte.st
 every baseline at each LTE point of >= 50% sparsity (`report.compare_to_baselines`: a baseline's
 quality is interpolated at LTE's measured sparsity). The scoreboard keeps, per point, the best
 baseline there, the margin (positive: LTE better, in the metric's own units) and whether the margin
-is inside one standard deviation over seeds of either side.
+is inside one standard deviation over seeds of either side. Where several studies ran the same model,
+data and target (a study again at four times the budget), `once_per_task` keeps the one with the
+largest training budget, so that the count can be read once per task too.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .config import declared_points
 from .report import fmt_margin, fmt_pm
 
-__all__ = ["pending_points", "scoreboard_markdown", "scoreboard_rows", "target_error_line", "welch_p"]
+__all__ = ["once_per_task", "pending_points", "scoreboard_markdown", "scoreboard_rows", "target_error_line", "welch_p"]
+
+_TASK_FIELDS = ("model", "task", "glue_task", "data", "eval_data")  # a study's task: same model, data and evaluation
 
 
 def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per LTE point of a study summary that some baseline reaches."""
     better = 1.0 if summary["higher_is_better"] else -1.0
+    config = summary.get("config") or {}
+    task_key = json.dumps([config.get(k) for k in _TASK_FIELDS]) if config else None
+    budget = (config.get("train") or {}).get("max_steps") or 0
     rows = []
     for point in summary.get("lte_vs_others") or []:
         reached = {name: q for name, q in point["others"].items() if q is not None}
@@ -40,8 +48,23 @@ def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                                (point.get("others_std") or {}).get(best), (point.get("others_seeds") or {}).get(best)),
             "references": {name: (ref["quality"], ref.get("quality_std"))
                            for name, ref in (summary.get("references") or {}).items()},
+            "task_key": task_key, "budget_steps": budget,
         })
     return rows
+
+
+def once_per_task(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with one per task and target: where studies of the same model, data and evaluation both have a
+    point at a target, the one of the study with the most training steps (`train.max_steps`) stays. Rows
+    without a task (summaries without their config) or a target all stay."""
+    chosen: dict[tuple[str, float], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("task_key") is not None and r.get("target") is not None:
+            key = (r["task_key"], round(r["target"], 6))
+            if key not in chosen or r["budget_steps"] > chosen[key]["budget_steps"]:
+                chosen[key] = r
+    kept = {id(r) for r in chosen.values()}
+    return [r for r in rows if r.get("task_key") is None or r.get("target") is None or id(r) in kept]
 
 
 def welch_p(mean_a: float, std_a: float | None, n_a: int | None, mean_b: float, std_b: float | None,
@@ -120,6 +143,12 @@ def scoreboard_markdown(rows: list[dict[str, Any]], pending: list[str] | None = 
               f"(>= 50% sparsity); {close} of them within one std over seeds. Margin: positive when LTE is "
               "better (the metric's units; perplexity: lower is better). Baselines are interpolated at LTE's "
               "measured sparsity; a baseline whose points do not reach it is not compared."]
+    once = once_per_task(rows)
+    if len(once) < len(rows):
+        lines += ["", f"Once per task and target (where several studies ran the same model, data and target, as "
+                  f"at 1x and 4x the budget, the one with the most training steps): "
+                  f"{sum(r['verdict'] == 'win' for r in once)} wins, {sum(r['verdict'] == 'loss' for r in once)} "
+                  f"losses over {len(once)} points."]
     if tested:
         lines += ["", f"p: two-sided Welch's t-test of LTE's mean against the best baseline's over the seeds (the "
                   f"baseline interpolated at LTE's sparsity, so approximate; '-' where a side has under two seeds "
