@@ -94,7 +94,9 @@ def add_study_commands(sub) -> None:
     p = sub.add_parser("scoreboard", help="LTE against the best baseline over finished studies (wins and losses)",
                        description="Read the summary.json of finished studies (`lte study`, `--collect`) and list, "
                                    "at each point of each study's declared LTE method (`lte_method`) of >= 50% "
-                                   "sparsity, the best baseline there, the margin and whether it is within one std.")
+                                   "sparsity, the best baseline there, the margin and whether it is within one std; "
+                                   "then the wins and losses, and once per task and target where two studies ran "
+                                   "the same task (the one with the most training steps).")
     p.add_argument("summaries", nargs="+", help="summary.json files or study folders, e.g. runs/study/*/")
     p.add_argument("--out", help="also write OUT.md and OUT.json")
     p.set_defaults(func=run_scoreboard_command)
