@@ -65,6 +65,21 @@ FLEX_BLOCK = 128
 FLEX_MIN_HEAD_DIM = 16
 
 
+@torch.library.custom_op("lte::stored_mask", mutates_args=())
+def stored_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A copy of `mask` that Inductor cannot fold into the kernel reading it. flex_attention's generated kernels
+    take the tensors a score modification reads only as stored buffers: a mask still being computed inside the
+    compiled graph (transformers builds it from the 2-D padding mask and the cache position) fails to compile,
+    `XBLOCK is not defined` in Triton on CUDA (torch 2.11, 2026-12-07) and an assertion on the CPU (torch 2.13).
+    As an opaque op it is computed into memory first, once per step: the layers share it."""
+    return mask.clone()
+
+
+@stored_mask.register_fake
+def _(mask: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(mask)
+
+
 def _keep(attention_mask: torch.Tensor, length: int) -> torch.Tensor | None:
     """[B, L] bool (True = attend) from SDPA's mask [B, 1, 1, >= L] (bool, or additive float); None when the
     mask has a head or query dimension this path does not take."""
@@ -92,6 +107,9 @@ def flex_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if not usable:
         return gqa_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                     is_causal=is_causal, **kwargs)
+
+    if keep is not None:
+        keep = stored_mask(keep)
 
     def masked(score, batch, head, q_idx, kv_idx):  # noqa: ARG001 (flex_attention's signature)
         return torch.where(keep[batch, kv_idx], score, -float("inf"))
