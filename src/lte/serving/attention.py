@@ -71,7 +71,8 @@ def stored_mask(mask: torch.Tensor) -> torch.Tensor:
     take the tensors a score modification reads only as stored buffers: a mask still being computed inside the
     compiled graph (transformers builds it from the 2-D padding mask and the cache position) fails to compile,
     `XBLOCK is not defined` in Triton on CUDA (torch 2.11, 2026-12-07) and an assertion on the CPU (torch 2.13).
-    As an opaque op it is computed into memory first, once per step: the layers share it."""
+    As an opaque op it is computed into memory first: one [B, L] bool copy per layer and step (Inductor does not
+    merge the layers' copies)."""
     return mask.clone()
 
 
