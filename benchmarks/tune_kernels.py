@@ -6,8 +6,9 @@ For each shape (D, F) and token count B (in priority order, until the budget run
 launch is timed alone over a small list of candidate tiles (gate/up and down kernels at 0%, 50%
 and 90% of experts off, the router once), CUDA graphs over several weight copies (far more bytes
 than the L2). The best tiles of each launch are combined, then the whole routed op (router + FFN)
-is timed with and without programmatic dependent launch and with the router launched behind the
-previous kernel; the combination is kept only when it beats the untuned defaults. Score of a
+is timed as it is, with the router launched behind the previous kernel, with the down kernel reading its
+first expert's rows before it waits for the gate/up kernel (`out_prefetch`), and with both; the best is kept
+only when it beats the untuned defaults. Score of a
 setting: the geometric mean of its times over the sparsities (each sparsity counts the same).
 
 Writes ``{"env", "table": {gpu: {"DxF": {"B": settings}}}, "rows", "errors"}`` after every point;
@@ -212,7 +213,8 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
     if best_router is not None:
         cfg = with_router(cfg, best_router)
     best, best_score = None, geo(default_times)
-    for variant in (cfg, replace(cfg, router_pdl=True)):
+    for variant in (cfg, replace(cfg, router_pdl=True), replace(cfg, out_prefetch=True),
+                    replace(cfg, router_pdl=True, out_prefetch=True)):
         if deadline.over(2):
             break
         times = [guarded(errors, f"routed {point} off={off}", bench.time_routed, off, variant) for off in SPARSITIES]

@@ -17,11 +17,13 @@
 #      (benchmarks/decode_profile.py --compile; PROFILE_MODES picks the Inductor modes, e.g.
 #      PROFILE_MODES="default max-autotune-no-cudagraphs"; PROFILE_SDPA="auto efficient math flex" compares attention
 #      backends, flex being lte.serving.attention's flex_attention path)
+#   prefetch (not in the default list): the same B = 1 profile with the down kernel reading its share's first expert
+#      before it waits for the gate/up kernel (KernelConfig.out_prefetch on, the tiles otherwise this GPU's own)
 #   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
 #      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
 #      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
 #
-# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn profile train;
+# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn profile prefetch train;
 #         default tests masks decode train, attn and tune when named; about 8 minutes on an H100 with every GPU test, plus the tuning). Run from the project
 #         root; set LTE_COMMIT first on the GPU machine (scripts/gpu/README.md).
 set -uo pipefail
@@ -80,6 +82,25 @@ if want profile; then  # where a B = 1 step's time goes: dense, LTE at 50%, no F
       summary+=("decode step profile, B=1, compile $mode, sdpa $sdpa: $OUT/decode_profile_b1_${mode}_${sdpa}.json")
     done
   done
+fi
+if want prefetch; then  # the down kernel reading its first expert's rows before it waits (out_prefetch), B = 1
+  python - "$OUT/kernel_configs_prefetch.json" <<'PY'
+import dataclasses, json, sys
+
+import torch
+
+from lte.kernels.tuning import KernelConfig, gpu_key, heuristic_config, lookup, shape_key
+
+gpu = gpu_key(torch.cuda.get_device_name())
+props = torch.cuda.get_device_properties(0)
+cfg = lookup(gpu, 4096, 14336, 1) or heuristic_config(1, 4096, 14336, props.multi_processor_count)
+row = dataclasses.replace(cfg, out_prefetch=True).to_dict()
+json.dump({"table": {gpu: {shape_key(4096, 14336): {"1": row}}}}, open(sys.argv[1], "w"), indent=1)
+print("prefetch row:", row)
+PY
+  LTE_KERNEL_CONFIGS="$OUT/kernel_configs_prefetch.json" python benchmarks/decode_profile.py --shape llama3-8b \
+    --batch 1 --sparsity 0.5 --compile default --out "$OUT/decode_profile_b1_default_prefetch.json" 2>&1 | tail -8
+  summary+=("decode step profile, B=1, out_prefetch on (compare with the profile part's): $OUT/decode_profile_b1_default_prefetch.json")
 fi
 if want train; then
   for mode in ${TRAIN_MODES:-default reduce-overhead}; do

@@ -308,6 +308,7 @@ def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
         B_PAD=p.b_pad, S_PAD=p.out_rows, E_PAD=p.e_pad, CHUNK=p.out_chunk,
         BLOCK_D=cfg.out_block_d, TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x),
         PDL=p.pdl, SCALED=p.s_down is not None, DOT_DTYPE=_DOT_DTYPE[p.x.dtype], G=p.out_group,
+        PREFETCH=int(cfg.out_prefetch and p.out_group == 1),
         num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),
     )
 

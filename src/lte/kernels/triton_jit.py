@@ -270,9 +270,21 @@ def _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_mask, toks, cols, col_
                    SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The down projection's operands for one step: h [B_PAD, rows] (masked by h_mask) and
     W_down^T[rows] [rows, BLOCK_D]; fp8 rows are scaled into h and widened for ``tl.dot``."""
-    w = tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [rows, BLOCK_D]
+    w = _ffn_out_w(wd_ptr, rows, row_ok, cols, col_ok, D)
     h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :], mask=h_mask, other=0.0)  # [B_PAD, rows]
+    return _ffn_out_scaled(h, w, sd_ptr, rows, row_ok, SCALED, DOT_DTYPE)
+
+
+@triton.jit
+def _ffn_out_w(wd_ptr, rows, row_ok, cols, col_ok, D):
+    """W_down^T[rows] [rows, BLOCK_D], as stored."""
+    return tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _ffn_out_scaled(h, w, sd_ptr, rows, row_ok, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """fp8 rows: their scales into h, and w widened for ``tl.dot``; otherwise h and w as they are."""
     if SCALED:
         h = h.to(tl.float32) * tl.load(sd_ptr + rows, mask=row_ok, other=0.0)[None, :]
         if DOT_DTYPE == 0:
@@ -291,7 +303,7 @@ def _ffn_out_kernel(
     stride_hb, stride_mb,
     B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, G: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, G: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
 
@@ -307,7 +319,10 @@ def _ffn_out_kernel(
     [CHUNK, E_PAD] comparison).
     TOKEN_MASK applies each token's mask to h (when h comes from elsewhere than the gate/up
     kernel, which zeroes it). SCALED: fp8 rows with one fp32 scale each, applied to h (the down
-    projection's rows are neurons); ``tl.dot`` then runs in DOT_DTYPE (0 bf16, 1 fp16, 2 fp32: x's)."""
+    projection's rows are neurons); ``tl.dot`` then runs in DOT_DTYPE (0 bf16, 1 fp16, 2 fp32: x's).
+    PREFETCH (G = 1 only): the share's first expert's rows of W_down^T are read before the wait (they do
+    not depend on h), so a program started early by PDL spends the gate/up kernel's tail loading weights;
+    that expert is then taken out of the loop."""
     if PDL:
         gdc_launch_dependents()
     pid_d = tl.program_id(0)
@@ -324,11 +339,29 @@ def _ffn_out_kernel(
         acc = tl.zeros([B_PAD, BLOCK_D], dtype=tl.float32)
     else:
         acc3 = tl.zeros([B_PAD, S_PAD, BLOCK_D], dtype=tl.float32)
+    offs_s = tl.arange(0, S_PAD)
+    if PREFETCH:
+        tl.static_assert(G == 1, "PREFETCH takes one expert a step")
+        expert0 = _pick(_nth_active(csum, j0, CHUNK), 0, CHUNK)  # the share's first expert
+        rows0 = expert0 * S + offs_s
+        row_ok0 = (offs_s < S) & (rows0 < F) & (offs_s + j0 < j1 + offs_s)  # an empty share reads nothing
+        w0 = _ffn_out_w(wd_ptr, rows0, row_ok0, cols, col_ok, D)
     if PDL:
         gdc_wait()  # h comes from the gate/up kernel; also: never complete before it
     if G == 1:
-        offs_s = tl.arange(0, S_PAD)
-        for c0 in range(j0, j1, CHUNK):
+        if PREFETCH:
+            h_ok0 = tok_ok
+            if TOKEN_MASK:
+                h_ok0 = h_ok0 & (tl.load(mask_ptr + toks * stride_mb + expert0, mask=tok_ok & (toks + j0 < j1 + toks),
+                                         other=0) != 0)
+            h0 = tl.load(h_ptr + toks[:, None] * stride_hb + rows0[None, :],
+                         mask=h_ok0[:, None] & row_ok0[None, :], other=0.0)
+            h0, w0 = _ffn_out_scaled(h0, w0, sd_ptr, rows0, row_ok0, SCALED, DOT_DTYPE)
+            if USE_DOT:
+                acc = tl.dot(h0.to(w0.dtype), w0, acc, input_precision=DOT_PREC)
+            else:
+                acc3 += h0.to(tl.float32)[:, :, None] * w0.to(tl.float32)[None, :, :]
+        for c0 in range(j0 + PREFETCH, j1, CHUNK):
             ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts
             for j in range(c0, tl.minimum(c0 + CHUNK, j1)):
                 expert = _pick(ids, j - c0, CHUNK)
