@@ -17,8 +17,9 @@
 #      (benchmarks/decode_profile.py --compile; PROFILE_MODES picks the Inductor modes, e.g.
 #      PROFILE_MODES="default max-autotune-no-cudagraphs"; PROFILE_SDPA="auto efficient math flex" compares attention
 #      backends, flex being lte.serving.attention's flex_attention path)
-#   prefetch (not in the default list): the same B = 1 profile with the down kernel reading its share's first expert
-#      before it waits for the gate/up kernel (KernelConfig.out_prefetch on, the tiles otherwise this GPU's own)
+#   prefetch (not in the default list): the same B = 1 profile with one setting changed from this GPU's own tiles:
+#      PREFETCH_VARIANTS="prefetch nopdl" (default prefetch): KernelConfig.out_prefetch on (the down kernel reads its
+#      share's first expert before it waits for the gate/up kernel); PDL off (each kernel's profiled time its own)
 #   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
 #      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
 #      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
@@ -83,24 +84,29 @@ if want profile; then  # where a B = 1 step's time goes: dense, LTE at 50%, no F
     done
   done
 fi
-if want prefetch; then  # the down kernel reading its first expert's rows before it waits (out_prefetch), B = 1
-  python - "$OUT/kernel_configs_prefetch.json" <<'PY'
+if want prefetch; then  # B = 1 profile with one setting changed from this GPU's own tiles (PREFETCH_VARIANTS picks):
+  # prefetch: the down kernel reads its first expert's rows before it waits (out_prefetch); nopdl: no programmatic
+  # dependent launch, so each kernel's profiled time is its own (with PDL a kernel's time includes its waiting)
+  for variant in ${PREFETCH_VARIANTS:-prefetch}; do
+    python - "$OUT/kernel_configs_${variant}.json" "$variant" <<'PY'
 import dataclasses, json, sys
 
 import torch
 
-from lte.kernels.tuning import KernelConfig, gpu_key, heuristic_config, lookup, shape_key
+from lte.kernels.tuning import gpu_key, heuristic_config, lookup, shape_key
 
 gpu = gpu_key(torch.cuda.get_device_name())
 props = torch.cuda.get_device_properties(0)
 cfg = lookup(gpu, 4096, 14336, 1) or heuristic_config(1, 4096, 14336, props.multi_processor_count)
-row = dataclasses.replace(cfg, out_prefetch=True).to_dict()
+change = {"prefetch": {"out_prefetch": True}, "nopdl": {"pdl": False, "router_pdl": False}}[sys.argv[2]]
+row = dataclasses.replace(cfg, **change).to_dict()
 json.dump({"table": {gpu: {shape_key(4096, 14336): {"1": row}}}}, open(sys.argv[1], "w"), indent=1)
-print("prefetch row:", row)
+print(sys.argv[2], "row:", row)
 PY
-  LTE_KERNEL_CONFIGS="$OUT/kernel_configs_prefetch.json" python benchmarks/decode_profile.py --shape llama3-8b \
-    --batch 1 --sparsity 0.5 --compile default --out "$OUT/decode_profile_b1_default_prefetch.json" 2>&1 | tail -8
-  summary+=("decode step profile, B=1, out_prefetch on (compare with the profile part's): $OUT/decode_profile_b1_default_prefetch.json")
+    LTE_KERNEL_CONFIGS="$OUT/kernel_configs_${variant}.json" python benchmarks/decode_profile.py --shape llama3-8b \
+      --batch 1 --sparsity 0.5 --compile default --out "$OUT/decode_profile_b1_default_${variant}.json" 2>&1 | tail -8
+    summary+=("decode step profile, B=1, $variant (compare with the profile part's): $OUT/decode_profile_b1_default_${variant}.json")
+  done
 fi
 if want train; then
   for mode in ${TRAIN_MODES:-default reduce-overhead}; do
