@@ -14,6 +14,8 @@ random weights) and each token count B, in one process and the same CUDA-graph l
   threshold inside the masked activation launch, and with separate sigmoid / compare launches);
 - ``lte_dense_path``: at each B, that masked dense path with every expert on: what the decoder's
   dispatch (``lte.serving.dispatch``) runs when the batch's union is (nearly) full;
+  ``lte_dense_stacked``: the same with the gate, up and router rows as one matrix (one cuBLAS product for
+  the three, ``stacked_masked_dense_ffn``), what a gated ``SparseMLP`` runs there since 2026-12-07;
 - with ``--fp8``: ``lte_fp8``, the same fixed masks with the FFN matrices in fp8 (e4m3, one fp32
   scale per row; ``lte.kernels.quantize_rows_fp8``), against the same bf16 dense cuBLAS FFN; and
   ``lte_fp8_wide``, the same with tiles twice as wide along D (the bf16-tuned tiles' bytes per load).
@@ -52,7 +54,7 @@ from bench_util import (
     write_json,
 )
 
-from lte.kernels import masked_dense_ffn, quantize_rows_fp8, routed_masked_dense_ffn
+from lte.kernels import masked_dense_ffn, quantize_rows_fp8, routed_masked_dense_ffn, stacked_masked_dense_ffn
 from lte.kernels.triton_ffn import default_config, routed_sparse_ffn_triton, sparse_ffn_triton
 
 DTYPE = torch.bfloat16
@@ -131,6 +133,18 @@ class ShapeBench:
             x, m, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, self.S, "silu")
             for x, m, layer in zip(xs, masks, self.layers)])
 
+    def stacked_dense(self, num_tokens: int) -> float:
+        """The decode dense path of a `SparseMLP` whose gate, up and router rows are one matrix (every expert on):
+        `stacked_masked_dense_ffn`, one cuBLAS product for all three, the masked activation, the down product."""
+        xs = self.xs(num_tokens)
+        if not hasattr(self, "_stacked"):  # [2F + E, D] per weight copy, routers with logits far above 0
+            self._stacked = [torch.cat([layer["w_gate"], layer["w_up"], torch.zeros(self.E, self.D, device=DEVICE,
+                                                                                    dtype=DTYPE)])
+                             for layer in self.layers]
+        return time_graph([lambda x=x, w_in=w_in, layer=layer: stacked_masked_dense_ffn(
+            x, w_in, layer["w_down_t"], tau=1e-9, expert_size=self.S)
+            for x, w_in, layer in zip(xs, self._stacked, self.layers)], replays=3)
+
     def prefill_lte(self, num_tokens: int, off: float, separate_router: bool = False) -> float:
         """The masked dense path SparseMLP takes above 64 tokens on CUDA, as `SparseMLP.forward` runs it:
         `routed_masked_dense_ffn` (router GEMM, projections, one launch that thresholds the logits and
@@ -208,6 +222,8 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
         if not deadline.over(3):  # what the decoder's dispatch runs at a full union (lte.serving.dispatch)
             us = guarded(errors, f"dense path {name} B={num_tokens}", bench.prefill_lte, num_tokens, 0.0)
             add(num_tokens, "lte_dense_path", "fixed", 0.0, us, dense_us, 1.0)
+            us = guarded(errors, f"stacked dense path {name} B={num_tokens}", bench.stacked_dense, num_tokens)
+            add(num_tokens, "lte_dense_stacked", "fixed", 0.0, us, dense_us, 1.0)
         if num_tokens == 1 and not deadline.over(3):
             us = guarded(errors, f"kernel only {name}", bench.kernel_only, bench.masks("fixed", 1, 0.5))
             add(1, "kernel_only", "fixed", 0.5, us, dense_us, 0.5, router=False)

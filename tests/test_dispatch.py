@@ -68,12 +68,18 @@ def test_thresholds_and_union_fraction_by_hand():
 def test_sparse_mlp_dense_path_equals_sparse_path_and_refuses_a_budget():
     model = _prepared()
     mlp = sparse_modules(model)[0]
+    assert mlp.w_in is not None  # the dense path's one product over the gate, up and router rows
     x = torch.randn(4, 1, tm.D)
     with torch.no_grad():
         sparse = mlp(x)
         mlp.ffn_path = "dense"
         dense = mlp(x)
+        mlp.record_mask = True  # the router kernel + masked_dense_ffn path, which returns the mask it used
+        recorded = mlp(x)
     torch.testing.assert_close(dense, sparse, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(recorded, sparse, atol=1e-5, rtol=1e-4)
+    assert mlp.last_mask.shape == (4, 1, mlp.num_experts)
+    mlp.record_mask = False
     with pytest.raises(lte.LTEError, match="budget"):
         mlp.budget = 2
     mlp.ffn_path = "sparse"

@@ -33,6 +33,7 @@ from lte.kernels import (
     router_topk_mask,
     sparse_ffn,
     sparse_ffn_out,
+    stacked_masked_dense_ffn,
     tuning,
 )
 from lte.kernels.ops import reference_forced
@@ -358,6 +359,42 @@ def test_routed_masked_dense_ffn_is_masked_dense_of_the_router_mask(gated, with_
     torch.library.opcheck(torch.ops.lte.masked_activation_logits.default,
                           (None if not gated else torch.randn(4, 80), torch.randn(4, 80), torch.randn(4, 3), 0.4, 32,
                            activation))
+
+
+def test_stacked_masked_dense_ffn_by_hand():
+    """Gate, up and router rows in one matrix: x = [1, 2], one-neuron experts, ReLU. gate = [1, 2], up = [-1, 2],
+    router logits [1, -1] (tau 0.5: expert 0 on, expert 1 off), h = [relu(1) * -1, 0], y = -1 * [1, 1]; with
+    both experts on the second neuron adds relu(2) * 2 * [5, 5]. (Gate and up read the other way round would
+    give relu(-1) * 1 = 0 for the first neuron.)"""
+    w_in = torch.tensor([[1.0, 0.0], [0.0, 1.0],  # W_gate
+                         [-1.0, 0.0], [2.0, 0.0],  # W_up
+                         [1.0, 0.0], [-1.0, 0.0]])  # W_router
+    w_down_t = torch.tensor([[1.0, 1.0], [5.0, 5.0]])
+    x = torch.tensor([[1.0, 2.0]])
+    y = stacked_masked_dense_ffn(x, w_in, w_down_t, tau=0.5, expert_size=1, activation="relu")
+    assert torch.equal(y, torch.tensor([[-1.0, -1.0]]))
+    y_bias = stacked_masked_dense_ffn(x[0], w_in, w_down_t, tau=0.5, b_down=torch.tensor([0.5, -1.0]),
+                                      expert_size=1, activation="relu")
+    assert torch.equal(y_bias, torch.tensor([-0.5, -2.0]))  # a single token [D] keeps its shape
+    w_in[5] = 1.0  # expert 1's router row: logit 1, on
+    assert torch.equal(stacked_masked_dense_ffn(x, w_in, w_down_t, expert_size=1, activation="relu"),
+                       torch.tensor([[19.0, 19.0]]))
+
+
+def test_stacked_masked_dense_ffn_equals_the_separate_matrices_and_checks_its_rows():
+    gen = torch.Generator().manual_seed(17)
+    w = make_ffn(24, 80, True, False, torch.float32, "cpu", gen)
+    w_router = torch.randn(3, 24, generator=gen)
+    x = torch.randn(2, 5, 24, generator=gen)
+    w_in = torch.cat([w["w_gate"], w["w_up"], w_router])  # [2F + E, D] = [163, 24]
+    y = stacked_masked_dense_ffn(x, w_in, w["w_down_t"], tau=0.4, b_down=w["b_down"], activation="gelu_tanh")
+    want = routed_masked_dense_ffn(x, w_router, w["w_up"], w["w_down_t"], tau=0.4, w_gate=w["w_gate"],
+                                   b_down=w["b_down"], activation="gelu_tanh")
+    torch.testing.assert_close(y, want)
+    with pytest.raises(ValueError, match=r"w_in must hold the gate, up and router rows: \[2F \+ E, D\] = \[163"):
+        stacked_masked_dense_ffn(x, w_in[:-1], w["w_down_t"])
+    with pytest.raises(ValueError, match="tau"):
+        stacked_masked_dense_ffn(x, w_in, w["w_down_t"], tau=1.5)
 
 
 def test_quantize_rows_fp8_by_hand():
@@ -746,6 +783,22 @@ def test_routed_masked_dense_on_gpu_matches_reference(num_tokens):
     x = torch.randn(num_tokens, 256, device="cuda", dtype=torch.bfloat16)
     y = routed_masked_dense_ffn(x, w_router, w["w_up"], w["w_down_t"], w_gate=w["w_gate"], tau=0.5)
     mask = F_.linear(x, w_router).float() > 0.0  # tau 0.5: logit threshold 0
+    assert 0 < mask.float().mean() < 1
+    ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
+    assert _rel_err(y, ref) < 1.5e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 65])
+def test_stacked_masked_dense_on_gpu_matches_reference(num_tokens):
+    """Gate, up and router rows in one product on the GPU (the masked activation kernel reading column slices of
+    it and the logits in place) against the fp32 reference with the mask of the same bf16 logits."""
+    w, w_router = _gpu_layer()
+    x = torch.randn(num_tokens, 256, device="cuda", dtype=torch.bfloat16)
+    w_in = torch.cat([w["w_gate"], w["w_up"], w_router])
+    y = stacked_masked_dense_ffn(x, w_in, w["w_down_t"], tau=0.5)
+    mask = F_.linear(x, w_in)[:, 2 * w["w_up"].shape[0]:].float() > 0.0  # tau 0.5: logit threshold 0
     assert 0 < mask.float().mean() < 1
     ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
     assert _rel_err(y, ref) < 1.5e-2

@@ -100,6 +100,32 @@ def test_sparse_mlp_decode_and_prefill_paths_agree():
     torch.testing.assert_close(fast, dense, atol=1e-5, rtol=1e-4)
 
 
+def test_sparse_mlp_stacks_gate_up_and_router_rows():
+    """A gated FFN without an up bias keeps W_gate, W_up and W_router as rows of one parameter `w_in`: the views
+    the kernels read share its storage and are contiguous, a change to the router's rows is a change to `w_in`,
+    and the views follow a dtype change; a plain FFN (GPT-2) and fp8 weights keep three matrices. The LTEModel's
+    own FFN parameters are emptied, so the copies are not held twice."""
+    lmodel = _lte("llama")
+    mlp = sparse_modules(prepare_for_inference(lmodel))[0]
+    spent = lmodel.lte_layers()[0]  # its parameters are emptied: the served FFN holds its own copies
+    assert spent.router.weight.numel() == 0 and all(p.numel() == 0 for p in spent.container.parameters())
+    f, e = mlp.ffn_width, mlp.num_experts
+    assert mlp.w_in.shape == (2 * f + e, tm.D) and "w_in" in dict(mlp.named_parameters())
+    assert not {"_w_gate", "_w_up", "_w_router"} & set(dict(mlp.named_parameters()))
+    starts = [mlp.w_in[i].data_ptr() for i in (0, f, 2 * f)]
+    assert [w.data_ptr() for w in (mlp.w_gate, mlp.w_up, mlp.w_router)] == starts
+    assert all(w.is_contiguous() for w in (mlp.w_gate, mlp.w_up, mlp.w_router))
+    with torch.no_grad():
+        mlp.w_router.zero_()
+    assert not mlp.w_in[2 * f:].any() and mlp.w_in[:2 * f].any()
+    mlp.to(torch.float64)
+    assert mlp.w_gate.dtype == mlp.w_router.dtype == torch.float64 and mlp.w_up.data_ptr() == mlp.w_in[f].data_ptr()
+    plain = sparse_modules(prepare_for_inference(_lte("gpt2")))[0]
+    assert plain.w_in is None and plain.w_gate is None and plain.w_up.shape == (plain.ffn_width, tm.D)
+    fp8 = sparse_modules(prepare_for_inference(_lte("llama"), weights="fp8"))[0]
+    assert fp8.w_in is None and fp8.w_gate.dtype == torch.float8_e4m3fn
+
+
 def test_budget_caps_the_decode_union_and_leaves_prefill_alone():
     lmodel = _lte("llama", router_scale=1.0)
     model = prepare_for_inference(lmodel, budget=1)

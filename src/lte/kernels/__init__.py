@@ -67,6 +67,7 @@ __all__ = [
     "router_topk_mask_reference",
     "sparse_ffn",
     "sparse_ffn_out",
+    "stacked_masked_dense_ffn",
     "sparse_ffn_reference",
     "topk_keep",
 ]
@@ -238,6 +239,39 @@ def routed_masked_dense_ffn(
     logits = F_.linear(x.reshape(-1, x.shape[-1]), w_router)  # [T, E]
     return _dense_projections(x, w_up, w_down_t, w_gate, b_up, b_down, lambda gate, up: (
         torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)))
+
+
+def stacked_masked_dense_ffn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    tau: float = 0.5,
+    b_down: torch.Tensor | None = None,
+    expert_size: int = 32,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """``routed_masked_dense_ffn`` of a gated FFN whose gate, up and router rows are one matrix
+    ``w_in = cat([W_gate, W_up, W_router])`` [2F + E, D] (F from ``w_down_t`` [F, D], E = ceil(F / S)):
+    gate, up and the router logits come from one cuBLAS product, then the same masked activation launch
+    and down projection. The function is ``routed_masked_dense_ffn``'s (logits in x's dtype). Returns
+    y ``[..., D]``."""
+    if w_in.dim() != 2 or w_down_t.dim() != 2:
+        raise ValueError(f"w_in and w_down_t must be 2-D, got {list(w_in.shape)} and {list(w_down_t.shape)}")
+    ffn_width = w_down_t.shape[0]
+    if not isinstance(expert_size, int) or expert_size < 1:
+        raise ValueError(f"expert_size must be a positive int, got {expert_size!r}")
+    num_exp = num_experts(ffn_width, expert_size)
+    if w_in.shape[0] != 2 * ffn_width + num_exp:
+        raise ValueError(f"w_in must hold the gate, up and router rows: [2F + E, D] = [{2 * ffn_width + num_exp}, D] "
+                         f"for F = {ffn_width}, S = {expert_size}, got {list(w_in.shape)}")
+    w_gate, w_up, w_router = w_in.split([ffn_width, ffn_width, num_exp])  # row slices: [F, D], [F, D], [E, D]
+    _validate_routed(x, w_router, tau, 0, w_up, w_down_t, w_gate, None, b_down, expert_size, activation)
+    z = F_.linear(x.reshape(-1, x.shape[-1]), w_in)  # [T, 2F + E]
+    gate, up, logits = z.split([ffn_width, ffn_width, num_exp], dim=-1)
+    h = torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)  # [T, F]
+    y = torch.mm(h, w_down_t) if b_down is None else torch.addmm(b_down, h, w_down_t)  # [T, D]
+    return y.reshape(x.shape)
 
 
 def _validate_routed(x, w_router, tau, budget, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,

@@ -466,14 +466,15 @@ def sparse_ffn_out_triton(
 def masked_activation_triton(gate: torch.Tensor | None, up: torch.Tensor, mask: torch.Tensor, expert_size: int,
                              activation: str, block: int = 1024, threshold: float | None = None) -> torch.Tensor:
     """h [B, F] = act(gate) * up * m (gated) or act(up) * m (gate None), m the mask [B, E] (bool) expanded
-    to neurons, in one launch; in up's dtype. Inputs: contiguous rows, gate and up the same shape.
-    With ``threshold``, ``mask`` holds router logits [B, E] (any float dtype) and m = logit > threshold."""
+    to neurons, in one launch; in up's dtype. Inputs: contiguous rows (any row stride, e.g. column slices of
+    one product), gate and up the same shape. With ``threshold``, ``mask`` holds router logits [B, E] (any
+    float dtype, contiguous rows too) and m = logit > threshold."""
     num_tokens, ffn_width = up.shape
     out = torch.empty_like(up)
     if num_tokens == 0:
         return out
     from_logits = threshold is not None
-    mask_arg = mask.contiguous() if from_logits else mask.contiguous().view(torch.uint8)
+    mask_arg = (mask if mask.stride(-1) == 1 else mask.contiguous()) if from_logits else mask.contiguous().view(torch.uint8)
     gate_arg = up if gate is None else gate
     grid = (num_tokens, triton.cdiv(ffn_width, block))
     _masked_act_kernel[grid](gate_arg, up, mask_arg, out, ffn_width, mask.shape[1],

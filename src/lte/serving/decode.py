@@ -381,14 +381,13 @@ def weight_bytes(model: nn.Module, ffn_active_fraction: float | None = None) -> 
     emb = model.get_input_embeddings().weight
     out_emb = model.get_output_embeddings()
     tied = out_emb is not None and out_emb.weight.data_ptr() == emb.data_ptr()
-    ffn_ids: set[int] = set()
-    ffn_bytes = 0
+    ffn_bytes = in_params = 0  # in_params: the FFN bytes held by parameters (or rows of one: SparseMLP.w_in)
     for m in model.modules():
+        buffers = {id(b) for b in m.buffers(recurse=False)}  # fp8 row scales
         for w in ffn_weights(m):
-            ffn_ids.add(id(w))
             ffn_bytes += w.numel() * w.element_size()
-    other = sum(p.numel() * p.element_size() for p in model.parameters()
-                if id(p) not in ffn_ids and (p is not emb or tied))
+            in_params += 0 if id(w) in buffers else w.numel() * w.element_size()
+    other = sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb or tied) - in_params
     frac = 1.0 if ffn_active_fraction is None else ffn_active_fraction
     return {"ffn_bytes": float(ffn_bytes), "other_bytes": float(other), "read_bytes": other + frac * ffn_bytes}
 

@@ -189,7 +189,8 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
     Routing is hard (`sigmoid(x Wr^T) > tau`, each layer's own tau) whatever the LTEModel's mode
     was, except for a model in topk routing (a stage 2 trained with `stage2_routing="topk"`): its
     FFNs keep their per-layer expert counts (`SparseMLP(topk=k)`, with the budget too). The HF model is changed in place and returned; the LTEModel must not be used afterwards
-    (its wrappers are no longer in the module tree). Cast the model to its serving dtype and
+    (its wrappers are no longer in the module tree, and their FFN parameters are emptied to free the memory the
+    served FFNs copied). Cast the model to its serving dtype and
     device *before* calling this. `use_kernels=False` keeps the masked dense path for every shape.
     `budget > 0` caps the experts one decode step uses per layer for the whole batch (see
     `SparseMLP`); 0 keeps every expert some token wants (the LTEModel's function). LoRA adapters
@@ -242,7 +243,17 @@ def prepare_for_inference(lmodel: Any, use_kernels: bool = True, budget: int = 0
             topk=int(layer.input.k) if topk else 0,
         )
         _replace(hf_model, name, sparse)
+        _release(layer.container, layer.router)
     return hf_model
+
+
+def _release(*modules: nn.Module) -> None:
+    """Empty the parameters of an FFN the served model no longer holds (the LTEModel is spent once prepared), so
+    that the memory of what `SparseMLP` copied (the stacked `w_in`, the transposed down projection) is not held
+    twice while the caller keeps the LTEModel; storage `SparseMLP` shares stays alive through it."""
+    for module in modules:
+        for param in module.parameters():
+            param.data = param.data.new_empty(0)
 
 
 def sparse_modules(model: nn.Module) -> list[SparseMLP | SparseFFNIn]:

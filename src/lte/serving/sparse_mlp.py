@@ -72,9 +72,12 @@ class SparseMLP(nn.Module):
             fp32 logits; with a budget, each token's top k among the batch's budget experts), then
             `lte.kernels.sparse_ffn`; prefill: `dense_mask` and the masked dense path. No fp8.
 
-    `ffn_path` picks the decode path: "sparse" (the kernels, default) or "dense" (router kernel +
-    `lte.kernels.masked_dense_ffn`: every neuron through cuBLAS, the mask applied in one launch; the
-    same function, cheaper when the batch's union of masks is nearly full). `lte.serving.dispatch`
+    `ffn_path` picks the decode path: "sparse" (the kernels, default) or "dense" (every neuron through
+    cuBLAS, the mask applied in one launch; the same function, cheaper when the batch's union of masks is
+    nearly full): for a gated FFN stored as one `w_in` (below) the gate, up and router rows in one product
+    (`lte.kernels.stacked_masked_dense_ffn`), otherwise the router kernel + `lte.kernels.masked_dense_ffn`.
+    A gated FFN without an up bias, with native weights, keeps W_gate, W_up and W_router as one matrix
+    `w_in` [2F + E, D]; `w_gate`, `w_up` and `w_router` are its row slices. `lte.serving.dispatch`
     sets it per FFN from a measured union (`StaticDecoder` does so before it captures a step).
 
     `weights="fp8"` stores the three FFN matrices in float8_e4m3fn with one fp32 scale per row
@@ -120,10 +123,8 @@ class SparseMLP(nn.Module):
                 w_gate, scales[0] = quantize_rows_fp8(w_gate)
         for name, scale in zip(("s_gate", "s_up", "s_down"), scales):
             self.register_buffer(name, scale)
-        self.w_gate = None if w_gate is None else _frozen(w_gate.contiguous())
-        self.w_up = _frozen(w_up.contiguous())
+        self._store_inputs(w_gate, w_up, w_router, stack=w_gate is not None and b_up is None and not self.fp8)
         self.w_down_t = _frozen(w_down_t.contiguous())
-        self.w_router = _frozen(w_router.contiguous())
         self.b_up = None if b_up is None else _frozen(b_up.contiguous())
         self.b_down = None if b_down is None else _frozen(b_down.contiguous())
         self.tau = float(tau)
@@ -138,6 +139,35 @@ class SparseMLP(nn.Module):
         # leave False inside CUDA graphs).
         self.record_mask = False
         self.last_mask: torch.Tensor | None = None
+
+    def _store_inputs(self, w_gate: torch.Tensor | None, w_up: torch.Tensor, w_router: torch.Tensor,
+                      stack: bool) -> None:
+        """The matrices that read x. A gated FFN without an up bias, with native weights of one dtype and
+        device, keeps them as one matrix `w_in` = [W_gate; W_up; W_router] [2F + E, D]: the kernels read its
+        row slices (`w_gate`, `w_up`, `w_router`, contiguous as before), and the dense path computes all three
+        in one cuBLAS product (`lte.kernels.stacked_masked_dense_ffn`). Otherwise three matrices."""
+        parts = (w_gate, w_up, w_router)
+        stack = stack and len({(w.dtype, w.device) for w in parts}) == 1
+        self.ffn_width = int(w_up.shape[0])
+        self.w_in = _frozen(torch.cat(parts)) if stack else None
+        self._w_gate = None if stack or w_gate is None else _frozen(w_gate.contiguous())
+        self._w_up = None if stack else _frozen(w_up.contiguous())
+        self._w_router = None if stack else _frozen(w_router.contiguous())
+
+    @property
+    def w_gate(self) -> torch.Tensor | None:
+        """[F, D], None for a plain FFN (rows of `w_in` when stacked)."""
+        return self._w_gate if self.w_in is None else self.w_in[: self.ffn_width]
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        """[F, D] (rows of `w_in` when stacked)."""
+        return self._w_up if self.w_in is None else self.w_in[self.ffn_width: 2 * self.ffn_width]
+
+    @property
+    def w_router(self) -> torch.Tensor:
+        """[E, D] (rows of `w_in` when stacked)."""
+        return self._w_router if self.w_in is None else self.w_in[2 * self.ffn_width:]
 
     @property
     def num_experts(self) -> int:
@@ -222,6 +252,11 @@ class SparseMLP(nn.Module):
                 y, mask = kernels.routed_sparse_ffn(x, self.w_router, self.w_up, self.w_down_t, tau=self.tau,
                                                     budget=self.budget, scales=(self.s_up, self.s_gate, self.s_down),
                                                     **ffn)
+            elif self.ffn_path == "dense" and self.w_in is not None and not self.record_mask:
+                # every neuron, and the router, in one cuBLAS product; the mask applied in one launch
+                y, mask = kernels.stacked_masked_dense_ffn(x, self.w_in, self.w_down_t, tau=self.tau,
+                                                           b_down=self.b_down, expert_size=self.expert_size,
+                                                           activation=self.activation), None
             elif self.ffn_path == "dense":  # every neuron through cuBLAS, the same masked function
                 mask = kernels.router_mask(x, self.w_router, self.tau)  # [..., E] bool, on the device
                 y = kernels.masked_dense_ffn(x, mask, self.w_up, self.w_down_t, **ffn)
@@ -233,7 +268,12 @@ class SparseMLP(nn.Module):
                 y = kernels.sparse_ffn(x, mask, self.w_up, self.w_down_t, **ffn)
         else:
             mask = self.dense_mask(x) if self.record_mask or not (self.use_kernels and x.is_cuda) else None
-            if self.use_kernels and x.is_cuda and not self.fp8:  # router, projections and one masked launch
+            if self.use_kernels and x.is_cuda and self.w_in is not None:
+                from .. import kernels  # gate, up and router in one product, then one masked launch
+
+                y = kernels.stacked_masked_dense_ffn(x, self.w_in, self.w_down_t, tau=self.tau, b_down=self.b_down,
+                                                     expert_size=self.expert_size, activation=self.activation)
+            elif self.use_kernels and x.is_cuda and not self.fp8:  # router, projections and one masked launch
                 from .. import kernels
 
                 y = kernels.routed_masked_dense_ffn(x, self.w_router, self.w_up, self.w_down_t, tau=self.tau,
