@@ -92,6 +92,28 @@ def test_distillation_matches_plain_autograd_and_ignores_padding(temperature):
         assert distillation_loss(s, t, mask, temperature).item() == pytest.approx(ref.item(), rel=1e-10)
 
 
+def test_distillation_gradient_does_not_depend_on_the_chunks(monkeypatch):
+    """The chunking of the KL changes the loss only through fp32 summation order, never the gradient (so the
+    CPU's smaller default chunks train the same weights); the CPU default fits CPU_CHUNK_BYTES."""
+    from lte.training import distill
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 6, 50, generator=g, requires_grad=True)  # [B, L, V], fp32: 200 bytes a row
+    t = torch.randn(3, 6, 50, generator=g)
+    grads, losses = [], []
+    for chunk in (1, 4, 7, 18, None):
+        loss = distillation_loss(s, t, chunk_rows=chunk)
+        grads.append(torch.autograd.grad(loss, s)[0])
+        losses.append(loss.item())
+    assert all(torch.equal(grad, grads[0]) for grad in grads)
+    assert losses == pytest.approx([losses[0]] * len(losses), rel=1e-6)
+    seen = []
+    monkeypatch.setattr(distill._ChunkedKL, "apply", lambda *args: seen.append(args[3]) or args[0].sum())
+    monkeypatch.setattr(distill, "CPU_CHUNK_BYTES", 1000)
+    distillation_loss(s, t)
+    assert seen == [1000 // 200]  # rows of 50 fp32 logits per 1000 bytes
+
+
 def test_distillation_rejects_mismatched_teacher():
     with pytest.raises(ValueError, match="teacher"):
         distillation_loss(torch.zeros(2, 5), torch.zeros(2, 6))
