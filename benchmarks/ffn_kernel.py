@@ -11,7 +11,8 @@ random weights) and each token count B, in one process and the same CUDA-graph l
   under a per-batch budget of half the experts (B >= 8);
 - anchors: the kernels without the router (mask given) at 50%, a dense FFN half as wide at B=1,
   and prefill (512 tokens: dense vs the masked dense path LTE keeps for prefill, with the router's
-  threshold inside the masked activation launch, and with separate sigmoid / compare launches);
+  threshold inside the masked activation launch, with separate sigmoid / compare launches, and
+  ``prefill_lte_stacked``: gate, up and router in one product, the path a gated ``SparseMLP`` takes);
 - ``lte_dense_path``: at each B, that masked dense path with every expert on: what the decoder's
   dispatch (``lte.serving.dispatch``) runs when the batch's union is (nearly) full;
   ``lte_dense_stacked``: the same with the gate, up and router rows as one matrix (one cuBLAS product for
@@ -133,16 +134,20 @@ class ShapeBench:
             x, m, layer["w_up"], layer["w_down_t"], layer["w_gate"], None, None, self.S, "silu")
             for x, m, layer in zip(xs, masks, self.layers)])
 
-    def stacked_dense(self, num_tokens: int) -> float:
-        """The decode dense path of a `SparseMLP` whose gate, up and router rows are one matrix (every expert on):
-        `stacked_masked_dense_ffn`, one cuBLAS product for all three, the masked activation, the down product."""
+    def stacked_dense(self, num_tokens: int, off: float = 0.0) -> float:
+        """The dense path of a `SparseMLP` whose gate, up and router rows are one matrix (decode at a full union,
+        and prefill on CUDA): `stacked_masked_dense_ffn`, one cuBLAS product for all three, the masked activation,
+        the down product. ``off`` 0: every expert on (router logits 0, threshold near 0); 0.5: random routers
+        with the threshold at 0.5, about half of each token's experts off."""
         xs = self.xs(num_tokens)
-        if not hasattr(self, "_stacked"):  # [2F + E, D] per weight copy, routers with logits far above 0
-            self._stacked = [torch.cat([layer["w_gate"], layer["w_up"], torch.zeros(self.E, self.D, device=DEVICE,
-                                                                                    dtype=DTYPE)])
+        if not hasattr(self, "_stacked"):  # [2F + E, D] per weight copy
+            self._stacked = [torch.cat([layer["w_gate"], layer["w_up"],
+                                        torch.randn(self.E, self.D, generator=self.gen, device=DEVICE).to(DTYPE)
+                                        * self.D**-0.5])
                              for layer in self.layers]
+        tau = 0.5 if off == 0.5 else 1e-9  # random logits near 0: a sigmoid threshold of ~0 keeps every expert
         return time_graph([lambda x=x, w_in=w_in, layer=layer: stacked_masked_dense_ffn(
-            x, w_in, layer["w_down_t"], tau=1e-9, expert_size=self.S)
+            x, w_in, layer["w_down_t"], tau=tau, expert_size=self.S)
             for x, w_in, layer in zip(xs, self._stacked, self.layers)], replays=3)
 
     def prefill_lte(self, num_tokens: int, off: float, separate_router: bool = False) -> float:
@@ -243,6 +248,8 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
         add(PREFILL_TOKENS, "prefill_lte", "per_token", 0.5, us, dense_pf, 1.0)
         us = guarded(errors, f"prefill lte, separate router {name}", bench.prefill_lte, PREFILL_TOKENS, 0.5, True)
         add(PREFILL_TOKENS, "prefill_lte_separate", "per_token", 0.5, us, dense_pf, 1.0)
+        us = guarded(errors, f"prefill lte, stacked {name}", bench.stacked_dense, PREFILL_TOKENS, 0.5)
+        add(PREFILL_TOKENS, "prefill_lte_stacked", "per_token", 0.5, us, dense_pf, 1.0)
 
 
 def print_table(result: dict) -> None:
