@@ -57,6 +57,7 @@ from bench_util import (
 
 from lte.kernels import masked_dense_ffn, quantize_rows_fp8, routed_masked_dense_ffn, stacked_masked_dense_ffn
 from lte.kernels.triton_ffn import default_config, routed_sparse_ffn_triton, sparse_ffn_triton
+from lte.serving.dispatch import dense_crossing
 
 DTYPE = torch.bfloat16
 PREFILL_TOKENS = 512
@@ -264,6 +265,19 @@ def print_table(result: dict) -> None:
               f"{r['ideal_us'] or 0:>6.1f}")
 
 
+def dispatch_crossings(rows: list) -> dict:
+    """Per shape and B: the union fraction above which the stacked dense path beats the sparse kernels (fixed
+    masks, router included; `lte.serving.dispatch.dense_crossing`), the figures `DENSE_ABOVE_BY_GPU` takes."""
+    out = {}
+    for (shape, num_tokens) in sorted({(r["shape"], r["B"]) for r in rows if r.get("variant") == "lte"}):
+        mine = [r for r in rows if r.get("shape") == shape and r.get("B") == num_tokens]
+        dense = [r["us"] for r in mine if r.get("variant") == "lte_dense_stacked"]
+        points = [(r["active"], r["us"]) for r in mine if r.get("variant") == "lte" and r.get("masks") == "fixed"]
+        if dense and points:
+            out.setdefault(shape, {})[str(num_tokens)] = round(dense_crossing(points, dense[0]), 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
@@ -301,8 +315,11 @@ def main() -> None:
             del bench
             (torch.cuda.empty_cache() if DEVICE == "cuda" else None)
         write_json(path, result)
+    result["dispatch_crossings"] = dispatch_crossings(result["rows"])
     write_json(path, result)
     print_table(result)
+    log(f"dispatch: union fraction where the sparse kernels cost the stacked dense path's time: "
+        f"{result['dispatch_crossings']}")
     log(f"wrote {path} ({len(result['errors'])} errors)")
 
 

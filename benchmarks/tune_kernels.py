@@ -71,20 +71,6 @@ ROUTER_CANDIDATES = {
 }
 
 
-def out_candidates(fam: str, model_width: int, num_sms: int) -> list[tuple]:
-    """The down kernel's candidates, and beside the first two the same tiles with the split moved so that the
-    grid (column blocks x split) fills whole waves of this GPU's SMs: (512, 32) at D = 4096 is 256 programs,
-    1.94 waves of 132 SMs, and (512, 33) two full ones. The split is a grid size, so these cost no compile."""
-    cands = list(OUT_CANDIDATES[fam])
-    for bd, sp, w, st in OUT_CANDIDATES[fam][:2]:
-        cols = -(-model_width // bd)
-        waves = max(1, round(cols * sp / num_sms))
-        fitted = max(1, round(waves * num_sms / cols))
-        if fitted != sp and (bd, fitted, w, st) not in cands:
-            cands.append((bd, fitted, w, st))
-    return cands
-
-
 def family(num_tokens: int) -> str:
     return "fma" if num_tokens <= 1 else "dot16" if num_tokens <= 16 else "dot64"
 
@@ -161,8 +147,7 @@ class Bench:
         return time_graph(calls)
 
 
-def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadline: Deadline,
-               num_sms: int) -> KernelConfig | None:
+def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadline: Deadline) -> KernelConfig | None:
     """Best settings for one (shape, B): the defaults when nothing beat them; None when the defaults failed."""
     fam = family(bench.B)
     point = {"D": bench.D, "F": bench.F, "B": bench.B, "S": bench.S}
@@ -184,7 +169,7 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
         if geo(times) < best_in_score:
             best_in, best_in_score = cand, geo(times)
     best_out, best_out_score = None, math.inf
-    for cand in out_candidates(fam, bench.D, num_sms):
+    for cand in OUT_CANDIDATES[fam]:
         if deadline.over(4):
             break
         cfg = with_out(base, cand)
@@ -287,7 +272,7 @@ def main() -> None:
             continue
         base = heuristic_config(num_tokens, model_width, ffn_width, num_sms)  # the untuned start, any S
         best = guarded(result["errors"], f"tune {name} B={num_tokens}", tune_point, bench, base, result["rows"],
-                       result["errors"], deadline, num_sms)
+                       result["errors"], deadline)
         if best is not None:
             table_key = shape_key(model_width, ffn_width, args.expert_size)
             result["table"][gpu].setdefault(table_key, {})[str(num_tokens)] = best.to_dict()

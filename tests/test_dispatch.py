@@ -10,7 +10,16 @@ import lte.kernels as K
 import tiny_models as tm
 from lte.kernels.reference import masked_activation_reference, sparse_ffn_reference
 from lte.serving import StaticDecoder, prepare_for_inference
-from lte.serving.dispatch import DENSE_ABOVE, choose_ffn_paths, dense_threshold, set_ffn_path, union_fraction
+from lte.serving.dispatch import (
+    DENSE_ABOVE,
+    DENSE_ABOVE_BY_GPU,
+    choose_ffn_paths,
+    dense_crossing,
+    dense_table,
+    dense_threshold,
+    set_ffn_path,
+    union_fraction,
+)
 from lte.serving.prepare import sparse_modules
 
 
@@ -65,6 +74,27 @@ def test_thresholds_and_union_fraction_by_hand():
     assert DENSE_ABOVE[0][0] == 1
 
 
+def test_dense_crossing_by_hand():
+    """70 us at half the experts, 130 at all, dense 120: 0.5 + 0.5 * (120 - 70) / (130 - 70) = 0.9167."""
+    assert dense_crossing([(1.0, 130.0), (0.5, 70.0), (0.1, 30.0)], 120.0) == pytest.approx(0.5 + 0.5 * 50 / 60)
+    assert dense_crossing([(0.1, 30.0), (0.5, 70.0)], 50.0) == pytest.approx(0.3)  # between 0.1 and 0.5
+    assert dense_crossing([(0.5, 70.0), (1.0, 110.0)], 120.0) == 1.0  # cheaper everywhere: never dense
+    assert dense_crossing([(0.5, 70.0), (1.0, 130.0)], 60.0) == 0.5  # dearer at every measured point
+    with pytest.raises(lte.LTEError, match="at least one"):
+        dense_crossing([], 1.0)
+
+
+def test_dense_table_follows_the_gpu(monkeypatch):
+    """The H100 has its own measured thresholds; other GPUs, and the CPU, the first estimate."""
+    assert dense_table("cpu") == DENSE_ABOVE
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert dense_table(torch.device("cuda", 0)) == DENSE_ABOVE_BY_GPU["h100"] != DENSE_ABOVE
+    assert dense_threshold(4, dense_table("cuda")) == 0.90  # a B = 4 union of 85% stays sparse on the H100
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert dense_table("cuda") == DENSE_ABOVE
+    assert dense_threshold(4, dense_table("cuda")) == 0.80  # and takes the dense path elsewhere
+
+
 def test_sparse_mlp_dense_path_equals_sparse_path_and_refuses_a_budget():
     model = _prepared()
     mlp = sparse_modules(model)[0]
@@ -88,6 +118,23 @@ def test_sparse_mlp_dense_path_equals_sparse_path_and_refuses_a_budget():
         mlp.ffn_path = "dense"
     with pytest.raises(lte.LTEError, match="ffn_path"):
         mlp.ffn_path = "fast"
+
+
+def test_topk_dense_path_equals_its_sparse_path():
+    """Top-k routing on the dense path (gate and up in one product of `w_in`, the top-k mask applied) computes the
+    sparse path's function; a wrong mask (e.g. the router rows' threshold instead of the top k) would not."""
+    model = _prepared()
+    mlp = sparse_modules(model)[0]
+    mlp.topk = max(1, mlp.num_experts // 2)
+    x = torch.randn(4, 1, tm.D, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sparse = mlp(x)
+        mlp.ffn_path = "dense"
+        dense = mlp(x)
+        mlp.topk = mlp.num_experts  # every expert on: a different function
+        every = mlp(x)
+    torch.testing.assert_close(dense, sparse, atol=1e-5, rtol=1e-4)
+    assert (every - sparse).abs().max() > 1e-3
 
 
 def test_choose_ffn_paths_follows_each_union():

@@ -379,6 +379,12 @@ def test_stacked_masked_dense_ffn_by_hand():
     w_in[5] = 1.0  # expert 1's router row: logit 1, on
     assert torch.equal(stacked_masked_dense_ffn(x, w_in, w_down_t, expert_size=1, activation="relu"),
                        torch.tensor([[19.0, 19.0]]))
+    # a mask from elsewhere (top-k routing) replaces the router rows' logits: expert 0 off, 1 on gives only the
+    # second neuron, relu(2) * 2 * [5, 5]; the router rows are not read
+    w_in[4:] = float("nan")
+    y_mask = stacked_masked_dense_ffn(x, w_in, w_down_t, mask=torch.tensor([[False, True]]), expert_size=1,
+                                      activation="relu")
+    assert torch.equal(y_mask, torch.tensor([[20.0, 20.0]]))
 
 
 def test_stacked_masked_dense_ffn_equals_the_separate_matrices_and_checks_its_rows():
@@ -391,6 +397,12 @@ def test_stacked_masked_dense_ffn_equals_the_separate_matrices_and_checks_its_ro
     want = routed_masked_dense_ffn(x, w_router, w["w_up"], w["w_down_t"], tau=0.4, w_gate=w["w_gate"],
                                    b_down=w["b_down"], activation="gelu_tanh")
     torch.testing.assert_close(y, want)
+    mask = torch.rand(2, 5, 3, generator=gen) < 0.5  # [..., E]
+    torch.testing.assert_close(stacked_masked_dense_ffn(x, w_in, w["w_down_t"], mask=mask, b_down=w["b_down"]),
+                               masked_dense_ffn(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"],
+                                                b_down=w["b_down"]))
+    with pytest.raises(ValueError, match="mask"):
+        stacked_masked_dense_ffn(x, w_in, w["w_down_t"], mask=mask[..., :2])
     with pytest.raises(ValueError, match=r"w_in must hold the gate, up and router rows: \[2F \+ E, D\] = \[163"):
         stacked_masked_dense_ffn(x, w_in[:-1], w["w_down_t"])
     with pytest.raises(ValueError, match="tau"):
@@ -802,6 +814,11 @@ def test_stacked_masked_dense_on_gpu_matches_reference(num_tokens):
     assert 0 < mask.float().mean() < 1
     ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
     assert _rel_err(y, ref) < 1.5e-2
+    given = torch.rand(num_tokens, mask.shape[1], device="cuda") < 0.3  # a mask chosen elsewhere (top-k routing)
+    given[:, 0] = True  # no token without experts (a zero output would make the relative error 0 / 0)
+    y_given = stacked_masked_dense_ffn(x, w_in, w["w_down_t"], mask=given)
+    ref_given = sparse_ffn_reference(x, given, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
+    assert _rel_err(y_given, ref_given) < 1.5e-2
 
 
 @pytest.mark.gpu

@@ -247,6 +247,7 @@ def stacked_masked_dense_ffn(
     w_down_t: torch.Tensor,
     *,
     tau: float = 0.5,
+    mask: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     expert_size: int = 32,
     activation: str = "silu",
@@ -254,8 +255,10 @@ def stacked_masked_dense_ffn(
     """``routed_masked_dense_ffn`` of a gated FFN whose gate, up and router rows are one matrix
     ``w_in = cat([W_gate, W_up, W_router])`` [2F + E, D] (F from ``w_down_t`` [F, D], E = ceil(F / S)):
     gate, up and the router logits come from one cuBLAS product, then the same masked activation launch
-    and down projection. The function is ``routed_masked_dense_ffn``'s (logits in x's dtype). Returns
-    y ``[..., D]``."""
+    and down projection. The function is ``routed_masked_dense_ffn``'s (logits in x's dtype).
+    ``mask`` [..., E] (a mask chosen elsewhere, e.g. top-k routing's): the product covers the gate and up
+    rows only and ``masked_dense_ffn``'s function is computed with that mask (``tau`` unused). Returns y
+    ``[..., D]``."""
     if w_in.dim() != 2 or w_down_t.dim() != 2:
         raise ValueError(f"w_in and w_down_t must be 2-D, got {list(w_in.shape)} and {list(w_down_t.shape)}")
     ffn_width = w_down_t.shape[0]
@@ -266,10 +269,15 @@ def stacked_masked_dense_ffn(
         raise ValueError(f"w_in must hold the gate, up and router rows: [2F + E, D] = [{2 * ffn_width + num_exp}, D] "
                          f"for F = {ffn_width}, S = {expert_size}, got {list(w_in.shape)}")
     w_gate, w_up, w_router = w_in.split([ffn_width, ffn_width, num_exp])  # row slices: [F, D], [F, D], [E, D]
-    _validate_routed(x, w_router, tau, 0, w_up, w_down_t, w_gate, None, b_down, expert_size, activation)
-    z = F_.linear(x.reshape(-1, x.shape[-1]), w_in)  # [T, 2F + E]
-    gate, up, logits = z.split([ffn_width, ffn_width, num_exp], dim=-1)
-    h = torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)  # [T, F]
+    x2 = x.reshape(-1, x.shape[-1])  # [T, D]
+    if mask is not None:
+        _validate_ffn(x, mask, w_up, w_down_t, w_gate, None, b_down, expert_size, activation)
+        gate, up = F_.linear(x2, w_in[: 2 * ffn_width]).split(ffn_width, dim=-1)  # [T, F] each
+        h = torch.ops.lte.masked_activation(gate, up, mask.reshape(-1, num_exp).contiguous(), expert_size, activation)
+    else:
+        _validate_routed(x, w_router, tau, 0, w_up, w_down_t, w_gate, None, b_down, expert_size, activation)
+        gate, up, logits = F_.linear(x2, w_in).split([ffn_width, ffn_width, num_exp], dim=-1)  # [T, 2F + E]
+        h = torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)  # [T, F]
     y = torch.mm(h, w_down_t) if b_down is None else torch.addmm(b_down, h, w_down_t)  # [T, D]
     return y.reshape(x.shape)
 

@@ -288,15 +288,20 @@ class SparseMLP(nn.Module):
 
     def _forward_topk(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Top-k routing. Decode: the mask from `router_topk_mask` (the router and top-k kernels on CUDA,
-        no host sync), then the FFN kernels; prefill: `dense_mask` and the masked dense path."""
+        no host sync), then the FFN kernels, or on the dense path cuBLAS (gate and up in one product where they
+        are one `w_in`) and the masked activation; prefill: `dense_mask` and the masked dense path."""
         if self.use_kernels and num_tokens <= self.decode_max_tokens:
             from .. import kernels
 
             mask = kernels.router_topk_mask(x, self.w_router, self.topk, budget=self.budget)  # [..., E] bool
-            ffn = dict(w_gate=self.w_gate, b_up=self.b_up, b_down=self.b_down, expert_size=self.expert_size,
-                       activation=self.activation)
-            run = kernels.masked_dense_ffn if self.ffn_path == "dense" else kernels.sparse_ffn
-            y = run(x, mask, self.w_up, self.w_down_t, **ffn)
+            if self.ffn_path == "dense" and self.w_in is not None:  # gate and up in one cuBLAS product
+                y = kernels.stacked_masked_dense_ffn(x, self.w_in, self.w_down_t, mask=mask, b_down=self.b_down,
+                                                     expert_size=self.expert_size, activation=self.activation)
+            else:
+                ffn = dict(w_gate=self.w_gate, b_up=self.b_up, b_down=self.b_down, expert_size=self.expert_size,
+                           activation=self.activation)
+                run = kernels.masked_dense_ffn if self.ffn_path == "dense" else kernels.sparse_ffn
+                y = run(x, mask, self.w_up, self.w_down_t, **ffn)
         else:
             mask = self.dense_mask(x)  # [..., E] bool
             y = self.masked_dense(x, mask)
