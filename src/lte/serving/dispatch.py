@@ -24,8 +24,8 @@ from torch import nn
 from ..errors import LTEError
 from .sparse_mlp import SparseMLP
 
-__all__ = ["DENSE_ABOVE", "DENSE_ABOVE_BY_GPU", "PathChoice", "choose_ffn_paths", "dense_crossing", "dense_table", "dense_threshold",
-           "set_ffn_path", "union_fraction"]
+__all__ = ["DENSE_ABOVE", "DENSE_ABOVE_BY_GPU", "PathChoice", "choose_ffn_paths", "dense_crossing", "dense_table",
+           "dense_threshold", "set_ffn_path", "union_fraction"]
 
 #: (tokens, fraction): at this many tokens and more, a union holding more than `fraction` of the
 #: FFN's neurons takes the masked dense path. First estimate from the H200 quick suite
