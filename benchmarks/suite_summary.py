@@ -167,6 +167,7 @@ def main() -> None:
     if ffn:
         summary["ffn"] = ffn_tables(ffn)
         summary["ffn_errors"] = [e["what"] for e in ffn.get("errors", [])]
+        summary["dispatch_crossings"] = ffn.get("dispatch_crossings")
     if dec:
         decode_tables(dec)
         summary["decode_errors"] = [e["what"] for e in dec.get("errors", [])]
@@ -178,6 +179,8 @@ def main() -> None:
     print(f"  sections: {summary.get('sections')}")
     print(f"  gpu tests: {summary['tests']}")
     print(f"  tuning: {summary.get('tuning')}")
+    print(f"  dispatch crossings (a GPU row of lte.serving.dispatch.DENSE_ABOVE_BY_GPU, rounded down): "
+          f"{summary.get('dispatch_crossings')}")
     print(f"  failed points: ffn {summary.get('ffn_errors')}, decode {summary.get('decode_errors')}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
