@@ -150,6 +150,21 @@ def use_sdpa_backend(name: str) -> None:
         enable(backend == name)
 
 
+#: BLAS libraries a decode benchmark may ask torch's matrix products to prefer (`--blas`): "auto" leaves torch's
+BLAS_LIBRARIES = ("auto", "cublas", "cublaslt")
+
+
+def use_blas_library(name: str) -> None:
+    """Make torch's CUDA matrix products prefer cuBLAS or cuBLASLt in this process (dense and LTE alike; "auto":
+    torch's default). The decode step's skinny projections run cuBLASLt's split-K kernels by default, each with its
+    own reduction launch (docs/benchmarks.md, the B = 1 profile): the other library may pick other kernels."""
+    if name == "auto":
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--blas {name} picks a CUDA library; this machine has no CUDA device (leave --blas auto)")
+    torch.backends.cuda.preferred_blas_library(name)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -286,7 +286,7 @@ def plot(result_file: Path) -> Path:
 
 
 def main() -> None:
-    from bench_util import SDPA_BACKENDS, use_sdpa_backend
+    from bench_util import BLAS_LIBRARIES, SDPA_BACKENDS, use_blas_library, use_sdpa_backend
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=None, help="shapes of lte.serving.synthetic.SHAPES")
@@ -322,6 +322,8 @@ def main() -> None:
     p.add_argument("--sdpa", default="auto", choices=SDPA_BACKENDS,
                    help="restrict scaled_dot_product_attention to one backend (dense and LTE alike; auto: PyTorch's "
                         "choice, cuDNN first on Hopper)")
+    p.add_argument("--blas", default="auto", choices=BLAS_LIBRARIES,
+                   help="the BLAS library torch's matrix products prefer (dense and LTE alike; auto: torch's default)")
     p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
                    help="torch.compile the decode-step forward before graph capture (fuses HF's small kernels); "
                         "an Inductor mode may follow (default: Inductor's default)")
@@ -331,6 +333,7 @@ def main() -> None:
     p.add_argument("--plot-only", default=None, help="only draw the plot of an existing result file")
     args = p.parse_args()
     use_sdpa_backend(args.sdpa)
+    use_blas_library(args.blas)
     if args.plot_only:
         print(plot(Path(args.plot_only)))
         return

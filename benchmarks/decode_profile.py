@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_util import DEVICE, SDPA_BACKENDS, environment, use_sdpa_backend
+from bench_util import BLAS_LIBRARIES, DEVICE, SDPA_BACKENDS, environment, use_blas_library, use_sdpa_backend
 from torch import nn
 
 import lte
@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--sdpa", default="auto", choices=SDPA_BACKENDS,
                    help="restrict scaled_dot_product_attention to one backend (dense and LTE alike; auto: PyTorch's "
                         "choice, cuDNN first on Hopper)")
+    p.add_argument("--blas", default="auto", choices=BLAS_LIBRARIES,
+                   help="the BLAS library torch's matrix products prefer (dense and LTE alike; auto: torch's default)")
     p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
                    help="torch.compile the decode step (as decode.py --compile; an Inductor mode may follow)")
     p.add_argument("--flex-decode", action="store_true",
@@ -182,6 +184,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("decode_profile.json"))
     args = p.parse_args()
     use_sdpa_backend(args.sdpa)
+    use_blas_library(args.blas)
     if not 0.0 <= args.sparsity <= 1.0:
         raise SystemExit(f"--sparsity must be in [0, 1], got {args.sparsity}")
     result = run(args)

@@ -16,7 +16,8 @@
 #      (dense, LTE at 50%, and the same step with no FFN), with each variant's GPU kernels by kind
 #      (benchmarks/decode_profile.py --compile; PROFILE_MODES picks the Inductor modes, e.g.
 #      PROFILE_MODES="default max-autotune-no-cudagraphs"; PROFILE_SDPA="auto efficient math flex" compares attention
-#      backends, flex being lte.serving.attention's flex_attention path)
+#      backends, flex being lte.serving.attention's flex_attention path; PROFILE_BLAS="auto cublas cublaslt" the BLAS
+#      library torch's projections prefer)
 #   prefetch (not in the default list): the same B = 1 profile with one setting changed from this GPU's own tiles:
 #      PREFETCH_VARIANTS="prefetch nopdl" (default prefetch): KernelConfig.out_prefetch on (the down kernel reads its
 #      share's first expert before it waits for the gate/up kernel); PDL off (each kernel's profiled time its own)
@@ -77,10 +78,13 @@ fi
 if want profile; then  # where a B = 1 step's time goes: dense, LTE at 50%, no FFN at all, and their kernels
   for mode in ${PROFILE_MODES:-default}; do
     for sdpa in ${PROFILE_SDPA:-auto}; do  # e.g. PROFILE_SDPA="auto efficient flex": attention to compare
-      attn=(--sdpa "$sdpa"); [[ $sdpa == flex ]] && attn=(--flex-decode)  # flex: flex_attention's decoding kernel
-      python benchmarks/decode_profile.py --shape llama3-8b --batch 1 --sparsity 0.5 --compile "$mode" "${attn[@]}" \
-        --out "$OUT/decode_profile_b1_${mode}_${sdpa}.json" 2>&1 | tail -8
-      summary+=("decode step profile, B=1, compile $mode, sdpa $sdpa: $OUT/decode_profile_b1_${mode}_${sdpa}.json")
+      for blas in ${PROFILE_BLAS:-auto}; do  # e.g. PROFILE_BLAS="auto cublas": the projections' BLAS library
+        attn=(--sdpa "$sdpa"); [[ $sdpa == flex ]] && attn=(--flex-decode)  # flex: flex_attention's decoding kernel
+        name="b1_${mode}_${sdpa}"; [[ $blas != auto ]] && name+="_${blas}"
+        python benchmarks/decode_profile.py --shape llama3-8b --batch 1 --sparsity 0.5 --compile "$mode" \
+          "${attn[@]}" --blas "$blas" --out "$OUT/decode_profile_${name}.json" 2>&1 | tail -8
+        summary+=("decode step profile, B=1, compile $mode, sdpa $sdpa, blas $blas: $OUT/decode_profile_${name}.json")
+      done
     done
   done
 fi
