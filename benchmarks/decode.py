@@ -106,7 +106,7 @@ def _decoder(model: torch.nn.Module, args: argparse.Namespace, batch: int) -> St
     _free()
     return StaticDecoder(model, batch, args.cache_len, compile=args.compile,
                          ffn_dispatch=args.ffn_dispatch if model_has_sparse(model) else "sparse",
-                         gqa_decode="flex" if args.flex_decode else args.gqa_decode)
+                         gqa_decode="flex" if args.flex_decode else "triton" if args.triton_decode else args.gqa_decode)
 
 
 def model_has_sparse(model: torch.nn.Module) -> bool:
@@ -313,6 +313,9 @@ def main() -> None:
     p.add_argument("--flex-decode", action="store_true",
                    help="the grouped-query decode attention through flex_attention (its split-KV decoding kernel; "
                         "needs --compile), dense and LTE alike")
+    p.add_argument("--triton-decode", action="store_true",
+                   help="the grouped-query decode attention through lte.kernels.decode_attention (a split-KV Triton "
+                        "kernel), dense and LTE alike")
     p.add_argument("--cache-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)

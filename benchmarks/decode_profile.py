@@ -95,8 +95,9 @@ def trace(dec: StaticDecoder, steps: int) -> list[tuple[str, float]]:
 
 
 def _attention(args: argparse.Namespace) -> bool | str:
-    """The decoder's decode attention: the grouped-query SDPA path, or flex_attention with --flex-decode."""
-    return "flex" if args.flex_decode else True
+    """The decoder's decode attention: the grouped-query SDPA path, flex_attention with --flex-decode, or
+    lte.kernels.decode_attention with --triton-decode."""
+    return "flex" if args.flex_decode else "triton" if args.triton_decode else True
 
 
 def profile_variant(model: nn.Module, args: argparse.Namespace, variant: str) -> dict[str, Any]:
@@ -180,6 +181,8 @@ def main() -> None:
                    help="torch.compile the decode step (as decode.py --compile; an Inductor mode may follow)")
     p.add_argument("--flex-decode", action="store_true",
                    help="decode attention through flex_attention (as decode.py --flex-decode; needs --compile)")
+    p.add_argument("--triton-decode", action="store_true",
+                   help="decode attention through lte.kernels.decode_attention (as decode.py --triton-decode)")
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (the CPU smoke run)")
     p.add_argument("--out", type=Path, default=Path("decode_profile.json"))
     args = p.parse_args()

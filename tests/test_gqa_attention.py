@@ -12,8 +12,10 @@ from lte.serving import StaticDecoder
 from lte.serving.attention import (
     FLEX_NAME,
     NAME,
+    TRITON_NAME,
     flex_decode_attention,
     gqa_decode_attention,
+    triton_decode_attention,
     use_gqa_decode_attention,
 )
 
@@ -160,6 +162,54 @@ def test_flex_kind_decodes_the_same_tokens_compiled():
     model = _llama(4, 2, hidden=64).cuda()  # heads of 16 dims: the narrowest flex_attention's GPU kernels take
     dec = StaticDecoder(model, 2, 128, gqa_decode="flex", compile=True)  # a cache of FLEX_BLOCK slots
     assert dec.gqa_decode and model.config._attn_implementation == FLEX_NAME
+    assert torch.equal(dec.generate_ids(ids, 6, attention_mask=mask), plain)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (3, 3)])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive", "per_head"])
+def test_triton_kind_matches_repeated_heads(heads, kv_heads, mask_kind):
+    """`triton_decode_attention` (lte.kernels.decode_attention: its reference on the CPU) equals repeated-heads SDPA
+    for every mask form; a mask with a head dimension goes to the SDPA path and still agrees."""
+    g = torch.Generator().manual_seed(heads + 7 * kv_heads)
+    b, length, d = 2, 13, 8
+    q = torch.randn(b, heads, 1, d, generator=g)
+    k, v = (torch.randn(b, kv_heads, length, d, generator=g) for _ in range(2))
+    keep = torch.rand(b, 1 if mask_kind != "per_head" else heads, 1, length, generator=g) > 0.4
+    keep[..., 0] = True
+    mask = {None: None, "bool": keep, "per_head": keep,
+            "additive": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)}[mask_kind]
+    out, weights = triton_decode_attention(_Attn(heads // kv_heads), q, k, v, mask)
+    assert weights is None and out.shape == (b, 1, heads, d)
+    torch.testing.assert_close(out, _reference(q, k, v, None if mask is None else keep))
+
+
+def test_triton_kind_in_the_static_decoder_gives_the_same_tokens():
+    ids = torch.randint(2, tm.VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    plain = StaticDecoder(_llama(4, 2), 3, 32, gqa_decode=False).generate_ids(ids, 8, attention_mask=mask)
+    model = _llama(4, 2)
+    dec = StaticDecoder(model, 3, 32, gqa_decode="triton")
+    assert dec.gqa_decode and model.config._attn_implementation == TRITON_NAME
+    assert torch.equal(dec.generate_ids(ids, 8, attention_mask=mask), plain)
+    with pytest.raises(lte.LTEError, match="'triton'"):
+        StaticDecoder(model, 3, 32, gqa_decode="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_triton_kind_decodes_the_same_tokens_on_gpu(compile):
+    """Captured (and compiled), the Triton decode attention gives the tokens of transformers' SDPA (fp32, left
+    padding, a cache of several slices)."""
+    ids = torch.randint(2, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(4)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    plain = StaticDecoder(_llama(4, 2, hidden=64).cuda(), 2, 200, gqa_decode=False).generate_ids(
+        ids, 6, attention_mask=mask)
+    model = _llama(4, 2, hidden=64).cuda()
+    dec = StaticDecoder(model, 2, 200, gqa_decode="triton", compile=compile)
+    assert dec.gqa_decode and model.config._attn_implementation == TRITON_NAME
     assert torch.equal(dec.generate_ids(ids, 6, attention_mask=mask), plain)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch.nn.functional as F_
 
 from lte.kernels import (
     FP8_DTYPE,
+    decode_attention,
     dequantize_rows,
     kernels_available,
     masked_dense_ffn,
@@ -40,6 +42,7 @@ from lte.kernels.ops import reference_forced
 from lte.kernels.reference import (
     apply_activation,
     budget_keep,
+    decode_attention_reference,
     expand_mask,
     logit_threshold,
     routed_mask_reference,
@@ -309,7 +312,7 @@ def test_import_does_not_import_triton():
 @pytest.mark.slow  # ~25-45 s in the Triton interpreter; CI runs it (.ci/run)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("parts", [["ffn"], ["router", "routed", "split", "act", "fp8"],
-                                   ["--small-experts", "ffn", "routed", "act", "fp8"], ["topk"]])
+                                   ["--small-experts", "ffn", "routed", "act", "fp8"], ["topk", "attn"]])
 def test_triton_kernels_in_interpreter(parts):
     """Kernels vs reference in Triton's CPU interpreter: odd shapes, B in {1,5,40}, 0/middle/100% off,
     default and persistent settings, router (+ budget) + FFN, fp8 weights with row scales; experts of
@@ -359,6 +362,28 @@ def test_routed_masked_dense_ffn_is_masked_dense_of_the_router_mask(gated, with_
     torch.library.opcheck(torch.ops.lte.masked_activation_logits.default,
                           (None if not gated else torch.randn(4, 80), torch.randn(4, 80), torch.randn(4, 3), 0.4, 32,
                            activation))
+
+
+def test_decode_attention_by_hand_and_its_checks():
+    """One KV head, two query heads, d = 2, three slots: keys [1, 0], [0, 1], [1, 1], values 1, 2, 4 (each
+    [v, -v]), scale 1, slot 2 left out. Query [1, 0] scores 1, 0: weights e / (e + 1), 1 / (e + 1), output
+    (2 + e) / (1 + e). Query [0, 0] scores 0, 0: output 1.5. With every slot kept the first query adds e^1 x 4."""
+    e = math.e
+    q = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # [B=1, Hkv=1, G=2, d=2]
+    k = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]])  # [1, 1, L=3, 2]
+    v = torch.tensor([[[[1.0, -1.0], [2.0, -2.0], [4.0, -4.0]]]])
+    keep = torch.tensor([[True, True, False]])
+    out = decode_attention(q, k, v, keep, scale=1.0)
+    first = (e + 2.0) / (e + 1.0)
+    torch.testing.assert_close(out, torch.tensor([[[[first, -first], [1.5, -1.5]]]]))
+    every = (e + 2.0 + 4.0 * e) / (e + 1.0 + e)
+    torch.testing.assert_close(decode_attention(q, k, v, scale=1.0)[0, 0, 0], torch.tensor([every, -every]))
+    assert torch.equal(decode_attention(q, k, v, torch.zeros(1, 3, dtype=torch.bool)), torch.zeros_like(q))
+    with pytest.raises(ValueError, match="keep must be a bool"):
+        decode_attention(q, k, v, keep.float())
+    with pytest.raises(ValueError, match="must match q"):
+        decode_attention(q, k[..., :1], v[..., :1])
+    torch.library.opcheck(torch.ops.lte.decode_attention.default, (q, k, v, keep, 1.0))
 
 
 def test_stacked_masked_dense_ffn_by_hand():
@@ -798,6 +823,22 @@ def test_routed_masked_dense_on_gpu_matches_reference(num_tokens):
     assert 0 < mask.float().mean() < 1
     ref = sparse_ffn_reference(x, mask, w["w_up"], w["w_down_t"], w_gate=w["w_gate"])
     assert _rel_err(y, ref) < 1.5e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("batch,cache_len", [(1, 512), (8, 300), (32, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_attention_on_gpu_matches_reference(batch, cache_len, dtype):
+    """The split-KV kernel on the GPU (the op's CUDA path, the default slices) against the fp32 reference, on a
+    Llama-3-8B-like head layout (8 KV heads, 4 query heads each, d = 128) with a padding-style mask."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, 8, n, 128, device="cuda", generator=gen).to(dtype) for n in (4, cache_len, cache_len))
+    keep = torch.rand(batch, cache_len, device="cuda", generator=gen) < 0.8
+    keep[:, 0] = True
+    out = decode_attention(q, k, v, keep)
+    ref = decode_attention_reference(q, k, v, keep, 128**-0.5)
+    assert _rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.gpu

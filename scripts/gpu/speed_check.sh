@@ -15,8 +15,8 @@
 #   profile (not in the default list): the decode step of a Llama-3-8B shape at B = 1 split into its FFN and the rest
 #      (dense, LTE at 50%, and the same step with no FFN), with each variant's GPU kernels by kind
 #      (benchmarks/decode_profile.py --compile; PROFILE_MODES picks the Inductor modes, e.g.
-#      PROFILE_MODES="default max-autotune-no-cudagraphs"; PROFILE_SDPA="auto efficient math flex" compares attention
-#      backends, flex being lte.serving.attention's flex_attention path; PROFILE_BLAS="auto cublas cublaslt" the BLAS
+#      PROFILE_MODES="default max-autotune-no-cudagraphs"; PROFILE_SDPA="auto efficient math flex triton" compares
+#      attention backends, flex being lte.serving.attention's flex_attention path, triton its split-KV kernel; PROFILE_BLAS="auto cublas cublaslt" the BLAS
 #      library torch's projections prefer)
 #   prefetch (not in the default list): the same B = 1 profile with one setting changed from this GPU's own tiles:
 #      PREFETCH_VARIANTS="prefetch nopdl" (default prefetch): KernelConfig.out_prefetch on (the down kernel reads its
@@ -80,6 +80,7 @@ if want profile; then  # where a B = 1 step's time goes: dense, LTE at 50%, no F
     for sdpa in ${PROFILE_SDPA:-auto}; do  # e.g. PROFILE_SDPA="auto efficient flex": attention to compare
       for blas in ${PROFILE_BLAS:-auto}; do  # e.g. PROFILE_BLAS="auto cublas": the projections' BLAS library
         attn=(--sdpa "$sdpa"); [[ $sdpa == flex ]] && attn=(--flex-decode)  # flex: flex_attention's decoding kernel
+        [[ $sdpa == triton ]] && attn=(--triton-decode)  # triton: lte.kernels.decode_attention (split-KV)
         name="b1_${mode}_${sdpa}"; [[ $blas != auto ]] && name+="_${blas}"
         python benchmarks/decode_profile.py --shape llama3-8b --batch 1 --sparsity 0.5 --compile "$mode" \
           "${attn[@]}" --blas "$blas" --out "$OUT/decode_profile_${name}.json" 2>&1 | tail -8

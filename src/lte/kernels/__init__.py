@@ -37,6 +37,7 @@ from .quant import FP8_DTYPE, dequantize_rows, quantize_rows_fp8
 from .reference import (
     ACTIVATIONS,
     budget_keep,
+    decode_attention_reference,
     num_experts,
     routed_mask_reference,
     router_mask_reference,
@@ -51,6 +52,8 @@ __all__ = [
     "FP8_DTYPE",
     "KernelConfig",
     "budget_keep",
+    "decode_attention",
+    "decode_attention_reference",
     "dequantize_rows",
     "kernels_available",
     "load_table",
@@ -280,6 +283,27 @@ def stacked_masked_dense_ffn(
         h = torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)  # [T, F]
     y = torch.mm(h, w_down_t) if b_down is None else torch.addmm(b_down, h, w_down_t)  # [T, D]
     return y.reshape(x.shape)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attention of one query token's heads, grouped by the KV head they read: q ``[B, Hkv, G, d]`` over the
+    cache k, v ``[B, Hkv, L, d]``, the slots where ``keep`` ``[B, L]`` (bool) is False left out; ``scale``
+    defaults to d^-0.5. Returns ``[B, Hkv, G, d]`` in q's dtype (a sequence with no slot kept gets 0). On CUDA
+    a split-KV Triton kernel (each KV head's keys and values read once, the cache cut into slices so that one
+    sequence fills the GPU); elsewhere the fp32 reference."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be [B, Hkv, G, d] and k, v the same [B, Hkv, L, d]; got q {list(q.shape)}, "
+                         f"k {list(k.shape)}, v {list(v.shape)}")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k [B, Hkv, L, d] must match q [B, Hkv, G, d] in B, Hkv and d; got q {list(q.shape)}, "
+                         f"k {list(k.shape)}")
+    if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if keep is not None and (keep.dtype != torch.bool or keep.shape != (k.shape[0], k.shape[2])):
+        raise ValueError(f"keep must be a bool [B, L] = [{k.shape[0]}, {k.shape[2]}] mask, got {keep.dtype} "
+                         f"{list(keep.shape)}")
+    return torch.ops.lte.decode_attention(q, k, v, keep, float(q.shape[-1] ** -0.5 if scale is None else scale))
 
 
 def _validate_routed(x, w_router, tau, budget, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation,

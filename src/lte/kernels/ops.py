@@ -1,8 +1,8 @@
 """``torch.library`` custom ops ``lte::sparse_ffn``, ``lte::routed_sparse_ffn`` (and its fp8-weight form
 ``lte::routed_sparse_ffn_fp8``), ``lte::router_mask``, ``lte::router_topk_mask``,
 the two halves ``lte::routed_ffn_in`` / ``lte::sparse_ffn_out`` (for FFNs whose model applies the
-activation between them, e.g. OPT's decoder layer) and ``lte::masked_activation`` (the elementwise
-middle of the masked dense FFN).
+activation between them, e.g. OPT's decoder layer), ``lte::masked_activation`` (the elementwise
+middle of the masked dense FFN) and ``lte::decode_attention`` (one query token's grouped heads over a cache).
 
 Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it
 and CUDA-graph capture works. On CUDA the ops launch the Triton kernels (imported lazily, on the
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F_
 
 from .reference import (
+    decode_attention_reference,
     logit_threshold,
     masked_activation_reference,
     routed_mask_reference,
@@ -356,3 +357,29 @@ def _sparse_ffn_out_cuda(h, mask, union, w_down_t, b_down, expert_size):
 @sparse_ffn_out_op.register_fake
 def _sparse_ffn_out_fake(h, mask, union, w_down_t, b_down, expert_size):
     return h.new_empty(h.shape[0], w_down_t.shape[1], dtype=w_down_t.dtype)  # [T, D]
+
+
+# --------------------------------------------------------------------------- decode attention
+@torch.library.custom_op("lte::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """out [B, Hkv, G, d]: attention of q [B, Hkv, G, d] over k, v [B, Hkv, L, d], slots with keep [B, L]
+    False left out (any device: the fp32 reference)."""
+    return decode_attention_reference(q, k, v, keep, scale)
+
+
+@decode_attention_op.register_kernel("cuda")
+def _decode_attention_cuda(q, k, v, keep, scale):
+    """CUDA: the split-KV Triton kernel and its combine launch (``triton_attention``)."""
+    if reference_forced():
+        return decode_attention_reference(q, k, v, keep, scale)
+    from .triton_attention import decode_attention_triton
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    keep = None if keep is None else keep.contiguous()
+    return decode_attention_triton(q, k, v, keep, scale)
+
+
+@decode_attention_op.register_fake
+def _decode_attention_fake(q, k, v, keep, scale):
+    return torch.empty_like(q)  # [B, Hkv, G, d]

@@ -176,3 +176,14 @@ def routed_mask_reference(x: torch.Tensor, w_router: torch.Tensor, tau: float = 
     if budget > 0:
         mask = mask & budget_keep(mask, logits, budget)[None, :]
     return mask
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+                               scale: float) -> torch.Tensor:
+    """Attention of q [B, Hkv, G, d] (one query token's G heads per KV head) over k, v [B, Hkv, L, d]; slots
+    where `keep` [B, L] is False are left out (a row with none kept gives 0). fp32 arithmetic, q's dtype out."""
+    scores = torch.einsum("bhgd,bhld->bhgl", q.float(), k.float()) * scale  # [B, Hkv, G, L]
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all slots out: 0 instead of NaN
+    return torch.einsum("bhgl,bhld->bhgd", weights, v.float()).to(q.dtype)

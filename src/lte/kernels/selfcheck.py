@@ -15,6 +15,7 @@ import torch
 
 from .reference import (
     ACTIVATIONS,
+    decode_attention_reference,
     logit_threshold,
     masked_activation_reference,
     num_experts,
@@ -298,6 +299,33 @@ def check_act_case(F, S, B, sparsity, activation, gated, dtype, device, gen, fro
     return CaseResult(case, err, bool(torch.isfinite(h).all()) and err <= TOLERANCE[dtype])
 
 
+#: decode attention cases: (B, Hkv, G, L, d, slices; None = `split_plan`'s), odd sizes, one slot, slices of
+#: unequal fill, a cache shorter than one tile
+ATTENTION_CASES = ((1, 2, 4, 40, 16, None), (3, 2, 3, 100, 24, 3), (2, 1, 5, 64, 16, 2), (1, 8, 4, 130, 64, None),
+                   (2, 3, 1, 1, 16, None), (4, 1, 8, 77, 32, 5))
+
+
+def check_attention_case(B, kv_heads, G, L, d, splits, dtype, device, gen, masked: bool) -> CaseResult:
+    """``decode_attention_triton`` (tiles of 16 slots) against the fp32 reference; with ``masked`` a random
+    keep mask, one sequence with no slot kept (output 0) where B > 1."""
+    from .triton_attention import decode_attention_triton
+
+    q, k, v = (torch.randn(B, kv_heads, n, d, generator=gen).to(device=device, dtype=dtype) for n in (G, L, L))
+    keep = None
+    if masked:
+        keep = torch.rand(B, L, generator=gen) < 0.6
+        keep[0, -1] = True  # at least one slot for the first sequence
+        if B > 1:
+            keep[1] = False
+        keep = keep.to(device)
+    out = decode_attention_triton(q, k, v, keep, d**-0.5, block_l=16, splits=splits)
+    ref = decode_attention_reference(q, k, v, keep, d**-0.5)
+    case = f"attention B={B} Hkv={kv_heads} G={G} L={L} d={d} slices={splits} {dtype}{' masked' if masked else ''}"
+    err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    zero_rows_ok = not masked or B == 1 or bool((out[1] == 0).all())
+    return CaseResult(case, err, bool(torch.isfinite(out).all()) and zero_rows_ok and err <= TOLERANCE[dtype])
+
+
 def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, seed=0,
                parts=("ffn", "router", "routed", "split", "act", "fp8", "topk"), shapes=SHAPES) -> list[CaseResult]:
     """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
@@ -359,6 +387,11 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
         for B, k, budget in ((3, 2, 20), (1, 7, 8), (5, 20, 39)):  # budgets the union fits (rows stand) or just not
             results.append(check_topk_case(33, 40, B, k, TOPK_DTYPES[B % 3], device, gen, ties=B == 5,
                                            config=TOPK_CONFIGS[k % 3], budget=budget))
+    for i, case in enumerate(ATTENTION_CASES):
+        if "attn" not in parts:
+            break
+        for masked in (False, True):
+            results.append(check_attention_case(*case, dtypes[(i + masked) % len(dtypes)], device, gen, masked))
     return results
 
 
@@ -366,10 +399,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="every kind x dtype for every case")
-    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split", "act", "fp8", "topk"],
-                        choices=["ffn", "router", "routed", "split", "act", "fp8", "topk"],
+    parser.add_argument("--parts", nargs="+", default=["ffn", "router", "routed", "split", "act", "fp8", "topk", "attn"],
+                        choices=["ffn", "router", "routed", "split", "act", "fp8", "topk", "attn"],
                         help="which groups of cases to run (fp8: weights in e4m3 with row scales; topk: top-k "
-                             "routing's mask, fp32 / fp16 / bf16 on any device)")
+                             "routing's mask, fp32 / fp16 / bf16 on any device; attn: the decode attention kernel)")
     parser.add_argument("--small-experts", action="store_true", help="experts of 4, 8 and 16 neurons instead")
     args = parser.parse_args()
     dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if args.device != "cpu" else ())

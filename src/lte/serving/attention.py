@@ -13,7 +13,8 @@ It is registered, on first use, with transformers' `AttentionInterface` (and SDP
 `AttentionMaskInterface`) under `NAME`; `use_gqa_decode_attention(model)` switches a model that runs
 "sdpa" to it. `FLEX_NAME` (`use_gqa_decode_attention(model, "flex")`) is the same decode step through
 PyTorch's `flex_attention` over the unrepeated heads, whose split-KV decoding kernel Inductor generates
-when the decode step is compiled (uncompiled, flex_attention runs a slow reference). Dimensions: B batch,
+when the decode step is compiled (uncompiled, flex_attention runs a slow reference). `TRITON_NAME`
+(`"triton"`) runs it through `lte.kernels.decode_attention`, our own split-KV kernel, compiled or not. Dimensions: B batch,
 H query heads, Hkv key/value heads, G = H / Hkv, L cache length, d head width.
 """
 
@@ -55,8 +56,9 @@ def gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
 
 
 FLEX_NAME = "lte_flex_gqa_decode"
+TRITON_NAME = "lte_triton_gqa_decode"
 #: the decode attention kinds of `use_gqa_decode_attention`: their names in transformers' AttentionInterface
-KINDS = {"sdpa": NAME, "flex": FLEX_NAME}
+KINDS = {"sdpa": NAME, "flex": FLEX_NAME, "triton": TRITON_NAME}
 #: cache lengths the flex path takes: multiples of flex_attention's KV block (compiled on a CPU, torch 2.13 gave
 #: wrong outputs for one query token over 24 keys and right ones over 128 or 256); other lengths take the SDPA path
 FLEX_BLOCK = 128
@@ -120,13 +122,34 @@ def flex_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return out.transpose(1, 2).contiguous(), None
 
 
+def triton_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """As `gqa_decode_attention`, through `lte.kernels.decode_attention` (on CUDA a split-KV Triton kernel that
+    cuts the cache into slices, so one sequence's step fills the GPU; elsewhere the fp32 reference). Anything but
+    one query token per sequence under a [B, 1, 1, L] mask goes to `gqa_decode_attention`."""
+    from .. import kernels
+
+    b, h, t, d = query.shape
+    hkv = key.shape[1]
+    keep = _keep(attention_mask, key.shape[2]) if attention_mask is not None else None
+    usable = (t == 1 and not dropout and h % hkv == 0 and value.shape[-1] == d
+              and (attention_mask is None or keep is not None) and not any(kwargs.get(k) is not None for k in _UNSUPPORTED))
+    if not usable:
+        return gqa_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    is_causal=is_causal, **kwargs)
+    out = kernels.decode_attention(query.reshape(b, hkv, h // hkv, d), key, value, keep, scaling)  # [B, Hkv, G, d]
+    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
 def register() -> None:
-    """Make `NAME` and `FLEX_NAME` known to transformers (idempotent): the attention functions, and SDPA's mask
-    for them."""
+    """Make `NAME`, `FLEX_NAME` and `TRITON_NAME` known to transformers (idempotent): the attention functions, and
+    SDPA's mask for them."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-    for name, function in ((NAME, gqa_decode_attention), (FLEX_NAME, flex_decode_attention)):
+    for name, function in ((NAME, gqa_decode_attention), (FLEX_NAME, flex_decode_attention),
+                           (TRITON_NAME, triton_decode_attention)):
         AttentionInterface.register(name, function)
         if name not in ALL_MASK_ATTENTION_FUNCTIONS:
             AttentionMaskInterface.register(name, sdpa_mask)

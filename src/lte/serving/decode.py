@@ -102,14 +102,15 @@ class StaticDecoder:
             (the model keeps it after the decoder; prefill is unchanged). On by default: on an H100 it cut
             the dense Llama-3-8B-shaped step by 23% at B = 8 and 52% at B = 32 (docs/benchmarks.md).
             "flex": the same through `flex_attention` (`lte.serving.attention.FLEX_NAME`; needs `compile`,
-            which turns it into a split-KV decoding kernel, and a `cache_len` of a multiple of 128).
+            which turns it into a split-KV decoding kernel, and a `cache_len` of a multiple of 128); "triton":
+            the same through `lte.kernels.decode_attention`, a split-KV Triton kernel (compiled or not).
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
                  use_graph: bool | None = None, compile: bool | str = False, ffn_dispatch: str = "auto",
                  gqa_decode: bool | str = True) -> None:
-        if gqa_decode not in (True, False, "sdpa", "flex"):
-            raise LTEError(f"gqa_decode must be True, False, 'sdpa' or 'flex', got {gqa_decode!r}")
+        if gqa_decode not in (True, False, "sdpa", "flex", "triton"):
+            raise LTEError(f"gqa_decode must be True, False, 'sdpa', 'flex' or 'triton', got {gqa_decode!r}")
         if gqa_decode == "flex" and not compile:
             raise LTEError("gqa_decode='flex' needs compile: uncompiled, flex_attention runs a slow reference")
         if gqa_decode == "flex" and cache_len % FLEX_BLOCK:
