@@ -386,6 +386,20 @@ def test_decode_attention_by_hand_and_its_checks():
     torch.library.opcheck(torch.ops.lte.decode_attention.default, (q, k, v, keep, 1.0))
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_decode_attention_split_plan_by_hand():
+    """B x Hkv x slices near two waves of 132 SMs, whole 64-slot tiles per slice: B = 1 with 8 KV heads over 512
+    slots wants 33 slices and gets all 8 tiles; B = 32 (256 programs) wants 2 slices of 4 tiles; a cache of 100
+    slots has 2 tiles; one slot, one slice."""
+    from lte.kernels.triton_attention import split_plan
+
+    assert split_plan(8, 512, 132) == (8, 64)
+    assert split_plan(256, 512, 132) == (2, 256)
+    assert split_plan(8, 100, 132) == (2, 64)
+    assert split_plan(2, 1, 132) == (1, 64)
+    assert split_plan(80, 1000, 132, block_l=32) == (4, 256)  # 32 tiles of 32 slots (the last partial) in 4 slices
+
+
 def test_stacked_masked_dense_ffn_by_hand():
     """Gate, up and router rows in one matrix: x = [1, 2], one-neuron experts, ReLU. gate = [1, 2], up = [-1, 2],
     router logits [1, -1] (tau 0.5: expert 0 on, expert 1 off), h = [relu(1) * -1, 0], y = -1 * [1, 1]; with

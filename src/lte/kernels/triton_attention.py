@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_ffn import _device_info
+
 __all__ = ["decode_attention_triton", "split_plan"]
 
 
@@ -116,8 +118,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     g_pad = max(16, triton.next_power_of_2(groups))  # tl.dot takes tiles of at least 16 a side
     d_pad = max(16, triton.next_power_of_2(width))
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        splits, chunk = split_plan(num_seq * kv_heads, cache_len, sms, block_l)
+        splits, chunk = split_plan(num_seq * kv_heads, cache_len, _device_info(q.device)[1], block_l)
     else:
         chunk = triton.cdiv(triton.cdiv(cache_len, splits), block_l) * block_l
         splits = triton.cdiv(cache_len, chunk)
