@@ -318,11 +318,12 @@ def test_lte_bench_takes_the_flag(tmp_path):
     parser = argparse.ArgumentParser()
     add_serving_commands(parser.add_subparsers())
     rows = {}
-    for flag in (["--no-gqa-decode"], []):  # the default is the grouped-query attention
-        out = tmp_path / f"b{len(flag)}.json"
+    flags = {"sdpa": ["--no-gqa-decode"], NAME: [], TRITON_NAME: ["--decode-attention", "triton"]}
+    for name, flag in flags.items():  # the default is the grouped-query attention through SDPA
+        out = tmp_path / f"b{len(rows)}.json"
         args = parser.parse_args(["bench", "--shape", "tiny", "--sparsity", "0.5", "--new-tokens", "2", "--runs", "1",
                                   "--cache-len", "32", "--batch-size", "2", "--json", str(out), *flag])
         assert args.func(args) == 0
-        rows[bool(flag)] = json.loads(out.read_text())
-    assert {r["attention"] for r in rows[True]} == {"sdpa"}
-    assert {r["attention"] for r in rows[False]} == {NAME}  # dense and LTE rows alike
+        rows[name] = json.loads(out.read_text())
+    for name, got in rows.items():
+        assert {r["attention"] for r in got} == {name}  # dense and LTE rows alike

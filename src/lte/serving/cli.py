@@ -69,6 +69,15 @@ def _device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gqa-decode", action=argparse.BooleanOptionalAction, default=True,
                         help="decode steps of a grouped-query model read each KV head once (lte.serving.attention) "
                              "instead of transformers' repeated copies (default; --no-gqa-decode: transformers' SDPA)")
+    parser.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "triton", "flex"),
+                        help="with --gqa-decode, how the grouped heads attend: sdpa (PyTorch's SDPA over the grouped "
+                             "heads, the default), triton (lte.kernels.decode_attention, a split-KV kernel; new, not yet "
+                             "timed on a GPU) or flex (flex_attention; needs --compile and a cache of a multiple of 128)")
+
+
+def _decode_attention(args: argparse.Namespace) -> bool | str:
+    """StaticDecoder's `gqa_decode` from --gqa-decode / --decode-attention."""
+    return args.decode_attention if args.gqa_decode else False
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -117,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model, is_lte = load_for_serving(args.model, device, dtype)
     hf_model = _prepared(model, is_lte, args.dense, args.expert_budget, args.weights)
     outs = generate(hf_model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                    use_graph=False if args.no_graph else None, compile=args.compile, gqa_decode=args.gqa_decode)
+                    use_graph=False if args.no_graph else None, compile=args.compile, gqa_decode=_decode_attention(args))
     for prompt, text in zip(args.prompt, outs):
         print(f"{prompt}{text}")
     return 0
@@ -128,7 +137,7 @@ def _bench_one(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     return bench(model, batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                  cache_len=args.cache_len, runs=args.runs, use_graph=False if args.no_graph else None,
-                 compile=args.compile, gqa_decode=args.gqa_decode)
+                 compile=args.compile, gqa_decode=_decode_attention(args))
 
 
 def run_bench(args: argparse.Namespace) -> int:
