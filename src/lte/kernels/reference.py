@@ -185,5 +185,7 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scores = torch.einsum("bhgd,bhld->bhgl", q.float(), k.float()) * scale  # [B, Hkv, G, L]
     if keep is not None:
         scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all slots out: 0 instead of NaN
+    weights = torch.softmax(scores, dim=-1)
+    if keep is not None:  # a sequence with no slot kept: 0 instead of softmax's NaN (a NaN input still shows)
+        weights = torch.where(keep.any(-1)[:, None, None, None], weights, 0.0)
     return torch.einsum("bhgl,bhld->bhgd", weights, v.float()).to(q.dtype)
