@@ -106,7 +106,14 @@ def _decoder(model: torch.nn.Module, args: argparse.Namespace, batch: int) -> St
     _free()
     return StaticDecoder(model, batch, args.cache_len, compile=args.compile,
                          ffn_dispatch=args.ffn_dispatch if model_has_sparse(model) else "sparse",
-                         gqa_decode="flex" if args.flex_decode else "triton" if args.triton_decode else args.gqa_decode)
+                         gqa_decode=decode_attention(args))
+
+
+def decode_attention(args: argparse.Namespace) -> bool | str:
+    """StaticDecoder's `gqa_decode` from --gqa-decode / --decode-attention ("auto": True, the device's default)."""
+    if not args.gqa_decode:
+        return False
+    return True if args.decode_attention == "auto" else args.decode_attention
 
 
 def model_has_sparse(model: torch.nn.Module) -> bool:
@@ -310,12 +317,10 @@ def main() -> None:
     p.add_argument("--gqa-decode", action=argparse.BooleanOptionalAction, default=True,
                    help="decode steps with lte.serving.attention's grouped-query attention (each KV head read "
                         "once), dense and LTE alike (default; --no-gqa-decode: transformers' SDPA)")
-    p.add_argument("--flex-decode", action="store_true",
-                   help="the grouped-query decode attention through flex_attention (its split-KV decoding kernel; "
-                        "needs --compile), dense and LTE alike")
-    p.add_argument("--triton-decode", action="store_true",
-                   help="the grouped-query decode attention through lte.kernels.decode_attention (a split-KV Triton "
-                        "kernel), dense and LTE alike")
+    p.add_argument("--decode-attention", default="auto", choices=["auto", "sdpa", "triton", "flex"],
+                   help="with --gqa-decode, how the grouped heads attend, dense and LTE alike: auto (triton on CUDA), "
+                        "sdpa (PyTorch's SDPA over the grouped heads), triton (lte.kernels.decode_attention, a "
+                        "split-KV kernel) or flex (flex_attention's split-KV decoding kernel; needs --compile)")
     p.add_argument("--cache-len", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)

@@ -95,9 +95,8 @@ def trace(dec: StaticDecoder, steps: int) -> list[tuple[str, float]]:
 
 
 def _attention(args: argparse.Namespace) -> bool | str:
-    """The decoder's decode attention: the grouped-query SDPA path, flex_attention with --flex-decode, or
-    lte.kernels.decode_attention with --triton-decode."""
-    return "flex" if args.flex_decode else "triton" if args.triton_decode else True
+    """The decoder's decode attention (--decode-attention; "auto": the device's default, the Triton kernel on CUDA)."""
+    return True if args.decode_attention == "auto" else args.decode_attention
 
 
 def profile_variant(model: nn.Module, args: argparse.Namespace, variant: str) -> dict[str, Any]:
@@ -179,10 +178,9 @@ def main() -> None:
                    help="the BLAS library torch's matrix products prefer (dense and LTE alike; auto: torch's default)")
     p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
                    help="torch.compile the decode step (as decode.py --compile; an Inductor mode may follow)")
-    p.add_argument("--flex-decode", action="store_true",
-                   help="decode attention through flex_attention (as decode.py --flex-decode; needs --compile)")
-    p.add_argument("--triton-decode", action="store_true",
-                   help="decode attention through lte.kernels.decode_attention (as decode.py --triton-decode)")
+    p.add_argument("--decode-attention", default="auto", choices=["auto", "sdpa", "triton", "flex"],
+                   help="the grouped heads' decode attention (as decode.py's; auto: triton on CUDA; --sdpa picks "
+                        "the SDPA backend of sdpa and of prefill)")
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (the CPU smoke run)")
     p.add_argument("--out", type=Path, default=Path("decode_profile.json"))
     args = p.parse_args()

@@ -13,6 +13,7 @@ from lte.serving.attention import (
     FLEX_NAME,
     NAME,
     TRITON_NAME,
+    default_kind,
     flex_decode_attention,
     gqa_decode_attention,
     triton_decode_attention,
@@ -267,7 +268,8 @@ def test_left_alone_where_it_would_not_help():
     model = _llama(4, 2)
     assert use_gqa_decode_attention(model) and use_gqa_decode_attention(model)  # idempotent
     on = _llama(4, 2)
-    assert StaticDecoder(on, 1, 16).gqa_decode is True and on.config._attn_implementation == NAME  # the default
+    assert StaticDecoder(on, 1, 16).gqa_decode is True and on.config._attn_implementation == NAME  # CPU's default
+    assert default_kind("cpu") == "sdpa" and default_kind(torch.device("cuda", 1)) == "triton"
     off = _llama(4, 2)
     assert StaticDecoder(off, 1, 16, gqa_decode=False).gqa_decode is False
     assert off.config._attn_implementation == "sdpa"
@@ -283,17 +285,18 @@ def test_on_the_gpu_it_matches_transformers_sdpa(dtype):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     decoders = [StaticDecoder(_llama(8, 2).to("cuda", dtype), 4, 48, use_graph=True, gqa_decode=flag)
-                for flag in (False, True)]
-    assert decoders[1].gqa_decode and not decoders[0].gqa_decode
+                for flag in (False, True, "sdpa")]  # True on CUDA: the Triton kernel
+    assert [d.model.config._attn_implementation for d in decoders] == ["sdpa", TRITON_NAME, NAME]
     logits = []
     for dec in decoders:
-        dec.prefill(ids, mask)  # prefill runs transformers' SDPA in both: the same state after it
+        dec.prefill(ids, mask)  # prefill runs transformers' SDPA in all: the same state after it
         logits.append(dec._forward(dec.ids, dec.pos, dec.pad_mask, keep_last=False).float())
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(logits[1], logits[0], rtol=tol, atol=tol)
+    for ours in logits[1:]:
+        torch.testing.assert_close(ours, logits[0], rtol=tol, atol=tol)
     if dtype == torch.float32:
         tokens = [dec.generate_ids(ids, 8, attention_mask=mask) for dec in decoders]  # captured steps
-        assert torch.equal(tokens[1], tokens[0])
+        assert torch.equal(tokens[1], tokens[0]) and torch.equal(tokens[2], tokens[0])
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"])
@@ -319,7 +322,7 @@ def test_lte_bench_takes_the_flag(tmp_path):
     add_serving_commands(parser.add_subparsers())
     rows = {}
     flags = {"sdpa": ["--no-gqa-decode"], NAME: [], TRITON_NAME: ["--decode-attention", "triton"]}
-    for name, flag in flags.items():  # the default is the grouped-query attention through SDPA
+    for name, flag in flags.items():  # the default on the CPU: the grouped-query attention through SDPA
         out = tmp_path / f"b{len(rows)}.json"
         args = parser.parse_args(["bench", "--shape", "tiny", "--sparsity", "0.5", "--new-tokens", "2", "--runs", "1",
                                   "--cache-len", "32", "--batch-size", "2", "--json", str(out), *flag])

@@ -10,14 +10,16 @@
 #      e.g. TRAIN_MODES=reduce-overhead)
 #      (benchmarks/train_step.py, SmolLM2 shapes, `ste`)
 #   attn (not in the default list): the decode step, Llama-3-8B shape, B = 8 and 32, fixed masks at 50% and 90%,
-#      once with transformers' SDPA and once with lte.serving.attention's grouped-query decode attention
-#      (`benchmarks/decode.py --no-gqa-decode` and the default `--gqa-decode`), each against its own dense rows
+#      with transformers' SDPA (`benchmarks/decode.py --no-gqa-decode`), lte.serving.attention's grouped heads through
+#      SDPA (`--decode-attention sdpa`) and through the split-KV Triton kernel (`--decode-attention triton`, the
+#      default on CUDA), each against its own dense rows
 #   profile (not in the default list): the decode step of a Llama-3-8B shape at B = 1 split into its FFN and the rest
 #      (dense, LTE at 50%, and the same step with no FFN), with each variant's GPU kernels by kind
 #      (benchmarks/decode_profile.py --compile; PROFILE_MODES picks the Inductor modes, e.g.
-#      PROFILE_MODES="default max-autotune-no-cudagraphs"; PROFILE_SDPA="auto efficient math flex triton" compares
-#      attention backends, flex being lte.serving.attention's flex_attention path, triton its split-KV kernel; PROFILE_BLAS="auto cublas cublaslt" the BLAS
-#      library torch's projections prefer)
+#      PROFILE_MODES="default max-autotune-no-cudagraphs"; PROFILE_SDPA="triton auto efficient math flex" (default
+#      triton) compares decode attentions: triton lte.serving.attention's split-KV kernel (the default on CUDA), flex
+#      its flex_attention path, the others SDPA backends over the grouped heads; PROFILE_BLAS="auto cublas cublaslt"
+#      the BLAS library torch's projections prefer)
 #   prefetch (not in the default list): the same B = 1 profile with one setting changed from this GPU's own tiles:
 #      PREFETCH_VARIANTS="prefetch nopdl" (default prefetch): KernelConfig.out_prefetch on (the down kernel reads its
 #      share's first expert before it waits for the gate/up kernel); PDL off (each kernel's profiled time its own)
@@ -68,8 +70,9 @@ fi
 if want attn; then
   python -m pytest -q -p no:cacheprovider -m gpu tests/test_gqa_attention.py 2>&1 | tail -3 | tee "$OUT/gpu_tests_attn.txt"
   summary+=("gpu tests (grouped-query decode attention): $(tail -1 "$OUT/gpu_tests_attn.txt")")
-  for mode in sdpa gqa; do
-    flag=(--gqa-decode); [[ $mode == sdpa ]] && flag=(--no-gqa-decode)
+  for mode in sdpa gqa triton; do
+    flag=(--decode-attention "$mode"); [[ $mode == sdpa ]] && flag=(--no-gqa-decode)
+    [[ $mode == gqa ]] && flag=(--decode-attention sdpa)
     python benchmarks/decode.py --shapes llama3-8b --batch-sizes 8 32 --sparsities 0.5 0.9 --mask-modes fixed \
       --runs 3 --budget 150 "${flag[@]}" --out "$OUT/decode_attn_${mode}.json" 2>&1 | tail -10
     summary+=("decode step, attention $mode: $OUT/decode_attn_${mode}.json")
@@ -77,10 +80,10 @@ if want attn; then
 fi
 if want profile; then  # where a B = 1 step's time goes: dense, LTE at 50%, no FFN at all, and their kernels
   for mode in ${PROFILE_MODES:-default}; do
-    for sdpa in ${PROFILE_SDPA:-auto}; do  # e.g. PROFILE_SDPA="auto efficient flex": attention to compare
+    for sdpa in ${PROFILE_SDPA:-triton}; do  # e.g. PROFILE_SDPA="triton auto flex": attention to compare
       for blas in ${PROFILE_BLAS:-auto}; do  # e.g. PROFILE_BLAS="auto cublas": the projections' BLAS library
-        attn=(--sdpa "$sdpa"); [[ $sdpa == flex ]] && attn=(--flex-decode)  # flex: flex_attention's decoding kernel
-        [[ $sdpa == triton ]] && attn=(--triton-decode)  # triton: lte.kernels.decode_attention (split-KV)
+        attn=(--decode-attention sdpa --sdpa "$sdpa")  # an SDPA backend over the grouped heads
+        [[ $sdpa == flex || $sdpa == triton ]] && attn=(--decode-attention "$sdpa")  # flex_attention's / ours (split-KV)
         name="b1_${mode}_${sdpa}"; [[ $blas != auto ]] && name+="_${blas}"
         python benchmarks/decode_profile.py --shape llama3-8b --batch 1 --sparsity 0.5 --compile "$mode" \
           "${attn[@]}" --blas "$blas" --out "$OUT/decode_profile_${name}.json" 2>&1 | tail -8

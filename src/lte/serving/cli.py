@@ -69,15 +69,18 @@ def _device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gqa-decode", action=argparse.BooleanOptionalAction, default=True,
                         help="decode steps of a grouped-query model read each KV head once (lte.serving.attention) "
                              "instead of transformers' repeated copies (default; --no-gqa-decode: transformers' SDPA)")
-    parser.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "triton", "flex"),
-                        help="with --gqa-decode, how the grouped heads attend: sdpa (PyTorch's SDPA over the grouped "
-                             "heads, the default), triton (lte.kernels.decode_attention, a split-KV kernel; new, not yet "
-                             "timed on a GPU) or flex (flex_attention; needs --compile and a cache of a multiple of 128)")
+    parser.add_argument("--decode-attention", default="auto", choices=("auto", "sdpa", "triton", "flex"),
+                        help="with --gqa-decode, how the grouped heads attend: auto (the default: triton on CUDA, sdpa "
+                             "elsewhere), sdpa (PyTorch's SDPA over the grouped heads), triton "
+                             "(lte.kernels.decode_attention, a split-KV kernel) or flex (flex_attention; needs --compile "
+                             "and a cache of a multiple of 128)")
 
 
 def _decode_attention(args: argparse.Namespace) -> bool | str:
-    """StaticDecoder's `gqa_decode` from --gqa-decode / --decode-attention."""
-    return args.decode_attention if args.gqa_decode else False
+    """StaticDecoder's `gqa_decode` from --gqa-decode / --decode-attention ("auto": True, the device's default)."""
+    if not args.gqa_decode:
+        return False
+    return True if args.decode_attention == "auto" else args.decode_attention
 
 
 def _resolve(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import LTEError
-from .attention import FLEX_BLOCK, FLEX_MIN_HEAD_DIM, head_dim, use_gqa_decode_attention
+from .attention import FLEX_BLOCK, FLEX_MIN_HEAD_DIM, default_kind, head_dim, use_gqa_decode_attention
 from .dispatch import choose_ffn_paths, set_ffn_path, union_fraction
 from .prepare import sparse_modules
 from .sparse_mlp import SparseMLP
@@ -99,11 +99,13 @@ class StaticDecoder:
             leaves each FFN's path as it is.
         gqa_decode: switch a grouped-query model running "sdpa" to `lte.serving.attention`'s decode
             attention, which reads each KV head once instead of transformers' repeated copies
-            (the model keeps it after the decoder; prefill is unchanged). On by default: on an H100 it cut
-            the dense Llama-3-8B-shaped step by 23% at B = 8 and 52% at B = 32 (docs/benchmarks.md).
-            "flex": the same through `flex_attention` (`lte.serving.attention.FLEX_NAME`; needs `compile`,
-            which turns it into a split-KV decoding kernel, and a `cache_len` of a multiple of 128); "triton":
-            the same through `lte.kernels.decode_attention`, a split-KV Triton kernel (compiled or not).
+            (the model keeps it after the decoder; prefill is unchanged). On by default (True: the kind
+            `lte.serving.attention.default_kind` gives the model's device, "triton" on CUDA, "sdpa" elsewhere):
+            on an H100 the grouped SDPA path cut the dense Llama-3-8B-shaped step by 23% at B = 8 and 52% at
+            B = 32, the Triton kernel 3-5% more (docs/benchmarks.md). "sdpa": PyTorch's SDPA over the grouped
+            heads; "flex": the same through `flex_attention` (`lte.serving.attention.FLEX_NAME`; needs
+            `compile`, which turns it into a split-KV decoding kernel, and a `cache_len` of a multiple of 128);
+            "triton": through `lte.kernels.decode_attention`, a split-KV Triton kernel (compiled or not).
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
@@ -130,10 +132,10 @@ class StaticDecoder:
         if ffn_dispatch != "auto":
             set_ffn_path(model, ffn_dispatch)
         self.model = model.eval()
-        kind = "sdpa" if gqa_decode is True else gqa_decode
-        self.gqa_decode = use_gqa_decode_attention(model, kind) if kind else False
         first = next(iter(model.parameters()))
         self.device = first.device
+        kind = default_kind(self.device) if gqa_decode is True else gqa_decode
+        self.gqa_decode = use_gqa_decode_attention(model, kind) if kind else False
         self.batch_size, self.cache_len, self.temperature = batch_size, cache_len, temperature
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         if self.use_graph and self.device.type != "cuda":
