@@ -64,6 +64,61 @@ def test_sequential_calibration_stops_after_its_layer_and_keeps_the_thresholds(m
     assert torch.equal(logits(fast, batch()), logits(slow, batch()))
 
 
+ALL_FAMILIES = ["llama", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "opt", "gpt_neox", "bert", "mpnet"]
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_block_by_block_calibration_gives_the_layer_by_layer_thresholds(monkeypatch, family):
+    """The O(L) sequential calibration (each layer's block run on stored hidden states) sets the thresholds the
+    layer-by-layer passes set, exactly, on every family (Gemma 2/3: per-layer sliding-window masks; GPT-2, OPT,
+    BERT, MPNet: blocks that return tuples), and it runs the model once per batch plus one check."""
+    from lte.baselines import methods
+
+    def thresholds(model):
+        return [(s.x_threshold.item(), s.h_threshold.item()) for s in model.sparsifiers()]
+
+    data = calib(3)
+    base = build(family)
+    forwards = []
+    base.register_forward_pre_hook(lambda *a: forwards.append(1))
+    fast = apply_baseline(base, "teal", 0.6, calib_data=data, batch_size=4)
+    assert len(forwards) == len(data) + 1  # the recording forwards and the check, never one per layer
+    monkeypatch.setattr(methods, "repeated_blocks", lambda model, members: None)
+    slow = apply_baseline(build(family), "teal", 0.6, calib_data=data, batch_size=4)
+    assert thresholds(fast) == thresholds(slow)
+    assert len({t for t in thresholds(fast)}) == len(fast.sparsifiers())  # the layers' own thresholds
+
+
+def test_block_by_block_calibration_falls_back_when_the_blocks_do_not_chain(monkeypatch, caplog):
+    """A model whose hidden state changes between its blocks (here: every stored block output shifted) fails the
+    check on the last block's input, and the thresholds come from the layer-by-layer passes instead."""
+    from lte import passes
+    from lte.baselines import methods
+
+    data = calib(2)
+    monkeypatch.setattr(methods, "repeated_blocks", lambda model, members: None)
+    slow = apply_baseline(build("llama"), "cats", 0.6, calib_data=data, batch_size=4)
+    monkeypatch.undo()
+    run = passes.BlockCall.run
+    monkeypatch.setattr(passes.BlockCall, "run", lambda self, block, hidden: run(self, block, hidden) + 1.0)
+    with caplog.at_level("WARNING", logger="lte.baselines.methods"):
+        fallen = apply_baseline(build("llama"), "cats", 0.6, calib_data=data, batch_size=4)
+    assert "calibrating layer by layer instead" in caplog.text
+    reference = [s.h_threshold.item() for s in slow.sparsifiers()]
+    assert [s.h_threshold.item() for s in fallen.sparsifiers()] == reference
+
+
+def test_repeated_blocks_finds_the_layer_list_and_only_it():
+    from lte.passes import repeated_blocks
+
+    model = build("llama")
+    downs = [layer.mlp.down_proj for layer in model.model.layers]
+    assert repeated_blocks(model, downs) == list(model.model.layers)
+    assert repeated_blocks(model, downs[::-1]) is None  # out of order
+    assert repeated_blocks(model, downs[:1]) is None  # not one per block
+    assert repeated_blocks(model, []) is None
+
+
 @pytest.mark.parametrize("method", ["teal", "cats"])
 def test_threshold_zero_target_is_dense(method):
     base = build("llama")

@@ -104,3 +104,24 @@ def test_router_fit_in_pieces_stays_near_the_target(monkeypatch, threshold):
     data = batch(seed=5, batch_size=6, length=7)
     achieved = fit_routers(model, data, sparsity=0.5, threshold=threshold)
     assert sum(achieved) / len(achieved) == pytest.approx(0.5, abs=0.2)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "bert"])
+def test_block_calls_replay_the_forward_block_by_block(family):
+    """One recorded forward, then every block run again from the first block's stored input: each block's input
+    is the one the model's own forward gives it (`output_hidden_states`), and the last block never ran."""
+    model = build(family).eval()
+    inputs = batch(seed=5, batch_size=3, length=9, pad_last=2)
+    with torch.no_grad():
+        want = model(**inputs, output_hidden_states=True).hidden_states  # [embeddings, block 1 out, ...]
+    blocks = passes.repeated_blocks(model, [ffn.down for ffn in find_ffns(model)])
+    assert blocks is not None and len(blocks) == len(want) - 1
+    ran = []
+    blocks[-1].register_forward_hook(lambda *a: ran.append(1))
+    hidden, calls = passes.block_calls(model, blocks, inputs)
+    assert ran == [] and len(calls) == len(blocks)
+    torch.testing.assert_close(hidden, want[0])
+    with torch.no_grad():
+        for i, (block, call) in enumerate(zip(blocks[:-1], calls)):
+            hidden = call.run(block, hidden)
+            torch.testing.assert_close(hidden, want[i + 1], rtol=1e-5, atol=1e-5)

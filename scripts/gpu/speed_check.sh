@@ -13,6 +13,9 @@
 #      with transformers' SDPA (`benchmarks/decode.py --no-gqa-decode`), lte.serving.attention's grouped heads through
 #      SDPA (`--decode-attention sdpa`) and through the split-KV Triton kernel (`--decode-attention triton`, the
 #      default on CUDA), each against its own dense rows
+#   attnlen (not in the default list): the decode step, Llama-3-8B shape, dense and LTE at 50%, with the grouped heads
+#      through SDPA and through the Triton kernel at longer caches (ATTN_LENS, default "2048 8192"; B = 1, 8, 32, and
+#      1, 8 above 4096 slots)
 #   profile (not in the default list): the decode step of a Llama-3-8B shape at B = 1 split into its FFN and the rest
 #      (dense, LTE at 50%, and the same step with no FFN), with each variant's GPU kernels by kind
 #      (benchmarks/decode_profile.py --compile; PROFILE_MODES picks the Inductor modes, e.g.
@@ -27,7 +30,7 @@
 #      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
 #      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
 #
-# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn profile prefetch train;
+# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn attnlen profile prefetch train;
 #         default tests masks decode train, attn and tune when named; about 8 minutes on an H100 with every GPU test, plus the tuning). Run from the project
 #         root; set LTE_COMMIT first on the GPU machine (scripts/gpu/README.md).
 set -uo pipefail
@@ -76,6 +79,17 @@ if want attn; then
     python benchmarks/decode.py --shapes llama3-8b --batch-sizes 8 32 --sparsities 0.5 0.9 --mask-modes fixed \
       --runs 3 --budget 150 "${flag[@]}" --out "$OUT/decode_attn_${mode}.json" 2>&1 | tail -10
     summary+=("decode step, attention $mode: $OUT/decode_attn_${mode}.json")
+  done
+fi
+if want attnlen; then  # the decode attentions at longer caches (the Triton kernel became the CUDA default at 512 slots)
+  for len in ${ATTN_LENS:-2048 8192}; do
+    batches=(1 8 32); [[ $len -gt 4096 ]] && batches=(1 8)  # B = 32 x 8192 slots: 34 GB of cache beside two models
+    for kind in sdpa triton; do
+      python benchmarks/decode.py --shapes llama3-8b --batch-sizes "${batches[@]}" --sparsities 0 0.5 --mask-modes fixed \
+        --runs 2 --budget 120 --cache-len "$len" --decode-attention "$kind" --out "$OUT/decode_len${len}_${kind}.json" \
+        2>&1 | grep -E "^ +llama3-8b +[0-9]+ " | tee -a "$OUT/attnlen.txt"
+      summary+=("decode step, $len slots, attention $kind: $OUT/decode_len${len}_${kind}.json")
+    done
   done
 fi
 if want profile; then  # where a B = 1 step's time goes: dense, LTE at 50%, no FFN at all, and their kernels

@@ -9,17 +9,22 @@ passes cheap at any model size:
   ~4k tokens is faster per token than one of 16k);
 - `forward_until`: a forward that stops as soon as every watched module has run, so the layers
   after the last FFN, the final norm and the LM head (a vocabulary-wide matmul, ~20% of a small
-  model's forward) never run.
+  model's forward) never run;
+- `block_calls` / `BlockCall`: one forward records how each repeated block (decoder layer) was called,
+  so that a pass that must recalibrate layer by layer runs each block on stored hidden states
+  (2 block calls a layer) instead of the whole prefix of the model again (L (L + 1) / 2 of them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CALIBRATION_TOKENS", "pieces", "forward_until"]
+__all__ = ["CALIBRATION_TOKENS", "pieces", "forward_until", "BlockCall", "repeated_blocks", "block_calls"]
 
 #: The most tokens (rows x length, padding included) one calibration forward takes.
 CALIBRATION_TOKENS = 4096
@@ -69,3 +74,85 @@ def forward_until(model: nn.Module, watched: Iterable[nn.Module], inputs: dict[s
     finally:
         for handle in handles:
             handle.remove()
+
+
+# --------------------------------------------------------------------------- block by block
+#: keyword arguments of a block that carry a KV cache (besides any `transformers` Cache object): cleared, so that a
+#: block can be called again without appending to a cache
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass
+class BlockCall:
+    """One call of a repeated block (a decoder or encoder layer) as the model made it, the hidden state taken out:
+    `run` calls the block again on another hidden state with the same masks, positions and options."""
+
+    args: tuple  # positional arguments after the hidden state
+    kwargs: dict[str, Any]
+    by_keyword: bool  # the hidden state came as `hidden_states=`
+
+    def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's output hidden state [B, T, D] for `hidden` [B, T, D]."""
+        if self.by_keyword:
+            out = block(*self.args, hidden_states=hidden, **self.kwargs)
+        else:
+            out = block(hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def repeated_blocks(model: nn.Module, members: Sequence[nn.Module]) -> list[nn.Module] | None:
+    """The blocks of the `nn.ModuleList` whose i-th block holds `members[i]` and which holds nothing else of them
+    (the decoder layers of `members` = each layer's FFN output projection), or None where no list is laid out so."""
+    for blocks in model.modules():
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) != len(members) or not members:
+            continue
+        if all(any(sub is member for sub in block.modules()) for block, member in zip(blocks, members)):
+            return list(blocks)
+    return None
+
+
+def _is_cache(value: Any) -> bool:
+    """A transformers KV cache object (transformers 5 hands it to each layer as `cache=`)."""
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
+class _Captured(Exception):
+    """Raised by the last block's pre-hook: every block's call is recorded, nothing more needs to run."""
+
+
+@torch.no_grad()
+def block_calls(model: nn.Module, blocks: Sequence[nn.Module],
+                inputs: dict[str, Any]) -> tuple[torch.Tensor, list[BlockCall]]:
+    """(the first block's hidden state, every block's `BlockCall`) from one forward of `model(**inputs)`, stopped
+    as the last block is about to run. Pass `use_cache=False` in `inputs` where the model takes it; cache
+    arguments the blocks still get are cleared."""
+    calls: list[BlockCall] = []
+    first: list[torch.Tensor] = []
+
+    def record(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = {k: (None if k in _CACHE_KWARGS or _is_cache(v) else v) for k, v in kwargs.items()}
+        args = tuple(None if _is_cache(a) else a for a in args)
+        if args:
+            hidden, call = args[0], BlockCall(tuple(args[1:]), kwargs, by_keyword=False)
+        else:
+            hidden = kwargs.pop("hidden_states")
+            call = BlockCall((), kwargs, by_keyword=True)
+        if not first:
+            first.append(hidden)
+        calls.append(call)
+        if block is blocks[-1]:
+            raise _Captured
+
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+    try:
+        model(**inputs)
+    except _Captured:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(calls) != len(blocks):
+        raise RuntimeError(f"{len(calls)} of {len(blocks)} blocks were called in one forward")
+    return first[0], calls
