@@ -47,7 +47,7 @@ def test_threshold_methods_hit_their_target_on_calibration_data(family, method):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", ["teal", "cats"])
 def test_sequential_calibration_stops_after_its_layer_and_keeps_the_thresholds(monkeypatch, family, method):
-    from lte.baselines import methods
+    from lte.baselines import calibration
 
     def thresholds(model):
         return [(s.x_threshold.item(), s.h_threshold.item()) for s in model.sparsifiers()]
@@ -58,7 +58,7 @@ def test_sequential_calibration_stops_after_its_layer_and_keeps_the_thresholds(m
     fast_base.get_output_embeddings().register_forward_hook(lambda *a: heads.append(1))
     fast = apply_baseline(fast_base, method, 0.6, calib_data=data)
     assert heads == []  # every calibration pass stopped before the LM head
-    monkeypatch.setattr(methods, "_outputs_of", lambda model, sparsifiers: [])  # whole forwards
+    monkeypatch.setattr(calibration, "_outputs_of", lambda model, sparsifiers: [])  # whole forwards
     slow = apply_baseline(build(family), method, 0.6, calib_data=data)
     assert thresholds(fast) == thresholds(slow)
     assert torch.equal(logits(fast, batch()), logits(slow, batch()))
@@ -72,7 +72,7 @@ def test_block_by_block_calibration_gives_the_layer_by_layer_thresholds(monkeypa
     """The O(L) sequential calibration (each layer's block run on stored hidden states) sets the thresholds the
     layer-by-layer passes set, exactly, on every family (Gemma 2/3: per-layer sliding-window masks; GPT-2, OPT,
     BERT, MPNet: blocks that return tuples), and it runs the model once per batch plus one check."""
-    from lte.baselines import methods
+    from lte.baselines import calibration
 
     def thresholds(model):
         return [(s.x_threshold.item(), s.h_threshold.item()) for s in model.sparsifiers()]
@@ -83,7 +83,7 @@ def test_block_by_block_calibration_gives_the_layer_by_layer_thresholds(monkeypa
     base.register_forward_pre_hook(lambda *a: forwards.append(1))
     fast = apply_baseline(base, "teal", 0.6, calib_data=data, batch_size=4)
     assert len(forwards) == len(data) + 1  # the recording forwards and the check, never one per layer
-    monkeypatch.setattr(methods, "repeated_blocks", lambda model, members: None)
+    monkeypatch.setattr(calibration, "repeated_blocks", lambda model, members: None)
     slow = apply_baseline(build(family), "teal", 0.6, calib_data=data, batch_size=4)
     assert thresholds(fast) == thresholds(slow)
     assert len({t for t in thresholds(fast)}) == len(fast.sparsifiers())  # the layers' own thresholds
@@ -93,15 +93,15 @@ def test_block_by_block_calibration_falls_back_when_the_blocks_do_not_chain(monk
     """A model whose hidden state changes between its blocks (here: every stored block output shifted) fails the
     check on the last block's input, and the thresholds come from the layer-by-layer passes instead."""
     from lte import passes
-    from lte.baselines import methods
+    from lte.baselines import calibration
 
     data = calib(2)
-    monkeypatch.setattr(methods, "repeated_blocks", lambda model, members: None)
+    monkeypatch.setattr(calibration, "repeated_blocks", lambda model, members: None)
     slow = apply_baseline(build("llama"), "cats", 0.6, calib_data=data, batch_size=4)
     monkeypatch.undo()
     run = passes.BlockCall.run
     monkeypatch.setattr(passes.BlockCall, "run", lambda self, block, hidden: run(self, block, hidden) + 1.0)
-    with caplog.at_level("WARNING", logger="lte.baselines.methods"):
+    with caplog.at_level("WARNING", logger="lte.baselines.calibration"):
         fallen = apply_baseline(build("llama"), "cats", 0.6, calib_data=data, batch_size=4)
     assert "calibrating layer by layer instead" in caplog.text
     reference = [s.h_threshold.item() for s in slow.sparsifiers()]
