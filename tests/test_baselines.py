@@ -108,6 +108,24 @@ def test_block_by_block_calibration_falls_back_when_the_blocks_do_not_chain(monk
     assert [s.h_threshold.item() for s in fallen.sparsifiers()] == reference
 
 
+def test_block_by_block_calibration_falls_back_when_a_block_is_not_called(monkeypatch):
+    """A forward that does not run every block of the list (lte.passes raises LTEError) leaves the thresholds to
+    the layer-by-layer passes, with no error for the user."""
+    from lte.baselines import calibration
+
+    data = calib(2)
+    monkeypatch.setattr(calibration, "repeated_blocks", lambda model, members: None)
+    slow = apply_baseline(build("gpt2"), "teal", 0.6, calib_data=data, batch_size=4)
+    monkeypatch.undo()
+
+    def skipping(model, blocks, inputs):
+        raise lte.LTEError("1 of 2 blocks were called in one forward")
+
+    monkeypatch.setattr(calibration, "block_calls", skipping)
+    fallen = apply_baseline(build("gpt2"), "teal", 0.6, calib_data=data, batch_size=4)
+    assert [s.x_threshold.item() for s in fallen.sparsifiers()] == [s.x_threshold.item() for s in slow.sparsifiers()]
+
+
 def test_repeated_blocks_finds_the_layer_list_and_only_it():
     from lte.passes import repeated_blocks
 

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import LTEError
+
 __all__ = ["CALIBRATION_TOKENS", "pieces", "forward_until", "BlockCall", "repeated_blocks", "block_calls"]
 
 #: The most tokens (rows x length, padding included) one calibration forward takes.
@@ -154,5 +156,6 @@ def block_calls(model: nn.Module, blocks: Sequence[nn.Module],
         for handle in handles:
             handle.remove()
     if len(calls) != len(blocks):
-        raise RuntimeError(f"{len(calls)} of {len(blocks)} blocks were called in one forward")
+        raise LTEError(f"{len(calls)} of {len(blocks)} blocks were called in one forward: the model does not run "
+                       "its layer list in order, so it cannot be replayed block by block")
     return first[0], calls

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LTEError
 from ..passes import block_calls, forward_until, repeated_blocks
 from .model import BaselineModel, _check_target
 from .wrappers import SparseOutput, quantile
@@ -107,7 +108,11 @@ def _calibrate_by_block(model: BaselineModel, batches: list[dict], target: float
         model.set_state("off")
         hidden, calls, token_masks = [], [], []
         for batch in batches:
-            h, c = block_calls(model, blocks, {**{k: v.to(device) for k, v in batch.items()}, **cache_off})
+            try:
+                h, c = block_calls(model, blocks, {**{k: v.to(device) for k, v in batch.items()}, **cache_off})
+            except LTEError as err:  # blocks skipped or called out of order: the layer-by-layer passes instead
+                logger.info("%s; calibrating layer by layer", err)
+                return False
             hidden.append(h)
             calls.append(c)
             token_masks.append(model._context.token_mask)
