@@ -197,6 +197,28 @@ def test_triton_kind_in_the_static_decoder_gives_the_same_tokens():
         StaticDecoder(model, 3, 32, gqa_decode="cuda")
 
 
+def test_triton_kind_named_outright_serves_one_query_head_per_kv_head(monkeypatch):
+    """Multi-head attention (4 heads, 4 KV heads): "triton" runs the kernel (G = 1) at every decode step, with the
+    same tokens as SDPA; the default (True) leaves such a model on SDPA, and "sdpa" too."""
+    from lte import kernels
+
+    ids = torch.randint(2, tm.VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    plain = StaticDecoder(_llama(4, 4), 2, 24, gqa_decode=False).generate_ids(ids, 6, attention_mask=mask)
+    model = _llama(4, 4)
+    real, groups = kernels.decode_attention, []
+    monkeypatch.setattr(kernels, "decode_attention", lambda q, *a: groups.append(q.shape[2]) or real(q, *a))
+    dec = StaticDecoder(model, 2, 24, gqa_decode="triton")
+    assert dec.gqa_decode and model.config._attn_implementation == TRITON_NAME
+    assert torch.equal(dec.generate_ids(ids, 6, attention_mask=mask), plain)
+    assert groups == [1] * 5 * 2  # 5 decode steps (6 tokens, 1 from prefill), 2 layers, one query row each
+    for flag in (True, "sdpa"):
+        other = _llama(4, 4)
+        assert StaticDecoder(other, 1, 16, gqa_decode=flag).gqa_decode is False
+        assert other.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])

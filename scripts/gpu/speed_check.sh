@@ -16,6 +16,8 @@
 #   attnlen (not in the default list): the decode step, Llama-3-8B shape, dense and LTE at 50%, with the grouped heads
 #      through SDPA and through the Triton kernel at longer caches (ATTN_LENS, default "2048 8192"; B = 1, 8, 32, and
 #      1, 8 above 4096 slots)
+#   mha (not in the default list): the decode step of the LLaMA-2-7B shape (no grouped heads: the default leaves it on
+#      transformers' SDPA) with `--decode-attention sdpa` and `triton` (the kernel, named outright), B = 1, 8, 32
 #   profile (not in the default list): the decode step of a Llama-3-8B shape at B = 1 split into its FFN and the rest
 #      (dense, LTE at 50%, and the same step with no FFN), with each variant's GPU kernels by kind
 #      (benchmarks/decode_profile.py --compile; PROFILE_MODES picks the Inductor modes, e.g.
@@ -30,7 +32,7 @@
 #      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
 #      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
 #
-# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn attnlen profile prefetch train;
+# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn attnlen mha profile prefetch train;
 #         default tests masks decode train, attn and tune when named; about 8 minutes on an H100 with every GPU test, plus the tuning). Run from the project
 #         root; set LTE_COMMIT first on the GPU machine (scripts/gpu/README.md).
 set -uo pipefail
@@ -90,6 +92,14 @@ if want attnlen; then  # the decode attentions at longer caches (the Triton kern
         2>&1 | grep -E "^ +llama3-8b +[0-9]+ " | tee -a "$OUT/attnlen.txt"
       summary+=("decode step, $len slots, attention $kind: $OUT/decode_len${len}_${kind}.json")
     done
+  done
+fi
+if want mha; then  # LLaMA-2-7B (one query head per KV head): transformers' SDPA against the Triton kernel named outright
+  for kind in sdpa triton; do
+    python benchmarks/decode.py --shapes llama2-7b --batch-sizes 1 8 32 --sparsities 0 0.5 --mask-modes fixed --runs 2 \
+      --budget 100 --decode-attention "$kind" --out "$OUT/decode_mha_${kind}.json" 2>&1 | grep -E "^ +llama2-7b +[0-9]+ " \
+      | tee -a "$OUT/mha.txt"
+    summary+=("decode step, LLaMA-2-7B, attention $kind: $OUT/decode_mha_${kind}.json")
   done
 fi
 if want profile; then  # where a B = 1 step's time goes: dense, LTE at 50%, no FFN at all, and their kernels

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LTEError
-
-__all__ = ["CALIBRATION_TOKENS", "pieces", "forward_until", "BlockCall", "repeated_blocks", "block_calls"]
+__all__ = ["CALIBRATION_TOKENS", "pieces", "forward_until", "BlockCall", "NotReplayable", "repeated_blocks",
+           "block_calls"]
 
 #: The most tokens (rows x length, padding included) one calibration forward takes.
 CALIBRATION_TOKENS = 4096
@@ -120,6 +119,10 @@ def _is_cache(value: Any) -> bool:
     return isinstance(value, Cache)
 
 
+class NotReplayable(RuntimeError):
+    """`block_calls` found a forward that does not call every block of the list once."""
+
+
 class _Captured(Exception):
     """Raised by the last block's pre-hook: every block's call is recorded, nothing more needs to run."""
 
@@ -156,6 +159,6 @@ def block_calls(model: nn.Module, blocks: Sequence[nn.Module],
         for handle in handles:
             handle.remove()
     if len(calls) != len(blocks):
-        raise LTEError(f"{len(calls)} of {len(blocks)} blocks were called in one forward: the model does not run "
-                       "its layer list in order, so it cannot be replayed block by block")
+        raise NotReplayable(f"{len(calls)} of {len(blocks)} blocks were called in one forward: the model does not "
+                            "run its layer list in order, so it cannot be replayed block by block")
     return first[0], calls

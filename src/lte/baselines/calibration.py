@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LTEError
-from ..passes import block_calls, forward_until, repeated_blocks
+from ..passes import NotReplayable, block_calls, forward_until, repeated_blocks
 from .model import BaselineModel, _check_target
 from .wrappers import SparseOutput, quantile
 
@@ -110,7 +109,7 @@ def _calibrate_by_block(model: BaselineModel, batches: list[dict], target: float
         for batch in batches:
             try:
                 h, c = block_calls(model, blocks, {**{k: v.to(device) for k, v in batch.items()}, **cache_off})
-            except LTEError as err:  # blocks skipped or called out of order: the layer-by-layer passes instead
+            except NotReplayable as err:  # blocks skipped or called out of order: the layer-by-layer passes instead
                 logger.info("%s; calibrating layer by layer", err)
                 return False
             hidden.append(h)

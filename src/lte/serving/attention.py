@@ -175,10 +175,11 @@ def _grouped(config: Any) -> bool:
     return bool(heads and kv_heads and heads > kv_heads)
 
 
-def use_gqa_decode_attention(model: nn.Module, kind: str = "sdpa") -> bool:
+def use_gqa_decode_attention(model: nn.Module, kind: str = "sdpa", grouped_only: bool = True) -> bool:
     """Switch `model` from "sdpa" (or the other kind of `KINDS`) to the decode attention `kind` when it has fewer
-    KV heads than query heads; True if it did (or runs it already). Other attention implementations, and models
-    without grouped heads, are left alone."""
+    KV heads than query heads; True if it did (or runs it already). Other attention implementations are left
+    alone, and so are models with one query head per KV head unless `grouped_only` is False (for "triton": its
+    split-KV kernel can pay there too, where SDPA copies nothing)."""
     if kind not in KINDS:
         raise ValueError(f"unknown decode attention {kind!r}; choose one of {sorted(KINDS)}")
     name = KINDS[kind]
@@ -186,7 +187,9 @@ def use_gqa_decode_attention(model: nn.Module, kind: str = "sdpa") -> bool:
     current = getattr(config, "_attn_implementation", None)
     if current == name:
         return True
-    if current not in ("sdpa", *KINDS.values()) or not _grouped(getattr(config, "text_config", None) or config):
+    if current not in ("sdpa", *KINDS.values()):
+        return False
+    if grouped_only and not _grouped(getattr(config, "text_config", None) or config):
         return False
     register()
     if hasattr(model, "set_attn_implementation"):

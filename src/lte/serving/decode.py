@@ -105,7 +105,8 @@ class StaticDecoder:
             B = 32, the Triton kernel 3-5% more (docs/benchmarks.md). "sdpa": PyTorch's SDPA over the grouped
             heads; "flex": the same through `flex_attention` (`lte.serving.attention.FLEX_NAME`; needs
             `compile`, which turns it into a split-KV decoding kernel, and a `cache_len` of a multiple of 128);
-            "triton": through `lte.kernels.decode_attention`, a split-KV Triton kernel (compiled or not).
+            "triton": through `lte.kernels.decode_attention`, a split-KV Triton kernel (compiled or not); named
+            outright it serves models with one query head per KV head too (True leaves those on SDPA).
     """
 
     def __init__(self, model: nn.Module, batch_size: int, cache_len: int, temperature: float = 0.0,
@@ -135,7 +136,9 @@ class StaticDecoder:
         first = next(iter(model.parameters()))
         self.device = first.device
         kind = default_kind(self.device) if gqa_decode is True else gqa_decode
-        self.gqa_decode = use_gqa_decode_attention(model, kind) if kind else False
+        # named outright, the Triton kernel serves models with one query head per KV head too (not timed yet there)
+        self.gqa_decode = (use_gqa_decode_attention(model, kind, grouped_only=gqa_decode is True or kind != "triton")
+                           if kind else False)
         self.batch_size, self.cache_len, self.temperature = batch_size, cache_len, temperature
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         if self.use_graph and self.device.type != "cuda":
