@@ -128,9 +128,10 @@ def test_flex_kind_compiles_with_inductor():
     """torch.compile with Inductor (its CPU flex kernel here) takes the flex decode with a padding mask the score
     modification reads, and its logits equal SDPA's over six decode steps. Without `stored_mask` Inductor fails on
     the mask built inside the graph (the CUDA failure of 2026-12-07 has the same cause)."""
-    from lte.serving.decode import make_static_cache
+    from lte.serving.decode import cache_kwarg, make_static_cache
 
     model = _llama(4, 2, hidden=64)
+    key = cache_kwarg(model)  # `cache` on transformers >= 5.2x, `past_key_values` before
     ids = torch.randint(2, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
     pad = torch.ones(2, 128, dtype=torch.long)
     pad[0, :2] = 0  # left padding: the score modification reads the mask
@@ -138,11 +139,10 @@ def test_flex_kind_compiles_with_inductor():
     def decode(forward):
         cache, logits = make_static_cache(model, 2, 128), []
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=pad[:, :6], past_key_values=cache, cache_position=torch.arange(6))
+            out = model(input_ids=ids, attention_mask=pad[:, :6], cache_position=torch.arange(6), **{key: cache})
             for step in range(6, 12):
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                out = forward(input_ids=nxt, attention_mask=pad, past_key_values=cache,
-                              cache_position=torch.tensor([step]))
+                out = forward(input_ids=nxt, attention_mask=pad, cache_position=torch.tensor([step]), **{key: cache})
                 logits.append(out.logits[:, -1])
         return torch.stack(logits)
 
