@@ -291,7 +291,17 @@ def test_left_alone_where_it_would_not_help():
     assert use_gqa_decode_attention(model) and use_gqa_decode_attention(model)  # idempotent
     on = _llama(4, 2)
     assert StaticDecoder(on, 1, 16).gqa_decode is True and on.config._attn_implementation == NAME  # CPU's default
-    assert default_kind("cpu") == "sdpa" and default_kind(torch.device("cuda", 1)) == "triton"
+    assert default_kind("cpu") == "sdpa"
+
+
+def test_default_kind_is_the_triton_kernel_on_ampere_and_newer(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, kind in (((9, 0), "triton"), ((8, 0), "triton"), ((7, 5), "sdpa"), ((7, 0), "sdpa")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert default_kind(torch.device("cuda", 1)) == kind, capability
+        assert default_kind("cpu") == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_kind("cuda") == "sdpa"
     off = _llama(4, 2)
     assert StaticDecoder(off, 1, 16, gqa_decode=False).gqa_decode is False
     assert off.config._attn_implementation == "sdpa"

@@ -59,15 +59,20 @@ FLEX_NAME = "lte_flex_gqa_decode"
 TRITON_NAME = "lte_triton_gqa_decode"
 #: the decode attention kinds of `use_gqa_decode_attention`: their names in transformers' AttentionInterface
 KINDS = {"sdpa": NAME, "flex": FLEX_NAME, "triton": TRITON_NAME}
-#: the kind a decoder takes by default, per device type (others: "sdpa"). CUDA: the Triton kernel, faster than the
-#: grouped SDPA path in every step timed on an H100 (2026-12-07, docs/benchmarks.md "The Triton decode attention
-#: timed": dense Llama-3-8B and Qwen2.5-7B shapes 3-5% faster at B = 1, 8, 32, compiled B = 1 too)
-DEFAULT_KIND = {"cuda": "triton"}
+#: the kind a decoder takes by default on a CUDA GPU of at least this compute capability (others: "sdpa"): the
+#: Triton kernel, faster than the grouped SDPA path in every step timed on an H100 (2026-12-07, docs/benchmarks.md
+#: "The Triton decode attention timed": dense Llama-3-8B and Qwen2.5-7B shapes 3-5% faster at B = 1, 8, 32,
+#: compiled B = 1 too); older GPUs (no bf16 tensor cores) keep SDPA
+TRITON_MIN_CAPABILITY = (8, 0)
 
 
 def default_kind(device: torch.device | str) -> str:
-    """The decode attention kind `StaticDecoder(gqa_decode=True)` takes on `device`."""
-    return DEFAULT_KIND.get(torch.device(device).type, "sdpa")
+    """The decode attention kind `StaticDecoder(gqa_decode=True)` takes on `device`: "triton" on a CUDA GPU of
+    compute capability >= `TRITON_MIN_CAPABILITY`, else "sdpa"."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "sdpa"
+    return "triton" if torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY else "sdpa"
 #: cache lengths the flex path takes: multiples of flex_attention's KV block (compiled on a CPU, torch 2.13 gave
 #: wrong outputs for one query token over 24 keys and right ones over 128 or 256); other lengths take the SDPA path
 FLEX_BLOCK = 128

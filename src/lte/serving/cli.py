@@ -70,8 +70,8 @@ def _device_args(parser: argparse.ArgumentParser) -> None:
                         help="decode steps of a grouped-query model read each KV head once (lte.serving.attention) "
                              "instead of transformers' repeated copies (default; --no-gqa-decode: transformers' SDPA)")
     parser.add_argument("--decode-attention", default="auto", choices=("auto", "sdpa", "triton", "flex"),
-                        help="with --gqa-decode, how the grouped heads attend: auto (the default: triton on CUDA, sdpa "
-                             "elsewhere), sdpa (PyTorch's SDPA over the grouped heads), triton "
+                        help="with --gqa-decode, how the grouped heads attend: auto (the default: triton on CUDA GPUs "
+                             "from Ampere on, sdpa elsewhere), sdpa (PyTorch's SDPA over the grouped heads), triton "
                              "(lte.kernels.decode_attention, a split-KV kernel) or flex (flex_attention; needs --compile "
                              "and a cache of a multiple of 128)")
 

@@ -100,7 +100,8 @@ class StaticDecoder:
         gqa_decode: switch a grouped-query model running "sdpa" to `lte.serving.attention`'s decode
             attention, which reads each KV head once instead of transformers' repeated copies
             (the model keeps it after the decoder; prefill is unchanged). On by default (True: the kind
-            `lte.serving.attention.default_kind` gives the model's device, "triton" on CUDA, "sdpa" elsewhere):
+            `lte.serving.attention.default_kind` gives the model's device, "triton" on CUDA GPUs from Ampere
+            on, "sdpa" elsewhere):
             on an H100 the grouped SDPA path cut the dense Llama-3-8B-shaped step by 23% at B = 8 and 52% at
             B = 32, the Triton kernel 3-5% more (docs/benchmarks.md). "sdpa": PyTorch's SDPA over the grouped
             heads; "flex": the same through `flex_attention` (`lte.serving.attention.FLEX_NAME`; needs
