@@ -60,6 +60,19 @@ def test_parse_train_flags():
     assert not hasattr(args, "lr")  # flags not given stay unset, so a --config value is not overridden
 
 
+def test_compile_flag_takes_an_optional_mode(capsys):
+    """`--compile` alone is Inductor's default mode, `--compile MODE` names one StaticDecoder takes, no flag is
+    False; an unknown mode stops at parsing with the choices."""
+    parse = build_parser().parse_args
+    assert parse(["bench", "--model", "m"]).compile is False
+    assert parse(["bench", "--model", "m", "--compile"]).compile == "default"
+    assert parse(["generate", "--model", "m", "--prompt", "p", "--compile", "max-autotune-no-cudagraphs"]).compile == \
+        "max-autotune-no-cudagraphs"
+    with pytest.raises(SystemExit):
+        parse(["bench", "--model", "m", "--compile", "reduce-overhead"])
+    assert "max-autotune-no-cudagraphs" in capsys.readouterr().err
+
+
 def test_config_file_values_are_overridden_by_flags(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: m\ntask: causal-lm\nbatch-size: 2\nlr: 0.01\n")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LTEError
+from .decode import COMPILE_MODES
 from .sparse_mlp import WEIGHT_FORMATS
 
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -64,8 +65,10 @@ def _device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=_DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--no-graph", action="store_true", help="run decode steps eagerly (no CUDA graph)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step before graph capture (faster steps, slow first step)")
+    parser.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES, metavar="MODE",
+                        help="torch.compile the decode step before graph capture (faster steps, slow first step); "
+                             "MODE max-autotune-no-cudagraphs lets Inductor time its own kernels for the projections "
+                             "(faster steps again on an H100, a compile of minutes: docs/benchmarks.md)")
     parser.add_argument("--gqa-decode", action=argparse.BooleanOptionalAction, default=True,
                         help="decode steps of a grouped-query model read each KV head once (lte.serving.attention) "
                              "instead of transformers' repeated copies (default; --no-gqa-decode: transformers' SDPA)")
