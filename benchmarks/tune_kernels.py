@@ -7,7 +7,8 @@ launch is timed alone over a small list of candidate tiles (gate/up and down ker
 and 90% of experts off, the router once), CUDA graphs over several weight copies (far more bytes
 than the L2). The best tiles of each launch are combined, then the whole routed op (router + FFN)
 is timed as it is, with the router launched behind the previous kernel, with the down kernel reading its
-first expert's rows before it waits for the gate/up kernel (`out_prefetch`), and with both; the best is kept
+first expert's rows before it waits for the gate/up kernel (`out_prefetch`), with both, and with the weight
+loads streamed through L2 (`stream_weights`, alone and with the router launched early); the best is kept
 only when it beats the untuned defaults. Score of a
 setting: the geometric mean of its times over the sparsities (each sparsity counts the same).
 
@@ -219,7 +220,8 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
         cfg = with_router(cfg, best_router)
     best, best_score = None, geo(default_times)
     for variant in (cfg, replace(cfg, router_pdl=True), replace(cfg, out_prefetch=True),
-                    replace(cfg, router_pdl=True, out_prefetch=True)):
+                    replace(cfg, router_pdl=True, out_prefetch=True), replace(cfg, stream_weights=True),
+                    replace(cfg, router_pdl=True, stream_weights=True)):
         if deadline.over(2):
             break
         times = [guarded(errors, f"routed {point} off={off}", bench.time_routed, off, variant) for off in SPARSITIES]

@@ -36,10 +36,12 @@ BATCHES = (1, 5, 40)
 #: None = the default settings (one program per work item); the second a persistent grid with
 #: several items per program, 8-row items (B = 1), uneven expert shares in the down kernel found
 #: two ids at a time, each share's first expert read ahead of the loop (`out_prefetch`); the third
-#: 32-row items under tl.dot (four 8-neuron experts per item) and two experts per down-kernel step.
+#: 32-row items under tl.dot (four 8-neuron experts per item), two experts per down-kernel step and the
+#: weights streamed through L2 (`stream_weights`).
 CONFIGS = (None, KernelConfig(in_block_f=8, in_block_k=64, in_progs_per_sm=1, out_block_d=32, out_split=3,
                               out_chunk=2, out_prefetch=True, router_block_e=4, router_block_k=32),
-           KernelConfig(in_block_f=32, in_block_k=32, in_progs_per_sm=2, out_block_d=16, out_split=2, out_group=2))
+           KernelConfig(in_block_f=32, in_block_k=32, in_progs_per_sm=2, out_block_d=16, out_split=2, out_group=2,
+                        stream_weights=True))
 #: top-k routing's mask: experts E (one, odd, several router blocks) and widths D (one step, odd)
 TOPK_EXPERTS = (1, 5, 37, 130)
 TOPK_WIDTHS = (8, 67)

@@ -275,6 +275,11 @@ def launch_budget_cut(union_in: torch.Tensor, score: torch.Tensor, union: torch.
     )
 
 
+def _weight_eviction(cfg: KernelConfig) -> str:
+    """The weight loads' L2 eviction policy (`KernelConfig.stream_weights`)."""
+    return "evict_first" if cfg.stream_weights else ""
+
+
 def launch_in(p: FFNLaunch) -> None:
     """Gate/up kernel: h = act(gate) * up * mask for the rows of the union's experts."""
     num_tokens, model_width = p.x.shape
@@ -291,7 +296,7 @@ def launch_in(p: FFNLaunch) -> None:
         B_PAD=p.b_pad, BLOCK_F=p.block_f,
         BLOCK_K=cfg.in_block_k, E_PAD=p.e_pad, SLOTS=p.in_slots, PERSISTENT=p.in_grid < p.max_items,
         USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl, SCALED=p.scaled, G=p.in_group,
-        num_warps=cfg.in_warps, num_stages=cfg.in_stages, **_pdl_kwargs(p.pdl),
+        W_EVICT=_weight_eviction(cfg), num_warps=cfg.in_warps, num_stages=cfg.in_stages, **_pdl_kwargs(p.pdl),
     )
 
 
@@ -308,7 +313,7 @@ def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
         B_PAD=p.b_pad, S_PAD=p.out_rows, E_PAD=p.e_pad, CHUNK=p.out_chunk,
         BLOCK_D=cfg.out_block_d, TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x),
         PDL=p.pdl, SCALED=p.s_down is not None, DOT_DTYPE=_DOT_DTYPE[p.x.dtype], G=p.out_group,
-        PREFETCH=int(cfg.out_prefetch and p.out_group == 1),
+        PREFETCH=int(cfg.out_prefetch and p.out_group == 1), W_EVICT=_weight_eviction(cfg),
         num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),
     )
 

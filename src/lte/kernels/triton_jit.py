@@ -95,10 +95,13 @@ def _ffn_in_rows(
     x_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, rows, row_ok, toks, tok_ok, D, stride_xb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr, W_EVICT: tl.constexpr,
 ):
     """act(x @ W_gate[rows].T) * (x @ W_up[rows].T + b) for BLOCK_F rows, all B tokens: [B_PAD, BLOCK_F],
     fp32, before any token's mask.
+
+    W_EVICT: the weight loads' L2 eviction policy ("" as usual, "evict_first": each weight is read once, so it
+    may leave L2 first and x, h and the partial sums stay; ``KernelConfig.stream_weights``).
 
     SCALED: fp8 weights with one fp32 scale per row (``lte.kernels.quant``): a row's dot product is
     multiplied by its scale (before the bias); for ``tl.dot`` the fp8 tile is widened to x's dtype."""
@@ -116,7 +119,7 @@ def _ffn_in_rows(
                      mask=tok_ok[:, None] & k_ok[None, :], other=0.0)  # [B_PAD, BLOCK_K]
         w_off = w_rows[:, None] + ks[None, :]  # [BLOCK_F, BLOCK_K]
         w_ok = row_ok[:, None] & k_ok[None, :]
-        wu = tl.load(wu_ptr + w_off, mask=w_ok, other=0.0)
+        wu = tl.load(wu_ptr + w_off, mask=w_ok, other=0.0, eviction_policy=W_EVICT)
         if SCALED:
             wu = wu.to(xt.dtype)  # e4m3 values are exact in fp16, bf16 and fp32
         if USE_DOT:
@@ -124,7 +127,7 @@ def _ffn_in_rows(
         else:
             acc_u3 += xt.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :]
         if GATED:
-            wg = tl.load(wg_ptr + w_off, mask=w_ok, other=0.0)
+            wg = tl.load(wg_ptr + w_off, mask=w_ok, other=0.0, eviction_policy=W_EVICT)
             if SCALED:
                 wg = wg.to(xt.dtype)
             if USE_DOT:
@@ -153,7 +156,7 @@ def _ffn_in_item(
     B, D, F, S, stride_xb, stride_mb, stride_hb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr, W_EVICT: tl.constexpr,
 ):
     """One work item: h[b, rows] for row block ``block`` of ``expert``, all B tokens."""
     toks = tl.arange(0, B_PAD)  # [B_PAD]
@@ -163,7 +166,7 @@ def _ffn_in_item(
     row_ok = (local < S) & (rows < F)
     m = tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0)  # [B_PAD]
     h = _ffn_in_rows(x_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, rows, row_ok, toks, tok_ok, D, stride_xb,
-                     GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
+                     GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, W_EVICT)
     h = tl.where(m[:, None] != 0, h, 0.0)  # a token only uses its own experts
     tl.store(h_ptr + toks[:, None] * stride_hb + rows[None, :], h.to(h_ptr.dtype.element_ty),
              mask=tok_ok[:, None] & row_ok[None, :])
@@ -175,7 +178,7 @@ def _ffn_in_group_item(
     B, D, F, S, stride_xb, stride_mb, stride_hb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr, W_EVICT: tl.constexpr,
 ):
     """One work item of G small experts ``experts`` [G] (those with ``g_ok``): all rows of each,
     BLOCK_F / G per expert, all B tokens (experts smaller than BLOCK_F, e.g. 8 neurons under
@@ -193,7 +196,7 @@ def _ffn_in_group_item(
                 mask=tok_ok[:, None] & g_ok[None, :], other=0)  # [B_PAD, G]
     m = tl.reshape(tl.broadcast_to(m[:, :, None], (B_PAD, G, R)), (B_PAD, BLOCK_F))
     h = _ffn_in_rows(x_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, rows, row_ok, toks, tok_ok, D, stride_xb,
-                     GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
+                     GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, W_EVICT)
     h = tl.where(m != 0, h, 0.0)  # a token only uses its own experts
     tl.store(h_ptr + toks[:, None] * stride_hb + rows[None, :], h.to(h_ptr.dtype.element_ty),
              mask=tok_ok[:, None] & row_ok[None, :])
@@ -207,7 +210,7 @@ def _ffn_in_kernel(
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     SLOTS: tl.constexpr, PERSISTENT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr, W_EVICT: tl.constexpr,
 ):
     """h for the (active expert, row block) items: an item is BLOCK_F rows of one expert
     (RB = ceil(S / BLOCK_F) items per expert), or with G > 1 (then RB = 1) the rows of G consecutive
@@ -232,14 +235,14 @@ def _ffn_in_kernel(
                 j = item // RB
                 _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
                              _pick(ids, j - j_first, SLOTS), item - j * RB, B, D, F, S, stride_xb, stride_mb,
-                             stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
+                             stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, W_EVICT)
         else:
             if pid < n_items:
                 j = pid // RB
                 expert = tl.sum((csum <= j).to(tl.int32), axis=0)  # the j-th active expert
                 _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, pid - j * RB,
                              B, D, F, S, stride_xb, stride_mb, stride_hb,
-                             GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED)
+                             GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, W_EVICT)
     else:
         offs_g = tl.arange(0, G)
         n_items = tl.cdiv(n_active, G)  # RB is 1
@@ -255,31 +258,31 @@ def _ffn_in_kernel(
                 experts = tl.sum(tl.where(slots[None, :] == (j - j_first)[:, None], ids[None, :], 0), axis=1)
                 _ffn_in_group_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
                                    experts, j < n_active, B, D, F, S, stride_xb, stride_mb, stride_hb,
-                                   GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
+                                   GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G, W_EVICT)
         else:
             if pid < n_items:
                 j = pid * G + offs_g  # [G]
                 experts = tl.sum((csum[None, :] <= j[:, None]).to(tl.int32), axis=1)  # the j-th active experts
                 _ffn_in_group_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
                                    experts, j < n_active, B, D, F, S, stride_xb, stride_mb, stride_hb,
-                                   GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G)
+                                   GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G, W_EVICT)
 
 
 @triton.jit
 def _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_mask, toks, cols, col_ok, D, stride_hb,
-                   SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                   SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, W_EVICT: tl.constexpr):
     """The down projection's operands for one step: h [B_PAD, rows] (masked by h_mask) and
     W_down^T[rows] [rows, BLOCK_D]; fp8 rows are scaled into h and widened for ``tl.dot``."""
-    w = _ffn_out_w(wd_ptr, rows, row_ok, cols, col_ok, D)
+    w = _ffn_out_w(wd_ptr, rows, row_ok, cols, col_ok, D, W_EVICT)
     h = tl.load(h_ptr + toks[:, None] * stride_hb + rows[None, :], mask=h_mask, other=0.0)  # [B_PAD, rows]
     return _ffn_out_scaled(h, w, sd_ptr, rows, row_ok, SCALED, DOT_DTYPE)
 
 
 @triton.jit
-def _ffn_out_w(wd_ptr, rows, row_ok, cols, col_ok, D):
-    """W_down^T[rows] [rows, BLOCK_D], as stored."""
+def _ffn_out_w(wd_ptr, rows, row_ok, cols, col_ok, D, W_EVICT: tl.constexpr):
+    """W_down^T[rows] [rows, BLOCK_D], as stored (W_EVICT: the load's L2 eviction policy, as in ``_ffn_in_rows``)."""
     return tl.load(wd_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy=W_EVICT)
 
 
 @triton.jit
@@ -304,6 +307,7 @@ def _ffn_out_kernel(
     B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
     PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, G: tl.constexpr, PREFETCH: tl.constexpr,
+    W_EVICT: tl.constexpr,
 ):
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
 
@@ -345,7 +349,7 @@ def _ffn_out_kernel(
         expert0 = _pick(_nth_active(csum, j0, CHUNK), 0, CHUNK)  # the share's first expert
         rows0 = expert0 * S + offs_s
         row_ok0 = (offs_s < S) & (rows0 < F) & (offs_s + j0 < j1 + offs_s)  # an empty share reads nothing
-        w0 = _ffn_out_w(wd_ptr, rows0, row_ok0, cols, col_ok, D)
+        w0 = _ffn_out_w(wd_ptr, rows0, row_ok0, cols, col_ok, D, W_EVICT)
     if PDL:
         gdc_wait()  # h comes from the gate/up kernel; also: never complete before it
     if G == 1:
@@ -371,7 +375,7 @@ def _ffn_out_kernel(
                 if TOKEN_MASK:
                     h_ok = h_ok & (tl.load(mask_ptr + toks * stride_mb + expert, mask=tok_ok, other=0) != 0)
                 h, w = _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_ok[:, None] & row_ok[None, :],
-                                      toks, cols, col_ok, D, stride_hb, SCALED, DOT_DTYPE)
+                                      toks, cols, col_ok, D, stride_hb, SCALED, DOT_DTYPE, W_EVICT)
                 if USE_DOT:
                     acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
                 else:
@@ -398,7 +402,7 @@ def _ffn_out_kernel(
                     on = tl.reshape(tl.broadcast_to(on[:, :, None], (B_PAD, G, R)), (B_PAD, S_PAD))
                     h_ok = h_ok & on
                 h, w = _ffn_out_tiles(h_ptr, wd_ptr, sd_ptr, rows, row_ok, h_ok,
-                                      toks, cols, col_ok, D, stride_hb, SCALED, DOT_DTYPE)
+                                      toks, cols, col_ok, D, stride_hb, SCALED, DOT_DTYPE, W_EVICT)
                 if USE_DOT:
                     acc = tl.dot(h.to(w.dtype), w, acc, input_precision=DOT_PREC)
                 else:
