@@ -4,11 +4,13 @@
 
 For each shape (D, F) and token count B (in priority order, until the budget runs out) each
 launch is timed alone over a small list of candidate tiles (gate/up and down kernels at 0%, 50%
-and 90% of experts off, the router once), CUDA graphs over several weight copies (far more bytes
+and 90% of experts off, the router once; each gate/up candidate also with the union's expert list,
+`active_list`, its extra launch included), CUDA graphs over several weight copies (far more bytes
 than the L2). The best tiles of each launch are combined, then the whole routed op (router + FFN)
 is timed as it is, with the router launched behind the previous kernel, with the down kernel reading its
 first expert's rows before it waits for the gate/up kernel (`out_prefetch`), with both, and with the weight
-loads streamed through L2 (`stream_weights`, alone and with the router launched early); the best is kept
+loads streamed through L2 (`stream_weights`, alone, with the router launched early, and with `active_list`
+switched); the best is kept
 only when it beats the untuned defaults. Score of a
 setting: the geometric mean of its times over the sparsities (each sparsity counts the same).
 
@@ -20,6 +22,7 @@ Writes ``{"env", "table": {gpu: {"DxF": {"B": settings}}}, "rows", "errors"}`` a
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 from dataclasses import replace
@@ -166,16 +169,20 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
     rows.append({**point, "what": "routed default", "config": base.to_dict(),
                  "us": dict(zip(map(str, SPARSITIES), default_times))})
     best_in, best_in_score = None, math.inf
-    for cand in IN_CANDIDATES[fam]:
+    # each gate/up candidate with the union's prefix sum in every program and with the union's list (`active_list`:
+    # one more launch, then one load a program), timed with that launch
+    for cand, listed in itertools.product(IN_CANDIDATES[fam], (False, True)):
         if deadline.over(5):
             break
-        cfg = with_in(base, cand)
-        times = [guarded(errors, f"in {cand} {point} off={off}", bench.time_in, off, cfg) for off in SPARSITIES]
+        cfg = replace(with_in(base, cand), active_list=listed)
+        times = [guarded(errors, f"in {cand} list={listed} {point} off={off}", bench.time_in, off, cfg)
+                 for off in SPARSITIES]
         if any(t is None for t in times):
             continue
-        rows.append({**point, "what": "gate/up", "candidate": cand, "us": dict(zip(map(str, SPARSITIES), times))})
+        rows.append({**point, "what": "gate/up", "candidate": cand, "active_list": listed,
+                     "us": dict(zip(map(str, SPARSITIES), times))})
         if geo(times) < best_in_score:
-            best_in, best_in_score = cand, geo(times)
+            best_in, best_in_score = (cand, listed), geo(times)
     best_out, best_out_score = None, math.inf
     for cand in OUT_CANDIDATES[fam]:
         if deadline.over(4):
@@ -213,7 +220,7 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
             best_router, best_router_us = cand, us
     cfg = base
     if best_in is not None:
-        cfg = with_in(cfg, best_in)
+        cfg = replace(with_in(cfg, best_in[0]), active_list=best_in[1])
     if best_out is not None:
         cfg = with_out(cfg, best_out)
     if best_group is not None:
@@ -223,7 +230,8 @@ def tune_point(bench: Bench, base: KernelConfig, rows: list, errors: list, deadl
     best, best_score = None, geo(default_times)
     for variant in (cfg, replace(cfg, router_pdl=True), replace(cfg, out_prefetch=True),
                     replace(cfg, router_pdl=True, out_prefetch=True), replace(cfg, stream_weights=True),
-                    replace(cfg, router_pdl=True, stream_weights=True)):
+                    replace(cfg, router_pdl=True, stream_weights=True),
+                    replace(cfg, stream_weights=True, active_list=not cfg.active_list)):
         if deadline.over(2):
             break
         times = [guarded(errors, f"routed {point} off={off}", bench.time_routed, off, variant) for off in SPARSITIES]

@@ -778,8 +778,8 @@ def test_cuda_graph_capture_and_replay(num_tokens):
 @gpu
 @pytest.mark.parametrize("num_tokens", [1, 8, 40])
 def test_settings_do_not_change_the_result(num_tokens):
-    """PDL on/off, router PDL and the weights' L2 eviction policy: bit-identical outputs (the same arithmetic in the
-    same order); the down kernel's
+    """PDL on/off, router PDL, the weights' L2 eviction policy and the union's expert list: bit-identical outputs (the
+    same arithmetic in the same order); the down kernel's
     read-ahead of its first expert (the same order, but its peeled tl.dot may compile to other MMA instructions) and
     persistent grids: the same up to rounding (another compiled kernel may pick other MMA instructions)."""
     from lte.kernels.triton_ffn import default_config, routed_sparse_ffn_triton, sparse_ffn_triton
@@ -787,7 +787,8 @@ def test_settings_do_not_change_the_result(num_tokens):
     w, w_router = _gpu_layer(D=512, F=2000)
     x = torch.randn(num_tokens, 512, device="cuda", dtype=torch.bfloat16)
     base = default_config(num_tokens, 512, 2000)
-    exact = [replace(base, pdl=False), replace(base, router_pdl=True), replace(base, stream_weights=True)]
+    exact = [replace(base, pdl=False), replace(base, router_pdl=True), replace(base, stream_weights=True),
+             replace(base, active_list=True), replace(base, active_list=True, pdl=False)]
     close = [replace(base, in_progs_per_sm=1), replace(base, in_progs_per_sm=4), replace(base, out_prefetch=True)]
     for keep in (0.0, 0.3, 1.0):
         mask = torch.rand(num_tokens, num_experts(2000, 32), device="cuda") < keep

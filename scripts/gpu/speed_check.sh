@@ -28,11 +28,13 @@
 #   prefetch (not in the default list): the same B = 1 profile with one setting changed from this GPU's own tiles:
 #      PREFETCH_VARIANTS="prefetch nopdl" (default prefetch): KernelConfig.out_prefetch on (the down kernel reads its
 #      share's first expert before it waits for the gate/up kernel); PDL off (each kernel's profiled time its own)
+#   ffn (not in the default list): the FFN alone (router + kernels) against dense cuBLAS at B = FFN_TOKENS (default
+#      "1 8"), Llama-3-8B shape (benchmarks/ffn_kernel.py; after `tune`, with its table)
 #   tune (not in the default list): tile tuning for this GPU (benchmarks/tune_kernels.py, Llama-3-8B shape,
 #      TUNE_BUDGET seconds, default 150) into $OUT/kernel_configs.json; the parts after it run with that table
 #      (LTE_KERNEL_CONFIGS), so `tune masks decode` times the tuned kernels
 #
-# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune masks decode attn attnlen mha profile prefetch train;
+# Usage:  OUT=/path/to/results bash scripts/gpu/speed_check.sh [PART ...]   (parts: tests tune ffn masks decode attn attnlen mha profile prefetch train;
 #         default tests masks decode train, attn and tune when named; about 8 minutes on an H100 with every GPU test, plus the tuning). Run from the project
 #         root; set LTE_COMMIT first on the GPU machine (scripts/gpu/README.md).
 set -uo pipefail
@@ -61,6 +63,12 @@ if want tune; then
     2>&1 | tail -6
   [[ -f "$OUT/kernel_configs.json" ]] && export LTE_KERNEL_CONFIGS="$OUT/kernel_configs.json"
   summary+=("tuned tiles: $OUT/kernel_configs.json (used by the parts after it)")
+fi
+if want ffn; then  # the FFN alone against dense cuBLAS, with the tuned table when `tune` ran before it
+  # shellcheck disable=SC2086
+  python benchmarks/ffn_kernel.py --budget "${FFN_BUDGET:-90}" --shapes llama3-8b --tokens ${FFN_TOKENS:-1 8} \
+    --out "$OUT/ffn" 2>&1 | grep -E "^ +llama3-8b|dispatch" | tee "$OUT/ffn.txt"
+  summary+=("FFN vs dense cuBLAS: $OUT/ffn/ffn_kernel.json")
 fi
 if want masks; then
   python benchmarks/mask_kernels.py --shapes llama3-8b --out "$OUT/mask_kernels.json" 2>&1 | tail -8

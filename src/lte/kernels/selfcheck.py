@@ -36,12 +36,14 @@ BATCHES = (1, 5, 40)
 #: None = the default settings (one program per work item); the second a persistent grid with
 #: several items per program, 8-row items (B = 1), uneven expert shares in the down kernel found
 #: two ids at a time, each share's first expert read ahead of the loop (`out_prefetch`); the third
-#: 32-row items under tl.dot (four 8-neuron experts per item), two experts per down-kernel step and the
-#: weights streamed through L2 (`stream_weights`).
+#: 32-row items under tl.dot (four 8-neuron experts per item), two experts per down-kernel step, the
+#: weights streamed through L2 (`stream_weights`) and the union's experts from a list (`active_list`); the
+#: fourth the default tiles with the list, two ids at a time and the read-ahead in the down kernel.
 CONFIGS = (None, KernelConfig(in_block_f=8, in_block_k=64, in_progs_per_sm=1, out_block_d=32, out_split=3,
                               out_chunk=2, out_prefetch=True, router_block_e=4, router_block_k=32),
            KernelConfig(in_block_f=32, in_block_k=32, in_progs_per_sm=2, out_block_d=16, out_split=2, out_group=2,
-                        stream_weights=True))
+                        stream_weights=True, active_list=True),
+           KernelConfig(active_list=True, out_chunk=2, out_prefetch=True))
 #: top-k routing's mask: experts E (one, odd, several router blocks) and widths D (one step, odd)
 TOPK_EXPERTS = (1, 5, 37, 130)
 TOPK_WIDTHS = (8, 67)
@@ -107,6 +109,32 @@ def check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config=None) 
     err = ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
     ok = bool(torch.isfinite(y).all()) and err <= TOLERANCE[dtype]
     return CaseResult(case, err, ok)
+
+
+def check_active_list_case(D, F, S, B, sparsity, kind, dtype, device, gen) -> CaseResult:
+    """``KernelConfig.active_list``: the compaction writes [n, the union's experts in order] (checked by hand
+    against mask.any(0)), and the FFN with the list equals the FFN without it bit for bit (the same arithmetic in
+    the same order), with one program per item and with a persistent grid."""
+    from dataclasses import replace
+
+    from .triton_ffn import default_config, launch_compact, launch_union, plan_launch, sparse_ffn_triton
+
+    activation, gated, with_bias = kind
+    w = make_ffn(D, F, gated, with_bias, dtype, device, gen)
+    x = torch.randn(B, D, generator=gen).to(dtype=dtype, device=device)  # [B, D]
+    mask = _make_mask(B, num_experts(F, S), sparsity, gen).to(device)  # [B, E]
+    args = (x, mask, w["w_up"], w["w_down_t"], w["w_gate"], w["b_up"], w["b_down"], S, activation)
+    base = default_config(B, D, F, x.device, S)
+    p = plan_launch(*args, replace(base, active_list=True))
+    launch_union(p)
+    launch_compact(p)
+    want = torch.cat([mask.any(0).sum().view(1), mask.any(0).nonzero().view(-1)]).to(torch.int32)
+    listed = p.active[: want.numel()].cpu()
+    ok = torch.equal(listed, want.cpu())
+    for cfg in (base, replace(base, in_progs_per_sm=1)):
+        ok = ok and torch.equal(sparse_ffn_triton(*args, replace(cfg, active_list=True)), sparse_ffn_triton(*args, cfg))
+    case = f"active list D={D} F={F} S={S} B={B} {sparsity} {activation} {dtype}"
+    return CaseResult(case, 0.0 if ok else float("inf"), ok)
 
 
 def check_fp8_case(D, F, S, B, sparsity, kind, dtype, device, gen, config=None, routed=False) -> CaseResult:
@@ -344,6 +372,11 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
         step += 1
         for kind, dtype, config in chosen:
             results.append(check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config))
+    for i, ((D, F, S), B) in enumerate(itertools.product(shapes, (1, 5))):
+        if "ffn" not in parts:
+            break
+        kind, dtype, _ = combos[i % len(combos)]
+        results.append(check_active_list_case(D, F, S, B, SPARSITIES[i % 3], kind, dtype, device, gen))
     for (D, F, S), B in itertools.product(shapes[:2], (1, 5, 16, 33)):
         if "router" not in parts:
             break

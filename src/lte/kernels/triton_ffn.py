@@ -21,7 +21,7 @@ import triton
 
 from .reference import ACTIVATIONS
 from .triton_jit import HAS_GDC, _ffn_finish_kernel, _ffn_in_kernel, _ffn_out_kernel, _masked_act_kernel
-from .triton_masks import _budget_kernel, _router_kernel, _union_kernel
+from .triton_masks import _budget_kernel, _compact_kernel, _router_kernel, _union_kernel
 from .tuning import TABLE_EXPERT_SIZE, KernelConfig, gpu_key, heuristic_config, lookup
 
 __all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "masked_activation_triton", "plan_launch",
@@ -96,6 +96,8 @@ class FFNLaunch:
     s_up: torch.Tensor | None = None
     s_gate: torch.Tensor | None = None
     s_down: torch.Tensor | None = None
+    # KernelConfig.active_list: [1 + E] int32, the union's count then its expert ids (launch_compact writes it)
+    active: torch.Tensor | None = None
 
     @property
     def scaled(self) -> bool:
@@ -176,6 +178,7 @@ def plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, acti
         part=torch.empty(split if need_out else 0, num_tokens, model_width, device=device, dtype=torch.float32),
         y=torch.empty(num_tokens, model_width if need_out else 0, device=device, dtype=x.dtype),
         s_up=s_up, s_gate=s_gate, s_down=s_down,
+        active=torch.empty(1 + num_exp, device=device, dtype=torch.int32) if cfg.active_list else None,
     )
 
 
@@ -275,19 +278,33 @@ def launch_budget_cut(union_in: torch.Tensor, score: torch.Tensor, union: torch.
     )
 
 
+def _list_arg(p: FFNLaunch) -> torch.Tensor:
+    """The list pointer of the gate/up and down kernels (the union stands in, never read, without a list)."""
+    return p.active if p.active is not None else p.union
+
+
 def _weight_eviction(cfg: KernelConfig) -> str:
     """The weight loads' L2 eviction policy (`KernelConfig.stream_weights`)."""
     return "evict_first" if cfg.stream_weights else ""
 
 
+def launch_compact(p: FFNLaunch) -> None:
+    """The union as a list of expert ids (``KernelConfig.active_list``): p.active, for the gate/up and down kernels."""
+    _compact_kernel[(1,)](p.union, p.active, p.union.shape[0], E_PAD=p.e_pad, PDL=p.pdl, num_warps=4,
+                          **_pdl_kwargs(p.pdl))
+
+
 def launch_in(p: FFNLaunch) -> None:
-    """Gate/up kernel: h = act(gate) * up * mask for the rows of the union's experts."""
+    """Gate/up kernel: h = act(gate) * up * mask for the rows of the union's experts (with
+    ``active_list``, the union's list first)."""
+    if p.active is not None:
+        launch_compact(p)
     num_tokens, model_width = p.x.shape
     ffn_width = p.w_up.shape[0]
     cfg = p.cfg
     scale_dummy = p.union  # never read when the weights carry no scales
     _ffn_in_kernel[(p.in_grid,)](
-        p.x, p.mask_u8, p.union, p.w_gate if p.w_gate is not None else p.w_up, p.w_up,
+        p.x, p.mask_u8, p.union, _list_arg(p), p.w_gate if p.w_gate is not None else p.w_up, p.w_up,
         p.b_up if p.b_up is not None else p.w_up,
         p.s_gate if p.s_gate is not None else scale_dummy, p.s_up if p.s_up is not None else scale_dummy, p.h,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0], p.row_blocks,
@@ -296,24 +313,26 @@ def launch_in(p: FFNLaunch) -> None:
         B_PAD=p.b_pad, BLOCK_F=p.block_f,
         BLOCK_K=cfg.in_block_k, E_PAD=p.e_pad, SLOTS=p.in_slots, PERSISTENT=p.in_grid < p.max_items,
         USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl, SCALED=p.scaled, G=p.in_group,
-        W_EVICT=_weight_eviction(cfg), num_warps=cfg.in_warps, num_stages=cfg.in_stages, **_pdl_kwargs(p.pdl),
+        W_EVICT=_weight_eviction(cfg), LIST=p.active is not None, num_warps=cfg.in_warps, num_stages=cfg.in_stages,
+        **_pdl_kwargs(p.pdl),
     )
 
 
 def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
     """Down kernel: partial down projections over equal shares of the union's experts
-    (``token_mask``: apply each token's mask to h, for an h the gate/up kernel did not write)."""
+    (``token_mask``: apply each token's mask to h, for an h the gate/up kernel did not write). With
+    ``active_list`` it reads the list launch_in's compaction wrote."""
     num_tokens, model_width = p.x.shape
     ffn_width = p.w_up.shape[0]
     cfg = p.cfg
     _ffn_out_kernel[(triton.cdiv(model_width, cfg.out_block_d), p.split)](
-        p.h, p.union, p.mask_u8, p.w_down_t, p.s_down if p.s_down is not None else p.union, p.part,
+        p.h, p.union, _list_arg(p), p.mask_u8, p.w_down_t, p.s_down if p.s_down is not None else p.union, p.part,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0],
         p.h.stride(0), p.mask_u8.stride(0),
         B_PAD=p.b_pad, S_PAD=p.out_rows, E_PAD=p.e_pad, CHUNK=p.out_chunk,
         BLOCK_D=cfg.out_block_d, TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x),
         PDL=p.pdl, SCALED=p.s_down is not None, DOT_DTYPE=_DOT_DTYPE[p.x.dtype], G=p.out_group,
-        PREFETCH=int(cfg.out_prefetch and p.out_group == 1), W_EVICT=_weight_eviction(cfg),
+        PREFETCH=int(cfg.out_prefetch and p.out_group == 1), W_EVICT=_weight_eviction(cfg), LIST=p.active is not None,
         num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),
     )
 
@@ -463,6 +482,8 @@ def sparse_ffn_out_triton(
     shape_x = h.new_empty(num_tokens, model_width, dtype=w_down_t.dtype)  # gives the plan B, D and dtype
     p = plan_launch(shape_x, mask, w_down_t, w_down_t, None, None, b_down, expert_size, "identity", config, h=h)
     p.union = union
+    if p.active is not None:
+        launch_compact(p)
     launch_out(p, token_mask=True)
     launch_finish(p)
     return p.y

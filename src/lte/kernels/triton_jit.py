@@ -16,7 +16,10 @@ Launches, all reading masks from GPU memory (no host sync, CUDA-graph capturable
    the list of active experts without any host work. The work is the list of (active expert, row
    block) items, split into contiguous equal shares over the grid; a program reads the gate/up rows
    of its items once for all B tokens and writes ``h[b, f] = act(g) * u * m[b, expert(f)]`` to a
-   scratch. At a full union the items are every row in order: a dense GEMV/GEMM schedule.
+   scratch. At a full union the items are every row in order: a dense GEMV/GEMM schedule. With
+   ``KernelConfig.active_list`` a one-program launch before it (``triton_masks._compact_kernel``) writes the
+   union as a list of expert ids, and each program (of this kernel and the next) loads its experts' ids
+   instead of taking the prefix sum.
 2. ``_ffn_out_kernel``: the down projection as a split-K reduction over the active list. Program
    (d, s) owns ``BLOCK_D`` output columns and the s-th equal share of the active experts, and
    stores its fp32 partial sum to ``part[s, b, d]`` (plain stores, no atomics, no zeroing).
@@ -88,6 +91,31 @@ def _nth_active(csum, first, SLOTS: tl.constexpr):
 def _pick(ids, slot, SLOTS: tl.constexpr):
     """ids[slot] for a run-time slot (a masked reduction: registers cannot be indexed at run time)."""
     return tl.sum(tl.where(tl.arange(0, SLOTS) == slot, ids, 0), axis=0)
+
+
+@triton.jit
+def _active_experts(union_ptr, list_ptr, E, E_PAD: tl.constexpr, LIST: tl.constexpr):
+    """(prefix sum of the union flags [E_PAD], number of active experts). LIST: the count comes from the
+    union's list (``triton_masks._compact_kernel``: list[0] = n, list[1 + j] = the j-th active expert) and
+    no prefix sum is taken (zeros stand in for it)."""
+    if LIST:
+        csum = tl.zeros([E_PAD], dtype=tl.int32)
+        n_active = tl.load(list_ptr)
+    else:
+        csum, n_active = _active_list(union_ptr, E, E_PAD)
+    return csum, n_active
+
+
+@triton.jit
+def _active_ids(csum, list_ptr, first, n_active, SLOTS: tl.constexpr, LIST: tl.constexpr):
+    """Expert ids [SLOTS] of the active experts first, first + 1, ... (past the last: E_PAD from the prefix
+    sum, 0 from the list; callers mask those slots)."""
+    if LIST:
+        want = first + tl.arange(0, SLOTS)
+        ids = tl.load(list_ptr + 1 + want, mask=want < n_active, other=0)
+    else:
+        ids = _nth_active(csum, first, SLOTS)
+    return ids
 
 
 @triton.jit
@@ -204,25 +232,26 @@ def _ffn_in_group_item(
 
 @triton.jit
 def _ffn_in_kernel(
-    x_ptr, mask_ptr, union_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
+    x_ptr, mask_ptr, union_ptr, list_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
     B, D, F, S, E, RB,
     stride_xb, stride_mb, stride_hb,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     B_PAD: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
     SLOTS: tl.constexpr, PERSISTENT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr, W_EVICT: tl.constexpr,
+    PDL: tl.constexpr, SCALED: tl.constexpr, G: tl.constexpr, W_EVICT: tl.constexpr, LIST: tl.constexpr,
 ):
     """h for the (active expert, row block) items: an item is BLOCK_F rows of one expert
     (RB = ceil(S / BLOCK_F) items per expert), or with G > 1 (then RB = 1) the rows of G consecutive
     active experts; a token whose mask is off for an expert gets h = 0 there.
 
     PERSISTENT: each program takes a contiguous equal share of the items (SLOTS bounds the experts
-    a share can span); otherwise program i does item i, if there is one."""
+    a share can span); otherwise program i does item i, if there is one. LIST: the active experts come
+    from the union's list (one load a program) instead of each program's prefix sum over the E flags."""
     if PDL:
         gdc_wait()  # the union and the masks come from the previous launch
         gdc_launch_dependents()  # only now: the down kernel reads the union before it waits
     pid = tl.program_id(0)
-    csum, n_active = _active_list(union_ptr, E, E_PAD)
+    csum, n_active = _active_experts(union_ptr, list_ptr, E, E_PAD, LIST)
     if G == 1:
         n_items = n_active * RB
         if PERSISTENT:
@@ -230,16 +259,21 @@ def _ffn_in_kernel(
             i0 = pid * share
             i1 = tl.minimum(i0 + share, n_items)
             j_first = i0 // RB
-            ids = _nth_active(csum, j_first, SLOTS)  # the experts this share can touch
+            ids = _active_ids(csum, list_ptr, j_first, n_active, SLOTS, LIST)  # the experts this share can touch
             for item in range(i0, i1):
                 j = item // RB
                 _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
                              _pick(ids, j - j_first, SLOTS), item - j * RB, B, D, F, S, stride_xb, stride_mb,
                              stride_hb, GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, W_EVICT)
         else:
+            if LIST:  # issued beside the count's load; a program past the items does not use it
+                listed = tl.load(list_ptr + 1 + tl.minimum(pid // RB, E - 1))
             if pid < n_items:
                 j = pid // RB
-                expert = tl.sum((csum <= j).to(tl.int32), axis=0)  # the j-th active expert
+                if LIST:
+                    expert = listed
+                else:
+                    expert = tl.sum((csum <= j).to(tl.int32), axis=0)  # the j-th active expert
                 _ffn_in_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr, expert, pid - j * RB,
                              B, D, F, S, stride_xb, stride_mb, stride_hb,
                              GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, W_EVICT)
@@ -251,7 +285,7 @@ def _ffn_in_kernel(
             i0 = pid * share
             i1 = tl.minimum(i0 + share, n_items)
             j_first = i0 * G
-            ids = _nth_active(csum, j_first, SLOTS)  # the experts this share can touch
+            ids = _active_ids(csum, list_ptr, j_first, n_active, SLOTS, LIST)  # the experts this share can touch
             slots = tl.arange(0, SLOTS)
             for item in range(i0, i1):
                 j = item * G + offs_g  # [G] the item's active-expert indices
@@ -262,7 +296,10 @@ def _ffn_in_kernel(
         else:
             if pid < n_items:
                 j = pid * G + offs_g  # [G]
-                experts = tl.sum((csum[None, :] <= j[:, None]).to(tl.int32), axis=1)  # the j-th active experts
+                if LIST:
+                    experts = tl.load(list_ptr + 1 + j, mask=j < n_active, other=0)
+                else:
+                    experts = tl.sum((csum[None, :] <= j[:, None]).to(tl.int32), axis=1)  # the j-th active experts
                 _ffn_in_group_item(x_ptr, mask_ptr, wg_ptr, wu_ptr, bu_ptr, sg_ptr, su_ptr, h_ptr,
                                    experts, j < n_active, B, D, F, S, stride_xb, stride_mb, stride_hb,
                                    GATED, HAS_BIAS, ACT, B_PAD, BLOCK_F, BLOCK_K, USE_DOT, DOT_PREC, SCALED, G, W_EVICT)
@@ -301,13 +338,13 @@ def _ffn_out_scaled(h, w, sd_ptr, rows, row_ok, SCALED: tl.constexpr, DOT_DTYPE:
 
 @triton.jit
 def _ffn_out_kernel(
-    h_ptr, union_ptr, mask_ptr, wd_ptr, sd_ptr, part_ptr,
+    h_ptr, union_ptr, list_ptr, mask_ptr, wd_ptr, sd_ptr, part_ptr,
     B, D, F, S, E,
     stride_hb, stride_mb,
     B_PAD: tl.constexpr, S_PAD: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr, TOKEN_MASK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
     PDL: tl.constexpr, SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr, G: tl.constexpr, PREFETCH: tl.constexpr,
-    W_EVICT: tl.constexpr,
+    W_EVICT: tl.constexpr, LIST: tl.constexpr,
 ):
     """Partial down projection part[s, b, cols] over the s-th equal share of the active experts.
 
@@ -326,7 +363,8 @@ def _ffn_out_kernel(
     projection's rows are neurons); ``tl.dot`` then runs in DOT_DTYPE (0 bf16, 1 fp16, 2 fp32: x's).
     PREFETCH (G = 1 only): the share's first expert's rows of W_down^T are read before the wait (they do
     not depend on h), so a program started early by PDL spends the gate/up kernel's tail loading weights;
-    that expert is then taken out of the loop."""
+    that expert is then taken out of the loop. LIST: the ids come from the union's list (as in the gate/up
+    kernel)."""
     if PDL:
         gdc_launch_dependents()
     pid_d = tl.program_id(0)
@@ -336,7 +374,7 @@ def _ffn_out_kernel(
     col_ok = cols < D
     toks = tl.arange(0, B_PAD)
     tok_ok = toks < B
-    csum, n_active = _active_list(union_ptr, E, E_PAD)
+    csum, n_active = _active_experts(union_ptr, list_ptr, E, E_PAD, LIST)
     j0 = (n_active * pid_s) // nsplit
     j1 = (n_active * (pid_s + 1)) // nsplit
     if USE_DOT:
@@ -346,7 +384,7 @@ def _ffn_out_kernel(
     offs_s = tl.arange(0, S_PAD)
     if PREFETCH:
         tl.static_assert(G == 1, "PREFETCH takes one expert a step")
-        expert0 = _pick(_nth_active(csum, j0, CHUNK), 0, CHUNK)  # the share's first expert
+        expert0 = _pick(_active_ids(csum, list_ptr, j0, n_active, CHUNK, LIST), 0, CHUNK)  # the share's first expert
         rows0 = expert0 * S + offs_s
         row_ok0 = (offs_s < S) & (rows0 < F) & (offs_s + j0 < j1 + offs_s)  # an empty share reads nothing
         w0 = _ffn_out_w(wd_ptr, rows0, row_ok0, cols, col_ok, D, W_EVICT)
@@ -366,7 +404,7 @@ def _ffn_out_kernel(
             else:
                 acc3 += h0.to(tl.float32)[:, :, None] * w0.to(tl.float32)[None, :, :]
         for c0 in range(j0 + PREFETCH, j1, CHUNK):
-            ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts
+            ids = _active_ids(csum, list_ptr, c0, n_active, CHUNK, LIST)  # the next CHUNK active experts
             for j in range(c0, tl.minimum(c0 + CHUNK, j1)):
                 expert = _pick(ids, j - c0, CHUNK)
                 rows = expert * S + offs_s  # [S_PAD] the expert's neuron rows
@@ -386,7 +424,7 @@ def _ffn_out_kernel(
         offs_r = tl.arange(0, R)
         slots = tl.arange(0, CHUNK)
         for c0 in range(j0, j1, CHUNK):
-            ids = _nth_active(csum, c0, CHUNK)  # the next CHUNK active experts (CHUNK: a multiple of G)
+            ids = _active_ids(csum, list_ptr, c0, n_active, CHUNK, LIST)  # the next CHUNK active experts (CHUNK: a multiple of G)
             c1 = tl.minimum(c0 + CHUNK, j1)
             for j in range(c0, c1, G):
                 g_ok = (j + offs_g) < c1  # [G] the step's experts that are in this share

@@ -2,7 +2,8 @@
 ``triton_jit``'s list): the router's per-token masks and their union in one pass (``_router_kernel``),
 the union of masks a caller brings (``_union_kernel``), a per-batch expert budget over the union
 (``_budget_kernel``) and top-k routing's per-token masks from the router's fp32 logits
-(``_router_kernel`` with LOGITS, then ``_topk_kernel``). Same dimensions and PDL conventions as ``triton_jit``.
+(``_router_kernel`` with LOGITS, then ``_topk_kernel``), and, with ``KernelConfig.active_list``, the union as
+a list of expert ids (``_compact_kernel``). Same dimensions and PDL conventions as ``triton_jit``.
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ def _union_kernel(mask_ptr, union_ptr, B, E, stride_mb, B_PAD: tl.constexpr, BLO
     valid = (toks < B)[:, None] & e_ok[None, :]
     m = tl.load(mask_ptr + toks[:, None] * stride_mb + experts[None, :], mask=valid, other=0).to(tl.int32)
     tl.store(union_ptr + experts, tl.max(m, axis=0).to(tl.int8), mask=e_ok)  # [B_PAD, BLOCK_E] -> [BLOCK_E]
+
+
+@triton.jit
+def _compact_kernel(union_ptr, list_ptr, E, E_PAD: tl.constexpr, PDL: tl.constexpr):
+    """The union as a list (``KernelConfig.active_list``; one program): list[0] = n, the number of experts
+    on, and list[1 .. n] their ids in increasing order, so that a program of the gate/up or down kernel
+    finds its expert with one load instead of a prefix sum over all E flags. Entries past n are stale."""
+    if PDL:
+        gdc_wait()  # the union comes from the previous launch
+        gdc_launch_dependents()  # the gate/up kernel waits for this one before it reads the list
+    e_idx = tl.arange(0, E_PAD)
+    on = tl.load(union_ptr + e_idx, mask=e_idx < E, other=0) != 0
+    csum = tl.cumsum(on.to(tl.int32), axis=0)  # an expert's 1-based place in the list
+    tl.store(list_ptr + csum, e_idx, mask=on)
+    tl.store(list_ptr, tl.sum(on.to(tl.int32), axis=0))
 
 
 @triton.jit

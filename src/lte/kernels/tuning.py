@@ -54,6 +54,7 @@ class KernelConfig:
     out_group: int = 0  # experts per down-kernel step, power-of-two experts only (0: automatic, 32 rows a step)
     out_prefetch: bool = False  # down kernel: read the first expert's rows before waiting for h (one expert a step)
     stream_weights: bool = False  # gate/up and down weight loads "evict_first" from L2: each is read once
+    active_list: bool = False  # one more launch turns the union into a list of expert ids: no prefix sum a program
     finish_block: int = 128
     router_block_e: int = 2  # experts per router program
     router_block_k: int = 0  # model-width chunk of the router (0: all of D in one step when it fits)
