@@ -242,7 +242,7 @@ def _masked_activation_cuda(gate, up, mask, expert_size, activation):
     """CUDA: one Triton elementwise launch (any token count)."""
     if reference_forced():
         return masked_activation_reference(gate, up, mask, expert_size, activation)
-    from .triton_ffn import masked_activation_triton
+    from .triton_masked_act import masked_activation_triton
 
     return masked_activation_triton(gate, up, mask, expert_size, activation)
 
@@ -265,7 +265,7 @@ def _masked_activation_logits_cuda(gate, up, logits, tau, expert_size, activatio
     """CUDA: one Triton elementwise launch that reads the logits (no sigmoid / compare launches)."""
     if reference_forced():
         return masked_activation_reference(gate, up, logits.float() > logit_threshold(tau), expert_size, activation)
-    from .triton_ffn import masked_activation_triton
+    from .triton_masked_act import masked_activation_triton
 
     return masked_activation_triton(gate, up, logits, expert_size, activation, threshold=logit_threshold(tau))
 

@@ -308,7 +308,7 @@ def check_split_case(D, F, S, B, budget, activation, dtype, device, gen, config=
 def check_act_case(F, S, B, sparsity, activation, gated, dtype, device, gen, from_logits=False) -> CaseResult:
     """The masked dense path's elementwise kernel against the reference; 100% off must give exact zeros.
     ``from_logits``: the kernel thresholds router logits itself (the prefill path)."""
-    from .triton_ffn import masked_activation_triton
+    from .triton_masked_act import masked_activation_triton
 
     up = torch.randn(B, F, generator=gen).to(dtype=dtype, device=device)  # [B, F]
     gate = torch.randn(B, F, generator=gen).to(dtype=dtype, device=device) if gated else None

@@ -19,21 +19,17 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from .reference import ACTIVATIONS
-from .triton_jit import HAS_GDC, _ffn_finish_kernel, _ffn_in_kernel, _ffn_out_kernel, _masked_act_kernel
+from .triton_jit import ACT_CODE, HAS_GDC, _ffn_finish_kernel, _ffn_in_kernel, _ffn_out_kernel
 from .triton_masks import _budget_kernel, _compact_kernel, _router_kernel, _union_kernel
 from .tuning import TABLE_EXPERT_SIZE, KernelConfig, gpu_key, heuristic_config, lookup
 
-__all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "masked_activation_triton", "plan_launch",
+__all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "plan_launch",
            "routed_ffn_in_triton",
            "routed_sparse_ffn_triton", "router_mask_triton", "sparse_ffn_out_triton", "sparse_ffn_triton"]
 
 MAX_TOKENS = 64  # the decode kernels handle up to this many tokens per call
 MAX_EXPERTS = 8192  # the kernels hold the union flags of every expert in registers
 DOT_MIN_TOKENS = 1  # tl.dot above this many tokens (broadcast multiply-adds at or below)
-#: activation codes of ``triton_jit._activation``: the public ones (silu 0, gelu 1, gelu_tanh 2,
-#: relu 3) and "identity" (4) for FFNs whose activation the model applies itself between our two halves.
-_ACT_CODE = {name: code for code, name in enumerate((*ACTIVATIONS, "identity"))}
 
 
 # --------------------------------------------------------------------------- planning
@@ -309,7 +305,7 @@ def launch_in(p: FFNLaunch) -> None:
         p.s_gate if p.s_gate is not None else scale_dummy, p.s_up if p.s_up is not None else scale_dummy, p.h,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0], p.row_blocks,
         p.x.stride(0), p.mask_u8.stride(0), p.h.stride(0),
-        GATED=p.w_gate is not None, HAS_BIAS=p.b_up is not None, ACT=_ACT_CODE[p.activation],
+        GATED=p.w_gate is not None, HAS_BIAS=p.b_up is not None, ACT=ACT_CODE[p.activation],
         B_PAD=p.b_pad, BLOCK_F=p.block_f,
         BLOCK_K=cfg.in_block_k, E_PAD=p.e_pad, SLOTS=p.in_slots, PERSISTENT=p.in_grid < p.max_items,
         USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl, SCALED=p.scaled, G=p.in_group,
@@ -487,25 +483,3 @@ def sparse_ffn_out_triton(
     launch_out(p, token_mask=True)
     launch_finish(p)
     return p.y
-
-
-def masked_activation_triton(gate: torch.Tensor | None, up: torch.Tensor, mask: torch.Tensor, expert_size: int,
-                             activation: str, block: int = 1024, threshold: float | None = None) -> torch.Tensor:
-    """h [B, F] = act(gate) * up * m (gated) or act(up) * m (gate None), m the mask [B, E] (bool) expanded
-    to neurons, in one launch; in up's dtype. Inputs: contiguous rows (any row stride, e.g. column slices of
-    one product), gate and up the same shape. With ``threshold``, ``mask`` holds router logits [B, E] (any
-    float dtype, contiguous rows too) and m = logit > threshold."""
-    num_tokens, ffn_width = up.shape
-    out = torch.empty_like(up)
-    if num_tokens == 0:
-        return out
-    from_logits = threshold is not None
-    mask_arg = (mask if mask.stride(-1) == 1 else mask.contiguous()) if from_logits else mask.contiguous().view(torch.uint8)
-    gate_arg = up if gate is None else gate
-    grid = (num_tokens, triton.cdiv(ffn_width, block))
-    _masked_act_kernel[grid](gate_arg, up, mask_arg, out, ffn_width, mask.shape[1],
-                             float(threshold) if from_logits else 0.0,
-                             gate_arg.stride(0), up.stride(0), mask_arg.stride(0), out.stride(0),
-                             S=expert_size, GATED=gate is not None, ACT=_ACT_CODE[activation], BLOCK=block,
-                             FROM_LOGITS=from_logits)
-    return out

@@ -32,8 +32,8 @@ before launch 1 started) before it waits for ``h``. Every wait comes before any 
 Triton may pipeline (issue ahead of the loop body).
 B = 1 accumulates with broadcast multiply-adds; B >= 2 pads the tokens to 16+ and uses ``tl.dot``.
 
-The masked dense path (every neuron through cuBLAS, for a union too full for skipping to pay) uses
-one elementwise kernel here, ``_masked_act_kernel``: ``h = act(g) * u * m`` (or ``act(u) * m``).
+The masked dense path's elementwise kernel (every neuron through cuBLAS, for a union too full for skipping
+to pay) is in ``triton_masked_act``.
 This module imports triton at import time: import it lazily (through ``triton_ffn``).
 """
 
@@ -42,6 +42,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .reference import ACTIVATIONS
+
 try:  # grid dependency control (programmatic dependent launch, Hopper+), Triton >= 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - older triton: PDL stays off
@@ -49,6 +51,11 @@ except ImportError:  # pragma: no cover - older triton: PDL stays off
 
 #: whether this triton has the grid dependency control ops the PDL path of the kernels calls
 HAS_GDC = gdc_wait is not None
+
+
+#: activation codes of ``_activation``: the public ones (silu 0, gelu 1, gelu_tanh 2, relu 3) and "identity" (4)
+#: for FFNs whose activation the model applies itself between our two halves.
+ACT_CODE = {name: code for code, name in enumerate((*ACTIVATIONS, "identity"))}
 
 
 @triton.jit
@@ -471,31 +478,3 @@ def _ffn_finish_kernel(
     if HAS_BIAS:
         acc += tl.load(bd_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + b * stride_yb + cols, acc.to(y_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _masked_act_kernel(
-    gate_ptr, up_ptr, mask_ptr, out_ptr, F, E, threshold,
-    stride_g, stride_u, stride_m, stride_o,
-    S: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, FROM_LOGITS: tl.constexpr,
-):
-    """Program (b, f-block): h[b, f] = act(g[b, f]) * u[b, f] * m[b, f // S] (gated) or act(u) * m (plain), in fp32.
-
-    FROM_LOGITS: mask_ptr holds the router logits [B, E] and m = logit > threshold (in fp32), so the
-    prefill path needs no separate sigmoid / compare launches over [B, E]."""
-    b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < F
-    if FROM_LOGITS:
-        logit = tl.load(mask_ptr + b * stride_m + offs // S, mask=inside & (offs // S < E), other=0.0)
-        on = (logit.to(tl.float32) > threshold) & inside & (offs // S < E)
-    else:
-        on = tl.load(mask_ptr + b * stride_m + offs // S, mask=inside & (offs // S < E), other=0)
-    u = tl.load(up_ptr + b * stride_u + offs, mask=inside, other=0.0).to(tl.float32)
-    if GATED:
-        g = tl.load(gate_ptr + b * stride_g + offs, mask=inside, other=0.0).to(tl.float32)
-        h = _activation(g, ACT) * u
-    else:
-        h = _activation(u, ACT)
-    h = tl.where(on != 0, h, 0.0)
-    tl.store(out_ptr + b * stride_o + offs, h.to(out_ptr.dtype.element_ty), mask=inside)
