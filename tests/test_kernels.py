@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,6 +327,25 @@ def test_triton_kernels_in_interpreter(parts):
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "cases passed" in proc.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON or importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason="needs triton with its CUDA backend (ptxas)")
+def test_kernels_compile_for_hopper_and_the_list_drops_the_prefix_sum():
+    """The gate/up, down and compaction kernels compile to sm_90 cubins without a GPU (tests/compile_sm90.py, in a
+    subprocess: triton in compiled mode), B = 1 and tl.dot shapes, with and without `active_list`; with the list
+    each program's code is shorter (no prefix sum over the union's flags, no search for its expert)."""
+    script = Path(__file__).with_name("compile_sm90.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+    assert proc.returncode == 0 and len(lines) == 21, proc.stdout[-4000:] + proc.stderr[-4000:]
+    counts = {line[3:].rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in lines}
+    for name, count in counts.items():
+        if "list=True" in name:
+            assert count < counts[name.replace("list=True", "list=False")], name
 
 
 def test_routed_sparse_ffn_equals_router_then_ffn():

@@ -1,0 +1,73 @@
+"""Compile the decode FFN kernels for sm_90 (Hopper) without a GPU: Triton's own ptxas turns each into a cubin.
+
+Run as a script (the tests start it in a subprocess so that triton is imported in its compiled mode, apart from the
+interpreter the other kernel tests use). Prints one line per kernel variant, "ok <name> <PTX instructions>" or
+"FAIL <name>: <error>", and exits 1 on any failure. A compile check, not a run: it finds what the CPU interpreter
+cannot (type errors in branches the interpreter accepts, constexpr misuse, shared memory over the limit), not wrong
+results. The GPU machine's Triton may be older than this one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lte.kernels.triton_jit import _ffn_in_kernel, _ffn_out_kernel
+from lte.kernels.triton_masks import _compact_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+I32 = "i32"
+IN_SIGNATURE = dict(x_ptr="*bf16", mask_ptr="*u8", union_ptr="*i8", list_ptr="*i32", wg_ptr="*bf16", wu_ptr="*bf16",
+                    bu_ptr="*bf16", sg_ptr="*i8", su_ptr="*i8", h_ptr="*fp32", B=I32, D=I32, F=I32, S=I32, E=I32,
+                    RB=I32, stride_xb=I32, stride_mb=I32, stride_hb=I32)
+OUT_SIGNATURE = dict(h_ptr="*fp32", union_ptr="*i8", list_ptr="*i32", mask_ptr="*u8", wd_ptr="*bf16", sd_ptr="*i8",
+                     part_ptr="*fp32", B=I32, D=I32, F=I32, S=I32, E=I32, stride_hb=I32, stride_mb=I32)
+
+
+def ptx_instructions(fn, signature: dict, constexprs: dict, warps: int, stages: int) -> int:
+    """Compile for sm_90 (raises on failure); the number of instructions in the kernel's PTX body."""
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+    ptx = kernel.asm["ptx"]
+    body = ptx[ptx.index(".entry"):].split(".section")[0]  # no debug sections
+    return sum(1 for line in body.splitlines() if re.match(r"\s+[a-z@]", line) and not line.strip().startswith("//"))
+
+
+def variants():
+    """(name, kernel, signature, constexprs, warps, stages): B = 1 (broadcast) and B = 8 (tl.dot) shapes of the
+    gate/up and down kernels with and without the union's list, and the list's compaction."""
+    for listed, persistent, (b_pad, bf, bk, warps, stages, dot) in itertools.product(
+            (False, True), (False, True), ((1, 2, 1024, 4, 3, False), (1, 1, 2048, 16, 1, False),
+                                           (16, 32, 256, 4, 4, True))):
+        yield (f"gate/up B_PAD={b_pad} rows={bf} list={listed} persistent={persistent}", _ffn_in_kernel, IN_SIGNATURE,
+               dict(GATED=True, HAS_BIAS=False, ACT=0, B_PAD=b_pad, BLOCK_F=bf, BLOCK_K=bk, E_PAD=512, SLOTS=4,
+                    PERSISTENT=persistent, USE_DOT=dot, DOT_PREC="tf32", PDL=True, SCALED=False, G=1,
+                    W_EVICT="evict_first", LIST=listed), warps, stages)
+    for listed, prefetch, (b_pad, block_d, warps, stages, dot) in itertools.product(
+            (False, True), (0, 1), ((1, 512, 8, 2, False), (16, 128, 4, 3, True))):
+        yield (f"down B_PAD={b_pad} list={listed} prefetch={prefetch}", _ffn_out_kernel, OUT_SIGNATURE,
+               dict(B_PAD=b_pad, S_PAD=32, E_PAD=512, CHUNK=16, BLOCK_D=block_d, TOKEN_MASK=False, USE_DOT=dot,
+                    DOT_PREC="tf32", PDL=True, SCALED=False, DOT_DTYPE=0, G=1, PREFETCH=prefetch,
+                    W_EVICT="evict_first", LIST=listed), warps, stages)
+    yield ("compact", _compact_kernel, dict(union_ptr="*i8", list_ptr="*i32", E=I32), dict(E_PAD=512, PDL=True), 4, 1)
+
+
+def main() -> None:
+    failed = False
+    for name, fn, signature, constexprs, warps, stages in variants():
+        try:
+            print(f"ok {name} {ptx_instructions(fn, signature, constexprs, warps, stages)}")
+        except Exception as err:  # noqa: BLE001 - every failure is reported with its variant
+            failed = True
+            print(f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
