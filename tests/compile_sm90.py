@@ -1,17 +1,21 @@
 """Compile the decode FFN kernels for sm_90 (Hopper) without a GPU: Triton's own ptxas turns each into a cubin.
 
 Run as a script (the tests start it in a subprocess so that triton is imported in its compiled mode, apart from the
-interpreter the other kernel tests use). Prints one line per kernel variant, "ok <name> <PTX instructions>" or
-"FAIL <name>: <error>", and exits 1 on any failure. A compile check, not a run: it finds what the CPU interpreter
-cannot (type errors in branches the interpreter accepts, constexpr misuse, shared memory over the limit), not wrong
-results. The GPU machine's Triton may be older than this one.
+interpreter the other kernel tests use). Prints one line per kernel variant, "ok <name> | ptx=<instructions>
+regs=<registers a thread> stack=<bytes a thread>" (registers and stack from the cubin by the wheel's cuobjdump; a
+stack above 0 means spilled registers) or "FAIL <name>: <error>", and exits 1 on any failure. A compile check, not
+a run: it finds what the CPU interpreter cannot (type errors in branches the interpreter accepts, constexpr misuse,
+shared memory over the limit, spills), not wrong results. The GPU machine's Triton may be older than this one.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -29,14 +33,32 @@ OUT_SIGNATURE = dict(h_ptr="*fp32", union_ptr="*i8", list_ptr="*i32", mask_ptr="
                      part_ptr="*fp32", B=I32, D=I32, F=I32, S=I32, E=I32, stride_hb=I32, stride_mb=I32)
 
 
-def ptx_instructions(fn, signature: dict, constexprs: dict, warps: int, stages: int) -> int:
-    """Compile for sm_90 (raises on failure); the number of instructions in the kernel's PTX body."""
+def compile_report(fn, signature: dict, constexprs: dict, warps: int, stages: int) -> str:
+    """Compile for sm_90 (raises on failure): "ptx=<instructions in the kernel's PTX body> regs=<n> stack=<bytes>"
+    (regs and stack "?" without cuobjdump)."""
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
     body = ptx[ptx.index(".entry"):].split(".section")[0]  # no debug sections
-    return sum(1 for line in body.splitlines() if re.match(r"\s+[a-z@]", line) and not line.strip().startswith("//"))
+    count = sum(1 for line in body.splitlines() if re.match(r"\s+[a-z@]", line) and not line.strip().startswith("//"))
+    return f"ptx={count} {resource_usage(kernel.asm['cubin'])}"
+
+
+def resource_usage(cubin: bytes) -> str:
+    """"regs=<n> stack=<bytes>" of a cubin, from the cuobjdump that triton's CUDA backend ships."""
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return "regs=? stack=?"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"regs={found[1]} stack={found[2]}" if found else "regs=? stack=?"
 
 
 def variants():
@@ -62,7 +84,7 @@ def main() -> None:
     failed = False
     for name, fn, signature, constexprs, warps, stages in variants():
         try:
-            print(f"ok {name} {ptx_instructions(fn, signature, constexprs, warps, stages)}")
+            print(f"ok {name} | {compile_report(fn, signature, constexprs, warps, stages)}")
         except Exception as err:  # noqa: BLE001 - every failure is reported with its variant
             failed = True
             print(f"FAIL {name}: {type(err).__name__}: {str(err)[:500]}")
