@@ -1,5 +1,8 @@
 """Compile the decode FFN kernels for sm_90 (Hopper) without a GPU: Triton's own ptxas turns each into a cubin.
 
+    PYTHONPATH=src python tests/compile_sm90.py             # B = 1 and tl.dot variants, with and without the list
+    PYTHONPATH=src python tests/compile_sm90.py --shipped   # every row of the shipped tile tables, as planned
+
 Run as a script (the tests start it in a subprocess so that triton is imported in its compiled mode, apart from the
 interpreter the other kernel tests use). Prints one line per kernel variant, "ok <name> | ptx=<instructions>
 regs=<registers a thread> stack=<bytes a thread>" (registers and stack from the cubin by the wheel's cuobjdump; a
@@ -80,9 +83,47 @@ def variants():
     yield ("compact", _compact_kernel, dict(union_ptr="*i8", list_ptr="*i32", E=I32), dict(E_PAD=512, PDL=True), 4, 1)
 
 
+def shipped_variants():
+    """The gate/up and down kernels of every row of ``lte.kernels.tuning.SHIPPED`` (gated SiLU, bf16), with and
+    without the union's list, with the constexprs ``plan_launch`` gives them (planned on the CPU: a persistent grid
+    would be sized for 4 SMs there, and no shipped row has one)."""
+    import torch
+
+    from lte.kernels.triton_ffn import plan_launch
+    from lte.kernels.tuning import SHIPPED, KernelConfig
+
+    for gpu, shapes in SHIPPED.items():
+        for key, rows in shapes.items():
+            dims, _, size = key.partition("/s")
+            model_width, ffn_width = map(int, dims.split("x"))
+            expert_size = int(size or 32)
+            num_exp = -(-ffn_width // expert_size)
+            weight = torch.empty(ffn_width, model_width, dtype=torch.bfloat16, device="meta")
+            for tokens, row in rows.items():
+                for listed in (False, True):
+                    cfg = KernelConfig.from_dict({**row, "active_list": listed})
+                    x = torch.empty(int(tokens), model_width, dtype=torch.bfloat16)
+                    mask = torch.ones(int(tokens), num_exp, dtype=torch.bool)
+                    p = plan_launch(x, mask, weight, weight, weight, None, None, expert_size, "silu", cfg)
+                    evict = "evict_first" if cfg.stream_weights else ""
+                    name = f"{gpu} {key} B={tokens} list={listed}"
+                    yield (f"{name} gate/up", _ffn_in_kernel, IN_SIGNATURE,
+                           dict(GATED=True, HAS_BIAS=False, ACT=0, B_PAD=p.b_pad, BLOCK_F=p.block_f,
+                                BLOCK_K=cfg.in_block_k, E_PAD=p.e_pad, SLOTS=p.in_slots,
+                                PERSISTENT=p.in_grid < p.max_items, USE_DOT=p.use_dot, DOT_PREC="tf32", PDL=True,
+                                SCALED=False, G=p.in_group, W_EVICT=evict, LIST=listed), cfg.in_warps, cfg.in_stages)
+                    yield (f"{name} down", _ffn_out_kernel, OUT_SIGNATURE,
+                           dict(B_PAD=p.b_pad, S_PAD=p.out_rows, E_PAD=p.e_pad, CHUNK=p.out_chunk,
+                                BLOCK_D=cfg.out_block_d, TOKEN_MASK=False, USE_DOT=p.use_dot, DOT_PREC="tf32",
+                                PDL=True, SCALED=False, DOT_DTYPE=0, G=p.out_group,
+                                PREFETCH=int(cfg.out_prefetch and p.out_group == 1), W_EVICT=evict, LIST=listed),
+                           cfg.out_warps, cfg.out_stages)
+
+
 def main() -> None:
     failed = False
-    for name, fn, signature, constexprs, warps, stages in variants():
+    for name, fn, signature, constexprs, warps, stages in (shipped_variants() if "--shipped" in sys.argv[1:]
+                                                              else variants()):
         try:
             print(f"ok {name} | {compile_report(fn, signature, constexprs, warps, stages)}")
         except Exception as err:  # noqa: BLE001 - every failure is reported with its variant
