@@ -4,7 +4,7 @@
 # Carried folders (git-ignored, built by scripts/gpu/make_carry.sh, named in the device call's `carry`): carry/smol1, smol2,
 # smol3 (the three parts of SmolLM2's xz-compressed GGUF file), carry/wheels (gguf, rouge-score, nltk), carry/minilm1, minilm2 (the
 # two parts of MiniLM in fp16), carry/mpnet1 .. mpnet6 (the six parts of all-mpnet-base-v2 in fp16), carry/data and
-# carry/smoldata (data archives).
+# carry/smoldata, carry/gluedata (data archives).
 # Files are kept in $LTE_DEVICE_DIR outside the repo, so parts carried by separate calls join up
 # while the machine stays warm.
 LTE_DEVICE_DIR=${LTE_DEVICE_DIR:-/root/lte_device}
@@ -50,7 +50,7 @@ export LTE_CACHE="$LTE_DEVICE_DIR/cache" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 echo "device env: smollm2 gguf $( [ -f "$GGUF" ] && echo ready || echo missing ), minilm $(model_status minilm 2), mpnet $(model_status mpnet 6)"
 # Experiment data: the carried archives of ../shared/data (all of it, or the SmolLM2 studies' part), unpacked
 # next to the repo as ../shared/data; each archive once.
-for archive in carry/data/*.tar.xz carry/smoldata/*.tar.xz; do
+for archive in carry/data/*.tar.xz carry/smoldata/*.tar.xz carry/gluedata/*.tar.xz; do
     [ -f "$archive" ] || continue
     mark="$LTE_DEVICE_DIR/shared/.$(basename "$archive").done"
     if [ ! -f "$mark" ]; then
