@@ -332,6 +332,26 @@ def test_triton_kernels_in_interpreter(parts):
 
 @pytest.mark.skipif(not HAS_TRITON or importlib.util.find_spec("triton.backends.nvidia") is None,
                     reason="needs triton with its CUDA backend (ptxas)")
+def test_selfcheck_settings_fit_hopper_shared_memory():
+    """Every setting the selfcheck (and so the GPU tests' full product) runs fits sm_90's shared memory at its
+    largest batch in fp32, planned as the kernels plan it. On 2026-12-07 fixed B = 1 tiles used at B = 40 in fp32
+    compiled and then failed at launch on the H100 (384 KB asked for); compile_sm90 now fails such a variant."""
+    script = Path(__file__).with_name("compile_sm90.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(script), "--selfcheck"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+    from lte.kernels.selfcheck import CONFIGS
+
+    assert proc.returncode == 0 and len(lines) == 2 * len(CONFIGS), proc.stdout[-4000:] + proc.stderr[-4000:]
+    shared = [int(line.rsplit("smem=", 1)[1]) for line in lines]
+    assert max(shared) <= 232448 and min(shared) > 0
+
+
+@pytest.mark.skipif(not HAS_TRITON or importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason="needs triton with its CUDA backend (ptxas)")
 def test_kernels_compile_for_hopper_and_the_list_drops_the_prefix_sum():
     """The gate/up, down and compaction kernels compile to sm_90 cubins without a GPU (tests/compile_sm90.py, in a
     subprocess: triton in compiled mode), B = 1 and tl.dot shapes, with and without `active_list`; with the list

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,12 +38,24 @@ BATCHES = (1, 5, 40)
 #: two ids at a time, each share's first expert read ahead of the loop (`out_prefetch`); the third
 #: 32-row items under tl.dot (four 8-neuron experts per item), two experts per down-kernel step, the
 #: weights streamed through L2 (`stream_weights`) and the union's experts from a list (`active_list`); the
-#: fourth the default tiles with the list, two ids at a time and the read-ahead in the down kernel.
+#: fourth each case's planned default tiles with the list, two ids at a time and the read-ahead in the down kernel
+#: (a function of the case: fixed B = 1 tiles hold 384 KB of shared memory at B = 40 in fp32, past any GPU's limit).
+LIST_ON_DEFAULTS = {"active_list": True, "out_chunk": 2, "out_prefetch": True}
 CONFIGS = (None, KernelConfig(in_block_f=8, in_block_k=64, in_progs_per_sm=1, out_block_d=32, out_split=3,
                               out_chunk=2, out_prefetch=True, router_block_e=4, router_block_k=32),
            KernelConfig(in_block_f=32, in_block_k=32, in_progs_per_sm=2, out_block_d=16, out_split=2, out_group=2,
                         stream_weights=True, active_list=True),
-           KernelConfig(active_list=True, out_chunk=2, out_prefetch=True))
+           "defaults+list")
+
+
+def case_config(config, B: int, D: int, F: int, S: int, device) -> KernelConfig | None:
+    """A `CONFIGS` entry for one case: None (the kernels plan their defaults), a KernelConfig, or "defaults+list"
+    (the planned defaults of this B, D, F, S with `LIST_ON_DEFAULTS`)."""
+    if config == "defaults+list":
+        from .triton_ffn import default_config
+
+        return replace(default_config(B, D, F, torch.device(device), S), **LIST_ON_DEFAULTS)
+    return config
 #: top-k routing's mask: experts E (one, odd, several router blocks) and widths D (one step, odd)
 TOPK_EXPERTS = (1, 5, 37, 130)
 TOPK_WIDTHS = (8, 67)
@@ -98,10 +110,11 @@ def check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config=None) 
     x = torch.randn(B, D, generator=gen).to(dtype=dtype, device=device)  # [B, D]
     mask = _make_mask(B, num_experts(F, S), sparsity, gen).to(device)  # [B, E]
     y = sparse_ffn_triton(x, mask, w["w_up"], w["w_down_t"], w["w_gate"], w["b_up"], w["b_down"],
-                          S, activation, config)
+                          S, activation, case_config(config, B, D, F, S, device))
     ref = sparse_ffn_reference(x, mask, expert_size=S, activation=activation, **w)
-    case = (f"D={D} F={F} S={S} B={B} {sparsity} {activation} gated={gated} bias={with_bias} {dtype} "
-            f"{'default' if config is None else 'persistent'}")
+    label = ("planned" if config is None else config if isinstance(config, str)
+             else f"config {CONFIGS.index(config)}" if config in CONFIGS else "custom")
+    case = f"D={D} F={F} S={S} B={B} {sparsity} {activation} gated={gated} bias={with_bias} {dtype} {label}"
     if sparsity == "all":
         want = torch.zeros_like(ref) if w["b_down"] is None else w["b_down"].expand_as(ref)
         exact = torch.equal(y, want)
@@ -115,7 +128,6 @@ def check_active_list_case(D, F, S, B, sparsity, kind, dtype, device, gen) -> Ca
     """``KernelConfig.active_list``: the compaction writes [n, the union's experts in order] (checked by hand
     against mask.any(0)), and the FFN with the list equals the FFN without it bit for bit (the same arithmetic in
     the same order), with one program per item and with a persistent grid."""
-    from dataclasses import replace
 
     from .triton_ffn import default_config, launch_compact, launch_union, plan_launch, sparse_ffn_triton
 
@@ -386,18 +398,21 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
         if "routed" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
-        results.append(check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config))
+        results.append(check_routed_case(D, F, S, B, budget, kind, dtype, device, gen,
+                                         case_config(config, B, D, F, S, device)))
     for i, ((D, F, S), B) in enumerate(itertools.product(shapes[::2], (1, 5, 40))):
         if "split" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
-        results.append(check_split_case(D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen, config))
+        results.append(check_split_case(D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen,
+                                        case_config(config, B, D, F, S, device)))
     for i, ((D, F, S), B, sparsity) in enumerate(itertools.product(shapes, BATCHES, (*SPARSITIES, "routed"))):
         if "fp8" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
         results.append(check_fp8_case(D, F, S, B, "random" if sparsity == "routed" else sparsity, kind, dtype,
-                                      device, gen, config, routed=sparsity == "routed"))
+                                      device, gen, case_config(config, B, D, F, S, device),
+                                      routed=sparsity == "routed"))
     for i, ((_, F, S), B, sparsity) in enumerate(itertools.product(shapes, (1, 7), SPARSITIES)):
         if "act" not in parts:
             break

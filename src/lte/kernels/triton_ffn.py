@@ -290,6 +290,38 @@ def launch_compact(p: FFNLaunch) -> None:
                           **_pdl_kwargs(p.pdl))
 
 
+def in_constexprs(p: FFNLaunch) -> dict:
+    """The gate/up kernel's compile-time arguments (and warps / stages) for a plan: what `launch_in` passes, and
+    what tests/compile_sm90.py compiles without a GPU."""
+    cfg = p.cfg
+    return dict(GATED=p.w_gate is not None, HAS_BIAS=p.b_up is not None, ACT=ACT_CODE[p.activation],
+                B_PAD=p.b_pad, BLOCK_F=p.block_f, BLOCK_K=cfg.in_block_k, E_PAD=p.e_pad, SLOTS=p.in_slots,
+                PERSISTENT=p.in_grid < p.max_items, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl,
+                SCALED=p.scaled, G=p.in_group, W_EVICT=_weight_eviction(cfg), LIST=p.active is not None,
+                num_warps=cfg.in_warps, num_stages=cfg.in_stages)
+
+
+def out_constexprs(p: FFNLaunch, token_mask: bool = False) -> dict:
+    """The down kernel's compile-time arguments (and warps / stages) for a plan, as `launch_out` passes them."""
+    cfg = p.cfg
+    return dict(B_PAD=p.b_pad, S_PAD=p.out_rows, E_PAD=p.e_pad, CHUNK=p.out_chunk, BLOCK_D=cfg.out_block_d,
+                TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl,
+                SCALED=p.s_down is not None, DOT_DTYPE=_DOT_DTYPE[p.x.dtype], G=p.out_group,
+                PREFETCH=int(cfg.out_prefetch and p.out_group == 1), W_EVICT=_weight_eviction(cfg),
+                LIST=p.active is not None, num_warps=cfg.out_warps, num_stages=cfg.out_stages)
+
+
+def _fits(launch, p: FFNLaunch, kernel: str, settings: str):
+    """Run `launch`; a tile set this GPU cannot hold becomes an error that names the settings to lower."""
+    try:
+        return launch()
+    except triton.runtime.errors.OutOfResources as err:
+        raise ValueError(
+            f"the {kernel} kernel's tiles do not fit this GPU at B={p.x.shape[0]} tokens, {p.x.dtype}: {err}. "
+            f"Lower {settings} in the KernelConfig (a table row tuned for another batch size or GPU?), or pass "
+            f"config=None for the planned defaults of this shape and batch size.") from err
+
+
 def launch_in(p: FFNLaunch) -> None:
     """Gate/up kernel: h = act(gate) * up * mask for the rows of the union's experts (with
     ``active_list``, the union's list first)."""
@@ -297,21 +329,14 @@ def launch_in(p: FFNLaunch) -> None:
         launch_compact(p)
     num_tokens, model_width = p.x.shape
     ffn_width = p.w_up.shape[0]
-    cfg = p.cfg
     scale_dummy = p.union  # never read when the weights carry no scales
-    _ffn_in_kernel[(p.in_grid,)](
+    _fits(lambda: _ffn_in_kernel[(p.in_grid,)](
         p.x, p.mask_u8, p.union, _list_arg(p), p.w_gate if p.w_gate is not None else p.w_up, p.w_up,
         p.b_up if p.b_up is not None else p.w_up,
         p.s_gate if p.s_gate is not None else scale_dummy, p.s_up if p.s_up is not None else scale_dummy, p.h,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0], p.row_blocks,
-        p.x.stride(0), p.mask_u8.stride(0), p.h.stride(0),
-        GATED=p.w_gate is not None, HAS_BIAS=p.b_up is not None, ACT=ACT_CODE[p.activation],
-        B_PAD=p.b_pad, BLOCK_F=p.block_f,
-        BLOCK_K=cfg.in_block_k, E_PAD=p.e_pad, SLOTS=p.in_slots, PERSISTENT=p.in_grid < p.max_items,
-        USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x), PDL=p.pdl, SCALED=p.scaled, G=p.in_group,
-        W_EVICT=_weight_eviction(cfg), LIST=p.active is not None, num_warps=cfg.in_warps, num_stages=cfg.in_stages,
-        **_pdl_kwargs(p.pdl),
-    )
+        p.x.stride(0), p.mask_u8.stride(0), p.h.stride(0), **in_constexprs(p), **_pdl_kwargs(p.pdl),
+    ), p, "gate/up", "in_block_k, in_block_f or in_stages")
 
 
 def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
@@ -320,17 +345,11 @@ def launch_out(p: FFNLaunch, token_mask: bool = False) -> None:
     ``active_list`` it reads the list launch_in's compaction wrote."""
     num_tokens, model_width = p.x.shape
     ffn_width = p.w_up.shape[0]
-    cfg = p.cfg
-    _ffn_out_kernel[(triton.cdiv(model_width, cfg.out_block_d), p.split)](
+    _fits(lambda: _ffn_out_kernel[(triton.cdiv(model_width, p.cfg.out_block_d), p.split)](
         p.h, p.union, _list_arg(p), p.mask_u8, p.w_down_t, p.s_down if p.s_down is not None else p.union, p.part,
         num_tokens, model_width, ffn_width, p.expert_size, p.union.shape[0],
-        p.h.stride(0), p.mask_u8.stride(0),
-        B_PAD=p.b_pad, S_PAD=p.out_rows, E_PAD=p.e_pad, CHUNK=p.out_chunk,
-        BLOCK_D=cfg.out_block_d, TOKEN_MASK=token_mask, USE_DOT=p.use_dot, DOT_PREC=_dot_precision(p.x),
-        PDL=p.pdl, SCALED=p.s_down is not None, DOT_DTYPE=_DOT_DTYPE[p.x.dtype], G=p.out_group,
-        PREFETCH=int(cfg.out_prefetch and p.out_group == 1), W_EVICT=_weight_eviction(cfg), LIST=p.active is not None,
-        num_warps=cfg.out_warps, num_stages=cfg.out_stages, **_pdl_kwargs(p.pdl),
-    )
+        p.h.stride(0), p.mask_u8.stride(0), **out_constexprs(p, token_mask), **_pdl_kwargs(p.pdl),
+    ), p, "down", "out_block_d or out_stages")
 
 
 def launch_finish(p: FFNLaunch) -> None:
