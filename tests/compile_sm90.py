@@ -157,7 +157,7 @@ def selfcheck_variants(everything: bool):
     from lte.kernels.selfcheck import BATCHES, CONFIGS, SHAPES, case_config
 
     model_width, ffn_width, expert_size = max(SHAPES, key=lambda shape: shape[0] * shape[1])
-    cases = (itertools.product(BATCHES, (torch.float32, torch.float16, torch.bfloat16), (True, False)) if everything
+    cases = (list(itertools.product(BATCHES, (torch.float32, torch.float16, torch.bfloat16), (True, False))) if everything
              else [(max(BATCHES), torch.float32, True)])
     for i, config in enumerate(CONFIGS):
         for tokens, dtype, gated in cases:

@@ -54,7 +54,7 @@ from lte.kernels.reference import (
     topk_keep,
 )
 from lte.kernels.selfcheck import make_ffn
-from lte.kernels.tuning import gpu_key
+from lte.kernels.tuning import KernelConfig, gpu_key
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -330,6 +330,32 @@ def test_triton_kernels_in_interpreter(parts):
     assert "cases passed" in proc.stdout
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_tiles_past_the_gpus_shared_memory_get_a_clear_error(monkeypatch):
+    """A KernelConfig whose tiles this GPU cannot hold (Triton's OutOfResources at launch, as B = 1 tiles used at
+    B = 40 in fp32 on the H100) becomes a ValueError naming the kernel, the batch, the dtype and the settings to
+    lower, with Triton's error as its cause. The interpreter has no shared memory, so the launch is replaced."""
+    from triton.runtime.errors import OutOfResources
+
+    from lte.kernels import triton_ffn
+
+    class TooLarge:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(393216, 232448, "shared memory")
+            return launch
+
+    gen = torch.Generator().manual_seed(0)
+    w = make_ffn(100, 160, True, False, torch.float32, "cpu", gen)
+    x = torch.randn(40, 100, generator=gen)  # [B, D]
+    mask = torch.ones(40, 5, dtype=torch.bool)  # [B, E]
+    monkeypatch.setattr(triton_ffn, "_ffn_in_kernel", TooLarge())
+    with pytest.raises(ValueError, match=r"gate/up kernel.*B=40 tokens, torch.float32.*in_block_k") as err:
+        triton_ffn.launch_in(triton_ffn.plan_launch(x, mask, w["w_up"], w["w_down_t"], w["w_gate"], None, None, 32,
+                                                    "silu", KernelConfig(in_block_k=1024)))
+    assert isinstance(err.value.__cause__, OutOfResources)
+
+
 @pytest.mark.skipif(not HAS_TRITON or importlib.util.find_spec("triton.backends.nvidia") is None,
                     reason="needs triton with its CUDA backend (ptxas)")
 def test_selfcheck_settings_fit_hopper_shared_memory():
@@ -367,6 +393,24 @@ def test_kernels_compile_for_hopper_and_the_list_drops_the_prefix_sum():
     for name, count in counts.items():
         if "list=True" in name:
             assert count < counts[name.replace("list=True", "list=False")], name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON or importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason="needs triton with its CUDA backend (ptxas)")
+def test_every_selfcheck_launch_fits_hopper():
+    """`compile_sm90.py --selfcheck-all`: each selfcheck setting at each of its batch sizes, in fp32, fp16 and bf16,
+    gated and plain, compiles for sm_90 within its shared memory (about a minute)."""
+    script = Path(__file__).with_name("compile_sm90.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(script), "--selfcheck-all"], capture_output=True, text=True,
+                          timeout=900, env=env)
+    from lte.kernels.selfcheck import BATCHES, CONFIGS
+
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+    assert proc.returncode == 0 and len(lines) == 2 * len(CONFIGS) * len(BATCHES) * 3 * 2, proc.stdout[-4000:]
 
 
 def test_routed_sparse_ffn_equals_router_then_ffn():
