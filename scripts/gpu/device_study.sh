@@ -77,6 +77,23 @@ pack() {
     pack_results
     [ -n "${OUT:-}" ] && ls -la "$OUT"
 }
+# GPU_TESTS="tests/test_kernels.py": those GPU tests run beside the study on the same GPU (correctness only, no timing;
+# about 200 s for the kernel tests on an H100), the whole output in $OUT/gpu_tests.txt, their summary printed last. A
+# call then checks the kernels without device time of its own (2026-12-07: 75 kernel tests beside an MPNet study at
+# --jobs 8). With a SmolLM2 study near the GPU's memory, lower --jobs: the tests hold a few GB.
+tests=""
+if [ -n "${GPU_TESTS:-}" ] && [ -n "${OUT:-}" ]; then
+    # shellcheck disable=SC2086
+    "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu $GPU_TESTS > "$OUT/gpu_tests.txt" 2>&1 &
+    tests=$!
+fi
+report_tests() {
+    [ -n "$tests" ] || return 0
+    wait "$tests"
+    echo "gpu tests ($GPU_TESTS) beside the study: $(tail -1 "$OUT/gpu_tests.txt")"
+    grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.txt"
+    tests=""
+}
 study=""
 trap 'pack; [ -n "$study" ] && { kill -TERM "$study" 2>/dev/null; wait "$study"; pack_results; }; exit 143' TERM
 "$PY" -m lte.cli.main -v study "$@" --root "$ROOT" 2> >(grep -v "study units" >&2) &
@@ -85,4 +102,5 @@ wait "$study"
 status=$?
 trap - TERM
 pack
+report_tests
 exit $status
