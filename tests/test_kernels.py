@@ -330,6 +330,26 @@ def test_triton_kernels_in_interpreter(parts):
     assert "cases passed" in proc.stdout
 
 
+def test_selfcheck_reports_a_raising_case_and_goes_on(monkeypatch):
+    """A case whose launch raises (as the GPU's shared-memory limit did on 2026-12-07, which stopped the whole
+    selfcheck) becomes a failed case carrying the error; the cases after it still run."""
+    from lte.kernels import selfcheck
+
+    calls = []
+
+    def router_case(D, E, B, dtype, device, gen):
+        calls.append(B)
+        if B == 1:
+            raise RuntimeError("out of resource: shared memory")
+        return selfcheck.CaseResult(f"router B={B}", 0.0, True)
+
+    monkeypatch.setattr(selfcheck, "check_router_case", router_case)
+    results = selfcheck.run_checks("cpu", (torch.float32,), parts=("router",), shapes=selfcheck.SHAPES[:1])
+    failed = [r for r in results if not r.ok]
+    assert len(results) == len(calls) > 1 and len(failed) == calls.count(1) >= 1
+    assert all("RuntimeError: out of resource: shared memory" in r.case and r.error == float("inf") for r in failed)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_tiles_past_the_gpus_shared_memory_get_a_clear_error(monkeypatch):
     """A KernelConfig whose tiles this GPU cannot hold (Triton's OutOfResources at launch, as B = 1 tiles used at

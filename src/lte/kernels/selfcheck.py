@@ -373,8 +373,19 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
     """All cases: with ``full`` the whole product, otherwise kinds, dtypes and settings rotate over
     the cases so that every value appears while keeping the count small (the CPU interpreter is slow).
     `shapes`: (D, F, S) cases (default `SHAPES`)."""
+    results: list[CaseResult] = []
+
+    def add(check, *args, **kwargs) -> None:
+        """One case; a launch that raises (a compile error, shared memory past the GPU's) is a failed case with its
+        error, and the cases after it still run."""
+        try:
+            results.append(check(*args, **kwargs))
+        except Exception as err:  # noqa: BLE001 - reported as the case's failure
+            described = " ".join(str(a) for a in args[:5])
+            results.append(CaseResult(f"{check.__name__}({described}): {type(err).__name__}: {str(err)[:300]}",
+                                      float("inf"), False))
+
     gen = torch.Generator().manual_seed(seed)
-    results = []
     combos = list(itertools.product(FFN_KINDS, dtypes, CONFIGS))
     step = 0
     for (D, F, S), B, sparsity in itertools.product(shapes, BATCHES, SPARSITIES):
@@ -383,43 +394,43 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
         chosen = combos if full else [combos[step % len(combos)]]
         step += 1
         for kind, dtype, config in chosen:
-            results.append(check_ffn_case(D, F, S, B, sparsity, kind, dtype, device, gen, config))
+            add(check_ffn_case, D, F, S, B, sparsity, kind, dtype, device, gen, config)
     for i, ((D, F, S), B) in enumerate(itertools.product(shapes, (1, 5))):
         if "ffn" not in parts:
             break
         kind, dtype, _ = combos[i % len(combos)]
-        results.append(check_active_list_case(D, F, S, B, SPARSITIES[i % 3], kind, dtype, device, gen))
+        add(check_active_list_case, D, F, S, B, SPARSITIES[i % 3], kind, dtype, device, gen)
     for (D, F, S), B in itertools.product(shapes[:2], (1, 5, 16, 33)):
         if "router" not in parts:
             break
         for dtype in dtypes:
-            results.append(check_router_case(D, num_experts(F, S), B, dtype, device, gen))
+            add(check_router_case, D, num_experts(F, S), B, dtype, device, gen)
     for i, ((D, F, S), B, budget) in enumerate(itertools.product(shapes, (1, 6, 40), (0, 3))):
         if "routed" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
-        results.append(check_routed_case(D, F, S, B, budget, kind, dtype, device, gen,
-                                         case_config(config, B, D, F, S, device)))
+        add(check_routed_case, D, F, S, B, budget, kind, dtype, device, gen,
+                                         case_config(config, B, D, F, S, device))
     for i, ((D, F, S), B) in enumerate(itertools.product(shapes[::2], (1, 5, 40))):
         if "split" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
-        results.append(check_split_case(D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen,
-                                        case_config(config, B, D, F, S, device)))
+        add(check_split_case, D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen,
+                                        case_config(config, B, D, F, S, device))
     for i, ((D, F, S), B, sparsity) in enumerate(itertools.product(shapes, BATCHES, (*SPARSITIES, "routed"))):
         if "fp8" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
-        results.append(check_fp8_case(D, F, S, B, "random" if sparsity == "routed" else sparsity, kind, dtype,
+        add(check_fp8_case, D, F, S, B, "random" if sparsity == "routed" else sparsity, kind, dtype,
                                       device, gen, case_config(config, B, D, F, S, device),
-                                      routed=sparsity == "routed"))
+                                      routed=sparsity == "routed")
     for i, ((_, F, S), B, sparsity) in enumerate(itertools.product(shapes, (1, 7), SPARSITIES)):
         if "act" not in parts:
             break
         activation, gated, _ = FFN_KINDS[i % len(FFN_KINDS)]
         for from_logits in (False, True):
-            results.append(check_act_case(F, S, B, sparsity, activation, gated, dtypes[i % len(dtypes)], device, gen,
-                                          from_logits))
+            add(check_act_case, F, S, B, sparsity, activation, gated, dtypes[i % len(dtypes)], device, gen,
+                                          from_logits)
     for i, (E, D, B) in enumerate(itertools.product(TOPK_EXPERTS, TOPK_WIDTHS, BATCHES)):
         if "topk" not in parts:
             break
@@ -429,19 +440,19 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
                 if device == "cpu" and dtype == torch.bfloat16 and B > 8 and config is not TOPK_CONFIGS[2]:
                     config = TOPK_CONFIGS[2]  # Triton's interpreter gets tl.dot wrong for bf16: broadcast path
                 budget = (E + 2) // 3 if (i + j) % 3 == 2 else 0  # a per-batch budget on every third case
-                results.append(check_topk_case(D, E, B, k, dtype, device, gen, ties=(i + j) % 2 == 1,
-                                               config=config, budget=budget))
+                add(check_topk_case, D, E, B, k, dtype, device, gen, ties=(i + j) % 2 == 1,
+                                               config=config, budget=budget)
     if "topk" in parts:
         for k in range(1, 16):
-            results.append(check_topk_extremes_case(k, device, TOPK_CONFIGS[k % 3]))
+            add(check_topk_extremes_case, k, device, TOPK_CONFIGS[k % 3])
         for B, k, budget in ((3, 2, 20), (1, 7, 8), (5, 20, 39)):  # budgets the union fits (rows stand) or just not
-            results.append(check_topk_case(33, 40, B, k, TOPK_DTYPES[B % 3], device, gen, ties=B == 5,
-                                           config=TOPK_CONFIGS[k % 3], budget=budget))
+            add(check_topk_case, 33, 40, B, k, TOPK_DTYPES[B % 3], device, gen, ties=B == 5,
+                                           config=TOPK_CONFIGS[k % 3], budget=budget)
     for i, case in enumerate(ATTENTION_CASES):
         if "attn" not in parts:
             break
         for masked in (False, True):
-            results.append(check_attention_case(*case, dtypes[(i + masked) % len(dtypes)], device, gen, masked))
+            add(check_attention_case, *case, dtypes[(i + masked) % len(dtypes)], device, gen, masked)
     return results
 
 
