@@ -330,6 +330,17 @@ def test_triton_kernels_in_interpreter(parts):
     assert "cases passed" in proc.stdout
 
 
+def _compile_sm90(*flags: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """tests/compile_sm90.py in a subprocess (triton in compiled mode, not the interpreter): the process and its
+    "ok ..." / "FAIL ..." lines."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_sm90.py")), *flags],
+                          capture_output=True, text=True, timeout=900, env=env)
+    return proc, [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+
+
 def test_selfcheck_reports_a_raising_case_and_goes_on(monkeypatch):
     """A case whose launch raises (as the GPU's shared-memory limit did on 2026-12-07, which stopped the whole
     selfcheck) becomes a failed case carrying the error; the cases after it still run."""
@@ -382,13 +393,7 @@ def test_selfcheck_settings_fit_hopper_shared_memory():
     """Every setting the selfcheck (and so the GPU tests' full product) runs fits sm_90's shared memory at its
     largest batch in fp32, planned as the kernels plan it. On 2026-12-07 fixed B = 1 tiles used at B = 40 in fp32
     compiled and then failed at launch on the H100 (384 KB asked for); compile_sm90 now fails such a variant."""
-    script = Path(__file__).with_name("compile_sm90.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(script), "--selfcheck"], capture_output=True, text=True, timeout=300,
-                          env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+    proc, lines = _compile_sm90("--selfcheck")
     from lte.kernels.selfcheck import CONFIGS
 
     assert proc.returncode == 0 and len(lines) == 2 * len(CONFIGS), proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -402,12 +407,7 @@ def test_kernels_compile_for_hopper_and_the_list_drops_the_prefix_sum():
     """The gate/up, down and compaction kernels compile to sm_90 cubins without a GPU (tests/compile_sm90.py, in a
     subprocess: triton in compiled mode), B = 1 and tl.dot shapes, with and without `active_list`; with the list
     each program's code is shorter (no prefix sum over the union's flags, no search for its expert)."""
-    script = Path(__file__).with_name("compile_sm90.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+    proc, lines = _compile_sm90()
     assert proc.returncode == 0 and len(lines) == 21, proc.stdout[-4000:] + proc.stderr[-4000:]
     counts = {line[3:].split(" | ")[0]: int(re.search(r"ptx=(\d+)", line)[1]) for line in lines}
     for name, count in counts.items():
@@ -421,15 +421,9 @@ def test_kernels_compile_for_hopper_and_the_list_drops_the_prefix_sum():
 def test_every_selfcheck_launch_fits_hopper():
     """`compile_sm90.py --selfcheck-all`: each selfcheck setting at each of its batch sizes, in fp32, fp16 and bf16,
     gated and plain, compiles for sm_90 within its shared memory (about a minute)."""
-    script = Path(__file__).with_name("compile_sm90.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(script), "--selfcheck-all"], capture_output=True, text=True,
-                          timeout=900, env=env)
+    proc, lines = _compile_sm90("--selfcheck-all")
     from lte.kernels.selfcheck import BATCHES, CONFIGS
 
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
     assert proc.returncode == 0 and len(lines) == 2 * len(CONFIGS) * len(BATCHES) * 3 * 2, proc.stdout[-4000:]
 
 

@@ -56,6 +56,8 @@ def case_config(config, B: int, D: int, F: int, S: int, device) -> KernelConfig 
 
         return replace(default_config(B, D, F, torch.device(device), S), **LIST_ON_DEFAULTS)
     return config
+
+
 #: top-k routing's mask: experts E (one, odd, several router blocks) and widths D (one step, odd)
 TOPK_EXPERTS = (1, 5, 37, 130)
 TOPK_WIDTHS = (8, 67)
@@ -128,7 +130,6 @@ def check_active_list_case(D, F, S, B, sparsity, kind, dtype, device, gen) -> Ca
     """``KernelConfig.active_list``: the compaction writes [n, the union's experts in order] (checked by hand
     against mask.any(0)), and the FFN with the list equals the FFN without it bit for bit (the same arithmetic in
     the same order), with one program per item and with a persistent grid."""
-
     from .triton_ffn import default_config, launch_compact, launch_union, plan_launch, sparse_ffn_triton
 
     activation, gated, with_bias = kind
@@ -410,27 +411,27 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
             break
         kind, dtype, config = combos[i % len(combos)]
         add(check_routed_case, D, F, S, B, budget, kind, dtype, device, gen,
-                                         case_config(config, B, D, F, S, device))
+            case_config(config, B, D, F, S, device))
     for i, ((D, F, S), B) in enumerate(itertools.product(shapes[::2], (1, 5, 40))):
         if "split" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
         add(check_split_case, D, F, S, B, i % 3, ("relu", "gelu")[i % 2], dtype, device, gen,
-                                        case_config(config, B, D, F, S, device))
+            case_config(config, B, D, F, S, device))
     for i, ((D, F, S), B, sparsity) in enumerate(itertools.product(shapes, BATCHES, (*SPARSITIES, "routed"))):
         if "fp8" not in parts:
             break
         kind, dtype, config = combos[i % len(combos)]
         add(check_fp8_case, D, F, S, B, "random" if sparsity == "routed" else sparsity, kind, dtype,
-                                      device, gen, case_config(config, B, D, F, S, device),
-                                      routed=sparsity == "routed")
+            device, gen, case_config(config, B, D, F, S, device),
+            routed=sparsity == "routed")
     for i, ((_, F, S), B, sparsity) in enumerate(itertools.product(shapes, (1, 7), SPARSITIES)):
         if "act" not in parts:
             break
         activation, gated, _ = FFN_KINDS[i % len(FFN_KINDS)]
         for from_logits in (False, True):
             add(check_act_case, F, S, B, sparsity, activation, gated, dtypes[i % len(dtypes)], device, gen,
-                                          from_logits)
+                from_logits)
     for i, (E, D, B) in enumerate(itertools.product(TOPK_EXPERTS, TOPK_WIDTHS, BATCHES)):
         if "topk" not in parts:
             break
@@ -441,13 +442,13 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
                     config = TOPK_CONFIGS[2]  # Triton's interpreter gets tl.dot wrong for bf16: broadcast path
                 budget = (E + 2) // 3 if (i + j) % 3 == 2 else 0  # a per-batch budget on every third case
                 add(check_topk_case, D, E, B, k, dtype, device, gen, ties=(i + j) % 2 == 1,
-                                               config=config, budget=budget)
+                    config=config, budget=budget)
     if "topk" in parts:
         for k in range(1, 16):
             add(check_topk_extremes_case, k, device, TOPK_CONFIGS[k % 3])
         for B, k, budget in ((3, 2, 20), (1, 7, 8), (5, 20, 39)):  # budgets the union fits (rows stand) or just not
             add(check_topk_case, 33, 40, B, k, TOPK_DTYPES[B % 3], device, gen, ties=B == 5,
-                                           config=TOPK_CONFIGS[k % 3], budget=budget)
+                config=TOPK_CONFIGS[k % 3], budget=budget)
     for i, case in enumerate(ATTENTION_CASES):
         if "attn" not in parts:
             break
