@@ -535,6 +535,14 @@ def test_markdown_report_lists_every_method():
     points[1]["seeds"], points[2]["seeds"] = [0, 1, 2], [0, 2]
     text = study_markdown(points, {**summary, "seeds": [0, 1, 2]})
     assert "| lte | 11 (50%) |" in text and "| teal | 12 (50%) [seeds 0, 2] |" in text
+    # so does a reference (dense-ft) that lacks a seed, in the report and on the scoreboard
+    ref = dict(_pt("dense-ft", 0.0, 9.5), gflops_per_token=1.0, seeds=[0, 1], train_steps=300, quality_std=0.1)
+    summary = {**report.summarise(points + [ref], "perplexity", False), "seeds": [0, 1, 2], "name": "s"}
+    assert "no sparsity): 9.5 ± 0.1 [seeds 0, 1]." in study_markdown(points + [ref], summary)
+    from lte.study.scoreboard import scoreboard_rows
+
+    rows = scoreboard_rows(summary)
+    assert rows and all(r["references"]["dense-ft"] == (9.5, 0.1, " [seeds 0, 1]") for r in rows)
 
 
 def test_out_of_memory_retry_detection(tmp_path):

@@ -117,7 +117,8 @@ def summarise(points: list[dict[str, Any]], metric: str, higher_is_better: bool,
         }
     refs = reference_methods(points)
     references = {p["method"]: {"quality": p["quality"], "quality_std": p.get("quality_std"),
-                                "train_steps": p.get("train_steps")} for p in points if p["method"] in refs}
+                                "train_steps": p.get("train_steps"), "seeds": p.get("seeds")}
+                  for p in points if p["method"] in refs}
     return {"metric": metric, "higher_is_better": higher_is_better, "dense_quality": dense["quality"],
             "dense_gflops_per_token": dense["gflops_per_token"], "methods": table, "references": references,
             "lte_method": lte_method, "lte_vs_others": compare_to_baselines(points, higher_is_better, lte_method)}
@@ -150,10 +151,10 @@ def _fmt_cell(p: dict[str, Any], metric: str, all_seeds: list[int] | None = None
     sd = p.get("ffn_sparsity_std")
     spread = f" ± {100 * sd:.0f}" if sd else ""
     return (f"{fmt_pm(p['quality'], p.get('quality_std'), metric)} ({100 * p['ffn_sparsity']:.0f}%{spread})"
-            + _fewer_seeds(p, all_seeds))
+            + fewer_seeds(p, all_seeds))
 
 
-def _fewer_seeds(p: dict[str, Any] | None, all_seeds: list[int] | None) -> str:
+def fewer_seeds(p: dict[str, Any] | None, all_seeds: list[int] | None) -> str:
     """` [seeds 0, 1]` when a point averages fewer seeds than the study ran, else nothing."""
     seeds = (p or {}).get("seeds")
     if not seeds or not all_seeds or len(seeds) >= len(all_seeds):
@@ -177,7 +178,8 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
     for name, ref in (summary.get("references") or {}).items():
         steps = f"{ref['train_steps']:.0f}" if finite(ref.get("train_steps")) else "?"
         lines += [f"`{name}` (the dense model fine-tuned further with the trained methods' budget, {steps} steps, "
-                  f"no sparsity): {fmt_pm(ref['quality'], ref.get('quality_std'), metric)}.", ""]
+                  f"no sparsity): {fmt_pm(ref['quality'], ref.get('quality_std'), metric)}"
+                  f"{fewer_seeds(ref, summary.get('seeds'))}.", ""]
     refs = reference_methods(points)
     methods = [m for m in dict.fromkeys(p["method"] for p in points) if m != "dense" and m not in refs]
     targets = sorted({p["target"] for p in points if p["method"] in methods})
@@ -230,7 +232,7 @@ def _extra_lines(points: list[dict[str, Any]], methods: list[str], targets: list
             return ""
         sparsity = (p.get("extra_sparsity") or {}).get(name)
         at = f" at {sparsity:.0%}" if sparsity is not None and p["method"] != "dense" else ""
-        return fmt_pm(value, (p.get("extra_quality_std") or {}).get(name), metric) + at + _fewer_seeds(p, all_seeds)
+        return fmt_pm(value, (p.get("extra_quality_std") or {}).get(name), metric) + at + fewer_seeds(p, all_seeds)
 
     for name in names:
         dense = next(p for p in points if p["method"] == "dense")

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from .config import declared_points
-from .report import fmt_margin, fmt_pm
+from .report import fewer_seeds, fmt_margin, fmt_pm
 
 __all__ = ["once_per_task", "pending_points", "scoreboard_markdown", "scoreboard_rows", "target_error_line", "welch_p"]
 
@@ -46,7 +46,7 @@ def scoreboard_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "within_one_std": bool(stds) and abs(margin) <= max(stds),
             "p_value": welch_p(point["quality"], point.get("quality_std"), point.get("seeds"), reached[best],
                                (point.get("others_std") or {}).get(best), (point.get("others_seeds") or {}).get(best)),
-            "references": {name: (ref["quality"], ref.get("quality_std"))
+            "references": {name: (ref["quality"], ref.get("quality_std"), fewer_seeds(ref, summary.get("seeds")))
                            for name, ref in (summary.get("references") or {}).items()},
             "task_key": task_key, "budget_steps": budget,
         })
@@ -129,7 +129,8 @@ def scoreboard_markdown(rows: list[dict[str, Any]], pending: list[str] | None = 
     for r in rows:
         metric = r["metric"]
         verdict = r["verdict"] + (" (within one std)" if r["within_one_std"] else "")
-        refs = "".join(f"; {name} {fmt_pm(q, sd, metric)}" for name, (q, sd) in (r.get("references") or {}).items())
+        refs = "".join(f"; {name} {fmt_pm(q, sd, metric)}{fewer}"
+                       for name, (q, sd, fewer) in (r.get("references") or {}).items())
         lines.append(f"| {r['study']} ({metric}, {fmt_pm(r['dense'], None, metric)}{refs}) | `{r['lte_method']}` | "
                      f"{_sparsity_cell(r)} | {fmt_pm(r['lte'], r['lte_std'], metric)} | "
                      f"{r['best_baseline']} {fmt_pm(r['baseline'], r['baseline_std'], metric)} | "
