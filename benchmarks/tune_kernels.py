@@ -71,8 +71,10 @@ OUT_CANDIDATES = {
     # the last two: wider column blocks, fewer splits and two stages (the down rows read at 2.25 TB/s at B = 1 on an
     # H100, Inductor's down product at 2.82); interpreter-checked, not yet compiled for sm_90 or timed
     "fma": [(256, 64, 4, 3), (512, 32, 8, 3), (256, 32, 4, 3), (128, 64, 4, 3), (512, 16, 8, 2), (1024, 16, 16, 2)],
-    "dot16": [(128, 32, 4, 3), (128, 16, 4, 3), (256, 16, 8, 3), (64, 32, 4, 3)],
-    "dot64": [(128, 8, 4, 3), (64, 8, 4, 3), (128, 4, 4, 3), (64, 16, 4, 3)],
+    # the last of dot16 and dot64: 128 columns on 8 warps; under Triton 3.9 the 4-warp tiles of 64 and 128 columns
+    # spill 8-16 bytes a thread without the union's list (128 registers), these none either way
+    "dot16": [(128, 32, 4, 3), (128, 16, 4, 3), (256, 16, 8, 3), (64, 32, 4, 3), (128, 16, 8, 3)],
+    "dot64": [(128, 8, 4, 3), (64, 8, 4, 3), (128, 4, 4, 3), (64, 16, 4, 3), (128, 8, 8, 3)],
 }
 # router: (block_e, block_k (0 = all of D in one step when it fits), warps). For 2-16 tokens the router runs
 # broadcast multiply-adds over D in block_k chunks, one dependent step each (16 at D = 4096 and 256): the
