@@ -320,7 +320,7 @@ def _routed_ffn_in_cuda(x, w_router, tau, w_up, b_up, expert_size, budget):
     num_tokens = x.shape[0]
     if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
         return _ffn_in_reference(x, w_router, tau, w_up, b_up, expert_size, budget, upcast=reference_forced())
-    from .triton_ffn import routed_ffn_in_triton
+    from .triton_ffn_halves import routed_ffn_in_triton
 
     return routed_ffn_in_triton(x, w_router, logit_threshold(tau), w_up, b_up, expert_size, budget)
 
@@ -349,7 +349,7 @@ def _sparse_ffn_out_cuda(h, mask, union, w_down_t, b_down, expert_size):
     num_tokens = h.shape[0]
     if reference_forced() or num_tokens == 0 or num_tokens > MAX_DECODE_TOKENS:
         return _ffn_out_reference(h, mask, w_down_t, b_down, expert_size, upcast=reference_forced())
-    from .triton_ffn import sparse_ffn_out_triton
+    from .triton_ffn_halves import sparse_ffn_out_triton
 
     return sparse_ffn_out_triton(h, mask, union, w_down_t, b_down, expert_size)
 

@@ -301,7 +301,7 @@ def check_routed_case(D, F, S, B, budget, kind, dtype, device, gen, config=None)
 def check_split_case(D, F, S, B, budget, activation, dtype, device, gen, config=None) -> CaseResult:
     """The two halves (router + x W1^T + b1, the model's activation, down projection) vs the reference."""
     from .reference import apply_activation
-    from .triton_ffn import routed_ffn_in_triton, sparse_ffn_out_triton
+    from .triton_ffn_halves import routed_ffn_in_triton, sparse_ffn_out_triton
 
     w = make_ffn(D, F, False, True, dtype, device, gen)
     num_exp = num_experts(F, S)

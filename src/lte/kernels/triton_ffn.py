@@ -5,7 +5,8 @@ The kernels themselves, and the schedule of their launches (0: router / union / 
 kernels in ``triton_masks``). Here: the tile settings of a call (``default_config``; tables and
 heuristics in ``lte.kernels.tuning``), its plan and scratch buffers (``plan_launch`` ->
 ``FFNLaunch``), one function per launch (``launch_*``) and the entry points the
-``torch.library`` ops of ``ops`` call (``*_triton``).
+``torch.library`` ops of ``ops`` call (``*_triton``; the two halves of an FFN whose model applies the
+activation itself are in ``triton_ffn_halves``).
 Dimensions: B tokens, D model width, F FFN width, S expert size, E = ceil(F / S) experts.
 This module imports triton at import time: import it lazily.
 """
@@ -23,9 +24,8 @@ from .triton_jit import ACT_CODE, HAS_GDC, _ffn_finish_kernel, _ffn_in_kernel, _
 from .triton_masks import _budget_kernel, _compact_kernel, _router_kernel, _union_kernel
 from .tuning import TABLE_EXPERT_SIZE, KernelConfig, gpu_key, heuristic_config, lookup
 
-__all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "plan_launch",
-           "routed_ffn_in_triton",
-           "routed_sparse_ffn_triton", "router_mask_triton", "sparse_ffn_out_triton", "sparse_ffn_triton"]
+__all__ = ["KernelConfig", "MAX_TOKENS", "default_config", "plan_launch", "routed_sparse_ffn_triton",
+           "router_mask_triton", "sparse_ffn_triton"]
 
 MAX_TOKENS = 64  # the decode kernels handle up to this many tokens per call
 MAX_EXPERTS = 8192  # the kernels hold the union flags of every expert in registers
@@ -438,11 +438,11 @@ def routed_sparse_ffn_triton(
     mask = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
     p = plan_launch(x, mask, w_up, w_down_t, w_gate, b_up, b_down, expert_size, activation, config,
                     scales=scales)
-    _route(p, x, w_router, threshold, budget)
+    launch_route(p, x, w_router, threshold, budget)
     return run_ffn(p), mask
 
 
-def _route(p: FFNLaunch, x: torch.Tensor, w_router: torch.Tensor, threshold: float, budget: int) -> None:
+def launch_route(p: FFNLaunch, x: torch.Tensor, w_router: torch.Tensor, threshold: float, budget: int) -> None:
     """Router (+ budget) launches into p.mask_u8 / p.union."""
     num_exp = w_router.shape[0]
     if 0 < budget < num_exp:
@@ -454,51 +454,3 @@ def _route(p: FFNLaunch, x: torch.Tensor, w_router: torch.Tensor, threshold: flo
         launch_budget(p, raw_union, score, budget)
     else:
         launch_router(x, w_router, threshold, p.mask_u8, p.union, None, p.cfg, p.pdl)
-
-
-def routed_ffn_in_triton(
-    x: torch.Tensor,
-    w_router: torch.Tensor,
-    threshold: float,
-    w_up: torch.Tensor,
-    b_up: torch.Tensor | None,
-    expert_size: int,
-    budget: int = 0,
-    config: KernelConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first half of a plain FFN whose model applies the activation itself (OPT's decoder layer):
-    router (+ budget), then ``z = x W1^T + b1`` for the union's experts (0 for a token's off experts).
-
-    x [B, D] (B <= 64), w_router [E, D], w_up [F, D]. Returns (z [B, F] in x's dtype; rows of experts
-    outside the union are not written), mask [B, E] bool, union [E] int8). Validated inputs only."""
-    num_tokens = x.shape[0]
-    num_exp = w_router.shape[0]
-    mask = torch.empty(num_tokens, num_exp, device=x.device, dtype=torch.bool)  # [B, E]
-    p = plan_launch(x, mask, w_up, w_up, None, b_up, None, expert_size, "identity", config,
-                    h_dtype=x.dtype, need_out=False)
-    _route(p, x, w_router, threshold, budget)
-    launch_in(p)
-    return p.h, mask, p.union
-
-
-def sparse_ffn_out_triton(
-    h: torch.Tensor,
-    mask: torch.Tensor,
-    union: torch.Tensor,
-    w_down_t: torch.Tensor,
-    b_down: torch.Tensor | None,
-    expert_size: int,
-    config: KernelConfig | None = None,
-) -> torch.Tensor:
-    """The second half: ``y = (h * m) Wd_t + b2`` over the union's experts, for h [B, F] (any rows
-    outside the union are never read), mask [B, E] bool, union [E] int8, w_down_t [F, D]; y [B, D]."""
-    num_tokens = h.shape[0]
-    model_width = w_down_t.shape[1]
-    shape_x = h.new_empty(num_tokens, model_width, dtype=w_down_t.dtype)  # gives the plan B, D and dtype
-    p = plan_launch(shape_x, mask, w_down_t, w_down_t, None, None, b_down, expert_size, "identity", config, h=h)
-    p.union = union
-    if p.active is not None:
-        launch_compact(p)
-    launch_out(p, token_mask=True)
-    launch_finish(p)
-    return p.y
