@@ -66,7 +66,9 @@ def test_study_with_variants_topk_and_resume(tiny_task, tmp_path, monkeypatch):
     for p in lte.values():  # stage 2's last training step's sparsity, beside the served one (drift)
         record = json.loads((out / "lte" / f"t{p['target']:g}" / "stage2" / "lte_stage.json").read_text())
         assert p["stage2_train_sparsity"] == pytest.approx(record["train_sparsity"])
-    assert "Stage 2's masks" in (out / "report.md").read_text()
+        record = json.loads((out / "lte" / f"t{p['target']:g}" / "stage1" / "lte_stage.json").read_text())
+        assert p["stage1_train_sparsity"] == pytest.approx(record["train_sparsity"])
+    assert "at stage 1's end" in (out / "report.md").read_text()
     # A rerun with the same settings trains nothing: every point is reused from disk.
     monkeypatch.setattr(runner, "_build_point", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = run_study(tiny_task, out, tiny=True)
@@ -673,6 +675,10 @@ def test_load_point_reads_stage_twos_training_sparsity_for_older_points(tmp_path
     assert cache.load_point(path, "other") is None
     path.write_text(json.dumps({"ffn_sparsity": 0.9, "stage2_train_sparsity": 0.91, "fingerprint": "f"}))
     assert cache.load_point(path, "f")["stage2_train_sparsity"] == 0.91  # a recorded value wins
+    assert "stage1_train_sparsity" not in cache.load_point(path, "f")
+    (path.parent / "stage1").mkdir()
+    (path.parent / "stage1" / "lte_stage.json").write_text(json.dumps({"train_sparsity": 0.598}))
+    assert cache.load_point(path, "f")["stage1_train_sparsity"] == 0.598  # stage 1's end, from its record too
 
 
 def test_drift_lines_by_hand():
@@ -682,6 +688,13 @@ def test_drift_lines_by_hand():
     lines = report.drift_lines(points, ["lte", "teal"], [0.5, 0.9])
     assert lines[2:5] == ["| method | target 0.5 | target 0.9 |", "|---|---|---|", "| lte |  | 93.8% / 88.6% |"]
     assert report.drift_lines(points[1:], ["lte", "teal"], [0.5, 0.9]) == []
+    # with stage 1's end: the mean, and each seed's where they differ by a point or more (E2E at 0.7, study split)
+    points[0].update(stage1_train_sparsity=0.6163, per_seed=[{"seed": s, "stage1_train_sparsity": v}
+                                                             for s, v in enumerate((0.657, 0.594, 0.598))])
+    lines = report.drift_lines(points, ["lte", "teal"], [0.5, 0.9])
+    assert "stage 1's end" in lines[0] and lines[4] == "| lte |  | 61.6% (66%, 59%, 60%) / 93.8% / 88.6% |"
+    points[0]["per_seed"] = [{"seed": 0, "stage1_train_sparsity": 0.616}, {"seed": 1, "stage1_train_sparsity": 0.62}]
+    assert report.drift_lines(points, ["lte", "teal"], [0.5, 0.9])[4] == "| lte |  | 61.6% / 93.8% / 88.6% |"
 
 
 def test_failure_reason_names_the_logs_last_error(tmp_path):
@@ -751,8 +764,10 @@ def test_set_routing_takes_one_k_per_layer():
 def test_aggregate_points_means_and_sample_std_by_hand():
     from lte.study.seeds import aggregate_points
 
-    per_seed = {0: [dict(_pt("lte", 0.48, 0.80, target=0.5), per_layer=[0.4, 0.6], train_steps=10)],
-                1: [dict(_pt("lte", 0.52, 0.86, target=0.5), per_layer=[0.5, 0.7], train_steps=10)],
+    per_seed = {0: [dict(_pt("lte", 0.48, 0.80, target=0.5), per_layer=[0.4, 0.6], train_steps=10,
+                         stage1_train_sparsity=0.45)],
+                1: [dict(_pt("lte", 0.52, 0.86, target=0.5), per_layer=[0.5, 0.7], train_steps=10,
+                         stage1_train_sparsity=0.40)],
                 2: [dict(_pt("lte", 0.50, 0.83, target=0.5), per_layer=[0.6, 0.5], train_steps=10),
                     _pt("teal", 0.5, 0.7)]}
     points = {p["method"]: p for p in aggregate_points(per_seed)}
@@ -762,6 +777,9 @@ def test_aggregate_points_means_and_sample_std_by_hand():
     assert lte_point["ffn_sparsity_std"] == pytest.approx(0.02)
     assert lte_point["per_layer"] == pytest.approx([0.5, 0.6]) and lte_point["seeds"] == [0, 1, 2]
     assert [s["quality"] for s in lte_point["per_seed"]] == [0.80, 0.86, 0.83]
+    # stage 1's end: averaged over the seeds that recorded it, each seed's kept
+    assert lte_point["stage1_train_sparsity"] == pytest.approx(0.425)
+    assert [s.get("stage1_train_sparsity") for s in lte_point["per_seed"]] == [0.45, 0.40, None]
     assert points["teal"]["seeds"] == [2] and points["teal"]["quality_std"] == 0.0  # one seed: no spread
 
 

@@ -98,14 +98,17 @@ def load_point(path: Path, fingerprint: str | None) -> dict[str, Any] | None:
         return None
     if point.get("fingerprint") != fingerprint:
         return None
-    if "stage2_train_sparsity" not in point:  # points made before it was recorded: from the stage-2 record
-        stage = path.parent / "stage2" / "lte_stage.json"
+    for stage in ("stage1", "stage2"):  # points made before these were recorded: from the stage records
+        key = f"{stage}_train_sparsity"
+        record = path.parent / stage / "lte_stage.json"
+        if key in point or not record.is_file():
+            continue
         try:
-            trained = json.loads(stage.read_text()).get("train_sparsity") if stage.is_file() else None
+            trained = json.loads(record.read_text()).get("train_sparsity")
         except json.JSONDecodeError:
             trained = None
         if trained is not None:
-            point["stage2_train_sparsity"] = float(trained)
+            point[key] = float(trained)
     return point
 
 

@@ -174,6 +174,8 @@ def _train_lte(setup: TaskSetup, target: float, out: Path, key: str) -> tuple[nn
         budget["tau_calibration_sparsity"] = r1["tau_calibration"]["sparsity"]
     if "tau_final_calibration" in r2:
         budget["tau_final_calibration_sparsity"] = r2["tau_final_calibration"]["sparsity"]
+    if r1.get("train_sparsity") is not None:  # stage 1's hard masks at its end (how far the re-cut after it moves)
+        budget["stage1_train_sparsity"] = float(r1["train_sparsity"])
     if r2.get("train_sparsity") is not None:  # the masks stage 2 trained with at its end (drift: vs ffn_sparsity)
         budget["stage2_train_sparsity"] = float(r2["train_sparsity"])
     budget["stage_seconds"] = {"stage1": r1.get("seconds"), "stage2": r2.get("seconds")}  # where the time went

@@ -18,7 +18,7 @@ __all__ = ["seed_studies", "aggregate_points", "MEAN_KEYS"]
 #: Numeric point fields averaged over seeds (quality and ffn_sparsity also get a `_std`).
 MEAN_KEYS = ("quality", "ffn_sparsity", "activation_sparsity", "gflops_per_token", "dense_gflops_per_token",
              "union_sparsity_16", "eta", "tau", "train_seconds", "build_seconds", "eval_seconds", "train_steps",
-             "train_tokens", "train_epochs", "stage2_train_sparsity")
+             "train_tokens", "train_epochs", "stage1_train_sparsity", "stage2_train_sparsity")
 
 
 def seed_studies(cfg: dict[str, Any], out: Path) -> list[tuple[dict[str, Any], Path]]:
@@ -96,7 +96,9 @@ def aggregate_points(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str
         point["seeds"] = [seed for seed, _ in members]
         point["seed"] = None
         point["per_seed"] = [{"seed": seed, "quality": p.get("quality"), "ffn_sparsity": p.get("ffn_sparsity"),
-                              **({"extra_quality": p["extra_quality"]} if p.get("extra_quality") else {})}
+                              **({"extra_quality": p["extra_quality"]} if p.get("extra_quality") else {}),
+                              **({"stage1_train_sparsity": p["stage1_train_sparsity"]}
+                                 if _finite(p.get("stage1_train_sparsity")) else {})}
                              for seed, p in members]
         point["method"], point["target"] = method, target
         out.append(point)
