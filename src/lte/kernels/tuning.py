@@ -98,12 +98,13 @@ def shape_key(model_width: int, ffn_width: int, expert_size: int = TABLE_EXPERT_
 #: h200: tuned on one NVIDIA H200 on 2026-12-02 (benchmarks/results/h200/kernel_configs_h200.json).
 #: h100: tuned on one NVIDIA H100 80GB HBM3 on 2026-12-06, Llama-3-8B's shape only
 #: (benchmarks/results/h100/speed_454d27d/kernel_configs.json; the tuner's 120 s budget); its B = 1 row tuned
-#: again on 2026-12-07 with the wider down tiles and streamed weights (benchmarks/results/h100/speed_e010109/).
+#: again on 2026-12-07 with the wider down tiles and streamed weights (benchmarks/results/h100/speed_e010109/), and
+#: once more with the union's list (`active_list`, benchmarks/results/h100/speed_08e8866/: 90% off 27.5 -> 24.9 us).
 #: Nesting: gpu key -> "DxF" -> "B" -> KernelConfig fields that differ from the defaults.
 SHIPPED: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     'h100': {
         '4096x14336': {
-            '1': {'out_block_d': 512, 'out_split': 16, 'out_warps': 8, 'out_stages': 2, 'stream_weights': True},
+            '1': {'active_list': True, 'out_block_d': 512, 'out_split': 16, 'out_warps': 8, 'out_stages': 2, 'stream_weights': True},
             '8': {'in_block_f': 32, 'in_block_k': 256, 'in_stages': 4, 'out_block_d': 128, 'out_split': 16, 'router_block_k': 1024, 'router_pdl': True},
             '32': {'in_block_f': 16, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_pdl': True, 'router_warps': 4},
             '64': {'in_block_f': 32, 'in_block_k': 128, 'in_stages': 4, 'out_block_d': 128, 'out_split': 8, 'router_block_e': 16, 'router_block_k': 128, 'router_pdl': True, 'router_warps': 4},
