@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lte.kernels.autotune import Deadline, log, random_ffn, routed_inputs  # noqa: F401 (re-exported)
+from lte.kernels.autotune import fixed_masks as _fixed_masks
+from lte.kernels.autotune import guarded as _guarded
+from lte.kernels.autotune import time_graph as _time_graph
 
 #: FFN shapes of the models users run (D model width, F FFN width); Mistral-7B's FFN is Llama-3-8B's.
 #: "tiny" is for smoke runs on a CPU (LTE_BENCH_DEVICE=cpu TRITON_INTERPRET=1).
@@ -36,67 +39,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-class Deadline:
-    """A wall-clock budget: ``left()`` seconds remain; ``over(need)`` when less than ``need`` remain."""
-
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self.end - time.monotonic()
-
-    def over(self, need: float = 0.0) -> bool:
-        return self.left() < need
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def guarded(errors: list[dict[str, Any]], what: str, fn, *args, **kwargs) -> Any:
     """Run fn; on an exception record it (with the traceback tail), print it and return None."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - one failed point must not stop the others
-        tb = traceback.format_exc(limit=6)
-        errors.append({"what": what, "error": f"{type(err).__name__}: {err}", "traceback": tb[-3000:]})
-        log(f"FAILED {what}: {type(err).__name__}: {str(err)[:300]}")
-        if DEVICE == "cuda":
-            try:
-                torch.cuda.synchronize()
-            except Exception:  # noqa: BLE001 - a sticky CUDA error: later points will fail too, and say so
-                pass
-        return None
+    return _guarded(errors, what, fn, *args, **kwargs)
 
 
 def time_graph(calls, replays: int = 10, runs: int = 3) -> float:
     """Median microseconds per call of ``calls`` (closures) captured together in one CUDA graph
     (off CUDA: one eager pass, for smoke runs)."""
-    for call in calls:  # compile kernels, create cuBLAS handles
-        call()
-    if DEVICE != "cuda":
-        start = time.perf_counter()
-        for call in calls:
-            call()
-        return (time.perf_counter() - start) * 1e6 / len(calls)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        per_call.append(start.elapsed_time(end) * 1e3 / (replays * len(calls)))
-    del graph
-    return statistics.median(per_call)
+    return _time_graph(calls, DEVICE == "cuda", replays, runs)
 
 
 def copy_bandwidth() -> float | None:
@@ -176,24 +127,12 @@ def write_json(path: str | Path, data: Any) -> None:
 # --------------------------------------------------------------------------- weights and masks
 def ffn_weights(model_width: int, ffn_width: int, copies: int, dtype: torch.dtype, gen: torch.Generator):
     """``copies`` layers of random SwiGLU weights in both layouts (down [D, F] for cuBLAS, [F, D] for us)."""
-    layers = []
-    for _ in range(copies):
-        def rand(rows, cols, scale):
-            return (torch.randn(rows, cols, generator=gen, device=DEVICE) * scale).to(dtype)
-
-        w_down = rand(model_width, ffn_width, ffn_width**-0.5)  # [D, F] as nn.Linear stores it
-        layers.append({"w_gate": rand(ffn_width, model_width, model_width**-0.5),
-                       "w_up": rand(ffn_width, model_width, model_width**-0.5),
-                       "w_down": w_down, "w_down_t": w_down.t().contiguous()})  # [F, D]
-    return layers
+    return random_ffn(model_width, ffn_width, copies, dtype, gen, DEVICE)
 
 
 def fixed_masks(num_tokens: int, num_exp: int, off: float, gen: torch.Generator) -> torch.Tensor:
     """The same round(E * (1 - off)) experts on for every token: [B, E] bool."""
-    n_on = round(num_exp * (1.0 - off))
-    on = torch.zeros(num_exp, dtype=torch.bool, device=DEVICE)
-    on[torch.randperm(num_exp, generator=gen, device=DEVICE)[:n_on]] = True
-    return on[None, :].expand(num_tokens, num_exp).contiguous()
+    return _fixed_masks(num_tokens, num_exp, off, gen, DEVICE)
 
 
 def per_token_masks(num_tokens: int, num_exp: int, off: float, gen: torch.Generator) -> torch.Tensor:
@@ -202,20 +141,6 @@ def per_token_masks(num_tokens: int, num_exp: int, off: float, gen: torch.Genera
     keys = torch.rand(num_tokens, num_exp, generator=gen, device=DEVICE)
     ranks = keys.argsort(dim=1).argsort(dim=1)
     return ranks < n_on
-
-
-def routed_inputs(mask: torch.Tensor, model_width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, D] and router weights [E, D] whose logits (threshold 0) reproduce ``mask`` [B, E].
-
-    Token b is the unit vector e_b; router row e holds +1 at column b where token b uses expert e
-    and -1 elsewhere (values do not change the kernels' speed, only which experts run). The summed
-    sigmoid scores rank experts by how many tokens want them (what a batch budget keeps)."""
-    num_tokens, num_exp = mask.shape
-    x = torch.zeros(num_tokens, model_width, device=DEVICE, dtype=dtype)
-    x[torch.arange(num_tokens), torch.arange(num_tokens)] = 1.0
-    w_router = torch.zeros(num_exp, model_width, device=DEVICE, dtype=dtype)
-    w_router[:, :num_tokens] = torch.where(mask.t(), 1.0, -1.0).to(dtype)  # [E, B]
-    return x, w_router
 
 
 def ffn_bytes(model_width: int, ffn_width: int, active_fraction: float, num_tokens: int, elem: int = 2,

@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lte"
 
 #: Lowest first. A unit is a top-level module (`model`) or subpackage (`training`) of `lte`.
 LAYERS = [
+    {"paths"},
     {"errors", "version", "losses", "sparse_model", "passes", "kernels"},
     {"hub"},
     {"config", "routing", "data"},

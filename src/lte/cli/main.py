@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lte.serving.cli import add_serving_commands
     from lte.study.cli import add_study_commands
 
-    add_serving_commands(sub)  # generate, bench
+    add_serving_commands(sub)  # generate, bench, tune
     add_study_commands(sub)  # baseline, sweep, study, scoreboard
     return parser
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lte.data._common import DataError, looks_local
+from lte.paths import cache_dir
 
 TASKS = ("causal-lm", "classification")
 
@@ -91,11 +92,6 @@ def canonical_name(name: str) -> str | None:
     key = str(name).strip().lower()
     key = ALIASES.get(key, key)
     return key if key in EMBEDDED else None
-
-
-def cache_dir() -> Path:
-    """The folder where converted/unpacked models are cached: ``$LTE_CACHE`` or ``~/.cache/lte``."""
-    return Path(os.environ.get("LTE_CACHE") or Path.home() / ".cache" / "lte").expanduser()
 
 
 def package_folder(package: str, install: str) -> Path:

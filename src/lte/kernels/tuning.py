@@ -11,8 +11,10 @@ also fit a smaller one), or the largest one when B is above every row.
 Where the settings come from, first match wins:
 1. tables added with ``load_table(path)`` or named by the environment variable
    ``LTE_KERNEL_CONFIGS`` (a JSON file, e.g. the one ``benchmarks/tune_kernels.py`` writes);
-2. ``SHIPPED`` below (tuned on the machines named there);
-3. ``heuristic_config``: shape-aware defaults that need no table.
+2. the user's table, ``user_table_path()`` (``kernel_configs.json`` in lte's cache folder, ``$LTE_CACHE`` or
+   ``~/.cache/lte``), which ``lte tune`` writes for the GPU at hand;
+3. ``SHIPPED`` below (tuned on the machines named there);
+4. ``heuristic_config``: shape-aware defaults that need no table.
 
 This module imports neither triton nor any model code.
 """
@@ -179,24 +181,66 @@ def clear_tables() -> None:
     lookup.cache_clear()
 
 
-@functools.cache
-def _env_table(path: str) -> dict[str, Any] | None:
-    p = Path(path)
-    if not p.is_file():
-        return None
-    data = json.loads(p.read_text())
+USER_TABLE_NAME = "kernel_configs.json"
+
+
+def user_table_path() -> Path:
+    """The table ``lte tune`` writes and every launch reads (after ``load_table``'s and ``LTE_KERNEL_CONFIGS``'s):
+    ``kernel_configs.json`` in lte's cache folder."""
+    from lte.paths import cache_dir
+
+    return cache_dir() / USER_TABLE_NAME
+
+
+def _read_table_file(p: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"kernel config table {p} is not valid JSON ({err}); delete it or run `lte tune` again") \
+            from None
     return _check_table(data.get("table", data) if isinstance(data, dict) else data, str(p))
+
+
+@functools.lru_cache(maxsize=8)
+def _file_table(path: str, mtime_ns: int) -> dict[str, Any]:
+    return _read_table_file(Path(path))
+
+
+def _table_at(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The table in a JSON file, re-read when the file changes; None when there is no such file."""
+    p = Path(path)
+    try:
+        mtime = p.stat().st_mtime_ns
+    except OSError:
+        return None
+    return _file_table(str(p), mtime) if p.is_file() else None
 
 
 def _tables() -> list[dict[str, Any]]:
     tables = list(_EXTRA)
-    env = os.environ.get(CONFIGS_ENV)
-    if env:
-        found = _env_table(env)
+    for path in (os.environ.get(CONFIGS_ENV), user_table_path()):
+        found = _table_at(path) if path else None
         if found is not None:
             tables.append(found)
     tables.append(SHIPPED)
     return tables
+
+
+def merge_table(path: str | os.PathLike, table: dict[str, Any]) -> dict[str, Any]:
+    """Write ``table``'s rows into the JSON table at ``path`` (created when missing), keeping the rows of other
+    GPUs, shapes and token counts there; the file is replaced whole (a crash leaves the old one). Returns the
+    merged table."""
+    p = Path(path)
+    merged = _read_table_file(p) if p.is_file() else {}
+    for gpu, shapes in _check_table(table, "merge_table").items():
+        for shape, rows in shapes.items():
+            merged.setdefault(gpu, {}).setdefault(shape, {}).update({str(b): dict(v) for b, v in rows.items()})
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps({"table": merged}, indent=1, sort_keys=True))
+    tmp.replace(p)
+    lookup.cache_clear()
+    return merged
 
 
 def _pick_row(rows: dict[str, Any], num_tokens: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`lte generate` and `lte bench`: the fast decode path from the command line.
+"""`lte generate`, `lte bench` and `lte tune`: the fast decode path from the command line.
 
 `lte.cli.main` calls `add_serving_commands(subparsers)`; each command stores its handler in
 `func` (called with the parsed arguments, returns an exit code).
@@ -19,7 +19,7 @@ _DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def add_serving_commands(subparsers: Any) -> None:
-    """Register `generate` and `bench` on an argparse sub-parser collection."""
+    """Register `generate`, `bench` and `tune` on an argparse sub-parser collection."""
     gen = subparsers.add_parser("generate", help="generate text with the static-cache, CUDA-graph decode loop")
     gen.add_argument("--model", required=True, help="an LTE model directory (save_pretrained) or a plain HF model")
     gen.add_argument("--prompt", required=True, action="append",
@@ -49,6 +49,29 @@ def add_serving_commands(subparsers: Any) -> None:
     _budget_arg(bench)
     _device_args(bench)
     bench.set_defaults(func=run_bench)
+
+    tune = subparsers.add_parser(
+        "tune", help="tune the decode kernels' tiles for this GPU and your model's FFN shape (saved for later runs)",
+        description="Time the sparse FFN kernels' candidate tiles on this GPU (random weights of the given shapes) and "
+                    "save the best per FFN shape and batch size in a table every later run reads (default: "
+                    "kernel_configs.json in lte's cache folder, $LTE_CACHE or ~/.cache/lte).")
+    what = tune.add_argument_group("which FFN shapes (at least one; each may repeat)")
+    what.add_argument("--model", action="append", default=[], help="a model directory (HF or LTE save): its FFN shape "
+                      "and, for an LTE save, its expert size")
+    what.add_argument("--shape", action="append", default=[], help="a named shape: llama2-7b, llama3-8b, qwen2.5-7b, "
+                      "mistral-7b, smollm2-135m or tiny")
+    what.add_argument("--ffn", action="append", default=[], nargs=2, type=int, metavar=("D", "F"),
+                      help="model width D and FFN width F")
+    tune.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64],
+                      help="batch sizes (tokens per decode step) to tune, most important first (1..64)")
+    tune.add_argument("--budget", type=float, default=120.0, help="seconds; points not started by then are skipped")
+    tune.add_argument("--expert-size", type=int, default=None,
+                      help="neurons per expert (default: the LTE model's, else 32)")
+    tune.add_argument("--out", default=None, help="table file to merge the tuned rows into (default: the user table "
+                      "the kernels read)")
+    tune.add_argument("--device", default=None, help="cuda (default); cpu only with TRITON_INTERPRET=1 (a smoke "
+                      "run through Triton's interpreter: its times mean nothing)")
+    tune.set_defaults(func=run_tune)
 
 
 def _budget_arg(parser: argparse.ArgumentParser) -> None:
@@ -182,3 +205,94 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _model_ffn(directory: str) -> tuple[tuple[int, int], int | None]:
+    """(D, F) of a model directory's FFN and, for an LTE save, its expert size; read from its JSON files."""
+    d = Path(directory)
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise LTEError(f"--model {directory}: no config.json there (a Hugging Face model directory or an LTE save); "
+                       f"or give the shape with --ffn D F")
+    cfg = json.loads(cfg_file.read_text())
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    width = next((cfg[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(cfg.get(k), int)), None)
+    ffn = next((cfg[k] for k in ("intermediate_size", "n_inner", "ffn_dim") if isinstance(cfg.get(k), int)), None)
+    expert_size = None
+    meta_file = d / "lte_config.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        expert_size = meta.get("lte", {}).get("expert_size")
+        widths = set(meta.get("base", {}).get("ffn_widths") or [])
+        if len(widths) == 1:
+            ffn = widths.pop()
+    if ffn is None and width is not None and cfg.get("model_type") == "gpt2":
+        ffn = 4 * width  # GPT-2's n_inner: None means 4 x n_embd
+    if width is None or ffn is None:
+        raise LTEError(f"--model {directory}: cannot read one model width and FFN width from its config.json "
+                       f"(model_type {cfg.get('model_type')!r}); give the shape with --ffn D F")
+    return (int(width), int(ffn)), expert_size
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Handler of `lte tune`: tune the kernels' tiles on this GPU and merge the rows into the table file."""
+    import os
+
+    import torch
+
+    from ..kernels.tuning import merge_table, shape_key, user_table_path
+    from .synthetic import SHAPES
+
+    shapes: list[tuple[int, int]] = []
+    expert_size = args.expert_size
+    for directory in args.model:
+        shape, size = _model_ffn(directory)
+        shapes.append(shape)
+        if expert_size is None and size is not None:
+            expert_size = int(size)
+    for name in args.shape:
+        if name not in SHAPES:
+            raise LTEError(f"--shape {name}: unknown shape; choose one of {', '.join(SHAPES)} or give --ffn D F")
+        shapes.append((SHAPES[name]["hidden_size"], SHAPES[name]["intermediate_size"]))
+    shapes += [tuple(pair) for pair in args.ffn]
+    if not shapes:
+        raise LTEError("lte tune needs at least one FFN shape: --model DIR, --shape NAME or --ffn D F")
+    if any(d < 1 or f < 1 for d, f in shapes):
+        raise LTEError(f"FFN widths must be positive, got {shapes}")
+    if any(not 1 <= b <= 64 for b in args.tokens):
+        raise LTEError(f"--tokens: the decode kernels take 1 to 64 tokens, got {args.tokens}")
+    expert_size = expert_size or 32
+    if expert_size < 1:
+        raise LTEError(f"--expert-size must be positive, got {expert_size}")
+    device = args.device or "cuda"
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise LTEError("--device cpu runs the kernels through Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "(a smoke run; its times mean nothing)")
+    elif not device.startswith("cuda") or not torch.cuda.is_available():
+        raise LTEError("lte tune times the kernels on the CUDA GPU that will serve them; this machine has none "
+                       "(the kernels use the shipped tables and shape-aware defaults without tuning)")
+    from ..kernels import kernels_available
+
+    if device != "cpu" and not kernels_available():
+        raise LTEError("lte tune needs Triton's kernels, which are not usable here (pip install triton)")
+    from ..kernels.autotune import tune
+
+    out = Path(args.out) if args.out else user_table_path()
+    shapes = list(dict.fromkeys(shapes))
+    result = tune(shapes, args.tokens, args.budget, expert_size, device=device,
+                  on_point=lambda r: merge_table(out, r["table"]))
+    merge_table(out, result["table"])
+    gpu = result["gpu_key"]
+    rows = result["table"][gpu]
+    for d, f in shapes:
+        tuned = sorted(int(b) for b in rows.get(shape_key(d, f, expert_size), {}))
+        print(f"{gpu} D={d} F={f} ({expert_size}-neuron experts): tuned at B = {tuned or 'none'}")
+    if result["skipped"]:
+        print(f"not tuned for lack of time (raise --budget): {len(result['skipped'])} point(s)")
+    if result["errors"]:
+        print(f"{len(result['errors'])} candidate(s) failed and were left out (the first: {result['errors'][0]['what']}: "
+              f"{result['errors'][0]['error'][:200]})")
+    used = out.resolve() == user_table_path().resolve()
+    print(f"table: {out}" + ("" if used else f" (not the default table: set LTE_KERNEL_CONFIGS={out} to use it)"))
+    return 0 if any(rows.values()) else 1
