@@ -16,7 +16,9 @@ random weights) and each token count B, in one process and the same CUDA-graph l
 - ``lte_dense_path``: at each B, that masked dense path with every expert on: what the decoder's
   dispatch (``lte.serving.dispatch``) runs when the batch's union is (nearly) full;
   ``lte_dense_stacked``: the same with the gate, up and router rows as one matrix (one cuBLAS product for
-  the three, ``stacked_masked_dense_ffn``), what a gated ``SparseMLP`` runs there since 2026-12-07;
+  the three, ``stacked_masked_dense_ffn``), what a gated ``SparseMLP`` runs there since 2026-12-07; at B <= 8 its
+  first product alone (``gate_up_stacked``, [2F + E, D]; ``gate_up_stacked_2f`` without the router rows) beside the
+  dense FFN's two (``gate_up_separate``), to see where the full union's cost over dense lies;
 - with ``--fp8``: ``lte_fp8``, the same fixed masks with the FFN matrices in fp8 (e4m3, one fp32
   scale per row; ``lte.kernels.quantize_rows_fp8``), against the same bf16 dense cuBLAS FFN; and
   ``lte_fp8_wide``, the same with tiles twice as wide along D (the bf16-tuned tiles' bytes per load).
@@ -141,15 +143,32 @@ class ShapeBench:
         the down product. ``off`` 0: every expert on (router logits 0, threshold near 0); 0.5: random routers
         with the threshold at 0.5, about half of each token's experts off."""
         xs = self.xs(num_tokens)
-        if not hasattr(self, "_stacked"):  # [2F + E, D] per weight copy
+        tau = 0.5 if off == 0.5 else 1e-9  # random logits near 0: a sigmoid threshold of ~0 keeps every expert
+        return time_graph([lambda x=x, w_in=w_in, layer=layer: stacked_masked_dense_ffn(
+            x, w_in, layer["w_down_t"], tau=tau, expert_size=self.S)
+            for x, w_in, layer in zip(xs, self.stacked_weights(), self.layers)], replays=3)
+
+    def stacked_weights(self) -> list[torch.Tensor]:
+        """Per weight copy, the gate, up and (random) router rows as one [2F + E, D] matrix (made once)."""
+        if not hasattr(self, "_stacked"):
             self._stacked = [torch.cat([layer["w_gate"], layer["w_up"],
                                         torch.randn(self.E, self.D, generator=self.gen, device=DEVICE).to(DTYPE)
                                         * self.D**-0.5])
                              for layer in self.layers]
-        tau = 0.5 if off == 0.5 else 1e-9  # random logits near 0: a sigmoid threshold of ~0 keeps every expert
-        return time_graph([lambda x=x, w_in=w_in, layer=layer: stacked_masked_dense_ffn(
-            x, w_in, layer["w_down_t"], tau=tau, expert_size=self.S)
-            for x, w_in, layer in zip(xs, self._stacked, self.layers)], replays=3)
+        return self._stacked
+
+    def gate_up_products(self, num_tokens: int, how: str) -> float:
+        """The first half of the full-union FFN alone, to see where the stacked dense path's cost over dense lies:
+        "separate": gate and up as two cuBLAS products (what the dense FFN runs); "stacked_2f": one product over
+        [2F, D]; "stacked": one over [2F + E, D] (gate, up and router rows, what the stacked dense path runs)."""
+        xs = self.xs(num_tokens)
+        if how == "separate":
+            calls = [lambda x=x, layer=layer: (F_.linear(x, layer["w_gate"]), F_.linear(x, layer["w_up"]))
+                     for x, layer in zip(xs, self.layers)]
+        else:
+            rows = 2 * self.F + (self.E if how == "stacked" else 0)
+            calls = [lambda x=x, w=w_in[:rows]: F_.linear(x, w) for x, w_in in zip(xs, self.stacked_weights())]
+        return time_graph(calls)
 
     def prefill_lte(self, num_tokens: int, off: float, separate_router: bool = False) -> float:
         """The masked dense path SparseMLP takes above 64 tokens on CUDA, as `SparseMLP.forward` runs it:
@@ -230,6 +249,11 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
             add(num_tokens, "lte_dense_path", "fixed", 0.0, us, dense_us, 1.0)
             us = guarded(errors, f"stacked dense path {name} B={num_tokens}", bench.stacked_dense, num_tokens)
             add(num_tokens, "lte_dense_stacked", "fixed", 0.0, us, dense_us, 1.0)
+            if num_tokens <= 8:  # its first product alone, against the dense FFN's two (the full union's cost)
+                for how in ("separate", "stacked_2f", "stacked"):
+                    us = guarded(errors, f"gate/up products {how} {name} B={num_tokens}", bench.gate_up_products,
+                                 num_tokens, how)
+                    add(num_tokens, f"gate_up_{how}", "-", 0.0, us, None, 2 / 3, router=how == "stacked")
         if num_tokens == 1 and not deadline.over(3):
             us = guarded(errors, f"kernel only {name}", bench.kernel_only, bench.masks("fixed", 1, 0.5))
             add(1, "kernel_only", "fixed", 0.5, us, dense_us, 0.5, router=False)
