@@ -214,6 +214,22 @@ def test_tune_command_reads_the_ffn_shape_of_a_model_folder(tmp_path, capsys):
     assert "--ffn D F" in capsys.readouterr().err
     assert main(["tune", "--model", str(tmp_path / "none")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    (odd / "config.json").write_text("{broken")
+    assert main(["tune", "--model", str(odd)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_tune_command_refuses_a_broken_table_or_budget_before_any_timing(tmp_path, capsys, user_table, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the device check: the refusals must come before tuning
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert main(["tune", "--ffn", "64", "200", "--device", "cpu", "--out", str(broken)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert broken.read_text() == "{not json"  # left as it was
+    assert main(["tune", "--ffn", "64", "200", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["tune", "--ffn", "64", "200", "--device", "cpu", "--budget", "0"]) == 2
+    assert "--budget" in capsys.readouterr().err
 
 
 @pytest.mark.slow

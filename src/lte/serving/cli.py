@@ -207,6 +207,16 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LTEError(f"cannot read {path} as JSON ({err}); give the shape with --ffn D F instead") from None
+    if not isinstance(data, dict):
+        raise LTEError(f"{path} holds no JSON object; give the shape with --ffn D F instead")
+    return data
+
+
 def _model_ffn(directory: str) -> tuple[tuple[int, int], int | None]:
     """(D, F) of a model directory's FFN and, for an LTE save, its expert size; read from its JSON files."""
     d = Path(directory)
@@ -214,14 +224,14 @@ def _model_ffn(directory: str) -> tuple[tuple[int, int], int | None]:
     if not cfg_file.is_file():
         raise LTEError(f"--model {directory}: no config.json there (a Hugging Face model directory or an LTE save); "
                        f"or give the shape with --ffn D F")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = _json_file(cfg_file)
     cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
     width = next((cfg[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(cfg.get(k), int)), None)
     ffn = next((cfg[k] for k in ("intermediate_size", "n_inner", "ffn_dim") if isinstance(cfg.get(k), int)), None)
     expert_size = None
     meta_file = d / "lte_config.json"
     if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
+        meta = _json_file(meta_file)
         expert_size = meta.get("lte", {}).get("expert_size")
         widths = set(meta.get("base", {}).get("ffn_widths") or [])
         if len(widths) == 1:
@@ -278,7 +288,16 @@ def run_tune(args: argparse.Namespace) -> int:
         raise LTEError("lte tune needs Triton's kernels, which are not usable here (pip install triton)")
     from ..kernels.autotune import tune
 
+    if args.budget <= 0:
+        raise LTEError(f"--budget must be positive seconds, got {args.budget}")
     out = Path(args.out) if args.out else user_table_path()
+    if out.is_dir():
+        raise LTEError(f"--out {out} is a folder; name the table file (e.g. {out / 'kernel_configs.json'})")
+    if out.exists():  # checked before any timing, so a broken table cannot lose the tuned rows afterwards
+        try:
+            merge_table(out, {})
+        except ValueError as err:
+            raise LTEError(f"{err} (or pass --out NEW_FILE)") from None
     shapes = list(dict.fromkeys(shapes))
     result = tune(shapes, args.tokens, args.budget, expert_size, device=device,
                   on_point=lambda r: merge_table(out, r["table"]))
