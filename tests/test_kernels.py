@@ -24,6 +24,7 @@ import torch.nn.functional as F_
 
 from lte.kernels import (
     FP8_DTYPE,
+    STACK_ROW_ALIGN,
     decode_attention,
     dequantize_rows,
     kernels_available,
@@ -37,7 +38,9 @@ from lte.kernels import (
     router_topk_mask,
     sparse_ffn,
     sparse_ffn_out,
+    stack_ffn_inputs,
     stacked_masked_dense_ffn,
+    stacked_rows,
     tuning,
 )
 from lte.kernels.ops import reference_forced
@@ -545,6 +548,22 @@ def test_stacked_masked_dense_ffn_equals_the_separate_matrices_and_checks_its_ro
         stacked_masked_dense_ffn(x, w_in[:-1], w["w_down_t"])
     with pytest.raises(ValueError, match="tau"):
         stacked_masked_dense_ffn(x, w_in, w["w_down_t"], tau=1.5)
+    # stack_ffn_inputs pads 163 rows with zeros to 256 (STACK_ROW_ALIGN); the padded matrix computes the same
+    padded = stack_ffn_inputs(w["w_gate"], w["w_up"], w_router)
+    assert padded.shape == (256, 24) == (stacked_rows(80, 3), 24) and STACK_ROW_ALIGN == 256
+    assert torch.equal(padded[:163], w_in) and not padded[163:].any()
+    torch.testing.assert_close(stacked_masked_dense_ffn(x, padded, w["w_down_t"], tau=0.4, b_down=w["b_down"],
+                                                        activation="gelu_tanh"), y)
+    with pytest.raises(ValueError, match=r"or \[256, D\] with stack_ffn_inputs' zero rows"):
+        stacked_masked_dense_ffn(x, padded[:200], w["w_down_t"])
+    with pytest.raises(ValueError, match="W_gate and W_up must both be"):
+        stack_ffn_inputs(w["w_gate"][:-1], w["w_up"], w_router)
+
+
+def test_stacked_rows_rounds_up_to_the_alignment():
+    assert stacked_rows(14336, 448) == 29184  # Llama-3-8B: 2F + E = 29120 -> 114 x 256
+    assert stacked_rows(64, 128) == 256  # already a multiple: unchanged
+    assert stacked_rows(64, 129) == 512
 
 
 def test_quantize_rows_fp8_by_hand():
