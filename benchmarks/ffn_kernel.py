@@ -16,7 +16,7 @@ random weights) and each token count B, in one process and the same CUDA-graph l
 - ``lte_dense_path``: at each B, that masked dense path with every expert on: what the decoder's
   dispatch (``lte.serving.dispatch``) runs when the batch's union is (nearly) full;
   ``lte_dense_stacked``: the same with the gate, up and router rows as one matrix (one cuBLAS product for
-  the three, ``stacked_masked_dense_ffn``), what a gated ``SparseMLP`` runs there since 2026-12-07; at B <= 8 its
+  the three, ``stacked_masked_dense_ffn``), what a gated ``SparseMLP`` runs there since 2026-12-07; at every B its
   first product alone (``gate_up_stacked_aligned``, [2F + E, D] with zero rows up to a multiple of
   ``STACK_ROW_ALIGN``, as SparseMLP stores it; ``gate_up_stacked`` without the zero rows; ``gate_up_stacked_2f``
   without the router rows) beside the dense FFN's two (``gate_up_separate``), to see where the full union's cost
@@ -262,11 +262,11 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
             add(num_tokens, "lte_dense_path", "fixed", 0.0, us, dense_us, 1.0)
             us = guarded(errors, f"stacked dense path {name} B={num_tokens}", bench.stacked_dense, num_tokens)
             add(num_tokens, "lte_dense_stacked", "fixed", 0.0, us, dense_us, 1.0)
-            if num_tokens <= 8:  # its first product alone, against the dense FFN's two (the full union's cost)
+            if not deadline.over(3):  # its first product alone, against the dense FFN's two (the full union's cost)
                 for how in ("separate", "stacked_2f", "stacked", "stacked_aligned"):
                     us = guarded(errors, f"gate/up products {how} {name} B={num_tokens}", bench.gate_up_products,
                                  num_tokens, how)
-                    add(num_tokens, f"gate_up_{how}", "-", 0.0, us, None, 2 / 3, router=how.startswith("stacked_a") or how == "stacked")
+                    add(num_tokens, f"gate_up_{how}", "-", 0.0, us, None, 2 / 3, router=how in ("stacked", "stacked_aligned"))
         if num_tokens == 1 and not deadline.over(3):
             us = guarded(errors, f"kernel only {name}", bench.kernel_only, bench.masks("fixed", 1, 0.5))
             add(1, "kernel_only", "fixed", 0.5, us, dense_us, 0.5, router=False)
