@@ -783,6 +783,24 @@ def test_aggregate_points_means_and_sample_std_by_hand():
     assert points["teal"]["seeds"] == [2] and points["teal"]["quality_std"] == 0.0  # one seed: no spread
 
 
+def test_recall_over_precision_of_generation_points_by_hand():
+    from lte.study.seeds import aggregate_points
+
+    def gen(precision, recall):
+        return dict(_pt("lte", 0.7, 60.0, target=0.7), eval={"rougeL_precision": precision, "rougeL_recall": recall})
+
+    (point,) = aggregate_points({0: [gen(62.5, 50.0)], 1: [gen(60.0, 60.0)], 2: [_pt("lte", 0.7, 60.0, target=0.7)]})
+    assert point["recall_over_precision"] == pytest.approx(0.9)  # (0.8 + 1.0) / 2; seed 2 scored no ROUGE
+    assert [s.get("recall_over_precision") for s in point["per_seed"]] == pytest.approx([0.8, 1.0, None])
+    lines = report.length_lines([dict(_pt("dense", 0.0, 66.0), eval={"rougeL_precision": 50.0, "rougeL_recall": 55.0}),
+                                 point, _pt("teal", 0.7, 20.0, target=0.7)], ["lte", "teal"], [0.5, 0.7])
+    assert "Dense: 1.10." in lines[0]
+    assert lines[2:] == ["| method | target 0.5 | target 0.7 |", "|---|---|---|", "| lte |  | 0.90 (0.80, 1.00) |", ""]
+    assert report.length_lines([_pt("lte", 0.5, 0.9, target=0.5)], ["lte"], [0.5]) == []  # not a generation task
+    assert report.recall_over_precision(dict(_pt("lte", 0.5, 1.0), eval={"rougeL_precision": 0.0,
+                                                                         "rougeL_recall": 0.0})) is None
+
+
 def test_aggregate_points_names_every_device_its_seeds_ran_on():
     from lte.study.seeds import aggregate_points
 
@@ -1097,3 +1115,30 @@ def test_collect_results_script_copies_only_new_points(tmp_path):
     assert (new[0].parent / "stage1" / "lte_stage.json").is_file()
     assert json.loads(kept.read_text())["quality"] == 2.0  # the committed point stays
     assert collect(archive, dest) == []  # a second pass finds nothing new
+
+
+def test_e2e_by_slots_groups_per_example_scores_by_attribute_count(tmp_path):
+    """benchmarks/e2e_by_slots.py on a hand-made study: 5 MRs, holdout 0.4 -> the last 2 are scored."""
+    import subprocess
+
+    data = tmp_path / "e2e.txt"
+    mrs = ["name : A | area : x", "name : B | area : y", "name : C | area : z | food : f",
+           "name : D | area : w", "name : E | area : v | food : g"]  # held out: D (2 attributes), E (3)
+    data.write_text("".join(f"{mr}||{mr.split(' | ')[0]} is here .\n" for mr in mrs))
+    study = tmp_path / "study"
+    (study / "seed0").mkdir(parents=True)
+    (study / "seed1").mkdir()
+    config = {"data": str(data), "generation_format": "e2e", "prep": {"holdout": 0.4}, "eval": {"max_examples": None}}
+    (study / "summary.json").write_text(json.dumps({"config": config}))
+    for seed, scores, (precision, recall) in ((0, [40.0, 80.0], (50.0, 40.0)), (1, [60.0, 70.0], (50.0, 50.0))):
+        point = {"method": "lte", "target": 0.7, "quality": sum(scores) / 2,
+                 "eval": {"rougeL_per_example": scores, "rougeL_precision": precision, "rougeL_recall": recall}}
+        (study / f"seed{seed}" / "results.json").write_text(json.dumps([point]))
+    out = subprocess.run([sys.executable, "benchmarks/e2e_by_slots.py", str(study), "lte@0.7", "teal@0.7"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
+    assert "| 2 attributes (1 MRs) | 3 attributes (1 MRs) |" in out
+    assert "| lte@0.7 | 2 | 50.0 | 75.0 | 62.50 |" in out  # seed means: D (40 + 60) / 2, E (80 + 70) / 2
+    assert "| teal@0.7 | 0 | no per-example scores |" in out
+    bad = subprocess.run([sys.executable, "benchmarks/e2e_by_slots.py", str(study), "--correlate", "lte@0.7"],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert bad.returncode != 0 and "at least 3 seed points" in bad.stderr

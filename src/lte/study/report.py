@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from .config import REFERENCES, declared_points
+from .seeds import recall_over_precision
 
 
 def reference_methods(points: list[dict[str, Any]]) -> set[str]:
@@ -199,6 +200,7 @@ def study_markdown(points: list[dict[str, Any]], summary: dict[str, Any]) -> str
               ("perplexity within +0.5 of dense." if metric == "perplexity" else "within 5% (relative) of dense."), ""]
     lines += _extra_lines(points, methods, targets, metric, summary.get("seeds"))
     lines += drift_lines(points, methods, targets)
+    lines += length_lines(points, methods, targets)
     rows = summary.get("lte_vs_others") or []
     if rows:
         name = summary.get("lte_method") or "lte"
@@ -274,6 +276,28 @@ def drift_lines(points: list[dict[str, Any]], methods: list[str], targets: list[
              " as served and scored:" if stage1 else "Stage 2's masks: FFN sparsity at its last training step / as "
              "served and scored:")
     return [title, "",
+            "| method | " + " | ".join(f"target {t:g}" for t in targets) + " |", "|---" * (len(targets) + 1) + "|",
+            *rows, ""]
+
+
+def length_lines(points: list[dict[str, Any]], methods: list[str], targets: list[float]) -> list[str]:
+    """Markdown for generation studies: ROUGE-L recall / precision per point (the outputs' length over the
+    references'; each seed's in brackets), dense first; nothing for other tasks."""
+    def cell(p: dict[str, Any] | None) -> str:
+        ratio = None if p is None else recall_over_precision(p)
+        if ratio is None:
+            return ""
+        seeds = [s["recall_over_precision"] for s in p.get("per_seed") or [] if s.get("recall_over_precision") is not None]
+        return f"{ratio:.2f}" + (f" ({', '.join(f'{v:.2f}' for v in seeds)})" if len(seeds) > 1 else "")
+
+    dense = next((p for p in points if p["method"] == "dense"), None)
+    found = {m: [next((q for q in points if q["method"] == m and q["target"] == t), None) for t in targets]
+             for m in methods}
+    rows = [f"| {m} | " + " | ".join(cell(p) for p in ps) + " |" for m, ps in found.items() if any(map(cell, ps))]
+    if not rows:
+        return []
+    return [f"ROUGE-L recall / precision: the generated text's length over the reference's (under 1: shorter, "
+            f"content left out; each seed's in brackets). Dense: {cell(dense) or 'n/a'}.", "",
             "| method | " + " | ".join(f"target {t:g}" for t in targets) + " |", "|---" * (len(targets) + 1) + "|",
             *rows, ""]
 

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["seed_studies", "aggregate_points", "MEAN_KEYS"]
+__all__ = ["seed_studies", "aggregate_points", "recall_over_precision", "MEAN_KEYS"]
 
 #: Numeric point fields averaged over seeds (quality and ffn_sparsity also get a `_std`).
 MEAN_KEYS = ("quality", "ffn_sparsity", "activation_sparsity", "gflops_per_token", "dense_gflops_per_token",
@@ -58,12 +58,28 @@ def _mean_extra(per_member: list[dict[str, float]]) -> tuple[dict[str, float], d
     return means, stds
 
 
+def recall_over_precision(point: dict[str, Any]) -> float | None:
+    """A generation point's mean ROUGE-L recall over its mean precision (None for other tasks).
+
+    Per example recall / precision is the generated text's length over the reference's (the longest common
+    subsequence cancels), so under 1 says the outputs are shorter than the references: a model that loses by
+    leaving content out shows it here, one that loses by rambling above 1."""
+    if _finite(point.get("recall_over_precision")):
+        return float(point["recall_over_precision"])
+    scores = point.get("eval") or {}
+    precision, recall = scores.get("rougeL_precision"), scores.get("rougeL_recall")
+    if _finite(precision) and _finite(recall) and precision > 0:
+        return float(recall) / float(precision)
+    return None
+
+
 def aggregate_points(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Average each (method, target) point over the seeds that have it.
 
     `per_seed`: seed -> that seed's points. Each returned point holds the means of MEAN_KEYS,
     `quality_std` / `ffn_sparsity_std` (sample std; 0 for one seed), the mean per-layer profile,
-    `seeds` (the seeds averaged) and `per_seed` (seed, quality, ffn_sparsity of each).
+    `seeds` (the seeds averaged) and `per_seed` (seed, quality, ffn_sparsity of each); generation points
+    also `recall_over_precision` (mean over the seeds, and each seed's).
     """
     groups: dict[tuple[str, float], list[tuple[int, dict[str, Any]]]] = {}
     for seed, points in sorted(per_seed.items()):
@@ -87,6 +103,9 @@ def aggregate_points(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str
         extra_sparsity = _mean_extra([p.get("extra_sparsity") or {} for _, p in members])
         if extra_sparsity:
             point["extra_sparsity"] = extra_sparsity[0]
+        ratios = [recall_over_precision(p) for _, p in members]
+        if any(r is not None for r in ratios):
+            point["recall_over_precision"] = _mean_std([r for r in ratios if r is not None])[0]
         layers = [p["per_layer"] for _, p in members if p.get("per_layer")]
         if layers and all(len(x) == len(layers[0]) for x in layers):
             point["per_layer"] = [sum(col) / len(col) for col in zip(*layers)]
@@ -98,8 +117,9 @@ def aggregate_points(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str
         point["per_seed"] = [{"seed": seed, "quality": p.get("quality"), "ffn_sparsity": p.get("ffn_sparsity"),
                               **({"extra_quality": p["extra_quality"]} if p.get("extra_quality") else {}),
                               **({"stage1_train_sparsity": p["stage1_train_sparsity"]}
-                                 if _finite(p.get("stage1_train_sparsity")) else {})}
-                             for seed, p in members]
+                                 if _finite(p.get("stage1_train_sparsity")) else {}),
+                              **({"recall_over_precision": ratio} if ratio is not None else {})}
+                             for (seed, p), ratio in zip(members, ratios)]
         point["method"], point["target"] = method, target
         out.append(point)
     return out
