@@ -61,7 +61,12 @@ def main() -> None:
     ap.add_argument("--correlate", action="store_true",
                     help="also print the correlation of ROUGE-L with recall / precision over the points' seeds")
     args = ap.parse_args()
-    config = json.loads((args.study / "summary.json").read_text())["config"]
+    summary = args.study / "summary.json"
+    if not summary.is_file():
+        raise SystemExit(f"{summary} not found: pass a study folder that `lte study` wrote (summary.json, seed*/).")
+    config = json.loads(summary.read_text()).get("config") or {}
+    if config.get("task") not in (None, "generation") or "data" not in config:
+        raise SystemExit(f"{args.study} is not a generation study with its config recorded in summary.json.")
     slots = held_out_slots(config)
     counts = sorted(set(slots))
     print("| point | seeds | " + " | ".join(f"{k} attributes ({slots.count(k)} MRs)" for k in counts) + " | all |")

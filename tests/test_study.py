@@ -1142,3 +1142,6 @@ def test_e2e_by_slots_groups_per_example_scores_by_attribute_count(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/e2e_by_slots.py", str(study), "--correlate", "lte@0.7"],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert bad.returncode != 0 and "at least 3 seed points" in bad.stderr
+    missing = subprocess.run([sys.executable, "benchmarks/e2e_by_slots.py", str(tmp_path / "none"), "lte@0.7"],
+                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert missing.returncode != 0 and "summary.json not found" in missing.stderr
