@@ -8,7 +8,7 @@ import torch
 import lte
 import lte.kernels as K
 import tiny_models as tm
-from lte.kernels.reference import masked_activation_reference, sparse_ffn_reference
+from lte.kernels.reference import expand_mask, masked_activation_reference, sparse_ffn_reference, topk_keep
 from lte.serving import StaticDecoder, prepare_for_inference
 from lte.serving.dispatch import (
     DENSE_ABOVE,
@@ -202,3 +202,32 @@ def test_masked_activation_kernel_on_gpu(dtype):
         got = torch.ops.lte.masked_activation(gate, up, mask, 32, activation)
         ref = masked_activation_reference(gate, up, mask, 32, activation)
         torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        logits = torch.randn(33, 32, generator=g).to("cuda", dtype)  # top-k ranked inside the launch
+        for k in (1, 13, 32):
+            got = torch.ops.lte.masked_activation_topk(gate, up, logits, k, 32, activation)
+            keep = topk_keep(logits.float(), k)
+            torch.testing.assert_close(got.float(), masked_activation_reference(gate, up, keep, 32, activation).float(),
+                                       atol=2e-2, rtol=2e-2)
+            assert not got[~expand_mask(keep, 1000, 32)].any()
+
+
+@pytest.mark.gpu
+@gpu
+def test_topk_dense_path_on_gpu_is_the_sparse_path():
+    """On the GPU the top-k dense path ranks the stacked product's logits inside the masked activation (no router
+    or top-k launch); in fp32 it keeps the router kernel's experts and computes the sparse path's function, also
+    replayed from a CUDA graph."""
+    model = _prepared().cuda()
+    mlp = sparse_modules(model)[0]
+    mlp.topk = max(1, mlp.num_experts // 2)
+    x = torch.randn(8, 1, tm.D, generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        sparse = mlp(x)
+        mlp.ffn_path = "dense"
+        dense = mlp(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = mlp(x)
+        graph.replay()
+    torch.testing.assert_close(dense, sparse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(replayed, dense)

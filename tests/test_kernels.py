@@ -528,6 +528,31 @@ def test_stacked_masked_dense_ffn_by_hand():
     assert torch.equal(y_mask, torch.tensor([[20.0, 20.0]]))
 
 
+def test_stacked_masked_dense_ffn_in_topk_routing_by_hand():
+    """Top-k routing ranked inside the masked activation: x = [1, 2], three one-neuron experts, ReLU. gate = [1, 2,
+    3], up = [1, 1, 1], router logits [1, 2, 2] (experts 1 and 2 tie). k = 1 keeps expert 1 (the tie goes to the
+    lower index): y = 2 * [0, 1]; k = 2 adds expert 2's 3 * [10, 10]; k = 3 adds expert 0's [1, 0]. (A threshold
+    at tau 0.5 would keep all three; ties to the higher index would give 3 * [10, 10] at k = 1.)"""
+    w_in = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0],  # W_gate
+                         [1.0, 0.0], [1.0, 0.0], [1.0, 0.0],  # W_up
+                         [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # W_router
+    w_down_t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [10.0, 10.0]])
+    x = torch.tensor([[1.0, 2.0]])
+    want = {1: [[0.0, 2.0]], 2: [[30.0, 32.0]], 3: [[31.0, 32.0]], 7: [[31.0, 32.0]]}
+    for k, y in want.items():
+        got = stacked_masked_dense_ffn(x, w_in, w_down_t, topk=k, expert_size=1, activation="relu")
+        assert torch.equal(got, torch.tensor(y)), k
+    padded = torch.cat([w_in, torch.zeros(stacked_rows(3, 3) - 9, 2)])  # stack_ffn_inputs' zero rows
+    assert torch.equal(stacked_masked_dense_ffn(x, padded, w_down_t, topk=2, expert_size=1, activation="relu"),
+                       torch.tensor(want[2]))
+    with pytest.raises(ValueError, match="topk must be an int >= 0"):
+        stacked_masked_dense_ffn(x, w_in, w_down_t, topk=-1, expert_size=1)
+    with pytest.raises(ValueError, match="a mask or topk"):
+        stacked_masked_dense_ffn(x, w_in, w_down_t, topk=1, mask=torch.tensor([[True, True, True]]), expert_size=1)
+    torch.library.opcheck(torch.ops.lte.masked_activation_topk.default,
+                          (torch.randn(4, 80), torch.randn(4, 80), torch.randn(4, 3), 2, 32, "silu"))
+
+
 def test_stacked_masked_dense_ffn_equals_the_separate_matrices_and_checks_its_rows():
     gen = torch.Generator().manual_seed(17)
     w = make_ffn(24, 80, True, False, torch.float32, "cpu", gen)

@@ -276,6 +276,7 @@ def stacked_masked_dense_ffn(
     *,
     tau: float = 0.5,
     mask: torch.Tensor | None = None,
+    topk: int = 0,
     b_down: torch.Tensor | None = None,
     expert_size: int = 32,
     activation: str = "silu",
@@ -286,8 +287,11 @@ def stacked_masked_dense_ffn(
     gate, up and the router logits come from one cuBLAS product, then the same masked activation launch
     and down projection. The function is ``routed_masked_dense_ffn``'s (logits in x's dtype).
     ``mask`` [..., E] (a mask chosen elsewhere, e.g. top-k routing's): the product covers the gate and up
-    rows only and ``masked_dense_ffn``'s function is computed with that mask (``tau`` unused). Returns y
-    ``[..., D]``."""
+    rows only and ``masked_dense_ffn``'s function is computed with that mask (``tau`` unused). ``topk = k > 0``
+    (top-k routing, no ``mask``): each token keeps its k experts of largest logit (ties to the lower index,
+    ``topk_keep``), ranked inside the masked activation launch (``lte::masked_activation_topk``), so the router
+    costs no launch of its own; the logits are those of the product, in x's dtype, where ``router_topk_mask``
+    ranks fp32 ones (near a tie the two may keep different experts). Returns y ``[..., D]``."""
     if w_in.dim() != 2 or w_down_t.dim() != 2:
         raise ValueError(f"w_in and w_down_t must be 2-D, got {list(w_in.shape)} and {list(w_down_t.shape)}")
     ffn_width = w_down_t.shape[0]
@@ -299,9 +303,18 @@ def stacked_masked_dense_ffn(
         raise ValueError(f"w_in must hold the gate, up and router rows: [2F + E, D] = [{rows}, D] for F = "
                          f"{ffn_width}, S = {expert_size} (or [{stacked_rows(ffn_width, num_exp)}, D] with "
                          f"stack_ffn_inputs' zero rows), got {list(w_in.shape)}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
+        raise ValueError(f"topk must be an int >= 0 (0: threshold routing or the given mask), got {topk!r}")
+    if topk and mask is not None:
+        raise ValueError("stacked_masked_dense_ffn takes a mask or topk, not both")
     w_gate, w_up, w_router = w_in[:rows].split([ffn_width, ffn_width, num_exp])  # row slices: [F, D], [F, D], [E, D]
     x2 = x.reshape(-1, x.shape[-1])  # [T, D]
-    if mask is not None:
+    if topk:
+        _validate_routed(x, w_router, tau, 0, w_up, w_down_t, w_gate, None, b_down, expert_size, activation)
+        out = F_.linear(x2, w_in)  # [T, rows of w_in]: gate, up, logits, then the padding's zeros
+        gate, up, logits = out[:, :rows].split([ffn_width, ffn_width, num_exp], dim=-1)
+        h = torch.ops.lte.masked_activation_topk(gate, up, logits, topk, expert_size, activation)  # [T, F]
+    elif mask is not None:
         _validate_ffn(x, mask, w_up, w_down_t, w_gate, None, b_down, expert_size, activation)
         gate, up = F_.linear(x2, w_in[: 2 * ffn_width]).split(ffn_width, dim=-1)  # [T, F] each
         h = torch.ops.lte.masked_activation(gate, up, mask.reshape(-1, num_exp).contiguous(), expert_size, activation)

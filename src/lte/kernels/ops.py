@@ -2,7 +2,8 @@
 ``lte::routed_sparse_ffn_fp8``), ``lte::router_mask``, ``lte::router_topk_mask``,
 the two halves ``lte::routed_ffn_in`` / ``lte::sparse_ffn_out`` (for FFNs whose model applies the
 activation between them, e.g. OPT's decoder layer), ``lte::masked_activation`` (the elementwise
-middle of the masked dense FFN) and ``lte::decode_attention`` (one query token's grouped heads over a cache).
+middle of the masked dense FFN; ``lte::masked_activation_logits`` and ``lte::masked_activation_topk`` take the
+mask from router logits) and ``lte::decode_attention`` (one query token's grouped heads over a cache).
 
 Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it
 and CUDA-graph capture works. On CUDA the ops launch the Triton kernels (imported lazily, on the
@@ -25,6 +26,7 @@ from .reference import (
     router_mask_reference,
     router_topk_mask_reference,
     sparse_ffn_reference,
+    topk_keep,
 )
 
 MAX_DECODE_TOKENS = 64  # token counts above this (prefill) take the masked dense cuBLAS path on CUDA
@@ -272,6 +274,29 @@ def _masked_activation_logits_cuda(gate, up, logits, tau, expert_size, activatio
 
 @masked_activation_logits_op.register_fake
 def _masked_activation_logits_fake(gate, up, logits, tau, expert_size, activation):
+    return torch.empty_like(up)  # [T, F]
+
+
+@torch.library.custom_op("lte::masked_activation_topk", mutates_args=())
+def masked_activation_topk_op(gate: torch.Tensor | None, up: torch.Tensor, logits: torch.Tensor, k: int,
+                              expert_size: int, activation: str) -> torch.Tensor:
+    """``lte::masked_activation`` with each token's ``k`` experts of largest router logit [T, E] on (ranked as
+    fp32, ties to the lower expert index: ``topk_keep``). Any device: the reference."""
+    return masked_activation_reference(gate, up, topk_keep(logits.float(), k), expert_size, activation)
+
+
+@masked_activation_topk_op.register_kernel("cuda")
+def _masked_activation_topk_cuda(gate, up, logits, k, expert_size, activation):
+    """CUDA: one Triton launch that ranks each token's logits itself (no router or top-k launches)."""
+    if reference_forced():
+        return masked_activation_reference(gate, up, topk_keep(logits.float(), k), expert_size, activation)
+    from .triton_masked_act import masked_activation_topk_triton
+
+    return masked_activation_topk_triton(gate, up, logits, k, expert_size, activation)
+
+
+@masked_activation_topk_op.register_fake
+def _masked_activation_topk_fake(gate, up, logits, k, expert_size, activation):
     return torch.empty_like(up)  # [T, F]
 
 

@@ -16,6 +16,7 @@ import torch
 from .reference import (
     ACTIVATIONS,
     decode_attention_reference,
+    expand_mask,
     logit_threshold,
     masked_activation_reference,
     num_experts,
@@ -24,6 +25,7 @@ from .reference import (
     router_topk_mask_reference,
     sparse_ffn_reference,
     topk_among,
+    topk_keep,
 )
 from .tuning import KernelConfig
 
@@ -342,6 +344,34 @@ def check_act_case(F, S, B, sparsity, activation, gated, dtype, device, gen, fro
     return CaseResult(case, err, bool(torch.isfinite(h).all()) and err <= TOLERANCE[dtype])
 
 
+def check_act_topk_case(F, S, B, k, activation, gated, dtype, device, gen, ties: bool = False,
+                        block: int = 64) -> CaseResult:
+    """The top-k masked activation (each token's k experts of largest logit, ranked inside the launch) against
+    the reference; exact zeros wherever the reference's top-k mask is off. ``ties``: logits of a few integer
+    values, so that the cut falls inside runs of equal logits, with -0.0 beside 0.0 and +-inf among them."""
+    from .triton_masked_act import masked_activation_topk_triton
+
+    num_exp = num_experts(F, S)
+    up = torch.randn(B, F, generator=gen).to(dtype=dtype, device=device)  # [B, F]
+    gate = torch.randn(B, F, generator=gen).to(dtype=dtype, device=device) if gated else None
+    if ties:
+        logits = torch.randint(-2, 3, (B, num_exp), generator=gen).float()  # [B, E]
+        logits[logits == 0] = torch.where(torch.rand(int((logits == 0).sum()), generator=gen) > 0.5, -0.0, 0.0)
+        logits[:, :: max(1, num_exp // 3)] = float("inf")
+        logits[:, 1 :: max(2, num_exp // 2)] = float("-inf")
+    else:
+        logits = torch.randn(B, num_exp, generator=gen)
+    logits = logits.to(dtype=dtype, device=device)
+    h = masked_activation_topk_triton(gate, up, logits, k, S, activation, block=block)
+    keep = topk_keep(logits.float(), k)  # [B, E]
+    ref = masked_activation_reference(gate, up, keep, S, activation)
+    off = ~expand_mask(keep, F, S)  # [B, F] neurons the reference switches off
+    exact_off = not bool(h[off].any())
+    case = f"act topk F={F} S={S} B={B} k={k} {activation} gated={gated} {dtype}{' ties' if ties else ''}"
+    err = ((h.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    return CaseResult(case, err, exact_off and bool(torch.isfinite(h).all()) and err <= TOLERANCE[dtype])
+
+
 #: decode attention cases: (B, Hkv, G, L, d, slices; None = `split_plan`'s), odd sizes, one slot, slices of
 #: unequal fill, a cache shorter than one tile
 ATTENTION_CASES = ((1, 2, 4, 40, 16, None), (3, 2, 3, 100, 24, 3), (2, 1, 5, 64, 16, 2), (1, 8, 4, 130, 64, None),
@@ -432,6 +462,10 @@ def run_checks(device="cpu", dtypes=(torch.float32, torch.float16), full=False, 
         for from_logits in (False, True):
             add(check_act_case, F, S, B, sparsity, activation, gated, dtypes[i % len(dtypes)], device, gen,
                 from_logits)
+        num_exp = num_experts(F, S)
+        k = (num_exp + 2, num_exp // 2 + 1, 0)[SPARSITIES.index(sparsity)]  # every expert on, the middle, none
+        add(check_act_topk_case, F, S, B, k, activation, gated, dtypes[(i + 1) % len(dtypes)], device, gen,
+            ties=i % 2 == 1, block=(64, 1024)[i % 2])
     for i, (E, D, B) in enumerate(itertools.product(TOPK_EXPERTS, TOPK_WIDTHS, BATCHES)):
         if "topk" not in parts:
             break

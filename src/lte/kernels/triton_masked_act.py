@@ -1,6 +1,7 @@
 """The masked dense path's one Triton kernel: ``h = act(gate) * up * m`` elementwise over [B, F] (or
 ``act(up) * m``), for a union too full for expert skipping to pay, where every neuron goes through cuBLAS
-(``lte.kernels.ops``). ``m`` is the per-token expert mask expanded to neurons, or comes from the router's logits.
+(``lte.kernels.ops``). ``m`` is the per-token expert mask expanded to neurons, or comes from the router's logits:
+over a threshold, or each token's k largest (top-k routing, ``_masked_act_topk_kernel``).
 This module imports triton at import time: import it lazily.
 """
 
@@ -12,7 +13,12 @@ import triton.language as tl
 
 from .triton_jit import ACT_CODE, _activation
 
-__all__ = ["masked_activation_triton"]
+__all__ = ["masked_activation_topk_triton", "masked_activation_triton"]
+
+#: neuron lanes of one program of the top-k kernel (its experts: this over the expert size's power of two)
+TOPK_BLOCK = 1024
+#: logits compared per step when the top-k kernel ranks its experts against the token's whole row
+TOPK_RANK_CHUNK = 128
 
 
 @triton.jit
@@ -62,4 +68,71 @@ def masked_activation_triton(gate: torch.Tensor | None, up: torch.Tensor, mask: 
                              gate_arg.stride(0), up.stride(0), mask_arg.stride(0), out.stride(0),
                              S=expert_size, GATED=gate is not None, ACT=ACT_CODE[activation], BLOCK=block,
                              FROM_LOGITS=from_logits)
+    return out
+
+
+@triton.jit
+def _masked_act_topk_kernel(
+    gate_ptr, up_ptr, logit_ptr, out_ptr, F, E, k,
+    stride_g, stride_u, stride_l, stride_o,
+    S: tl.constexpr, S_P2: tl.constexpr, EB: tl.constexpr, JB: tl.constexpr, GATED: tl.constexpr,
+    ACT: tl.constexpr,
+):
+    """Program (b, expert block): the masked activation of experts e0 .. e0 + EB of token b, with m[b, e] = 1
+    for the token's k experts of largest logit (logits [B, E] in any float dtype, ranked in fp32), ties to the
+    lower expert index: ``_topk_row``'s rule and keys, computed per expert as a rank, the number of the row's
+    experts ahead of it (a larger key, or the same key and a lower index), kept when below k. Each program
+    reads the token's whole logit row (E values) in chunks of JB; neurons are laid out [EB, S_P2]."""
+    b = tl.program_id(0)
+    e = tl.program_id(1) * EB + tl.arange(0, EB)  # [EB] this program's experts
+    e_ok = e < E
+    v = tl.load(logit_ptr + b * stride_l + e, mask=e_ok, other=0.0).to(tl.float32)
+    v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0: the two tie
+    bits = v.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # [EB], ordered like v
+    rank = tl.zeros([EB], dtype=tl.int32)
+    for j0 in range(0, E, JB):
+        j = j0 + tl.arange(0, JB)  # [JB]
+        j_ok = j < E
+        w = tl.load(logit_ptr + b * stride_l + j, mask=j_ok, other=0.0).to(tl.float32)
+        w = tl.where(w == 0.0, 0.0, w)
+        wbits = w.to(tl.int32, bitcast=True)
+        wkey = (wbits ^ ((wbits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+        ahead = (wkey[None, :] > key[:, None]) | ((wkey[None, :] == key[:, None]) & (j[None, :] < e[:, None]))
+        rank += tl.sum((ahead & j_ok[None, :]).to(tl.int32), axis=1)
+    on = e_ok & (rank < k)  # [EB]
+    n = tl.arange(0, S_P2)  # [S_P2] neuron within its expert
+    offs = e[:, None] * S + n[None, :]  # [EB, S_P2]
+    inside = e_ok[:, None] & (n[None, :] < S) & (offs < F)
+    u = tl.load(up_ptr + b * stride_u + offs, mask=inside, other=0.0).to(tl.float32)
+    if GATED:
+        g = tl.load(gate_ptr + b * stride_g + offs, mask=inside, other=0.0).to(tl.float32)
+        h = _activation(g, ACT) * u
+    else:
+        h = _activation(u, ACT)
+    h = tl.where(on[:, None], h, 0.0)
+    tl.store(out_ptr + b * stride_o + offs, h.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def masked_activation_topk_triton(gate: torch.Tensor | None, up: torch.Tensor, logits: torch.Tensor, k: int,
+                                  expert_size: int, activation: str, block: int = TOPK_BLOCK) -> torch.Tensor:
+    """h [B, F] = act(gate) * up * m (gated) or act(up) * m (gate None), m each token's ``k`` experts of
+    largest router logit (``logits`` [B, E], any float dtype, ranked as fp32; ties to the lower expert index:
+    ``reference.topk_keep``) expanded to neurons, in one launch; in up's dtype. Inputs: contiguous rows (any
+    row stride, e.g. column slices of one product), gate and up the same shape. ``block``: neuron lanes per
+    program (rounded to whole experts)."""
+    num_tokens, ffn_width = up.shape
+    num_exp = logits.shape[1]
+    out = torch.empty_like(up)
+    if num_tokens == 0:
+        return out
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    s_p2 = triton.next_power_of_2(expert_size)
+    experts_per_program = max(1, triton.next_power_of_2(block) // s_p2)
+    gate_arg = up if gate is None else gate
+    grid = (num_tokens, triton.cdiv(num_exp, experts_per_program))
+    _masked_act_topk_kernel[grid](gate_arg, up, logits, out, ffn_width, num_exp, int(k),
+                                  gate_arg.stride(0), up.stride(0), logits.stride(0), out.stride(0),
+                                  S=expert_size, S_P2=s_p2, EB=experts_per_program, JB=TOPK_RANK_CHUNK,
+                                  GATED=gate is not None, ACT=ACT_CODE[activation])
     return out

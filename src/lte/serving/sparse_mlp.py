@@ -302,10 +302,16 @@ class SparseMLP(nn.Module):
     def _forward_topk(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Top-k routing. Decode: the mask from `router_topk_mask` (the router and top-k kernels on CUDA,
         no host sync), then the FFN kernels, or on the dense path cuBLAS (gate and up in one product where they
-        are one `w_in`) and the masked activation; prefill: `dense_mask` and the masked dense path."""
+        are one `w_in`) and the masked activation; on the dense path with one `w_in`, no budget and no mask to
+        record, the router rows join that product and the masked activation ranks the logits itself (two
+        launches fewer; the logits in x's dtype). Prefill: `dense_mask` and the masked dense path."""
         if self.use_kernels and num_tokens <= self.decode_max_tokens:
             from .. import kernels
 
+            if self.ffn_path == "dense" and self.w_in is not None and not self.budget and not self.record_mask:
+                return kernels.stacked_masked_dense_ffn(x, self.w_in, self.w_down_t, topk=self.topk,
+                                                        b_down=self.b_down, expert_size=self.expert_size,
+                                                        activation=self.activation)
             mask = kernels.router_topk_mask(x, self.w_router, self.topk, budget=self.budget)  # [..., E] bool
             if self.ffn_path == "dense" and self.w_in is not None:  # gate and up in one cuBLAS product
                 y = kernels.stacked_masked_dense_ffn(x, self.w_in, self.w_down_t, mask=mask, b_down=self.b_down,
