@@ -2,7 +2,7 @@
 # Speed work of issues 11 and 12 in one GPU call (random weights: no carry needed), a short table last.
 #
 #   1. the GPU tests (pytest -m gpu tests/, or the ones GPU_TESTS names; full output in $OUT/gpu_tests.txt), and
-#      python -m lte.kernels.selfcheck --parts topk routed
+#      python -m lte.kernels.selfcheck --parts topk routed act
 #   2. the mask launches alone (benchmarks/mask_kernels.py, Llama-3-8B shape, expert sizes 32 and 8)
 #   3. the decode step at B = 8 with per-token threshold masks and with top-k routing, each also under a 0.5
 #      budget (benchmarks/decode.py, against dense)
@@ -55,8 +55,8 @@ if want tests; then
   python -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu ${GPU_TESTS:-tests/} > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.txt"
   summary+=("gpu tests (${GPU_TESTS:-all}): $(tail -1 "$OUT/gpu_tests.txt")")
-  python -m lte.kernels.selfcheck --parts topk routed 2>&1 | tail -3 | tee "$OUT/selfcheck.txt"
-  summary+=("selfcheck (topk, routed): $(tail -1 "$OUT/selfcheck.txt")")
+  python -m lte.kernels.selfcheck --parts topk routed act 2>&1 | tail -3 | tee "$OUT/selfcheck.txt"
+  summary+=("selfcheck (topk, routed, act): $(tail -1 "$OUT/selfcheck.txt")")
 fi
 if want tune; then
   python benchmarks/tune_kernels.py --budget "${TUNE_BUDGET:-150}" --shapes llama3-8b --out "$OUT/kernel_configs.json" \

@@ -17,8 +17,9 @@ __all__ = ["masked_activation_topk_triton", "masked_activation_triton"]
 
 #: neuron lanes of one program of the top-k kernel (its experts: this over the expert size's power of two)
 TOPK_BLOCK = 1024
-#: logits compared per step when the top-k kernel ranks its experts against the token's whole row
-TOPK_RANK_CHUNK = 128
+#: most (program's experts x logits) compared per step when the top-k kernel ranks its experts against the
+#: token's whole row: 32 experts against 128 logits at a time for 32-neuron experts
+TOPK_RANK_TILE = 4096
 
 
 @triton.jit
@@ -129,10 +130,11 @@ def masked_activation_topk_triton(gate: torch.Tensor | None, up: torch.Tensor, l
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     s_p2 = triton.next_power_of_2(expert_size)
     experts_per_program = max(1, triton.next_power_of_2(block) // s_p2)
+    rank_chunk = min(128, max(16, TOPK_RANK_TILE // experts_per_program))  # logits per step, a power of two
     gate_arg = up if gate is None else gate
     grid = (num_tokens, triton.cdiv(num_exp, experts_per_program))
     _masked_act_topk_kernel[grid](gate_arg, up, logits, out, ffn_width, num_exp, int(k),
                                   gate_arg.stride(0), up.stride(0), logits.stride(0), out.stride(0),
-                                  S=expert_size, S_P2=s_p2, EB=experts_per_program, JB=TOPK_RANK_CHUNK,
+                                  S=expert_size, S_P2=s_p2, EB=experts_per_program, JB=rank_chunk,
                                   GATED=gate is not None, ACT=ACT_CODE[activation])
     return out
