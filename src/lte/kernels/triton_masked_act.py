@@ -17,9 +17,9 @@ __all__ = ["masked_activation_topk_triton", "masked_activation_triton"]
 
 #: neuron lanes of one program of the top-k kernel (its experts: this over the expert size's power of two)
 TOPK_BLOCK = 1024
-#: most (program's experts x logits) compared per step when the top-k kernel ranks its experts against the
-#: token's whole row: 32 experts against 128 logits at a time for 32-neuron experts
-TOPK_RANK_TILE = 4096
+#: most (program's experts x logits) one program of the top-k kernel compares: 32 experts against a row of 448
+#: (padded to 512) for Llama-3-8B's FFN in 32-neuron experts
+TOPK_RANK_TILE = 16384
 
 
 @triton.jit
@@ -76,31 +76,30 @@ def masked_activation_triton(gate: torch.Tensor | None, up: torch.Tensor, mask: 
 def _masked_act_topk_kernel(
     gate_ptr, up_ptr, logit_ptr, out_ptr, F, E, k,
     stride_g, stride_u, stride_l, stride_o,
-    S: tl.constexpr, S_P2: tl.constexpr, EB: tl.constexpr, JB: tl.constexpr, GATED: tl.constexpr,
+    S: tl.constexpr, S_P2: tl.constexpr, EB: tl.constexpr, E_PAD: tl.constexpr, GATED: tl.constexpr,
     ACT: tl.constexpr,
 ):
     """Program (b, expert block): the masked activation of experts e0 .. e0 + EB of token b, with m[b, e] = 1
     for the token's k experts of largest logit (logits [B, E] in any float dtype, ranked in fp32), ties to the
     lower expert index: ``_topk_row``'s rule and keys, computed per expert as a rank, the number of the row's
     experts ahead of it (a larger key, or the same key and a lower index), kept when below k. Each program
-    reads the token's whole logit row (E values) in chunks of JB; neurons are laid out [EB, S_P2]."""
+    reads the token's whole logit row at once ([EB, E_PAD] comparisons: one load, no loop of dependent
+    loads); neurons are laid out [EB, S_P2]."""
     b = tl.program_id(0)
     e = tl.program_id(1) * EB + tl.arange(0, EB)  # [EB] this program's experts
     e_ok = e < E
+    j = tl.arange(0, E_PAD)  # [E_PAD] the whole row
+    j_ok = j < E
     v = tl.load(logit_ptr + b * stride_l + e, mask=e_ok, other=0.0).to(tl.float32)
+    w = tl.load(logit_ptr + b * stride_l + j, mask=j_ok, other=0.0).to(tl.float32)
     v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0: the two tie
-    bits = v.to(tl.int32, bitcast=True)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # [EB], ordered like v
-    rank = tl.zeros([EB], dtype=tl.int32)
-    for j0 in range(0, E, JB):
-        j = j0 + tl.arange(0, JB)  # [JB]
-        j_ok = j < E
-        w = tl.load(logit_ptr + b * stride_l + j, mask=j_ok, other=0.0).to(tl.float32)
-        w = tl.where(w == 0.0, 0.0, w)
-        wbits = w.to(tl.int32, bitcast=True)
-        wkey = (wbits ^ ((wbits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-        ahead = (wkey[None, :] > key[:, None]) | ((wkey[None, :] == key[:, None]) & (j[None, :] < e[:, None]))
-        rank += tl.sum((ahead & j_ok[None, :]).to(tl.int32), axis=1)
+    w = tl.where(w == 0.0, 0.0, w)
+    vbits = v.to(tl.int32, bitcast=True)
+    wbits = w.to(tl.int32, bitcast=True)
+    key = vbits ^ ((vbits >> 31) & 0x7FFFFFFF)  # [EB], int32 ordered like v
+    wkey = wbits ^ ((wbits >> 31) & 0x7FFFFFFF)  # [E_PAD]
+    ahead = (wkey[None, :] > key[:, None]) | ((wkey[None, :] == key[:, None]) & (j[None, :] < e[:, None]))
+    rank = tl.sum((ahead & j_ok[None, :]).to(tl.int32), axis=1)  # [EB]
     on = e_ok & (rank < k)  # [EB]
     n = tl.arange(0, S_P2)  # [S_P2] neuron within its expert
     offs = e[:, None] * S + n[None, :]  # [EB, S_P2]
@@ -129,12 +128,13 @@ def masked_activation_topk_triton(gate: torch.Tensor | None, up: torch.Tensor, l
         return out
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     s_p2 = triton.next_power_of_2(expert_size)
-    experts_per_program = max(1, triton.next_power_of_2(block) // s_p2)
-    rank_chunk = min(128, max(16, TOPK_RANK_TILE // experts_per_program))  # logits per step, a power of two
+    e_pad = triton.next_power_of_2(num_exp)
+    # experts per program: the block's, fewer where (experts x row) would pass TOPK_RANK_TILE comparisons
+    experts_per_program = max(1, min(triton.next_power_of_2(block) // s_p2, TOPK_RANK_TILE // e_pad))
     gate_arg = up if gate is None else gate
     grid = (num_tokens, triton.cdiv(num_exp, experts_per_program))
     _masked_act_topk_kernel[grid](gate_arg, up, logits, out, ffn_width, num_exp, int(k),
                                   gate_arg.stride(0), up.stride(0), logits.stride(0), out.stride(0),
-                                  S=expert_size, S_P2=s_p2, EB=experts_per_program, JB=rank_chunk,
-                                  GATED=gate is not None, ACT=ACT_CODE[activation])
+                                  S=expert_size, S_P2=s_p2, EB=experts_per_program, E_PAD=e_pad,
+                                  GATED=gate is not None, ACT=ACT_CODE[activation], num_warps=8)
     return out
