@@ -17,8 +17,7 @@ random weights) and each token count B, in one process and the same CUDA-graph l
   dispatch (``lte.serving.dispatch``) runs when the batch's union is (nearly) full;
   ``lte_dense_stacked``: the same with the gate, up and router rows as one matrix (one cuBLAS product for
   the three, ``stacked_masked_dense_ffn``), what a gated ``SparseMLP`` runs there since 2026-12-07; at every B its
-  first product alone (``gate_up_stacked_aligned``, [2F + E, D] with zero rows up to a multiple of
-  ``STACK_ROW_ALIGN``, as SparseMLP stores it; ``gate_up_stacked`` without the zero rows; ``gate_up_stacked_2f``
+  first product alone (``gate_up_stacked``, [2F + E, D], as SparseMLP stores it; ``gate_up_stacked_2f``
   without the router rows) beside the dense FFN's two (``gate_up_separate``), to see where the full union's cost
   over dense lies;
 - with ``--fp8``: ``lte_fp8``, the same fixed masks with the FFN matrices in fp8 (e4m3, one fp32
@@ -65,7 +64,6 @@ from lte.kernels import (
     routed_masked_dense_ffn,
     stack_ffn_inputs,
     stacked_masked_dense_ffn,
-    stacked_rows,
 )
 from lte.kernels.triton_ffn import default_config, routed_sparse_ffn_triton, sparse_ffn_triton
 from lte.serving.dispatch import dense_crossing
@@ -158,8 +156,8 @@ class ShapeBench:
             for x, w_in, layer in zip(xs, self.stacked_weights(), self.layers)], replays=3)
 
     def stacked_weights(self) -> list[torch.Tensor]:
-        """Per weight copy, the gate, up and (random) router rows as one matrix (made once), padded with zero rows
-        as `SparseMLP` stores it (`lte.kernels.stack_ffn_inputs`)."""
+        """Per weight copy, the gate, up and (random) router rows as one matrix (made once), as `SparseMLP`
+        stores it (`lte.kernels.stack_ffn_inputs`)."""
         if not hasattr(self, "_stacked"):
             self._stacked = [stack_ffn_inputs(layer["w_gate"], layer["w_up"],
                                               torch.randn(self.E, self.D, generator=self.gen, device=DEVICE)
@@ -170,16 +168,13 @@ class ShapeBench:
     def gate_up_products(self, num_tokens: int, how: str) -> float:
         """The first half of the full-union FFN alone, to see where the stacked dense path's cost over dense lies:
         "separate": gate and up as two cuBLAS products (what the dense FFN runs); "stacked_2f": one product over
-        [2F, D]; "stacked": one over [2F + E, D] (gate, up and router rows, what the stacked dense path ran until
-        2026-12-07); "stacked_aligned": the same with the zero rows up to a multiple of STACK_ROW_ALIGN (what it
-        runs now)."""
+        [2F, D]; "stacked": one over [2F + E, D] (gate, up and router rows, what the stacked dense path runs)."""
         xs = self.xs(num_tokens)
         if how == "separate":
             calls = [lambda x=x, layer=layer: (F_.linear(x, layer["w_gate"]), F_.linear(x, layer["w_up"]))
                      for x, layer in zip(xs, self.layers)]
         else:
-            rows = {"stacked_2f": 2 * self.F, "stacked": 2 * self.F + self.E,
-                    "stacked_aligned": stacked_rows(self.F, self.E)}[how]
+            rows = {"stacked_2f": 2 * self.F, "stacked": 2 * self.F + self.E}[how]
             calls = [lambda x=x, w=w_in[:rows]: F_.linear(x, w) for x, w_in in zip(xs, self.stacked_weights())]
         return time_graph(calls)
 
@@ -263,10 +258,10 @@ def run_shape(name: str, bench: ShapeBench, tokens: list[int], copy_gbps: float 
             us = guarded(errors, f"stacked dense path {name} B={num_tokens}", bench.stacked_dense, num_tokens)
             add(num_tokens, "lte_dense_stacked", "fixed", 0.0, us, dense_us, 1.0)
             if not deadline.over(3):  # its first product alone, against the dense FFN's two (the full union's cost)
-                for how in ("separate", "stacked_2f", "stacked", "stacked_aligned"):
+                for how in ("separate", "stacked_2f", "stacked"):
                     us = guarded(errors, f"gate/up products {how} {name} B={num_tokens}", bench.gate_up_products,
                                  num_tokens, how)
-                    add(num_tokens, f"gate_up_{how}", "-", 0.0, us, None, 2 / 3, router=how in ("stacked", "stacked_aligned"))
+                    add(num_tokens, f"gate_up_{how}", "-", 0.0, us, None, 2 / 3, router=how == "stacked")
         if num_tokens == 1 and not deadline.over(3):
             us = guarded(errors, f"kernel only {name}", bench.kernel_only, bench.masks("fixed", 1, 0.5))
             add(1, "kernel_only", "fixed", 0.5, us, dense_us, 0.5, router=False)

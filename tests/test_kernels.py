@@ -24,7 +24,6 @@ import torch.nn.functional as F_
 
 from lte.kernels import (
     FP8_DTYPE,
-    STACK_ROW_ALIGN,
     decode_attention,
     dequantize_rows,
     kernels_available,
@@ -40,7 +39,6 @@ from lte.kernels import (
     sparse_ffn_out,
     stack_ffn_inputs,
     stacked_masked_dense_ffn,
-    stacked_rows,
     tuning,
 )
 from lte.kernels.ops import reference_forced
@@ -542,9 +540,6 @@ def test_stacked_masked_dense_ffn_in_topk_routing_by_hand():
     for k, y in want.items():
         got = stacked_masked_dense_ffn(x, w_in, w_down_t, topk=k, expert_size=1, activation="relu")
         assert torch.equal(got, torch.tensor(y)), k
-    padded = torch.cat([w_in, torch.zeros(stacked_rows(3, 3) - 9, 2)])  # stack_ffn_inputs' zero rows
-    assert torch.equal(stacked_masked_dense_ffn(x, padded, w_down_t, topk=2, expert_size=1, activation="relu"),
-                       torch.tensor(want[2]))
     with pytest.raises(ValueError, match="topk must be an int >= 0"):
         stacked_masked_dense_ffn(x, w_in, w_down_t, topk=-1, expert_size=1)
     with pytest.raises(ValueError, match="a mask or topk"):
@@ -573,22 +568,11 @@ def test_stacked_masked_dense_ffn_equals_the_separate_matrices_and_checks_its_ro
         stacked_masked_dense_ffn(x, w_in[:-1], w["w_down_t"])
     with pytest.raises(ValueError, match="tau"):
         stacked_masked_dense_ffn(x, w_in, w["w_down_t"], tau=1.5)
-    # stack_ffn_inputs pads 163 rows with zeros to 256 (STACK_ROW_ALIGN); the padded matrix computes the same
-    padded = stack_ffn_inputs(w["w_gate"], w["w_up"], w_router)
-    assert padded.shape == (256, 24) == (stacked_rows(80, 3), 24) and STACK_ROW_ALIGN == 256
-    assert torch.equal(padded[:163], w_in) and not padded[163:].any()
-    torch.testing.assert_close(stacked_masked_dense_ffn(x, padded, w["w_down_t"], tau=0.4, b_down=w["b_down"],
-                                                        activation="gelu_tanh"), y)
-    with pytest.raises(ValueError, match=r"or \[256, D\] with stack_ffn_inputs' zero rows"):
-        stacked_masked_dense_ffn(x, padded[:200], w["w_down_t"])
+    assert torch.equal(stack_ffn_inputs(w["w_gate"], w["w_up"], w_router), w_in)  # [163, 24], rows in that order
+    with pytest.raises(ValueError, match=r"w_in must hold the gate, up and router rows"):
+        stacked_masked_dense_ffn(x, torch.cat([w_in, torch.zeros(93, 24)]), w["w_down_t"])  # zero rows: refused
     with pytest.raises(ValueError, match="W_gate and W_up must both be"):
         stack_ffn_inputs(w["w_gate"][:-1], w["w_up"], w_router)
-
-
-def test_stacked_rows_rounds_up_to_the_alignment():
-    assert stacked_rows(14336, 448) == 29184  # Llama-3-8B: 2F + E = 29120 -> 114 x 256
-    assert stacked_rows(64, 128) == 256  # already a multiple: unchanged
-    assert stacked_rows(64, 129) == 512
 
 
 def test_quantize_rows_fp8_by_hand():

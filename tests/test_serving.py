@@ -11,7 +11,6 @@ import torch
 
 import lte
 import tiny_models as tm
-from lte.kernels import stacked_rows
 from lte.serving import StaticDecoder, bench, generate, prepare_dense, prepare_for_inference
 from lte.serving.dense import DenseMLP, dense_modules, swap_modules
 from lte.serving.prepare import SparseFFNIn, SparseFFNOut, ffn_weights, sparse_modules
@@ -111,8 +110,8 @@ def test_sparse_mlp_stacks_gate_up_and_router_rows():
     spent = lmodel.lte_layers()[0]  # its parameters are emptied: the served FFN holds its own copies
     assert spent.router.weight.numel() == 0 and all(p.numel() == 0 for p in spent.container.parameters())
     f, e = mlp.ffn_width, mlp.num_experts
-    assert mlp.w_in.shape == (stacked_rows(f, e), tm.D) and "w_in" in dict(mlp.named_parameters())
-    assert mlp.w_router.shape == (e, tm.D) and not mlp.w_in[2 * f + e:].any()  # the zero rows after the router's
+    assert mlp.w_in.shape == (2 * f + e, tm.D) and "w_in" in dict(mlp.named_parameters())
+    assert mlp.w_router.shape == (e, tm.D)
     assert not {"_w_gate", "_w_up", "_w_router"} & set(dict(mlp.named_parameters()))
     starts = [mlp.w_in[i].data_ptr() for i in (0, f, 2 * f)]
     assert [w.data_ptr() for w in (mlp.w_gate, mlp.w_up, mlp.w_router)] == starts

@@ -70,20 +70,13 @@ __all__ = [
     "router_topk_mask_reference",
     "sparse_ffn",
     "sparse_ffn_out",
-    "STACK_ROW_ALIGN",
     "stack_ffn_inputs",
     "stacked_masked_dense_ffn",
-    "stacked_rows",
     "sparse_ffn_reference",
     "topk_keep",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-#: rows of a stacked [W_gate; W_up; W_router] matrix are padded with zeros to a multiple of this, so the
-#: stacked dense path's one cuBLAS product runs over a row count cuBLAS tiles evenly (Llama-3-8B's 2F + E =
-#: 29120 is not a multiple of 128; see docs/benchmarks.md for what the padding measured)
-STACK_ROW_ALIGN = 256
 
 
 def kernels_available() -> bool:
@@ -252,21 +245,14 @@ def routed_masked_dense_ffn(
         torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)))
 
 
-def stacked_rows(ffn_width: int, num_exp: int) -> int:
-    """Rows of the stacked matrix `stack_ffn_inputs` builds: 2F + E rounded up to a multiple of STACK_ROW_ALIGN."""
-    rows = 2 * ffn_width + num_exp
-    return -(-rows // STACK_ROW_ALIGN) * STACK_ROW_ALIGN
-
-
 def stack_ffn_inputs(w_gate: torch.Tensor, w_up: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
-    """The matrix ``stacked_masked_dense_ffn`` reads: ``cat([W_gate, W_up, W_router])`` [2F + E, D] followed by
-    zero rows up to ``stacked_rows(F, E)`` (the padding is never read by the sparse kernels, which take the
-    first 2F + E rows as slices)."""
+    """The matrix ``stacked_masked_dense_ffn`` reads: ``cat([W_gate, W_up, W_router])`` [2F + E, D]. (Zero rows
+    up to a multiple of 256 were tried on 2026-12-07 and timed on an H100 the next day: no faster at B = 1, 8, 32
+    and 3.5 us slower at B = 64; docs/benchmarks.md.)"""
     if w_gate.shape != w_up.shape or w_router.dim() != 2 or w_router.shape[1] != w_up.shape[1]:
         raise ValueError(f"stack_ffn_inputs: W_gate and W_up must both be [F, D] and W_router [E, D], got "
                          f"{list(w_gate.shape)}, {list(w_up.shape)}, {list(w_router.shape)}")
-    pad = stacked_rows(w_up.shape[0], w_router.shape[0]) - 2 * w_up.shape[0] - w_router.shape[0]
-    return torch.cat([w_gate, w_up, w_router, w_up.new_zeros(pad, w_up.shape[1])])
+    return torch.cat([w_gate, w_up, w_router])
 
 
 def stacked_masked_dense_ffn(
@@ -282,9 +268,8 @@ def stacked_masked_dense_ffn(
     activation: str = "silu",
 ) -> torch.Tensor:
     """``routed_masked_dense_ffn`` of a gated FFN whose gate, up and router rows are one matrix
-    ``w_in = cat([W_gate, W_up, W_router])`` [2F + E, D] (F from ``w_down_t`` [F, D], E = ceil(F / S)), or
-    that followed by zero rows up to ``stacked_rows(F, E)`` (``stack_ffn_inputs``; the padding is not used):
-    gate, up and the router logits come from one cuBLAS product, then the same masked activation launch
+    ``w_in = cat([W_gate, W_up, W_router])`` [2F + E, D] (F from ``w_down_t`` [F, D], E = ceil(F / S);
+    ``stack_ffn_inputs``): gate, up and the router logits come from one cuBLAS product, then the same masked activation launch
     and down projection. The function is ``routed_masked_dense_ffn``'s (logits in x's dtype).
     ``mask`` [..., E] (a mask chosen elsewhere, e.g. top-k routing's): the product covers the gate and up
     rows only and ``masked_dense_ffn``'s function is computed with that mask (``tau`` unused). ``topk = k > 0``
@@ -299,20 +284,18 @@ def stacked_masked_dense_ffn(
         raise ValueError(f"expert_size must be a positive int, got {expert_size!r}")
     num_exp = num_experts(ffn_width, expert_size)
     rows = 2 * ffn_width + num_exp
-    if w_in.shape[0] not in (rows, stacked_rows(ffn_width, num_exp)):
+    if w_in.shape[0] != rows:
         raise ValueError(f"w_in must hold the gate, up and router rows: [2F + E, D] = [{rows}, D] for F = "
-                         f"{ffn_width}, S = {expert_size} (or [{stacked_rows(ffn_width, num_exp)}, D] with "
-                         f"stack_ffn_inputs' zero rows), got {list(w_in.shape)}")
+                         f"{ffn_width}, S = {expert_size}, got {list(w_in.shape)}")
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
         raise ValueError(f"topk must be an int >= 0 (0: threshold routing or the given mask), got {topk!r}")
     if topk and mask is not None:
         raise ValueError("stacked_masked_dense_ffn takes a mask or topk, not both")
-    w_gate, w_up, w_router = w_in[:rows].split([ffn_width, ffn_width, num_exp])  # row slices: [F, D], [F, D], [E, D]
+    w_gate, w_up, w_router = w_in.split([ffn_width, ffn_width, num_exp])  # row slices: [F, D], [F, D], [E, D]
     x2 = x.reshape(-1, x.shape[-1])  # [T, D]
     if topk:
         _validate_routed(x, w_router, tau, 0, w_up, w_down_t, w_gate, None, b_down, expert_size, activation)
-        out = F_.linear(x2, w_in)  # [T, rows of w_in]: gate, up, logits, then the padding's zeros
-        gate, up, logits = out[:, :rows].split([ffn_width, ffn_width, num_exp], dim=-1)
+        gate, up, logits = F_.linear(x2, w_in).split([ffn_width, ffn_width, num_exp], dim=-1)  # [T, F], [T, F], [T, E]
         h = torch.ops.lte.masked_activation_topk(gate, up, logits, topk, expert_size, activation)  # [T, F]
     elif mask is not None:
         _validate_ffn(x, mask, w_up, w_down_t, w_gate, None, b_down, expert_size, activation)
@@ -320,8 +303,7 @@ def stacked_masked_dense_ffn(
         h = torch.ops.lte.masked_activation(gate, up, mask.reshape(-1, num_exp).contiguous(), expert_size, activation)
     else:
         _validate_routed(x, w_router, tau, 0, w_up, w_down_t, w_gate, None, b_down, expert_size, activation)
-        out = F_.linear(x2, w_in)  # [T, rows of w_in]: gate, up, logits, then the padding's zeros
-        gate, up, logits = out[:, :rows].split([ffn_width, ffn_width, num_exp], dim=-1)
+        gate, up, logits = F_.linear(x2, w_in).split([ffn_width, ffn_width, num_exp], dim=-1)  # [T, F], [T, F], [T, E]
         h = torch.ops.lte.masked_activation_logits(gate, up, logits, float(tau), expert_size, activation)  # [T, F]
     y = torch.mm(h, w_down_t) if b_down is None else torch.addmm(b_down, h, w_down_t)  # [T, D]
     return y.reshape(x.shape)

@@ -394,7 +394,6 @@ def weight_bytes(model: nn.Module, ffn_active_fraction: float | None = None) -> 
         for w in ffn_weights(m):
             ffn_bytes += w.numel() * w.element_size()
             in_params += 0 if id(w) in buffers else w.numel() * w.element_size()
-        in_params += m.padding_bytes if isinstance(m, SparseMLP) else 0  # a stacked w_in's zero rows: never read
     other = sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb or tied) - in_params
     frac = 1.0 if ffn_active_fraction is None else ffn_active_fraction
     return {"ffn_bytes": float(ffn_bytes), "other_bytes": float(other), "read_bytes": other + frac * ffn_bytes}

@@ -77,7 +77,7 @@ class SparseMLP(nn.Module):
     nearly full): for a gated FFN stored as one `w_in` (below) the gate, up and router rows in one product
     (`lte.kernels.stacked_masked_dense_ffn`), otherwise the router kernel + `lte.kernels.masked_dense_ffn`.
     A gated FFN without an up bias, with native weights, keeps W_gate, W_up and W_router as one matrix
-    `w_in` [2F + E (+ zero rows), D]; `w_gate`, `w_up` and `w_router` are its row slices. `lte.serving.dispatch`
+    `w_in` [2F + E, D]; `w_gate`, `w_up` and `w_router` are its row slices. `lte.serving.dispatch`
     sets it per FFN from a measured union (`StaticDecoder` does so before it captures a step).
 
     `weights="fp8"` stores the three FFN matrices in float8_e4m3fn with one fp32 scale per row
@@ -143,15 +143,14 @@ class SparseMLP(nn.Module):
     def _store_inputs(self, w_gate: torch.Tensor | None, w_up: torch.Tensor, w_router: torch.Tensor,
                       stack: bool) -> None:
         """The matrices that read x. A gated FFN without an up bias, with native weights of one dtype and
-        device, keeps them as one matrix `w_in` = [W_gate; W_up; W_router; zero rows] (`lte.kernels.stack_ffn_inputs`,
-        2F + E rows padded to a multiple of `lte.kernels.STACK_ROW_ALIGN`): the kernels read its
-        row slices (`w_gate`, `w_up`, `w_router`, contiguous as before), and the dense path computes all three
+        device, keeps them as one matrix `w_in` = [W_gate; W_up; W_router] [2F + E, D]
+        (`lte.kernels.stack_ffn_inputs`): the kernels read its row slices (`w_gate`, `w_up`, `w_router`, contiguous as before), and the dense path computes all three
         in one cuBLAS product (`lte.kernels.stacked_masked_dense_ffn`). Otherwise three matrices."""
         from ..kernels import stack_ffn_inputs
 
         parts = (w_gate, w_up, w_router)
         stack = stack and len({(w.dtype, w.device) for w in parts}) == 1
-        self.ffn_width, self.num_router_rows = int(w_up.shape[0]), int(w_router.shape[0])
+        self.ffn_width = int(w_up.shape[0])
         self.w_in = _frozen(stack_ffn_inputs(*parts)) if stack else None
         self._w_gate = None if stack or w_gate is None else _frozen(w_gate.contiguous())
         self._w_up = None if stack else _frozen(w_up.contiguous())
@@ -170,17 +169,7 @@ class SparseMLP(nn.Module):
     @property
     def w_router(self) -> torch.Tensor:
         """[E, D] (rows of `w_in` when stacked)."""
-        if self.w_in is None:
-            return self._w_router
-        return self.w_in[2 * self.ffn_width: 2 * self.ffn_width + self.num_router_rows]
-
-    @property
-    def padding_bytes(self) -> int:
-        """Bytes of `w_in`'s zero rows (after the router's), which no decode path reads; 0 when not stacked."""
-        if self.w_in is None:
-            return 0
-        return (self.w_in.shape[0] - 2 * self.ffn_width - self.num_router_rows) * self.w_in.shape[1] \
-            * self.w_in.element_size()
+        return self._w_router if self.w_in is None else self.w_in[2 * self.ffn_width:]
 
     @property
     def num_experts(self) -> int:
