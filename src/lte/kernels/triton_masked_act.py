@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .triton_jit import ACT_CODE, _activation
+from .triton_masks import _order_key
 
 __all__ = ["masked_activation_topk_triton", "masked_activation_triton"]
 
@@ -92,12 +93,8 @@ def _masked_act_topk_kernel(
     j_ok = j < E
     v = tl.load(logit_ptr + b * stride_l + e, mask=e_ok, other=0.0).to(tl.float32)
     w = tl.load(logit_ptr + b * stride_l + j, mask=j_ok, other=0.0).to(tl.float32)
-    v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0: the two tie
-    w = tl.where(w == 0.0, 0.0, w)
-    vbits = v.to(tl.int32, bitcast=True)
-    wbits = w.to(tl.int32, bitcast=True)
-    key = vbits ^ ((vbits >> 31) & 0x7FFFFFFF)  # [EB], int32 ordered like v
-    wkey = wbits ^ ((wbits >> 31) & 0x7FFFFFFF)  # [E_PAD]
+    key = _order_key(v)  # [EB], int32 ordered like v (-0.0 ties +0.0)
+    wkey = _order_key(w)  # [E_PAD]
     ahead = (wkey[None, :] > key[:, None]) | ((wkey[None, :] == key[:, None]) & (j[None, :] < e[:, None]))
     rank = tl.sum((ahead & j_ok[None, :]).to(tl.int32), axis=1)  # [EB]
     on = e_ok & (rank < k)  # [EB]

@@ -176,6 +176,15 @@ def _budget_kernel(
 
 
 @triton.jit
+def _order_key(v):
+    """int32 keys of fp32 values that order like the values over the whole line: negative values have their
+    magnitude bits flipped, and -0.0 is made +0.0 first (the two are equal, so they tie)."""
+    v = tl.where(v == 0.0, 0.0, v)
+    bits = v.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _topk_row(v, e_ok, k):
     """keep [E_PAD]: the k largest of one token's fp32 logits v (ties at the cut to the lower index).
 
@@ -185,9 +194,7 @@ def _topk_row(v, e_ok, k):
     stops as soon as a probe counts exactly k keys at or above it (those are the k, no tie at the
     cut), else ends at the k-th largest key. Experts above the cut are kept; of those at the cut, the
     lowest-indexed ones fill up to k (rank by prefix sum)."""
-    v = tl.where(v == 0.0, 0.0, v)  # -0.0 -> +0.0
-    bits = v.to(tl.int32, bitcast=True)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # [E_PAD], ordered like v
+    key = _order_key(v).to(tl.int64)  # [E_PAD], ordered like v
     lo = tl.min(tl.where(e_ok, key, 2147483647), axis=0)
     hi = tl.max(tl.where(e_ok, key, -2147483648), axis=0)
     while lo < hi:  # invariant: count(key >= lo) >= k and the k-th largest key lies in [lo, hi]
